@@ -1,0 +1,512 @@
+"""The kernel IR: small, target-neutral loop nests over flat buffers.
+
+A Kernel is a list of statements over Buffers (its parameters, in order). Loops
+carry a kind that tells a backend how to run them: `serial`, `parallel` (split
+across threads on the CPU), `vector` (the innermost, contiguous loop: the CPU
+backend leaves it in the shape LLVM's vectorizer wants), `gpu_block` and
+`gpu_thread` (bound to CUDA's block and thread indices; the CPU runs them as
+plain loops, which is how GPU kernels are tested on machines with no GPU).
+
+Expressions are immutable trees with a dtype. Index arithmetic is int64. Python
+numbers mix in freely: `i * 4 + 1` builds Binary nodes, folding constants so the
+printed IR stays readable.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from math import prod
+
+LOOP_KINDS = ("serial", "parallel", "vector", "gpu_block", "gpu_thread")
+FLOAT_DTYPES = ("float32", "float64")
+INT_DTYPES = ("int64", "int32")
+
+
+class Expr:
+    dtype: str
+
+    def _bin(self, op: str, other: object, swap: bool = False) -> Expr:
+        o = lift(other, self.dtype)
+        return binary(op, o, self) if swap else binary(op, self, o)
+
+    def __add__(self, o: object) -> Expr:
+        return self._bin("add", o)
+
+    def __radd__(self, o: object) -> Expr:
+        return self._bin("add", o, True)
+
+    def __sub__(self, o: object) -> Expr:
+        return self._bin("sub", o)
+
+    def __rsub__(self, o: object) -> Expr:
+        return self._bin("sub", o, True)
+
+    def __mul__(self, o: object) -> Expr:
+        return self._bin("mul", o)
+
+    def __rmul__(self, o: object) -> Expr:
+        return self._bin("mul", o, True)
+
+    def __truediv__(self, o: object) -> Expr:
+        return self._bin("div", o)
+
+    def __rtruediv__(self, o: object) -> Expr:
+        return self._bin("div", o, True)
+
+    def __floordiv__(self, o: object) -> Expr:
+        return self._bin("floordiv", o)
+
+    def __mod__(self, o: object) -> Expr:
+        return self._bin("rem", o)
+
+    def __neg__(self) -> Expr:
+        return unary("neg", self)
+
+    def lt(self, o: object) -> Expr:
+        return compare("lt", self, lift(o, self.dtype))
+
+    def le(self, o: object) -> Expr:
+        return compare("le", self, lift(o, self.dtype))
+
+    def gt(self, o: object) -> Expr:
+        return compare("gt", self, lift(o, self.dtype))
+
+    def ge(self, o: object) -> Expr:
+        return compare("ge", self, lift(o, self.dtype))
+
+    def eq(self, o: object) -> Expr:
+        return compare("eq", self, lift(o, self.dtype))
+
+    def ne(self, o: object) -> Expr:
+        return compare("ne", self, lift(o, self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Const(Expr):
+    value: float | int | bool
+    dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class Var(Expr):
+    name: str
+    dtype: str = "int64"
+
+
+@dataclass(frozen=True, eq=False)
+class Load(Expr):
+    buf: Buffer
+    index: Expr
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.buf.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class Binary(Expr):
+    op: str  # add sub mul div min max pow rem floordiv and or
+    a: Expr
+    b: Expr
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.a.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class Unary(Expr):
+    op: str  # neg abs exp log sqrt tanh erf floor ceil not
+    a: Expr
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.a.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class Compare(Expr):
+    op: str  # lt le gt ge eq ne
+    a: Expr
+    b: Expr
+    dtype: str = "bool"
+
+
+@dataclass(frozen=True, eq=False)
+class Select(Expr):
+    cond: Expr
+    a: Expr
+    b: Expr
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.a.dtype
+
+
+@dataclass(frozen=True, eq=False)
+class Cast(Expr):
+    a: Expr
+    dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class LocalRef(Expr):
+    local: Local
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.local.dtype
+
+
+BINARY_OPS = ("add", "sub", "mul", "div", "min", "max", "pow", "rem", "floordiv", "and", "or")
+UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "tanh", "erf", "floor", "ceil", "not")
+COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
+
+
+def lift(x: object, dtype: str) -> Expr:
+    """A Python number becomes a Const of the other operand's dtype."""
+    if isinstance(x, Expr):
+        return x
+    if isinstance(x, bool):
+        return Const(x, "bool")
+    if isinstance(x, (int, float)):
+        return Const(float(x) if dtype in FLOAT_DTYPES else int(x), dtype)
+    raise TypeError(f"cannot use {x!r} in a kernel expression")
+
+
+def const(value: float | int | bool, dtype: str) -> Const:
+    return Const(value, dtype)
+
+
+def _is(e: Expr, v: float) -> bool:
+    return isinstance(e, Const) and e.value == v
+
+
+def binary(op: str, a: Expr, b: Expr) -> Expr:
+    assert op in BINARY_OPS, op
+    if a.dtype != b.dtype:
+        raise TypeError(f"kernel IR {op}: operand dtypes differ ({a.dtype} vs {b.dtype})")
+    # Fold integer index arithmetic only: float folds could change rounding.
+    if a.dtype in INT_DTYPES:
+        if isinstance(a, Const) and isinstance(b, Const) and op in ("add", "sub", "mul"):
+            va, vb = int(a.value), int(b.value)
+            return Const({"add": va + vb, "sub": va - vb, "mul": va * vb}[op], a.dtype)
+        if op == "add" and _is(a, 0):
+            return b
+        if op in ("add", "sub") and _is(b, 0):
+            return a
+        if op == "mul" and (_is(a, 0) or _is(b, 0)):
+            return Const(0, a.dtype)
+        if op == "mul" and _is(a, 1):
+            return b
+        if op in ("mul", "floordiv") and _is(b, 1):
+            return a
+    return Binary(op, a, b)
+
+
+def unary(op: str, a: Expr) -> Expr:
+    assert op in UNARY_OPS, op
+    return Unary(op, a)
+
+
+def compare(op: str, a: Expr, b: Expr) -> Expr:
+    assert op in COMPARE_OPS, op
+    if a.dtype != b.dtype:
+        raise TypeError(f"kernel IR compare {op}: operand dtypes differ ({a.dtype} vs {b.dtype})")
+    return Compare(op, a, b)
+
+
+def select(cond: Expr, a: object, b: object) -> Expr:
+    dtype = a.dtype if isinstance(a, Expr) else b.dtype  # type: ignore[union-attr]
+    return Select(cond, lift(a, dtype), lift(b, dtype))
+
+
+def cast(a: Expr, dtype: str) -> Expr:
+    return a if a.dtype == dtype else Cast(a, dtype)
+
+
+def minimum(a: Expr, b: object) -> Expr:
+    return binary("min", a, lift(b, a.dtype))
+
+
+def maximum(a: Expr, b: object) -> Expr:
+    return binary("max", a, lift(b, a.dtype))
+
+
+def logical_and(a: Expr, b: Expr) -> Expr:
+    return binary("and", a, b)
+
+
+def logical_or(a: Expr, b: Expr) -> Expr:
+    return binary("or", a, b)
+
+
+class ExprBuilder:
+    """What an op's `scalar` rule gets to build one element's computation with."""
+
+    const = staticmethod(const)
+    select = staticmethod(select)
+    cast = staticmethod(cast)
+    minimum = staticmethod(minimum)
+    maximum = staticmethod(maximum)
+    logical_and = staticmethod(logical_and)
+    logical_or = staticmethod(logical_or)
+
+    @staticmethod
+    def exp(x: Expr) -> Expr:
+        return unary("exp", x)
+
+    @staticmethod
+    def log(x: Expr) -> Expr:
+        return unary("log", x)
+
+    @staticmethod
+    def sqrt(x: Expr) -> Expr:
+        return unary("sqrt", x)
+
+    @staticmethod
+    def tanh(x: Expr) -> Expr:
+        return unary("tanh", x)
+
+    @staticmethod
+    def erf(x: Expr) -> Expr:
+        return unary("erf", x)
+
+    @staticmethod
+    def abs(x: Expr) -> Expr:
+        return unary("abs", x)
+
+    @staticmethod
+    def floor(x: Expr) -> Expr:
+        return unary("floor", x)
+
+    @staticmethod
+    def logical_not(x: Expr) -> Expr:
+        return unary("not", x)
+
+    @staticmethod
+    def pow(x: Expr, y: Expr) -> Expr:
+        return binary("pow", x, y)
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+@dataclass(eq=False)
+class Buffer:
+    """A kernel parameter: a dense row-major array of `dtype` with `shape`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    #: the buffer this one reshapes (same memory, same kernel parameter)
+    base: Buffer | None = None
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def root(self) -> Buffer:
+        return self.base.root if self.base is not None else self
+
+    def view(self, shape: tuple[int, ...]) -> Buffer:
+        """The same elements seen with another shape (row-major, no copy)."""
+        if prod(shape) != self.numel:
+            raise ValueError(f"buffer {self.name}: cannot view {self.shape} as {shape}")
+        return Buffer(self.name, self.dtype, tuple(shape), self)
+
+    def offset(self, idx: Sequence[Expr | int]) -> Expr:
+        """The flat element offset of a multi-index (row-major)."""
+        if len(idx) != len(self.shape):
+            raise ValueError(f"buffer {self.name}: rank {len(self.shape)} indexed with {len(idx)}")
+        flat: Expr = Const(0, "int64")
+        stride = 1
+        for i, d in zip(reversed(idx), reversed(self.shape)):
+            flat = lift(i, "int64") * stride + flat
+            stride *= d
+        return flat
+
+    def __getitem__(self, idx: Sequence[Expr | int] | Expr | int) -> Expr:
+        if not isinstance(idx, (tuple, list)):
+            idx = (idx,)
+        return Load(self, self.offset(idx))
+
+    def load_flat(self, index: Expr) -> Expr:
+        return Load(self, index)
+
+
+# --------------------------------------------------------------------------- statements
+
+
+@dataclass(eq=False)
+class Local:
+    """A scalar variable private to one iteration of the enclosing loops."""
+
+    name: str
+    dtype: str
+
+    @property
+    def ref(self) -> Expr:
+        return LocalRef(self)
+
+
+@dataclass(eq=False)
+class Loop:
+    var: Var
+    extent: Expr
+    kind: str
+    body: list[Stmt] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Store:
+    buf: Buffer
+    index: Expr
+    value: Expr
+
+
+@dataclass(eq=False)
+class DeclareLocal:
+    local: Local
+    init: Expr
+
+
+@dataclass(eq=False)
+class Assign:
+    local: Local
+    value: Expr
+    #: a reduction update: the backend may reassociate it (vectorize the sum).
+    reduction: bool = False
+
+
+@dataclass(eq=False)
+class If:
+    cond: Expr
+    body: list[Stmt] = field(default_factory=list)
+
+
+Stmt = Loop | Store | DeclareLocal | Assign | If
+
+
+@dataclass(eq=False)
+class Kernel:
+    name: str
+    params: list[Buffer]
+    body: list[Stmt]
+    #: rough count of scalar operations, for the decision to run in parallel
+    work: int = 0
+
+    @property
+    def parallel_loop(self) -> Loop | None:
+        """The single top-level parallel loop the runtime splits across threads."""
+        if len(self.body) == 1 and isinstance(self.body[0], Loop):
+            loop = self.body[0]
+            if loop.kind == "parallel" and isinstance(loop.extent, Const):
+                return loop
+        return None
+
+
+class KernelBuilder:
+    """Builds a Kernel with nested `with` blocks, in the order the code reads."""
+
+    def __init__(self, name: str, params: list[Buffer]):
+        self.name = name
+        self.params = params
+        self._stack: list[list[Stmt]] = [[]]
+        self._ids = itertools.count()
+
+    def _emit(self, stmt: Stmt) -> None:
+        self._stack[-1].append(stmt)
+
+    @contextmanager
+    def loop(self, extent: Expr | int, kind: str = "serial", name: str = "i") -> Iterator[Var]:
+        assert kind in LOOP_KINDS, kind
+        var = Var(f"{name}{next(self._ids)}")
+        loop = Loop(var, lift(extent, "int64"), kind)
+        self._emit(loop)
+        self._stack.append(loop.body)
+        try:
+            yield var
+        finally:
+            self._stack.pop()
+
+    @contextmanager
+    def if_(self, cond: Expr) -> Iterator[None]:
+        stmt = If(cond)
+        self._emit(stmt)
+        self._stack.append(stmt.body)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    @contextmanager
+    def flat(self, n: int, block: int = 4096) -> Iterator[Expr]:
+        """One loop over n contiguous elements: parallel blocks of `block`, each a vector loop."""
+        if n <= block:
+            with self.loop(n, "vector", "e") as i:
+                yield i
+            return
+        blocks = -(-n // block)
+        with self.loop(blocks, "parallel", "blk") as b:
+            extent = block if n % block == 0 else minimum(Const(n, "int64") - b * block, block)
+            with self.loop(extent, "vector", "e") as i:
+                yield b * block + i
+
+    @contextmanager
+    def nest(self, shape: Sequence[int]) -> Iterator[list[Expr]]:
+        """Every multi-index of `shape`: rows of the last axis in parallel, the last axis
+        as a vector loop. A rank-1 shape is split into parallel blocks."""
+        if len(shape) == 0:
+            yield []
+        elif len(shape) == 1:
+            with self.flat(shape[0]) as i:
+                yield [i]
+        else:
+            rows = prod(shape[:-1])
+            with self.loop(rows, "parallel", "r") as r:
+                idx: list[Expr] = []
+                inner = 1
+                for d in reversed(shape[:-1]):
+                    idx.insert(0, r // inner % d if inner * d != rows else r // inner)
+                    inner *= d
+                with self.loop(shape[-1], "vector", "j") as j:
+                    yield idx + [j]
+
+    def local(self, dtype: str, init: object, name: str = "acc") -> Local:
+        loc = Local(f"{name}{next(self._ids)}", dtype)
+        self._emit(DeclareLocal(loc, lift(init, dtype)))
+        return loc
+
+    def assign(self, local: Local, value: Expr, reduction: bool = False) -> None:
+        self._emit(Assign(local, value, reduction))
+
+    def store(self, buf: Buffer, idx: Sequence[Expr | int] | Expr, value: Expr) -> None:
+        index = buf.offset(idx) if isinstance(idx, (tuple, list)) else idx
+        if value.dtype != buf.dtype:
+            raise TypeError(f"store to {buf.name} ({buf.dtype}) of a {value.dtype} value")
+        self._emit(Store(buf, index, value))
+
+    def finish(self, work: int = 0) -> Kernel:
+        assert len(self._stack) == 1, "unclosed block"
+        return Kernel(self.name, self.params, self._stack[0], work)
+
+
+def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: object) -> Expr:
+    """buf[idx] where `inside` holds, else `other`, never touching memory outside buf.
+
+    The address is clamped to element 0 when `inside` is false, so the load is
+    always legal and the whole thing stays branch-free (vectorizable).
+    """
+    flat = buf.offset(idx)
+    safe = Select(inside, flat, Const(0, "int64"))
+    return select(inside, Load(buf, safe), lift(other, buf.dtype))
+
+
+def in_range(i: Expr, lo: int, hi: int) -> Expr:
+    """lo <= i < hi as a bool expression."""
+    return logical_and(i.ge(lo), i.lt(hi))

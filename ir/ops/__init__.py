@@ -1,0 +1,120 @@
+"""The op registry: every op Kiln knows, each declared once, in one class.
+
+An op class holds, in one screen: its attributes (dataclass fields with defaults),
+its type rule (`infer`), its meaning in numpy (`reference`, the oracle of every
+test), its fusion class, and its lowering: elementwise ops give `scalar`, the
+computation of one element, and the compiler builds the loops; every other op
+gives `lower`, which writes its loop nest in the kernel IR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ir.errors import GraphError
+from ir.types import TensorType
+
+if TYPE_CHECKING:
+    from codegen.kir import Buffer, Expr, ExprBuilder, KernelBuilder
+
+
+class Fusion(enum.Enum):
+    ELEMENTWISE = "elementwise"  # out[i] = f(in[i]) with numpy broadcasting
+    INJECTIVE = "injective"  # each output element reads a few known inputs (transpose, pad)
+    REDUCTION = "reduction"  # reads many inputs per output (reduce, softmax, norms)
+    CONTRACTION = "contraction"  # matmul, conv: a reduction with reuse, tiled
+    OPAQUE = "opaque"
+
+
+REGISTRY: dict[str, type[Op]] = {}
+
+
+def register(name: str, fusion: Fusion):
+    """Class decorator: make `cls` a frozen dataclass op and enter it in the registry."""
+
+    def wrap(cls: type[Op]) -> type[Op]:
+        if name in REGISTRY:
+            raise ValueError(f"op {name!r} registered twice")
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        cls.name = name
+        cls.fusion = fusion
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_op(name: str, **attrs: Any) -> Op:
+    """An op instance by registry name; unknown ops and attributes are errors."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise GraphError(f"unknown op {name!r}") from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(attrs) - fields
+    if unknown:
+        raise GraphError(f"op {name}: unknown attribute(s) {sorted(unknown)}; has {sorted(fields)}")
+    return cls(**attrs)
+
+
+class Op:
+    name: ClassVar[str]
+    fusion: ClassVar[Fusion]
+    #: how many inputs the op takes: (fewest, most)
+    arity: ClassVar[tuple[int, int]] = (1, 1)
+
+    def attrs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def infer(self, *inputs: TensorType) -> TensorType:
+        raise NotImplementedError
+
+    def reference(self, *inputs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer) -> None:
+        """Write this op's loop nest; only non-elementwise ops define it."""
+        raise NotImplementedError(f"op {self.name} has no lowering")
+
+
+class ElementwiseOp(Op):
+    """out[i] = scalar(in_0[i], in_1[i], ...), inputs broadcast as in numpy."""
+
+    #: the dtypes an input may have; the output has the inputs' dtype unless `result` is set
+    accepts: ClassVar[tuple[str, ...]] = ("float32", "float64")
+    result: ClassVar[str | None] = None
+
+    def infer(self, *inputs: TensorType) -> TensorType:
+        for pos, t in enumerate(inputs):
+            if t.dtype not in self.accepts:
+                raise GraphError(
+                    f"{self.name}: input {pos} has dtype {t.dtype}; accepts {', '.join(self.accepts)}"
+                )
+        if len({t.dtype for t in inputs}) > 1:
+            raise GraphError(f"{self.name}: input dtypes differ: {[t.dtype for t in inputs]}")
+        shape = broadcast_shapes(self.name, [t.shape for t in inputs])
+        return TensorType(self.result or inputs[0].dtype, shape)
+
+    def scalar(self, e: ExprBuilder, *xs: Expr) -> Expr:
+        raise NotImplementedError
+
+
+def broadcast_shapes(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        raise GraphError(f"{op}: shapes {shapes} do not broadcast") from None
+
+
+def normalize_axis(op: str, axis: int, rank: int) -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise GraphError(f"{op}: axis {axis} out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+# Importing the op modules fills the registry.
+from ir.ops import elementwise, nn, reduce, shape  # noqa: E402,F401

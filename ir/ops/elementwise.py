@@ -1,0 +1,344 @@
+"""Elementwise ops: one output element from the same-index elements of the inputs."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+
+from codegen.kir import Expr, ExprBuilder
+from ir.errors import GraphError
+from ir.ops import ElementwiseOp, Fusion, broadcast_shapes, register
+from ir.types import DTYPES, TensorType
+
+E = Fusion.ELEMENTWISE
+FLOATS = ("float32", "float64")
+NUMBERS = ("float32", "float64", "int64", "int32")
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def erf_reference(x: np.ndarray) -> np.ndarray:
+    """numpy has no erf; math.erf per element, rounded once to x's dtype."""
+    return _erf(x.astype(np.float64)).astype(x.dtype)
+
+
+class Unary(ElementwiseOp):
+    arity = (1, 1)
+
+
+class Binary(ElementwiseOp):
+    arity = (2, 2)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+@register("add", E)
+class Add(Binary):
+    accepts = NUMBERS
+
+    def reference(self, a, b):
+        return a + b
+
+    def scalar(self, e: ExprBuilder, a: Expr, b: Expr) -> Expr:
+        return a + b
+
+
+@register("sub", E)
+class Sub(Binary):
+    accepts = NUMBERS
+
+    def reference(self, a, b):
+        return a - b
+
+    def scalar(self, e, a, b):
+        return a - b
+
+
+@register("mul", E)
+class Mul(Binary):
+    accepts = NUMBERS
+
+    def reference(self, a, b):
+        return a * b
+
+    def scalar(self, e, a, b):
+        return a * b
+
+
+@register("div", E)
+class Div(Binary):
+    def reference(self, a, b):
+        return a / b
+
+    def scalar(self, e, a, b):
+        return a / b
+
+
+@register("pow", E)
+class Pow(Binary):
+    def reference(self, a, b):
+        return np.power(a, b)
+
+    def scalar(self, e, a, b):
+        return e.pow(a, b)
+
+
+@register("maximum", E)
+class Maximum(Binary):
+    accepts = NUMBERS
+
+    def reference(self, a, b):
+        return np.maximum(a, b)
+
+    def scalar(self, e, a, b):
+        return e.maximum(a, b)
+
+
+@register("minimum", E)
+class Minimum(Binary):
+    accepts = NUMBERS
+
+    def reference(self, a, b):
+        return np.minimum(a, b)
+
+    def scalar(self, e, a, b):
+        return e.minimum(a, b)
+
+
+@register("neg", E)
+class Neg(Unary):
+    accepts = NUMBERS
+
+    def reference(self, x):
+        return -x
+
+    def scalar(self, e, x):
+        return -x
+
+
+@register("abs", E)
+class Abs(Unary):
+    accepts = NUMBERS
+
+    def reference(self, x):
+        return np.abs(x)
+
+    def scalar(self, e, x):
+        return e.abs(x)
+
+
+@register("reciprocal", E)
+class Reciprocal(Unary):
+    def reference(self, x):
+        return np.reciprocal(x)
+
+    def scalar(self, e, x):
+        return 1.0 / x
+
+
+# --------------------------------------------------------------------------- transcendental
+
+
+@register("exp", E)
+class Exp(Unary):
+    def reference(self, x):
+        return np.exp(x)
+
+    def scalar(self, e, x):
+        return e.exp(x)
+
+
+@register("log", E)
+class Log(Unary):
+    def reference(self, x):
+        return np.log(x)
+
+    def scalar(self, e, x):
+        return e.log(x)
+
+
+@register("sqrt", E)
+class Sqrt(Unary):
+    def reference(self, x):
+        return np.sqrt(x)
+
+    def scalar(self, e, x):
+        return e.sqrt(x)
+
+
+@register("rsqrt", E)
+class Rsqrt(Unary):
+    def reference(self, x):
+        return (1 / np.sqrt(x)).astype(x.dtype)
+
+    def scalar(self, e, x):
+        return 1.0 / e.sqrt(x)
+
+
+@register("tanh", E)
+class Tanh(Unary):
+    def reference(self, x):
+        return np.tanh(x)
+
+    def scalar(self, e, x):
+        return e.tanh(x)
+
+
+@register("erf", E)
+class Erf(Unary):
+    def reference(self, x):
+        return erf_reference(x)
+
+    def scalar(self, e, x):
+        return e.erf(x)
+
+
+@register("sigmoid", E)
+class Sigmoid(Unary):
+    def reference(self, x):
+        return (1 / (1 + np.exp(-x))).astype(x.dtype)
+
+    def scalar(self, e, x):
+        return 1.0 / (1.0 + e.exp(-x))
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@register("relu", E)
+class Relu(Unary):
+    accepts = NUMBERS
+
+    def reference(self, x):
+        return np.maximum(x, x.dtype.type(0))
+
+    def scalar(self, e, x):
+        return e.maximum(x, 0)
+
+
+@register("leaky_relu", E)
+class LeakyRelu(Unary):
+    alpha: float = 0.01
+
+    def reference(self, x):
+        return np.where(x < 0, x * x.dtype.type(self.alpha), x)
+
+    def scalar(self, e, x):
+        return e.select(x.lt(0), x * self.alpha, x)
+
+
+@register("elu", E)
+class Elu(Unary):
+    alpha: float = 1.0
+
+    def reference(self, x):
+        return np.where(x < 0, x.dtype.type(self.alpha) * (np.exp(x) - 1), x)
+
+    def scalar(self, e, x):
+        return e.select(x.lt(0), (e.exp(x) - 1.0) * self.alpha, x)
+
+
+@register("gelu", E)
+class Gelu(Unary):
+    approximate: str = "none"  # "none": the erf form; "tanh": the tanh approximation
+
+    def __post_init__(self):
+        if self.approximate not in ("none", "tanh"):
+            raise GraphError(f"gelu: approximate must be 'none' or 'tanh', got {self.approximate!r}")
+
+    def reference(self, x):
+        t = x.dtype.type
+        if self.approximate == "tanh":
+            inner = t(math.sqrt(2 / math.pi)) * (x + t(0.044715) * x * x * x)
+            return t(0.5) * x * (t(1) + np.tanh(inner))
+        return t(0.5) * x * (t(1) + erf_reference(x * t(1 / math.sqrt(2))))
+
+    def scalar(self, e, x):
+        if self.approximate == "tanh":
+            inner = (x + x * x * x * 0.044715) * math.sqrt(2 / math.pi)
+            return x * 0.5 * (e.tanh(inner) + 1.0)
+        return x * 0.5 * (e.erf(x * (1 / math.sqrt(2))) + 1.0)
+
+
+@register("clip", E)
+class Clip(Unary):
+    min: float = -math.inf
+    max: float = math.inf
+
+    def reference(self, x):
+        t = x.dtype.type
+        return np.minimum(np.maximum(x, t(self.min)), t(self.max))
+
+    def scalar(self, e, x):
+        return e.minimum(e.maximum(x, self.min), self.max)
+
+
+# --------------------------------------------------------------------------- comparisons, select, cast
+
+
+class Comparison(Binary):
+    accepts = NUMBERS
+    result = "bool"
+    predicate: ClassVar[str]
+
+    def reference(self, a, b):
+        return getattr(np, {"eq": "equal", "lt": "less", "gt": "greater"}[self.predicate])(a, b)
+
+    def scalar(self, e, a, b):
+        return getattr(a, self.predicate)(b)
+
+
+@register("equal", E)
+class Equal(Comparison):
+    accepts = NUMBERS + ("bool",)
+    predicate = "eq"
+
+
+@register("less", E)
+class Less(Comparison):
+    predicate = "lt"
+
+
+@register("greater", E)
+class Greater(Comparison):
+    predicate = "gt"
+
+
+@register("where", E)
+class Where(ElementwiseOp):
+    arity = (3, 3)
+
+    def infer(self, cond: TensorType, a: TensorType, b: TensorType) -> TensorType:
+        if cond.dtype != "bool":
+            raise GraphError(f"where: condition must be bool, got {cond.dtype}")
+        if a.dtype != b.dtype:
+            raise GraphError(f"where: branch dtypes differ: {a.dtype} vs {b.dtype}")
+        return TensorType(a.dtype, broadcast_shapes("where", [cond.shape, a.shape, b.shape]))
+
+    def reference(self, cond, a, b):
+        return np.where(cond, a, b)
+
+    def scalar(self, e, cond, a, b):
+        return e.select(cond, a, b)
+
+
+@register("cast", E)
+class CastOp(Unary):
+    to: str = "float32"
+
+    def infer(self, x: TensorType) -> TensorType:
+        if self.to not in DTYPES:
+            raise GraphError(f"cast: target dtype {self.to!r} not supported")
+        return x.with_dtype(self.to)
+
+    def reference(self, x):
+        return x.astype(DTYPES[self.to])
+
+    def scalar(self, e, x):
+        if self.to == "bool":
+            return x.ne(0)
+        if x.dtype == "bool":
+            return e.select(x, e.const(1, self.to), e.const(0, self.to))
+        return e.cast(x, self.to)

@@ -1,0 +1,380 @@
+"""Contractions (matmul, linear, conv2d) and the other layers of a CNN: pooling, batch norm."""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from codegen.kir import (
+    Buffer,
+    Expr,
+    ExprBuilder,
+    KernelBuilder,
+    const,
+    guarded_load,
+    in_range,
+    logical_and,
+    maximum,
+    select,
+)
+from ir.errors import GraphError
+from ir.ops import Fusion, Op, broadcast_shapes, register
+from ir.types import TensorType
+
+
+def _require_float(op: str, *types: TensorType) -> None:
+    for pos, t in enumerate(types):
+        if t.dtype not in ("float32", "float64"):
+            raise GraphError(f"{op}: input {pos} must be float, got {t.dtype}")
+    if len({t.dtype for t in types}) > 1:
+        raise GraphError(f"{op}: input dtypes differ: {[t.dtype for t in types]}")
+
+
+# --------------------------------------------------------------------------- matmul
+
+
+def _matmul_shapes(a: tuple[int, ...], b: tuple[int, ...]):
+    """numpy matmul shape rule. Returns (batch, M, K, N, out_shape, a_batch, b_batch)."""
+    if not a or not b:
+        raise GraphError(f"matmul: operands must have rank >= 1, got {a} and {b}")
+    a2 = (1,) + a if len(a) == 1 else a
+    b2 = b + (1,) if len(b) == 1 else b
+    (m, k), (k2, n) = a2[-2:], b2[-2:]
+    if k != k2:
+        raise GraphError(f"matmul: inner dimensions differ: {a} @ {b} ({k} vs {k2})")
+    batch = broadcast_shapes("matmul", [a2[:-2], b2[:-2]])
+    out = batch + ((m,) if len(a) > 1 else ()) + ((n,) if len(b) > 1 else ())
+    return batch, m, k, n, out, a2[:-2], b2[:-2]
+
+
+def _batch_offset(p: Expr, batch: tuple[int, ...], operand: tuple[int, ...], per: int) -> Expr:
+    """Element offset of `operand`'s matrix for flat batch index p (broadcast dims step 0)."""
+    operand = (1,) * (len(batch) - len(operand)) + operand
+    offset: Expr | int = 0
+    stride, inner = per, 1
+    for d, od in zip(reversed(batch), reversed(operand)):
+        if od != 1:
+            offset = (p // inner) % d * stride + offset
+            stride *= od
+        inner *= d
+    return offset if isinstance(offset, Expr) else p * 0
+
+
+def lower_matmul(k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buffer | None) -> None:
+    """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], one output row per parallel step.
+
+    The n loop is innermost and contiguous in b and out, so it vectorizes; the row of
+    out stays in L1 while k sweeps over it.
+    """
+    batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
+    rows = prod(batch) * m
+    with k.loop(rows, "parallel", "row") as r:
+        p, mi = r // m, r % m
+        a_row = _batch_offset(p, batch, a_batch, m * kk) + mi * kk
+        b_mat = _batch_offset(p, batch, b_batch, kk * n)
+        with k.loop(n, "vector", "n") as j:
+            init = bias.load_flat(j) if bias is not None else k_const(out, 0.0)
+            k.store(out, r * n + j, init)
+        with k.loop(kk, "serial", "k") as q:
+            av = a.load_flat(a_row + q)
+            with k.loop(n, "vector", "n") as j:
+                k.store(out, r * n + j, out.load_flat(r * n + j) + av * b.load_flat(b_mat + q * n + j))
+
+
+def k_const(buf: Buffer, value: float) -> Expr:
+    return const(value, buf.dtype)
+
+
+@register("matmul", Fusion.CONTRACTION)
+class MatMul(Op):
+    arity = (2, 2)
+
+    def infer(self, a: TensorType, b: TensorType) -> TensorType:
+        _require_float("matmul", a, b)
+        return TensorType(a.dtype, _matmul_shapes(a.shape, b.shape)[4])
+
+    def reference(self, a, b):
+        return np.matmul(a, b)
+
+    def lower(self, k, ins, out):
+        lower_matmul(k, ins[0], ins[1], out, None)
+
+
+@register("linear", Fusion.CONTRACTION)
+class Linear(Op):
+    """x @ w + bias, w of shape (in, out) as in a Keras Dense kernel."""
+
+    arity = (2, 3)
+
+    def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
+        _require_float("linear", x, w, *([bias] if bias else []))
+        if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[0]:
+            raise GraphError(f"linear: x {x.shape} @ w {w.shape}: w must be (in={x.shape[-1:]}, out)")
+        if bias is not None and bias.shape != (w.shape[1],):
+            raise GraphError(f"linear: bias shape {bias.shape}, expected ({w.shape[1]},)")
+        return TensorType(x.dtype, x.shape[:-1] + (w.shape[1],))
+
+    def reference(self, x, w, bias=None):
+        y = np.matmul(x, w)
+        return y + bias if bias is not None else y
+
+    def lower(self, k, ins, out):
+        x, w = ins[0], ins[1]
+        rows = prod(x.shape[:-1])
+        x2 = x.view((rows, x.shape[-1]))
+        lower_matmul(k, x2, w, out.view((rows, w.shape[1])), ins[2] if len(ins) > 2 else None)
+
+
+# --------------------------------------------------------------------------- conv and pooling
+
+
+def _pair(op: str, name: str, v: tuple[int, ...], n: int = 2) -> tuple[int, ...]:
+    if len(v) != n or any(int(x) != x for x in v):
+        raise GraphError(f"{op}: {name} must be {n} integers, got {v}")
+    return tuple(int(x) for x in v)
+
+
+def _window_out(op, size, k, s, d, p0, p1):
+    span = d * (k - 1) + 1
+    out = (size + p0 + p1 - span) // s + 1
+    if out < 1:
+        raise GraphError(f"{op}: window {span} larger than padded input {size + p0 + p1}")
+    return out
+
+
+def _valid_range(k_off: int, stride: int, pad: int, size: int, out: int) -> tuple[int, int]:
+    """The output positions o for which o*stride + k_off - pad lies inside [0, size)."""
+    lo = max(0, -((k_off - pad) // stride))  # ceil((pad - k_off) / stride)
+    hi = min(out, (size - 1 + pad - k_off) // stride + 1)
+    return lo, max(lo, hi)
+
+
+@register("conv2d", Fusion.CONTRACTION)
+class Conv2d(Op):
+    """NCHW convolution; w is (out_channels, in_channels / groups, kh, kw)."""
+
+    arity = (2, 3)
+    strides: tuple[int, ...] = (1, 1)
+    pads: tuple[int, ...] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilations: tuple[int, ...] = (1, 1)
+    groups: int = 1
+
+    def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
+        _require_float("conv2d", x, w, *([bias] if bias else []))
+        if x.rank != 4 or w.rank != 4:
+            raise GraphError(f"conv2d: x and w must be rank 4 (NCHW, OIHW), got {x.shape}, {w.shape}")
+        s, d = _pair("conv2d", "strides", self.strides), _pair("conv2d", "dilations", self.dilations)
+        p = _pair("conv2d", "pads", self.pads, 4)
+        n, c, h, wd = x.shape
+        o, cg, kh, kw = w.shape
+        if self.groups < 1 or c % self.groups or o % self.groups or cg != c // self.groups:
+            raise GraphError(
+                f"conv2d: {c} input channels, {o} filters of {cg} channels, groups={self.groups} disagree"
+            )
+        if bias is not None and bias.shape != (o,):
+            raise GraphError(f"conv2d: bias shape {bias.shape}, expected ({o},)")
+        oh = _window_out("conv2d", h, kh, s[0], d[0], p[0], p[2])
+        ow = _window_out("conv2d", wd, kw, s[1], d[1], p[1], p[3])
+        return TensorType(x.dtype, (n, o, oh, ow))
+
+    def reference(self, x, w, bias=None):
+        n, c, h, wd = x.shape
+        o, cg, kh, kw = w.shape
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilations, self.pads
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        out = np.zeros((n, o, oh, ow), dtype=np.float64)
+        og = o // self.groups
+        for g in range(self.groups):
+            xg = xp[:, g * cg : (g + 1) * cg].astype(np.float64)
+            wg = w[g * og : (g + 1) * og].astype(np.float64)
+            for i in range(kh):
+                for j in range(kw):
+                    patch = xg[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh,
+                               j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+                    out[:, g * og : (g + 1) * og] += np.einsum("nchw,oc->nohw", patch, wg[:, :, i, j])
+        if bias is not None:
+            out += bias.reshape(1, -1, 1, 1)
+        return out.astype(x.dtype)
+
+    def lower(self, k, ins, out):
+        """Per (image, filter): start from the bias, then for each input channel and tap
+        add w * the shifted input plane over the output positions whose input is inside
+        (computed at compile time), so padding costs no test in the inner loop."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        n, c, h, wd = x.shape
+        o, cg, kh, kw = w.shape
+        _, _, oh, ow = out.shape
+        (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
+        per_group = o // self.groups
+        with k.loop(n * o, "parallel", "no") as p:
+            ni, oi = p // o, p % o
+            with k.loop(oh * ow, "vector", "s") as s:
+                init = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
+                k.store(out, p * (oh * ow) + s, init)
+            with k.loop(cg, "serial", "c") as ci:
+                channel = (ni * c + oi // per_group * cg + ci) * (h * wd)
+                for i in range(kh):
+                    oh_lo, oh_hi = _valid_range(i * dh, sh, pt, h, oh)
+                    for j in range(kw):
+                        ow_lo, ow_hi = _valid_range(j * dw, sw, pl, wd, ow)
+                        if oh_lo >= oh_hi or ow_lo >= ow_hi:
+                            continue
+                        tap = w.load_flat(((oi * cg + ci) * kh + i) * kw + j)
+                        with k.loop(oh_hi - oh_lo, "serial", "y") as y:
+                            row_out = p * (oh * ow) + (y + oh_lo) * ow
+                            row_in = channel + ((y + oh_lo) * sh + i * dh - pt) * wd
+                            with k.loop(ow_hi - ow_lo, "vector", "x") as xx:
+                                at = row_out + ow_lo + xx
+                                src = x.load_flat(row_in + (xx + ow_lo) * sw + j * dw - pl)
+                                k.store(out, at, out.load_flat(at) + tap * src)
+
+
+class Pool2d(Op):
+    kernel: tuple[int, ...] = (2, 2)
+    strides: tuple[int, ...] = (2, 2)
+    pads: tuple[int, ...] = (0, 0, 0, 0)
+    dilations: tuple[int, ...] = (1, 1)
+
+    def infer(self, x: TensorType) -> TensorType:
+        _require_float(self.name, x)
+        if x.rank != 4:
+            raise GraphError(f"{self.name}: input must be NCHW (rank 4), got {x.shape}")
+        kh, kw = _pair(self.name, "kernel", self.kernel)
+        s, d = _pair(self.name, "strides", self.strides), _pair(self.name, "dilations", self.dilations)
+        p = _pair(self.name, "pads", self.pads, 4)
+        oh = _window_out(self.name, x.shape[2], kh, s[0], d[0], p[0], p[2])
+        ow = _window_out(self.name, x.shape[3], kw, s[1], d[1], p[1], p[3])
+        return x.with_shape(x.shape[:2] + (oh, ow))
+
+    def _windows(self, x: np.ndarray, fill: float):
+        """Every window tap as a strided view over the padded input, and the pad mask."""
+        (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = (
+            self.kernel, self.strides, self.dilations, self.pads)
+        n, c, h, w = x.shape
+        oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=fill)
+        inside = np.pad(np.ones((h, w), bool), ((pt, pb), (pl, pr)))
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+                cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+                yield xp[:, :, rows, cols], inside[rows, cols]
+
+    def _taps(self, k: KernelBuilder, x: Buffer, out: Buffer, visit) -> None:
+        n, c, h, w = x.shape
+        _, _, oh, ow = out.shape
+        (kh, kw), (sh, sw), (dh, dw), (pt, pl, _, _) = (
+            self.kernel, self.strides, self.dilations, self.pads)
+        with k.loop(n * c * oh, "parallel", "row") as r:
+            plane, y = r // oh, r % oh
+            with k.loop(ow, "vector", "x") as xx:
+                taps = []
+                for i in range(kh):
+                    for j in range(kw):
+                        iy, ix = y * sh + (i * dh - pt), xx * sw + (j * dw - pl)
+                        taps.append((logical_and(in_range(iy, 0, h), in_range(ix, 0, w)),
+                                     (plane // c, plane % c, iy, ix)))
+                k.store(out, r * ow + xx, visit(taps))
+
+
+@register("max_pool2d", Fusion.REDUCTION)
+class MaxPool2d(Pool2d):
+    def reference(self, x):
+        return np.max([v for v, _ in self._windows(x, -np.inf)], axis=0).astype(x.dtype)
+
+    def lower(self, k, ins, out):
+        x = ins[0]
+
+        def visit(taps):
+            acc = k_const(out, -np.inf)
+            for inside, idx in taps:
+                acc = maximum(acc, guarded_load(x, idx, inside, -np.inf))
+            return acc
+
+        self._taps(k, x, out, visit)
+
+
+@register("avg_pool2d", Fusion.REDUCTION)
+class AvgPool2d(Pool2d):
+    count_include_pad: bool = False
+
+    def reference(self, x):
+        windows = list(self._windows(x, 0.0))
+        total = np.sum([v.astype(np.float64) for v, _ in windows], axis=0)
+        if self.count_include_pad:
+            count = float(len(windows))
+        else:
+            count = np.sum([m for _, m in windows], axis=0)
+        return (total / count).astype(x.dtype)
+
+    def lower(self, k, ins, out):
+        x = ins[0]
+
+        def visit(taps):
+            total, count = k_const(out, 0.0), k_const(out, 0.0)
+            for inside, idx in taps:
+                total = total + guarded_load(x, idx, inside, 0.0)
+                count = count + select(inside, 1.0, 0.0)
+            return total / (float(len(taps)) if self.count_include_pad else count)
+
+        self._taps(k, x, out, visit)
+
+
+@register("global_avg_pool2d", Fusion.REDUCTION)
+class GlobalAvgPool2d(Op):
+    def infer(self, x: TensorType) -> TensorType:
+        _require_float("global_avg_pool2d", x)
+        if x.rank != 4:
+            raise GraphError(f"global_avg_pool2d: input must be NCHW (rank 4), got {x.shape}")
+        return x.with_shape(x.shape[:2] + (1, 1))
+
+    def reference(self, x):
+        return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(x.dtype)
+
+    def lower(self, k, ins, out):
+        x = ins[0]
+        n, c, h, w = x.shape
+        with k.loop(n * c, "parallel", "plane") as p:
+            acc = k.local(x.dtype, 0.0)
+            with k.loop(h * w, "vector", "s") as s:
+                k.assign(acc, acc.ref + x.load_flat(p * (h * w) + s), reduction=True)
+            k.store(out, p, acc.ref / float(h * w))
+
+
+@register("batch_norm", Fusion.INJECTIVE)
+class BatchNorm(Op):
+    """Inference batch norm over axis 1: (x - mean) / sqrt(var + eps) * scale + bias."""
+
+    arity = (5, 5)
+    epsilon: float = 1e-5
+
+    def infer(self, x, scale, bias, mean, var) -> TensorType:
+        _require_float("batch_norm", x, scale, bias, mean, var)
+        if x.rank < 2:
+            raise GraphError(f"batch_norm: input must have a channel axis, got {x.shape}")
+        for name, t in zip(("scale", "bias", "mean", "var"), (scale, bias, mean, var)):
+            if t.shape != (x.shape[1],):
+                raise GraphError(f"batch_norm: {name} shape {t.shape}, expected ({x.shape[1]},)")
+        return x
+
+    def reference(self, x, scale, bias, mean, var):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        inv = (scale / np.sqrt(var + x.dtype.type(self.epsilon))).reshape(shape)
+        return ((x - mean.reshape(shape)) * inv + bias.reshape(shape)).astype(x.dtype)
+
+    def lower(self, k, ins, out):
+        e = ExprBuilder
+        x, scale, bias, mean, var = ins
+        c = x.shape[1]
+        inner = prod(x.shape[2:])
+        with k.loop(x.shape[0] * c, "parallel", "plane") as p:
+            ch = p % c
+            inv = scale.load_flat(ch) / e.sqrt(var.load_flat(ch) + self.epsilon)
+            with k.loop(inner, "vector", "s") as s:
+                at = p * inner + s
+                k.store(out, at, (x.load_flat(at) - mean.load_flat(ch)) * inv + bias.load_flat(ch))

@@ -1,0 +1,217 @@
+"""Reductions and the ops built around one: reduce_*, softmax, log_softmax, layer_norm."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from math import prod
+
+import numpy as np
+
+from codegen.kir import Expr, KernelBuilder, const, maximum
+from codegen.kir import ExprBuilder as e
+from ir.errors import GraphError
+from ir.ops import Fusion, Op, normalize_axis, register
+from ir.types import TensorType
+
+
+def _float(op: str, x: TensorType) -> None:
+    if x.dtype not in ("float32", "float64"):
+        raise GraphError(f"{op}: input must be float, got {x.dtype}")
+
+
+def _split(shape: tuple[int, ...], axis: int, end: int | None = None) -> tuple[int, int, int]:
+    """(outer, n, inner): the elements before, along [axis, end), and after."""
+    end = axis + 1 if end is None else end
+    return prod(shape[:axis]), prod(shape[axis:end]), prod(shape[end:])
+
+
+class Reduce(Op):
+    axes: tuple[int, ...] | None = None  # None: all axes
+    keepdims: bool = True
+    accepts = ("float32", "float64", "int64", "int32")
+
+    def _axes(self, rank: int) -> tuple[int, ...]:
+        if self.axes is None:
+            return tuple(range(rank))
+        axes = tuple(sorted({normalize_axis(self.name, a, rank) for a in self.axes}))
+        if len(axes) != len(self.axes):
+            raise GraphError(f"{self.name}: repeated axis in {self.axes}")
+        return axes
+
+    def infer(self, x: TensorType) -> TensorType:
+        if x.dtype not in self.accepts:
+            raise GraphError(f"{self.name}: dtype {x.dtype} not accepted")
+        axes = self._axes(x.rank)
+        shape = tuple(
+            1 if i in axes else d for i, d in enumerate(x.shape) if self.keepdims or i not in axes
+        )
+        return x.with_shape(shape)
+
+    def lower(self, k: KernelBuilder, ins, out) -> None:
+        """One accumulator per output element; the reduced axes are loops inside it."""
+        x = ins[0]
+        axes = self._axes(len(x.shape))
+        kept = [i for i in range(len(x.shape)) if i not in axes]
+        strides = [prod(x.shape[i + 1 :]) for i in range(len(x.shape))]
+        kept_view = out.view(tuple(x.shape[i] for i in kept) or (1,))
+        with k.nest(kept_view.shape) as idx:
+            offset: Expr = const(0, "int64")
+            for axis, v in zip(kept, idx):
+                offset = v * strides[axis] + offset
+            acc = k.local(x.dtype, self.init(x.dtype))
+            with ExitStack() as loops:
+                for a in axes:
+                    kind = "vector" if a == axes[-1] else "serial"
+                    offset = loops.enter_context(k.loop(x.shape[a], kind, "red")) * strides[a] + offset
+                k.assign(acc, self.combine(acc.ref, x.load_flat(offset)), reduction=True)
+            count = prod(x.shape[a] for a in axes)
+            k.store(kept_view, idx, self.finish(acc.ref, count))
+
+    def init(self, dtype: str) -> float:
+        return 0.0
+
+    def finish(self, acc: Expr, count: int) -> Expr:
+        return acc
+
+
+@register("reduce_sum", Fusion.REDUCTION)
+class ReduceSum(Reduce):
+    def reference(self, x):
+        return np.sum(x, axis=self._axes(x.ndim), keepdims=self.keepdims, dtype=x.dtype)
+
+    def combine(self, acc, v):
+        return acc + v
+
+
+@register("reduce_mean", Fusion.REDUCTION)
+class ReduceMean(Reduce):
+    accepts = ("float32", "float64")
+
+    def reference(self, x):
+        return np.mean(x, axis=self._axes(x.ndim), keepdims=self.keepdims, dtype=x.dtype)
+
+    def combine(self, acc, v):
+        return acc + v
+
+    def finish(self, acc, count):
+        return acc / float(count)
+
+
+@register("reduce_max", Fusion.REDUCTION)
+class ReduceMax(Reduce):
+    def reference(self, x):
+        return np.max(x, axis=self._axes(x.ndim), keepdims=self.keepdims)
+
+    def init(self, dtype):
+        return -np.inf if dtype.startswith("float") else int(np.iinfo(dtype).min)
+
+    def combine(self, acc, v):
+        return maximum(acc, v)
+
+
+class AxisSoftmax(Op):
+    axis: int = -1
+
+    def infer(self, x: TensorType) -> TensorType:
+        _float(self.name, x)
+        normalize_axis(self.name, self.axis, x.rank)
+        return x
+
+    def _max_and_sum(self, k: KernelBuilder, x, out, n: int, at) -> tuple[Expr, Expr]:
+        """Row max, then sum of exp(x - max), writing exp(x - max) to out on the way."""
+        m = k.local(x.dtype, -np.inf, "max")
+        with k.loop(n, "vector", "j") as j:
+            k.assign(m, maximum(m.ref, x.load_flat(at(j))), reduction=True)
+        s = k.local(x.dtype, 0.0, "sum")
+        with k.loop(n, "vector", "j") as j:
+            ex = e.exp(x.load_flat(at(j)) - m.ref)
+            if self.stores_exp:
+                k.store(out, at(j), ex)
+            k.assign(s, s.ref + ex, reduction=True)
+        return m.ref, s.ref
+
+    def lower(self, k, ins, out):
+        x = ins[0]
+        outer, n, inner = _split(x.shape, normalize_axis(self.name, self.axis, len(x.shape)))
+        with k.loop(outer * inner, "parallel", "row") as r:
+            base = r // inner * (n * inner) + r % inner
+
+            def at(j, base=base):
+                return base + j * inner
+
+            m, s = self._max_and_sum(k, x, out, n, at)
+            self.normalize(k, x, out, n, at, m, s)
+
+
+@register("softmax", Fusion.REDUCTION)
+class Softmax(AxisSoftmax):
+    stores_exp = True
+
+    def reference(self, x):
+        ex = np.exp(x - x.max(axis=self.axis, keepdims=True))
+        return ex / ex.sum(axis=self.axis, keepdims=True)
+
+    def normalize(self, k, x, out, n, at, m, s):
+        inv = 1.0 / s
+        with k.loop(n, "vector", "j") as j:
+            k.store(out, at(j), out.load_flat(at(j)) * inv)
+
+
+@register("log_softmax", Fusion.REDUCTION)
+class LogSoftmax(AxisSoftmax):
+    stores_exp = False
+
+    def reference(self, x):
+        shifted = x - x.max(axis=self.axis, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=self.axis, keepdims=True))
+
+    def normalize(self, k, x, out, n, at, m, s):
+        lse = m + e.log(s)
+        with k.loop(n, "vector", "j") as j:
+            k.store(out, at(j), x.load_flat(at(j)) - lse)
+
+
+@register("layer_norm", Fusion.REDUCTION)
+class LayerNorm(Op):
+    """Normalize over axes [axis, rank): (x - mean) / sqrt(var + eps) * scale + bias."""
+
+    arity = (2, 3)
+    axis: int = -1
+    epsilon: float = 1e-5
+
+    def infer(self, x: TensorType, scale: TensorType, bias: TensorType | None = None):
+        _float("layer_norm", x)
+        axis = normalize_axis("layer_norm", self.axis, x.rank)
+        for name, t in (("scale", scale), ("bias", bias)):
+            if t is not None and (t.shape != x.shape[axis:] or t.dtype != x.dtype):
+                raise GraphError(
+                    f"layer_norm: {name} is {t}, expected {x.dtype} of shape {x.shape[axis:]}"
+                )
+        return x
+
+    def reference(self, x, scale, bias=None):
+        axes = tuple(range(normalize_axis("layer_norm", self.axis, x.ndim), x.ndim))
+        mean = x.mean(axis=axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+        y = (x - mean) / np.sqrt(var + x.dtype.type(self.epsilon)) * scale
+        return y + bias if bias is not None else y
+
+    def lower(self, k, ins, out):
+        x, scale = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        outer, n, _ = _split(x.shape, normalize_axis("layer_norm", self.axis, len(x.shape)),
+                             len(x.shape))
+        with k.loop(outer, "parallel", "row") as r:
+            s = k.local(x.dtype, 0.0, "sum")
+            with k.loop(n, "vector", "j") as j:
+                k.assign(s, s.ref + x.load_flat(r * n + j), reduction=True)
+            mean = k.local(x.dtype, s.ref / float(n), "mean")
+            v = k.local(x.dtype, 0.0, "var")
+            with k.loop(n, "vector", "j") as j:
+                d = x.load_flat(r * n + j) - mean.ref
+                k.assign(v, v.ref + d * d, reduction=True)
+            rstd = k.local(x.dtype, 1.0 / e.sqrt(v.ref / float(n) + self.epsilon), "rstd")
+            with k.loop(n, "vector", "j") as j:
+                y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
+                k.store(out, r * n + j, y + bias.load_flat(j) if bias is not None else y)
+

@@ -1,0 +1,228 @@
+"""Ops that move elements without arithmetic: reshape, transpose, concat, slice, pad, gather."""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from codegen.kir import Buffer, Expr, KernelBuilder, cast, const, in_range, logical_and, select
+from codegen.kir import guarded_load
+from ir.errors import GraphError
+from ir.ops import Fusion, Op, normalize_axis, register
+from ir.types import TensorType
+
+INJ = Fusion.INJECTIVE
+
+
+def copy_flat(k: KernelBuilder, src: Buffer, dst: Buffer) -> None:
+    with k.flat(dst.numel) as i:
+        k.store(dst, i, src.load_flat(i))
+
+
+@register("reshape", INJ)
+class Reshape(Op):
+    shape: tuple[int, ...] = ()  # one entry may be -1: inferred
+
+    def infer(self, x: TensorType) -> TensorType:
+        shape = list(self.shape)
+        if shape.count(-1) > 1 or any(d < -1 for d in shape):
+            raise GraphError(f"reshape: bad target shape {self.shape}")
+        if -1 in shape:
+            known = prod(d for d in shape if d != -1)
+            if known == 0 or x.numel % known:
+                raise GraphError(f"reshape: cannot infer -1 reshaping {x.shape} to {self.shape}")
+            shape[shape.index(-1)] = x.numel // known
+        if prod(shape) != x.numel:
+            raise GraphError(f"reshape: {x.shape} has {x.numel} elements, {tuple(shape)} has {prod(shape)}")
+        return x.with_shape(tuple(shape))
+
+    def reference(self, x):
+        return x.reshape(self.shape)
+
+    def lower(self, k, ins, out):
+        copy_flat(k, ins[0], out)
+
+
+@register("flatten", INJ)
+class Flatten(Op):
+    axis: int = 1
+
+    def infer(self, x: TensorType) -> TensorType:
+        a = self.axis + x.rank if self.axis < 0 else self.axis
+        if not 0 <= a <= x.rank:
+            raise GraphError(f"flatten: axis {self.axis} out of range for rank {x.rank}")
+        return x.with_shape((prod(x.shape[:a]), prod(x.shape[a:])))
+
+    def reference(self, x):
+        return x.reshape(self.infer(TensorType.of(x)).shape)
+
+    def lower(self, k, ins, out):
+        copy_flat(k, ins[0], out)
+
+
+@register("transpose", INJ)
+class Transpose(Op):
+    perm: tuple[int, ...] | None = None  # None: reverse the axes
+
+    def _perm(self, rank: int) -> tuple[int, ...]:
+        perm = tuple(reversed(range(rank))) if self.perm is None else tuple(self.perm)
+        if sorted(perm) != list(range(rank)):
+            raise GraphError(f"transpose: perm {perm} is not a permutation of {rank} axes")
+        return perm
+
+    def infer(self, x: TensorType) -> TensorType:
+        return x.with_shape(tuple(x.shape[p] for p in self._perm(x.rank)))
+
+    def reference(self, x):
+        return np.ascontiguousarray(np.transpose(x, self._perm(x.ndim)))
+
+    def lower(self, k, ins, out):
+        x = ins[0]
+        perm = self._perm(len(x.shape))
+        with k.nest(out.shape) as idx:
+            src = [0] * len(perm)
+            for out_axis, in_axis in enumerate(perm):
+                src[in_axis] = idx[out_axis]
+            k.store(out, idx, x[src])
+
+
+@register("concat", INJ)
+class Concat(Op):
+    arity = (1, 1 << 20)
+    axis: int = 0
+
+    def infer(self, *xs: TensorType) -> TensorType:
+        first = xs[0]
+        axis = normalize_axis("concat", self.axis, first.rank)
+        for pos, t in enumerate(xs):
+            rest = t.shape[:axis] + t.shape[axis + 1 :]
+            if t.rank != first.rank or t.dtype != first.dtype or rest != first.shape[:axis] + first.shape[axis + 1 :]:
+                raise GraphError(
+                    f"concat: input {pos} is {t}, incompatible with input 0 {first} along axis {axis}"
+                )
+        total = sum(t.shape[axis] for t in xs)
+        return first.with_shape(first.shape[:axis] + (total,) + first.shape[axis + 1 :])
+
+    def reference(self, *xs):
+        return np.concatenate(xs, axis=self.axis)
+
+    def lower(self, k, ins, out):
+        axis = normalize_axis("concat", self.axis, len(out.shape))
+        start = 0
+        for x in ins:
+            with k.nest(x.shape) as idx:
+                dst = list(idx)
+                dst[axis] = idx[axis] + start
+                k.store(out, dst, x[idx])
+            start += x.shape[axis]
+
+
+@register("slice", INJ)
+class Slice(Op):
+    """ONNX Slice semantics: out-of-range starts/ends clamp; negative ones count from the end."""
+
+    starts: tuple[int, ...] = ()
+    ends: tuple[int, ...] = ()
+    axes: tuple[int, ...] | None = None
+    steps: tuple[int, ...] | None = None
+
+    def ranges(self, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """(start, step, count) for every axis."""
+        rank = len(shape)
+        axes = range(len(self.starts)) if self.axes is None else self.axes
+        steps = self.steps or (1,) * len(self.starts)
+        if not len(self.starts) == len(self.ends) == len(axes) == len(steps):
+            raise GraphError("slice: starts, ends, axes and steps must have the same length")
+        out = [(0, 1, d) for d in shape]
+        for a, s, e, st in zip(axes, self.starts, self.ends, steps):
+            a = normalize_axis("slice", a, rank)
+            if st == 0:
+                raise GraphError("slice: step 0")
+            d = shape[a]
+            s = s + d if s < 0 else s
+            e = e + d if e < 0 else e
+            if st > 0:
+                s, e = min(max(s, 0), d), min(max(e, 0), d)
+                count = max(0, -(-(e - s) // st))
+            else:
+                s, e = min(max(s, 0), d - 1), min(max(e, -1), d - 1)
+                count = max(0, -(-(s - e) // -st))
+            out[a] = (s, st, count)
+        return out
+
+    def infer(self, x: TensorType) -> TensorType:
+        return x.with_shape(tuple(c for _, _, c in self.ranges(x.shape)))
+
+    def reference(self, x):
+        picks = [s + st * np.arange(c) for s, st, c in self.ranges(x.shape)]
+        return np.ascontiguousarray(x[np.ix_(*picks)]) if picks else x.copy()
+
+    def lower(self, k, ins, out):
+        x = ins[0]
+        rs = self.ranges(x.shape)
+        with k.nest(out.shape) as idx:
+            k.store(out, idx, x[[i * st + s for i, (s, st, _) in zip(idx, rs)]])
+
+
+@register("pad", INJ)
+class Pad(Op):
+    """Constant padding; pads = begins of every axis, then ends (ONNX order). Negative crops."""
+
+    pads: tuple[int, ...] = ()
+    value: float = 0.0
+
+    def infer(self, x: TensorType) -> TensorType:
+        if len(self.pads) != 2 * x.rank:
+            raise GraphError(f"pad: {len(self.pads)} pads for rank {x.rank}; expected {2 * x.rank}")
+        shape = tuple(d + b + e for d, b, e in zip(x.shape, self.pads[: x.rank], self.pads[x.rank :]))
+        if any(d < 0 for d in shape):
+            raise GraphError(f"pad: pads {self.pads} crop {x.shape} below zero")
+        return x.with_shape(shape)
+
+    def reference(self, x):
+        r = x.ndim
+        crop = tuple(slice(max(-b, 0), d - max(-e, 0)) for d, b, e in zip(x.shape, self.pads[:r], self.pads[r:]))
+        widths = [(max(b, 0), max(e, 0)) for b, e in zip(self.pads[:r], self.pads[r:])]
+        return np.pad(x[crop], widths, constant_values=self.value)
+
+    def lower(self, k, ins, out):
+        x = ins[0]
+        r = len(x.shape)
+        with k.nest(out.shape) as idx:
+            src = [i - b for i, b in zip(idx, self.pads[:r])]
+            inside: Expr = const(True, "bool")
+            for s, d in zip(src, x.shape):
+                inside = logical_and(inside, in_range(s, 0, d))
+            value = self.value if x.dtype.startswith("float") else int(self.value)
+            k.store(out, idx, guarded_load(x, src, inside, value))
+
+
+@register("gather", INJ)
+class Gather(Op):
+    """data[..., indices, ...] along `axis`; negative indices count from the end.
+
+    Out-of-range indices are clamped to the axis in native code, so that no read
+    leaves the buffer; the reference raises on them."""
+
+    arity = (2, 2)
+    axis: int = 0
+
+    def infer(self, data: TensorType, indices: TensorType) -> TensorType:
+        if indices.dtype not in ("int64", "int32"):
+            raise GraphError(f"gather: indices must be int64 or int32, got {indices.dtype}")
+        a = normalize_axis("gather", self.axis, data.rank)
+        return data.with_shape(data.shape[:a] + indices.shape + data.shape[a + 1 :])
+
+    def reference(self, data, indices):
+        return np.take(data, indices, axis=self.axis)
+
+    def lower(self, k, ins, out):
+        data, indices = ins
+        a = normalize_axis("gather", self.axis, len(data.shape))
+        d, r = data.shape[a], len(indices.shape)
+        with k.nest(out.shape) as idx:
+            raw = cast(indices[idx[a : a + r]] if r else indices.load_flat(const(0, "int64")), "int64")
+            wrapped = select(raw.lt(0), raw + d, raw)
+            safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))
+            k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + r :])])
