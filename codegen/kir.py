@@ -204,6 +204,8 @@ def binary(op: str, a: Expr, b: Expr) -> Expr:
             return b
         if op in ("mul", "floordiv") and _is(b, 1):
             return a
+        if op == "rem" and _is(b, 1):
+            return Const(0, a.dtype)
     return Binary(op, a, b)
 
 

@@ -1,0 +1,94 @@
+"""The CPU backend: kernels → one LLVM module → an object file for the host CPU.
+
+Every kernel becomes `void PREFIX_NAME(void *const *bufs, int64_t begin, int64_t end)`.
+`bufs` holds the kernel's buffer pointers in parameter order. A kernel whose body is
+one parallel loop runs iterations [begin, end) of it, so the library's thread pool
+hands each thread a slice; any other kernel runs whole when called with (0, 1).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+
+from codegen import kir
+from codegen.llvm_emit import I64, PTR, FunctionWriter
+
+
+@functools.cache
+def _init_llvm() -> None:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+
+
+@functools.cache
+def host_target_machine() -> llvm.TargetMachine:
+    """A TargetMachine for this CPU with all its features (AVX-512 where present)."""
+    _init_llvm()
+    target = llvm.Target.from_default_triple()
+    return target.create_target_machine(
+        cpu=llvm.get_host_cpu_name(),
+        features=llvm.get_host_cpu_features().flatten(),
+        opt=3,
+        reloc="pic",
+        codemodel="default",
+    )
+
+
+def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Function:
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), symbol)
+    fn.visibility = "hidden"
+    bufs, begin, end = fn.args
+    parallel = kernel.parallel_loop
+
+    def loop_hook(w: FunctionWriter, loop: kir.Loop) -> bool:
+        if loop is not parallel:
+            return False
+        w.counted_loop(loop.var, begin, end, loop.body)
+        return True
+
+    writer = FunctionWriter(fn, {}, loop_hook)
+    for i, buf in enumerate(kernel.params):
+        slot = writer.b.gep(bufs, [ir.Constant(I64, i)], inbounds=True, source_etype=PTR)
+        writer.pointers[buf] = writer.b.load(slot, typ=PTR, name=buf.name)
+    if parallel is None:
+        # run once, on the call with begin == 0
+        with writer.b.if_then(writer.b.icmp_signed("==", begin, ir.Constant(I64, 0))):
+            writer.stmts(kernel.body)
+    else:
+        writer.stmts(kernel.body)
+    writer.finish()
+    return fn
+
+
+def build_module(kernels: list[kir.Kernel], prefix: str) -> ir.Module:
+    module = ir.Module(name=prefix)
+    tm = host_target_machine()
+    module.triple = tm.triple
+    module.data_layout = str(tm.target_data)
+    for kernel in kernels:
+        emit_kernel(module, kernel, f"{prefix}_{kernel.name}")
+    return module
+
+
+def optimize(module: ir.Module) -> llvm.ModuleRef:
+    """Parse, verify and run LLVM's O3 pipeline (with loop and SLP vectorization)."""
+    tm = host_target_machine()
+    mod = llvm.parse_assembly(str(module))
+    mod.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return mod
+
+
+def object_code(mod: llvm.ModuleRef) -> bytes:
+    return host_target_machine().emit_object(mod)
+
+
+def assembly(mod: llvm.ModuleRef) -> str:
+    return host_target_machine().emit_assembly(mod)

@@ -1,0 +1,221 @@
+"""Kernel IR → LLVM IR, shared by the CPU and NVPTX backends.
+
+`FunctionWriter` turns statements and expressions into instructions in one LLVM
+function. Loop variables and locals live in allocas that LLVM promotes to
+registers; loops are emitted in the canonical form its vectorizer expects (a
+counted loop with a unit step). A backend decides the function's signature and
+how the loop kinds it treats specially (parallel, GPU-bound) are entered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llvmlite import ir
+
+from codegen import kir
+from codegen.mathlib import math_function
+
+I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+PTR = ir.PointerType()
+#: how each dtype looks in a register; bool is i1 there and i8 in memory (as numpy stores it)
+REG_TYPES: dict[str, ir.Type] = {
+    "float32": ir.FloatType(), "float64": ir.DoubleType(),
+    "int64": I64, "int32": I32, "bool": I1,
+}
+MEM_TYPES = {**REG_TYPES, "bool": I8}
+
+_FCMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "=="}
+_ICMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+_LIBM64 = {"exp": "exp", "log": "log", "tanh": "tanh", "erf": "erf"}
+
+LoopHook = Callable[["FunctionWriter", kir.Loop], bool]
+
+
+class FunctionWriter:
+    def __init__(self, fn: ir.Function, pointers: dict[kir.Buffer, ir.Value],
+                 loop_hook: LoopHook | None = None):
+        self.fn = fn
+        self.module: ir.Module = fn.module
+        # allocas go in their own entry block, which branches to `start` once done
+        self.entry = fn.append_basic_block("entry")
+        self.start = fn.append_basic_block("start")
+        self.b = ir.IRBuilder(self.start)
+        self._allocas = ir.IRBuilder(self.entry)
+        self.pointers = pointers
+        self.slots: dict[object, ir.Value] = {}  # Var / Local -> alloca
+        self.loop_hook = loop_hook
+        self._cache: dict[int, ir.Value] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def slot(self, key: object, typ: ir.Type, name: str) -> ir.Value:
+        if key not in self.slots:
+            self.slots[key] = self._allocas.alloca(typ, name=name)
+        return self.slots[key]
+
+    def finish(self) -> None:
+        """Close the function: the current block returns, the alloca block falls into start."""
+        self.b.ret_void()
+        self._allocas.branch(self.start)
+
+    def address(self, buf: kir.Buffer, index: kir.Expr) -> ir.Value:
+        return self.b.gep(self.pointers[buf.root], [self.expr(index)], inbounds=True,
+                          source_etype=MEM_TYPES[buf.dtype])
+
+    # ------------------------------------------------------------------ statements
+    def stmts(self, body: list[kir.Stmt]) -> None:
+        for s in body:
+            self._cache = {}
+            if isinstance(s, kir.Loop):
+                if not (self.loop_hook and self.loop_hook(self, s)):
+                    self.counted_loop(s.var, ir.Constant(I64, 0), self.expr(s.extent), s.body)
+            elif isinstance(s, kir.Store):
+                value = self.expr(s.value)
+                if s.buf.dtype == "bool":
+                    value = self.b.zext(value, I8)
+                self.b.store(value, self.address(s.buf, s.index))
+            elif isinstance(s, kir.DeclareLocal):
+                init = self.expr(s.init)
+                self.b.store(init, self.slot(s.local, REG_TYPES[s.local.dtype], s.local.name))
+            elif isinstance(s, kir.Assign):
+                value = self.expr(s.value, reassoc=s.reduction)
+                self.b.store(value, self.slots[s.local])
+            elif isinstance(s, kir.If):
+                with self.b.if_then(self.expr(s.cond)):
+                    self.stmts(s.body)
+            else:
+                raise TypeError(f"unknown statement {s!r}")
+
+    def counted_loop(self, var: kir.Var, start: ir.Value, stop: ir.Value, body: list[kir.Stmt]) -> None:
+        """for (var = start; var < stop; ++var) body"""
+        slot = self.slot(var, I64, var.name)
+        self.b.store(start, slot)
+        head = self.fn.append_basic_block(f"{var.name}.head")
+        loop = self.fn.append_basic_block(f"{var.name}.body")
+        done = self.fn.append_basic_block(f"{var.name}.done")
+        self.b.branch(head)
+        self.b.position_at_end(head)
+        self.b.cbranch(self.b.icmp_signed("<", self.b.load(slot, typ=I64), stop), loop, done)
+        self.b.position_at_end(loop)
+        self.stmts(body)
+        self.b.store(self.b.add(self.b.load(slot, typ=I64), ir.Constant(I64, 1), flags=["nsw"]), slot)
+        self.b.branch(head)
+        self.b.position_at_end(done)
+
+    def bind(self, var: kir.Var, value: ir.Value) -> None:
+        """Give a loop variable a fixed value (a GPU index), instead of looping."""
+        self.b.store(value, self.slot(var, I64, var.name))
+
+    # ------------------------------------------------------------------ expressions
+    def expr(self, e: kir.Expr, reassoc: bool = False) -> ir.Value:
+        key = id(e)
+        if key not in self._cache:
+            self._cache[key] = self._expr(e, reassoc)
+        return self._cache[key]
+
+    def _expr(self, e: kir.Expr, reassoc: bool) -> ir.Value:
+        b = self.b
+        if isinstance(e, kir.Const):
+            typ = REG_TYPES[e.dtype]
+            return ir.Constant(typ, float(e.value) if e.dtype in kir.FLOAT_DTYPES else int(e.value))
+        if isinstance(e, kir.Var):
+            return b.load(self.slots[e], typ=I64)
+        if isinstance(e, kir.LocalRef):
+            return b.load(self.slots[e.local], typ=REG_TYPES[e.dtype])
+        if isinstance(e, kir.Load):
+            value = b.load(self.address(e.buf, e.index), typ=MEM_TYPES[e.buf.dtype])
+            return b.trunc(value, I1) if e.buf.dtype == "bool" else value
+        if isinstance(e, kir.Binary):
+            return self._binary(e.op, self.expr(e.a), self.expr(e.b), e.a.dtype, reassoc)
+        if isinstance(e, kir.Unary):
+            return self._unary(e.op, self.expr(e.a), e.a.dtype)
+        if isinstance(e, kir.Compare):
+            a, c = self.expr(e.a), self.expr(e.b)
+            if e.a.dtype in kir.FLOAT_DTYPES:
+                return b.fcmp_unordered("!=", a, c) if e.op == "ne" else b.fcmp_ordered(_FCMP[e.op], a, c)
+            return b.icmp_signed(_ICMP[e.op], a, c)
+        if isinstance(e, kir.Select):
+            return b.select(self.expr(e.cond), self.expr(e.a), self.expr(e.b))
+        if isinstance(e, kir.Cast):
+            return self._cast(self.expr(e.a), e.a.dtype, e.dtype)
+        raise TypeError(f"unknown expression {e!r}")
+
+    def _call_intrinsic(self, name: str, *args: ir.Value) -> ir.Value:
+        typ = args[0].type
+        fnty = ir.FunctionType(typ, [typ] * len(args))
+        return self.b.call(self.module.declare_intrinsic(name, [typ], fnty), list(args))
+
+    def _binary(self, op: str, a: ir.Value, c: ir.Value, dtype: str, reassoc: bool) -> ir.Value:
+        b = self.b
+        if dtype in kir.FLOAT_DTYPES:
+            flags = ("reassoc", "nsz") if reassoc else ()
+            simple = {"add": b.fadd, "sub": b.fsub, "mul": b.fmul, "div": b.fdiv, "rem": b.frem}
+            if op in simple:
+                return simple[op](a, c, flags=flags)
+            if op in ("min", "max"):  # numpy semantics: NaN wins
+                return self._call_intrinsic(f"llvm.{op}imum", a, c)
+            if op == "pow":
+                name = "powf" if dtype == "float32" else "pow"
+                return b.call(self._libm(name, a.type, 2), [a, c])
+        elif dtype == "bool":
+            if op in ("and", "or"):
+                return b.and_(a, c) if op == "and" else b.or_(a, c)
+        else:
+            simple = {"add": b.add, "sub": b.sub, "mul": b.mul}
+            if op in simple:
+                return simple[op](a, c)
+            if op in ("min", "max"):
+                return b.select(b.icmp_signed("<" if op == "min" else ">", a, c), a, c)
+            if op in ("floordiv", "rem"):
+                return self._floor_divmod(op, a, c)
+        raise TypeError(f"kernel IR: no {op} for {dtype}")
+
+    def _floor_divmod(self, op: str, a: ir.Value, c: ir.Value) -> ir.Value:
+        """Python's // and % (rounding toward -inf), from LLVM's truncating sdiv/srem."""
+        b = self.b
+        q, r = b.sdiv(a, c), b.srem(a, c)
+        zero = ir.Constant(a.type, 0)
+        fix = b.and_(b.icmp_signed("!=", r, zero),
+                     b.icmp_signed("!=", b.icmp_signed("<", r, zero), b.icmp_signed("<", c, zero)))
+        if op == "floordiv":
+            return b.select(fix, b.sub(q, ir.Constant(a.type, 1)), q)
+        return b.select(fix, b.add(r, c), r)
+
+    def _unary(self, op: str, a: ir.Value, dtype: str) -> ir.Value:
+        b = self.b
+        if dtype == "bool":
+            if op == "not":
+                return b.xor(a, ir.Constant(I1, 1))
+        elif dtype in kir.FLOAT_DTYPES:
+            if op == "neg":
+                return b.fneg(a)
+            if op in ("abs", "sqrt", "floor", "ceil"):
+                return self._call_intrinsic(f"llvm.{'fabs' if op == 'abs' else op}", a)
+            if op in _LIBM64:
+                if dtype == "float32":
+                    return b.call(math_function(self.module, op), [a])
+                return b.call(self._libm(_LIBM64[op], a.type, 1), [a])
+        else:
+            if op == "neg":
+                return b.neg(a)
+            if op == "abs":
+                return b.select(b.icmp_signed("<", a, ir.Constant(a.type, 0)), b.neg(a), a)
+        raise TypeError(f"kernel IR: no {op} for {dtype}")
+
+    def _libm(self, name: str, typ: ir.Type, arity: int) -> ir.Function:
+        if name in self.module.globals:
+            return self.module.globals[name]
+        return ir.Function(self.module, ir.FunctionType(typ, [typ] * arity), name)
+
+    def _cast(self, a: ir.Value, src: str, dst: str) -> ir.Value:
+        b, to = self.b, REG_TYPES[dst]
+        fs, fd = src in kir.FLOAT_DTYPES, dst in kir.FLOAT_DTYPES
+        if fs and fd:
+            return b.fpext(a, to) if to.intrinsic_name == "f64" else b.fptrunc(a, to)
+        if fs:
+            return b.fptosi(a, to)
+        if fd:
+            return b.sitofp(a, to)
+        if a.type.width < to.width:
+            return b.sext(a, to)
+        return b.trunc(a, to)

@@ -1,0 +1,191 @@
+"""Running compiled models: load a Kiln library with ctypes and call it with numpy arrays.
+
+Every input is checked against the library's own metadata (count, name, dtype,
+shape, contiguity) before any native call, so a wrong input raises a Python error
+that names it, never a crash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ir.errors import KilnError
+
+__all__ = ["CompiledModel", "TensorInfo", "load", "KilnRuntimeError"]
+
+
+class KilnRuntimeError(KilnError, RuntimeError):
+    """The native library reported a failure."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+def _describe(a: np.ndarray) -> str:
+    return f"{a.dtype}[{', '.join(map(str, a.shape))}]"
+
+
+class CompiledModel:
+    """A model library loaded in this process, with its own native instance (arena, threads).
+
+    `model(x, ...)` returns one array for a one-output model, else a tuple;
+    `model.run(...)` always returns a list. Calls on one CompiledModel are serialized;
+    separate instances (`model.instance()`) run concurrently.
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no model library at {self.path}")
+        self.name = name or self.path.stem
+        try:
+            self._lib = ctypes.CDLL(str(self.path.resolve()))
+        except OSError as e:
+            raise KilnError(f"{self.path} is not a loadable shared library: {e}") from None
+        try:
+            self._fn = {s: getattr(self._lib, f"{self.name}_{s}") for s in (
+                "create", "run", "destroy", "last_error", "set_num_threads", "num_threads",
+                "num_inputs", "num_outputs", "input_name", "input_dtype", "input_rank",
+                "input_shape", "output_name", "output_dtype", "output_rank", "output_shape")}
+        except AttributeError:
+            raise KilnError(
+                f"{self.path} has no Kiln model named {self.name!r} "
+                f"(no {self.name}_create symbol); pass the name it was compiled with"
+            ) from None
+        self._declare()
+        self.inputs = self._tensors("input")
+        self.outputs = self._tensors("output")
+        self._handle = ctypes.c_void_p()
+        if self._fn["create"](ctypes.byref(self._handle)) != 0:
+            raise KilnRuntimeError(f"{self.name}_create failed (out of memory?)")
+        self._lock = threading.Lock()
+
+    def _declare(self) -> None:
+        f, vp, cp, i = self._fn, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+        f["create"].argtypes, f["create"].restype = [ctypes.POINTER(vp)], i
+        f["run"].argtypes, f["run"].restype = [vp, ctypes.POINTER(vp), ctypes.POINTER(vp)], i
+        f["destroy"].argtypes, f["destroy"].restype = [vp], None
+        f["last_error"].argtypes, f["last_error"].restype = [vp], cp
+        f["set_num_threads"].argtypes, f["set_num_threads"].restype = [vp, i], i
+        f["num_threads"].argtypes, f["num_threads"].restype = [vp], i
+        for kind in ("input", "output"):
+            f[f"num_{kind}s"].argtypes, f[f"num_{kind}s"].restype = [], i
+            for attr, res in (("name", cp), ("dtype", cp), ("rank", i),
+                              ("shape", ctypes.POINTER(ctypes.c_int64))):
+                f[f"{kind}_{attr}"].argtypes, f[f"{kind}_{attr}"].restype = [i], res
+
+    def _tensors(self, kind: str) -> list[TensorInfo]:
+        f = self._fn
+        out = []
+        for i in range(f[f"num_{kind}s"]()):
+            rank = f[f"{kind}_rank"](i)
+            shape = f[f"{kind}_shape"](i)
+            out.append(TensorInfo(f[f"{kind}_name"](i).decode(), f[f"{kind}_dtype"](i).decode(),
+                                  tuple(shape[d] for d in range(rank))))
+        return out
+
+    # ------------------------------------------------------------------ calling
+    def _arrange(self, args: Sequence[object], kwargs: dict[str, object]) -> list[np.ndarray]:
+        names = [t.name for t in self.inputs]
+        if len(args) > len(names):
+            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}, got {len(args)}")
+        given: dict[str, object] = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in names:
+                raise TypeError(f"{self.name} has no input named {key!r}; inputs are {names}")
+            if key in given:
+                raise TypeError(f"input {key!r} given twice (by position and by name)")
+            given[key] = value
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}; missing {missing}")
+        arrays = []
+        for info in self.inputs:
+            a = given[info.name]
+            if not isinstance(a, np.ndarray):
+                raise TypeError(
+                    f"input {info.name!r}: expected a numpy array {info.dtype}{list(info.shape)}, "
+                    f"got {type(a).__name__}")
+            if a.dtype != np.dtype(info.dtype):
+                raise TypeError(f"input {info.name!r}: expected dtype {info.dtype}, got {a.dtype}")
+            if a.shape != info.shape:
+                raise ValueError(f"input {info.name!r}: expected shape {info.shape}, got {a.shape}")
+            if not a.flags.c_contiguous:
+                raise ValueError(
+                    f"input {info.name!r} is not C-contiguous; pass np.ascontiguousarray(...)")
+            arrays.append(a)
+        return arrays
+
+    def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
+        arrays = self._arrange(args, kwargs)
+        outs = [np.empty(t.shape, dtype=t.dtype) for t in self.outputs]
+        ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
+        outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
+        with self._lock:
+            if self._fn["run"](self._handle, ins_c, outs_c) != 0:
+                raise KilnRuntimeError(f"{self.name}_run failed: {self.last_error()}")
+        return outs
+
+    def __call__(self, *args: object, **kwargs: object) -> np.ndarray | tuple[np.ndarray, ...]:
+        outs = self.run(*args, **kwargs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def last_error(self) -> str:
+        return (self._fn["last_error"](self._handle) or b"").decode()
+
+    @property
+    def num_threads(self) -> int:
+        return self._fn["num_threads"](self._handle)
+
+    def set_num_threads(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"thread count must be >= 1, got {n}")
+        with self._lock:
+            self._fn["set_num_threads"](self._handle, int(n))
+
+    def instance(self) -> CompiledModel:
+        """Another native instance of the same library, to run concurrently with this one."""
+        return CompiledModel(self.path, self.name)
+
+    def save(self, path: str | Path) -> Path:
+        """Copy the library (and its header, if beside it) to path (a .so file or a folder)."""
+        dest = Path(path)
+        if dest.is_dir() or not dest.suffix:
+            dest.mkdir(parents=True, exist_ok=True)
+            dest = dest / self.path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path, dest)
+        header = self.path.with_suffix(".h")
+        if header.exists():
+            shutil.copyfile(header, dest.with_name(f"{self.name}.h"))
+        return dest
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle:
+            self._fn["destroy"](handle)
+            self._handle = None
+
+    def __repr__(self) -> str:
+        ins = ", ".join(map(str, self.inputs))
+        outs = ", ".join(map(str, self.outputs))
+        return f"<CompiledModel {self.name} ({ins}) -> ({outs}) at {self.path}>"
+
+
+def load(path: str | Path, name: str | None = None) -> CompiledModel:
+    """Load a Kiln model library; its name defaults to the file's stem (NAME.so)."""
+    return CompiledModel(path, name)
