@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from math import prod
 
 import numpy as np
@@ -233,6 +235,7 @@ class Conv2d(Op):
                                 k.store(out, at, out.load_flat(at) + tap * src)
 
 
+@dataclasses.dataclass(frozen=True)
 class Pool2d(Op):
     kernel: tuple[int, ...] = (2, 2)
     strides: tuple[int, ...] = (2, 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from contextlib import ExitStack
 from math import prod
 
@@ -25,6 +27,7 @@ def _split(shape: tuple[int, ...], axis: int, end: int | None = None) -> tuple[i
     return prod(shape[:axis]), prod(shape[axis:end]), prod(shape[end:])
 
 
+@dataclasses.dataclass(frozen=True)
 class Reduce(Op):
     axes: tuple[int, ...] | None = None  # None: all axes
     keepdims: bool = True
@@ -109,6 +112,7 @@ class ReduceMax(Reduce):
         return maximum(acc, v)
 
 
+@dataclasses.dataclass(frozen=True)
 class AxisSoftmax(Op):
     axis: int = -1
 

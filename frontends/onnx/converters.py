@@ -1,0 +1,414 @@
+"""One converter per ONNX op type: (context, node, attributes) → Kiln values.
+
+A converter returns the node's output values in order, or a numpy array when the
+node is a constant (Constant), which the importer keeps as a known value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from frontends.onnx.importer import Context, OnnxImportError, UnsupportedOnnxError, _ints, _where
+from ir.graph import Value
+
+Converter = Callable[[Context, onnx.NodeProto, dict], "list[Value] | np.ndarray"]
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converter(*op_types: str):
+    def wrap(fn: Converter) -> Converter:
+        for t in op_types:
+            CONVERTERS[t] = fn
+        return fn
+
+    return wrap
+
+
+def _ins(ctx: Context, node: onnx.NodeProto) -> list[Value]:
+    return [ctx.value(n) for n in node.input if n]
+
+
+def _op(ctx: Context, node: onnx.NodeProto, op: str, *inputs: Value, **attrs) -> Value:
+    return ctx.b.op(op, *inputs, name=node.output[0], **attrs)
+
+
+# --------------------------------------------------------------------------- elementwise
+
+_SIMPLE = {
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Neg": "neg",
+    "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
+    "Tanh": "tanh", "Sigmoid": "sigmoid", "Relu": "relu", "Erf": "erf", "Where": "where",
+    "Equal": "equal", "Less": "less", "Greater": "greater",
+}
+
+
+@converter(*_SIMPLE)
+def _simple(ctx, node, attrs):
+    return [_op(ctx, node, _SIMPLE[node.op_type], *_ins(ctx, node))]
+
+
+@converter("Max", "Min")
+def _variadic_minmax(ctx, node, attrs):
+    xs = _ins(ctx, node)
+    op = "maximum" if node.op_type == "Max" else "minimum"
+    acc = xs[0]
+    for x in xs[1:]:
+        acc = ctx.b.op(op, acc, x, name=node.output[0])
+    return [acc]
+
+
+@converter("LeakyRelu")
+def _leaky(ctx, node, attrs):
+    return [_op(ctx, node, "leaky_relu", *_ins(ctx, node), alpha=float(attrs.get("alpha", 0.01)))]
+
+
+@converter("Elu")
+def _elu(ctx, node, attrs):
+    return [_op(ctx, node, "elu", *_ins(ctx, node), alpha=float(attrs.get("alpha", 1.0)))]
+
+
+@converter("Gelu")
+def _gelu(ctx, node, attrs):
+    approximate = attrs.get("approximate", b"none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    return [_op(ctx, node, "gelu", *_ins(ctx, node), approximate=approximate)]
+
+
+@converter("Clip")
+def _clip(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    if ctx.opset < 11:
+        lo, hi = attrs.get("min", -np.inf), attrs.get("max", np.inf)
+    else:
+        lo_a, hi_a = ctx.constant(node, 1, "min"), ctx.constant(node, 2, "max")
+        lo = -np.inf if lo_a is None else lo_a.item()
+        hi = np.inf if hi_a is None else hi_a.item()
+    return [_op(ctx, node, "clip", x, min=float(lo), max=float(hi))]
+
+
+@converter("Cast")
+def _cast(ctx, node, attrs):
+    from frontends.onnx.importer import ONNX_DTYPES
+
+    to = attrs["to"]
+    if to not in ONNX_DTYPES:
+        raise UnsupportedOnnxError(
+            f"{_where(node, ctx.opset)}: cast to {onnx.TensorProto.DataType.Name(to)} is not supported")
+    return [_op(ctx, node, "cast", ctx.value(node.input[0]), to=ONNX_DTYPES[to])]
+
+
+@converter("Identity", "Dropout")
+def _identity(ctx, node, attrs):
+    if len(node.output) > 1 and node.output[1]:
+        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the dropout mask output is not supported")
+    if node.input[0] in ctx.constants:
+        return ctx.constants[node.input[0]]
+    return [ctx.value(node.input[0])]
+
+
+@converter("Constant")
+def _constant(ctx, node, attrs):
+    if "value" in attrs:
+        return np.ascontiguousarray(numpy_helper.to_array(attrs["value"]))
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(list(attrs[key]), dtype=dtype)
+    raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: constant attribute {sorted(attrs)} not supported")
+
+
+# --------------------------------------------------------------------------- contractions
+
+
+@converter("MatMul")
+def _matmul(ctx, node, attrs):
+    return [_op(ctx, node, "matmul", *_ins(ctx, node))]
+
+
+@converter("Gemm")
+def _gemm(ctx, node, attrs):
+    """alpha * A' @ B' + beta * C; a constant B is transposed and scaled once, here."""
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    a = ctx.value(node.input[0])
+    if attrs.get("transA", 0):
+        a = ctx.b.transpose(a, perm=(1, 0))
+    if node.input[1] in ctx.constants:
+        w = ctx.constants[node.input[1]]
+        w = w.T if attrs.get("transB", 0) else w
+        bmat = ctx.b.param(node.input[1], np.ascontiguousarray(w * np.float32(alpha) if alpha != 1 else w))
+        alpha = 1.0
+    else:
+        bmat = ctx.value(node.input[1])
+        if attrs.get("transB", 0):
+            bmat = ctx.b.transpose(bmat, perm=(1, 0))
+    n = bmat.type.shape[-1]
+    c_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = []
+    if c_name in ctx.constants and alpha == 1.0:
+        cc = ctx.constants[c_name]
+        if cc.shape in ((), (1,), (n,), (1, n)):
+            scaled = np.broadcast_to(cc.reshape(-1) * cc.dtype.type(beta), (n,))
+            bias = [ctx.b.param(c_name, np.ascontiguousarray(scaled))]
+            c_name = None
+    y = _op(ctx, node, "linear", a, bmat, *bias)
+    if alpha != 1.0:
+        y = ctx.b.mul(y, ctx.b.param("alpha", np.array(alpha, np.float32)), name=node.output[0])
+    if c_name is not None and beta != 0.0:
+        cv = ctx.value(c_name)
+        if beta != 1.0:
+            cv = ctx.b.mul(cv, ctx.b.param("beta", np.array(beta, np.float32)))
+        y = ctx.b.add(y, cv, name=node.output[0])
+    return [y]
+
+
+def _pads(node, attrs, ctx, spatial: tuple[int, ...], kernel: tuple[int, ...],
+          strides: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[int, ...]:
+    """ONNX pads (begins, then ends) for 2-D, resolving auto_pad."""
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        return _ints(attrs.get("pads", (0, 0, 0, 0)))
+    if auto == "VALID":
+        return (0, 0, 0, 0)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return tuple(begins + ends)
+    raise OnnxImportError(f"{_where(node, ctx.opset)}: unknown auto_pad {auto!r}")
+
+
+def _check_2d(ctx, node, x: Value) -> None:
+    if x.type.rank != 4:
+        raise UnsupportedOnnxError(
+            f"{_where(node, ctx.opset)}: only 2-D (NCHW) inputs are supported, got rank {x.type.rank}")
+
+
+@converter("Conv")
+def _conv(ctx, node, attrs):
+    ins = _ins(ctx, node)
+    x, w = ins[0], ins[1]
+    _check_2d(ctx, node, x)
+    kernel = w.type.shape[2:]
+    strides = _ints(attrs.get("strides", (1, 1)))
+    dilations = _ints(attrs.get("dilations", (1, 1)))
+    pads = _pads(node, attrs, ctx, x.type.shape[2:], kernel, strides, dilations)
+    return [_op(ctx, node, "conv2d", *ins, strides=strides, dilations=dilations, pads=pads,
+                groups=int(attrs.get("group", 1)))]
+
+
+def _pool_attrs(ctx, node, attrs, x: Value) -> dict:
+    _check_2d(ctx, node, x)
+    kernel = _ints(attrs["kernel_shape"])
+    strides = _ints(attrs.get("strides", (1,) * len(kernel)))
+    dilations = _ints(attrs.get("dilations", (1,) * len(kernel)))
+    pads = list(_pads(node, attrs, ctx, x.type.shape[2:], kernel, strides, dilations))
+    if attrs.get("ceil_mode", 0):
+        # ceil rounding = extra end padding that the last window may reach into
+        for a, size in enumerate(x.type.shape[2:]):
+            span = dilations[a] * (kernel[a] - 1) + 1
+            total = size + pads[a] + pads[a + 2] - span
+            extra = (-total) % strides[a]
+            if (total + extra) // strides[a] * strides[a] >= size + pads[a]:
+                extra = 0  # the last window would start in the padding: ONNX drops it
+            pads[a + 2] += extra
+    return dict(kernel=kernel, strides=strides, dilations=dilations, pads=tuple(pads))
+
+
+@converter("MaxPool")
+def _maxpool(ctx, node, attrs):
+    if len(node.output) > 1 and node.output[1]:
+        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the Indices output is not supported")
+    x = ctx.value(node.input[0])
+    return [_op(ctx, node, "max_pool2d", x, **_pool_attrs(ctx, node, attrs, x))]
+
+
+@converter("AveragePool")
+def _avgpool(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    include = bool(attrs.get("count_include_pad", 0))
+    if include and attrs.get("ceil_mode", 0):
+        raise UnsupportedOnnxError(
+            f"{_where(node, ctx.opset)}: ceil_mode with count_include_pad is not supported")
+    return [_op(ctx, node, "avg_pool2d", x, count_include_pad=include,
+                **_pool_attrs(ctx, node, attrs, x))]
+
+
+@converter("GlobalAveragePool")
+def _gap(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    _check_2d(ctx, node, x)
+    return [_op(ctx, node, "global_avg_pool2d", x)]
+
+
+@converter("BatchNormalization")
+def _batchnorm(ctx, node, attrs):
+    if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: training-mode batch norm is not supported")
+    return [_op(ctx, node, "batch_norm", *_ins(ctx, node), epsilon=float(attrs.get("epsilon", 1e-5)))]
+
+
+@converter("LayerNormalization")
+def _layernorm(ctx, node, attrs):
+    if len([o for o in node.output if o]) > 1:
+        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the mean/inv-std outputs are not supported")
+    return [_op(ctx, node, "layer_norm", *_ins(ctx, node), axis=int(attrs.get("axis", -1)),
+                epsilon=float(attrs.get("epsilon", 1e-5)))]
+
+
+@converter("Softmax", "LogSoftmax")
+def _softmax(ctx, node, attrs):
+    """Opset 13 normalizes along one axis; older opsets over all axes from `axis` on."""
+    x = ctx.value(node.input[0])
+    op = "softmax" if node.op_type == "Softmax" else "log_softmax"
+    if ctx.opset >= 13:
+        return [_op(ctx, node, op, x, axis=int(attrs.get("axis", -1)))]
+    axis = int(attrs.get("axis", 1)) % max(x.type.rank, 1)
+    flat = ctx.b.flatten(x, axis=axis)
+    y = ctx.b.op(op, flat, axis=-1)
+    return [_op(ctx, node, "reshape", y, shape=x.type.shape)]
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+@converter("ReduceSum", "ReduceMean", "ReduceMax")
+def _reduce(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    op = {"ReduceSum": "reduce_sum", "ReduceMean": "reduce_mean", "ReduceMax": "reduce_max"}[node.op_type]
+    axes_from_input = node.op_type == "ReduceSum" and ctx.opset >= 13 or ctx.opset >= 18
+    if axes_from_input:
+        axes_arr = ctx.constant(node, 1, "axes")
+        axes = None if axes_arr is None or axes_arr.size == 0 else _ints(axes_arr.ravel())
+    else:
+        axes = _ints(attrs["axes"]) if "axes" in attrs else None
+    if axes is None and attrs.get("noop_with_empty_axes", 0):
+        return [x]
+    return [_op(ctx, node, op, x, axes=axes, keepdims=bool(attrs.get("keepdims", 1)))]
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@converter("Flatten")
+def _flatten(ctx, node, attrs):
+    return [_op(ctx, node, "flatten", ctx.value(node.input[0]), axis=int(attrs.get("axis", 1)))]
+
+
+@converter("Reshape")
+def _reshape(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    shape = [int(d) for d in ctx.constant(node, 1, "shape").ravel()]
+    if not attrs.get("allowzero", 0):
+        shape = [x.type.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return [_op(ctx, node, "reshape", x, shape=tuple(shape))]
+
+
+def _axes_arg(ctx, node, attrs, pos: int) -> tuple[int, ...]:
+    if ctx.opset >= 13:
+        arr = ctx.constant(node, pos, "axes")
+        return () if arr is None else _ints(arr.ravel())
+    return _ints(attrs.get("axes", ()))
+
+
+@converter("Unsqueeze")
+def _unsqueeze(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    axes = _axes_arg(ctx, node, attrs, 1)
+    rank = x.type.rank + len(axes)
+    axes = sorted(a % rank for a in axes)
+    shape = list(x.type.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return [_op(ctx, node, "reshape", x, shape=tuple(shape))]
+
+
+@converter("Squeeze")
+def _squeeze(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    axes = _axes_arg(ctx, node, attrs, 1)
+    drop = {a % x.type.rank for a in axes} if axes else {i for i, d in enumerate(x.type.shape) if d == 1}
+    bad = [a for a in drop if x.type.shape[a] != 1]
+    if bad:
+        raise OnnxImportError(f"{_where(node, ctx.opset)}: cannot squeeze axes {bad} of shape {x.type.shape}")
+    shape = tuple(d for i, d in enumerate(x.type.shape) if i not in drop)
+    return [_op(ctx, node, "reshape", x, shape=shape)]
+
+
+@converter("Transpose")
+def _transpose(ctx, node, attrs):
+    perm = _ints(attrs["perm"]) if "perm" in attrs else None
+    return [_op(ctx, node, "transpose", ctx.value(node.input[0]), perm=perm)]
+
+
+@converter("Concat")
+def _concat(ctx, node, attrs):
+    return [_op(ctx, node, "concat", *_ins(ctx, node), axis=int(attrs["axis"]))]
+
+
+@converter("Slice")
+def _slice(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    if ctx.opset < 10:
+        starts, ends = _ints(attrs["starts"]), _ints(attrs["ends"])
+        axes = _ints(attrs["axes"]) if "axes" in attrs else None
+        steps = None
+    else:
+        starts = _ints(ctx.constant(node, 1, "starts").ravel())
+        ends = _ints(ctx.constant(node, 2, "ends").ravel())
+        a = ctx.constant(node, 3, "axes")
+        s = ctx.constant(node, 4, "steps")
+        axes = None if a is None else _ints(a.ravel())
+        steps = None if s is None else _ints(s.ravel())
+    big = 2**62  # ONNX uses INT64_MAX-like sentinels for "to the end"
+    clamp = lambda v: tuple(max(min(i, big), -big) for i in v)  # noqa: E731
+    return [_op(ctx, node, "slice", x, starts=clamp(starts), ends=clamp(ends), axes=axes, steps=steps)]
+
+
+@converter("Pad")
+def _pad(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: pad mode {mode!r} is not supported")
+    if ctx.opset < 11:
+        pads, value = _ints(attrs["pads"]), float(attrs.get("value", 0.0))
+    else:
+        pads = _ints(ctx.constant(node, 1, "pads").ravel())
+        v = ctx.constant(node, 2, "constant_value")
+        value = 0.0 if v is None else float(v.item())
+        axes_arr = ctx.constant(node, 3, "axes")
+        if axes_arr is not None:
+            r = x.type.rank
+            axes = [a % r for a in axes_arr.ravel()]
+            full = [0] * (2 * r)
+            for i, a in enumerate(axes):
+                full[a], full[a + r] = pads[i], pads[i + len(axes)]
+            pads = tuple(full)
+    return [_op(ctx, node, "pad", x, pads=pads, value=value)]
+
+
+@converter("Gather")
+def _gather(ctx, node, attrs):
+    data, idx = _ins(ctx, node)
+    return [_op(ctx, node, "gather", data, idx, axis=int(attrs.get("axis", 0)))]
+
+
+@converter("Shape")
+def _shape(ctx, node, attrs):
+    x = ctx.value(node.input[0]) if node.input[0] not in ctx.constants else None
+    shape = x.type.shape if x is not None else ctx.constants[node.input[0]].shape
+    start, end = int(attrs.get("start", 0)), attrs.get("end")
+    return np.array(shape[start: None if end is None else int(end)], dtype=np.int64)
+

@@ -1,0 +1,187 @@
+"""The ONNX importer: a ModelProto becomes a Graph of Kiln ops.
+
+Initializers become params. Inputs that ONNX computes from constants (a Reshape's
+shape, a Clip's bounds, a Pad's pads) must be constant here and become attributes.
+Every node is checked against the converter table before any is converted, so an
+unsupported model fails with one error that lists every node Kiln cannot take.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ir.builder import GraphBuilder
+from ir.errors import GraphError, KilnError, UnsupportedError
+from ir.graph import Graph, Value
+from ir.types import DTYPES
+
+ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+class OnnxImportError(KilnError, ValueError):
+    """The ONNX file is unreadable, malformed, or asks for something Kiln lacks."""
+
+
+class UnsupportedOnnxError(OnnxImportError, UnsupportedError):
+    pass
+
+
+class Context:
+    """Import state: the builder, ONNX value names → Kiln values, and known constants."""
+
+    def __init__(self, builder: GraphBuilder, opset: int):
+        self.b = builder
+        self.opset = opset
+        self.values: dict[str, Value] = {}
+        self.constants: dict[str, np.ndarray] = {}
+
+    def value(self, name: str) -> Value:
+        if name not in self.values:
+            if name in self.constants:
+                self.values[name] = self.b.param(_param_name(name), self.constants[name])
+            else:
+                raise OnnxImportError(f"value {name!r} is used but never defined")
+        return self.values[name]
+
+    def constant(self, node: onnx.NodeProto, pos: int, what: str) -> np.ndarray | None:
+        """Input `pos` of node as a numpy array; it must be a constant. None if absent."""
+        if pos >= len(node.input) or not node.input[pos]:
+            return None
+        name = node.input[pos]
+        if name not in self.constants:
+            raise UnsupportedOnnxError(
+                f"{_where(node, self.opset)}: input {pos} ({what}) must be a constant, "
+                f"but {name!r} is computed at run time"
+            )
+        return self.constants[name]
+
+
+def _param_name(name: str) -> str:
+    return name or "const"
+
+
+def _where(node: onnx.NodeProto, opset: int) -> str:
+    return f"node {node.name or '(unnamed)'} ({node.op_type}, opset {opset})"
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _ints(v: object) -> tuple[int, ...]:
+    return tuple(int(x) for x in v)  # type: ignore[union-attr]
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.ModelProto:
+    """Read and check a model; every way it can be broken becomes an OnnxImportError."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        data = model if isinstance(model, bytes) else None
+        path = None if data is not None else Path(model)  # type: ignore[arg-type]
+        if path is not None:
+            if not path.is_file():
+                raise OnnxImportError(f"{path}: no such file")
+            data = path.read_bytes()
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(data)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise OnnxImportError(f"{path or 'model'}: not a valid ONNX file (truncated or not ONNX): {e}") from None
+        if not proto.graph.node and not proto.graph.output:
+            raise OnnxImportError(f"{path or 'model'}: not an ONNX model (no graph in it)")
+        if path is not None:
+            try:
+                onnx.load_external_data_for_model(proto, str(path.parent))
+            except (FileNotFoundError, OSError) as e:
+                raise OnnxImportError(f"{path}: external data file missing: {e}") from None
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise OnnxImportError(f"invalid ONNX model: {str(e).splitlines()[0]}") from None
+    return proto
+
+
+def _tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
+    if t.data_type not in ONNX_DTYPES:
+        name = onnx.TensorProto.DataType.Name(t.data_type)
+        raise UnsupportedOnnxError(
+            f"initializer {t.name!r} has dtype {name}; Kiln supports {', '.join(DTYPES)}")
+    if t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data:
+        raise OnnxImportError(f"initializer {t.name!r}: its external data was not loaded")
+    return np.ascontiguousarray(numpy_helper.to_array(t))
+
+
+def _input_shape(vi: onnx.ValueInfoProto, bindings: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+    tt = vi.type.tensor_type
+    if tt.elem_type not in ONNX_DTYPES:
+        name = onnx.TensorProto.DataType.Name(tt.elem_type)
+        raise UnsupportedOnnxError(f"input {vi.name!r} has dtype {name}; Kiln supports {', '.join(DTYPES)}")
+    dtype = ONNX_DTYPES[tt.elem_type]
+    if vi.name in bindings:
+        return dtype, tuple(int(d) for d in bindings[vi.name])
+    if not tt.HasField("shape"):
+        raise OnnxImportError(f"input {vi.name!r} has no shape; bind one with --input-shape {vi.name}=...")
+    shape = []
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(d.dim_value)
+        else:
+            label = d.dim_param or "?"
+            raise OnnxImportError(
+                f"input {vi.name!r}: dimension {i} is symbolic ({label!r}); bind it with "
+                f"--input-shape {vi.name}=" + "x".join(
+                    str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N"
+                    for x in tt.shape.dim) + " (or input_shapes= in Python)")
+    return dtype, tuple(shape)
+
+
+def import_onnx(model: str | os.PathLike | onnx.ModelProto | bytes,
+                input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
+    from frontends.onnx.converters import CONVERTERS
+
+    proto = load_model(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    g = proto.graph
+    unsupported = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in CONVERTERS]
+    if unsupported:
+        listing = "\n".join(f"  {_where(n, opset)}" + (f" in domain {n.domain}" if n.domain else "")
+                            for n in unsupported)
+        raise UnsupportedOnnxError(f"{len(unsupported)} unsupported node(s):\n{listing}")
+    bindings = dict(input_shapes or {})
+    b = GraphBuilder(g.name or "model")
+    ctx = Context(b, opset)
+    for t in g.initializer:
+        ctx.constants[t.name] = _tensor_to_array(t)
+    graph_inputs = [vi for vi in g.input if vi.name not in ctx.constants]
+    unknown = set(bindings) - {vi.name for vi in graph_inputs}
+    if unknown:
+        raise OnnxImportError(f"input shape given for unknown input(s) {sorted(unknown)}; "
+                              f"inputs are {[vi.name for vi in graph_inputs]}")
+    for vi in graph_inputs:
+        dtype, shape = _input_shape(vi, bindings)
+        ctx.values[vi.name] = b.input(vi.name, shape, dtype)
+    for node in g.node:
+        convert: Callable = CONVERTERS[node.op_type]
+        try:
+            outs = convert(ctx, node, _attrs(node))
+        except GraphError as e:
+            raise OnnxImportError(f"{_where(node, opset)}: {e}") from None
+        if isinstance(outs, np.ndarray):
+            ctx.constants[node.output[0]] = outs
+            continue
+        for name, v in zip(node.output, outs):
+            if name:
+                ctx.values[name] = v
+    outputs = [ctx.value(o.name) for o in g.output]
+    return b.build(*outputs)
