@@ -271,8 +271,22 @@ def link(p: Program, kernels_object: bytes, workdir: Path, so_path: Path) -> Non
     cmd = [
         c_compiler(), "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-pthread",
         f"-I{RUNTIME_DIR}", str(workdir / "glue.c"), str(workdir / "weights.S"),
-        str(workdir / "kernels.o"), "-o", str(so_path), "-lm",
+        str(workdir / "kernels.o"), "-o", str(so_path), f"-Wl,-soname,{so_path.name}", "-lm",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise CompileError(f"linking {so_path.name} failed:\n$ {' '.join(cmd)}\n{result.stderr}")
+
+
+def build_c_runner(so_path: Path, name: str, out: Path) -> Path:
+    """Compile kiln_runner.c against NAME.h (beside the .so) into an executable at `out`."""
+    so_path = Path(so_path).resolve()
+    cmd = [
+        c_compiler(), "-O1", "-g", f"-I{so_path.parent}", f"-DMODEL={name}",
+        f'-DMODEL_HEADER="{name}.h"', str(RUNTIME_DIR / "kiln_runner.c"), str(so_path),
+        f"-Wl,-rpath,{so_path.parent}", "-o", str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CompileError(f"building the C runner failed:\n$ {' '.join(cmd)}\n{result.stderr}")
+    return out

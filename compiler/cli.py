@@ -1,0 +1,156 @@
+"""`kiln`: the command line over compiler.compile_model and the runtime.
+
+Errors a user can cause (a bad file, an unsupported op, a wrong input) print one
+line, `kiln: error: ...`, and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from ir.errors import KilnError
+
+
+def _version() -> str:
+    try:
+        return version("kiln")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=DxDx... (e.g. input=1x3x224x224), got {text!r}") from None
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from compiler.driver import compile_model
+
+    out = Path(args.output)
+    name = args.name or out.stem
+    emit = tuple(args.emit or ())
+    model = compile_model(args.model, name=name, fuse=not args.no_fuse,
+                          input_shapes=dict(args.input_shape or []), emit=emit)
+    so = model.save(out)
+    for kind in emit:
+        ext = {"llvm": ".ll", "asm": ".s"}[kind]
+        src = model.path.with_suffix(ext)
+        so.with_suffix(ext).write_text(src.read_text())
+    print(f"wrote {so} and {so.with_name(name + '.h')}" +
+          "".join(f", {so.with_suffix({'llvm': '.ll', 'asm': '.s'}[k])}" for k in emit))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from runtime import load
+
+    model = load(args.library, args.name)
+    feeds = {}
+    for item in args.input or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise KilnError(f"--input expects NAME=FILE.npy, got {item!r}")
+        try:
+            feeds[name] = np.load(path)
+        except (OSError, ValueError) as e:
+            raise KilnError(f"--input {name}: cannot read {path}: {e}") from None
+    outputs = model.run(**feeds)
+    named = {t.name: a for t, a in zip(model.outputs, outputs)}
+    if args.output:
+        np.savez(args.output, **named)
+        print(f"wrote {args.output}")
+    else:
+        for name, a in named.items():
+            print(f"{name}: {a.dtype}{list(a.shape)}\n{a}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from codegen.kir_print import kernel_text
+    from compiler.driver import lower_graph, to_graph
+
+    graph = to_graph(args.model, dict(args.input_shape or []))
+    lowered = lower_graph(graph, args.name)
+    print(graph)
+    print(f"\n{len(lowered.calls)} kernels:")
+    for call, launch in zip(lowered.calls, lowered.program.launches):
+        mode = f"parallel x{launch.extent}" if launch.parallel else "serial"
+        print(f"  {launch.symbol}  ({mode})  " +
+              ", ".join(f"{v.name}@{r.space}+{r.index}" for v, r in zip(call.values, launch.args)))
+    print(f"\nmemory: {lowered.plan.report()}")
+    if args.kernels:
+        for call in lowered.calls:
+            print()
+            print(kernel_text(call.kernel))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from compiler.demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Kiln: compile neural networks to native code.")
+    p.add_argument("--version", action="version", version=f"kiln {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile an ONNX model to a shared library + header",
+                       description="Compile MODEL.onnx into OUT.so (C ABI) and NAME.h.")
+    c.add_argument("model", help="the ONNX file")
+    c.add_argument("-o", "--output", required=True, help="the library to write (OUT.so)")
+    c.add_argument("--name", help="C symbol prefix (default: OUT's stem)")
+    c.add_argument("--no-fuse", action="store_true", help="one kernel per op (the unfused baseline)")
+    c.add_argument("--emit", action="append", choices=["llvm", "asm"],
+                   help="also write the optimized LLVM IR (.ll) or assembly (.s)")
+    c.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...",
+                   help="bind an input's shape (for symbolic dimensions)")
+    c.set_defaults(func=_compile)
+
+    r = sub.add_parser("run", help="run a compiled library on .npy inputs",
+                       description="Run OUT.so on inputs from .npy files.")
+    r.add_argument("library", help="the .so from `kiln compile`")
+    r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input (repeat per input)")
+    r.add_argument("-o", "--output", help="write the outputs to this .npz (default: print them)")
+    r.add_argument("--name", help="the model's C prefix (default: the library's file stem)")
+    r.set_defaults(func=_run)
+
+    i = sub.add_parser("inspect", help="show the IR, the kernels and the memory plan",
+                       description="Print a model's graph IR, its kernels and its memory plan.")
+    i.add_argument("model", help="the ONNX file")
+    i.add_argument("--name", default="model", help="C symbol prefix for kernel names")
+    i.add_argument("--kernels", action="store_true", help="also print each kernel's loop nest")
+    i.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")
+    i.set_defaults(func=_inspect)
+
+    d = sub.add_parser("demo", help="compile and run the bundled MNIST CNN from Python and from C",
+                       description="Compile the bundled MNIST CNN, run it from Python and from a "
+                                   "C program built against its header, and compare both with "
+                                   "the reference interpreter.")
+    d.add_argument("--workdir", help="keep the library, header and C program here")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KilnError, FileNotFoundError, TypeError, ValueError) as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
