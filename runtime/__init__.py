@@ -116,6 +116,8 @@ class CompiledModel:
         arrays = []
         for info in self.inputs:
             a = given[info.name]
+            if isinstance(a, np.generic):  # a numpy scalar, for a rank-0 input
+                a = np.asarray(a)
             if not isinstance(a, np.ndarray):
                 raise TypeError(
                     f"input {info.name!r}: expected a numpy array {info.dtype}{list(info.shape)}, "

@@ -322,7 +322,7 @@ class AvgPool2d(Pool2d):
             total, count = k_const(out, 0.0), k_const(out, 0.0)
             for inside, idx in taps:
                 total = total + guarded_load(x, idx, inside, 0.0)
-                count = count + select(inside, 1.0, 0.0)
+                count = count + select(inside, k_const(out, 1.0), k_const(out, 0.0))
             return total / (float(len(taps)) if self.count_include_pad else count)
 
         self._taps(k, x, out, visit)

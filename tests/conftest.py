@@ -1,0 +1,22 @@
+"""Shared test setup: one compile cache for the whole run (all xdist workers share it)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Set before any worker starts, so every process of the run shares compiled kernels.
+os.environ.setdefault("KILN_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"kiln-test-cache-{os.getuid()}"))
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """Fresh random inputs per test, but reproducible: the seed is printed on failure."""
+    seed = np.random.SeedSequence().entropy % (2**32)
+    request.node.user_properties.append(("seed", seed))
+    print(f"random seed: {seed}")
+    return np.random.default_rng(seed)
