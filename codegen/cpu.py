@@ -24,17 +24,26 @@ def _init_llvm() -> None:
 
 
 @functools.cache
-def host_target_machine() -> llvm.TargetMachine:
-    """A TargetMachine for this CPU with all its features (AVX-512 where present)."""
+def target_machine(cpu_name: str | None = None) -> llvm.TargetMachine:
+    """A TargetMachine for `cpu_name` (an LLVM CPU such as "x86-64-v3"), or for this
+    CPU with all its features (AVX-512 where present) when None."""
     _init_llvm()
     target = llvm.Target.from_default_triple()
+    host = cpu_name is None
     return target.create_target_machine(
-        cpu=llvm.get_host_cpu_name(),
-        features=llvm.get_host_cpu_features().flatten(),
+        cpu=llvm.get_host_cpu_name() if host else cpu_name,
+        features=llvm.get_host_cpu_features().flatten() if host else "",
         opt=3,
         reloc="pic",
         codemodel="default",
     )
+
+
+def target_id(cpu_name: str | None = None) -> str:
+    """What the generated code depends on: the triple, the CPU and its features."""
+    if cpu_name is not None:
+        return f"{llvm.get_default_triple()}|{cpu_name}"
+    return f"{llvm.get_default_triple()}|{llvm.get_host_cpu_name()}|{llvm.get_host_cpu_features().flatten()}"
 
 
 def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Function:
@@ -63,9 +72,9 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Functi
     return fn
 
 
-def build_module(kernels: list[kir.Kernel], prefix: str) -> ir.Module:
+def build_module(kernels: list[kir.Kernel], prefix: str, cpu_name: str | None = None) -> ir.Module:
     module = ir.Module(name=prefix)
-    tm = host_target_machine()
+    tm = target_machine(cpu_name)
     module.triple = tm.triple
     module.data_layout = str(tm.target_data)
     for kernel in kernels:
@@ -73,9 +82,9 @@ def build_module(kernels: list[kir.Kernel], prefix: str) -> ir.Module:
     return module
 
 
-def optimize(module: ir.Module) -> llvm.ModuleRef:
+def optimize(module: ir.Module, cpu_name: str | None = None) -> llvm.ModuleRef:
     """Parse, verify and run LLVM's O3 pipeline (with loop and SLP vectorization)."""
-    tm = host_target_machine()
+    tm = target_machine(cpu_name)
     mod = llvm.parse_assembly(str(module))
     mod.verify()
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
@@ -86,9 +95,9 @@ def optimize(module: ir.Module) -> llvm.ModuleRef:
     return mod
 
 
-def object_code(mod: llvm.ModuleRef) -> bytes:
-    return host_target_machine().emit_object(mod)
+def object_code(mod: llvm.ModuleRef, cpu_name: str | None = None) -> bytes:
+    return target_machine(cpu_name).emit_object(mod)
 
 
-def assembly(mod: llvm.ModuleRef) -> str:
-    return host_target_machine().emit_assembly(mod)
+def assembly(mod: llvm.ModuleRef, cpu_name: str | None = None) -> str:
+    return target_machine(cpu_name).emit_assembly(mod)

@@ -40,7 +40,7 @@ def _compile(args: argparse.Namespace) -> int:
     name = args.name or out.stem
     emit = tuple(args.emit or ())
     model = compile_model(args.model, name=name, fuse=not args.no_fuse,
-                          input_shapes=dict(args.input_shape or []), emit=emit)
+                          input_shapes=dict(args.input_shape or []), emit=emit, cpu_name=args.cpu)
     so = model.save(out)
     for kind in emit:
         ext = {"llvm": ".ll", "asm": ".s"}[kind]
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the optimized LLVM IR (.ll) or assembly (.s)")
     c.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...",
                    help="bind an input's shape (for symbolic dimensions)")
+    c.add_argument("--cpu", help="target this LLVM CPU (e.g. x86-64-v3) instead of the host's")
     c.set_defaults(func=_compile)
 
     r = sub.add_parser("run", help="run a compiled library on .npy inputs",

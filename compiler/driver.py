@@ -95,12 +95,9 @@ def _sources_digest() -> str:
     return h.hexdigest()
 
 
-def _cache_key(graph: Graph, name: str, target: str, fuse: bool) -> str:
+def _cache_key(graph: Graph, name: str, target: str, fuse: bool, cpu_name: str | None) -> str:
     h = hashlib.sha256()
-    h.update(f"{name}|{target}|{fuse}|{cpu.host_target_machine().triple}|".encode())
-    import llvmlite.binding as llvm
-
-    h.update(llvm.get_host_cpu_name().encode() + llvm.get_host_cpu_features().flatten().encode())
+    h.update(f"{name}|{target}|{fuse}|{cpu.target_id(cpu_name)}|".encode())
     h.update(print_graph(graph).encode())
     for v, array in graph.params.items():
         h.update(v.name.encode())
@@ -114,19 +111,19 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def build(lowered: Lowered, dest: Path, emit: tuple[str, ...] = ()) -> Path:
+def build(lowered: Lowered, dest: Path, emit: tuple[str, ...] = (), cpu_name: str | None = None) -> Path:
     """Generate, optimize and link the library into dest/NAME.so (+ NAME.h, NAME.ll/.s)."""
     name = lowered.program.prefix
-    module = cpu.build_module([c.kernel for c in lowered.calls], name)
-    optimized = cpu.optimize(module)
+    module = cpu.build_module([c.kernel for c in lowered.calls], name, cpu_name)
+    optimized = cpu.optimize(module, cpu_name)
     dest.mkdir(parents=True, exist_ok=True)
     if "llvm" in emit:
         (dest / f"{name}.ll").write_text(str(optimized))
     if "asm" in emit:
-        (dest / f"{name}.s").write_text(cpu.assembly(optimized))
+        (dest / f"{name}.s").write_text(cpu.assembly(optimized, cpu_name))
     so = dest / f"{name}.so"
     with tempfile.TemporaryDirectory(prefix="kiln-link-") as work:
-        cabi.link(lowered.program, cpu.object_code(optimized), Path(work), so)
+        cabi.link(lowered.program, cpu.object_code(optimized, cpu_name), Path(work), so)
     (dest / f"{name}.h").write_text(cabi.header_source(lowered.program))
     return so
 
@@ -138,24 +135,26 @@ def compile_model(
     fuse: bool = True,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     emit: tuple[str, ...] = (),
+    cpu_name: str | None = None,
 ) -> CompiledModel:
     """Compile an ONNX file / ModelProto / ir Graph into a native library and load it.
 
     `name` prefixes every C symbol (NAME_create, NAME_run, ...). `fuse` selects
     operator fusion (the fusion pass is a later step: today each op is a kernel
     either way). `emit` may hold "llvm" and/or "asm" to keep the LLVM IR or
-    assembly beside the library.
+    assembly beside the library. `cpu_name` targets an LLVM CPU (e.g. "x86-64-v3"
+    for any AVX2 machine) instead of this host's own.
     """
     if target not in TARGETS:
         raise UnsupportedError(f"target {target!r} is not supported (supported: {', '.join(TARGETS)})")
     cabi.check_prefix(name)
     graph = to_graph(model, input_shapes)
-    key = _cache_key(graph, name, target, fuse)
+    key = _cache_key(graph, name, target, fuse, cpu_name)
     final = cache_dir() / key
     so = final / f"{name}.so"
     if not so.exists() or emit:
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(cache_dir())))
-        build(lower_graph(graph, name), staging, emit)
+        build(lower_graph(graph, name), staging, emit, cpu_name)
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)
         try:

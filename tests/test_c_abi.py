@@ -1,0 +1,124 @@
+"""The library from C: a program built against NAME.h runs the bundled CNN; valgrind
+finds no memory error in it; two models link into one program."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codegen.cabi import build_c_runner, c_compiler
+from compiler import compile_model
+from compiler.demo import demo_input
+from compiler.driver import to_graph
+from frontends.onnx.zoo import MNIST_CNN_PATH
+from ir.interpreter import interpret
+from tests.helpers import mlp_graph
+
+
+def _cnn(work: Path, cpu_name: str | None) -> tuple[Path, Path]:
+    so = compile_model(MNIST_CNN_PATH, name="mnist_cnn", cpu_name=cpu_name).save(work / "mnist_cnn.so")
+    return so, build_c_runner(so, "mnist_cnn", work / "runner")
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    return _cnn(tmp_path_factory.mktemp("cnn"), None)
+
+
+@pytest.fixture(scope="module")
+def cnn_avx2(tmp_path_factory):
+    """Valgrind cannot decode AVX-512, so memcheck runs the same kernels built for AVX2."""
+    return _cnn(tmp_path_factory.mktemp("cnn_avx2"), "x86-64-v3")
+
+
+def _run_c(cmd_prefix: list[str], runner: Path, x: np.ndarray, work: Path) -> subprocess.CompletedProcess:
+    (work / "in.bin").write_bytes(x.tobytes())
+    return subprocess.run([*cmd_prefix, str(runner), str(work / "in.bin"), str(work / "out.bin")],
+                          capture_output=True, text=True)
+
+
+def test_c_program_matches_interpreter(cnn, tmp_path, rng):
+    so, runner = cnn
+    x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
+    result = _run_c([], runner, x, tmp_path)
+    assert result.returncode == 0, result.stderr
+    got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float32).reshape(1, 10)
+    np.testing.assert_allclose(got, interpret(to_graph(MNIST_CNN_PATH), [x])[0], rtol=1e-4, atol=1e-6)
+
+
+def test_c_program_rejects_short_input_file(cnn, tmp_path):
+    _, runner = cnn
+    (tmp_path / "in.bin").write_bytes(b"\0" * 100)
+    result = subprocess.run([str(runner), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "expected 3136 bytes" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_valgrind_memcheck_reports_no_errors(cnn_avx2, tmp_path, threads, monkeypatch):
+    _, runner = cnn_avx2
+    monkeypatch.setenv("KILN_NUM_THREADS", threads)
+    result = _run_c(["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=full",
+                     "--errors-for-leak-kinds=definite"], runner, demo_input(), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in result.stderr
+    got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float32).reshape(1, 10)
+    expected = interpret(to_graph(MNIST_CNN_PATH), [demo_input()])[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_two_models_link_into_one_program(tmp_path, rng):
+    """Prefixes keep symbols apart: mlp_a and mlp_b, different weights, one executable."""
+    libs = []
+    for name, seed in (("mlp_a", 1), ("mlp_b", 2)):
+        libs.append(compile_model(mlp_graph(seed), name=name).save(tmp_path / f"{name}.so"))
+    main = tmp_path / "main.c"
+    main.write_text(r"""
+#include <stdio.h>
+#include "mlp_a.h"
+#include "mlp_b.h"
+int main(void) {
+    float x[32], ya[12], yb[12];
+    for (int i = 0; i < 32; i++) x[i] = (float)i / 32.0f - 0.5f;
+    const void *in[] = {x};
+    void *oa[] = {ya}, *ob[] = {yb};
+    mlp_a_model *a; mlp_b_model *b;
+    if (mlp_a_create(&a) || mlp_b_create(&b)) return 1;
+    if (mlp_a_run(a, in, oa) || mlp_b_run(b, in, ob)) return 2;
+    if (mlp_a_run(a, NULL, oa) == 0) return 3;
+    printf("%s\n", mlp_a_last_error(a));
+    for (int i = 0; i < 12; i++) printf("%.9g %.9g\n", ya[i], yb[i]);
+    printf("%d %s %lld\n", mlp_a_num_inputs(), mlp_a_input_name(0), (long long)mlp_a_input_shape(0)[1]);
+    mlp_a_destroy(a); mlp_b_destroy(b);
+    return 0;
+}
+""")
+    exe = tmp_path / "main"
+    subprocess.run([c_compiler(), "-Wall", "-Werror", f"-I{tmp_path}", str(main), *map(str, libs),
+                    f"-Wl,-rpath,{tmp_path}", "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "inputs is NULL"
+    values = np.array([[float(v) for v in line.split()] for line in out[1:13]], np.float32)
+    x = (np.arange(32, dtype=np.float32) / 32 - 0.5).reshape(4, 8)
+    for col, seed in ((0, 1), (1, 2)):
+        expected = interpret(mlp_graph(seed), [x])[0].ravel()
+        np.testing.assert_allclose(values[:, col], expected, rtol=1e-5, atol=1e-6)
+    assert out[13] == "1 x 8"
+
+
+def test_library_depends_only_on_libc_libm_pthread(cnn):
+    so, _ = cnn
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not installed")
+    needed = subprocess.run([readelf, "-d", str(so)], capture_output=True, text=True).stdout
+    libs = {line.split("[")[1].split("]")[0] for line in needed.splitlines() if "NEEDED" in line}
+    assert libs <= {"libc.so.6", "libm.so.6", "libpthread.so.0"}, libs
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(so)], capture_output=True, text=True).stdout
+    exported = {line.split()[-1] for line in symbols.splitlines()}
+    assert all(s.startswith("mnist_cnn_") for s in exported if not s.startswith("_")), exported

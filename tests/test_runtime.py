@@ -1,0 +1,107 @@
+"""CompiledModel: calling conventions, metadata, and every bad input as a clear error."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from compiler import compile_model
+from ir.errors import KilnError
+from ir.interpreter import interpret
+from runtime import load
+from tests.helpers import mlp_graph, two_input_graph
+
+
+def test_metadata_and_calls_by_position_and_name(rng):
+    g, m = two_input_graph()
+    assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [("a", "float32", (2, 3)), ("b", "float32", (3,))]
+    assert [(t.name, t.shape) for t in m.outputs] == [("add", (2, 3))]
+    a, b = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    np.testing.assert_array_equal(m(a, b), a + b)
+    np.testing.assert_array_equal(m(b=b, a=a), a + b)
+    np.testing.assert_array_equal(m.run(a, b=b)[0], a + b)
+
+
+@pytest.mark.parametrize("args,kwargs,error,pattern", [
+    ((), {}, TypeError, r"missing \['a', 'b'\]"),
+    ((np.zeros((2, 3), np.float32),), {}, TypeError, r"missing \['b'\]"),
+    ((np.zeros((2, 3), np.float32),) * 3, {}, TypeError, "takes 2 input"),
+    ((), {"a": np.zeros((2, 3), np.float32), "c": 1}, TypeError, "no input named 'c'"),
+    ((np.zeros((2, 3), np.float64), np.zeros(3, np.float32)), {}, TypeError,
+     "input 'a': expected dtype float32, got float64"),
+    ((np.zeros((3, 2), np.float32), np.zeros(3, np.float32)), {}, ValueError,
+     r"input 'a': expected shape \(2, 3\), got \(3, 2\)"),
+    ((np.zeros((3, 2), np.float32).T, np.zeros(3, np.float32)), {}, ValueError,
+     "input 'a' is not C-contiguous"),
+    (([[1.0, 2.0, 3.0]] * 2, np.zeros(3, np.float32)), {}, TypeError, "expected a numpy array"),
+    ((np.zeros((2, 3), np.float32),), {"a": np.zeros((2, 3), np.float32)}, TypeError, "given twice"),
+])
+def test_bad_inputs_raise_named_errors(args, kwargs, error, pattern):
+    _, m = two_input_graph()
+    with pytest.raises(error, match=pattern):
+        m(*args, **kwargs)
+
+
+def test_missing_library_and_wrong_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model library"):
+        load(tmp_path / "absent.so")
+    _, m = two_input_graph()
+    copy = m.save(tmp_path / "renamed.so")
+    with pytest.raises(KilnError, match="no Kiln model named 'renamed'"):
+        load(copy)
+    assert load(copy, name="two").inputs == m.inputs
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not an ELF file")
+    with pytest.raises(KilnError, match="not a loadable shared library"):
+        load(junk)
+
+
+def test_save_keeps_library_and_header(tmp_path, rng):
+    g, m = two_input_graph()
+    so = m.save(tmp_path / "out" / "two.so")
+    assert so.exists() and (tmp_path / "out" / "two.h").exists()
+    a, b = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    np.testing.assert_array_equal(load(so)(a, b), a + b)
+
+
+def test_instances_run_concurrently_on_threads(rng):
+    graph = mlp_graph(batch=64)
+    base = compile_model(graph, name="mlp")
+    xs = [rng.standard_normal((64, 8)).astype(np.float32) for _ in range(4)]
+    expected = [interpret(graph, [x])[0] for x in xs]
+    results: dict[int, list[np.ndarray]] = {}
+
+    def work(i: int) -> None:
+        model = base.instance()
+        results[i] = [model(xs[(i + r) % 4]) for r in range(50)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for r, y in enumerate(results[i]):
+            np.testing.assert_allclose(y, expected[(i + r) % 4], rtol=1e-4, atol=1e-6)
+
+
+def test_results_do_not_depend_on_thread_count(rng):
+    from ir.builder import GraphBuilder
+
+    b = GraphBuilder("big")
+    x = b.input("x", (256, 300))
+    graph = b.build(b.softmax(b.tanh(b.matmul(x, b.param("w", rng.standard_normal((300, 200)).astype(np.float32))))))
+    m = compile_model(graph, name="big")
+    xv = rng.standard_normal((256, 300)).astype(np.float32)
+    outs = []
+    for n in (1, 2, 3):
+        m.set_num_threads(n)
+        assert m.num_threads == n
+        outs.append(m(xv))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    np.testing.assert_allclose(outs[0], interpret(graph, [xv])[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="thread count"):
+        m.set_num_threads(0)
