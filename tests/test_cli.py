@@ -1,0 +1,74 @@
+"""The `kiln` command line: every subcommand, and errors as one line with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from frontends.onnx.zoo import MNIST_CNN_PATH
+from compiler.driver import to_graph
+from ir.interpreter import interpret
+
+
+def kiln(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_version_and_help():
+    assert kiln("--version").stdout.startswith("kiln ")
+    for sub in ("compile", "run", "inspect", "demo"):
+        result = kiln(sub, "--help")
+        assert result.returncode == 0 and "usage: kiln " + sub in result.stdout
+
+
+def test_compile_then_run(tmp_path, rng):
+    out = tmp_path / "cnn.so"
+    result = kiln("compile", str(MNIST_CNN_PATH), "-o", str(out), "--emit", "llvm", "--emit", "asm")
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and (tmp_path / "cnn.h").exists()
+    assert "define" in (tmp_path / "cnn.ll").read_text() and "cnn_k0_conv2d" in (tmp_path / "cnn.s").read_text()
+    assert "int cnn_run(cnn_model *m" in (tmp_path / "cnn.h").read_text()
+    x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = kiln("run", str(out), "--input", f"input={tmp_path / 'x.npy'}", "-o", str(tmp_path / "y.npz"))
+    assert result.returncode == 0, result.stderr
+    y = np.load(tmp_path / "y.npz")["probabilities"]
+    np.testing.assert_allclose(y, interpret(to_graph(MNIST_CNN_PATH), [x])[0], rtol=1e-4, atol=1e-6)
+
+
+def test_inspect_shows_ir_kernels_and_memory():
+    result = kiln("inspect", str(MNIST_CNN_PATH), "--kernels")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "conv2d(%input, %conv1.weight, %conv1.bias)" in text
+    assert "13 kernels:" in text and "memory: arena" in text and "kernel k0_conv2d(" in text
+
+
+def test_demo_runs_python_and_c():
+    result = kiln("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "C program" in result.stdout and "demo: OK" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compile", "absent.onnx", "-o", "x.so"], "absent.onnx: no such file"),
+    (["run", "absent.so"], "no model library at absent.so"),
+    (["compile", "MODEL", "-o", "x.so", "--name", "bad-name"], "must be a C identifier"),
+])
+def test_errors_are_one_line_exit_2(args, message, tmp_path):
+    args = [str(MNIST_CNN_PATH) if a == "MODEL" else a for a in args]
+    result = kiln(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("kiln: error:") and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_with_wrong_input_shape(tmp_path):
+    out = tmp_path / "cnn.so"
+    assert kiln("compile", str(MNIST_CNN_PATH), "-o", str(out)).returncode == 0
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 28, 28), np.float32))
+    result = kiln("run", str(out), "--input", f"input={tmp_path / 'x.npy'}")
+    assert result.returncode == 2 and "input 'input': expected shape (1, 1, 28, 28), got (2, 1, 28, 28)" in result.stderr

@@ -1,0 +1,70 @@
+"""Random graphs (hypothesis): diamonds, shared values, broadcasting, reductions, all
+compiled and run against the interpreter. The long sweep is marked slow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compiler import compile_model
+from ir.builder import GraphBuilder
+from ir.interpreter import interpret
+
+UNARY = ["relu", "tanh", "sigmoid", "neg", "abs", "exp", "gelu", "erf"]
+BINARY = ["add", "sub", "mul", "maximum", "minimum"]
+
+
+@st.composite
+def graphs(draw):
+    rows, cols = draw(st.sampled_from([(1, 1), (3, 7), (7, 33), (16, 64), (300, 130)]))
+    b = GraphBuilder("fuzz")
+    pool = [b.input("x", (rows, cols)), b.input("y", (cols,))]
+    for _ in range(draw(st.integers(1, 10))):
+        kind = draw(st.sampled_from(["unary", "binary", "softmax", "reduce", "matmul", "transpose2"]))
+        a = draw(st.sampled_from(pool))
+        if kind == "unary":
+            v = b.op(draw(st.sampled_from(UNARY)), a)
+            if a.type.shape and v.type.dtype == "float32" and draw(st.booleans()):
+                v = b.op("clip", v, min=-3.0, max=3.0)  # keep exp from overflowing chains
+        elif kind == "binary":
+            c = draw(st.sampled_from([p for p in pool if p.type.shape[-1:] == a.type.shape[-1:]] or [a]))
+            v = b.op(draw(st.sampled_from(BINARY)), a, c)
+        elif kind == "softmax":
+            v = b.softmax(a)
+        elif kind == "reduce":
+            v = b.op(draw(st.sampled_from(["reduce_sum", "reduce_max", "reduce_mean"])), a, axes=(-1,), keepdims=True)
+        elif kind == "matmul" and a.type.rank == 2:
+            w = np.random.default_rng(draw(st.integers(0, 99))).standard_normal((a.type.shape[1], cols))
+            v = b.matmul(a, b.param("w", (w / np.sqrt(a.type.shape[1])).astype(np.float32)))
+        elif kind == "transpose2" and a.type.rank == 2 and a.type.shape[0] == a.type.shape[1]:
+            v = b.transpose(a)
+        else:
+            continue
+        pool.append(v)
+    outs = draw(st.lists(st.sampled_from(pool[2:] or pool), min_size=1, max_size=3))
+    return b.build(*outs)
+
+
+def _check(graph, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    feeds = [rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs]
+    expected = interpret(graph, feeds)
+    got = compile_model(graph, name="fuzz").run(*feeds)
+    for g, e in zip(got, expected):
+        scale = max(1.0, float(np.nanmax(np.abs(e), initial=0.0)))
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+
+
+@given(graphs(), st.integers(0, 2**31))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_random_graphs_match_interpreter(graph, seed):
+    _check(graph, seed)
+
+
+@pytest.mark.slow
+@given(graphs(), st.integers(0, 2**31))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_random_graphs_match_interpreter_long(graph, seed):
+    _check(graph, seed)
