@@ -415,9 +415,10 @@ class Kernel:
 class KernelBuilder:
     """Builds a Kernel with nested `with` blocks, in the order the code reads."""
 
-    def __init__(self, name: str, params: list[Buffer]):
+    def __init__(self, name: str, params: list[Buffer], flat_block: int = 4096):
         self.name = name
         self.params = params
+        self.flat_block = flat_block
         self._stack: list[list[Stmt]] = [[]]
         self._ids = itertools.count()
 
@@ -447,12 +448,10 @@ class KernelBuilder:
             self._stack.pop()
 
     @contextmanager
-    def flat(self, n: int, block: int = 4096) -> Iterator[Expr]:
-        """One loop over n contiguous elements: parallel blocks of `block`, each a vector loop."""
-        if n <= block:
-            with self.loop(n, "vector", "e") as i:
-                yield i
-            return
+    def flat(self, n: int) -> Iterator[Expr]:
+        """One loop over n contiguous elements: parallel blocks of `flat_block`, each a
+        vector loop (with flat_block 1, as a GPU wants: one element per iteration)."""
+        block = max(1, min(self.flat_block, n))
         blocks = -(-n // block)
         with self.loop(blocks, "parallel", "blk") as b:
             extent = block if n % block == 0 else minimum(Const(n, "int64") - b * block, block)
@@ -512,3 +511,40 @@ def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: ob
 def in_range(i: Expr, lo: int, hi: int) -> Expr:
     """lo <= i < hi as a bool expression."""
     return logical_and(i.ge(lo), i.lt(hi))
+
+
+def substitute(e: Expr, env: dict[Var, Expr]) -> Expr:
+    """e with every Var in env replaced by its expression."""
+    if isinstance(e, Var):
+        return env.get(e, e)
+    if isinstance(e, (Const, LocalRef)):
+        return e
+    if isinstance(e, Load):
+        return Load(e.buf, substitute(e.index, env))
+    if isinstance(e, Binary):
+        return Binary(e.op, substitute(e.a, env), substitute(e.b, env))
+    if isinstance(e, Compare):
+        return Compare(e.op, substitute(e.a, env), substitute(e.b, env))
+    if isinstance(e, Unary):
+        return Unary(e.op, substitute(e.a, env))
+    if isinstance(e, Select):
+        return Select(substitute(e.cond, env), substitute(e.a, env), substitute(e.b, env))
+    if isinstance(e, Cast):
+        return Cast(substitute(e.a, env), e.dtype)
+    raise TypeError(f"unknown expression {e!r}")
+
+
+def substitute_stmts(body: list[Stmt], env: dict[Var, Expr]) -> list[Stmt]:
+    out: list[Stmt] = []
+    for s in body:
+        if isinstance(s, Loop):
+            out.append(Loop(s.var, substitute(s.extent, env), s.kind, substitute_stmts(s.body, env)))
+        elif isinstance(s, Store):
+            out.append(Store(s.buf, substitute(s.index, env), substitute(s.value, env)))
+        elif isinstance(s, DeclareLocal):
+            out.append(DeclareLocal(s.local, substitute(s.init, env)))
+        elif isinstance(s, Assign):
+            out.append(Assign(s.local, substitute(s.value, env), s.reduction))
+        elif isinstance(s, If):
+            out.append(If(substitute(s.cond, env), substitute_stmts(s.body, env)))
+    return out

@@ -49,9 +49,20 @@ def to_graph(model: object, input_shapes: dict[str, tuple[int, ...]] | None = No
     return import_onnx(model, input_shapes=input_shapes)  # type: ignore[arg-type]
 
 
-def lower_graph(graph: Graph, name: str) -> Lowered:
+def lower_graph(graph: Graph, name: str, gpu_threads: int | None = None) -> Lowered:
+    """Lower every node to a kernel, lay out memory, and describe the library's ABI.
+
+    With `gpu_threads`, kernels are scheduled for the GPU (one element per parallel
+    iteration, bound to blocks of that many threads): the CPU library built from
+    them runs the GPU kernels' exact loop structure, which is how they are tested."""
     verify(graph)
-    calls = [lower_node(node, i) for i, node in enumerate(graph.nodes)]
+    if gpu_threads is None:
+        calls = [lower_node(node, i) for i, node in enumerate(graph.nodes)]
+    else:
+        from codegen.nvptx import bind_gpu
+
+        calls = [lower_node(node, i, flat_block=1) for i, node in enumerate(graph.nodes)]
+        calls = [KernelCall(bind_gpu(c.kernel, gpu_threads), c.values) for c in calls]
     storage: dict[Value, cabi.BufferRef] = {
         v: cabi.BufferRef("input", i) for i, v in enumerate(graph.inputs)
     }

@@ -56,7 +56,7 @@ def lower_elementwise(k: kir.KernelBuilder, op: ElementwiseOp, ins: list[kir.Buf
         k.store(out, idx, op.scalar(kir.ExprBuilder(), *loads))
 
 
-def lower_node(node: Node, index: int) -> KernelCall:
+def lower_node(node: Node, index: int, flat_block: int = 4096) -> KernelCall:
     values: list[Value] = []
     buffers: dict[Value, kir.Buffer] = {}
     for v in [*node.inputs, *node.outputs]:
@@ -65,7 +65,7 @@ def lower_node(node: Node, index: int) -> KernelCall:
             values.append(v)
     ins = [buffers[v] for v in node.inputs]
     out = buffers[node.outputs[0]]
-    k = kir.KernelBuilder(f"k{index}_{node.op.name}", [buffers[v] for v in values])
+    k = kir.KernelBuilder(f"k{index}_{node.op.name}", [buffers[v] for v in values], flat_block)
     if isinstance(node.op, ElementwiseOp):
         lower_elementwise(k, node.op, ins, out)
     else:
