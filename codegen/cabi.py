@@ -90,14 +90,19 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
         f"static const char *const {kind}_names[] = {arr([_c_string(s.name) for s in specs])};",
         f"static const char *const {kind}_dtypes[] = {arr([_c_string(s.dtype) for s in specs])};",
         f"static const int {kind}_ranks[] = {arr([str(len(s.shape)) for s in specs])};",
-        f"static const int64_t *const {kind}_shapes[] = "
-        f"{arr([f'{kind}_shape_{i}' for i in range(n)])};",
+        f"static const int64_t *const {kind}_shapes[] = {arr([f'{kind}_shape_{i}' for i in range(n)])};",
         f"API int {{PREFIX}}_num_{kind}s(void) {{ return {n}; }}",
-        f"API const char *{{PREFIX}}_{kind}_name(int i) {{ return i >= 0 && i < {n} ? {kind}_names[i] : NULL; }}",
-        f"API const char *{{PREFIX}}_{kind}_dtype(int i) {{ return i >= 0 && i < {n} ? {kind}_dtypes[i] : NULL; }}",
-        f"API int {{PREFIX}}_{kind}_rank(int i) {{ return i >= 0 && i < {n} ? {kind}_ranks[i] : -1; }}",
-        f"API const int64_t *{{PREFIX}}_{kind}_shape(int i) {{ return i >= 0 && i < {n} ? {kind}_shapes[i] : NULL; }}",
     ]
+    for attr, ctype, table, missing in (
+        ("name", "const char *", "names", "NULL"),
+        ("dtype", "const char *", "dtypes", "NULL"),
+        ("rank", "int ", "ranks", "-1"),
+        ("shape", "const int64_t *", "shapes", "NULL"),
+    ):
+        lines.append(
+            f"API {ctype}{{PREFIX}}_{kind}_{attr}(int i) "
+            f"{{ return i >= 0 && i < {n} ? {kind}_{table}[i] : {missing}; }}"
+        )
     return "\n".join(lines)
 
 
@@ -145,7 +150,8 @@ API int {{PREFIX}}_create({{PREFIX}}_model **out) {{
     *out = NULL;
     {{PREFIX}}_model *m = calloc(1, sizeof *m);
     if (!m) return 1;
-    if (ARENA_BYTES && !(m->arena = aligned_alloc({ARENA_ALIGN}, (ARENA_BYTES + {ARENA_ALIGN - 1}) / {ARENA_ALIGN} * {ARENA_ALIGN}))) {{
+    size_t arena = (ARENA_BYTES + {ARENA_ALIGN - 1}) / {ARENA_ALIGN} * {ARENA_ALIGN};
+    if (ARENA_BYTES && !(m->arena = aligned_alloc({ARENA_ALIGN}, arena))) {{
         free(m);
         return 1;
     }}
@@ -269,9 +275,20 @@ def link(p: Program, kernels_object: bytes, workdir: Path, so_path: Path) -> Non
     (workdir / "weights.bin").write_bytes(p.weights)
     (workdir / "weights.S").write_text(weights_asm(p.prefix, workdir / "weights.bin"))
     cmd = [
-        c_compiler(), "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-pthread",
-        f"-I{RUNTIME_DIR}", str(workdir / "glue.c"), str(workdir / "weights.S"),
-        str(workdir / "kernels.o"), "-o", str(so_path), f"-Wl,-soname,{so_path.name}", "-lm",
+        c_compiler(),
+        "-shared",
+        "-fPIC",
+        "-O2",
+        "-fvisibility=hidden",
+        "-pthread",
+        f"-I{RUNTIME_DIR}",
+        str(workdir / "glue.c"),
+        str(workdir / "weights.S"),
+        str(workdir / "kernels.o"),
+        "-o",
+        str(so_path),
+        f"-Wl,-soname,{so_path.name}",
+        "-lm",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -282,9 +299,17 @@ def build_c_runner(so_path: Path, name: str, out: Path) -> Path:
     """Compile kiln_runner.c against NAME.h (beside the .so) into an executable at `out`."""
     so_path = Path(so_path).resolve()
     cmd = [
-        c_compiler(), "-O1", "-g", f"-I{so_path.parent}", f"-DMODEL={name}",
-        f'-DMODEL_HEADER="{name}.h"', str(RUNTIME_DIR / "kiln_runner.c"), str(so_path),
-        f"-Wl,-rpath,{so_path.parent}", "-o", str(out),
+        c_compiler(),
+        "-O1",
+        "-g",
+        f"-I{so_path.parent}",
+        f"-DMODEL={name}",
+        f'-DMODEL_HEADER="{name}.h"',
+        str(RUNTIME_DIR / "kiln_runner.c"),
+        str(so_path),
+        f"-Wl,-rpath,{so_path.parent}",
+        "-o",
+        str(out),
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

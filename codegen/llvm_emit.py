@@ -20,8 +20,11 @@ I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 PTR = ir.PointerType()
 #: how each dtype looks in a register; bool is i1 there and i8 in memory (as numpy stores it)
 REG_TYPES: dict[str, ir.Type] = {
-    "float32": ir.FloatType(), "float64": ir.DoubleType(),
-    "int64": I64, "int32": I32, "bool": I1,
+    "float32": ir.FloatType(),
+    "float64": ir.DoubleType(),
+    "int64": I64,
+    "int32": I32,
+    "bool": I1,
 }
 MEM_TYPES = {**REG_TYPES, "bool": I8}
 
@@ -33,8 +36,9 @@ LoopHook = Callable[["FunctionWriter", kir.Loop], bool]
 
 
 class FunctionWriter:
-    def __init__(self, fn: ir.Function, pointers: dict[kir.Buffer, ir.Value],
-                 loop_hook: LoopHook | None = None):
+    def __init__(
+        self, fn: ir.Function, pointers: dict[kir.Buffer, ir.Value], loop_hook: LoopHook | None = None
+    ):
         self.fn = fn
         self.module: ir.Module = fn.module
         # allocas go in their own entry block, which branches to `start` once done
@@ -59,8 +63,9 @@ class FunctionWriter:
         self._allocas.branch(self.start)
 
     def address(self, buf: kir.Buffer, index: kir.Expr) -> ir.Value:
-        return self.b.gep(self.pointers[buf.root], [self.expr(index)], inbounds=True,
-                          source_etype=MEM_TYPES[buf.dtype])
+        return self.b.gep(
+            self.pointers[buf.root], [self.expr(index)], inbounds=True, source_etype=MEM_TYPES[buf.dtype]
+        )
 
     # ------------------------------------------------------------------ statements
     def stmts(self, body: list[kir.Stmt]) -> None:
@@ -175,8 +180,10 @@ class FunctionWriter:
         b = self.b
         q, r = b.sdiv(a, c), b.srem(a, c)
         zero = ir.Constant(a.type, 0)
-        fix = b.and_(b.icmp_signed("!=", r, zero),
-                     b.icmp_signed("!=", b.icmp_signed("<", r, zero), b.icmp_signed("<", c, zero)))
+        fix = b.and_(
+            b.icmp_signed("!=", r, zero),
+            b.icmp_signed("!=", b.icmp_signed("<", r, zero), b.icmp_signed("<", c, zero)),
+        )
         if op == "floordiv":
             return b.select(fix, b.sub(q, ir.Constant(a.type, 1)), q)
         return b.select(fix, b.add(r, c), r)

@@ -50,8 +50,18 @@ def _exp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     xc = _intrinsic(b, "llvm.maxnum", _intrinsic(b, "llvm.minnum", x, _c(88.8)), _c(-104.0))
     n = _intrinsic(b, "llvm.floor", b.fadd(b.fmul(xc, _c(1.44269504088896341)), _c(0.5)))
     r = b.fsub(b.fsub(xc, b.fmul(n, _c(0.693359375))), b.fmul(n, _c(-2.12194440e-4)))
-    p = _poly(b, r, [1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-                     4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1])
+    p = _poly(
+        b,
+        r,
+        [
+            1.9875691500e-4,
+            1.3981999507e-3,
+            8.3334519073e-3,
+            4.1665795894e-2,
+            1.6666665459e-1,
+            5.0000001201e-1,
+        ],
+    )
     y = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), _c(1.0))
     ni = b.fptosi(n, I32)
     half = b.ashr(ni, ir.Constant(I32, 1))
@@ -73,9 +83,21 @@ def _log(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     m = b.fsub(b.select(small, b.fadd(m, m), m), _c(1.0))
     ef = b.sitofp(e, F32)
     z = b.fmul(m, m)
-    y = _poly(b, m, [7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
-                     1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
-                     3.3333331174e-1])
+    y = _poly(
+        b,
+        m,
+        [
+            7.0376836292e-2,
+            -1.1514610310e-1,
+            1.1676998740e-1,
+            -1.2420140846e-1,
+            1.4249322787e-1,
+            -1.6668057665e-1,
+            2.0000714765e-1,
+            -2.4999993993e-1,
+            3.3333331174e-1,
+        ],
+    )
     y = b.fmul(b.fmul(y, m), z)
     y = b.fadd(y, b.fmul(ef, _c(-2.12194440e-4)))
     y = b.fsub(y, b.fmul(z, _c(0.5)))
@@ -89,8 +111,9 @@ def _log(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
 def _tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     a = _intrinsic(b, "llvm.fabs", x)
     z = b.fmul(x, x)
-    p = _poly(b, z, [-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
-                     1.33314422036e-1, -3.33332819422e-1])
+    p = _poly(
+        b, z, [-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1]
+    )
     near0 = b.fadd(b.fmul(b.fmul(p, z), x), x)
     far = b.fsub(_c(1.0), b.fdiv(_c(2.0), b.fadd(_exp(b, b.fadd(a, a)), _c(1.0))))
     far = _intrinsic(b, "llvm.copysign", far, x)
@@ -100,17 +123,41 @@ def _tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
 def _erf(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     xc = _intrinsic(b, "llvm.maxnum", _intrinsic(b, "llvm.minnum", x, _c(4.0)), _c(-4.0))
     x2 = b.fmul(xc, xc)
-    num = b.fmul(xc, _poly(b, x2, [-2.72614225801306e-10, 2.77068142495902e-08,
-                                   -2.10102402082508e-06, -5.69250639462346e-05,
-                                   -7.34990630326855e-04, -2.95459980854025e-03,
-                                   -1.60960333262415e-02]))
-    den = _poly(b, x2, [-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-                        -7.37332916720468e-03, -1.42647390514189e-02])
+    num = b.fmul(
+        xc,
+        _poly(
+            b,
+            x2,
+            [
+                -2.72614225801306e-10,
+                2.77068142495902e-08,
+                -2.10102402082508e-06,
+                -5.69250639462346e-05,
+                -7.34990630326855e-04,
+                -2.95459980854025e-03,
+                -1.60960333262415e-02,
+            ],
+        ),
+    )
+    den = _poly(
+        b,
+        x2,
+        [
+            -1.45660718464996e-05,
+            -2.13374055278905e-04,
+            -1.68282697438203e-03,
+            -7.37332916720468e-03,
+            -1.42647390514189e-02,
+        ],
+    )
     return _select_nan(b, x, b.fdiv(num, den))
 
 
 BODIES: dict[str, Callable[[ir.IRBuilder, ir.Value], ir.Value]] = {
-    "exp": _exp, "log": _log, "tanh": _tanh, "erf": _erf,
+    "exp": _exp,
+    "log": _log,
+    "tanh": _tanh,
+    "erf": _erf,
 }
 
 

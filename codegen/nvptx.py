@@ -68,7 +68,8 @@ def _emit(module: ir.Module, kernel: kir.Kernel) -> None:
         if loop.kind not in _SREG:
             return False
         reg = module.globals.get(_SREG[loop.kind]) or ir.Function(
-            module, ir.FunctionType(I32, []), _SREG[loop.kind])
+            module, ir.FunctionType(I32, []), _SREG[loop.kind]
+        )
         w.bind(loop.var, w.b.zext(w.b.call(reg, []), I64))
         w.stmts(loop.body)
         return True
@@ -106,8 +107,11 @@ def ptxas_check(ptx: str, arch: str = DEFAULT_ARCH) -> str:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "kernels.ptx"
         src.write_text(ptx)
-        result = subprocess.run([exe, f"-arch={arch}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [exe, f"-arch={arch}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
     if result.returncode != 0:
         raise CompileError(f"ptxas rejected the PTX:\n{result.stderr}")
     return result.stderr

@@ -30,7 +30,9 @@ def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
             raise ValueError
         return name, tuple(int(d) for d in dims.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=DxDx... (e.g. input=1x3x224x224), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=DxDx... (e.g. input=1x3x224x224), got {text!r}"
+        ) from None
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -39,15 +41,23 @@ def _compile(args: argparse.Namespace) -> int:
     out = Path(args.output)
     name = args.name or out.stem
     emit = tuple(args.emit or ())
-    model = compile_model(args.model, name=name, fuse=not args.no_fuse,
-                          input_shapes=dict(args.input_shape or []), emit=emit, cpu_name=args.cpu)
+    model = compile_model(
+        args.model,
+        name=name,
+        fuse=not args.no_fuse,
+        input_shapes=dict(args.input_shape or []),
+        emit=emit,
+        cpu_name=args.cpu,
+    )
     so = model.save(out)
     for kind in emit:
         ext = {"llvm": ".ll", "asm": ".s"}[kind]
         src = model.path.with_suffix(ext)
         so.with_suffix(ext).write_text(src.read_text())
-    print(f"wrote {so} and {so.with_name(name + '.h')}" +
-          "".join(f", {so.with_suffix({'llvm': '.ll', 'asm': '.s'}[k])}" for k in emit))
+    print(
+        f"wrote {so} and {so.with_name(name + '.h')}"
+        + "".join(f", {so.with_suffix({'llvm': '.ll', 'asm': '.s'}[k])}" for k in emit)
+    )
     return 0
 
 
@@ -85,8 +95,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"\n{len(lowered.calls)} kernels:")
     for call, launch in zip(lowered.calls, lowered.program.launches):
         mode = f"parallel x{launch.extent}" if launch.parallel else "serial"
-        print(f"  {launch.symbol}  ({mode})  " +
-              ", ".join(f"{v.name}@{r.space}+{r.index}" for v, r in zip(call.values, launch.args)))
+        print(
+            f"  {launch.symbol}  ({mode})  "
+            + ", ".join(f"{v.name}@{r.space}+{r.index}" for v, r in zip(call.values, launch.args))
+        )
     print(f"\nmemory: {lowered.plan.report()}")
     if args.kernels:
         for call in lowered.calls:
@@ -106,39 +118,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kiln {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("compile", help="compile an ONNX model to a shared library + header",
-                       description="Compile MODEL.onnx into OUT.so (C ABI) and NAME.h.")
+    c = sub.add_parser(
+        "compile",
+        help="compile an ONNX model to a shared library + header",
+        description="Compile MODEL.onnx into OUT.so (C ABI) and NAME.h.",
+    )
     c.add_argument("model", help="the ONNX file")
     c.add_argument("-o", "--output", required=True, help="the library to write (OUT.so)")
     c.add_argument("--name", help="C symbol prefix (default: OUT's stem)")
     c.add_argument("--no-fuse", action="store_true", help="one kernel per op (the unfused baseline)")
-    c.add_argument("--emit", action="append", choices=["llvm", "asm"],
-                   help="also write the optimized LLVM IR (.ll) or assembly (.s)")
-    c.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...",
-                   help="bind an input's shape (for symbolic dimensions)")
+    c.add_argument(
+        "--emit",
+        action="append",
+        choices=["llvm", "asm"],
+        help="also write the optimized LLVM IR (.ll) or assembly (.s)",
+    )
+    c.add_argument(
+        "--input-shape",
+        action="append",
+        type=_shape_binding,
+        metavar="NAME=DxD...",
+        help="bind an input's shape (for symbolic dimensions)",
+    )
     c.add_argument("--cpu", help="target this LLVM CPU (e.g. x86-64-v3) instead of the host's")
     c.set_defaults(func=_compile)
 
-    r = sub.add_parser("run", help="run a compiled library on .npy inputs",
-                       description="Run OUT.so on inputs from .npy files.")
+    r = sub.add_parser(
+        "run",
+        help="run a compiled library on .npy inputs",
+        description="Run OUT.so on inputs from .npy files.",
+    )
     r.add_argument("library", help="the .so from `kiln compile`")
     r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input (repeat per input)")
     r.add_argument("-o", "--output", help="write the outputs to this .npz (default: print them)")
     r.add_argument("--name", help="the model's C prefix (default: the library's file stem)")
     r.set_defaults(func=_run)
 
-    i = sub.add_parser("inspect", help="show the IR, the kernels and the memory plan",
-                       description="Print a model's graph IR, its kernels and its memory plan.")
+    i = sub.add_parser(
+        "inspect",
+        help="show the IR, the kernels and the memory plan",
+        description="Print a model's graph IR, its kernels and its memory plan.",
+    )
     i.add_argument("model", help="the ONNX file")
     i.add_argument("--name", default="model", help="C symbol prefix for kernel names")
     i.add_argument("--kernels", action="store_true", help="also print each kernel's loop nest")
     i.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")
     i.set_defaults(func=_inspect)
 
-    d = sub.add_parser("demo", help="compile and run the bundled MNIST CNN from Python and from C",
-                       description="Compile the bundled MNIST CNN, run it from Python and from a "
-                                   "C program built against its header, and compare both with "
-                                   "the reference interpreter.")
+    d = sub.add_parser(
+        "demo",
+        help="compile and run the bundled MNIST CNN from Python and from C",
+        description="Compile the bundled MNIST CNN, run it from Python and from a "
+        "C program built against its header, and compare both with "
+        "the reference interpreter.",
+    )
     d.add_argument("--workdir", help="keep the library, header and C program here")
     d.set_defaults(func=_demo)
     return p

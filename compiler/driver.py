@@ -63,9 +63,7 @@ def lower_graph(graph: Graph, name: str, gpu_threads: int | None = None) -> Lowe
 
         calls = [lower_node(node, i, flat_block=1) for i, node in enumerate(graph.nodes)]
         calls = [KernelCall(bind_gpu(c.kernel, gpu_threads), c.values) for c in calls]
-    storage: dict[Value, cabi.BufferRef] = {
-        v: cabi.BufferRef("input", i) for i, v in enumerate(graph.inputs)
-    }
+    storage: dict[Value, cabi.BufferRef] = {v: cabi.BufferRef("input", i) for i, v in enumerate(graph.inputs)}
     weights = bytearray()
     for v, array in graph.params.items():
         storage[v] = cabi.BufferRef("weights", len(weights))
@@ -90,8 +88,14 @@ def lower_graph(graph: Graph, name: str, gpu_threads: int | None = None) -> Lowe
         for c in calls
     ]
     spec = lambda v: cabi.TensorSpec(v.name, v.type.dtype, v.type.shape)  # noqa: E731
-    program = cabi.Program(name, [spec(v) for v in graph.inputs], [spec(v) for v in outputs],
-                           launches, plan.arena_bytes, bytes(weights))
+    program = cabi.Program(
+        name,
+        [spec(v) for v in graph.inputs],
+        [spec(v) for v in outputs],
+        launches,
+        plan.arena_bytes,
+        bytes(weights),
+    )
     return Lowered(graph, calls, plan, program)
 
 

@@ -40,8 +40,9 @@ def _c_name(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def lower_elementwise(k: kir.KernelBuilder, op: ElementwiseOp, ins: list[kir.Buffer],
-                      out: kir.Buffer) -> None:
+def lower_elementwise(
+    k: kir.KernelBuilder, op: ElementwiseOp, ins: list[kir.Buffer], out: kir.Buffer
+) -> None:
     if all(b.shape == out.shape for b in ins):
         with k.flat(out.numel) as i:
             k.store(out, i, op.scalar(kir.ExprBuilder(), *(b.load_flat(i) for b in ins)))
@@ -51,8 +52,11 @@ def lower_elementwise(k: kir.KernelBuilder, op: ElementwiseOp, ins: list[kir.Buf
         loads = []
         for b in ins:
             lead = rank - len(b.shape)
-            loads.append(b[[0 if d == 1 else idx[lead + a] for a, d in enumerate(b.shape)]]
-                         if b.shape else b.load_flat(kir.const(0, "int64")))
+            loads.append(
+                b[[0 if d == 1 else idx[lead + a] for a, d in enumerate(b.shape)]]
+                if b.shape
+                else b.load_flat(kir.const(0, "int64"))
+            )
         k.store(out, idx, op.scalar(kir.ExprBuilder(), *loads))
 
 

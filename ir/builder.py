@@ -1,9 +1,9 @@
 """GraphBuilder: write graphs in a few lines, with types inferred as you go.
 
-    b = GraphBuilder("mlp")
-    x = b.input("x", (4, 8))
-    y = b.relu(b.linear(x, b.param("w", w), b.param("b", bias)))
-    graph = b.build(y)
+b = GraphBuilder("mlp")
+x = b.input("x", (4, 8))
+y = b.relu(b.linear(x, b.param("w", w), b.param("b", bias)))
+graph = b.build(y)
 """
 
 from __future__ import annotations

@@ -13,9 +13,7 @@ from ir.errors import GraphError
 from ir.graph import Graph, Value
 
 
-def interpret(
-    graph: Graph, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]
-) -> list[np.ndarray]:
+def interpret(graph: Graph, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run `graph` on `inputs` (positional, or by input name) and return its outputs."""
     if isinstance(inputs, Mapping):
         missing = [v.name for v in graph.inputs if v.name not in inputs]

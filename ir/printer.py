@@ -10,11 +10,7 @@ from ir.graph import Graph, Node
 def _attrs(node: Node) -> str:
     op = node.op
     fields = dataclasses.fields(op)  # type: ignore[arg-type]
-    shown = [
-        f"{f.name}={getattr(op, f.name)!r}"
-        for f in fields
-        if getattr(op, f.name) != f.default
-    ]
+    shown = [f"{f.name}={getattr(op, f.name)!r}" for f in fields if getattr(op, f.name) != f.default]
     return f" {{{', '.join(shown)}}}" if shown else ""
 
 

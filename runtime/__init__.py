@@ -57,10 +57,27 @@ class CompiledModel:
         except OSError as e:
             raise KilnError(f"{self.path} is not a loadable shared library: {e}") from None
         try:
-            self._fn = {s: getattr(self._lib, f"{self.name}_{s}") for s in (
-                "create", "run", "destroy", "last_error", "set_num_threads", "num_threads",
-                "num_inputs", "num_outputs", "input_name", "input_dtype", "input_rank",
-                "input_shape", "output_name", "output_dtype", "output_rank", "output_shape")}
+            self._fn = {
+                s: getattr(self._lib, f"{self.name}_{s}")
+                for s in (
+                    "create",
+                    "run",
+                    "destroy",
+                    "last_error",
+                    "set_num_threads",
+                    "num_threads",
+                    "num_inputs",
+                    "num_outputs",
+                    "input_name",
+                    "input_dtype",
+                    "input_rank",
+                    "input_shape",
+                    "output_name",
+                    "output_dtype",
+                    "output_rank",
+                    "output_shape",
+                )
+            }
         except AttributeError:
             raise KilnError(
                 f"{self.path} has no Kiln model named {self.name!r} "
@@ -84,8 +101,12 @@ class CompiledModel:
         f["num_threads"].argtypes, f["num_threads"].restype = [vp], i
         for kind in ("input", "output"):
             f[f"num_{kind}s"].argtypes, f[f"num_{kind}s"].restype = [], i
-            for attr, res in (("name", cp), ("dtype", cp), ("rank", i),
-                              ("shape", ctypes.POINTER(ctypes.c_int64))):
+            for attr, res in (
+                ("name", cp),
+                ("dtype", cp),
+                ("rank", i),
+                ("shape", ctypes.POINTER(ctypes.c_int64)),
+            ):
                 f[f"{kind}_{attr}"].argtypes, f[f"{kind}_{attr}"].restype = [i], res
 
     def _tensors(self, kind: str) -> list[TensorInfo]:
@@ -94,8 +115,13 @@ class CompiledModel:
         for i in range(f[f"num_{kind}s"]()):
             rank = f[f"{kind}_rank"](i)
             shape = f[f"{kind}_shape"](i)
-            out.append(TensorInfo(f[f"{kind}_name"](i).decode(), f[f"{kind}_dtype"](i).decode(),
-                                  tuple(shape[d] for d in range(rank))))
+            out.append(
+                TensorInfo(
+                    f[f"{kind}_name"](i).decode(),
+                    f[f"{kind}_dtype"](i).decode(),
+                    tuple(shape[d] for d in range(rank)),
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ calling
@@ -121,14 +147,14 @@ class CompiledModel:
             if not isinstance(a, np.ndarray):
                 raise TypeError(
                     f"input {info.name!r}: expected a numpy array {info.dtype}{list(info.shape)}, "
-                    f"got {type(a).__name__}")
+                    f"got {type(a).__name__}"
+                )
             if a.dtype != np.dtype(info.dtype):
                 raise TypeError(f"input {info.name!r}: expected dtype {info.dtype}, got {a.dtype}")
             if a.shape != info.shape:
                 raise ValueError(f"input {info.name!r}: expected shape {info.shape}, got {a.shape}")
             if not a.flags.c_contiguous:
-                raise ValueError(
-                    f"input {info.name!r} is not C-contiguous; pass np.ascontiguousarray(...)")
+                raise ValueError(f"input {info.name!r} is not C-contiguous; pass np.ascontiguousarray(...)")
             arrays.append(a)
         return arrays
 

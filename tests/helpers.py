@@ -14,8 +14,13 @@ def mlp_graph(seed: int = 0, batch: int = 4) -> Graph:
     rng = np.random.default_rng(seed)
     b = GraphBuilder("mlp")
     x = b.input("x", (batch, 8))
-    h = b.relu(b.linear(x, b.param("w1", rng.standard_normal((8, 16)).astype(np.float32)),
-                        b.param("b1", rng.standard_normal(16).astype(np.float32))))
+    h = b.relu(
+        b.linear(
+            x,
+            b.param("w1", rng.standard_normal((8, 16)).astype(np.float32)),
+            b.param("b1", rng.standard_normal(16).astype(np.float32)),
+        )
+    )
     y = b.softmax(b.linear(h, b.param("w2", rng.standard_normal((16, 3)).astype(np.float32))))
     return b.build(y)
 

@@ -37,8 +37,11 @@ def cnn_avx2(tmp_path_factory):
 
 def _run_c(cmd_prefix: list[str], runner: Path, x: np.ndarray, work: Path) -> subprocess.CompletedProcess:
     (work / "in.bin").write_bytes(x.tobytes())
-    return subprocess.run([*cmd_prefix, str(runner), str(work / "in.bin"), str(work / "out.bin")],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [*cmd_prefix, str(runner), str(work / "in.bin"), str(work / "out.bin")],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_c_program_matches_interpreter(cnn, tmp_path, rng):
@@ -53,8 +56,9 @@ def test_c_program_matches_interpreter(cnn, tmp_path, rng):
 def test_c_program_rejects_short_input_file(cnn, tmp_path):
     _, runner = cnn
     (tmp_path / "in.bin").write_bytes(b"\0" * 100)
-    result = subprocess.run([str(runner), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(runner), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "expected 3136 bytes" in result.stderr
 
 
@@ -63,8 +67,18 @@ def test_c_program_rejects_short_input_file(cnn, tmp_path):
 def test_valgrind_memcheck_reports_no_errors(cnn_avx2, tmp_path, threads, monkeypatch):
     _, runner = cnn_avx2
     monkeypatch.setenv("KILN_NUM_THREADS", threads)
-    result = _run_c(["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=full",
-                     "--errors-for-leak-kinds=definite"], runner, demo_input(), tmp_path)
+    result = _run_c(
+        [
+            "valgrind",
+            "--tool=memcheck",
+            "--error-exitcode=99",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+        ],
+        runner,
+        demo_input(),
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ERROR SUMMARY: 0 errors" in result.stderr
     got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float32).reshape(1, 10)
@@ -99,8 +113,20 @@ int main(void) {
 }
 """)
     exe = tmp_path / "main"
-    subprocess.run([c_compiler(), "-Wall", "-Werror", f"-I{tmp_path}", str(main), *map(str, libs),
-                    f"-Wl,-rpath,{tmp_path}", "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            c_compiler(),
+            "-Wall",
+            "-Werror",
+            f"-I{tmp_path}",
+            str(main),
+            *map(str, libs),
+            f"-Wl,-rpath,{tmp_path}",
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "inputs is NULL"
     values = np.array([[float(v) for v in line.split()] for line in out[1:13]], np.float32)

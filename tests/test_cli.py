@@ -8,13 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from frontends.onnx.zoo import MNIST_CNN_PATH
 from compiler.driver import to_graph
+from frontends.onnx.zoo import MNIST_CNN_PATH
 from ir.interpreter import interpret
 
 
 def kiln(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "compiler.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_version_and_help():
@@ -29,7 +31,9 @@ def test_compile_then_run(tmp_path, rng):
     result = kiln("compile", str(MNIST_CNN_PATH), "-o", str(out), "--emit", "llvm", "--emit", "asm")
     assert result.returncode == 0, result.stderr
     assert out.exists() and (tmp_path / "cnn.h").exists()
-    assert "define" in (tmp_path / "cnn.ll").read_text() and "cnn_k0_conv2d" in (tmp_path / "cnn.s").read_text()
+    assert (
+        "define" in (tmp_path / "cnn.ll").read_text() and "cnn_k0_conv2d" in (tmp_path / "cnn.s").read_text()
+    )
     assert "int cnn_run(cnn_model *m" in (tmp_path / "cnn.h").read_text()
     x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -53,11 +57,14 @@ def test_demo_runs_python_and_c():
     assert "C program" in result.stdout and "demo: OK" in result.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["compile", "absent.onnx", "-o", "x.so"], "absent.onnx: no such file"),
-    (["run", "absent.so"], "no model library at absent.so"),
-    (["compile", "MODEL", "-o", "x.so", "--name", "bad-name"], "must be a C identifier"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compile", "absent.onnx", "-o", "x.so"], "absent.onnx: no such file"),
+        (["run", "absent.so"], "no model library at absent.so"),
+        (["compile", "MODEL", "-o", "x.so", "--name", "bad-name"], "must be a C identifier"),
+    ],
+)
 def test_errors_are_one_line_exit_2(args, message, tmp_path):
     args = [str(MNIST_CNN_PATH) if a == "MODEL" else a for a in args]
     result = kiln(*args, cwd=tmp_path)
@@ -71,4 +78,7 @@ def test_run_with_wrong_input_shape(tmp_path):
     assert kiln("compile", str(MNIST_CNN_PATH), "-o", str(out)).returncode == 0
     np.save(tmp_path / "x.npy", np.zeros((2, 1, 28, 28), np.float32))
     result = kiln("run", str(out), "--input", f"input={tmp_path / 'x.npy'}")
-    assert result.returncode == 2 and "input 'input': expected shape (1, 1, 28, 28), got (2, 1, 28, 28)" in result.stderr
+    assert (
+        result.returncode == 2
+        and "input 'input': expected shape (1, 1, 28, 28), got (2, 1, 28, 28)" in result.stderr
+    )

@@ -28,8 +28,9 @@ def gpu_graph(rows: int = 37, cols: int = 1000):
 @pytest.mark.skipif(shutil.which("ptxas") is None, reason="ptxas is not installed (.ci/run installs it)")
 def test_ptxas_accepts_elementwise_and_reduction_kernels():
     graph = gpu_graph()
-    kernels = [nvptx.bind_gpu(lower_node(n, i, flat_block=1).kernel, threads=128)
-               for i, n in enumerate(graph.nodes)]
+    kernels = [
+        nvptx.bind_gpu(lower_node(n, i, flat_block=1).kernel, threads=128) for i, n in enumerate(graph.nodes)
+    ]
     ptx = nvptx.ptx_module(kernels)
     assert ".target sm_80" in ptx
     for k in kernels:

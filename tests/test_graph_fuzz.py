@@ -34,7 +34,12 @@ def graphs(draw):
         elif kind == "softmax":
             v = b.softmax(a)
         elif kind == "reduce":
-            v = b.op(draw(st.sampled_from(["reduce_sum", "reduce_max", "reduce_mean"])), a, axes=(-1,), keepdims=True)
+            v = b.op(
+                draw(st.sampled_from(["reduce_sum", "reduce_max", "reduce_mean"])),
+                a,
+                axes=(-1,),
+                keepdims=True,
+            )
         elif kind == "matmul" and a.type.rank == 2:
             w = np.random.default_rng(draw(st.integers(0, 99))).standard_normal((a.type.shape[1], cols))
             v = b.matmul(a, b.param("w", (w / np.sqrt(a.type.shape[1])).astype(np.float32)))

@@ -24,20 +24,28 @@ def test_printer_is_stable_and_readable():
 
 def test_attributes_print_when_not_default():
     b = GraphBuilder()
-    y = b.conv2d(b.input("x", (1, 2, 5, 5)), b.param("w", np.zeros((3, 2, 3, 3), np.float32)), pads=(1, 1, 1, 1))
+    y = b.conv2d(
+        b.input("x", (1, 2, 5, 5)), b.param("w", np.zeros((3, 2, 3, 3), np.float32)), pads=(1, 1, 1, 1)
+    )
     assert "conv2d(%x, %w) {pads=(1, 1, 1, 1)} : f32[1,3,5,5]" in str(b.build(y))
 
 
-@pytest.mark.parametrize("build,message", [
-    (lambda b: b.add(b.input("x", (2, 3)), b.input("y", (4,))), r"node add: add: shapes \[\(2, 3\), \(4,\)\] do not broadcast"),
-    (lambda b: b.matmul(b.input("x", (2, 3)), b.input("y", (4, 5))), "inner dimensions differ"),
-    (lambda b: b.exp(b.input("i", (2,), "int64")), "exp: input 0 has dtype int64"),
-    (lambda b: b.reshape(b.input("x", (2, 3)), shape=(4, 2)), "has 6 elements"),
-    (lambda b: b.op("relu", b.input("x", (2,)), b.input("y", (2,))), r"takes 1..1 inputs, got 2"),
-    (lambda b: b.op("softmax", b.input("x", (2,)), axis=3), "axis 3 out of range"),
-    (lambda b: b.op("relu", b.input("x", (2,)), bogus=1), r"unknown attribute\(s\) \['bogus'\]"),
-    (lambda b: b.op("frobnicate", b.input("x", (2,))), "unknown op 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (
+            lambda b: b.add(b.input("x", (2, 3)), b.input("y", (4,))),
+            r"node add: add: shapes \[\(2, 3\), \(4,\)\] do not broadcast",
+        ),
+        (lambda b: b.matmul(b.input("x", (2, 3)), b.input("y", (4, 5))), "inner dimensions differ"),
+        (lambda b: b.exp(b.input("i", (2,), "int64")), "exp: input 0 has dtype int64"),
+        (lambda b: b.reshape(b.input("x", (2, 3)), shape=(4, 2)), "has 6 elements"),
+        (lambda b: b.op("relu", b.input("x", (2,)), b.input("y", (2,))), r"takes 1..1 inputs, got 2"),
+        (lambda b: b.op("softmax", b.input("x", (2,)), axis=3), "axis 3 out of range"),
+        (lambda b: b.op("relu", b.input("x", (2,)), bogus=1), r"unknown attribute\(s\) \['bogus'\]"),
+        (lambda b: b.op("frobnicate", b.input("x", (2,))), "unknown op 'frobnicate'"),
+    ],
+)
 def test_builder_type_errors_name_node_and_problem(build, message):
     with pytest.raises(GraphError, match=message):
         build(GraphBuilder())

@@ -26,11 +26,14 @@ def _sweep(lo: float, hi: float) -> np.ndarray:
     return np.concatenate([np.linspace(lo, hi, 200_001), mags, -mags]).astype(np.float32)
 
 
-@pytest.mark.parametrize("op,exact,domain,max_ulp", [
-    ("exp", np.exp, (-87.0, 87.0), 2),
-    ("tanh", np.tanh, (-20.0, 20.0), 2),
-    ("erf", np.vectorize(math.erf), (-6.0, 6.0), 8),
-])
+@pytest.mark.parametrize(
+    "op,exact,domain,max_ulp",
+    [
+        ("exp", np.exp, (-87.0, 87.0), 2),
+        ("tanh", np.tanh, (-20.0, 20.0), 2),
+        ("erf", np.vectorize(math.erf), (-6.0, 6.0), 8),
+    ],
+)
 def test_accuracy_in_ulps(op, exact, domain, max_ulp):
     x = _sweep(*domain)
     x = x[(x >= domain[0]) & (x <= domain[1])]

@@ -38,8 +38,10 @@ def test_live_values_never_overlap(case):
             if a is b:
                 continue
             time_overlap = span[a][0] <= span[b][1] and span[b][0] <= span[a][1]
-            bytes_overlap = (plan.offsets[a] < plan.offsets[b] + b.type.nbytes
-                             and plan.offsets[b] < plan.offsets[a] + a.type.nbytes)
+            bytes_overlap = (
+                plan.offsets[a] < plan.offsets[b] + b.type.nbytes
+                and plan.offsets[b] < plan.offsets[a] + a.type.nbytes
+            )
             assert not (time_overlap and bytes_overlap), (a.name, b.name)
     assert plan.lower_bound <= plan.arena_bytes <= plan.naive_bytes
 

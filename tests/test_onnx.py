@@ -40,13 +40,16 @@ def test_mnist_cnn_matches_onnxruntime(batch, rng):
 
 
 def _single_node_model(op_type, inputs, outputs, inits=(), opset=17, **attrs):
-    node = helper.make_node(op_type, [i[0] for i in inputs] + [t.name for t in inits],
-                            [o[0] for o in outputs], name="n0", **attrs)
+    node = helper.make_node(
+        op_type, [i[0] for i in inputs] + [t.name for t in inits], [o[0] for o in outputs], name="n0", **attrs
+    )
     graph = helper.make_graph(
-        [node], "g",
+        [node],
+        "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
-        list(inits))
+        list(inits),
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8  # what onnxruntime releases of the last years all read
     return model
@@ -61,37 +64,83 @@ def _f32(name, array):
 
 
 CONVERSIONS = [
-    ("Gemm", [("a", [3, 5])], [("y", [3, 4])], lambda r: [_f32("b", r.standard_normal((4, 5))),
-                                                      _f32("c", r.standard_normal(4))],
-     dict(transB=1, alpha=0.5, beta=2.0)),
-    ("Gemm", [("a", [5, 3])], [("y", [3, 4])], lambda r: [_f32("b", r.standard_normal((5, 4)))],
-     dict(transA=1)),
-    ("Conv", [("x", [1, 2, 7, 7])], [("y", [1, 4, 4, 4])], lambda r: [_f32("w", r.standard_normal((4, 2, 3, 3)))],
-     dict(strides=[2, 2], auto_pad="SAME_UPPER")),
-    ("MaxPool", [("x", [1, 2, 7, 7])], [("y", [1, 2, 4, 4])], lambda r: [],
-     dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)),
-    ("AveragePool", [("x", [1, 2, 7, 7])], [("y", [1, 2, 4, 4])], lambda r: [],
-     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    (
+        "Gemm",
+        [("a", [3, 5])],
+        [("y", [3, 4])],
+        lambda r: [_f32("b", r.standard_normal((4, 5))), _f32("c", r.standard_normal(4))],
+        dict(transB=1, alpha=0.5, beta=2.0),
+    ),
+    (
+        "Gemm",
+        [("a", [5, 3])],
+        [("y", [3, 4])],
+        lambda r: [_f32("b", r.standard_normal((5, 4)))],
+        dict(transA=1),
+    ),
+    (
+        "Conv",
+        [("x", [1, 2, 7, 7])],
+        [("y", [1, 4, 4, 4])],
+        lambda r: [_f32("w", r.standard_normal((4, 2, 3, 3)))],
+        dict(strides=[2, 2], auto_pad="SAME_UPPER"),
+    ),
+    (
+        "MaxPool",
+        [("x", [1, 2, 7, 7])],
+        [("y", [1, 2, 4, 4])],
+        lambda r: [],
+        dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+    ),
+    (
+        "AveragePool",
+        [("x", [1, 2, 7, 7])],
+        [("y", [1, 2, 4, 4])],
+        lambda r: [],
+        dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    ),
     ("Softmax", [("x", [2, 3, 4])], [("y", [2, 3, 4])], lambda r: [], dict(axis=1)),
     ("Reshape", [("x", [2, 3, 4])], [("y", [6, 4])], lambda r: [_i64("s", [-1, 0])], {}),
     ("Transpose", [("x", [2, 3, 4])], [("y", [4, 2, 3])], lambda r: [], dict(perm=[2, 0, 1])),
     ("ReduceMean", [("x", [2, 3, 4])], [("y", [2, 1, 4])], lambda r: [], dict(axes=[1])),
     ("Clip", [("x", [3, 4])], [("y", [3, 4])], lambda r: [_f32("lo", -0.5), _f32("hi", 0.5)], {}),
-    ("Slice", [("x", [5, 6])], [("y", [2, 3])], lambda r: [_i64("st", [1, 0]), _i64("en", [5, 6]),
-                                                       _i64("ax", [0, 1]), _i64("sp", [2, 2])], {}),
+    (
+        "Slice",
+        [("x", [5, 6])],
+        [("y", [2, 3])],
+        lambda r: [_i64("st", [1, 0]), _i64("en", [5, 6]), _i64("ax", [0, 1]), _i64("sp", [2, 2])],
+        {},
+    ),
     ("Pad", [("x", [2, 3])], [("y", [3, 6])], lambda r: [_i64("p", [0, 1, 1, 2]), _f32("v", 0.25)], {}),
     ("Unsqueeze", [("x", [2, 3])], [("y", [2, 1, 3])], lambda r: [_i64("axes", [1])], {}),
     ("LeakyRelu", [("x", [3, 4])], [("y", [3, 4])], lambda r: [], dict(alpha=0.3)),
-    ("BatchNormalization", [("x", [2, 3, 4, 4])], [("y", [2, 3, 4, 4])],
-     lambda r: [_f32("s", r.standard_normal(3)), _f32("b", r.standard_normal(3)),
-                _f32("m", r.standard_normal(3)), _f32("v", r.uniform(0.5, 2, 3))], dict(epsilon=1e-3)),
-    ("LayerNormalization", [("x", [2, 3, 8])], [("y", [2, 3, 8])],
-     lambda r: [_f32("s", r.standard_normal(8)), _f32("b", r.standard_normal(8))], {}),
+    (
+        "BatchNormalization",
+        [("x", [2, 3, 4, 4])],
+        [("y", [2, 3, 4, 4])],
+        lambda r: [
+            _f32("s", r.standard_normal(3)),
+            _f32("b", r.standard_normal(3)),
+            _f32("m", r.standard_normal(3)),
+            _f32("v", r.uniform(0.5, 2, 3)),
+        ],
+        dict(epsilon=1e-3),
+    ),
+    (
+        "LayerNormalization",
+        [("x", [2, 3, 8])],
+        [("y", [2, 3, 8])],
+        lambda r: [_f32("s", r.standard_normal(8)), _f32("b", r.standard_normal(8))],
+        {},
+    ),
 ]
 
 
-@pytest.mark.parametrize("op_type,inputs,outputs,make_inits,attrs", CONVERSIONS,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CONVERSIONS)])
+@pytest.mark.parametrize(
+    "op_type,inputs,outputs,make_inits,attrs",
+    CONVERSIONS,
+    ids=[f"{c[0]}-{i}" for i, c in enumerate(CONVERSIONS)],
+)
 def test_conversion_matches_onnxruntime(op_type, inputs, outputs, make_inits, attrs, rng):
     model = _single_node_model(op_type, inputs, outputs, make_inits(rng), **attrs)
     feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in inputs}
@@ -106,11 +155,17 @@ def test_softmax_before_opset_13_flattens_from_axis(rng):
 
 
 def test_every_unsupported_node_is_listed_at_once():
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="ok"),
-             helper.make_node("Trilu", ["a"], ["b"], name="tri"),
-             helper.make_node("Hardmax", ["b"], ["y"], name="hm")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="ok"),
+        helper.make_node("Trilu", ["a"], ["b"], name="tri"),
+        helper.make_node("Hardmax", ["b"], ["y"], name="hm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UnsupportedError) as e:
         import_onnx(model)
@@ -120,11 +175,16 @@ def test_every_unsupported_node_is_listed_at_once():
 
 
 def test_symbolic_dimension_needs_a_binding(rng):
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(OnnxImportError, match=r"input 'x': dimension 0 is symbolic \('batch'\).*--input-shape x=Nx3"):
+    with pytest.raises(
+        OnnxImportError, match=r"input 'x': dimension 0 is symbolic \('batch'\).*--input-shape x=Nx3"
+    ):
         import_onnx(model)
     m = compile_model(model, name="bound", input_shapes={"x": (5, 3)})
     x = rng.standard_normal((5, 3)).astype(np.float32)
@@ -146,16 +206,27 @@ def test_bad_files(tmp_path):
 
 def test_runtime_computed_shape_is_reported():
     nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="r")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6]),
-                                           helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
-    with pytest.raises(OnnxImportError, match=r"node r \(Reshape, opset 17\): input 1 \(shape\) must be a constant"):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [6]),
+            helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    with pytest.raises(
+        OnnxImportError, match=r"node r \(Reshape, opset 17\): input 1 \(shape\) must be a constant"
+    ):
         import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_unsupported_dtype_is_named():
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2])],
+    )
     with pytest.raises(UnsupportedError, match="input 'x' has dtype FLOAT16"):
         import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))

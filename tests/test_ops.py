@@ -61,80 +61,169 @@ def unary(kind: str = "normal", **attrs) -> list[Case]:
 
 
 def binary(kind_b: str = "normal", kind_a: str = "normal", dtype: str = "float32") -> list[Case]:
-    pairs = [((1,), (1,)), ((7,), (7,)), ((33,), (33,)), ((40000,), (40000,)),
-             ((7, 33), (33,)), ((5, 1, 33), (7, 1)), ((4, 7), ()), ((1,), (9, 33))]
+    pairs = [
+        ((1,), (1,)),
+        ((7,), (7,)),
+        ((33,), (33,)),
+        ((40000,), (40000,)),
+        ((7, 33), (33,)),
+        ((5, 1, 33), (7, 1)),
+        ((4, 7), ()),
+        ((1,), (9, 33)),
+    ]
     return [Case([In(a, kind_a, dtype), In(b, kind_b, dtype)]) for a, b in pairs]
 
 
 CASES: dict[str, list[Case]] = {
-    "add": binary() + binary(dtype="int64")[:4], "sub": binary(), "mul": binary() + binary(dtype="int64")[4:],
-    "div": binary("nonzero"), "pow": binary(kind_a="positive"),
-    "maximum": binary() + binary(dtype="int64")[:3], "minimum": binary(),
-    "neg": unary(), "abs": unary(), "exp": unary("wide"), "log": unary("positive"),
-    "sqrt": unary("positive"), "rsqrt": unary("positive"), "reciprocal": unary("nonzero"),
-    "tanh": unary("wide"), "sigmoid": unary("wide"), "erf": unary("wide"), "relu": unary(),
-    "leaky_relu": unary(alpha=0.2), "elu": unary(alpha=0.7),
+    "add": binary() + binary(dtype="int64")[:4],
+    "sub": binary(),
+    "mul": binary() + binary(dtype="int64")[4:],
+    "div": binary("nonzero"),
+    "pow": binary(kind_a="positive"),
+    "maximum": binary() + binary(dtype="int64")[:3],
+    "minimum": binary(),
+    "neg": unary(),
+    "abs": unary(),
+    "exp": unary("wide"),
+    "log": unary("positive"),
+    "sqrt": unary("positive"),
+    "rsqrt": unary("positive"),
+    "reciprocal": unary("nonzero"),
+    "tanh": unary("wide"),
+    "sigmoid": unary("wide"),
+    "erf": unary("wide"),
+    "relu": unary(),
+    "leaky_relu": unary(alpha=0.2),
+    "elu": unary(alpha=0.7),
     "gelu": unary("wide") + unary("wide", approximate="tanh"),
     "clip": unary(min=-0.5, max=0.8),
-    "equal": [Case([In((7, 33), "normal", "int64"), In((33,), "normal", "int64")]),
-              Case([In((40000,), "bool"), In((40000,), "bool")])],
-    "less": binary(), "greater": binary(),
-    "where": [Case([In((7, 33), "bool"), In((7, 33)), In((33,))]),
-              Case([In((40000,), "bool"), In((40000,)), In((40000,))]),
-              Case([In((5, 1), "bool"), In((1, 7)), In(())])],
-    "cast": [Case([In((33,))], {"to": "int64"}), Case([In((7, 5), "normal", "int64")], {"to": "float32"}),
-             Case([In((33,), "bool")], {"to": "float32"}), Case([In((7,))], {"to": "bool"}),
-             Case([In((40000,))], {"to": "float64"})],
-    "matmul": [Case([In((1, 1)), In((1, 1))]), Case([In((7, 33)), In((33, 7))]),
-               Case([In((33, 65)), In((65, 40))]), Case([In((2, 3, 7, 33)), In((3, 33, 5))]),
-               Case([In((33,)), In((33, 7))]), Case([In((4, 7, 33)), In((33,))]),
-               Case([In((128, 96)), In((96, 300))])],
-    "linear": [Case([In((1, 7)), In((7, 1)), In((1,))], params=(1, 2)),
-               Case([In((33, 70)), In((70, 40)), In((40,))], params=(1, 2)),
-               Case([In((2, 5, 33)), In((33, 7))], params=(1,)),
-               Case([In((256, 128)), In((128, 200)), In((200,))], params=(1, 2))],
-    "conv2d": [Case([In((1, 1, 7, 7)), In((4, 1, 3, 3)), In((4,))], params=(1, 2)),
-               Case([In((2, 3, 9, 11)), In((5, 3, 3, 3))], {"pads": (1, 1, 1, 1)}, params=(1,)),
-               Case([In((1, 4, 12, 10)), In((6, 2, 3, 2)), In((6,))],
-                    {"strides": (2, 1), "pads": (1, 0, 2, 1), "dilations": (1, 2), "groups": 2}, params=(1, 2)),
-               Case([In((2, 8, 9, 9)), In((8, 1, 3, 3))], {"groups": 8, "pads": (1, 1, 1, 1)}, params=(1,)),
-               Case([In((1, 32, 33, 33)), In((16, 32, 5, 5)), In((16,))],
-                    {"strides": (2, 2), "pads": (2, 2, 2, 2)}, params=(1, 2))],
-    "max_pool2d": [Case([In((1, 3, 8, 8))]), Case([In((2, 3, 7, 9))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),
-                   Case([In((1, 2, 33, 33))], {"kernel": (2, 3), "strides": (1, 2), "dilations": (2, 1)})],
-    "avg_pool2d": [Case([In((1, 3, 8, 8))]),
-                   Case([In((2, 3, 7, 9))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),
-                   Case([In((2, 3, 7, 9))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1),
-                                             "count_include_pad": True})],
+    "equal": [
+        Case([In((7, 33), "normal", "int64"), In((33,), "normal", "int64")]),
+        Case([In((40000,), "bool"), In((40000,), "bool")]),
+    ],
+    "less": binary(),
+    "greater": binary(),
+    "where": [
+        Case([In((7, 33), "bool"), In((7, 33)), In((33,))]),
+        Case([In((40000,), "bool"), In((40000,)), In((40000,))]),
+        Case([In((5, 1), "bool"), In((1, 7)), In(())]),
+    ],
+    "cast": [
+        Case([In((33,))], {"to": "int64"}),
+        Case([In((7, 5), "normal", "int64")], {"to": "float32"}),
+        Case([In((33,), "bool")], {"to": "float32"}),
+        Case([In((7,))], {"to": "bool"}),
+        Case([In((40000,))], {"to": "float64"}),
+    ],
+    "matmul": [
+        Case([In((1, 1)), In((1, 1))]),
+        Case([In((7, 33)), In((33, 7))]),
+        Case([In((33, 65)), In((65, 40))]),
+        Case([In((2, 3, 7, 33)), In((3, 33, 5))]),
+        Case([In((33,)), In((33, 7))]),
+        Case([In((4, 7, 33)), In((33,))]),
+        Case([In((128, 96)), In((96, 300))]),
+    ],
+    "linear": [
+        Case([In((1, 7)), In((7, 1)), In((1,))], params=(1, 2)),
+        Case([In((33, 70)), In((70, 40)), In((40,))], params=(1, 2)),
+        Case([In((2, 5, 33)), In((33, 7))], params=(1,)),
+        Case([In((256, 128)), In((128, 200)), In((200,))], params=(1, 2)),
+    ],
+    "conv2d": [
+        Case([In((1, 1, 7, 7)), In((4, 1, 3, 3)), In((4,))], params=(1, 2)),
+        Case([In((2, 3, 9, 11)), In((5, 3, 3, 3))], {"pads": (1, 1, 1, 1)}, params=(1,)),
+        Case(
+            [In((1, 4, 12, 10)), In((6, 2, 3, 2)), In((6,))],
+            {"strides": (2, 1), "pads": (1, 0, 2, 1), "dilations": (1, 2), "groups": 2},
+            params=(1, 2),
+        ),
+        Case([In((2, 8, 9, 9)), In((8, 1, 3, 3))], {"groups": 8, "pads": (1, 1, 1, 1)}, params=(1,)),
+        Case(
+            [In((1, 32, 33, 33)), In((16, 32, 5, 5)), In((16,))],
+            {"strides": (2, 2), "pads": (2, 2, 2, 2)},
+            params=(1, 2),
+        ),
+    ],
+    "max_pool2d": [
+        Case([In((1, 3, 8, 8))]),
+        Case([In((2, 3, 7, 9))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),
+        Case([In((1, 2, 33, 33))], {"kernel": (2, 3), "strides": (1, 2), "dilations": (2, 1)}),
+    ],
+    "avg_pool2d": [
+        Case([In((1, 3, 8, 8))]),
+        Case([In((2, 3, 7, 9))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),
+        Case(
+            [In((2, 3, 7, 9))],
+            {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1), "count_include_pad": True},
+        ),
+    ],
     "global_avg_pool2d": [Case([In((1, 1, 1, 1))]), Case([In((2, 7, 33, 5))])],
-    "batch_norm": [Case([In((2, 7, 5, 5)), In((7,)), In((7,)), In((7,)), In((7,), "positive")],
-                        {"epsilon": 1e-3}, params=(1, 2, 3, 4)),
-                   Case([In((33, 3)), In((3,)), In((3,)), In((3,)), In((3,), "positive")], params=(1, 2, 3, 4))],
-    "softmax": [Case([In((1,))]), Case([In((7, 33))]), Case([In((3, 33, 5))], {"axis": 1}),
-                Case([In((64, 1000), "wide")])],
+    "batch_norm": [
+        Case(
+            [In((2, 7, 5, 5)), In((7,)), In((7,)), In((7,)), In((7,), "positive")],
+            {"epsilon": 1e-3},
+            params=(1, 2, 3, 4),
+        ),
+        Case([In((33, 3)), In((3,)), In((3,)), In((3,)), In((3,), "positive")], params=(1, 2, 3, 4)),
+    ],
+    "softmax": [
+        Case([In((1,))]),
+        Case([In((7, 33))]),
+        Case([In((3, 33, 5))], {"axis": 1}),
+        Case([In((64, 1000), "wide")]),
+    ],
     "log_softmax": [Case([In((7, 33))]), Case([In((3, 33, 5))], {"axis": 0})],
-    "layer_norm": [Case([In((7, 33)), In((33,)), In((33,))], params=(1, 2)),
-                   Case([In((2, 3, 7)), In((3, 7))], {"axis": 1}, params=(1,)),
-                   Case([In((128, 256)), In((256,)), In((256,))], {"epsilon": 1e-6}, params=(1, 2))],
-    "reduce_sum": [Case([In((33,))]), Case([In((7, 33))], {"axes": (1,), "keepdims": False}),
-                   Case([In((5, 7, 33))], {"axes": (0, 2)}), Case([In((300, 200))], {"axes": (0,)}),
-                   Case([In((7, 5), "normal", "int64")], {"axes": (-1,)})],
-    "reduce_mean": [Case([In((7, 33))], {"axes": (0,)}), Case([In((2, 7, 33))], {"axes": (-1, 1), "keepdims": False})],
-    "reduce_max": [Case([In((7, 33))], {"axes": (1,)}), Case([In((2, 7, 33))]),
-                   Case([In((7, 5), "normal", "int64")], {"axes": (0,)})],
+    "layer_norm": [
+        Case([In((7, 33)), In((33,)), In((33,))], params=(1, 2)),
+        Case([In((2, 3, 7)), In((3, 7))], {"axis": 1}, params=(1,)),
+        Case([In((128, 256)), In((256,)), In((256,))], {"epsilon": 1e-6}, params=(1, 2)),
+    ],
+    "reduce_sum": [
+        Case([In((33,))]),
+        Case([In((7, 33))], {"axes": (1,), "keepdims": False}),
+        Case([In((5, 7, 33))], {"axes": (0, 2)}),
+        Case([In((300, 200))], {"axes": (0,)}),
+        Case([In((7, 5), "normal", "int64")], {"axes": (-1,)}),
+    ],
+    "reduce_mean": [
+        Case([In((7, 33))], {"axes": (0,)}),
+        Case([In((2, 7, 33))], {"axes": (-1, 1), "keepdims": False}),
+    ],
+    "reduce_max": [
+        Case([In((7, 33))], {"axes": (1,)}),
+        Case([In((2, 7, 33))]),
+        Case([In((7, 5), "normal", "int64")], {"axes": (0,)}),
+    ],
     "reshape": [Case([In((7, 33))], {"shape": (33, 7)}), Case([In((2, 3, 40))], {"shape": (-1, 40)})],
-    "flatten": [Case([In((2, 3, 7, 5))]), Case([In((2, 3, 7))], {"axis": 0}), Case([In((40000, 2))], {"axis": 2})],
-    "transpose": [Case([In((7, 33))]), Case([In((2, 3, 7, 5))], {"perm": (0, 2, 3, 1)}),
-                  Case([In((300, 200))], {"perm": (1, 0)})],
-    "concat": [Case([In((7, 3)), In((7, 33)), In((7, 1))], {"axis": 1}), Case([In((2, 3)), In((5, 3))], {"axis": 0})],
-    "slice": [Case([In((7, 33))], {"starts": (1, 2), "ends": (5, 30)}),
-              Case([In((7, 33))], {"starts": (-1,), "ends": (-1000,), "axes": (1,), "steps": (-3,)}),
-              Case([In((5, 6, 7))], {"starts": (0, 1), "ends": (100, 5), "axes": (2, 0), "steps": (2, 1)})],
-    "pad": [Case([In((7, 33))], {"pads": (1, 2, 3, 0), "value": 1.5}),
-            Case([In((2, 3, 5, 5))], {"pads": (0, 0, 1, -1, 0, 0, -2, 2)})],
-    "gather": [Case([In((7, 33)), In((5,), "index:7", "int64")]),
-               Case([In((7, 33)), In((2, 3), "index:33", "int64")], {"axis": 1}),
-               Case([In((100, 16)), In((), "index:100", "int64")])],
+    "flatten": [
+        Case([In((2, 3, 7, 5))]),
+        Case([In((2, 3, 7))], {"axis": 0}),
+        Case([In((40000, 2))], {"axis": 2}),
+    ],
+    "transpose": [
+        Case([In((7, 33))]),
+        Case([In((2, 3, 7, 5))], {"perm": (0, 2, 3, 1)}),
+        Case([In((300, 200))], {"perm": (1, 0)}),
+    ],
+    "concat": [
+        Case([In((7, 3)), In((7, 33)), In((7, 1))], {"axis": 1}),
+        Case([In((2, 3)), In((5, 3))], {"axis": 0}),
+    ],
+    "slice": [
+        Case([In((7, 33))], {"starts": (1, 2), "ends": (5, 30)}),
+        Case([In((7, 33))], {"starts": (-1,), "ends": (-1000,), "axes": (1,), "steps": (-3,)}),
+        Case([In((5, 6, 7))], {"starts": (0, 1), "ends": (100, 5), "axes": (2, 0), "steps": (2, 1)}),
+    ],
+    "pad": [
+        Case([In((7, 33))], {"pads": (1, 2, 3, 0), "value": 1.5}),
+        Case([In((2, 3, 5, 5))], {"pads": (0, 0, 1, -1, 0, 0, -2, 2)}),
+    ],
+    "gather": [
+        Case([In((7, 33)), In((5,), "index:7", "int64")]),
+        Case([In((7, 33)), In((2, 3), "index:33", "int64")], {"axis": 1}),
+        Case([In((100, 16)), In((), "index:100", "int64")]),
+    ],
 }
 
 #: (rtol, atol per unit of output scale). The absolute part scales with the largest
@@ -165,7 +254,7 @@ def test_op_compiled_matches_reference(op_name: str, case: Case, rng: np.random.
     arrays = [spec.draw(rng) for spec in case.inputs]
     b = GraphBuilder(op_name)
     values = []
-    for i, (spec, a) in enumerate(zip(case.inputs, arrays)):
+    for i, a in enumerate(arrays):
         values.append(b.param(f"p{i}", a) if i in case.params else b.input(f"x{i}", a.shape, a.dtype.name))
     graph = b.build(b.op(op_name, *values, **case.attrs))
     feeds = [a for i, a in enumerate(arrays) if i not in case.params]
@@ -181,8 +270,9 @@ def test_op_compiled_matches_reference(op_name: str, case: Case, rng: np.random.
 
 @pytest.mark.parametrize("op_name", ["exp", "log", "tanh", "sigmoid", "erf", "relu", "sqrt", "maximum"])
 def test_nan_and_inf_propagate_as_in_numpy(op_name: str):
-    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 88.0, -88.0, 100.0, -100.0],
-                        np.float32)
+    specials = np.array(
+        [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 88.0, -88.0, 100.0, -100.0], np.float32
+    )
     b = GraphBuilder("special")
     x = b.input("x", specials.shape)
     graph = b.build(b.op(op_name, x, x) if REGISTRY[op_name].arity[0] == 2 else b.op(op_name, x))
@@ -201,4 +291,6 @@ def test_gelu_forms_differ():
         graph = b.build(b.gelu(b.input("x", x.shape), approximate=form))
         outs.append(compile_model(graph, name="gelu")(x))
     assert 1e-5 < np.max(np.abs(outs[0] - outs[1])) < 1e-2
-    np.testing.assert_allclose(outs[0], 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        outs[0], 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))), rtol=1e-5, atol=1e-6
+    )

@@ -16,7 +16,10 @@ from tests.helpers import mlp_graph, two_input_graph
 
 def test_metadata_and_calls_by_position_and_name(rng):
     g, m = two_input_graph()
-    assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [("a", "float32", (2, 3)), ("b", "float32", (3,))]
+    assert [(t.name, t.dtype, t.shape) for t in m.inputs] == [
+        ("a", "float32", (2, 3)),
+        ("b", "float32", (3,)),
+    ]
     assert [(t.name, t.shape) for t in m.outputs] == [("add", (2, 3))]
     a, b = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
     np.testing.assert_array_equal(m(a, b), a + b)
@@ -24,20 +27,35 @@ def test_metadata_and_calls_by_position_and_name(rng):
     np.testing.assert_array_equal(m.run(a, b=b)[0], a + b)
 
 
-@pytest.mark.parametrize("args,kwargs,error,pattern", [
-    ((), {}, TypeError, r"missing \['a', 'b'\]"),
-    ((np.zeros((2, 3), np.float32),), {}, TypeError, r"missing \['b'\]"),
-    ((np.zeros((2, 3), np.float32),) * 3, {}, TypeError, "takes 2 input"),
-    ((), {"a": np.zeros((2, 3), np.float32), "c": 1}, TypeError, "no input named 'c'"),
-    ((np.zeros((2, 3), np.float64), np.zeros(3, np.float32)), {}, TypeError,
-     "input 'a': expected dtype float32, got float64"),
-    ((np.zeros((3, 2), np.float32), np.zeros(3, np.float32)), {}, ValueError,
-     r"input 'a': expected shape \(2, 3\), got \(3, 2\)"),
-    ((np.zeros((3, 2), np.float32).T, np.zeros(3, np.float32)), {}, ValueError,
-     "input 'a' is not C-contiguous"),
-    (([[1.0, 2.0, 3.0]] * 2, np.zeros(3, np.float32)), {}, TypeError, "expected a numpy array"),
-    ((np.zeros((2, 3), np.float32),), {"a": np.zeros((2, 3), np.float32)}, TypeError, "given twice"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,error,pattern",
+    [
+        ((), {}, TypeError, r"missing \['a', 'b'\]"),
+        ((np.zeros((2, 3), np.float32),), {}, TypeError, r"missing \['b'\]"),
+        ((np.zeros((2, 3), np.float32),) * 3, {}, TypeError, "takes 2 input"),
+        ((), {"a": np.zeros((2, 3), np.float32), "c": 1}, TypeError, "no input named 'c'"),
+        (
+            (np.zeros((2, 3), np.float64), np.zeros(3, np.float32)),
+            {},
+            TypeError,
+            "input 'a': expected dtype float32, got float64",
+        ),
+        (
+            (np.zeros((3, 2), np.float32), np.zeros(3, np.float32)),
+            {},
+            ValueError,
+            r"input 'a': expected shape \(2, 3\), got \(3, 2\)",
+        ),
+        (
+            (np.zeros((3, 2), np.float32).T, np.zeros(3, np.float32)),
+            {},
+            ValueError,
+            "input 'a' is not C-contiguous",
+        ),
+        (([[1.0, 2.0, 3.0]] * 2, np.zeros(3, np.float32)), {}, TypeError, "expected a numpy array"),
+        ((np.zeros((2, 3), np.float32),), {"a": np.zeros((2, 3), np.float32)}, TypeError, "given twice"),
+    ],
+)
 def test_bad_inputs_raise_named_errors(args, kwargs, error, pattern):
     _, m = two_input_graph()
     with pytest.raises(error, match=pattern):
@@ -92,7 +110,9 @@ def test_results_do_not_depend_on_thread_count(rng):
 
     b = GraphBuilder("big")
     x = b.input("x", (256, 300))
-    graph = b.build(b.softmax(b.tanh(b.matmul(x, b.param("w", rng.standard_normal((300, 200)).astype(np.float32))))))
+    graph = b.build(
+        b.softmax(b.tanh(b.matmul(x, b.param("w", rng.standard_normal((300, 200)).astype(np.float32)))))
+    )
     m = compile_model(graph, name="big")
     xv = rng.standard_normal((256, 300)).astype(np.float32)
     outs = []

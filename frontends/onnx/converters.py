@@ -39,10 +39,25 @@ def _op(ctx: Context, node: onnx.NodeProto, op: str, *inputs: Value, **attrs) ->
 # --------------------------------------------------------------------------- elementwise
 
 _SIMPLE = {
-    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Neg": "neg",
-    "Abs": "abs", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal",
-    "Tanh": "tanh", "Sigmoid": "sigmoid", "Relu": "relu", "Erf": "erf", "Where": "where",
-    "Equal": "equal", "Less": "less", "Greater": "greater",
+    "Add": "add",
+    "Sub": "sub",
+    "Mul": "mul",
+    "Div": "div",
+    "Pow": "pow",
+    "Neg": "neg",
+    "Abs": "abs",
+    "Exp": "exp",
+    "Log": "log",
+    "Sqrt": "sqrt",
+    "Reciprocal": "reciprocal",
+    "Tanh": "tanh",
+    "Sigmoid": "sigmoid",
+    "Relu": "relu",
+    "Erf": "erf",
+    "Where": "where",
+    "Equal": "equal",
+    "Less": "less",
+    "Greater": "greater",
 }
 
 
@@ -97,7 +112,8 @@ def _cast(ctx, node, attrs):
     to = attrs["to"]
     if to not in ONNX_DTYPES:
         raise UnsupportedOnnxError(
-            f"{_where(node, ctx.opset)}: cast to {onnx.TensorProto.DataType.Name(to)} is not supported")
+            f"{_where(node, ctx.opset)}: cast to {onnx.TensorProto.DataType.Name(to)} is not supported"
+        )
     return [_op(ctx, node, "cast", ctx.value(node.input[0]), to=ONNX_DTYPES[to])]
 
 
@@ -167,8 +183,15 @@ def _gemm(ctx, node, attrs):
     return [y]
 
 
-def _pads(node, attrs, ctx, spatial: tuple[int, ...], kernel: tuple[int, ...],
-          strides: tuple[int, ...], dilations: tuple[int, ...]) -> tuple[int, ...]:
+def _pads(
+    node,
+    attrs,
+    ctx,
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilations: tuple[int, ...],
+) -> tuple[int, ...]:
     """ONNX pads (begins, then ends) for 2-D, resolving auto_pad."""
     auto = attrs.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -191,7 +214,8 @@ def _pads(node, attrs, ctx, spatial: tuple[int, ...], kernel: tuple[int, ...],
 def _check_2d(ctx, node, x: Value) -> None:
     if x.type.rank != 4:
         raise UnsupportedOnnxError(
-            f"{_where(node, ctx.opset)}: only 2-D (NCHW) inputs are supported, got rank {x.type.rank}")
+            f"{_where(node, ctx.opset)}: only 2-D (NCHW) inputs are supported, got rank {x.type.rank}"
+        )
 
 
 @converter("Conv")
@@ -203,8 +227,18 @@ def _conv(ctx, node, attrs):
     strides = _ints(attrs.get("strides", (1, 1)))
     dilations = _ints(attrs.get("dilations", (1, 1)))
     pads = _pads(node, attrs, ctx, x.type.shape[2:], kernel, strides, dilations)
-    return [_op(ctx, node, "conv2d", *ins, strides=strides, dilations=dilations, pads=pads,
-                groups=int(attrs.get("group", 1)))]
+    return [
+        _op(
+            ctx,
+            node,
+            "conv2d",
+            *ins,
+            strides=strides,
+            dilations=dilations,
+            pads=pads,
+            groups=int(attrs.get("group", 1)),
+        )
+    ]
 
 
 def _pool_attrs(ctx, node, attrs, x: Value) -> dict:
@@ -239,9 +273,9 @@ def _avgpool(ctx, node, attrs):
     include = bool(attrs.get("count_include_pad", 0))
     if include and attrs.get("ceil_mode", 0):
         raise UnsupportedOnnxError(
-            f"{_where(node, ctx.opset)}: ceil_mode with count_include_pad is not supported")
-    return [_op(ctx, node, "avg_pool2d", x, count_include_pad=include,
-                **_pool_attrs(ctx, node, attrs, x))]
+            f"{_where(node, ctx.opset)}: ceil_mode with count_include_pad is not supported"
+        )
+    return [_op(ctx, node, "avg_pool2d", x, count_include_pad=include, **_pool_attrs(ctx, node, attrs, x))]
 
 
 @converter("GlobalAveragePool")
@@ -262,8 +296,16 @@ def _batchnorm(ctx, node, attrs):
 def _layernorm(ctx, node, attrs):
     if len([o for o in node.output if o]) > 1:
         raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the mean/inv-std outputs are not supported")
-    return [_op(ctx, node, "layer_norm", *_ins(ctx, node), axis=int(attrs.get("axis", -1)),
-                epsilon=float(attrs.get("epsilon", 1e-5)))]
+    return [
+        _op(
+            ctx,
+            node,
+            "layer_norm",
+            *_ins(ctx, node),
+            axis=int(attrs.get("axis", -1)),
+            epsilon=float(attrs.get("epsilon", 1e-5)),
+        )
+    ]
 
 
 @converter("Softmax", "LogSoftmax")
@@ -410,5 +452,4 @@ def _shape(ctx, node, attrs):
     x = ctx.value(node.input[0]) if node.input[0] not in ctx.constants else None
     shape = x.type.shape if x is not None else ctx.constants[node.input[0]].shape
     start, end = int(attrs.get("start", 0)), attrs.get("end")
-    return np.array(shape[start: None if end is None else int(end)], dtype=np.int64)
-
+    return np.array(shape[start : None if end is None else int(end)], dtype=np.int64)

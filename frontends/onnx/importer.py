@@ -22,8 +22,10 @@ from ir.graph import Graph, Value
 from ir.types import DTYPES
 
 ONNX_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.BOOL: "bool",
 }
 
@@ -97,7 +99,9 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.Model
         try:
             proto.ParseFromString(data)
         except Exception as e:  # protobuf's DecodeError and friends
-            raise OnnxImportError(f"{path or 'model'}: not a valid ONNX file (truncated or not ONNX): {e}") from None
+            raise OnnxImportError(
+                f"{path or 'model'}: not a valid ONNX file (truncated or not ONNX): {e}"
+            ) from None
         if not proto.graph.node and not proto.graph.output:
             raise OnnxImportError(f"{path or 'model'}: not an ONNX model (no graph in it)")
         if path is not None:
@@ -116,13 +120,16 @@ def _tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
     if t.data_type not in ONNX_DTYPES:
         name = onnx.TensorProto.DataType.Name(t.data_type)
         raise UnsupportedOnnxError(
-            f"initializer {t.name!r} has dtype {name}; Kiln supports {', '.join(DTYPES)}")
+            f"initializer {t.name!r} has dtype {name}; Kiln supports {', '.join(DTYPES)}"
+        )
     if t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data:
         raise OnnxImportError(f"initializer {t.name!r}: its external data was not loaded")
     return np.ascontiguousarray(numpy_helper.to_array(t))
 
 
-def _input_shape(vi: onnx.ValueInfoProto, bindings: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+def _input_shape(
+    vi: onnx.ValueInfoProto, bindings: dict[str, tuple[int, ...]]
+) -> tuple[str, tuple[int, ...]]:
     tt = vi.type.tensor_type
     if tt.elem_type not in ONNX_DTYPES:
         name = onnx.TensorProto.DataType.Name(tt.elem_type)
@@ -140,14 +147,19 @@ def _input_shape(vi: onnx.ValueInfoProto, bindings: dict[str, tuple[int, ...]]) 
             label = d.dim_param or "?"
             raise OnnxImportError(
                 f"input {vi.name!r}: dimension {i} is symbolic ({label!r}); bind it with "
-                f"--input-shape {vi.name}=" + "x".join(
+                f"--input-shape {vi.name}="
+                + "x".join(
                     str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N"
-                    for x in tt.shape.dim) + " (or input_shapes= in Python)")
+                    for x in tt.shape.dim
+                )
+                + " (or input_shapes= in Python)"
+            )
     return dtype, tuple(shape)
 
 
-def import_onnx(model: str | os.PathLike | onnx.ModelProto | bytes,
-                input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
+def import_onnx(
+    model: str | os.PathLike | onnx.ModelProto | bytes, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> Graph:
     from frontends.onnx.converters import CONVERTERS
 
     proto = load_model(model)
@@ -155,8 +167,9 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto | bytes,
     g = proto.graph
     unsupported = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in CONVERTERS]
     if unsupported:
-        listing = "\n".join(f"  {_where(n, opset)}" + (f" in domain {n.domain}" if n.domain else "")
-                            for n in unsupported)
+        listing = "\n".join(
+            f"  {_where(n, opset)}" + (f" in domain {n.domain}" if n.domain else "") for n in unsupported
+        )
         raise UnsupportedOnnxError(f"{len(unsupported)} unsupported node(s):\n{listing}")
     bindings = dict(input_shapes or {})
     b = GraphBuilder(g.name or "model")
@@ -166,8 +179,10 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto | bytes,
     graph_inputs = [vi for vi in g.input if vi.name not in ctx.constants]
     unknown = set(bindings) - {vi.name for vi in graph_inputs}
     if unknown:
-        raise OnnxImportError(f"input shape given for unknown input(s) {sorted(unknown)}; "
-                              f"inputs are {[vi.name for vi in graph_inputs]}")
+        raise OnnxImportError(
+            f"input shape given for unknown input(s) {sorted(unknown)}; "
+            f"inputs are {[vi.name for vi in graph_inputs]}"
+        )
     for vi in graph_inputs:
         dtype, shape = _input_shape(vi, bindings)
         ctx.values[vi.name] = b.input(vi.name, shape, dtype)

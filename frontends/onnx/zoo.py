@@ -57,13 +57,13 @@ def mnist_cnn(batch: int = 1, seed: int = 0) -> onnx.ModelProto:
     logits = dense("dense1.relu", "dense2", 64, 10)
     nodes.append(helper.make_node("Softmax", [logits], ["probabilities"], name="softmax", axis=-1))
     graph = helper.make_graph(
-        nodes, "mnist_cnn",
+        nodes,
+        "mnist_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 28, 28])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
-                              producer_name="kiln")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="kiln")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model

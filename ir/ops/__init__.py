@@ -96,8 +96,8 @@ class ElementwiseOp(Op):
                 )
         if len({t.dtype for t in inputs}) > 1:
             raise GraphError(f"{self.name}: input dtypes differ: {[t.dtype for t in inputs]}")
-        shape = broadcast_shapes(self.name, [t.shape for t in inputs])
-        return TensorType(self.result or inputs[0].dtype, shape)
+        out_shape = broadcast_shapes(self.name, [t.shape for t in inputs])
+        return TensorType(self.result or inputs[0].dtype, out_shape)
 
     def scalar(self, e: ExprBuilder, *xs: Expr) -> Expr:
         raise NotImplementedError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from math import prod
 
 import numpy as np
@@ -194,8 +193,12 @@ class Conv2d(Op):
             wg = w[g * og : (g + 1) * og].astype(np.float64)
             for i in range(kh):
                 for j in range(kw):
-                    patch = xg[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh,
-                               j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+                    patch = xg[
+                        :,
+                        :,
+                        i * dh : i * dh + sh * (oh - 1) + 1 : sh,
+                        j * dw : j * dw + sw * (ow - 1) + 1 : sw,
+                    ]
                     out[:, g * og : (g + 1) * og] += np.einsum("nchw,oc->nohw", patch, wg[:, :, i, j])
         if bias is not None:
             out += bias.reshape(1, -1, 1, 1)
@@ -256,7 +259,11 @@ class Pool2d(Op):
     def _windows(self, x: np.ndarray, fill: float):
         """Every window tap as a strided view over the padded input, and the pad mask."""
         (kh, kw), (sh, sw), (dh, dw), (pt, pl, pb, pr) = (
-            self.kernel, self.strides, self.dilations, self.pads)
+            self.kernel,
+            self.strides,
+            self.dilations,
+            self.pads,
+        )
         n, c, h, w = x.shape
         oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
         ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
@@ -271,8 +278,7 @@ class Pool2d(Op):
     def _taps(self, k: KernelBuilder, x: Buffer, out: Buffer, visit) -> None:
         n, c, h, w = x.shape
         _, _, oh, ow = out.shape
-        (kh, kw), (sh, sw), (dh, dw), (pt, pl, _, _) = (
-            self.kernel, self.strides, self.dilations, self.pads)
+        (kh, kw), (sh, sw), (dh, dw), (pt, pl, _, _) = (self.kernel, self.strides, self.dilations, self.pads)
         with k.loop(n * c * oh, "parallel", "row") as r:
             plane, y = r // oh, r % oh
             with k.loop(ow, "vector", "x") as xx:
@@ -280,8 +286,12 @@ class Pool2d(Op):
                 for i in range(kh):
                     for j in range(kw):
                         iy, ix = y * sh + (i * dh - pt), xx * sw + (j * dw - pl)
-                        taps.append((logical_and(in_range(iy, 0, h), in_range(ix, 0, w)),
-                                     (plane // c, plane % c, iy, ix)))
+                        taps.append(
+                            (
+                                logical_and(in_range(iy, 0, h), in_range(ix, 0, w)),
+                                (plane // c, plane % c, iy, ix),
+                            )
+                        )
                 k.store(out, r * ow + xx, visit(taps))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from contextlib import ExitStack
 from math import prod
 
@@ -45,9 +44,7 @@ class Reduce(Op):
         if x.dtype not in self.accepts:
             raise GraphError(f"{self.name}: dtype {x.dtype} not accepted")
         axes = self._axes(x.rank)
-        shape = tuple(
-            1 if i in axes else d for i, d in enumerate(x.shape) if self.keepdims or i not in axes
-        )
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape) if self.keepdims or i not in axes)
         return x.with_shape(shape)
 
     def lower(self, k: KernelBuilder, ins, out) -> None:
@@ -188,9 +185,7 @@ class LayerNorm(Op):
         axis = normalize_axis("layer_norm", self.axis, x.rank)
         for name, t in (("scale", scale), ("bias", bias)):
             if t is not None and (t.shape != x.shape[axis:] or t.dtype != x.dtype):
-                raise GraphError(
-                    f"layer_norm: {name} is {t}, expected {x.dtype} of shape {x.shape[axis:]}"
-                )
+                raise GraphError(f"layer_norm: {name} is {t}, expected {x.dtype} of shape {x.shape[axis:]}")
         return x
 
     def reference(self, x, scale, bias=None):
@@ -203,8 +198,7 @@ class LayerNorm(Op):
     def lower(self, k, ins, out):
         x, scale = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
-        outer, n, _ = _split(x.shape, normalize_axis("layer_norm", self.axis, len(x.shape)),
-                             len(x.shape))
+        outer, n, _ = _split(x.shape, normalize_axis("layer_norm", self.axis, len(x.shape)), len(x.shape))
         with k.loop(outer, "parallel", "row") as r:
             s = k.local(x.dtype, 0.0, "sum")
             with k.loop(n, "vector", "j") as j:
@@ -218,4 +212,3 @@ class LayerNorm(Op):
             with k.loop(n, "vector", "j") as j:
                 y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
                 k.store(out, r * n + j, y + bias.load_flat(j) if bias is not None else y)
-

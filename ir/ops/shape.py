@@ -6,8 +6,7 @@ from math import prod
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, cast, const, in_range, logical_and, select
-from codegen.kir import guarded_load
+from codegen.kir import Buffer, Expr, KernelBuilder, cast, const, guarded_load, in_range, logical_and, select
 from ir.errors import GraphError
 from ir.ops import Fusion, Op, normalize_axis, register
 from ir.types import TensorType
@@ -97,7 +96,11 @@ class Concat(Op):
         axis = normalize_axis("concat", self.axis, first.rank)
         for pos, t in enumerate(xs):
             rest = t.shape[:axis] + t.shape[axis + 1 :]
-            if t.rank != first.rank or t.dtype != first.dtype or rest != first.shape[:axis] + first.shape[axis + 1 :]:
+            if (
+                t.rank != first.rank
+                or t.dtype != first.dtype
+                or rest != first.shape[:axis] + first.shape[axis + 1 :]
+            ):
                 raise GraphError(
                     f"concat: input {pos} is {t}, incompatible with input 0 {first} along axis {axis}"
                 )
@@ -182,7 +185,9 @@ class Pad(Op):
 
     def reference(self, x):
         r = x.ndim
-        crop = tuple(slice(max(-b, 0), d - max(-e, 0)) for d, b, e in zip(x.shape, self.pads[:r], self.pads[r:]))
+        crop = tuple(
+            slice(max(-b, 0), d - max(-e, 0)) for d, b, e in zip(x.shape, self.pads[:r], self.pads[r:])
+        )
         widths = [(max(b, 0), max(e, 0)) for b, e in zip(self.pads[:r], self.pads[r:])]
         return np.pad(x[crop], widths, constant_values=self.value)
 
