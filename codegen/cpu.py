@@ -14,7 +14,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 
 from codegen import kir
-from codegen.llvm_emit import I64, PTR, FunctionWriter
+from codegen.llvm_emit import I64, PTR, FunctionWriter, loop_metadata
 
 
 @functools.cache
@@ -47,21 +47,25 @@ def target_id(cpu_name: str | None = None) -> str:
 
 
 def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Function:
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), symbol)
-    fn.visibility = "hidden"
-    bufs, begin, end = fn.args
+    """The kernel body takes each buffer as its own `noalias` pointer (a kernel's buffers
+    are distinct values, which the memory plan keeps apart while they are live), so
+    LLVM may keep loaded values in registers across stores; the exported entry point
+    unpacks the `bufs` array the thread pool passes and calls it."""
+    n = len(kernel.params)
+    body_fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR] * n + [I64, I64]), f"{symbol}.body")
+    body_fn.linkage = "internal"
+    for arg in body_fn.args[:n]:
+        arg.add_attribute("noalias")
+    begin, end = body_fn.args[n], body_fn.args[n + 1]
     parallel = kernel.parallel_loop
 
     def loop_hook(w: FunctionWriter, loop: kir.Loop) -> bool:
         if loop is not parallel:
             return False
-        w.counted_loop(loop.var, begin, end, loop.body)
+        w.counted_loop(loop.var, begin, end, loop.body, loop.kind)
         return True
 
-    writer = FunctionWriter(fn, {}, loop_hook)
-    for i, buf in enumerate(kernel.params):
-        slot = writer.b.gep(bufs, [ir.Constant(I64, i)], inbounds=True, source_etype=PTR)
-        writer.pointers[buf] = writer.b.load(slot, typ=PTR, name=buf.name)
+    writer = FunctionWriter(body_fn, dict(zip(kernel.params, body_fn.args[:n])), loop_hook)
     if parallel is None:
         # run once, on the call with begin == 0
         with writer.b.if_then(writer.b.icmp_signed("==", begin, ir.Constant(I64, 0))):
@@ -69,6 +73,17 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Functi
     else:
         writer.stmts(kernel.body)
     writer.finish()
+
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), symbol)
+    fn.visibility = "hidden"
+    bufs, fbegin, fend = fn.args
+    b = ir.IRBuilder(fn.append_basic_block())
+    pointers = [
+        b.load(b.gep(bufs, [ir.Constant(I64, i)], inbounds=True, source_etype=PTR), typ=PTR, name=buf.name)
+        for i, buf in enumerate(kernel.params)
+    ]
+    b.call(body_fn, [*pointers, fbegin, fend])
+    b.ret_void()
     return fn
 
 
@@ -85,7 +100,7 @@ def build_module(kernels: list[kir.Kernel], prefix: str, cpu_name: str | None = 
 def optimize(module: ir.Module, cpu_name: str | None = None) -> llvm.ModuleRef:
     """Parse, verify and run LLVM's O3 pipeline (with loop and SLP vectorization)."""
     tm = target_machine(cpu_name)
-    mod = llvm.parse_assembly(str(module))
+    mod = llvm.parse_assembly(loop_metadata(str(module)))
     mod.verify()
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True

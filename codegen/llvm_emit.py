@@ -9,6 +9,7 @@ how the loop kinds it treats specially (parallel, GPU-bound) are entered.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from llvmlite import ir
@@ -33,6 +34,29 @@ _ICMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 _LIBM64 = {"exp": "exp", "log": "log", "tanh": "tanh", "erf": "erf"}
 
 LoopHook = Callable[["FunctionWriter", kir.Loop], bool]
+
+LOOP_TAG = "kiln.loop."
+_LOOP_TAG_LINE = re.compile(r'^(!\d+) = !\{\s*!"kiln\.loop\.(\w+)\.[^"]*"\s*\}$', re.MULTILINE)
+
+
+def loop_metadata(llvm_ir: str) -> str:
+    """Turn each loop's kind tag into LLVM loop metadata, so LLVM's vectorizer works on
+    the loops the kernel IR marks `vector` and leaves the others alone (left to itself it
+    may vectorize an outer loop with gathers once it has unrolled a short inner one).
+
+    llvmlite cannot write the self-referencing `distinct` node a loop ID must be, so
+    the tags are rewritten in the module's text."""
+    extra = len(re.findall(r"^!\d+ = ", llvm_ir, re.MULTILINE)) + 1000
+    on, off = f"!{extra}", f"!{extra + 1}"
+
+    def rewrite(m: re.Match) -> str:
+        return f"{m[1]} = distinct !{{{m[1]}, {on if m[2] == 'vector' else off}}}"
+
+    text = _LOOP_TAG_LINE.sub(rewrite, llvm_ir)
+    return (
+        text + f'\n{on} = !{{!"llvm.loop.vectorize.enable", i1 true}}\n'
+        f'{off} = !{{!"llvm.loop.vectorize.enable", i1 false}}\n'
+    )
 
 
 class FunctionWriter:
@@ -73,7 +97,7 @@ class FunctionWriter:
             self._cache = {}
             if isinstance(s, kir.Loop):
                 if not (self.loop_hook and self.loop_hook(self, s)):
-                    self.counted_loop(s.var, ir.Constant(I64, 0), self.expr(s.extent), s.body)
+                    self.counted_loop(s.var, ir.Constant(I64, 0), self.expr(s.extent), s.body, s.kind)
             elif isinstance(s, kir.Store):
                 value = self.expr(s.value)
                 if s.buf.dtype == "bool":
@@ -91,8 +115,10 @@ class FunctionWriter:
             else:
                 raise TypeError(f"unknown statement {s!r}")
 
-    def counted_loop(self, var: kir.Var, start: ir.Value, stop: ir.Value, body: list[kir.Stmt]) -> None:
-        """for (var = start; var < stop; ++var) body"""
+    def counted_loop(
+        self, var: kir.Var, start: ir.Value, stop: ir.Value, body: list[kir.Stmt], kind: str
+    ) -> None:
+        """for (var = start; var < stop; ++var) body, tagged with its kind (see loop_metadata)"""
         slot = self.slot(var, I64, var.name)
         self.b.store(start, slot)
         head = self.fn.append_basic_block(f"{var.name}.head")
@@ -104,7 +130,9 @@ class FunctionWriter:
         self.b.position_at_end(loop)
         self.stmts(body)
         self.b.store(self.b.add(self.b.load(slot, typ=I64), ir.Constant(I64, 1), flags=["nsw"]), slot)
-        self.b.branch(head)
+        back_edge = self.b.branch(head)
+        tag = ir.MetaDataString(self.module, f"{LOOP_TAG}{kind}.{self.fn.name}.{var.name}")
+        back_edge.set_metadata("llvm.loop", self.module.add_metadata([tag]))
         self.b.position_at_end(done)
 
     def bind(self, var: kir.Var, value: ir.Value) -> None:
@@ -153,7 +181,8 @@ class FunctionWriter:
     def _binary(self, op: str, a: ir.Value, c: ir.Value, dtype: str, reassoc: bool) -> ir.Value:
         b = self.b
         if dtype in kir.FLOAT_DTYPES:
-            flags = ("reassoc", "nsz") if reassoc else ()
+            # contract: a*b+c may become one FMA (more accurate, never less)
+            flags = ("contract", "reassoc", "nsz") if reassoc else ("contract",)
             simple = {"add": b.fadd, "sub": b.fsub, "mul": b.fmul, "div": b.fdiv, "rem": b.frem}
             if op in simple:
                 return simple[op](a, c, flags=flags)

@@ -19,6 +19,19 @@ I32 = ir.IntType(32)
 I1 = ir.IntType(1)
 
 
+class _ContractingBuilder(ir.IRBuilder):
+    """An IRBuilder whose float adds and multiplies may fuse into FMAs ("contract")."""
+
+    def fadd(self, lhs, rhs, name="", flags=()):
+        return super().fadd(lhs, rhs, name, flags=("contract", *flags))
+
+    def fsub(self, lhs, rhs, name="", flags=()):
+        return super().fsub(lhs, rhs, name, flags=("contract", *flags))
+
+    def fmul(self, lhs, rhs, name="", flags=()):
+        return super().fmul(lhs, rhs, name, flags=("contract", *flags))
+
+
 def _c(v: float) -> ir.Constant:
     return ir.Constant(F32, v)
 
@@ -108,6 +121,26 @@ def _log(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     return _select_nan(b, x, r)
 
 
+def _exp_small(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """exp(x) for x in [0, 88]: the same polynomial as _exp without the range handling."""
+    n = _intrinsic(b, "llvm.rint", b.fmul(x, _c(1.44269504088896341)))
+    r = b.fsub(b.fsub(x, b.fmul(n, _c(0.693359375))), b.fmul(n, _c(-2.12194440e-4)))
+    p = _poly(
+        b,
+        r,
+        [
+            1.9875691500e-4,
+            1.3981999507e-3,
+            8.3334519073e-3,
+            4.1665795894e-2,
+            1.6666665459e-1,
+            5.0000001201e-1,
+        ],
+    )
+    y = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), _c(1.0))
+    return b.fmul(y, _pow2(b, b.fptosi(n, I32)))
+
+
 def _tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     a = _intrinsic(b, "llvm.fabs", x)
     z = b.fmul(x, x)
@@ -115,9 +148,10 @@ def _tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
         b, z, [-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1]
     )
     near0 = b.fadd(b.fmul(b.fmul(p, z), x), x)
-    far = b.fsub(_c(1.0), b.fdiv(_c(2.0), b.fadd(_exp(b, b.fadd(a, a)), _c(1.0))))
+    a9 = _intrinsic(b, "llvm.minnum", a, _c(9.0))  # tanh(9) rounds to 1 in float32
+    far = b.fsub(_c(1.0), b.fdiv(_c(2.0), b.fadd(_exp_small(b, b.fadd(a9, a9)), _c(1.0))))
     far = _intrinsic(b, "llvm.copysign", far, x)
-    return b.select(b.fcmp_ordered("<", a, _c(0.625)), near0, far)
+    return b.select(b.fcmp_unordered("<", a, _c(0.625)), near0, far)
 
 
 def _erf(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
@@ -169,6 +203,6 @@ def math_function(module: ir.Module, name: str) -> ir.Function:
     fn = ir.Function(module, ir.FunctionType(F32, [F32]), symbol)
     fn.linkage = "internal"
     fn.attributes.add("alwaysinline")
-    b = ir.IRBuilder(fn.append_basic_block())
+    b = _ContractingBuilder(fn.append_basic_block())
     b.ret(BODIES[name](b, fn.args[0]))
     return fn

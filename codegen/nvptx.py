@@ -20,7 +20,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 
 from codegen import kir
-from codegen.llvm_emit import I32, I64, PTR, FunctionWriter
+from codegen.llvm_emit import I32, I64, PTR, FunctionWriter, loop_metadata
 from ir.errors import CompileError, UnsupportedError
 
 TRIPLE = "nvptx64-nvidia-cuda"
@@ -88,7 +88,7 @@ def ptx_module(kernels: list[kir.Kernel], arch: str = DEFAULT_ARCH) -> str:
     for k in kernels:
         launch_dims(k)
         _emit(module, k)
-    mod = llvm.parse_assembly(str(module))
+    mod = llvm.parse_assembly(loop_metadata(str(module)))
     mod.verify()
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pb = llvm.create_pass_builder(tm, pto)

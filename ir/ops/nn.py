@@ -62,25 +62,49 @@ def _batch_offset(p: Expr, batch: tuple[int, ...], operand: tuple[int, ...], per
     return offset if isinstance(offset, Expr) else p * 0
 
 
-def lower_matmul(k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buffer | None) -> None:
-    """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], one output row per parallel step.
+#: k steps per pass over an output row: each pass loads and stores the row once
+MATMUL_K_UNROLL = 8
+#: output rows computed together, so each loaded vector of b serves that many rows
+MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
 
-    The n loop is innermost and contiguous in b and out, so it vectorizes; the row of
-    out stays in L1 while k sweeps over it.
+
+def lower_matmul(k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buffer | None) -> None:
+    """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a block of rows per parallel step.
+
+    The n loop is innermost and contiguous in b and out, so it vectorizes. Each sweep
+    of it takes MATMUL_K_UNROLL steps of k for R rows at once: a vector of b is loaded
+    once for R rows, and a vector of out once per that many steps. Sums run in k order.
     """
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
-    rows = prod(batch) * m
-    with k.loop(rows, "parallel", "row") as r:
-        p, mi = r // m, r % m
-        a_row = _batch_offset(p, batch, a_batch, m * kk) + mi * kk
+    rows_per_block = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
+    blocks = prod(batch) * m // rows_per_block
+    with k.loop(blocks, "parallel", "rows") as blk:
+        first_row = blk * rows_per_block
+        p, mi = first_row // m, first_row % m
+        a_rows = [_batch_offset(p, batch, a_batch, m * kk) + (mi + i) * kk for i in range(rows_per_block)]
+        out_rows = [(first_row + i) * n for i in range(rows_per_block)]
         b_mat = _batch_offset(p, batch, b_batch, kk * n)
         with k.loop(n, "vector", "n") as j:
             init = bias.load_flat(j) if bias is not None else k_const(out, 0.0)
-            k.store(out, r * n + j, init)
-        with k.loop(kk, "serial", "k") as q:
-            av = a.load_flat(a_row + q)
+            for row in out_rows:
+                k.store(out, row + j, init)
+
+        def sweep(first_k: Expr, steps: int) -> None:
+            coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
             with k.loop(n, "vector", "n") as j:
-                k.store(out, r * n + j, out.load_flat(r * n + j) + av * b.load_flat(b_mat + q * n + j))
+                bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
+                for row, row_coeffs in zip(out_rows, coeffs):
+                    acc = out.load_flat(row + j)
+                    for av, bv in zip(row_coeffs, bs):
+                        acc = acc + av * bv
+                    k.store(out, row + j, acc)
+
+        unroll = MATMUL_K_UNROLL
+        if kk >= unroll:
+            with k.loop(kk // unroll, "serial", "k") as q:
+                sweep(q * unroll, unroll)
+        if kk % unroll:
+            sweep(const(kk - kk % unroll, "int64"), kk % unroll)
 
 
 def k_const(buf: Buffer, value: float) -> Expr:
