@@ -246,6 +246,10 @@ def logical_or(a: Expr, b: Expr) -> Expr:
     return binary("or", a, b)
 
 
+def _unary_fn(op: str) -> staticmethod:
+    return staticmethod(lambda x: unary(op, x))
+
+
 class ExprBuilder:
     """What an op's `scalar` rule gets to build one element's computation with."""
 
@@ -257,37 +261,14 @@ class ExprBuilder:
     logical_and = staticmethod(logical_and)
     logical_or = staticmethod(logical_or)
 
-    @staticmethod
-    def exp(x: Expr) -> Expr:
-        return unary("exp", x)
-
-    @staticmethod
-    def log(x: Expr) -> Expr:
-        return unary("log", x)
-
-    @staticmethod
-    def sqrt(x: Expr) -> Expr:
-        return unary("sqrt", x)
-
-    @staticmethod
-    def tanh(x: Expr) -> Expr:
-        return unary("tanh", x)
-
-    @staticmethod
-    def erf(x: Expr) -> Expr:
-        return unary("erf", x)
-
-    @staticmethod
-    def abs(x: Expr) -> Expr:
-        return unary("abs", x)
-
-    @staticmethod
-    def floor(x: Expr) -> Expr:
-        return unary("floor", x)
-
-    @staticmethod
-    def logical_not(x: Expr) -> Expr:
-        return unary("not", x)
+    exp = _unary_fn("exp")
+    log = _unary_fn("log")
+    sqrt = _unary_fn("sqrt")
+    tanh = _unary_fn("tanh")
+    erf = _unary_fn("erf")
+    abs = _unary_fn("abs")
+    floor = _unary_fn("floor")
+    logical_not = _unary_fn("not")
 
     @staticmethod
     def pow(x: Expr, y: Expr) -> Expr:

@@ -59,23 +59,28 @@ def _pow2(b: ir.IRBuilder, n: ir.Value) -> ir.Value:
     return b.bitcast(b.shl(b.add(n, ir.Constant(I32, 127)), ir.Constant(I32, 23)), F32)
 
 
+_LOG2E = 1.44269504088896341
+_EXP_POLY = [
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+]
+
+
+def _exp_reduced(b: ir.IRBuilder, x: ir.Value, n: ir.Value) -> ir.Value:
+    """exp(x - n ln 2) for n the integer nearest x / ln 2 (Cephes: ln 2 split in two
+    parts so that the reduction is exact, then a degree-7 polynomial)."""
+    r = b.fsub(b.fsub(x, b.fmul(n, _c(0.693359375))), b.fmul(n, _c(-2.12194440e-4)))
+    return b.fadd(b.fadd(b.fmul(_poly(b, r, _EXP_POLY), b.fmul(r, r)), r), _c(1.0))
+
+
 def _exp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     xc = _intrinsic(b, "llvm.maxnum", _intrinsic(b, "llvm.minnum", x, _c(88.8)), _c(-104.0))
-    n = _intrinsic(b, "llvm.floor", b.fadd(b.fmul(xc, _c(1.44269504088896341)), _c(0.5)))
-    r = b.fsub(b.fsub(xc, b.fmul(n, _c(0.693359375))), b.fmul(n, _c(-2.12194440e-4)))
-    p = _poly(
-        b,
-        r,
-        [
-            1.9875691500e-4,
-            1.3981999507e-3,
-            8.3334519073e-3,
-            4.1665795894e-2,
-            1.6666665459e-1,
-            5.0000001201e-1,
-        ],
-    )
-    y = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), _c(1.0))
+    n = _intrinsic(b, "llvm.rint", b.fmul(xc, _c(_LOG2E)))
+    y = _exp_reduced(b, xc, n)
     ni = b.fptosi(n, I32)
     half = b.ashr(ni, ir.Constant(I32, 1))
     y = b.fmul(b.fmul(y, _pow2(b, half)), _pow2(b, b.sub(ni, half)))
@@ -122,23 +127,9 @@ def _log(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
 
 
 def _exp_small(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
-    """exp(x) for x in [0, 88]: the same polynomial as _exp without the range handling."""
-    n = _intrinsic(b, "llvm.rint", b.fmul(x, _c(1.44269504088896341)))
-    r = b.fsub(b.fsub(x, b.fmul(n, _c(0.693359375))), b.fmul(n, _c(-2.12194440e-4)))
-    p = _poly(
-        b,
-        r,
-        [
-            1.9875691500e-4,
-            1.3981999507e-3,
-            8.3334519073e-3,
-            4.1665795894e-2,
-            1.6666665459e-1,
-            5.0000001201e-1,
-        ],
-    )
-    y = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), _c(1.0))
-    return b.fmul(y, _pow2(b, b.fptosi(n, I32)))
+    """exp(x) for x in [0, 88]: _exp without the range handling, for tanh."""
+    n = _intrinsic(b, "llvm.rint", b.fmul(x, _c(_LOG2E)))
+    return b.fmul(_exp_reduced(b, x, n), _pow2(b, b.fptosi(n, I32)))
 
 
 def _tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
