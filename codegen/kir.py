@@ -375,13 +375,37 @@ class If:
 Stmt = Loop | Store | DeclareLocal | Assign | If
 
 
+def _extent_estimate(e: Expr) -> int:
+    """A loop extent's value, or for a clamped one like min(n - i, block), its bound."""
+    if isinstance(e, Const):
+        return int(e.value)
+    if isinstance(e, Binary) and e.op == "min":
+        return min(_extent_estimate(e.a), _extent_estimate(e.b))
+    return 1
+
+
+def estimate_work(body: list[Stmt]) -> int:
+    """Statements the body executes, loops multiplied out: what a kernel costs, roughly."""
+    total = 0
+    for s in body:
+        if isinstance(s, Loop):
+            total += max(_extent_estimate(s.extent), 0) * estimate_work(s.body)
+        elif isinstance(s, If):
+            total += estimate_work(s.body)
+        else:
+            total += 1
+    return total
+
+
 @dataclass(eq=False)
 class Kernel:
     name: str
     params: list[Buffer]
     body: list[Stmt]
-    #: rough count of scalar operations, for the decision to run in parallel
-    work: int = 0
+
+    @property
+    def work(self) -> int:
+        return estimate_work(self.body)
 
     @property
     def parallel_loop(self) -> Loop | None:
@@ -473,9 +497,9 @@ class KernelBuilder:
             raise TypeError(f"store to {buf.name} ({buf.dtype}) of a {value.dtype} value")
         self._emit(Store(buf, index, value))
 
-    def finish(self, work: int = 0) -> Kernel:
+    def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
-        return Kernel(self.name, self.params, self._stack[0], work)
+        return Kernel(self.name, self.params, self._stack[0])
 
 
 def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: object) -> Expr:

@@ -38,7 +38,7 @@ def bind_gpu(kernel: kir.Kernel, threads: int = 256) -> kir.Kernel:
     guarded = kir.If(index.lt(n), body)
     inner = kir.Loop(thread, kir.Const(threads, "int64"), "gpu_thread", [guarded])
     outer = kir.Loop(block, kir.Const(-(-n // threads), "int64"), "gpu_block", [inner])
-    return kir.Kernel(kernel.name, kernel.params, [outer], kernel.work)
+    return kir.Kernel(kernel.name, kernel.params, [outer])
 
 
 def launch_dims(kernel: kir.Kernel) -> tuple[int, int]:

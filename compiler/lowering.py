@@ -14,8 +14,9 @@ from codegen import kir
 from ir.graph import Node, Value
 from ir.ops import ElementwiseOp
 
-#: below this many elements a kernel is not worth waking the thread pool for
-PARALLEL_MIN_ELEMENTS = 1 << 15
+#: below this much work (statements executed, see kir.estimate_work) a kernel is not
+#: worth waking the thread pool for
+PARALLEL_MIN_WORK = 1 << 15
 
 
 @dataclass
@@ -28,7 +29,7 @@ class KernelCall:
     @property
     def parallel(self) -> bool:
         loop = self.kernel.parallel_loop
-        return loop is not None and self.kernel.work >= PARALLEL_MIN_ELEMENTS
+        return loop is not None and self.extent > 1 and self.kernel.work >= PARALLEL_MIN_WORK
 
     @property
     def extent(self) -> int:
@@ -74,8 +75,7 @@ def lower_node(node: Node, index: int, flat_block: int = 4096) -> KernelCall:
         lower_elementwise(k, node.op, ins, out)
     else:
         node.op.lower(k, ins, out)
-    work = max(v.type.numel for v in values)
-    return KernelCall(k.finish(work), values)
+    return KernelCall(k.finish(), values)
 
 
 def copy_call(src: Value, dst: Value, index: int) -> KernelCall:
@@ -85,4 +85,4 @@ def copy_call(src: Value, dst: Value, index: int) -> KernelCall:
     k = kir.KernelBuilder(f"k{index}_copy", [a, b])
     with k.flat(a.numel) as i:
         k.store(b, i, a.load_flat(i))
-    return KernelCall(k.finish(a.numel), [src, dst])
+    return KernelCall(k.finish(), [src, dst])

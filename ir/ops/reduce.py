@@ -125,10 +125,10 @@ class AxisSoftmax(Op):
             k.assign(m, maximum(m.ref, x.load_flat(at(j))), reduction=True)
         s = k.local(x.dtype, 0.0, "sum")
         with k.loop(n, "vector", "j") as j:
-            ex = e.exp(x.load_flat(at(j)) - m.ref)
+            ex = k.local(x.dtype, e.exp(x.load_flat(at(j)) - m.ref), "exp")
             if self.stores_exp:
-                k.store(out, at(j), ex)
-            k.assign(s, s.ref + ex, reduction=True)
+                k.store(out, at(j), ex.ref)
+            k.assign(s, s.ref + ex.ref, reduction=True)
         return m.ref, s.ref
 
     def lower(self, k, ins, out):
