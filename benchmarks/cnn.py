@@ -44,12 +44,12 @@ def main() -> None:
         model = mnist_cnn(batch=batch)
         x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28)).astype(np.float32)
         kiln = compile_model(model, name=f"cnn_b{batch}")
-        t_kiln = _timeit(lambda k=kiln: k(x))
+        t_kiln = _timeit(lambda k=kiln, x=x: k(x))
         if onnxruntime is None:
             print(f"{batch:>5} {t_kiln * 1e3:>9.3f} {'-':>9} {'-':>15}  (onnxruntime not installed)")
             continue
         sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        t_ort = _timeit(lambda s=sess: s.run(None, {"input": x}))
+        t_ort = _timeit(lambda s=sess, x=x: s.run(None, {"input": x}))
         diff = np.max(np.abs(kiln(x) - sess.run(None, {"input": x})[0]))
         print(f"{batch:>5} {t_kiln * 1e3:>9.3f} {t_ort * 1e3:>9.3f} {t_ort / t_kiln:>14.2f}x  {diff:.2e}")
 

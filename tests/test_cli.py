@@ -82,3 +82,21 @@ def test_run_with_wrong_input_shape(tmp_path):
         result.returncode == 2
         and "input 'input': expected shape (1, 1, 28, 28), got (2, 1, 28, 28)" in result.stderr
     )
+
+
+def test_emitted_code_uses_the_host_vector_width(tmp_path):
+    """AVX-512 registers where the host has them (this project's machines), AVX2 with --cpu."""
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    out = tmp_path / "host.so"
+    assert kiln("compile", str(MNIST_CNN_PATH), "-o", str(out), "--emit", "asm").returncode == 0
+    if features.get("avx512f"):
+        assert "zmm" in out.with_suffix(".s").read_text()
+    out = tmp_path / "avx2.so"
+    assert (
+        kiln("compile", str(MNIST_CNN_PATH), "-o", str(out), "--emit", "asm", "--cpu", "x86-64-v3").returncode
+        == 0
+    )
+    asm = out.with_suffix(".s").read_text()
+    assert "ymm" in asm and "zmm" not in asm
