@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from math import prod
 
 LOOP_KINDS = ("serial", "parallel", "vector", "gpu_block", "gpu_thread")
+ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
 FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int64", "int32")
 
@@ -128,6 +129,20 @@ class Unary(Expr):
 
 
 @dataclass(frozen=True, eq=False)
+class MulAdd(Expr):
+    """a * b + c, which a backend may compute with one rounding (an FMA). Only where
+    that is welcome: contractions' accumulations, not code that relies on x - x == 0."""
+
+    a: Expr
+    b: Expr
+    c: Expr
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.a.dtype
+
+
+@dataclass(frozen=True, eq=False)
 class Compare(Expr):
     op: str  # lt le gt ge eq ne
     a: Expr
@@ -219,6 +234,12 @@ def compare(op: str, a: Expr, b: Expr) -> Expr:
     if a.dtype != b.dtype:
         raise TypeError(f"kernel IR compare {op}: operand dtypes differ ({a.dtype} vs {b.dtype})")
     return Compare(op, a, b)
+
+
+def muladd(a: Expr, b: Expr, c: Expr) -> Expr:
+    if not a.dtype == b.dtype == c.dtype:
+        raise TypeError(f"kernel IR muladd: dtypes differ ({a.dtype}, {b.dtype}, {c.dtype})")
+    return MulAdd(a, b, c)
 
 
 def select(cond: Expr, a: object, b: object) -> Expr:
@@ -397,6 +418,32 @@ def estimate_work(body: list[Stmt]) -> int:
     return total
 
 
+def _expr_flops(e: Expr) -> int:
+    """Floating-point operations in one evaluation of e (a muladd counts two)."""
+    if isinstance(e, (Const, Var, LocalRef, Load)):
+        return 0
+    own = 0
+    if e.dtype in FLOAT_DTYPES or isinstance(e, Compare) and e.a.dtype in FLOAT_DTYPES:
+        own = 2 if isinstance(e, MulAdd) else 0 if isinstance(e, (Select, Cast)) else 1
+    children = [getattr(e, f) for f in ("a", "b", "c", "cond") if isinstance(getattr(e, f, None), Expr)]
+    return own + sum(_expr_flops(c) for c in children)
+
+
+def estimate_flops(body: list[Stmt]) -> int:
+    """Floating-point operations the body executes, loops multiplied out."""
+    total = 0
+    for s in body:
+        if isinstance(s, Loop):
+            total += max(_extent_estimate(s.extent), 0) * estimate_flops(s.body)
+        elif isinstance(s, If):
+            total += estimate_flops(s.body)
+        elif isinstance(s, Store):
+            total += _expr_flops(s.value)
+        elif isinstance(s, (Assign, DeclareLocal)):
+            total += _expr_flops(s.value if isinstance(s, Assign) else s.init)
+    return total
+
+
 @dataclass(eq=False)
 class Kernel:
     name: str
@@ -406,6 +453,15 @@ class Kernel:
     @property
     def work(self) -> int:
         return estimate_work(self.body)
+
+    @property
+    def flops(self) -> int:
+        return estimate_flops(self.body)
+
+    @property
+    def bytes(self) -> int:
+        """The fewest bytes the kernel must move: each buffer read or written once."""
+        return sum(b.numel * ITEMSIZE[b.dtype] for b in self.params)
 
     @property
     def parallel_loop(self) -> Loop | None:
@@ -534,6 +590,8 @@ def substitute(e: Expr, env: dict[Var, Expr]) -> Expr:
         return Unary(e.op, substitute(e.a, env))
     if isinstance(e, Select):
         return Select(substitute(e.cond, env), substitute(e.a, env), substitute(e.b, env))
+    if isinstance(e, MulAdd):
+        return MulAdd(substitute(e.a, env), substitute(e.b, env), substitute(e.c, env))
     if isinstance(e, Cast):
         return Cast(substitute(e.a, env), e.dtype)
     raise TypeError(f"unknown expression {e!r}")

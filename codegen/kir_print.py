@@ -37,6 +37,8 @@ def expr_text(e: kir.Expr) -> str:
         return f"{e.op}({expr_text(e.a)}, {expr_text(e.b)})"
     if isinstance(e, kir.Unary):
         return f"{e.op}({expr_text(e.a)})"
+    if isinstance(e, kir.MulAdd):
+        return f"muladd({expr_text(e.a)}, {expr_text(e.b)}, {expr_text(e.c)})"
     if isinstance(e, kir.Select):
         return f"select({expr_text(e.cond)}, {expr_text(e.a)}, {expr_text(e.b)})"
     if isinstance(e, kir.Cast):

@@ -169,6 +169,11 @@ class FunctionWriter:
             return b.icmp_signed(_ICMP[e.op], a, c)
         if isinstance(e, kir.Select):
             return b.select(self.expr(e.cond), self.expr(e.a), self.expr(e.b))
+        if isinstance(e, kir.MulAdd):
+            x, y, z = self.expr(e.a), self.expr(e.b), self.expr(e.c)
+            if e.dtype in kir.FLOAT_DTYPES:
+                return self._call_intrinsic("llvm.fmuladd", x, y, z)
+            return b.add(b.mul(x, y), z)
         if isinstance(e, kir.Cast):
             return self._cast(self.expr(e.a), e.a.dtype, e.dtype)
         raise TypeError(f"unknown expression {e!r}")
@@ -181,8 +186,7 @@ class FunctionWriter:
     def _binary(self, op: str, a: ir.Value, c: ir.Value, dtype: str, reassoc: bool) -> ir.Value:
         b = self.b
         if dtype in kir.FLOAT_DTYPES:
-            # contract: a*b+c may become one FMA (more accurate, never less)
-            flags = ("contract", "reassoc", "nsz") if reassoc else ("contract",)
+            flags = ("reassoc", "nsz") if reassoc else ()
             simple = {"add": b.fadd, "sub": b.fsub, "mul": b.fmul, "div": b.fdiv, "rem": b.frem}
             if op in simple:
                 return simple[op](a, c, flags=flags)

@@ -86,24 +86,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from codegen.kir_print import kernel_text
     from compiler.driver import lower_graph, to_graph
+    from compiler.report import dot_source, kernels_table, memory_table, render_dot
 
     graph = to_graph(args.model, dict(args.input_shape or []))
-    lowered = lower_graph(graph, args.name)
-    print(graph)
-    print(f"\n{len(lowered.calls)} kernels:")
-    for call, launch in zip(lowered.calls, lowered.program.launches):
-        mode = f"parallel x{launch.extent}" if launch.parallel else "serial"
-        print(
-            f"  {launch.symbol}  ({mode})  "
-            + ", ".join(f"{v.name}@{r.space}+{r.index}" for v, r in zip(call.values, launch.args))
-        )
+    lowered = lower_graph(graph, args.name, fuse=not args.no_fuse)
+    print(lowered.graph)
+    print()
+    print(kernels_table(lowered, with_ir=args.kernels))
     print(f"\nmemory: {lowered.plan.report()}")
-    if args.kernels:
-        for call in lowered.calls:
-            print()
-            print(kernel_text(call.kernel))
+    if args.memory:
+        print(memory_table(lowered))
+    if args.dot:
+        Path(args.dot).write_text(dot_source(lowered))
+        svg = render_dot(Path(args.dot))
+        print(f"wrote {args.dot}" + (f" and {svg}" if svg else " (install graphviz's dot for an SVG)"))
     return 0
 
 
@@ -162,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="the ONNX file")
     i.add_argument("--name", default="model", help="C symbol prefix for kernel names")
     i.add_argument("--kernels", action="store_true", help="also print each kernel's loop nest")
+    i.add_argument("--memory", action="store_true", help="print the memory plan, buffer by buffer")
+    i.add_argument("--dot", metavar="FILE", help="write the fused graph for Graphviz (kernels as clusters)")
+    i.add_argument("--no-fuse", action="store_true", help="show the unfused program (one kernel per op)")
     i.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")
     i.set_defaults(func=_inspect)
 

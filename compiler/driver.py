@@ -18,11 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen import cabi, cpu
-from compiler.lowering import KernelCall, copy_call, lower_node
-from compiler.memory import ALIGN, MemoryPlan, plan_memory
+from codegen import cabi, cpu, kir
+from compiler.fusion import Group, partition
+from compiler.lowering import KernelCall, c_name, copy_call, lower_group
+from compiler.memory import ALIGN, InPlace, MemoryPlan, plan_memory
+from compiler.passes import simplify
 from ir.errors import UnsupportedError
 from ir.graph import Graph, Value
+from ir.ops import Fusion
 from ir.printer import print_graph
 from ir.verify import verify
 from runtime import CompiledModel
@@ -35,7 +38,8 @@ TARGETS = ("cpu",)
 class Lowered:
     """A graph taken down to kernels, bindings and memory: what `kiln inspect` shows."""
 
-    graph: Graph
+    graph: Graph  # after simplification
+    groups: list[Group]
     calls: list[KernelCall]
     plan: MemoryPlan
     program: cabi.Program
@@ -49,54 +53,101 @@ def to_graph(model: object, input_shapes: dict[str, tuple[int, ...]] | None = No
     return import_onnx(model, input_shapes=input_shapes)  # type: ignore[arg-type]
 
 
-def lower_graph(graph: Graph, name: str, gpu_threads: int | None = None) -> Lowered:
-    """Lower every node to a kernel, lay out memory, and describe the library's ABI.
+def _writes(group: Group, users: dict[Value, list], outputs: set[Value]) -> list[Value]:
+    """The values a group computes that something outside it reads: it must store them."""
+    return [
+        n.outputs[0]
+        for n in group.nodes
+        if n.outputs[0] in outputs or any(u not in group.nodes for u in users[n.outputs[0]])
+    ]
 
-    With `gpu_threads`, kernels are scheduled for the GPU (one element per parallel
+
+def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | None = None) -> Lowered:
+    """Simplify, partition into kernels, plan memory, lower, and describe the library's ABI.
+
+    `fuse=False` keeps one kernel per op on the same simplified graph. With
+    `gpu_threads`, kernels are scheduled for the GPU (one element per parallel
     iteration, bound to blocks of that many threads): the CPU library built from
     them runs the GPU kernels' exact loop structure, which is how they are tested."""
     verify(graph)
-    if gpu_threads is None:
-        calls = [lower_node(node, i) for i, node in enumerate(graph.nodes)]
-    else:
-        from codegen.nvptx import bind_gpu
+    graph = simplify(graph)
+    groups = partition(graph, fuse)
+    users, outputs = graph.consumers(), set(graph.outputs)
+    kernels = [g for g in groups if g.kind != "view"]
+    views = [(g.tail, g.nodes[0].inputs[0]) for g in groups if g.kind == "view"]
 
-        calls = [lower_node(node, i, flat_block=1) for i, node in enumerate(graph.nodes)]
-        calls = [KernelCall(bind_gpu(c.kernel, gpu_threads), c.values) for c in calls]
-    storage: dict[Value, cabi.BufferRef] = {v: cabi.BufferRef("input", i) for i, v in enumerate(graph.inputs)}
-    weights = bytearray()
+    schedule: list[list[Value]] = []
+    writes: list[list[Value]] = []
+    in_place: list[InPlace] = []
+    for t, g in enumerate(kernels):
+        produced = g.produced()
+        reads = list(dict.fromkeys(v for n in g.nodes for v in n.inputs if v not in produced))
+        writes.append(_writes(g, users, outputs))
+        schedule.append(reads + writes[-1])
+        if g.anchor is None and g.nodes[0].op.fusion == Fusion.ELEMENTWISE:
+            full = [x for x in reads if x.type.shape == g.shape]
+            in_place += [InPlace(t, y, [x for x in full if x.type.dtype == y.type.dtype]) for y in writes[-1]]
+
+    # graph outputs: written in place by their kernel, or copied (inputs, params, repeats)
+    slots: list[Value] = []
+    copies: list[tuple[Value, Value]] = []
+    produced_by_kernel = {v for g in kernels for v in g.produced()}
+    for v in graph.outputs:
+        if v in produced_by_kernel and v not in slots:
+            slots.append(v)
+        else:
+            slot = Value(v.name, v.type)
+            slots.append(slot)
+            copies.append((v, slot))
+            schedule.append([v, slot])
+
+    weights, weight_offsets = bytearray(), {}
     for v, array in graph.params.items():
-        storage[v] = cabi.BufferRef("weights", len(weights))
+        weight_offsets[v] = len(weights)
         weights += np.ascontiguousarray(array).tobytes()
         weights += bytes(-len(weights) % ALIGN)
-    produced = {v for node in graph.nodes for v in node.outputs}
-    outputs: list[Value] = []
-    for j, v in enumerate(graph.outputs):
-        slot = Value(f"{v.name}", v.type)
-        if v in produced and v not in storage:
-            storage[v] = cabi.BufferRef("output", j)
-        else:  # an input, a param or a repeated output: copy it out
-            storage[slot] = cabi.BufferRef("output", j)
-            calls.append(copy_call(v, slot, len(calls)))
-        outputs.append(v)
-    intermediates = [v for v in produced if v not in storage]
-    plan = plan_memory([c.values for c in calls], intermediates, len(weights))
-    for v, offset in plan.offsets.items():
-        storage[v] = cabi.BufferRef("arena", offset)
+    pins: dict[Value, cabi.BufferRef] = {v: cabi.BufferRef("input", i) for i, v in enumerate(graph.inputs)}
+    pins.update({v: cabi.BufferRef("weights", o) for v, o in weight_offsets.items()})
+    pins.update({v: cabi.BufferRef("output", j) for j, v in enumerate(slots)})
+    plan = plan_memory(schedule, set(pins), views, in_place, len(weights))
+
+    pinned_classes = {plan.root.get(v, v): ref for v, ref in pins.items()}
+
+    def storage(v: Value) -> cabi.BufferRef:
+        root = plan.root.get(v, v)
+        return pinned_classes.get(root) or cabi.BufferRef("arena", plan.offsets[root])
+
+    buffers: dict[Value, kir.Buffer] = {}
+
+    def buffer_for(v: Value) -> kir.Buffer:
+        root = plan.root.get(v, v)
+        if root not in buffers:
+            buffers[root] = kir.Buffer(c_name(root.name), root.type.dtype, root.type.shape)
+        base = buffers[root]
+        return base if v.type.shape == base.shape else base.view(v.type.shape)
+
+    flat_block = 1 if gpu_threads is not None else 4096
+    calls = [lower_group(g, i, writes[i], buffer_for, flat_block) for i, g in enumerate(kernels)]
+    for src, slot in copies:
+        calls.append(copy_call(buffer_for(src), buffer_for(slot), [src, slot], len(calls)))
+    if gpu_threads is not None:
+        from codegen.nvptx import bind_gpu
+
+        calls = [KernelCall(bind_gpu(c.kernel, gpu_threads), c.values, c.nodes) for c in calls]
     launches = [
-        cabi.Launch(f"{name}_{c.kernel.name}", tuple(storage[v] for v in c.values), c.extent, c.parallel)
+        cabi.Launch(f"{name}_{c.kernel.name}", tuple(storage(v) for v in c.values), c.extent, c.parallel)
         for c in calls
     ]
     spec = lambda v: cabi.TensorSpec(v.name, v.type.dtype, v.type.shape)  # noqa: E731
     program = cabi.Program(
         name,
         [spec(v) for v in graph.inputs],
-        [spec(v) for v in outputs],
+        [spec(v) for v in graph.outputs],
         launches,
         plan.arena_bytes,
         bytes(weights),
     )
-    return Lowered(graph, calls, plan, program)
+    return Lowered(graph, groups, calls, plan, program)
 
 
 @functools.cache
@@ -154,11 +205,11 @@ def compile_model(
 ) -> CompiledModel:
     """Compile an ONNX file / ModelProto / ir Graph into a native library and load it.
 
-    `name` prefixes every C symbol (NAME_create, NAME_run, ...). `fuse` selects
-    operator fusion (the fusion pass is a later step: today each op is a kernel
-    either way). `emit` may hold "llvm" and/or "asm" to keep the LLVM IR or
-    assembly beside the library. `cpu_name` targets an LLVM CPU (e.g. "x86-64-v3"
-    for any AVX2 machine) instead of this host's own.
+    `name` prefixes every C symbol (NAME_create, NAME_run, ...). `fuse=False` keeps
+    one kernel per op (the baseline that fused code is measured against). `emit` may
+    hold "llvm" and/or "asm" to keep the LLVM IR or assembly beside the library.
+    `cpu_name` targets an LLVM CPU (e.g. "x86-64-v3" for any AVX2 machine) instead of
+    this host's own.
     """
     if target not in TARGETS:
         raise UnsupportedError(f"target {target!r} is not supported (supported: {', '.join(TARGETS)})")
@@ -169,7 +220,7 @@ def compile_model(
     so = final / f"{name}.so"
     if not so.exists() or emit:
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(cache_dir())))
-        build(lower_graph(graph, name), staging, emit, cpu_name)
+        build(lower_graph(graph, name, fuse), staging, emit, cpu_name)
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)
         try:

@@ -43,12 +43,18 @@ def test_compile_then_run(tmp_path, rng):
     np.testing.assert_allclose(y, interpret(to_graph(MNIST_CNN_PATH), [x])[0], rtol=1e-4, atol=1e-6)
 
 
-def test_inspect_shows_ir_kernels_and_memory():
-    result = kiln("inspect", str(MNIST_CNN_PATH), "--kernels")
+def test_inspect_shows_ir_kernels_and_memory(tmp_path):
+    result = kiln("inspect", str(MNIST_CNN_PATH), "--kernels", "--memory", "--dot", str(tmp_path / "g.dot"))
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "conv2d(%input, %conv1.weight, %conv1.bias)" in text
-    assert "13 kernels:" in text and "memory: arena" in text and "kernel k0_conv2d(" in text
+    assert "8 kernels (12 ops):" in text and "k2_conv2d_relu" in text and "4.468" in text  # MFLOP
+    assert "memory: arena 108,160 B (lower bound 108,160 B, 1.00x" in text
+    assert "kernel k0_conv2d_relu(" in text and "conv3.relu, flat" in text  # flatten is a view
+    dot = (tmp_path / "g.dot").read_text()
+    assert "subgraph cluster_0" in dot and "flatten (view)" in dot
+    unfused = kiln("inspect", str(MNIST_CNN_PATH), "--no-fuse").stdout
+    assert "12 kernels (12 ops):" in unfused
 
 
 def test_demo_runs_python_and_c():

@@ -28,10 +28,11 @@ def schedules(draw):
 @settings(max_examples=200, deadline=None)
 def test_live_values_never_overlap(case):
     schedule, values = case
-    plan = plan_memory(schedule, values, 0)
+    plan = plan_memory(schedule, set(), [], [], 0)
     live = {v: [t for t, vs in enumerate(schedule) if v in vs] for v in values}
     span = {v: (min(ts), max(ts)) for v, ts in live.items()}
     for a in values:
+        assert plan.root[a] is a  # no views, no in-place candidates: every value is its own class
         assert plan.offsets[a] % ALIGN == 0
         assert plan.offsets[a] + a.type.nbytes <= plan.arena_bytes
         for b in values:
@@ -50,6 +51,41 @@ def test_a_chain_reuses_memory():
     """x → v0 → v1 → ... : each value dies as the next is made, so two buffers suffice."""
     values = [Value(f"v{i}", TensorType("float32", (1024,))) for i in range(6)]
     schedule = [[values[0]]] + [[values[i - 1], values[i]] for i in range(1, 6)]
-    plan = plan_memory(schedule, values, 0)
+    plan = plan_memory(schedule, set(), [], [], 0)
     assert plan.arena_bytes == plan.lower_bound == 2 * 4096
     assert plan.naive_bytes == 6 * 4096
+
+
+def _chain(n: int, size: int = 1024) -> list[Value]:
+    return [Value(f"v{i}", TensorType("float32", (size,))) for i in range(n)]
+
+
+def test_in_place_when_the_input_dies_here():
+    """v0 → v1 → v2 → v3, each kernel elementwise: every output may overwrite its input."""
+    from compiler.memory import InPlace
+
+    v = _chain(4)
+    schedule = [[v[0]]] + [[v[i - 1], v[i]] for i in range(1, 4)]
+    cands = [InPlace(i, v[i], [v[i - 1]]) for i in range(1, 4)]
+    plan = plan_memory(schedule, set(), [], cands, 0)
+    assert len({plan.root[x] for x in v}) == 1 and plan.arena_bytes == 4096
+    assert len(plan.in_place) == 3
+
+
+def test_no_in_place_when_the_input_is_read_later_or_pinned():
+    from compiler.memory import InPlace
+
+    v = _chain(3)
+    schedule = [[v[0]], [v[0], v[1]], [v[0], v[1], v[2]]]  # v0 is read again by kernel 2
+    plan = plan_memory(schedule, set(), [], [InPlace(1, v[1], [v[0]])], 0)
+    assert plan.root[v[1]] is not plan.root[v[0]] and not plan.in_place
+    plan = plan_memory(schedule[:2], {v[0]}, [], [InPlace(1, v[1], [v[0]])], 0)  # v0 a graph input
+    assert not plan.in_place
+
+
+def test_views_share_their_base_and_extend_its_life():
+    base, view, other = _chain(3)
+    schedule = [[base], [other], [view, other]]
+    plan = plan_memory(schedule, set(), [(view, base)], [], 0)
+    assert plan.root[view] is plan.root[base]
+    assert plan.offsets[plan.root[base]] != plan.offsets[plan.root[other]]  # base lives until step 2

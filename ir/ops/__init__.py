@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -31,6 +32,10 @@ class Fusion(enum.Enum):
 
 
 REGISTRY: dict[str, type[Op]] = {}
+
+#: An epilogue fused into an op's lowering: (the value about to be stored, its flat
+#: index in the output) → the value to store instead.
+Epilogue = Callable[["Expr", "Expr"], "Expr"]
 
 
 def register(name: str, fusion: Fusion):
@@ -66,6 +71,11 @@ class Op:
     fusion: ClassVar[Fusion]
     #: how many inputs the op takes: (fewest, most)
     arity: ClassVar[tuple[int, int]] = (1, 1)
+    #: lower() applies an elementwise epilogue at its final store (fusion may use it)
+    accepts_epilogue: ClassVar[bool] = False
+    #: lower() only calls shape, dtype and load_flat on input 0, so fusion may pass an
+    #: elementwise computation (a prologue) in place of a buffer
+    accepts_prologue: ClassVar[bool] = False
 
     def attrs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -76,7 +86,9 @@ class Op:
     def reference(self, *inputs: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer) -> None:
+    def lower(
+        self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue: Epilogue | None = None
+    ) -> None:
         """Write this op's loop nest; only non-elementwise ops define it."""
         raise NotImplementedError(f"op {self.name} has no lowering")
 

@@ -17,10 +17,11 @@ from codegen.kir import (
     in_range,
     logical_and,
     maximum,
+    muladd,
     select,
 )
 from ir.errors import GraphError
-from ir.ops import Fusion, Op, broadcast_shapes, register
+from ir.ops import Epilogue, Fusion, Op, broadcast_shapes, register
 from ir.types import TensorType
 
 
@@ -68,7 +69,9 @@ MATMUL_K_UNROLL = 8
 MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
 
 
-def lower_matmul(k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buffer | None) -> None:
+def lower_matmul(
+    k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buffer | None, epilogue: Epilogue | None
+) -> None:
     """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a block of rows per parallel step.
 
     The n loop is innermost and contiguous in b and out, so it vectorizes. Each sweep
@@ -96,7 +99,7 @@ def lower_matmul(k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buff
                 for row, row_coeffs in zip(out_rows, coeffs):
                     acc = out.load_flat(row + j)
                     for av, bv in zip(row_coeffs, bs):
-                        acc = acc + av * bv
+                        acc = muladd(av, bv, acc)
                     k.store(out, row + j, acc)
 
         unroll = MATMUL_K_UNROLL
@@ -105,6 +108,10 @@ def lower_matmul(k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buff
                 sweep(q * unroll, unroll)
         if kk % unroll:
             sweep(const(kk - kk % unroll, "int64"), kk % unroll)
+        if epilogue is not None:  # one more pass over the rows, while they are in L1
+            with k.loop(n, "vector", "n") as j:
+                for row in out_rows:
+                    k.store(out, row + j, epilogue(out.load_flat(row + j), row + j))
 
 
 def k_const(buf: Buffer, value: float) -> Expr:
@@ -114,6 +121,7 @@ def k_const(buf: Buffer, value: float) -> Expr:
 @register("matmul", Fusion.CONTRACTION)
 class MatMul(Op):
     arity = (2, 2)
+    accepts_epilogue = True
 
     def infer(self, a: TensorType, b: TensorType) -> TensorType:
         _require_float("matmul", a, b)
@@ -122,8 +130,8 @@ class MatMul(Op):
     def reference(self, a, b):
         return np.matmul(a, b)
 
-    def lower(self, k, ins, out):
-        lower_matmul(k, ins[0], ins[1], out, None)
+    def lower(self, k, ins, out, epilogue=None):
+        lower_matmul(k, ins[0], ins[1], out, None, epilogue)
 
 
 @register("linear", Fusion.CONTRACTION)
@@ -131,6 +139,7 @@ class Linear(Op):
     """x @ w + bias, w of shape (in, out) as in a Keras Dense kernel."""
 
     arity = (2, 3)
+    accepts_epilogue = True
 
     def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("linear", x, w, *([bias] if bias else []))
@@ -144,11 +153,12 @@ class Linear(Op):
         y = np.matmul(x, w)
         return y + bias if bias is not None else y
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x, w = ins[0], ins[1]
         rows = prod(x.shape[:-1])
         x2 = x.view((rows, x.shape[-1]))
-        lower_matmul(k, x2, w, out.view((rows, w.shape[1])), ins[2] if len(ins) > 2 else None)
+        bias = ins[2] if len(ins) > 2 else None
+        lower_matmul(k, x2, w, out.view((rows, w.shape[1])), bias, epilogue)
 
 
 # --------------------------------------------------------------------------- conv and pooling
@@ -180,6 +190,7 @@ class Conv2d(Op):
     """NCHW convolution; w is (out_channels, in_channels / groups, kh, kw)."""
 
     arity = (2, 3)
+    accepts_epilogue = True
     strides: tuple[int, ...] = (1, 1)
     pads: tuple[int, ...] = (0, 0, 0, 0)  # top, left, bottom, right
     dilations: tuple[int, ...] = (1, 1)
@@ -228,7 +239,7 @@ class Conv2d(Op):
             out += bias.reshape(1, -1, 1, 1)
         return out.astype(x.dtype)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         """Per (image, filter): start from the bias, then for each input channel and tap
         add w * the shifted input plane over the output positions whose input is inside
         (computed at compile time), so padding costs no test in the inner loop."""
@@ -259,7 +270,11 @@ class Conv2d(Op):
                             with k.loop(ow_hi - ow_lo, "vector", "x") as xx:
                                 at = row_out + ow_lo + xx
                                 src = x.load_flat(row_in + (xx + ow_lo) * sw + j * dw - pl)
-                                k.store(out, at, out.load_flat(at) + tap * src)
+                                k.store(out, at, muladd(tap, src, out.load_flat(at)))
+            if epilogue is not None:  # one more pass over the plane, while it is in L1
+                with k.loop(oh * ow, "vector", "s") as s:
+                    at = p * (oh * ow) + s
+                    k.store(out, at, epilogue(out.load_flat(at), at))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +339,7 @@ class MaxPool2d(Pool2d):
     def reference(self, x):
         return np.max([v for v, _ in self._windows(x, -np.inf)], axis=0).astype(x.dtype)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
 
         def visit(taps):
@@ -349,7 +364,7 @@ class AvgPool2d(Pool2d):
             count = np.sum([m for _, m in windows], axis=0)
         return (total / count).astype(x.dtype)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
 
         def visit(taps):
@@ -373,7 +388,7 @@ class GlobalAvgPool2d(Op):
     def reference(self, x):
         return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(x.dtype)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         n, c, h, w = x.shape
         with k.loop(n * c, "parallel", "plane") as p:
@@ -404,7 +419,7 @@ class BatchNorm(Op):
         inv = (scale / np.sqrt(var + x.dtype.type(self.epsilon))).reshape(shape)
         return ((x - mean.reshape(shape)) * inv + bias.reshape(shape)).astype(x.dtype)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         e = ExprBuilder
         x, scale, bias, mean, var = ins
         c = x.shape[1]

@@ -31,6 +31,8 @@ class Reduce(Op):
     axes: tuple[int, ...] | None = None  # None: all axes
     keepdims: bool = True
     accepts = ("float32", "float64", "int64", "int32")
+    accepts_epilogue = True
+    accepts_prologue = True
 
     def _axes(self, rank: int) -> tuple[int, ...]:
         if self.axes is None:
@@ -47,7 +49,7 @@ class Reduce(Op):
         shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape) if self.keepdims or i not in axes)
         return x.with_shape(shape)
 
-    def lower(self, k: KernelBuilder, ins, out) -> None:
+    def lower(self, k: KernelBuilder, ins, out, epilogue=None) -> None:
         """One accumulator per output element; the reduced axes are loops inside it."""
         x = ins[0]
         axes = self._axes(len(x.shape))
@@ -64,8 +66,10 @@ class Reduce(Op):
                     kind = "vector" if a == axes[-1] else "serial"
                     offset = loops.enter_context(k.loop(x.shape[a], kind, "red")) * strides[a] + offset
                 k.assign(acc, self.combine(acc.ref, x.load_flat(offset)), reduction=True)
-            count = prod(x.shape[a] for a in axes)
-            k.store(kept_view, idx, self.finish(acc.ref, count))
+            result = self.finish(acc.ref, prod(x.shape[a] for a in axes))
+            if epilogue is not None:
+                result = epilogue(result, kept_view.offset(idx))
+            k.store(kept_view, idx, result)
 
     def init(self, dtype: str) -> float:
         return 0.0
@@ -112,6 +116,8 @@ class ReduceMax(Reduce):
 @dataclasses.dataclass(frozen=True)
 class AxisSoftmax(Op):
     axis: int = -1
+    accepts_epilogue = True
+    accepts_prologue = True
 
     def infer(self, x: TensorType) -> TensorType:
         _float(self.name, x)
@@ -131,7 +137,7 @@ class AxisSoftmax(Op):
             k.assign(s, s.ref + ex.ref, reduction=True)
         return m.ref, s.ref
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         outer, n, inner = _split(x.shape, normalize_axis(self.name, self.axis, len(x.shape)))
         with k.loop(outer * inner, "parallel", "row") as r:
@@ -141,7 +147,7 @@ class AxisSoftmax(Op):
                 return base + j * inner
 
             m, s = self._max_and_sum(k, x, out, n, at)
-            self.normalize(k, x, out, n, at, m, s)
+            self.normalize(k, x, out, n, at, m, s, epilogue or (lambda v, _: v))
 
 
 @register("softmax", Fusion.REDUCTION)
@@ -152,10 +158,10 @@ class Softmax(AxisSoftmax):
         ex = np.exp(x - x.max(axis=self.axis, keepdims=True))
         return ex / ex.sum(axis=self.axis, keepdims=True)
 
-    def normalize(self, k, x, out, n, at, m, s):
+    def normalize(self, k, x, out, n, at, m, s, epilogue):
         inv = 1.0 / s
         with k.loop(n, "vector", "j") as j:
-            k.store(out, at(j), out.load_flat(at(j)) * inv)
+            k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j)))
 
 
 @register("log_softmax", Fusion.REDUCTION)
@@ -166,10 +172,10 @@ class LogSoftmax(AxisSoftmax):
         shifted = x - x.max(axis=self.axis, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=self.axis, keepdims=True))
 
-    def normalize(self, k, x, out, n, at, m, s):
+    def normalize(self, k, x, out, n, at, m, s, epilogue):
         lse = m + e.log(s)
         with k.loop(n, "vector", "j") as j:
-            k.store(out, at(j), x.load_flat(at(j)) - lse)
+            k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j)))
 
 
 @register("layer_norm", Fusion.REDUCTION)
@@ -177,6 +183,8 @@ class LayerNorm(Op):
     """Normalize over axes [axis, rank): (x - mean) / sqrt(var + eps) * scale + bias."""
 
     arity = (2, 3)
+    accepts_epilogue = True
+    accepts_prologue = True
     axis: int = -1
     epsilon: float = 1e-5
 
@@ -195,7 +203,7 @@ class LayerNorm(Op):
         y = (x - mean) / np.sqrt(var + x.dtype.type(self.epsilon)) * scale
         return y + bias if bias is not None else y
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x, scale = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         outer, n, _ = _split(x.shape, normalize_axis("layer_norm", self.axis, len(x.shape)), len(x.shape))
@@ -211,4 +219,5 @@ class LayerNorm(Op):
             rstd = k.local(x.dtype, 1.0 / e.sqrt(v.ref / float(n) + self.epsilon), "rstd")
             with k.loop(n, "vector", "j") as j:
                 y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
-                k.store(out, r * n + j, y + bias.load_flat(j) if bias is not None else y)
+                y = y + bias.load_flat(j) if bias is not None else y
+                k.store(out, r * n + j, epilogue(y, r * n + j) if epilogue is not None else y)

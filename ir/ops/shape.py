@@ -39,7 +39,7 @@ class Reshape(Op):
     def reference(self, x):
         return x.reshape(self.shape)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         copy_flat(k, ins[0], out)
 
 
@@ -56,7 +56,7 @@ class Flatten(Op):
     def reference(self, x):
         return x.reshape(self.infer(TensorType.of(x)).shape)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         copy_flat(k, ins[0], out)
 
 
@@ -76,7 +76,7 @@ class Transpose(Op):
     def reference(self, x):
         return np.ascontiguousarray(np.transpose(x, self._perm(x.ndim)))
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         perm = self._perm(len(x.shape))
         with k.nest(out.shape) as idx:
@@ -110,7 +110,7 @@ class Concat(Op):
     def reference(self, *xs):
         return np.concatenate(xs, axis=self.axis)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         axis = normalize_axis("concat", self.axis, len(out.shape))
         start = 0
         for x in ins:
@@ -161,7 +161,7 @@ class Slice(Op):
         picks = [s + st * np.arange(c) for s, st, c in self.ranges(x.shape)]
         return np.ascontiguousarray(x[np.ix_(*picks)]) if picks else x.copy()
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         rs = self.ranges(x.shape)
         with k.nest(out.shape) as idx:
@@ -191,7 +191,7 @@ class Pad(Op):
         widths = [(max(b, 0), max(e, 0)) for b, e in zip(self.pads[:r], self.pads[r:])]
         return np.pad(x[crop], widths, constant_values=self.value)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         r = len(x.shape)
         with k.nest(out.shape) as idx:
@@ -222,7 +222,7 @@ class Gather(Op):
     def reference(self, data, indices):
         return np.take(data, indices, axis=self.axis)
 
-    def lower(self, k, ins, out):
+    def lower(self, k, ins, out, epilogue=None):
         data, indices = ins
         a = normalize_axis("gather", self.axis, len(data.shape))
         d, r = data.shape[a], len(indices.shape)

@@ -1,0 +1,187 @@
+"""Fusion: partition a graph's nodes into groups, each lowered to one kernel.
+
+Rules, by each op's fusion class:
+- elementwise ops with the same output shape chain into one group; a node joins the
+  group of each of its producers it can, so diamonds (x → a, x → b, a + b) fuse whole;
+- elementwise ops after a contraction (matmul, linear, conv2d) or a reduction (reduce_*,
+  softmax, log_softmax, layer_norm) become its epilogue, applied as it stores;
+- an elementwise group whose only result feeds a reduction becomes its prologue,
+  computed as the reduction reads (recomputed on each of its passes: cheaper than a
+  round trip through memory);
+- reshape and flatten are views: no kernel, the memory plan gives them their input's bytes.
+
+Correctness. A group is a set of nodes that becomes one kernel running at one point
+of the schedule, so two groups may merge only if no path leaves one and comes back
+through a third (that third group would have to run both before and after): checked
+with each value's set of ancestor nodes. Values a group computes that something
+outside it reads are stored (a kernel may have several outputs), so nothing is
+computed twice, except a prologue (by rule). A contraction's or a reduction's raw
+result must have no reader but the epilogue, which overwrites it in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ir.graph import Graph, Node, Value
+from ir.ops import Fusion
+
+VIEW_OPS = ("reshape", "flatten")
+
+
+@dataclass(eq=False)
+class Group:
+    nodes: list[Node]
+    kind: str  # "elementwise" | "anchored" (contraction/reduction + pro/epilogue) | "single" | "view"
+    anchor: Node | None = None
+    prologue: list[Node] = field(default_factory=list)
+    bits: int = 0  # the nodes, as bits of their graph positions
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the group's loops run over."""
+        node = self.anchor or self.nodes[0]
+        return node.outputs[0].type.shape
+
+    @property
+    def tail(self) -> Value:
+        return self.nodes[-1].outputs[0]
+
+    def produced(self) -> set[Value]:
+        return {n.outputs[0] for n in self.nodes}
+
+    def label(self) -> str:
+        return "+".join(n.op.name for n in self.nodes)
+
+
+class _Partitioner:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.users = graph.consumers()
+        self.outputs = set(graph.outputs)
+        self.position = {n: i for i, n in enumerate(graph.nodes)}
+        self.ancestors: dict[Value, int] = {v: 0 for v in [*graph.inputs, *graph.params]}
+        for i, n in enumerate(graph.nodes):
+            bits = 1 << i
+            for v in n.inputs:
+                bits |= self.ancestors[v]
+            self.ancestors[n.outputs[0]] = bits
+        self.group_of: dict[Node, Group] = {}
+
+    def new_group(self, node: Node, kind: str) -> Group:
+        g = Group([node], kind, node if kind == "anchored" else None, bits=1 << self.position[node])
+        self.group_of[node] = g
+        return g
+
+    def external_inputs(self, g: Group) -> list[Value]:
+        inside = g.produced()
+        return [v for n in g.nodes for v in n.inputs if v not in inside]
+
+    def independent(self, a: Group, b: Group) -> bool:
+        """No path from a to b through another group, nor from b to a: they may merge."""
+        inside = a.produced() | b.produced()
+        for src, dst in ((a, b), (b, a)):
+            for v in self.external_inputs(dst):
+                if v not in inside and self.ancestors[v] & src.bits:
+                    return False
+        return True
+
+    def merge(self, into: Group, other: Group) -> None:
+        order = sorted(into.nodes + other.nodes, key=self.position.__getitem__)
+        into.nodes[:] = order
+        into.bits |= other.bits
+        for n in other.nodes:
+            self.group_of[n] = into
+
+    def sole_reader(self, v: Value, node: Node) -> bool:
+        return v not in self.outputs and all(u is node for u in self.users[v])
+
+    def try_elementwise(self, node: Node) -> None:
+        """Merge node's group into each producer group it may join (see the module doc)."""
+        own = self.group_of[node]
+        for v in node.inputs:
+            g = self._group_producing(v)
+            if g is None or g is own or not self.independent(g, own):
+                continue
+            if g.kind == "elementwise" == own.kind and g.shape == own.shape:
+                self.merge(g, own)
+                own = g
+            elif g.kind == "anchored" and self._epilogue_fits(g, own, node, v):
+                self.merge(g, own)
+                own = g
+
+    def _epilogue_fits(self, g: Group, own: Group, node: Node, v: Value) -> bool:
+        return (
+            own.nodes == [node]
+            and v is g.tail
+            and g.anchor.op.accepts_epilogue
+            and node.outputs[0].type.shape == g.shape
+            and self.sole_reader(v, node)
+        )
+
+    def _group_producing(self, v: Value) -> Group | None:
+        node = self._producers.get(v)
+        return self.group_of.get(node) if node is not None else None
+
+    def try_prologue(self, node: Node) -> None:
+        """node is an anchor that accepts a prologue on input 0: absorb its producer group."""
+        x = node.inputs[0]
+        g = self._group_producing(x)
+        own = self.group_of[node]
+        if g is None or g.kind != "elementwise" or g.tail is not x or not self.sole_reader(x, node):
+            return
+        inside = g.produced()
+        if any(u not in g.nodes for v in inside - {x} for u in self.users[v]) or inside & self.outputs:
+            return  # another reader needs one of its values: it must stay a kernel
+        if not self.independent(g, own):
+            return
+        own.prologue = list(g.nodes)
+        self.merge(own, g)
+
+    def run(self, fuse: bool) -> list[Group]:
+        self._producers = self.graph.producers()
+        groups: list[Group] = []
+        for node in self.graph.nodes:
+            out = node.outputs[0]
+            if node.op.name in VIEW_OPS and out not in self.outputs:
+                groups.append(self.new_group(node, "view"))
+                continue
+            fusion = node.op.fusion
+            if not fuse:
+                groups.append(self.new_group(node, "single"))
+            elif fusion == Fusion.ELEMENTWISE:
+                groups.append(self.new_group(node, "elementwise"))
+                self.try_elementwise(node)
+            elif node.op.accepts_epilogue or node.op.accepts_prologue:
+                groups.append(self.new_group(node, "anchored"))
+                if node.op.accepts_prologue:
+                    self.try_prologue(node)
+            else:
+                groups.append(self.new_group(node, "single"))
+        unique = list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes))
+        return _schedule(unique, self.graph)
+
+
+def _schedule(groups: list[Group], graph: Graph) -> list[Group]:
+    """Groups in an order where each runs after the groups it reads from."""
+    producer = {n.outputs[0]: g for g in groups for n in g.nodes}
+    done: set[int] = set()
+    order: list[Group] = []
+    pending = list(groups)
+    while pending:
+        for g in pending:
+            inside = g.produced()
+            deps = {id(producer[v]) for n in g.nodes for v in n.inputs if v in producer and v not in inside}
+            if deps <= done:
+                order.append(g)
+                done.add(id(g))
+                pending.remove(g)
+                break
+        else:
+            raise AssertionError("fusion produced a cycle between groups")
+    return order
+
+
+def partition(graph: Graph, fuse: bool = True) -> list[Group]:
+    """The graph's nodes as groups in schedule order (fuse=False: one node per group)."""
+    return _Partitioner(graph).run(fuse)

@@ -1,0 +1,135 @@
+"""Graph simplification before fusion. Each pass is Graph → Graph and keeps meaning:
+tests run the interpreter before and after every one.
+
+`simplify` runs them in the order that lets each feed the next: batch norm folds
+into a conv's weights, constants fold (a transposed constant weight becomes a
+stored weight), equal nodes merge, and what no output needs is dropped. Dropout and
+Identity never reach the graph: the ONNX importer removes them as it reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ir.graph import Graph, Node, Value
+
+#: constants are folded only up to this many elements, so weights do not balloon
+FOLD_MAX_ELEMENTS = 1 << 24
+
+
+def _rewire(
+    graph: Graph, nodes: list[Node], params: dict[Value, np.ndarray], replace: dict[Value, Value]
+) -> Graph:
+    """A new graph with `nodes`, every use of a key of `replace` pointing at its value."""
+
+    def sub(v: Value) -> Value:
+        while v in replace:
+            v = replace[v]
+        return v
+
+    new_nodes = [Node(n.op, [sub(v) for v in n.inputs], n.outputs, n.name) for n in nodes]
+    return Graph(graph.inputs, [sub(v) for v in graph.outputs], new_nodes, params, graph.name)
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """A node whose inputs are all params is evaluated now; its output becomes a param.
+
+    Safe: the reference implementation defines the op. Left alone: results larger
+    than FOLD_MAX_ELEMENTS. This is also what folds a transpose (or any reshaping) of
+    a constant weight into the stored weight, so a MatMul reads it directly.
+    """
+    params = dict(graph.params)
+    nodes = []
+    for node in graph.nodes:
+        out = node.outputs[0]
+        if all(v in params for v in node.inputs) and out.type.numel <= FOLD_MAX_ELEMENTS:
+            with np.errstate(all="ignore"):
+                result = node.op.reference(*(params[v] for v in node.inputs))
+            params[out] = np.ascontiguousarray(np.asarray(result, out.type.np_dtype).reshape(out.type.shape))
+        else:
+            nodes.append(node)
+    return Graph(graph.inputs, graph.outputs, nodes, params, graph.name)
+
+
+def fold_batchnorm(graph: Graph) -> Graph:
+    """conv2d / linear → batch_norm (inference) becomes one conv2d / linear.
+
+    BN at inference is a per-channel affine map y * s + t with s = scale / sqrt(var +
+    eps) and t = bias - mean * s, so it folds into the weights (scaled per output
+    channel) and the bias (b * s + t): one pass over the output less. Left alone:
+    a BN whose input has another consumer or is a graph output, non-constant BN or
+    conv parameters, and BN after linear unless the channel axis is the last one.
+    """
+    users = graph.consumers()
+    producers = graph.producers()
+    outputs = set(graph.outputs)
+    params = dict(graph.params)
+    replaced: dict[Node, Node] = {}
+    dropped: set[Node] = set()
+    for bn in graph.nodes:
+        if bn.op.name != "batch_norm":
+            continue
+        y, *stats = bn.inputs
+        conv = producers.get(y)
+        if conv is None or conv.op.name not in ("conv2d", "linear") or conv in replaced:
+            continue
+        if len(users[y]) != 1 or y in outputs or not all(v in params for v in stats + conv.inputs[1:]):
+            continue
+        if conv.op.name == "linear" and y.type.rank != 2:
+            continue
+        scale, bias, mean, var = (params[v].astype(np.float64) for v in stats)
+        s = scale / np.sqrt(var + bn.op.epsilon)
+        t = bias - mean * s
+        w = params[conv.inputs[1]].astype(np.float64)
+        w = w * s.reshape(-1, 1, 1, 1) if conv.op.name == "conv2d" else w * s.reshape(1, -1)
+        b = params[conv.inputs[2]].astype(np.float64) * s + t if len(conv.inputs) > 2 else t
+        dtype = y.type.np_dtype
+        w_v = Value(f"{conv.inputs[1].name}.bnfold", conv.inputs[1].type)
+        b_v = Value(f"{bn.name}.bnfold_bias", y.type.with_shape((y.type.shape[1],)))
+        params[w_v], params[b_v] = w.astype(dtype), b.astype(dtype)
+        replaced[bn] = Node(conv.op, [conv.inputs[0], w_v, b_v], bn.outputs, conv.name)
+        dropped.add(conv)
+    nodes = [replaced.get(n, n) for n in graph.nodes if n not in dropped]
+    return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
+
+
+def merge_common(graph: Graph) -> Graph:
+    """Nodes applying the same op (same attributes) to the same inputs become one.
+
+    Safe: ops are pure. The later node's output is replaced by the earlier one's.
+    """
+    seen: dict[tuple, Value] = {}
+    replace: dict[Value, Value] = {}
+    nodes = []
+    for node in graph.nodes:
+        inputs = tuple(id(replace.get(v, v)) for v in node.inputs)
+        key = (node.op, inputs)
+        if key in seen:
+            replace[node.outputs[0]] = seen[key]
+            continue
+        seen[key] = node.outputs[0]
+        nodes.append(node)
+    return _rewire(graph, nodes, graph.params, replace)
+
+
+def dead_code(graph: Graph) -> Graph:
+    """Drop nodes and params that no graph output depends on. Inputs stay (the ABI)."""
+    producers = graph.producers()
+    live: set[Value] = set()
+    stack = list(graph.outputs)
+    while stack:
+        v = stack.pop()
+        if v in live:
+            continue
+        live.add(v)
+        if v in producers:
+            stack.extend(producers[v].inputs)
+    nodes = [n for n in graph.nodes if n.outputs[0] in live]
+    params = {v: a for v, a in graph.params.items() if v in live}
+    return Graph(graph.inputs, graph.outputs, nodes, params, graph.name)
+
+
+def simplify(graph: Graph) -> Graph:
+    for p in (fold_batchnorm, fold_constants, merge_common, dead_code):
+        graph = p(graph)
+    return graph
