@@ -216,16 +216,18 @@ def compile_model(
     cabi.check_prefix(name)
     graph = to_graph(model, input_shapes)
     key = _cache_key(graph, name, target, fuse, cpu_name)
+    if emit:  # a build of its own, so the .ll / .s files are there
+        dest = Path(tempfile.mkdtemp(prefix=f"{key}.emit.", dir=_ensure(cache_dir())))
+        build(lower_graph(graph, name, fuse), dest, emit, cpu_name)
+        return CompiledModel(dest / f"{name}.so", name)
     final = cache_dir() / key
     so = final / f"{name}.so"
-    if not so.exists() or emit:
+    if not so.exists():
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(cache_dir())))
-        build(lower_graph(graph, name, fuse), staging, emit, cpu_name)
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
+        build(lower_graph(graph, name, fuse), staging, (), cpu_name)
         try:
-            staging.rename(final)
-        except OSError:  # another process finished the same build first
+            staging.rename(final)  # atomic: readers see all of a build or none
+        except OSError:  # another process finished the same build first; it is identical
             shutil.rmtree(staging, ignore_errors=True)
     return CompiledModel(so, name)
 

@@ -1,5 +1,6 @@
-"""Random graphs (hypothesis): diamonds, shared values, broadcasting, reductions, all
-compiled and run against the interpreter. The long sweep is marked slow."""
+"""Random graphs (hypothesis): diamonds, shared values, several consumers, broadcasting,
+reductions broadcast back, matmuls and reshapes (views), compiled fused and unfused
+and run against the interpreter. The long sweep is marked slow."""
 
 from __future__ import annotations
 
@@ -22,7 +23,21 @@ def graphs(draw):
     b = GraphBuilder("fuzz")
     pool = [b.input("x", (rows, cols)), b.input("y", (cols,))]
     for _ in range(draw(st.integers(1, 10))):
-        kind = draw(st.sampled_from(["unary", "binary", "softmax", "reduce", "matmul", "transpose2"]))
+        kind = draw(
+            st.sampled_from(
+                [
+                    "unary",
+                    "binary",
+                    "softmax",
+                    "reduce",
+                    "matmul",
+                    "transpose2",
+                    "reshape",
+                    "center",
+                    "layer_norm",
+                ]
+            )
+        )
         a = draw(st.sampled_from(pool))
         if kind == "unary":
             v = b.op(draw(st.sampled_from(UNARY)), a)
@@ -45,6 +60,12 @@ def graphs(draw):
             v = b.matmul(a, b.param("w", (w / np.sqrt(a.type.shape[1])).astype(np.float32)))
         elif kind == "transpose2" and a.type.rank == 2 and a.type.shape[0] == a.type.shape[1]:
             v = b.transpose(a)
+        elif kind == "reshape" and a.type.rank == 2:
+            v = b.reshape(b.reshape(a, shape=(a.type.numel,)), shape=a.type.shape)  # two views
+        elif kind == "center" and a.type.rank == 2:  # x - max(x): a reduction broadcast back
+            v = b.sub(a, b.reduce_max(a, axes=(-1,), keepdims=True))
+        elif kind == "layer_norm" and a.type.rank == 2:
+            v = b.layer_norm(a, b.param("g", np.ones(a.type.shape[-1:], np.float32)))
         else:
             continue
         pool.append(v)
@@ -56,10 +77,11 @@ def _check(graph, seed: int) -> None:
     rng = np.random.default_rng(seed)
     feeds = [rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs]
     expected = interpret(graph, feeds)
-    got = compile_model(graph, name="fuzz").run(*feeds)
-    for g, e in zip(got, expected):
-        scale = max(1.0, float(np.nanmax(np.abs(e), initial=0.0)))
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+    for fuse in (True, False):
+        got = compile_model(graph, name="fuzz", fuse=fuse).run(*feeds)
+        for g, e in zip(got, expected):
+            scale = max(1.0, float(np.nanmax(np.abs(e), initial=0.0)))
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
 
 
 @given(graphs(), st.integers(0, 2**31))

@@ -1,0 +1,140 @@
+"""The partitioner's rules, each with the groups it must form, the compiled fused
+program checked against the interpreter, and fused == unfused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler import compile_model
+from compiler.driver import lower_graph
+from compiler.fusion import partition
+from ir.builder import GraphBuilder
+from ir.interpreter import interpret
+
+
+def groups_of(graph) -> list[str]:
+    return [
+        "+".join(n.name for n in g.nodes) + (" (view)" if g.kind == "view" else "") for g in partition(graph)
+    ]
+
+
+def check(graph, rng, rtol=1e-4):
+    feeds = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in graph.inputs]
+    expected = interpret(graph, feeds)
+    for fuse in (True, False):
+        got = compile_model(graph, name="fused" if fuse else "unfused", fuse=fuse).run(*feeds)
+        for g, e in zip(got, expected):
+            scale = max(1.0, float(np.max(np.abs(e))))
+            np.testing.assert_allclose(g, e, rtol=rtol, atol=1e-5 * scale)
+
+
+def w(rng, *shape):
+    return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+
+def test_elementwise_chain_is_one_kernel(rng):
+    b = GraphBuilder()
+    x, y = b.input("x", (7, 33)), b.input("y", (33,))
+    graph = b.build(b.tanh(b.relu(b.mul(b.add(x, y), y))))
+    assert groups_of(graph) == ["add+mul+relu+tanh"]
+    check(graph, rng)
+
+
+def test_diamond_fuses_whole(rng):
+    b = GraphBuilder()
+    x = b.input("x", (5, 40))
+    graph = b.build(b.add(b.relu(x), b.exp(b.neg(x))))
+    assert groups_of(graph) == ["relu+neg+exp+add"]
+    check(graph, rng)
+
+
+def test_value_with_outside_readers_is_stored_once(rng):
+    b = GraphBuilder()
+    x = b.input("x", (6, 10))
+    a = b.relu(x)
+    graph = b.build(b.exp(a), b.softmax(a), a)
+    groups = groups_of(graph)
+    assert groups == ["relu+exp", "softmax"]
+    lowered = lower_graph(graph, "g")
+    assert sum(1 for c in lowered.calls if any(n.name == "relu" for n in c.nodes)) == 1  # not recomputed
+    check(graph, rng)
+
+
+def test_contraction_epilogue_bias_activation_residual(rng):
+    b = GraphBuilder()
+    x = b.input("x", (8, 16))
+    h = b.linear(x, b.param("w", w(rng, 16, 16)), b.param("b", w(rng, 16)))
+    graph = b.build(b.add(b.gelu(b.mul(h, b.param("s", np.float32(0.5).reshape(())))), x))
+    assert groups_of(graph) == ["linear+mul+gelu+add"]
+    check(graph, rng)
+
+
+def test_conv_epilogue(rng):
+    b = GraphBuilder()
+    x = b.input("x", (2, 3, 9, 9))
+    c = b.conv2d(x, b.param("w", w(rng, 4, 3, 3, 3)), pads=(1, 1, 1, 1))
+    graph = b.build(b.relu(b.add(c, b.param("bias", w(rng, 4, 1, 1)))))
+    assert groups_of(graph) == ["conv2d+add+relu"]
+    check(graph, rng)
+
+
+def test_no_epilogue_when_raw_result_has_another_reader(rng):
+    b = GraphBuilder()
+    y = b.matmul(b.input("x", (4, 8)), b.param("w", w(rng, 8, 8)))
+    graph = b.build(b.relu(y), b.exp(y))
+    assert groups_of(graph) == ["matmul", "relu", "exp"]  # siblings: no horizontal fusion (yet)
+    check(graph, rng)
+
+
+def test_reduction_prologue_and_epilogue(rng):
+    b = GraphBuilder()
+    x = b.input("x", (16, 64))
+    s = b.reduce_sum(b.exp(b.mul(x, x)), axes=(1,))
+    graph = b.build(b.sqrt(b.add(s, b.param("eps", np.float32(1e-3).reshape(())))))
+    assert groups_of(graph) == ["mul+exp+reduce_sum+add+sqrt"]
+    check(graph, rng)
+
+
+def test_softmax_and_layer_norm_take_prologues(rng):
+    b = GraphBuilder()
+    x = b.input("x", (12, 32))
+    sm = b.softmax(b.mul(x, b.param("t", np.float32(0.125).reshape(()))))
+    ln = b.layer_norm(b.add(x, b.exp(x)), b.param("g", w(rng, 32)), b.param("b", w(rng, 32)))
+    graph = b.build(b.add(sm, ln))
+    assert sorted(groups_of(graph)) == ["exp+add+layer_norm", "mul+softmax+add_0"]
+    check(graph, rng)
+
+
+def test_no_cycle_through_a_reduction(rng):
+    """a feeds a reduction whose result comes back to a's consumer: a's group cannot take c."""
+    b = GraphBuilder()
+    x = b.input("x", (9, 20))
+    a = b.relu(x)
+    m = b.reduce_max(a, axes=(1,))
+    graph = b.build(b.sub(a, m))  # x - max: broadcast back
+    assert groups_of(graph) == ["relu", "reduce_max", "sub"]
+    check(graph, rng)
+
+
+def test_reshape_is_a_view(rng):
+    b = GraphBuilder()
+    x = b.input("x", (4, 6))
+    graph = b.build(b.exp(b.reshape(b.relu(x), shape=(24,))))
+    assert groups_of(graph) == ["relu", "reshape (view)", "exp"]
+    lowered = lower_graph(graph, "g", fuse=True)
+    assert len(lowered.calls) == 2
+    check(graph, rng)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_in_place_reuse_is_correct(fuse, rng):
+    b = GraphBuilder()
+    x = b.input("x", (64, 64))
+    h = b.matmul(x, b.param("w", w(rng, 64, 64)))
+    y = b.tanh(b.relu(h))
+    graph = b.build(b.softmax(b.mul(y, y)))
+    lowered = lower_graph(graph, "g", fuse=fuse)
+    if not fuse:
+        assert lowered.plan.in_place  # relu over matmul's output, tanh over relu's, ...
+    check(graph, rng)

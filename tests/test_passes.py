@@ -1,0 +1,80 @@
+"""Each simplification pass: the graph expected after (as printed IR) and the
+interpreter's results unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compiler.passes import dead_code, fold_batchnorm, fold_constants, merge_common, simplify
+from ir.builder import GraphBuilder
+from ir.interpreter import interpret
+
+
+def _same_results(before, after, rng, rtol=1e-5):
+    feeds = [rng.standard_normal(v.type.shape).astype(v.type.np_dtype) for v in before.inputs]
+    for a, b in zip(interpret(before, feeds), interpret(after, feeds)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-5)
+
+
+def _body(graph) -> list[str]:
+    return [line.strip() for line in str(graph).splitlines()[1:-1] if not line.strip().startswith("param")]
+
+
+def test_fold_batchnorm_into_conv(rng):
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 3, 8, 8))
+    y = b.conv2d(
+        x,
+        b.param("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        b.param("cb", rng.standard_normal(4).astype(np.float32)),
+        pads=(1, 1, 1, 1),
+    )
+    stats = [
+        b.param(n, a.astype(np.float32))
+        for n, a in (
+            ("s", rng.standard_normal(4)),
+            ("t", rng.standard_normal(4)),
+            ("m", rng.standard_normal(4)),
+            ("v", rng.uniform(0.5, 2, 4)),
+        )
+    ]
+    before = b.build(b.relu(b.batch_norm(y, *stats, epsilon=1e-3)))
+    after = fold_batchnorm(before)
+    assert _body(after) == [
+        "%batch_norm = conv2d(%x, %w.bnfold, %batch_norm.bnfold_bias) {pads=(1, 1, 1, 1)} : f32[2,4,8,8]",
+        "%relu = relu(%batch_norm) : f32[2,4,8,8]",
+        "return %relu",
+    ]
+    _same_results(before, after, rng, rtol=1e-4)
+
+
+def test_batchnorm_stays_when_conv_output_has_another_reader(rng):
+    b = GraphBuilder("g")
+    y = b.conv2d(
+        b.input("x", (1, 2, 5, 5)), b.param("w", rng.standard_normal((2, 2, 1, 1)).astype(np.float32))
+    )
+    stats = [b.param(n, np.ones(2, np.float32)) for n in "stmv"]
+    graph = b.build(b.batch_norm(y, *stats), y)
+    assert fold_batchnorm(graph).nodes[1].op.name == "batch_norm"
+
+
+def test_fold_constants_folds_transposed_weight(rng):
+    b = GraphBuilder("g")
+    w = b.transpose(b.param("w", rng.standard_normal((5, 4)).astype(np.float32)))
+    before = b.build(b.matmul(b.input("x", (3, 4)), w))
+    after = fold_constants(before)
+    assert _body(after) == ["%matmul = matmul(%x, %transpose) : f32[3,5]", "return %matmul"]
+    assert after.params[w].flags.c_contiguous
+    _same_results(before, after, rng)
+
+
+def test_merge_common_and_dead_code(rng):
+    b = GraphBuilder("g")
+    x = b.input("x", (4,))
+    e1, e2 = b.exp(x), b.exp(x)
+    unused = b.tanh(x)  # noqa: F841
+    before = b.build(b.add(e1, e2))
+    after = dead_code(merge_common(before))
+    assert _body(after) == ["%exp = exp(%x) : f32[4]", "%add = add(%exp, %exp) : f32[4]", "return %add"]
+    _same_results(before, after, rng)
+    assert len(simplify(before).nodes) == 2
