@@ -8,6 +8,11 @@ Rules, by each op's fusion class:
 - an elementwise group whose only result feeds a reduction becomes its prologue,
   computed as the reduction reads (recomputed on each of its passes: cheaper than a
   round trip through memory);
+- row groups: reductions over the last axis that keep it (shape (..., 1)) and the
+  elementwise ops around them over the rows (..., n) or the per-row results (..., 1)
+  become one kernel that takes each row through as many passes as it has reductions:
+  this is what makes a softmax or a layer norm written out of primitive ops (x - max,
+  exp, sum, divide; mean, variance, rsqrt) one kernel;
 - reshape and flatten are views: no kernel, the memory plan gives them their input's bytes.
 
 Correctness. A group is a set of nodes that becomes one kernel running at one point
@@ -32,16 +37,24 @@ VIEW_OPS = ("reshape", "flatten")
 @dataclass(eq=False)
 class Group:
     nodes: list[Node]
-    kind: str  # "elementwise" | "anchored" (contraction/reduction + pro/epilogue) | "single" | "view"
+    kind: str  # "elementwise" | "anchored" (contraction/reduction + pro/epilogue) | "rows"
+    #          | "single" | "view"
     anchor: Node | None = None
     prologue: list[Node] = field(default_factory=list)
     bits: int = 0  # the nodes, as bits of their graph positions
+    row_shape: tuple[int, ...] = ()  # rows groups: (..., n)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape the group's loops run over."""
+        if self.kind == "rows":
+            return self.row_shape
         node = self.anchor or self.nodes[0]
         return node.outputs[0].type.shape
+
+    def fits_rows(self, shape: tuple[int, ...]) -> bool:
+        """A rows group holds values over its rows or one per row."""
+        return shape in (self.row_shape, self.row_shape[:-1] + (1,))
 
     @property
     def tail(self) -> Value:
@@ -109,6 +122,11 @@ class _Partitioner:
             elif g.kind == "anchored" and self._epilogue_fits(g, own, node, v):
                 self.merge(g, own)
                 own = g
+            elif g.kind == "rows" and self._rows_fit(g, own):
+                self.merge(g, own)
+                own = g
+            elif own.kind == "rows" and g.kind == "elementwise" and self._rows_fit(own, g):
+                self.merge(own, g)
 
     def _epilogue_fits(self, g: Group, own: Group, node: Node, v: Value) -> bool:
         return (
@@ -118,6 +136,23 @@ class _Partitioner:
             and node.outputs[0].type.shape == g.shape
             and self.sole_reader(v, node)
         )
+
+    def _rows_fit(self, rows: Group, other: Group) -> bool:
+        if other.kind == "rows":
+            return other.row_shape == rows.row_shape
+        return other.kind == "elementwise" and all(
+            rows.fits_rows(n.outputs[0].type.shape) for n in other.nodes
+        )
+
+    def try_rows(self, node: Node) -> None:
+        """node is a last-axis reduction: join the rows group or elementwise group of its input."""
+        own = self.group_of[node]
+        g = self._group_producing(node.inputs[0])
+        if g is not None and g is not own and self._rows_fit(own, g) and self.independent(g, own):
+            if g.kind == "rows":
+                self.merge(g, own)
+            else:
+                self.merge(own, g)
 
     def _group_producing(self, v: Value) -> Group | None:
         node = self._producers.get(v)
@@ -152,6 +187,11 @@ class _Partitioner:
             elif fusion == Fusion.ELEMENTWISE:
                 groups.append(self.new_group(node, "elementwise"))
                 self.try_elementwise(node)
+            elif is_row_reduction(node):
+                g = self.new_group(node, "rows")
+                g.row_shape = node.inputs[0].type.shape
+                groups.append(g)
+                self.try_rows(node)
             elif node.op.accepts_epilogue or node.op.accepts_prologue:
                 groups.append(self.new_group(node, "anchored"))
                 if node.op.accepts_prologue:
@@ -160,6 +200,21 @@ class _Partitioner:
                 groups.append(self.new_group(node, "single"))
         unique = list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes))
         return _schedule(unique, self.graph)
+
+
+ROW_REDUCTIONS = ("reduce_sum", "reduce_mean", "reduce_max")
+
+
+def is_row_reduction(node: Node) -> bool:
+    """A float reduction over the last axis that keeps it: the seed of a rows group."""
+    x = node.inputs[0].type
+    return (
+        node.op.name in ROW_REDUCTIONS
+        and x.rank >= 1
+        and x.dtype.startswith("float")
+        and node.op.keepdims
+        and node.op._axes(x.rank) == (x.rank - 1,)
+    )
 
 
 def _schedule(groups: list[Group], graph: Graph) -> list[Group]:

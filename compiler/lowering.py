@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from math import prod
 
 from codegen import kir
-from compiler.fusion import Group
+from compiler.fusion import ROW_REDUCTIONS, Group
 from ir.graph import Node, Value
 
 #: below this much work (statements executed, see kir.estimate_work) a kernel is not
@@ -83,6 +83,35 @@ class Point:
         return buf[[0 if d == 1 else multi[lead + a] for a, d in enumerate(buf.shape)]]
 
 
+class Values:
+    """The expressions of a group's values at one point, built on demand: a value made by
+    one of `nodes` from its inputs' expressions by the op's `scalar` rule, any other
+    value taken from `known` or loaded. `bind(value, expr)` may make an expression a
+    local (so that it is computed once, before any store)."""
+
+    def __init__(
+        self,
+        nodes: list[Node],
+        point: Point,
+        buffer_for: BufferFor,
+        known: dict[Value, kir.Expr] | None = None,
+        bind: Callable[[Value, kir.Expr], kir.Expr] | None = None,
+    ):
+        self.producer = {n.outputs[0]: n for n in nodes}
+        self.point, self.buffer_for, self.bind = point, buffer_for, bind
+        self.memo: dict[Value, kir.Expr] = dict(known or {})
+
+    def __getitem__(self, v: Value) -> kir.Expr:
+        if v not in self.memo:
+            node = self.producer.get(v)
+            if node is None:
+                expr = self.point.load(self.buffer_for(v))
+            else:
+                expr = node.op.scalar(_E, *(self[a] for a in node.inputs))
+            self.memo[v] = self.bind(v, expr) if self.bind is not None else expr
+        return self.memo[v]
+
+
 class Computed:
     """A prologue: the value of an elementwise chain, shaped like the buffer it replaces.
     It offers what an op that `accepts_prologue` uses of its input 0."""
@@ -93,43 +122,22 @@ class Computed:
         self.dtype, self.shape = value.type.dtype, value.type.shape
 
     def load_flat(self, index: kir.Expr) -> kir.Expr:
-        return evaluate(self.nodes, Point(self.shape, flat=index), self.buffer_for, {})[self.value]
-
-
-def evaluate(
-    nodes: list[Node], point: Point, buffer_for: BufferFor, known: dict[Value, kir.Expr], bind=None
-) -> dict[Value, kir.Expr]:
-    """Expressions for the nodes' outputs at `point`; values outside come from `known`
-    or are loaded. `bind(value, expr)` may turn an expression into a local."""
-    env = dict(known)
-    for node in nodes:
-        args = []
-        for v in node.inputs:
-            if v not in env:
-                env[v] = point.load(buffer_for(v))
-                if bind is not None:
-                    env[v] = bind(v, env[v])
-            args.append(env[v])
-        expr = node.op.scalar(_E, *args)
-        env[node.outputs[0]] = bind(node.outputs[0], expr) if bind is not None else expr
-    return env
+        return Values(self.nodes, Point(self.shape, flat=index), self.buffer_for)[self.value]
 
 
 def _elementwise(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: BufferFor) -> None:
-    """Every external input is read into a local before the first store, so an output
-    written in place over an input never feeds a later read."""
+    """Every value is computed into a local before the first store, so an output written
+    in place over an input never feeds a later read."""
     shape = group.shape
     produced = group.produced()
     operands = {v for n in group.nodes for v in n.inputs if v not in produced} | set(writes)
     full = all(v.type.shape == shape for v in operands)
 
     def body(point: Point) -> None:
-        def bind(v: Value, expr: kir.Expr) -> kir.Expr:
-            return k.local(v.type.dtype, expr, "v").ref
-
-        env = evaluate(group.nodes, point, buffer_for, {}, bind)
-        for v in writes:
-            k.store(buffer_for(v), point.flat(), env[v])
+        values = Values(group.nodes, point, buffer_for, bind=lambda v, e: k.local(v.type.dtype, e, "v").ref)
+        exprs = [values[v] for v in writes]
+        for v, expr in zip(writes, exprs):
+            k.store(buffer_for(v), point.flat(), expr)
 
     if full:
         with k.flat(prod(shape)) as i:
@@ -151,9 +159,53 @@ def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor) -> None
         raw, shape = anchor.outputs[0], anchor.outputs[0].type.shape
 
         def epilogue(value: kir.Expr, flat: kir.Expr) -> kir.Expr:
-            return evaluate(after, Point(shape, flat=flat), buffer_for, {raw: value})[group.tail]
+            return Values(after, Point(shape, flat=flat), buffer_for, {raw: value})[group.tail]
 
     anchor.op.lower(k, ins, buffer_for(group.tail), epilogue)
+
+
+def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: BufferFor) -> None:
+    """One parallel step per row. Per-row values (reductions, and elementwise ops on them)
+    become locals in node order, a reduction being one pass over the row; values over the
+    row are expressions, recomputed in each pass that reads them (the row stays in L1);
+    the row values read outside are stored in one last pass."""
+    shape = group.row_shape
+    n, rows = shape[-1], prod(shape[:-1])
+    per_row_shape = shape[:-1] + (1,)
+    over_row = {v for v in group.produced() if v.type.shape == shape}
+    row_nodes = [node for node in group.nodes if node.outputs[0] in over_row]
+    with k.loop(rows, "parallel", "row") as r:
+        per_row: dict[Value, kir.Expr] = {}
+        row_point = Point(per_row_shape, flat=r)
+
+        def at(j: kir.Expr) -> Values:
+            """Values at column j: row nodes computed, per-row values known, the rest loaded."""
+            return Values(row_nodes, Point(shape, flat=r * n + j), buffer_for, per_row)
+
+        for node in group.nodes:
+            out = node.outputs[0]
+            if out in over_row:
+                continue  # computed where it is read
+            if node.op.name in ROW_REDUCTIONS:
+                x = node.inputs[0]
+                acc = k.local(out.type.dtype, node.op.init(out.type.dtype), "acc")
+                with k.loop(n, "vector", "j") as j:
+                    value = at(j)[x]
+                    k.assign(acc, node.op.combine(acc.ref, value), reduction=True)
+                result = node.op.finish(acc.ref, n)
+            else:
+                args = [per_row[v] if v in per_row else row_point.load(buffer_for(v)) for v in node.inputs]
+                result = node.op.scalar(_E, *args)
+            per_row[out] = k.local(out.type.dtype, result, "row").ref
+        for v in writes:
+            if v in per_row:
+                k.store(buffer_for(v), r, per_row[v])
+        row_writes = [v for v in writes if v in over_row]
+        if row_writes:
+            with k.loop(n, "vector", "j") as j:
+                values = at(j)
+                for v in row_writes:
+                    k.store(buffer_for(v), r * n + j, values[v])
 
 
 def lower_group(
@@ -174,6 +226,8 @@ def lower_group(
     k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], flat_block)
     if group.anchor is not None:
         _anchored(k, group, bound)
+    elif group.kind == "rows":
+        _rows(k, group, writes, bound)
     elif group.nodes[0].op.fusion.value == "elementwise":
         _elementwise(k, group, writes, bound)
     else:

@@ -107,12 +107,13 @@ def test_softmax_and_layer_norm_take_prologues(rng):
 
 
 def test_no_cycle_through_a_reduction(rng):
-    """a feeds a reduction whose result comes back to a's consumer: a's group cannot take c."""
+    """a feeds a column reduction whose result comes back to a's consumer: a's group
+    cannot take that consumer, or the kernel would need the reduction before itself."""
     b = GraphBuilder()
     x = b.input("x", (9, 20))
     a = b.relu(x)
-    m = b.reduce_max(a, axes=(1,))
-    graph = b.build(b.sub(a, m))  # x - max: broadcast back
+    m = b.reduce_max(a, axes=(0,))
+    graph = b.build(b.sub(a, m))  # a - max over the columns: broadcast back
     assert groups_of(graph) == ["relu", "reduce_max", "sub"]
     check(graph, rng)
 
@@ -137,4 +138,44 @@ def test_in_place_reuse_is_correct(fuse, rng):
     lowered = lower_graph(graph, "g", fuse=fuse)
     if not fuse:
         assert lowered.plan.in_place  # relu over matmul's output, tanh over relu's, ...
+    check(graph, rng)
+
+
+def softmax_from_primitives(b, x):
+    m = b.reduce_max(x, axes=(-1,))
+    e = b.exp(b.sub(x, m))
+    return b.div(e, b.reduce_sum(e, axes=(-1,)))
+
+
+def layer_norm_from_primitives(b, x, gamma, beta):
+    mean = b.reduce_mean(x, axes=(-1,))
+    d = b.sub(x, mean)
+    var = b.reduce_mean(b.mul(d, d), axes=(-1,))
+    eps = b.param("eps", np.float32(1e-5).reshape(()))
+    return b.add(b.mul(b.mul(d, b.rsqrt(b.add(var, eps))), gamma), beta)
+
+
+def test_softmax_written_with_primitives_is_one_kernel(rng):
+    b = GraphBuilder()
+    x = b.input("x", (3, 5, 40))
+    graph = b.build(softmax_from_primitives(b, x))
+    assert groups_of(graph) == ["reduce_max+sub+exp+reduce_sum+div"]
+    check(graph, rng)
+
+
+def test_layer_norm_written_with_primitives_is_one_kernel(rng):
+    b = GraphBuilder()
+    x = b.input("x", (10, 64))
+    graph = b.build(layer_norm_from_primitives(b, x, b.param("g", w(rng, 64)), b.param("b", w(rng, 64))))
+    assert groups_of(graph) == ["reduce_mean+sub+mul+reduce_mean_0+add+rsqrt+mul_1+mul_2+add_3"]
+    check(graph, rng)
+
+
+def test_rows_group_stores_values_read_outside(rng):
+    b = GraphBuilder()
+    x = b.input("x", (4, 24))
+    m = b.reduce_max(x, axes=(-1,))
+    shifted = b.sub(x, m)
+    graph = b.build(b.exp(shifted), m, b.matmul(shifted, b.param("w", w(rng, 24, 3))))
+    assert groups_of(graph)[0] == "reduce_max+sub+exp"
     check(graph, rng)
