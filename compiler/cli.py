@@ -104,6 +104,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from compiler.bench import bench, table
+    from compiler.driver import to_graph
+    from frontends.onnx.importer import load_model
+
+    bindings = dict(args.input_shape or [])
+    if args.batch:
+        proto = load_model(args.model)
+        initializers = {t.name for t in proto.graph.initializer}
+        for vi in proto.graph.input:
+            if vi.name not in initializers and vi.name not in bindings:
+                dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+                bindings[vi.name] = (args.batch, *dims[1:])
+    graph = to_graph(args.model, bindings)
+    modes = (True, False) if args.compare_fusion else (True,)
+    results = bench(graph, "bench", modes, args.threads, args.repeats)
+    if args.json:
+        print(json.dumps({("fused" if f else "unfused"): r.as_dict() for f, r in results.items()}))
+    else:
+        print(table([(Path(args.model).name, results)]))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from compiler.demo import run_demo
 
@@ -164,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-fuse", action="store_true", help="show the unfused program (one kernel per op)")
     i.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")
     i.set_defaults(func=_inspect)
+
+    bn = sub.add_parser(
+        "bench",
+        help="time a model: latency, kernels, bytes, arena; fused vs unfused",
+        description="Compile MODEL.onnx and time it (median and p90 latency).",
+    )
+    bn.add_argument("model", help="the ONNX file")
+    bn.add_argument("--compare-fusion", action="store_true", help="also time the unfused build, side by side")
+    bn.add_argument("--threads", type=int, help="threads per run (default: all cores)")
+    bn.add_argument("--batch", type=int, help="bind every input's first dimension to this")
+    bn.add_argument("--repeats", type=int, default=50, help="timed runs per build (at least)")
+    bn.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")
+    bn.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bn.set_defaults(func=_bench)
 
     d = sub.add_parser(
         "demo",

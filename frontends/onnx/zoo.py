@@ -74,3 +74,166 @@ def write_bundled() -> Path:
     DATA.mkdir(exist_ok=True)
     MNIST_CNN_PATH.write_bytes(mnist_cnn().SerializeToString())
     return MNIST_CNN_PATH
+
+
+class _OnnxBuilder:
+    """A few lines per layer: nodes, initializers and fresh names for an ONNX graph."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def weight(self, hint: str, shape: tuple[int, ...], fan_in: int) -> str:
+        return self.const(hint, (self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32))
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, **attrs) -> str:
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def model(self, name: str, inputs: list, outputs: list, opset: int = 17) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="kiln")
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
+
+
+def _batch_input(name: str, shape: list[int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def mlp(batch: int = 1, sizes: tuple[int, ...] = (784, 512, 512, 10), seed: int = 0) -> onnx.ModelProto:
+    """Dense layers with ReLU between them and softmax at the end."""
+    b = _OnnxBuilder(seed)
+    x = "input"
+    for i, (fin, fout) in enumerate(zip(sizes, sizes[1:])):
+        x = b.op("Gemm", [x, b.weight("w", (fin, fout), fin), b.const("b", np.zeros(fout, np.float32))])
+        x = b.op("Relu", [x]) if i < len(sizes) - 2 else b.op("Softmax", [x], "probabilities", axis=-1)
+    return b.model(
+        "mlp",
+        [_batch_input("input", [batch, sizes[0]])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [batch, sizes[-1]])],
+    )
+
+
+def transformer_encoder(
+    batch: int = 1,
+    seq: int = 128,
+    d_model: int = 256,
+    heads: int = 4,
+    ffn: int = 1024,
+    layers: int = 4,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """A stack of post-norm encoder layers as PyTorch's exporter writes them (opset 17):
+    MatMul + Add for projections, Reshape/Transpose into heads, Softmax, GELU spelled
+    with Erf, LayerNormalization. Reshapes copy the batch dimension (0), so any batch
+    binds."""
+    b = _OnnxBuilder(seed)
+    dh = d_model // heads
+    x = "input"
+
+    def linear(x: str, fin: int, fout: int) -> str:
+        y = b.op("MatMul", [x, b.weight("w", (fin, fout), fin)])
+        return b.op("Add", [y, b.const("b", (b.rng.standard_normal(fout) * 0.02).astype(np.float32))])
+
+    def heads_first(t: str) -> str:  # (B, S, D) → (B, H, S, dh)
+        t = b.op("Reshape", [t, b.const("shape", np.array([0, 0, heads, dh], np.int64))])
+        return b.op("Transpose", [t], perm=[0, 2, 1, 3])
+
+    def layer_norm(t: str) -> str:
+        return b.op(
+            "LayerNormalization",
+            [
+                t,
+                b.const("gamma", np.ones(d_model, np.float32)),
+                b.const("beta", np.zeros(d_model, np.float32)),
+            ],
+            axis=-1,
+        )
+
+    for _ in range(layers):
+        q, k, v = (heads_first(linear(x, d_model, d_model)) for _ in range(3))
+        kt = b.op("Transpose", [k], perm=[0, 1, 3, 2])
+        scores = b.op("Div", [b.op("MatMul", [q, kt]), b.const("scale", np.array(np.sqrt(dh), np.float32))])
+        attn = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
+        attn = b.op(
+            "Reshape",
+            [
+                b.op("Transpose", [attn], perm=[0, 2, 1, 3]),
+                b.const("shape", np.array([0, 0, d_model], np.int64)),
+            ],
+        )
+        x = layer_norm(b.op("Add", [x, linear(attn, d_model, d_model)]))
+        h = linear(x, d_model, ffn)
+        erf = b.op("Erf", [b.op("Div", [h, b.const("sqrt2", np.array(np.sqrt(2.0), np.float32))])])
+        gelu = b.op(
+            "Mul",
+            [
+                b.op("Mul", [h, b.op("Add", [erf, b.const("one", np.array(1.0, np.float32))])]),
+                b.const("half", np.array(0.5, np.float32)),
+            ],
+        )
+        x = layer_norm(b.op("Add", [x, linear(gelu, ffn, d_model)]))
+    out = b.op("Identity", [x], "output")
+    return b.model(
+        "transformer_encoder",
+        [_batch_input("input", [batch, seq, d_model])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, seq, d_model])],
+    )
+
+
+def resnet18(batch: int = 1, classes: int = 1000, seed: int = 0) -> onnx.ModelProto:
+    """ResNet-18 (He et al.) at 224x224, with BatchNormalization nodes as exported in eval
+    mode: conv7x7/2 → maxpool3x3/2 → 4 stages of 2 basic blocks → global pool → fc."""
+    b = _OnnxBuilder(seed)
+
+    def conv_bn(x: str, cin: int, cout: int, k: int, stride: int, relu: bool) -> str:
+        w = b.weight("conv", (cout, cin, k, k), cin * k * k)
+        y = b.op("Conv", [x, w], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4)
+        stats = [
+            b.const(n, a.astype(np.float32))
+            for n, a in (
+                ("gamma", b.rng.uniform(0.5, 1.5, cout)),
+                ("beta", b.rng.standard_normal(cout) * 0.1),
+                ("mean", b.rng.standard_normal(cout) * 0.1),
+                ("var", b.rng.uniform(0.5, 1.5, cout)),
+            )
+        ]
+        y = b.op("BatchNormalization", [y, *stats], epsilon=1e-5)
+        return b.op("Relu", [y]) if relu else y
+
+    x = conv_bn("input", 3, 64, 7, 2, True)
+    x = b.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            s = stride if block == 0 else 1
+            y = conv_bn(conv_bn(x, cin, cout, 3, s, True), cout, cout, 3, 1, False)
+            shortcut = conv_bn(x, cin, cout, 1, s, False) if (s != 1 or cin != cout) else x
+            x = b.op("Relu", [b.op("Add", [y, shortcut])])
+            cin = cout
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1)
+    logits = b.op(
+        "Gemm",
+        [x, b.weight("fc", (classes, 512), 512), b.const("fc_b", np.zeros(classes, np.float32))],
+        "logits",
+        transB=1,
+    )
+    return b.model(
+        "resnet18",
+        [_batch_input("input", [batch, 3, 224, 224])],
+        [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [batch, classes])],
+    )
