@@ -211,6 +211,7 @@ def is_row_reduction(node: Node) -> bool:
     return (
         node.op.name in ROW_REDUCTIONS
         and x.rank >= 1
+        and x.shape[-1] > 1  # else a row and its one result have the same shape
         and x.dtype.startswith("float")
         and node.op.keepdims
         and node.op._axes(x.rank) == (x.rank - 1,)

@@ -164,34 +164,87 @@ def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor) -> None
     anchor.op.lower(k, ins, buffer_for(group.tail), epilogue)
 
 
+#: ops cheap enough to recompute in every pass over a row rather than keep
+CHEAP_OPS = frozenset(
+    "add sub mul neg abs relu maximum minimum where clip cast equal less greater leaky_relu".split()
+)
+
+
+def _row_stashes(group: Group, row_nodes: list[Node], writes: list[Value]) -> tuple[dict, list]:
+    """Which row values to keep in memory between passes over a row, and where.
+
+    A value read by several passes is recomputed in each unless it is kept: a written
+    value read by a reduction pass is kept in its own output from its first pass on;
+    another costly value (exp, division, ...) read by two passes borrows the buffer of
+    a written value, which is free until the last pass (softmax keeps exp(x - max) in
+    its output). Returns {value: buffer owner} and each pass's needed values."""
+    producer = {n.outputs[0]: n for n in row_nodes}
+
+    def closure(v: Value) -> set[Value]:
+        seen, stack = set(), [v]
+        while stack:
+            u = stack.pop()
+            if u in producer and u not in seen:
+                seen.add(u)
+                stack.extend(producer[u].inputs)
+        return seen
+
+    reductions = [n for n in group.nodes if n.op.name in ROW_REDUCTIONS]
+    row_writes = [v for v in writes if v in producer]
+    needs = [closure(n.inputs[0]) for n in reductions] + [set().union(*map(closure, row_writes))]
+    stash = {v: v for v in row_writes if any(v in need for need in needs[:-1])}
+    free = [w for w in row_writes if w not in stash]
+    for v in producer:
+        uses = sum(v in need for need in needs)
+        costly = any(producer[u].op.name not in CHEAP_OPS for u in closure(v))
+        if v not in stash and v not in row_writes and uses >= 2 and costly:
+            owner = next((w for w in free if w.type.dtype == v.type.dtype), None)
+            if owner is not None:
+                free.remove(owner)
+                stash[v] = owner
+    return stash, needs
+
+
 def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: BufferFor) -> None:
     """One parallel step per row. Per-row values (reductions, and elementwise ops on them)
     become locals in node order, a reduction being one pass over the row; values over the
-    row are expressions, recomputed in each pass that reads them (the row stays in L1);
-    the row values read outside are stored in one last pass."""
+    row are expressions, recomputed in each pass that reads them unless _row_stashes keeps
+    them; the row values read outside are stored in one last pass."""
     shape = group.row_shape
     n, rows = shape[-1], prod(shape[:-1])
     per_row_shape = shape[:-1] + (1,)
     over_row = {v for v in group.produced() if v.type.shape == shape}
     row_nodes = [node for node in group.nodes if node.outputs[0] in over_row]
+    stash, needs = _row_stashes(group, row_nodes, writes)
+    stored: set[Value] = set()
     with k.loop(rows, "parallel", "row") as r:
         per_row: dict[Value, kir.Expr] = {}
         row_point = Point(per_row_shape, flat=r)
 
-        def at(j: kir.Expr) -> Values:
-            """Values at column j: row nodes computed, per-row values known, the rest loaded."""
-            return Values(row_nodes, Point(shape, flat=r * n + j), buffer_for, per_row)
+        def row_pass(j: kir.Expr, need: set[Value]) -> Values:
+            """Values at column j: kept ones loaded, row nodes computed, the rest loaded;
+            values kept from this pass on are stored."""
+            at = r * n + j
+            known = {v: buffer_for(stash[v]).load_flat(at) for v in stored}
+            values = Values(row_nodes, Point(shape, flat=at), buffer_for, {**per_row, **known})
+            for v in need:
+                if v in stash and v not in stored:
+                    values.memo[v] = k.local(v.type.dtype, values[v], "kept").ref  # computed once
+                    k.store(buffer_for(stash[v]), at, values.memo[v])
+            return values
 
+        reduction_pass = 0
         for node in group.nodes:
             out = node.outputs[0]
             if out in over_row:
                 continue  # computed where it is read
             if node.op.name in ROW_REDUCTIONS:
-                x = node.inputs[0]
+                x, need = node.inputs[0], needs[reduction_pass]
                 acc = k.local(out.type.dtype, node.op.init(out.type.dtype), "acc")
                 with k.loop(n, "vector", "j") as j:
-                    value = at(j)[x]
-                    k.assign(acc, node.op.combine(acc.ref, value), reduction=True)
+                    k.assign(acc, node.op.combine(acc.ref, row_pass(j, need)[x]), reduction=True)
+                stored |= {v for v in need if v in stash}
+                reduction_pass += 1
                 result = node.op.finish(acc.ref, n)
             else:
                 args = [per_row[v] if v in per_row else row_point.load(buffer_for(v)) for v in node.inputs]
@@ -200,10 +253,10 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
         for v in writes:
             if v in per_row:
                 k.store(buffer_for(v), r, per_row[v])
-        row_writes = [v for v in writes if v in over_row]
+        row_writes = [v for v in writes if v in over_row and not (stash.get(v) is v and v in stored)]
         if row_writes:
             with k.loop(n, "vector", "j") as j:
-                values = at(j)
+                values = row_pass(j, set())
                 for v in row_writes:
                     k.store(buffer_for(v), r * n + j, values[v])
 

@@ -159,14 +159,29 @@ class CompiledModel:
         return arrays
 
     def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
+        """The outputs, in new arrays."""
+        return self.run_into([np.empty(t.shape, dtype=t.dtype) for t in self.outputs], *args, **kwargs)
+
+    def run_into(self, outs: Sequence[np.ndarray], *args: object, **kwargs: object) -> list[np.ndarray]:
+        """Like run, writing into `outs` (preallocated, as a C caller would): no allocation
+        per call. They must match the outputs exactly and not overlap any input."""
         arrays = self._arrange(args, kwargs)
-        outs = [np.empty(t.shape, dtype=t.dtype) for t in self.outputs]
+        if len(outs) != len(self.outputs):
+            raise TypeError(f"{self.name} has {len(self.outputs)} output(s), given {len(outs)} buffers")
+        for info, o in zip(self.outputs, outs):
+            if not isinstance(o, np.ndarray) or o.dtype != np.dtype(info.dtype) or o.shape != info.shape:
+                got = f"{o.dtype}{list(o.shape)}" if isinstance(o, np.ndarray) else type(o).__name__
+                raise TypeError(f"output {info.name!r}: expected {info.dtype}{list(info.shape)}, got {got}")
+            if not (o.flags.c_contiguous and o.flags.writeable):
+                raise ValueError(f"output {info.name!r} must be C-contiguous and writeable")
+            if any(np.shares_memory(o, a) for a in arrays):
+                raise ValueError(f"output {info.name!r} overlaps an input")
         ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
         outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
         with self._lock:
             if self._fn["run"](self._handle, ins_c, outs_c) != 0:
                 raise KilnRuntimeError(f"{self.name}_run failed: {self.last_error()}")
-        return outs
+        return list(outs)
 
     def __call__(self, *args: object, **kwargs: object) -> np.ndarray | tuple[np.ndarray, ...]:
         outs = self.run(*args, **kwargs)

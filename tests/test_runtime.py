@@ -125,3 +125,18 @@ def test_results_do_not_depend_on_thread_count(rng):
     np.testing.assert_allclose(outs[0], interpret(graph, [xv])[0], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="thread count"):
         m.set_num_threads(0)
+
+
+def test_run_into_preallocated_outputs(rng):
+    _, m = two_input_graph()
+    a, b = rng.standard_normal((2, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    out = np.empty((2, 3), np.float32)
+    (got,) = m.run_into([out], a, b)
+    assert got is out
+    np.testing.assert_array_equal(out, a + b)
+    with pytest.raises(TypeError, match=r"output 'add': expected float32\[2, 3\], got float64\[2, 3\]"):
+        m.run_into([np.empty((2, 3))], a, b)
+    with pytest.raises(ValueError, match="overlaps an input"):
+        m.run_into([a], a, b)
+    with pytest.raises(TypeError, match="has 1 output"):
+        m.run_into([], a, b)
