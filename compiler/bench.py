@@ -97,9 +97,11 @@ def table(rows: list[tuple[str, dict[bool, BenchResult]]]) -> str:
     lines = [head]
     for label, r in rows:
         f, u = r[True], r.get(False, r[True])
+        kernels = f"{f.kernels}/{u.kernels}"
+        moved = f"{f.bytes_moved / 1e6:.1f}/{u.bytes_moved / 1e6:.1f}"
+        memory = f"{f.arena_bytes / 1e6:.2f}/{f.lower_bound_bytes / 1e6:.2f}/{f.naive_bytes / 1e6:.2f}"
         lines.append(
-            f"{label:<34} {f'{f.kernels}/{u.kernels}':>11} {f.median_ms:>9.3f} {u.median_ms:>10.3f} "
-            f"{u.median_ms / f.median_ms:>7.2f}x {f'{f.bytes_moved / 1e6:.1f}/{u.bytes_moved / 1e6:.1f}':>15} "
-            f"{f'{f.arena_bytes / 1e6:.2f}/{f.lower_bound_bytes / 1e6:.2f}/{f.naive_bytes / 1e6:.2f}':>21}"
+            f"{label:<34} {kernels:>11} {f.median_ms:>9.3f} {u.median_ms:>10.3f} "
+            f"{u.median_ms / f.median_ms:>7.2f}x {moved:>15} {memory:>21}"
         )
     return "\n".join(lines)
