@@ -108,12 +108,16 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
 
 def glue_source(p: Program) -> str:
     launches = []
-    for launch in p.launches:
+    for i, launch in enumerate(p.launches):
         args = ", ".join(a.c_expr() for a in launch.args)
         launches.append(
             f"    {{ void *const a[] = {{{args}}};\n"
-            f"      kiln_launch(&m->pool, {launch.symbol}, a, {launch.extent}, {int(launch.parallel)}); }}"
+            f"      double t0 = m->profiling ? kiln_now() : 0;\n"
+            f"      kiln_launch(&m->pool, {launch.symbol}, a, {launch.extent}, {int(launch.parallel)});\n"
+            f"      if (m->profiling) m->kernel_seconds[{i}] += kiln_now() - t0; }}"
         )
+    n_launch = max(len(p.launches), 1)
+    kernel_names = ", ".join(_c_string(launch.symbol) for launch in p.launches) or "0"
     kernels = sorted({launch.symbol for launch in p.launches})
     checks = [
         f'    if (!inputs[{i}]) return fail(m, "input {i} ({s.name}) is NULL");'
@@ -135,7 +139,25 @@ typedef struct {{PREFIX}}_model {{
     unsigned char *arena;
     kiln_pool pool;
     char error[512];
+    int profiling;
+    double kernel_seconds[{n_launch}];
 }} {{PREFIX}}_model;
+
+static const char *const kernel_names[] = {{{kernel_names}}};
+
+/* Per-kernel timing: off by default (it costs two clock reads per kernel). */
+API int {{PREFIX}}_num_kernels(void) {{ return {len(p.launches)}; }}
+API const char *{{PREFIX}}_kernel_name(int i) {{
+    return i >= 0 && i < {len(p.launches)} ? kernel_names[i] : NULL;
+}}
+API void {{PREFIX}}_set_profiling({{PREFIX}}_model *m, int on) {{
+    if (!m) return;
+    m->profiling = on;
+    memset(m->kernel_seconds, 0, sizeof m->kernel_seconds);
+}}
+API const double *{{PREFIX}}_kernel_seconds(const {{PREFIX}}_model *m) {{
+    return m ? m->kernel_seconds : NULL;
+}}
 
 static int fail({{PREFIX}}_model *m, const char *message) {{
     snprintf(m->error, sizeof m->error, "%s", message);
@@ -227,6 +249,12 @@ void {p.prefix}_destroy({p.prefix}_model *m);
 const char *{p.prefix}_last_error(const {p.prefix}_model *m);
 int {p.prefix}_set_num_threads({p.prefix}_model *m, int n);
 int {p.prefix}_num_threads(const {p.prefix}_model *m);
+
+/* profiling: seconds spent in each kernel since set_profiling(m, 1) */
+int {p.prefix}_num_kernels(void);
+const char *{p.prefix}_kernel_name(int i);
+void {p.prefix}_set_profiling({p.prefix}_model *m, int on);
+const double *{p.prefix}_kernel_seconds(const {p.prefix}_model *m);
 
 int {p.prefix}_num_inputs(void);
 int {p.prefix}_num_outputs(void);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ir.graph import Graph, Node, Value
+from ir.ops import make_op
 
 #: constants are folded only up to this many elements, so weights do not balloon
 FOLD_MAX_ELEMENTS = 1 << 24
@@ -93,6 +94,32 @@ def fold_batchnorm(graph: Graph) -> Graph:
     return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
 
 
+def conv_to_gemm(graph: Graph) -> Graph:
+    """conv2d (one group) becomes im2col + conv2d_gemm: a matrix product over the
+    windows, which runs at matmul speed (weights reused across a block of output
+    channels) for the price of writing the windows out once (KH*KW times the input).
+    A 1x1 conv with stride 1 and no padding needs no im2col: its input already is the
+    columns. Left alone: grouped (depthwise) convolutions."""
+    nodes = []
+    for node in graph.nodes:
+        if node.op.name != "conv2d" or node.op.groups != 1:
+            nodes.append(node)
+            continue
+        x, w, *bias = node.inputs
+        op = node.op
+        kh, kw = w.type.shape[2:]
+        if (kh, kw) == (1, 1) and op.strides == (1, 1) and op.pads == (0, 0, 0, 0):
+            cols = x
+        else:
+            im2col = make_op(
+                "im2col", kernel=(kh, kw), strides=op.strides, pads=op.pads, dilations=op.dilations
+            )
+            cols = Value(f"{node.name}.cols", im2col.infer(x.type))
+            nodes.append(Node(im2col, [x], [cols], f"{node.name}.im2col"))
+        nodes.append(Node(make_op("conv2d_gemm"), [cols, w, *bias], node.outputs, node.name))
+    return Graph(graph.inputs, graph.outputs, nodes, graph.params, graph.name)
+
+
 def merge_common(graph: Graph) -> Graph:
     """Nodes applying the same op (same attributes) to the same inputs become one.
 
@@ -130,6 +157,6 @@ def dead_code(graph: Graph) -> Graph:
 
 
 def simplify(graph: Graph) -> Graph:
-    for p in (fold_batchnorm, fold_constants, merge_common, dead_code):
+    for p in (fold_batchnorm, conv_to_gemm, fold_constants, merge_common, dead_code):
         graph = p(graph)
     return graph

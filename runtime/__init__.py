@@ -66,6 +66,10 @@ class CompiledModel:
                     "last_error",
                     "set_num_threads",
                     "num_threads",
+                    "num_kernels",
+                    "kernel_name",
+                    "set_profiling",
+                    "kernel_seconds",
                     "num_inputs",
                     "num_outputs",
                     "input_name",
@@ -99,6 +103,11 @@ class CompiledModel:
         f["last_error"].argtypes, f["last_error"].restype = [vp], cp
         f["set_num_threads"].argtypes, f["set_num_threads"].restype = [vp, i], i
         f["num_threads"].argtypes, f["num_threads"].restype = [vp], i
+        f["num_kernels"].argtypes, f["num_kernels"].restype = [], i
+        f["kernel_name"].argtypes, f["kernel_name"].restype = [i], cp
+        f["set_profiling"].argtypes, f["set_profiling"].restype = [vp, i], None
+        f["kernel_seconds"].argtypes = [vp]
+        f["kernel_seconds"].restype = ctypes.POINTER(ctypes.c_double)
         for kind in ("input", "output"):
             f[f"num_{kind}s"].argtypes, f[f"num_{kind}s"].restype = [], i
             for attr, res in (
@@ -199,6 +208,17 @@ class CompiledModel:
             raise ValueError(f"thread count must be >= 1, got {n}")
         with self._lock:
             self._fn["set_num_threads"](self._handle, int(n))
+
+    def set_profiling(self, on: bool) -> None:
+        """Start (and zero) or stop timing each kernel; see kernel_times()."""
+        with self._lock:
+            self._fn["set_profiling"](self._handle, int(on))
+
+    def kernel_times(self) -> dict[str, float]:
+        """Seconds spent in each kernel since set_profiling(True), by kernel name."""
+        n = self._fn["num_kernels"]()
+        seconds = self._fn["kernel_seconds"](self._handle)
+        return {self._fn["kernel_name"](i).decode(): seconds[i] for i in range(n)}
 
     def instance(self) -> CompiledModel:
         """Another native instance of the same library, to run concurrently with this one."""

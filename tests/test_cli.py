@@ -32,7 +32,8 @@ def test_compile_then_run(tmp_path, rng):
     assert result.returncode == 0, result.stderr
     assert out.exists() and (tmp_path / "cnn.h").exists()
     assert (
-        "define" in (tmp_path / "cnn.ll").read_text() and "cnn_k0_conv2d" in (tmp_path / "cnn.s").read_text()
+        "define" in (tmp_path / "cnn.ll").read_text()
+        and "cnn_k1_conv2d_gemm_relu" in (tmp_path / "cnn.s").read_text()
     )
     assert "int cnn_run(cnn_model *m" in (tmp_path / "cnn.h").read_text()
     x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
@@ -47,14 +48,15 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     result = kiln("inspect", str(MNIST_CNN_PATH), "--kernels", "--memory", "--dot", str(tmp_path / "g.dot"))
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "conv2d(%input, %conv1.weight, %conv1.bias)" in text
-    assert "8 kernels (12 ops):" in text and "k2_conv2d_relu" in text and "4.468" in text  # MFLOP
-    assert "memory: arena 108,160 B (lower bound 108,160 B, 1.00x" in text
-    assert "kernel k0_conv2d_relu(" in text and "conv3.relu, flat" in text  # flatten is a view
+    assert "conv2d_gemm(%conv1.out.cols, %conv1.weight, %conv1.bias)" in text
+    # conv → im2col + gemm; relu in the gemm's epilogue; flatten a view
+    assert "11 kernels (15 ops):" in text and "k4_conv2d_gemm_relu" in text and "4.468" in text  # MFLOP
+    assert "memory: arena 170,368 B (lower bound 170,368 B, 1.00x" in text
+    assert "kernel k1_conv2d_gemm_relu(" in text and "conv3.relu, flat" in text
     dot = (tmp_path / "g.dot").read_text()
     assert "subgraph cluster_0" in dot and "flatten (view)" in dot
     unfused = kiln("inspect", str(MNIST_CNN_PATH), "--no-fuse").stdout
-    assert "12 kernels (12 ops):" in unfused
+    assert "15 kernels (15 ops):" in unfused
 
 
 def test_demo_runs_python_and_c():

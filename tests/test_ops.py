@@ -145,6 +145,17 @@ CASES: dict[str, list[Case]] = {
             params=(1, 2),
         ),
     ],
+    "im2col": [
+        Case([In((1, 1, 7, 7))], {"kernel": (3, 3)}),
+        Case(
+            [In((2, 3, 9, 11))],
+            {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 2, 1), "dilations": (1, 2)},
+        ),
+    ],
+    "conv2d_gemm": [
+        Case([In((1, 9, 5, 5)), In((4, 1, 3, 3)), In((4,))], params=(1, 2)),
+        Case([In((2, 32, 7, 33)), In((5, 8, 2, 2))], params=(1,)),
+    ],
     "max_pool2d": [
         Case([In((1, 3, 8, 8))]),
         Case([In((2, 3, 7, 9))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),

@@ -78,3 +78,29 @@ def test_merge_common_and_dead_code(rng):
     assert _body(after) == ["%exp = exp(%x) : f32[4]", "%add = add(%exp, %exp) : f32[4]", "return %add"]
     _same_results(before, after, rng)
     assert len(simplify(before).nodes) == 2
+
+
+def test_conv_to_gemm(rng):
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 3, 9, 9))
+    y = b.conv2d(
+        x,
+        b.param("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+        b.param("cb", rng.standard_normal(4).astype(np.float32)),
+        strides=(2, 2),
+        pads=(1, 1, 1, 1),
+    )
+    z = b.conv2d(y, b.param("w1", rng.standard_normal((5, 4, 1, 1)).astype(np.float32)))
+    dw = b.conv2d(z, b.param("wd", rng.standard_normal((5, 1, 3, 3)).astype(np.float32)), groups=5)
+    before = b.build(dw)
+    from compiler.passes import conv_to_gemm
+
+    after = conv_to_gemm(before)
+    assert _body(after) == [
+        "%conv2d.cols = im2col(%x) {strides=(2, 2), pads=(1, 1, 1, 1)} : f32[2,27,5,5]",
+        "%conv2d = conv2d_gemm(%conv2d.cols, %w, %cb) : f32[2,4,5,5]",
+        "%conv2d_0 = conv2d_gemm(%conv2d, %w1) : f32[2,5,5,5]",  # 1x1: no im2col
+        "%conv2d_1 = conv2d(%conv2d_0, %wd) {groups=5} : f32[2,5,3,3]",  # depthwise stays
+        "return %conv2d_1",
+    ]
+    _same_results(before, after, rng, rtol=1e-4)

@@ -70,9 +70,18 @@ MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
 
 
 def lower_matmul(
-    k: KernelBuilder, a: Buffer, b: Buffer, out: Buffer, bias: Buffer | None, epilogue: Epilogue | None
+    k: KernelBuilder,
+    a: Buffer,
+    b: Buffer,
+    out: Buffer,
+    bias: Buffer | None,
+    epilogue: Epilogue | None,
+    bias_per_row: bool = False,
 ) -> None:
     """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a block of rows per parallel step.
+
+    The bias is one value per column (a Dense layer's), or with bias_per_row one per
+    row (a convolution's, computed as weights @ im2col).
 
     The n loop is innermost and contiguous in b and out, so it vectorizes. Each sweep
     of it takes MATMUL_K_UNROLL steps of k for R rows at once: a vector of b is loaded
@@ -88,8 +97,11 @@ def lower_matmul(
         out_rows = [(first_row + i) * n for i in range(rows_per_block)]
         b_mat = _batch_offset(p, batch, b_batch, kk * n)
         with k.loop(n, "vector", "n") as j:
-            init = bias.load_flat(j) if bias is not None else k_const(out, 0.0)
-            for row in out_rows:
+            for i, row in enumerate(out_rows):
+                if bias is None:
+                    init = k_const(out, 0.0)
+                else:
+                    init = bias.load_flat(mi + i if bias_per_row else j)
                 k.store(out, row + j, init)
 
         def sweep(first_k: Expr, steps: int) -> None:
@@ -275,6 +287,120 @@ class Conv2d(Op):
                 with k.loop(oh * ow, "vector", "s") as s:
                     at = p * (oh * ow) + s
                     k.store(out, at, epilogue(out.load_flat(at), at))
+
+
+def _im2col_ranges(op: Op, x_shape, out_hw):
+    """For each (kh, kw) tap: the output rows and columns whose input lies inside."""
+    (sh, sw), (dh, dw), (pt, pl, _, _) = op.strides, op.dilations, op.pads
+    _, _, h, wd = x_shape
+    oh, ow = out_hw
+    kh, kw = op.kernel
+    return {
+        (i, j): (_valid_range(i * dh, sh, pt, h, oh), _valid_range(j * dw, sw, pl, wd, ow))
+        for i in range(kh)
+        for j in range(kw)
+    }
+
+
+@register("im2col", Fusion.INJECTIVE)
+class Im2Col(Op):
+    """Every conv window as a column: out[n, (c, i, j), y, x] = x[n, c, y*s + i*d - p, x*s + j*d - p]
+    (zero outside). Turns a convolution into one matrix product (see conv2d_gemm)."""
+
+    kernel: tuple[int, ...] = (3, 3)
+    strides: tuple[int, ...] = (1, 1)
+    pads: tuple[int, ...] = (0, 0, 0, 0)
+    dilations: tuple[int, ...] = (1, 1)
+
+    def infer(self, x: TensorType) -> TensorType:
+        _require_float("im2col", x)
+        if x.rank != 4:
+            raise GraphError(f"im2col: input must be NCHW (rank 4), got {x.shape}")
+        kh, kw = _pair("im2col", "kernel", self.kernel)
+        s, d = _pair("im2col", "strides", self.strides), _pair("im2col", "dilations", self.dilations)
+        p = _pair("im2col", "pads", self.pads, 4)
+        oh = _window_out("im2col", x.shape[2], kh, s[0], d[0], p[0], p[2])
+        ow = _window_out("im2col", x.shape[3], kw, s[1], d[1], p[1], p[3])
+        return x.with_shape((x.shape[0], x.shape[1] * kh * kw, oh, ow))
+
+    def reference(self, x):
+        n, c, h, w = x.shape
+        kh, kw = self.kernel
+        out = self.infer(TensorType.of(x)).shape
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilations, self.pads
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        cols = np.empty((n, c, kh, kw, out[2], out[3]), x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, i, j] = xp[
+                    :,
+                    :,
+                    i * dh : i * dh + sh * (out[2] - 1) + 1 : sh,
+                    j * dw : j * dw + sw * (out[3] - 1) + 1 : sw,
+                ]
+        return cols.reshape(out)
+
+    def lower(self, k, ins, out, epilogue=None):
+        """Per (image, channel, tap) a plane: zeros, then the valid rectangle copied."""
+        x = ins[0]
+        n, c, h, wd = x.shape
+        _, _, oh, ow = out.shape
+        kh, kw = self.kernel
+        (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
+        ranges = _im2col_ranges(self, x.shape, (oh, ow))
+        with k.loop(n * c, "parallel", "plane") as p:
+            for (i, j), ((y0, y1), (x0, x1)) in ranges.items():
+                dst = (p * (kh * kw) + i * kw + j) * (oh * ow)
+                if (y0, y1, x0, x1) != (0, oh, 0, ow):
+                    with k.loop(oh * ow, "vector", "z") as z:
+                        k.store(out, dst + z, k_const(out, 0.0))
+                with k.loop(y1 - y0, "serial", "y") as y:
+                    src_row = p * (h * wd) + ((y + y0) * sh + i * dh - pt) * wd
+                    with k.loop(x1 - x0, "vector", "x") as xx:
+                        src = x.load_flat(src_row + (xx + x0) * sw + j * dw - pl)
+                        k.store(out, dst + (y + y0) * ow + x0 + xx, src)
+
+
+@register("conv2d_gemm", Fusion.CONTRACTION)
+class Conv2dGemm(Op):
+    """A convolution as weights (O, C*KH*KW) @ im2col columns (N, C*KH*KW, OH*OW) + bias,
+    writing NCHW directly: the fast matmul loops, with the conv's epilogue."""
+
+    arity = (2, 3)
+    accepts_epilogue = True
+
+    def infer(self, cols: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
+        _require_float("conv2d_gemm", cols, w, *([bias] if bias else []))
+        if cols.rank != 4 or w.rank != 4 or cols.shape[1] != prod(w.shape[1:]):
+            raise GraphError(f"conv2d_gemm: columns {cols.shape} do not match weights {w.shape}")
+        if bias is not None and bias.shape != (w.shape[0],):
+            raise GraphError(f"conv2d_gemm: bias shape {bias.shape}, expected ({w.shape[0]},)")
+        return cols.with_shape((cols.shape[0], w.shape[0], *cols.shape[2:]))
+
+    def reference(self, cols, w, bias=None):
+        n, kk, oh, ow = cols.shape
+        y = np.einsum(
+            "ok,nks->nos",
+            w.reshape(w.shape[0], kk).astype(np.float64),
+            cols.reshape(n, kk, oh * ow).astype(np.float64),
+        )
+        if bias is not None:
+            y += bias.reshape(1, -1, 1)
+        return y.reshape(n, w.shape[0], oh, ow).astype(cols.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        cols, w = ins[0], ins[1]
+        n, kk, oh, ow = cols.shape
+        o = w.shape[0]
+        lower_matmul(
+            k,
+            w.view((o, kk)),
+            cols.view((n, kk, oh * ow)),
+            out.view((n, o, oh * ow)),
+            ins[2] if len(ins) > 2 else None,
+            epilogue,
+            bias_per_row=True,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
