@@ -198,8 +198,37 @@ class _Partitioner:
                     self.try_prologue(node)
             else:
                 groups.append(self.new_group(node, "single"))
+        if fuse:
+            self.epilogue_groups()
         unique = list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes))
         return _schedule(unique, self.graph)
+
+    def escaping(self, g: Group) -> list[Value]:
+        return [
+            n.outputs[0]
+            for n in g.nodes
+            if n.outputs[0] in self.outputs or any(u not in g.nodes for u in self.users[n.outputs[0]])
+        ]
+
+    def epilogue_groups(self) -> None:
+        """An elementwise group that alone reads an anchor's result becomes its epilogue,
+        even when it reads it twice (GELU: x * (1 + erf(x / sqrt 2)) / 2), provided it
+        hands on one value only, its last."""
+        for g in list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes)):
+            if g.kind != "anchored" or not g.anchor.op.accepts_epilogue or g.tail in self.outputs:
+                continue
+            readers = {self.group_of[u] for u in self.users[g.tail]}
+            if len(readers) != 1:
+                continue
+            (e,) = readers
+            if (
+                e.kind == "elementwise"
+                and e.shape == g.shape
+                and self.escaping(e) == [e.tail]
+                and all(n.outputs[0].type.dtype == g.tail.type.dtype for n in e.nodes)
+                and self.independent(g, e)
+            ):
+                self.merge(g, e)
 
 
 ROW_REDUCTIONS = ("reduce_sum", "reduce_mean", "reduce_max")

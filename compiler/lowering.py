@@ -158,8 +158,8 @@ def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor) -> None
     if after:
         raw, shape = anchor.outputs[0], anchor.outputs[0].type.shape
 
-        def epilogue(value: kir.Expr, flat: kir.Expr) -> kir.Expr:
-            return Values(after, Point(shape, flat=flat), buffer_for, {raw: value})[group.tail]
+        def epilogue(value: kir.Expr, flat: kir.Expr, multi: list[kir.Expr] | None) -> kir.Expr:
+            return Values(after, Point(shape, flat=flat, multi=multi), buffer_for, {raw: value})[group.tail]
 
     anchor.op.lower(k, ins, buffer_for(group.tail), epilogue)
 

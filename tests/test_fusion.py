@@ -179,3 +179,24 @@ def test_rows_group_stores_values_read_outside(rng):
     graph = b.build(b.exp(shifted), m, b.matmul(shifted, b.param("w", w(rng, 24, 3))))
     assert groups_of(graph)[0] == "reduce_max+sub+exp"
     check(graph, rng)
+
+
+def test_elementwise_group_reading_the_result_twice_becomes_the_epilogue(rng):
+    """GELU as exporters spell it reads the matmul's result twice: still one kernel."""
+    b = GraphBuilder()
+    x = b.input("x", (8, 32))
+    h = b.matmul(x, b.param("w", w(rng, 32, 64)))
+    erf = b.erf(b.div(h, b.param("sqrt2", np.float32(np.sqrt(2)).reshape(()))))
+    one, half = (b.param(n, np.float32(v).reshape(())) for n, v in (("one", 1.0), ("half", 0.5)))
+    graph = b.build(b.mul(b.mul(h, b.add(erf, one)), half))
+    assert groups_of(graph) == ["matmul+div+erf+add+mul+mul_0"]
+    check(graph, rng)
+
+
+def test_epilogue_group_must_hand_on_one_value(rng):
+    b = GraphBuilder()
+    h = b.matmul(b.input("x", (8, 32)), b.param("w", w(rng, 32, 16)))
+    t = b.tanh(h)
+    graph = b.build(b.add(t, h), t)  # t is read outside: no epilogue
+    assert groups_of(graph) == ["matmul", "tanh+add"]
+    check(graph, rng)

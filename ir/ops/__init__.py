@@ -34,8 +34,10 @@ class Fusion(enum.Enum):
 REGISTRY: dict[str, type[Op]] = {}
 
 #: An epilogue fused into an op's lowering: (the value about to be stored, its flat
-#: index in the output) → the value to store instead.
-Epilogue = Callable[["Expr", "Expr"], "Expr"]
+#: index in the output, and its multi-index there when the loops know it, else None)
+#: → the value to store instead. The multi-index spares broadcast operands (a bias)
+#: a division per element.
+Epilogue = Callable[["Expr", "Expr", "list[Expr] | None"], "Expr"]
 
 
 def register(name: str, fusion: Fusion):

@@ -77,11 +77,13 @@ def lower_matmul(
     bias: Buffer | None,
     epilogue: Epilogue | None,
     bias_per_row: bool = False,
+    out_shape: tuple[int, ...] | None = None,
 ) -> None:
     """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a block of rows per parallel step.
 
     The bias is one value per column (a Dense layer's), or with bias_per_row one per
-    row (a convolution's, computed as weights @ im2col).
+    row (a convolution's, computed as weights @ im2col). out_shape is the shape the
+    epilogue sees (out may be a view of it); its last axis must be out's.
 
     The n loop is innermost and contiguous in b and out, so it vectorizes. Each sweep
     of it takes MATMUL_K_UNROLL steps of k for R rows at once: a vector of b is loaded
@@ -121,9 +123,20 @@ def lower_matmul(
         if kk % unroll:
             sweep(const(kk - kk % unroll, "int64"), kk % unroll)
         if epilogue is not None:  # one more pass over the rows, while they are in L1
+            shape = out_shape or out.shape
+            leading = [_unravel(blk * rows_per_block + i, shape[:-1]) for i in range(rows_per_block)]
             with k.loop(n, "vector", "n") as j:
-                for row in out_rows:
-                    k.store(out, row + j, epilogue(out.load_flat(row + j), row + j))
+                for row, lead in zip(out_rows, leading):
+                    k.store(out, row + j, epilogue(out.load_flat(row + j), row + j, [*lead, j]))
+
+
+def _unravel(flat: Expr, shape: tuple[int, ...]) -> list[Expr]:
+    """The multi-index of a flat index (row-major)."""
+    idx, inner = [], 1
+    for d in reversed(shape):
+        idx.insert(0, flat // inner % d if inner * d != prod(shape) else flat // inner)
+        inner *= d
+    return idx
 
 
 def k_const(buf: Buffer, value: float) -> Expr:
@@ -143,7 +156,11 @@ class MatMul(Op):
         return np.matmul(a, b)
 
     def lower(self, k, ins, out, epilogue=None):
-        lower_matmul(k, ins[0], ins[1], out, None, epilogue)
+        a, b = ins[0], ins[1]
+        if len(a.shape) >= 2 and len(b.shape) >= 2:
+            lower_matmul(k, a, b, out, None, epilogue)
+        else:  # a squeezed operand: the epilogue sees the flat index only
+            lower_matmul(k, a, b, out, None, epilogue and (lambda v, flat, _: epilogue(v, flat, None)))
 
 
 @register("linear", Fusion.CONTRACTION)
@@ -170,7 +187,7 @@ class Linear(Op):
         rows = prod(x.shape[:-1])
         x2 = x.view((rows, x.shape[-1]))
         bias = ins[2] if len(ins) > 2 else None
-        lower_matmul(k, x2, w, out.view((rows, w.shape[1])), bias, epilogue)
+        lower_matmul(k, x2, w, out.view((rows, w.shape[1])), bias, epilogue, out_shape=out.shape)
 
 
 # --------------------------------------------------------------------------- conv and pooling
@@ -286,7 +303,7 @@ class Conv2d(Op):
             if epilogue is not None:  # one more pass over the plane, while it is in L1
                 with k.loop(oh * ow, "vector", "s") as s:
                     at = p * (oh * ow) + s
-                    k.store(out, at, epilogue(out.load_flat(at), at))
+                    k.store(out, at, epilogue(out.load_flat(at), at, None))
 
 
 def _im2col_ranges(op: Op, x_shape, out_hw):

@@ -68,7 +68,7 @@ class Reduce(Op):
                 k.assign(acc, self.combine(acc.ref, x.load_flat(offset)), reduction=True)
             result = self.finish(acc.ref, prod(x.shape[a] for a in axes))
             if epilogue is not None:
-                result = epilogue(result, kept_view.offset(idx))
+                result = epilogue(result, kept_view.offset(idx), None)
             k.store(kept_view, idx, result)
 
     def init(self, dtype: str) -> float:
@@ -147,7 +147,7 @@ class AxisSoftmax(Op):
                 return base + j * inner
 
             m, s = self._max_and_sum(k, x, out, n, at)
-            self.normalize(k, x, out, n, at, m, s, epilogue or (lambda v, _: v))
+            self.normalize(k, x, out, n, at, m, s, epilogue or (lambda v, _flat, _multi: v))
 
 
 @register("softmax", Fusion.REDUCTION)
@@ -161,7 +161,7 @@ class Softmax(AxisSoftmax):
     def normalize(self, k, x, out, n, at, m, s, epilogue):
         inv = 1.0 / s
         with k.loop(n, "vector", "j") as j:
-            k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j)))
+            k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j), None))
 
 
 @register("log_softmax", Fusion.REDUCTION)
@@ -175,7 +175,7 @@ class LogSoftmax(AxisSoftmax):
     def normalize(self, k, x, out, n, at, m, s, epilogue):
         lse = m + e.log(s)
         with k.loop(n, "vector", "j") as j:
-            k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j)))
+            k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j), None))
 
 
 @register("layer_norm", Fusion.REDUCTION)
@@ -220,4 +220,4 @@ class LayerNorm(Op):
             with k.loop(n, "vector", "j") as j:
                 y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
                 y = y + bias.load_flat(j) if bias is not None else y
-                k.store(out, r * n + j, epilogue(y, r * n + j) if epilogue is not None else y)
+                k.store(out, r * n + j, epilogue(y, r * n + j, None) if epilogue is not None else y)
