@@ -108,3 +108,17 @@ def test_emitted_code_uses_the_host_vector_width(tmp_path):
     )
     asm = out.with_suffix(".s").read_text()
     assert "ymm" in asm and "zmm" not in asm
+
+
+def test_bench_json_compares_fusion():
+    import json
+
+    result = kiln("bench", str(MNIST_CNN_PATH), "--compare-fusion", "--batch", "2", "--repeats", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    for mode in ("fused", "unfused"):
+        r = data[mode]
+        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"]
+        assert r["lower_bound_bytes"] <= r["arena_bytes"] <= r["naive_bytes"]
+    assert data["fused"]["kernels"] < data["unfused"]["kernels"]
+    assert data["fused"]["bytes_moved"] < data["unfused"]["bytes_moved"]
