@@ -3,11 +3,13 @@
  * Everything here is static, so two Kiln models link into one program without
  * clashing. It holds the thread pool that runs a kernel's parallel loop across
  * cores: the calling thread takes the first slice and the pool's workers the
- * rest, split evenly. No dependency beyond libc and pthreads. */
+ * rest, split evenly. Idle threads spin briefly before they sleep (see
+ * KILN_SPIN_SECONDS). No dependency beyond libc and pthreads. */
 #ifndef KILN_RUNTIME_H
 #define KILN_RUNTIME_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,8 +32,10 @@ typedef struct kiln_pool {
     pthread_t workers[KILN_MAX_THREADS];
     pthread_mutex_t mu;
     pthread_cond_t wake, done;
-    uint64_t generation;
-    int pending, stop;
+    _Atomic uint64_t generation; /* bumped once per parallel launch */
+    _Atomic int pending;         /* workers still running the current launch */
+    _Atomic int sleepers;        /* threads blocked on a condition variable */
+    _Atomic int stop;
     kiln_kernel fn;
     void *const *bufs;
     int64_t n;
@@ -41,6 +45,55 @@ typedef struct kiln_worker_arg {
     kiln_pool *pool;
     int index;
 } kiln_worker_arg;
+
+/* How long an idle thread spins before it sleeps. Waking a sleeping thread costs tens
+ * of microseconds on a busy machine, as much as a small kernel takes; kernels come in
+ * quick succession within a run, so a short spin catches the next one. */
+#define KILN_SPIN_SECONDS 100e-6
+
+static inline void kiln_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Spins, then sleeps, until cond(p, arg) holds. */
+static void kiln_wait(kiln_pool *p, pthread_cond_t *cv, int (*cond)(kiln_pool *, uint64_t), uint64_t arg) {
+    double start = 0;
+    for (unsigned spins = 0; !cond(p, arg); spins++) {
+        kiln_relax();
+        if ((spins & 255) == 255) {
+            double now = kiln_now();
+            if (start == 0) start = now;
+            if (now - start > KILN_SPIN_SECONDS) {
+                pthread_mutex_lock(&p->mu);
+                atomic_fetch_add(&p->sleepers, 1);
+                while (!cond(p, arg)) pthread_cond_wait(cv, &p->mu);
+                atomic_fetch_sub(&p->sleepers, 1);
+                pthread_mutex_unlock(&p->mu);
+                return;
+            }
+        }
+    }
+}
+
+static int kiln_has_work(kiln_pool *p, uint64_t seen) {
+    return atomic_load_explicit(&p->generation, memory_order_acquire) != seen || atomic_load(&p->stop);
+}
+
+static int kiln_all_done(kiln_pool *p, uint64_t unused) {
+    (void)unused;
+    return atomic_load_explicit(&p->pending, memory_order_acquire) == 0;
+}
+
+/* Wakes whoever sleeps on cv (taking the lock so that no wake-up is lost). */
+static void kiln_notify(kiln_pool *p, pthread_cond_t *cv) {
+    if (atomic_load(&p->sleepers) > 0) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
 
 static void kiln_run_slice(kiln_pool *p, int t) {
     int64_t begin = p->n * t / p->nthreads, end = p->n * (t + 1) / p->nthreads;
@@ -52,17 +105,13 @@ static void *kiln_worker(void *arg) {
     free(arg);
     kiln_pool *p = a.pool;
     uint64_t seen = 0;
-    pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (p->generation == seen && !p->stop) pthread_cond_wait(&p->wake, &p->mu);
-        if (p->stop) break;
-        seen = p->generation;
-        pthread_mutex_unlock(&p->mu);
+        kiln_wait(p, &p->wake, kiln_has_work, seen);
+        if (atomic_load(&p->stop)) break;
+        seen = atomic_load_explicit(&p->generation, memory_order_acquire);
         kiln_run_slice(p, a.index);
-        pthread_mutex_lock(&p->mu);
-        if (--p->pending == 0) pthread_cond_signal(&p->done);
+        if (atomic_fetch_sub_explicit(&p->pending, 1, memory_order_acq_rel) == 1) kiln_notify(p, &p->done);
     }
-    pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
@@ -99,7 +148,7 @@ static int kiln_pool_init(kiln_pool *p, int nthreads) {
 
 static void kiln_pool_destroy(kiln_pool *p) {
     pthread_mutex_lock(&p->mu);
-    p->stop = 1;
+    atomic_store(&p->stop, 1);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
     for (int t = 1; t < p->nthreads; t++) pthread_join(p->workers[t], NULL);
@@ -114,18 +163,14 @@ static void kiln_launch(kiln_pool *p, kiln_kernel fn, void *const *bufs, int64_t
         fn(bufs, 0, n);
         return;
     }
-    pthread_mutex_lock(&p->mu);
     p->fn = fn;
     p->bufs = bufs;
     p->n = n;
-    p->pending = p->nthreads - 1;
-    p->generation++;
-    pthread_cond_broadcast(&p->wake);
-    pthread_mutex_unlock(&p->mu);
+    atomic_store_explicit(&p->pending, p->nthreads - 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release); /* publishes fn, bufs, n */
+    kiln_notify(p, &p->wake);
     kiln_run_slice(p, 0);
-    pthread_mutex_lock(&p->mu);
-    while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    kiln_wait(p, &p->done, kiln_all_done, 0);
 }
 
 #endif

@@ -113,7 +113,9 @@ def test_emitted_code_uses_the_host_vector_width(tmp_path):
 def test_bench_json_compares_fusion():
     import json
 
-    result = kiln("bench", str(MNIST_CNN_PATH), "--compare-fusion", "--batch", "2", "--repeats", "3", "--json")
+    result = kiln(
+        "bench", str(MNIST_CNN_PATH), "--compare-fusion", "--batch", "2", "--repeats", "3", "--json"
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     for mode in ("fused", "unfused"):

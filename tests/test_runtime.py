@@ -140,3 +140,22 @@ def test_run_into_preallocated_outputs(rng):
         m.run_into([a], a, b)
     with pytest.raises(TypeError, match="has 1 output"):
         m.run_into([], a, b)
+
+
+def test_thread_pool_under_many_quick_launches(rng):
+    """Many small parallel kernels back to back: every launch must see all its slices done."""
+    from ir.builder import GraphBuilder
+
+    b = GraphBuilder("quick")
+    x = b.input("x", (64, 1024))
+    y = x
+    for _ in range(6):
+        y = b.softmax(b.add(b.tanh(y), y))
+    graph = b.build(y)
+    m = compile_model(graph, name="quick")
+    xv = rng.standard_normal((64, 1024)).astype(np.float32)
+    expected = interpret(graph, [xv])[0]
+    for threads in (2, 3, 1):
+        m.set_num_threads(threads)
+        for _ in range(100):
+            np.testing.assert_allclose(m(xv), expected, rtol=1e-4, atol=1e-6)
