@@ -1,7 +1,7 @@
 """Timing compiled models: what `kiln bench` and benchmarks/fusion.py report.
 
 Fused and unfused builds of the same simplified graph run side by side in one
-process, alternating, so that machine noise hits both alike.
+process, alternating in short blocks, so that machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ class BenchResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+#: runs per mode before switching to the other: each instance's idle threads spin
+#: briefly after a run, which would slow the other mode's next run
+BLOCK = 5
 
 
 def random_inputs(graph: Graph, seed: int = 0) -> list[np.ndarray]:
@@ -66,9 +71,11 @@ def bench(
     start = time.perf_counter()
     while min(len(t) for t in times.values()) < repeats or time.perf_counter() - start < min_seconds:
         for fuse, m in models.items():
-            t0 = time.perf_counter()
-            m.run_into(outs[fuse], *feeds)  # preallocated outputs, as from C: no page faults timed
-            times[fuse].append(time.perf_counter() - t0)
+            for i in range(BLOCK + 1):  # the first run of a block waits out the other pool's spin
+                t0 = time.perf_counter()
+                m.run_into(outs[fuse], *feeds)  # preallocated outputs, as from C: no page faults timed
+                if i:
+                    times[fuse].append(time.perf_counter() - t0)
         if time.perf_counter() - start > 60:
             break
     results = {}

@@ -88,6 +88,8 @@ def lower_matmul(
     The n loop is innermost and contiguous in b and out, so it vectorizes. Each sweep
     of it takes MATMUL_K_UNROLL steps of k for R rows at once: a vector of b is loaded
     once for R rows, and a vector of out once per that many steps. Sums run in k order.
+    The epilogue is applied in the last sweep, to the finished sums before they are
+    stored: no extra pass over the output.
     """
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
     rows_per_block = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
@@ -106,28 +108,30 @@ def lower_matmul(
                     init = bias.load_flat(mi + i if bias_per_row else j)
                 k.store(out, row + j, init)
 
-        def sweep(first_k: Expr, steps: int) -> None:
+        shape = out_shape or out.shape
+        leading = [_unravel(blk * rows_per_block + i, shape[:-1]) for i in range(rows_per_block)]
+
+        def sweep(first_k: Expr, steps: int, last: bool) -> None:
             coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
             with k.loop(n, "vector", "n") as j:
                 bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
-                for row, row_coeffs in zip(out_rows, coeffs):
+                for row, row_coeffs, lead in zip(out_rows, coeffs, leading):
                     acc = out.load_flat(row + j)
                     for av, bv in zip(row_coeffs, bs):
                         acc = muladd(av, bv, acc)
+                    if last and epilogue is not None:  # on the finished sum, still in registers
+                        acc = epilogue(acc, row + j, [*lead, j])
                     k.store(out, row + j, acc)
 
+        # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
         unroll = MATMUL_K_UNROLL
-        if kk >= unroll:
-            with k.loop(kk // unroll, "serial", "k") as q:
-                sweep(q * unroll, unroll)
-        if kk % unroll:
-            sweep(const(kk - kk % unroll, "int64"), kk % unroll)
-        if epilogue is not None:  # one more pass over the rows, while they are in L1
-            shape = out_shape or out.shape
-            leading = [_unravel(blk * rows_per_block + i, shape[:-1]) for i in range(rows_per_block)]
-            with k.loop(n, "vector", "n") as j:
-                for row, lead in zip(out_rows, leading):
-                    k.store(out, row + j, epilogue(out.load_flat(row + j), row + j, [*lead, j]))
+        full, rest = divmod(kk, unroll)
+        if rest == 0:
+            full, rest = full - 1, unroll
+        if full:
+            with k.loop(full, "serial", "k") as q:
+                sweep(q * unroll, unroll, False)
+        sweep(const(full * unroll, "int64"), rest, True)
 
 
 def _unravel(flat: Expr, shape: tuple[int, ...]) -> list[Expr]:
