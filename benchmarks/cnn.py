@@ -10,14 +10,15 @@ machine's ~200 GFLOP/s per core, the floor is ~0.45 ms on 2 cores.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import median_seconds  # noqa: E402
 
 from compiler import compile_model  # noqa: E402
 from frontends.onnx.zoo import mnist_cnn  # noqa: E402
@@ -28,28 +29,18 @@ except ImportError:
     onnxruntime = None
 
 
-def _timeit(fn, repeats: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     print(f"{'batch':>5} {'kiln ms':>9} {'ort ms':>9} {'kiln/ort speed':>15}  max |kiln - ort|")
     for batch in (1, 32):
         model = mnist_cnn(batch=batch)
         x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28)).astype(np.float32)
         kiln = compile_model(model, name=f"cnn_b{batch}")
-        t_kiln = _timeit(lambda k=kiln, x=x: k(x))
+        t_kiln = median_seconds(lambda k=kiln, x=x: k(x))
         if onnxruntime is None:
             print(f"{batch:>5} {t_kiln * 1e3:>9.3f} {'-':>9} {'-':>15}  (onnxruntime not installed)")
             continue
         sess = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        t_ort = _timeit(lambda s=sess, x=x: s.run(None, {"input": x}))
+        t_ort = median_seconds(lambda s=sess, x=x: s.run(None, {"input": x}))
         diff = np.max(np.abs(kiln(x) - sess.run(None, {"input": x})[0]))
         print(f"{batch:>5} {t_kiln * 1e3:>9.3f} {t_ort * 1e3:>9.3f} {t_ort / t_kiln:>14.2f}x  {diff:.2e}")
 

@@ -19,25 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _timeit(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_seconds  # noqa: E402
 
 
 def _conv_numpy(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -114,10 +105,10 @@ def measure(threads: int, repeats: int) -> list[dict]:
     for r in rows:
         model = compile_model(r["graph"], name=r["graph"].name)
         model.set_num_threads(threads)
-        r["kiln_time"] = _timeit(lambda m=model, i=r["inputs"]: m(*i), repeats)
+        r["kiln_time"] = median_seconds(lambda m=model, i=r["inputs"]: m(*i), repeats)
         results.append(model(*r["inputs"]))
     for r, got in zip(rows, results):
-        r["numpy_time"] = _timeit(r["numpy"], repeats)
+        r["numpy_time"] = median_seconds(r["numpy"], repeats)
         np.testing.assert_allclose(got, r["numpy"](), rtol=1e-3, atol=1e-3)
     return [
         dict(

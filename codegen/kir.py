@@ -15,7 +15,7 @@ printed IR stays readable.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
@@ -405,17 +405,22 @@ def _extent_estimate(e: Expr) -> int:
     return 1
 
 
-def estimate_work(body: list[Stmt]) -> int:
-    """Statements the body executes, loops multiplied out: what a kernel costs, roughly."""
+def _per_run(body: list[Stmt], cost: Callable[[Stmt], int]) -> int:
+    """The sum of cost over the statements the body executes, loops multiplied out."""
     total = 0
     for s in body:
         if isinstance(s, Loop):
-            total += max(_extent_estimate(s.extent), 0) * estimate_work(s.body)
+            total += max(_extent_estimate(s.extent), 0) * _per_run(s.body, cost)
         elif isinstance(s, If):
-            total += estimate_work(s.body)
+            total += _per_run(s.body, cost)
         else:
-            total += 1
+            total += cost(s)
     return total
+
+
+def estimate_work(body: list[Stmt]) -> int:
+    """Statements the body executes: what a kernel costs, roughly."""
+    return _per_run(body, lambda s: 1)
 
 
 def _expr_flops(e: Expr) -> int:
@@ -430,18 +435,13 @@ def _expr_flops(e: Expr) -> int:
 
 
 def estimate_flops(body: list[Stmt]) -> int:
-    """Floating-point operations the body executes, loops multiplied out."""
-    total = 0
-    for s in body:
-        if isinstance(s, Loop):
-            total += max(_extent_estimate(s.extent), 0) * estimate_flops(s.body)
-        elif isinstance(s, If):
-            total += estimate_flops(s.body)
-        elif isinstance(s, Store):
-            total += _expr_flops(s.value)
-        elif isinstance(s, (Assign, DeclareLocal)):
-            total += _expr_flops(s.value if isinstance(s, Assign) else s.init)
-    return total
+    """Floating-point operations the body executes."""
+
+    def cost(s: Stmt) -> int:
+        value = {Store: "value", Assign: "value", DeclareLocal: "init"}.get(type(s))
+        return _expr_flops(getattr(s, value)) if value else 0
+
+    return _per_run(body, cost)
 
 
 @dataclass(eq=False)

@@ -149,7 +149,9 @@ def _elementwise(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer
 
 def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor) -> None:
     anchor = group.anchor
-    after = group.nodes[group.nodes.index(anchor) + 1 :]
+    # the epilogue: every other member, including elementwise branches that do not
+    # read the anchor (x → relu joining x → reduce → sub in `relu + sub`)
+    after = [n for n in group.nodes if n is not anchor and n not in group.prologue]
     ins: list = [
         Computed(v, group.prologue, buffer_for) if i == 0 and group.prologue else buffer_for(v)
         for i, v in enumerate(anchor.inputs)

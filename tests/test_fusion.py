@@ -200,3 +200,13 @@ def test_epilogue_group_must_hand_on_one_value(rng):
     graph = b.build(b.add(t, h), t)  # t is read outside: no epilogue
     assert groups_of(graph) == ["matmul", "tanh+add"]
     check(graph, rng)
+
+
+def test_epilogue_with_a_branch_that_skips_the_anchor(rng):
+    """relu(x) + (x - max(x)) over a 1-wide axis (a plain reduction, not a row kernel):
+    relu reads x, not the reduction, yet ends up in its epilogue (found by the fuzzer)."""
+    b = GraphBuilder()
+    x = b.input("x", (3, 1))
+    graph = b.build(b.add(b.relu(x), b.sub(x, b.reduce_max(x, axes=(-1,)))))
+    assert groups_of(graph) == ["relu+reduce_max+sub+add"]
+    check(graph, rng)
