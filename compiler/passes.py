@@ -46,7 +46,7 @@ def fold_constants(graph: Graph) -> Graph:
         if all(v in params for v in node.inputs) and out.type.numel <= FOLD_MAX_ELEMENTS:
             with np.errstate(all="ignore"):
                 result = node.op.reference(*(params[v] for v in node.inputs))
-            params[out] = np.ascontiguousarray(np.asarray(result, out.type.np_dtype).reshape(out.type.shape))
+            params[out] = np.asarray(result, out.type.np_dtype, order="C").reshape(out.type.shape)
         else:
             nodes.append(node)
     return Graph(graph.inputs, graph.outputs, nodes, params, graph.name)

@@ -44,7 +44,7 @@ class GraphBuilder:
         return v
 
     def param(self, name: str, array: np.ndarray) -> Value:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # not ascontiguousarray: that makes 0-d arrays 1-d
         v = Value(self._fresh(name), TensorType(dtype_name(array.dtype), array.shape))
         self.params[v] = array
         return v

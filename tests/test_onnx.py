@@ -230,3 +230,28 @@ def test_unsupported_dtype_is_named():
     )
     with pytest.raises(UnsupportedError, match="input 'x' has dtype FLOAT16"):
         import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_shape_arithmetic_folds_at_import(rng):
+    """PyTorch's Shape → Gather → Unsqueeze → Concat → Reshape: nothing of it runs."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        helper.make_node("Relu", ["y"], ["z"]),
+    ]
+    inits = [_i64("zero", 0), _i64("axes0", [0]), _i64("minus1", [-1])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 12])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    imported = import_onnx(model)
+    assert [n.op.name for n in imported.nodes] == ["reshape", "relu"]
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(compile_model(model, name="shapes")(x), np.maximum(x.reshape(2, 12), 0))

@@ -129,7 +129,7 @@ def _identity(ctx, node, attrs):
 @converter("Constant")
 def _constant(ctx, node, attrs):
     if "value" in attrs:
-        return np.ascontiguousarray(numpy_helper.to_array(attrs["value"]))
+        return np.asarray(numpy_helper.to_array(attrs["value"]), order="C")
     for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
         if key in attrs:
             return np.array(attrs[key], dtype=dtype)

@@ -124,7 +124,7 @@ def _tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
         )
     if t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data:
         raise OnnxImportError(f"initializer {t.name!r}: its external data was not loaded")
-    return np.ascontiguousarray(numpy_helper.to_array(t))
+    return np.asarray(numpy_helper.to_array(t), order="C")  # keeps 0-d (ascontiguousarray would not)
 
 
 def _input_shape(
@@ -155,6 +155,25 @@ def _input_shape(
                 + " (or input_shapes= in Python)"
             )
     return dtype, tuple(shape)
+
+
+#: results of constant nodes larger than this stay nodes (compile-time folding takes them)
+IMPORT_FOLD_MAX_ELEMENTS = 1 << 16
+
+
+def _fold(b: GraphBuilder, first: int) -> dict[Value, np.ndarray] | None:
+    """Evaluate the nodes added since `first` (all their inputs constant) and drop them,
+    so a Shape → Gather → Concat → Reshape chain gives Reshape a constant shape."""
+    new = b.nodes[first:]
+    if any(n.outputs[0].type.numel > IMPORT_FOLD_MAX_ELEMENTS for n in new):
+        return None
+    env: dict[Value, np.ndarray] = {}
+    for n in new:
+        args = [env[v] if v in env else b.params[v] for v in n.inputs]
+        out = n.outputs[0]
+        env[out] = np.asarray(n.op.reference(*args), dtype=out.type.np_dtype).reshape(out.type.shape)
+    del b.nodes[first:]
+    return env
 
 
 def import_onnx(
@@ -188,6 +207,7 @@ def import_onnx(
         ctx.values[vi.name] = b.input(vi.name, shape, dtype)
     for node in g.node:
         convert: Callable = CONVERTERS[node.op_type]
+        first_new = len(b.nodes)
         try:
             outs = convert(ctx, node, _attrs(node))
         except GraphError as e:
@@ -195,6 +215,12 @@ def import_onnx(
         if isinstance(outs, np.ndarray):
             ctx.constants[node.output[0]] = outs
             continue
+        if all(i in ctx.constants for i in node.input if i):
+            folded = _fold(b, first_new)  # shape arithmetic and the like: known now
+            if folded is not None:
+                for name, v in zip(node.output, outs):
+                    ctx.constants[name] = folded.get(v, b.params.get(v))
+                continue
         for name, v in zip(node.output, outs):
             if name:
                 ctx.values[name] = v

@@ -91,7 +91,7 @@ class _OnnxBuilder:
 
     def const(self, hint: str, array: np.ndarray) -> str:
         name = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
     def weight(self, hint: str, shape: tuple[int, ...], fan_in: int) -> str:
