@@ -1,0 +1,243 @@
+"""The ONNX backend conformance suite run through Kiln.
+
+    python -m frontends.onnx.conformance            # every node and real-model case
+    python -m frontends.onnx.conformance -k relu    # cases whose name contains "relu"
+
+Each case is compiled with `compile_model` and run on the suite's own inputs; its
+outputs must match the suite's in shape, dtype and value (at the case's rtol/atol).
+Cases run in worker processes: a crash or hang ends only that case (the worker is
+replaced). A case of an op Kiln does not import is reported unsupported, with the
+reason; a case of an op it claims that fails is a failure. The report closes with a
+per-op table and one line: 'N passed, N failed'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import sys
+import traceback
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CASE_TIMEOUT_SECONDS = 120
+
+
+@dataclass
+class Outcome:
+    name: str
+    op: str
+    status: str  # passed | failed | unsupported
+    reason: str = ""
+
+
+def _cases() -> dict:
+    import warnings
+
+    from onnx.backend.test.loader import load_model_tests
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        cases = load_model_tests(kind="node") + load_model_tests(kind="real")
+    return {c.name: c for c in cases}
+
+
+@functools.cache
+def _op_names() -> list[str]:
+    import onnx
+
+    return sorted({s.name for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx")})
+
+
+def _op_of(case, op_names: list[str]) -> str:
+    """The op a case tests: the longest ONNX op name its name starts with (the suite
+    names cases test_<op>_<variant>; an _expanded case is its op's function body)."""
+    if case.model is None:
+        return "(model) " + case.model_name
+    key = case.name.removeprefix("test_").replace("_", "").lower()
+    matching = [op for op in op_names if key.startswith(op.lower())]
+    if matching:
+        return max(matching, key=len)
+    return case.model.graph.node[0].op_type if case.model.graph.node else "?"
+
+
+def _light_model(case):
+    """A 'real' case: the bundled light model, the suite's dummy inputs, its stored outputs."""
+    import onnx
+    import onnx.backend.test as suite
+    from onnx import numpy_helper
+
+    path = Path(suite.__file__).parent.parent.parent.parent / case.url
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    inputs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim)
+        n = int(np.prod(shape))
+        inputs.append((np.arange(n).reshape(shape) / n).astype(np.float32))
+    prefix = str(path)[: -len(".onnx")]
+    outputs = []
+    for i in range(len(model.graph.output)):
+        t = onnx.TensorProto()
+        t.ParseFromString(Path(f"{prefix}_output_{i}.pb").read_bytes())
+        outputs.append(numpy_helper.to_array(t))
+    return model, [(inputs, outputs)]
+
+
+def _normalize(x):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(x) if hasattr(x, "dims") else np.asarray(x)
+
+
+def run_case(case) -> Outcome:
+    from compiler.driver import compile_model
+    from ir.errors import UnsupportedError
+
+    op = _op_of(case, _op_names())
+    try:
+        model, data_sets = _light_model(case) if case.model is None else (case.model, case.data_sets)
+        compiled = compile_model(model, name="case")
+    except UnsupportedError as e:
+        return Outcome(case.name, op, "unsupported", str(e).splitlines()[-1].strip())
+    except Exception as e:  # a claimed op that does not import or compile
+        return Outcome(case.name, op, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    try:
+        for inputs, expected in data_sets:
+            got = compiled.run(*[_normalize(x) for x in inputs])
+            expected = [_normalize(x) for x in expected]
+            if len(got) != len(expected):
+                return Outcome(case.name, op, "failed", f"{len(got)} outputs, expected {len(expected)}")
+            for i, (g, e) in enumerate(zip(got, expected)):
+                if g.shape != e.shape or g.dtype != e.dtype:
+                    return Outcome(case.name, op, "failed",
+                                   f"output {i}: {g.dtype}{list(g.shape)}, expected {e.dtype}{list(e.shape)}")
+                if e.dtype.kind in "fc":
+                    np.testing.assert_allclose(g, e, rtol=case.rtol, atol=case.atol)
+                else:
+                    np.testing.assert_array_equal(g, e)
+    except AssertionError as e:
+        lines = [ln for ln in str(e).splitlines() if "Max" in ln or "Mismatch" in ln]
+        return Outcome(case.name, op, "failed", "; ".join(lines) or "values differ")
+    except Exception as e:
+        return Outcome(case.name, op, "failed", f"{type(e).__name__}: {e}")
+    return Outcome(case.name, op, "passed")
+
+
+def _worker(conn) -> None:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    cases = _cases()
+    while True:
+        name = conn.recv()
+        if name is None:
+            return
+        try:
+            conn.send(run_case(cases[name]))
+        except Exception:
+            conn.send(Outcome(name, "?", "failed", traceback.format_exc().splitlines()[-1]))
+
+
+class _Pool:
+    """Worker processes that survive their cases: a dead or stuck worker is replaced."""
+
+    def __init__(self, size: int):
+        self.ctx = mp.get_context("spawn")
+        self.workers = [self._start() for _ in range(size)]
+
+    def _start(self):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
+        proc.start()
+        return proc, parent
+
+    def run(self, names: list[str], ops: dict[str, str], progress) -> list[Outcome]:
+        pending, results, busy = list(names), [], {}
+        while pending or busy:
+            for i, (proc, conn) in enumerate(self.workers):
+                if i not in busy and pending:
+                    name = pending.pop(0)
+                    conn.send(name)
+                    busy[i] = name
+            for i, name in list(busy.items()):
+                proc, conn = self.workers[i]
+                if conn.poll(0.01):
+                    results.append(conn.recv())
+                    del busy[i]
+                    progress(results[-1])
+                elif not proc.is_alive() or _elapsed(busy, i) > CASE_TIMEOUT_SECONDS:
+                    reason = "timed out" if proc.is_alive() else f"crashed (exit {proc.exitcode})"
+                    proc.kill()
+                    results.append(Outcome(name, ops[name], "failed", reason))
+                    progress(results[-1])
+                    del busy[i]
+                    self.workers[i] = self._start()
+        for proc, conn in self.workers:
+            conn.send(None)
+        return results
+
+
+_started: dict = {}
+
+
+def _elapsed(busy: dict, i: int) -> float:
+    import time
+
+    key = (i, busy[i])
+    _started.setdefault(key, time.monotonic())
+    return time.monotonic() - _started[key]
+
+
+def report(results: list[Outcome]) -> str:
+    by_op: dict[str, Counter] = defaultdict(Counter)
+    reasons: dict[str, str] = {}
+    for r in results:
+        by_op[r.op][r.status] += 1
+        if r.status != "passed":
+            reasons.setdefault(r.op, r.reason)
+    lines = [f"{'op':<32} {'passed':>6} {'failed':>6} {'unsup.':>6}  first reason"]
+    for op in sorted(by_op):
+        c = by_op[op]
+        lines.append(f"{op:<32} {c['passed']:>6} {c['failed']:>6} {c['unsupported']:>6}  {reasons.get(op, '')[:90]}")
+    total = Counter(r.status for r in results)
+    lines.append(f"{total['unsupported']} unsupported (ops Kiln does not claim)")
+    lines.append(f"{total['passed']} passed, {total['failed']} failed")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-k", default="", help="only cases whose name contains this")
+    p.add_argument("-j", type=int, default=os.cpu_count() or 1, help="worker processes")
+    p.add_argument("--failures", action="store_true", help="list every failed case with its reason")
+    args = p.parse_args(argv)
+    cases = _cases()
+    names = sorted(n for n in cases if args.k in n)
+    op_names = _op_names()
+    ops = {n: _op_of(cases[n], op_names) for n in names}
+    done = [0]
+
+    def progress(outcome: Outcome) -> None:
+        done[0] += 1
+        if done[0] % 100 == 0:
+            print(f"  {done[0]}/{len(names)}", file=sys.stderr)
+
+    results = _Pool(max(1, args.j)).run(names, ops, progress)
+    print(report(results))
+    if args.failures:
+        for r in sorted(results, key=lambda r: r.name):
+            if r.status == "failed":
+                print(f"FAILED {r.name} [{r.op}]: {r.reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
