@@ -206,7 +206,24 @@ class FunctionWriter:
                 return b.select(b.icmp_signed("<" if op == "min" else ">", a, c), a, c)
             if op in ("floordiv", "rem"):
                 return self._floor_divmod(op, a, c)
+            if op == "div":
+                return self._truncating_div(a, c)
+            if op == "pow":  # through double: exact while the result fits 53 bits
+                f64 = ir.DoubleType()
+                r = b.call(self._libm("pow", f64, 2), [b.sitofp(a, f64), b.sitofp(c, f64)])
+                return b.fptosi(r, a.type)
         raise TypeError(f"kernel IR: no {op} for {dtype}")
+
+    def _truncating_div(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        """C's / (toward zero), as ONNX defines integer Div, without the two cases that
+        trap on x86: x / 0 gives 0 and MIN / -1 wraps to MIN."""
+        b = self.b
+        zero, one, minus_one = (ir.Constant(a.type, v) for v in (0, 1, -1))
+        by_zero = b.icmp_signed("==", c, zero)
+        by_minus_one = b.icmp_signed("==", c, minus_one)
+        safe = b.select(b.or_(by_zero, by_minus_one), one, c)
+        q = b.select(by_minus_one, b.sub(zero, a), b.sdiv(a, safe))
+        return b.select(by_zero, zero, q)
 
     def _floor_divmod(self, op: str, a: ir.Value, c: ir.Value) -> ir.Value:
         """Python's // and % (rounding toward -inf), from LLVM's truncating sdiv/srem."""

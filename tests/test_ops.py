@@ -23,7 +23,7 @@ from ir.ops import REGISTRY, Fusion
 @dataclass
 class In:
     shape: tuple[int, ...]
-    kind: str = "normal"  # normal | positive | nonzero | wide | bool | index:N
+    kind: str = "normal"  # normal | positive | nonzero | wide | bool | index:N | count:N
     dtype: str = "float32"
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
@@ -33,6 +33,8 @@ class In:
         s = self.shape
         if self.kind == "bool":
             return rng.random(s) < 0.5
+        if self.kind.startswith("count:"):
+            return rng.integers(0, int(self.kind.split(":")[1]), s).astype(self.dtype)
         if self.kind.startswith("index:"):
             n = int(self.kind.split(":")[1])
             return rng.integers(-n, n, s).astype(self.dtype)
@@ -78,8 +80,8 @@ CASES: dict[str, list[Case]] = {
     "add": binary() + binary(dtype="int64")[:4],
     "sub": binary(),
     "mul": binary() + binary(dtype="int64")[4:],
-    "div": binary("nonzero"),
-    "pow": binary(kind_a="positive"),
+    "div": binary("nonzero") + [Case([In((7, 33), dtype="int64"), In((33,), dtype="int64")])],
+    "pow": binary(kind_a="positive") + [Case([In((33,), "index:6", "int64"), In((33,), "count:4", "int64")])],
     "maximum": binary() + binary(dtype="int64")[:3],
     "minimum": binary(),
     "neg": unary(),

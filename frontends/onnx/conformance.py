@@ -18,6 +18,7 @@ import functools
 import multiprocessing as mp
 import os
 import sys
+import time
 import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ def _light_model(case):
     return model, [(inputs, outputs)]
 
 
+def _is_tensor(x) -> bool:
+    return hasattr(x, "dims") or isinstance(x, np.ndarray)
+
+
 def _normalize(x):
     from onnx import numpy_helper
 
@@ -104,11 +109,18 @@ def run_case(case) -> Outcome:
     op = _op_of(case, _op_names())
     try:
         model, data_sets = _light_model(case) if case.model is None else (case.model, case.data_sets)
-        compiled = compile_model(model, name="case")
+        # Kiln compiles for static shapes: the suite's unknown dimensions are bound to
+        # its inputs' shapes, as a user binds them with --input-shape
+        inits = {t.name for t in model.graph.initializer}
+        names = [vi.name for vi in model.graph.input if vi.name not in inits]
+        shapes = {n: np.shape(_normalize(x)) for n, x in zip(names, data_sets[0][0]) if _is_tensor(x)}
+        compiled = compile_model(model, name="case", input_shapes=shapes)
     except UnsupportedError as e:
         return Outcome(case.name, op, "unsupported", str(e).splitlines()[-1].strip())
     except Exception as e:  # a claimed op that does not import or compile
-        return Outcome(case.name, op, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return Outcome(
+            case.name, op, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
     try:
         for inputs, expected in data_sets:
             got = compiled.run(*[_normalize(x) for x in inputs])
@@ -117,8 +129,12 @@ def run_case(case) -> Outcome:
                 return Outcome(case.name, op, "failed", f"{len(got)} outputs, expected {len(expected)}")
             for i, (g, e) in enumerate(zip(got, expected)):
                 if g.shape != e.shape or g.dtype != e.dtype:
-                    return Outcome(case.name, op, "failed",
-                                   f"output {i}: {g.dtype}{list(g.shape)}, expected {e.dtype}{list(e.shape)}")
+                    return Outcome(
+                        case.name,
+                        op,
+                        "failed",
+                        f"output {i}: {g.dtype}{list(g.shape)}, expected {e.dtype}{list(e.shape)}",
+                    )
                 if e.dtype.kind in "fc":
                     np.testing.assert_allclose(g, e, rtol=case.rtol, atol=case.atol)
                 else:
@@ -160,40 +176,30 @@ class _Pool:
         return proc, parent
 
     def run(self, names: list[str], ops: dict[str, str], progress) -> list[Outcome]:
-        pending, results, busy = list(names), [], {}
+        pending, results = list(names), []
+        busy: dict[int, tuple[str, float]] = {}  # worker → (case, start time)
         while pending or busy:
-            for i, (proc, conn) in enumerate(self.workers):
+            for i, (_, conn) in enumerate(self.workers):
                 if i not in busy and pending:
                     name = pending.pop(0)
                     conn.send(name)
-                    busy[i] = name
-            for i, name in list(busy.items()):
+                    busy[i] = (name, time.monotonic())
+            for i, (name, started) in list(busy.items()):
                 proc, conn = self.workers[i]
                 if conn.poll(0.01):
                     results.append(conn.recv())
-                    del busy[i]
-                    progress(results[-1])
-                elif not proc.is_alive() or _elapsed(busy, i) > CASE_TIMEOUT_SECONDS:
+                elif not proc.is_alive() or time.monotonic() - started > CASE_TIMEOUT_SECONDS:
                     reason = "timed out" if proc.is_alive() else f"crashed (exit {proc.exitcode})"
                     proc.kill()
                     results.append(Outcome(name, ops[name], "failed", reason))
-                    progress(results[-1])
-                    del busy[i]
                     self.workers[i] = self._start()
-        for proc, conn in self.workers:
+                else:
+                    continue
+                del busy[i]
+                progress(results[-1])
+        for _, conn in self.workers:
             conn.send(None)
         return results
-
-
-_started: dict = {}
-
-
-def _elapsed(busy: dict, i: int) -> float:
-    import time
-
-    key = (i, busy[i])
-    _started.setdefault(key, time.monotonic())
-    return time.monotonic() - _started[key]
 
 
 def report(results: list[Outcome]) -> str:
@@ -206,7 +212,9 @@ def report(results: list[Outcome]) -> str:
     lines = [f"{'op':<32} {'passed':>6} {'failed':>6} {'unsup.':>6}  first reason"]
     for op in sorted(by_op):
         c = by_op[op]
-        lines.append(f"{op:<32} {c['passed']:>6} {c['failed']:>6} {c['unsupported']:>6}  {reasons.get(op, '')[:90]}")
+        lines.append(
+            f"{op:<32} {c['passed']:>6} {c['failed']:>6} {c['unsupported']:>6}  {reasons.get(op, '')[:90]}"
+        )
     total = Counter(r.status for r in results)
     lines.append(f"{total['unsupported']} unsupported (ops Kiln does not claim)")
     lines.append(f"{total['passed']} passed, {total['failed']} failed")

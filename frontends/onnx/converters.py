@@ -63,7 +63,10 @@ _SIMPLE = {
 
 @converter(*_SIMPLE)
 def _simple(ctx, node, attrs):
-    return [_op(ctx, node, _SIMPLE[node.op_type], *_ins(ctx, node))]
+    ins = _ins(ctx, node)
+    if node.op_type == "Pow" and ins[1].type.dtype != ins[0].type.dtype:
+        ins[1] = ctx.b.cast(ins[1], to=ins[0].type.dtype)  # Pow's exponent may have its own type
+    return [_op(ctx, node, _SIMPLE[node.op_type], *ins)]
 
 
 @converter("Max", "Min")
@@ -121,6 +124,10 @@ def _cast(ctx, node, attrs):
 def _identity(ctx, node, attrs):
     if len(node.output) > 1 and node.output[1]:
         raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the dropout mask output is not supported")
+    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+        training = ctx.constants.get(node.input[2])
+        if training is None or bool(training):
+            raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: training-mode dropout is not supported")
     if node.input[0] in ctx.constants:
         return ctx.constants[node.input[0]]
     return [ctx.value(node.input[0])]

@@ -69,8 +69,15 @@ class Mul(Binary):
 
 @register("div", E)
 class Div(Binary):
+    """Float division; integer division truncates toward zero (ONNX, C), and x / 0 is 0."""
+
+    accepts = NUMBERS
+
     def reference(self, a, b):
-        return a / b
+        if a.dtype.kind == "f":
+            return a / b
+        q = np.abs(a) // np.where(b == 0, 1, np.abs(b)) * np.sign(a) * np.sign(b)
+        return np.where(b == 0, 0, q).astype(a.dtype)
 
     def scalar(self, e, a, b):
         return a / b
@@ -78,6 +85,8 @@ class Div(Binary):
 
 @register("pow", E)
 class Pow(Binary):
+    accepts = NUMBERS
+
     def reference(self, a, b):
         return np.power(a, b)
 

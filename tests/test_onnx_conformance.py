@@ -1,0 +1,31 @@
+"""The onnx package's backend test suite (node and real-model cases) through Kiln.
+
+Every case either passes or is reported unsupported with a reason (an op or a feature
+Kiln does not claim); none may fail. The count of passing cases only goes up: raise
+MIN_PASSED as ops are added. Run the report by hand: python -m frontends.onnx.conformance
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from frontends.onnx import conformance
+
+MIN_PASSED = 239
+
+
+@pytest.mark.slow
+def test_conformance_suite_has_no_failures():
+    cases = conformance._cases()
+    names = sorted(cases)
+    ops = {n: conformance._op_of(cases[n], conformance._op_names()) for n in names}
+    results = conformance._Pool(os.cpu_count() or 1).run(names, ops, lambda outcome: None)
+    report = conformance.report(results)
+    print(report)
+    failed = [f"{r.name} [{r.op}]: {r.reason}" for r in results if r.status == "failed"]
+    assert not failed, "\n".join(failed)
+    assert sum(r.status == "passed" for r in results) >= MIN_PASSED, report
+    unsupported = [r for r in results if r.status == "unsupported"]
+    assert all(r.reason for r in unsupported)
