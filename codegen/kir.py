@@ -177,7 +177,7 @@ class LocalRef(Expr):
 
 
 BINARY_OPS = ("add", "sub", "mul", "div", "min", "max", "pow", "rem", "floordiv", "and", "or")
-UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "tanh", "erf", "floor", "ceil", "not")
+UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "tanh", "erf", "floor", "ceil", "roundeven", "not")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 
 
@@ -289,6 +289,8 @@ class ExprBuilder:
     erf = _unary_fn("erf")
     abs = _unary_fn("abs")
     floor = _unary_fn("floor")
+    ceil = _unary_fn("ceil")
+    roundeven = _unary_fn("roundeven")
     logical_not = _unary_fn("not")
 
     @staticmethod

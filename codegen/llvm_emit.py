@@ -246,7 +246,7 @@ class FunctionWriter:
         elif dtype in kir.FLOAT_DTYPES:
             if op == "neg":
                 return b.fneg(a)
-            if op in ("abs", "sqrt", "floor", "ceil"):
+            if op in ("abs", "sqrt", "floor", "ceil", "roundeven"):
                 return self._call_intrinsic(f"llvm.{'fabs' if op == 'abs' else op}", a)
             if op in _LIBM64:
                 if dtype == "float32":

@@ -40,6 +40,16 @@ class In:
             return rng.integers(-n, n, s).astype(self.dtype)
         if self.dtype.startswith("int"):
             return rng.integers(-50, 50, s).astype(self.dtype)
+        if self.kind == "halves":  # ties, where round-half-to-even matters
+            return np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 4.0][: s[0]], self.dtype)
+        if self.kind == "huge":  # exp(x) overflows float32 here
+            return rng.uniform(80, 200, s).astype(self.dtype) * rng.choice([-1, 1], s)
+        if self.kind == "specials":
+            x = rng.standard_normal(s)
+            x[rng.random(s) < 0.3] = np.inf
+            x[rng.random(s) < 0.3] = -np.inf
+            x[rng.random(s) < 0.2] = np.nan
+            return x.astype(self.dtype)
         if self.kind == "positive":
             x = rng.uniform(0.05, 5.0, s)
         elif self.kind == "nonzero":
@@ -242,6 +252,32 @@ CASES: dict[str, list[Case]] = {
 #: (rtol, atol per unit of output scale). The absolute part scales with the largest
 #: |expected| because a float32 sum or a cancelling formula (1 + erf(x) near x = -4)
 #: is only accurate relative to the magnitudes that went into it.
+CASES.update(
+    {
+        "floor": unary("wide"),
+        "ceil": unary("wide"),
+        "round": unary("wide") + [Case([In((8,), "halves")])],
+        "sign": unary() + [Case([In((7, 5), dtype="int64")])],
+        "softplus": unary("wide") + [Case([In((33,), "huge")])],
+        "softsign": unary("wide"),
+        "hard_sigmoid": unary("wide", alpha=0.3, beta=0.4),
+        "hard_swish": unary("wide"),
+        "selu": unary("wide"),
+        "celu": unary("wide", alpha=0.7),
+        "mish": unary("wide"),
+        "thresholded_relu": unary(alpha=0.5),
+        "prelu": [Case([In((2, 3, 7, 7)), In((3, 1, 1))]), Case([In((40000,)), In((40000,))])],
+        "less_equal": binary() + [Case([In((33,), dtype="int64"), In((33,), dtype="int64")])],
+        "greater_equal": binary(),
+        "logical_and": [Case([In((7, 33), "bool"), In((33,), "bool")])],
+        "logical_or": [Case([In((7, 33), "bool"), In((7, 33), "bool")])],
+        "logical_xor": [Case([In((40000,), "bool"), In((40000,), "bool")])],
+        "logical_not": [Case([In((33,), "bool")])],
+        "isnan": [Case([In((33,), "specials")])],
+        "isinf": [Case([In((33,), "specials")]), Case([In((33,), "specials")], {"detect_negative": False})],
+    }
+)
+
 TOLERANCE = {Fusion.ELEMENTWISE: (1e-5, 1e-6)}
 DEFAULT_TOLERANCE = (1e-4, 1e-5)
 

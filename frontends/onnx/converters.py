@@ -58,6 +58,22 @@ _SIMPLE = {
     "Equal": "equal",
     "Less": "less",
     "Greater": "greater",
+    "Floor": "floor",
+    "Ceil": "ceil",
+    "Round": "round",
+    "Sign": "sign",
+    "Softplus": "softplus",
+    "Softsign": "softsign",
+    "HardSwish": "hard_swish",
+    "Mish": "mish",
+    "PRelu": "prelu",
+    "LessOrEqual": "less_equal",
+    "GreaterOrEqual": "greater_equal",
+    "And": "logical_and",
+    "Or": "logical_or",
+    "Xor": "logical_xor",
+    "Not": "logical_not",
+    "IsNaN": "isnan",
 }
 
 
@@ -76,6 +92,32 @@ def _variadic_minmax(ctx, node, attrs):
     acc = xs[0]
     for x in xs[1:]:
         acc = ctx.b.op(op, acc, x, name=node.output[0])
+    return [acc]
+
+
+@converter("HardSigmoid", "Selu", "Celu", "ThresholdedRelu", "IsInf")
+def _with_float_attrs(ctx, node, attrs):
+    """Activations whose attributes carry over by name (lower-cased)."""
+    op = {
+        "HardSigmoid": "hard_sigmoid",
+        "Selu": "selu",
+        "Celu": "celu",
+        "ThresholdedRelu": "thresholded_relu",
+        "IsInf": "isinf",
+    }[node.op_type]
+    kwargs = {k.lower(): (bool(v) if node.op_type == "IsInf" else float(v)) for k, v in attrs.items()}
+    return [_op(ctx, node, op, *_ins(ctx, node), **kwargs)]
+
+
+@converter("Sum", "Mean")
+def _sum_mean(ctx, node, attrs):
+    xs = _ins(ctx, node)
+    acc = xs[0]
+    for x in xs[1:]:
+        acc = ctx.b.add(acc, x, name=node.output[0])
+    if node.op_type == "Mean" and len(xs) > 1:
+        n = ctx.b.param("count", np.array(len(xs), dtype=acc.type.np_dtype))
+        acc = ctx.b.div(acc, n, name=node.output[0])
     return [acc]
 
 

@@ -293,7 +293,8 @@ class Comparison(Binary):
     predicate: ClassVar[str]
 
     def reference(self, a, b):
-        return getattr(np, {"eq": "equal", "lt": "less", "gt": "greater"}[self.predicate])(a, b)
+        names = {"eq": "equal", "lt": "less", "gt": "greater", "le": "less_equal", "ge": "greater_equal"}
+        return getattr(np, names[self.predicate])(a, b)
 
     def scalar(self, e, a, b):
         return getattr(a, self.predicate)(b)
@@ -351,3 +352,228 @@ class CastOp(Unary):
         if x.dtype == "bool":
             return e.select(x, e.const(1, self.to), e.const(0, self.to))
         return e.cast(x, self.to)
+
+
+# --------------------------------------------------------------------------- rounding, sign
+
+
+@register("floor", E)
+class Floor(Unary):
+    def reference(self, x):
+        return np.floor(x)
+
+    def scalar(self, e, x):
+        return e.floor(x)
+
+
+@register("ceil", E)
+class Ceil(Unary):
+    def reference(self, x):
+        return np.ceil(x)
+
+    def scalar(self, e, x):
+        return e.ceil(x)
+
+
+@register("round", E)
+class Round(Unary):
+    """Halves round to even, as ONNX and numpy do."""
+
+    def reference(self, x):
+        return np.round(x)
+
+    def scalar(self, e, x):
+        return e.roundeven(x)
+
+
+@register("sign", E)
+class Sign(Unary):
+    accepts = NUMBERS
+
+    def reference(self, x):
+        return np.sign(x)
+
+    def scalar(self, e, x):
+        one, zero = e.const(1, x.dtype), e.const(0, x.dtype)
+        signed = e.select(x.gt(0), one, e.select(x.lt(0), -one, zero))
+        return e.select(x.ne(x), x, signed) if x.dtype in FLOATS else signed  # NaN stays NaN
+
+
+# --------------------------------------------------------------------------- more activations
+
+
+@register("softplus", E)
+class Softplus(Unary):
+    """log(1 + exp(x)), computed as max(x, 0) + log(1 + exp(-|x|)) so it never overflows."""
+
+    def reference(self, x):
+        return np.logaddexp(x.dtype.type(0), x)
+
+    def scalar(self, e, x):
+        return e.maximum(x, 0.0) + e.log(e.exp(-e.abs(x)) + 1.0)
+
+
+@register("softsign", E)
+class Softsign(Unary):
+    def reference(self, x):
+        return x / (1 + np.abs(x))
+
+    def scalar(self, e, x):
+        return x / (e.abs(x) + 1.0)
+
+
+@register("hard_sigmoid", E)
+class HardSigmoid(Unary):
+    alpha: float = 0.2
+    beta: float = 0.5
+
+    def reference(self, x):
+        t = x.dtype.type
+        return np.clip(x * t(self.alpha) + t(self.beta), t(0), t(1))
+
+    def scalar(self, e, x):
+        return e.minimum(e.maximum(x * self.alpha + self.beta, 0.0), 1.0)
+
+
+@register("hard_swish", E)
+class HardSwish(Unary):
+    def reference(self, x):
+        t = x.dtype.type
+        return x * np.clip(x * t(1 / 6) + t(0.5), t(0), t(1))
+
+    def scalar(self, e, x):
+        return x * e.minimum(e.maximum(x * (1 / 6) + 0.5, 0.0), 1.0)
+
+
+@register("selu", E)
+class Selu(Unary):
+    alpha: float = 1.67326319217681884765625
+    gamma: float = 1.05070102214813232421875
+
+    def reference(self, x):
+        t = x.dtype.type
+        return np.where(x > 0, x * t(self.gamma), (np.exp(x) - 1) * t(self.alpha * self.gamma))
+
+    def scalar(self, e, x):
+        return e.select(x.gt(0), x * self.gamma, (e.exp(x) - 1.0) * (self.alpha * self.gamma))
+
+
+@register("celu", E)
+class Celu(Unary):
+    alpha: float = 1.0
+
+    def reference(self, x):
+        t = x.dtype.type
+        return np.maximum(x, t(0)) + np.minimum(t(0), t(self.alpha) * (np.exp(x / t(self.alpha)) - 1))
+
+    def scalar(self, e, x):
+        return e.maximum(x, 0.0) + e.minimum((e.exp(x * (1 / self.alpha)) - 1.0) * self.alpha, 0.0)
+
+
+@register("mish", E)
+class Mish(Unary):
+    def reference(self, x):
+        return x * np.tanh(np.logaddexp(x.dtype.type(0), x))
+
+    def scalar(self, e, x):
+        return x * e.tanh(Softplus().scalar(e, x))
+
+
+@register("thresholded_relu", E)
+class ThresholdedRelu(Unary):
+    alpha: float = 1.0
+
+    def reference(self, x):
+        return np.where(x > x.dtype.type(self.alpha), x, x.dtype.type(0))
+
+    def scalar(self, e, x):
+        return e.select(x.gt(self.alpha), x, e.const(0.0, x.dtype))
+
+
+@register("prelu", E)
+class PRelu(Binary):
+    """x where x >= 0, else slope * x (slope broadcast)."""
+
+    def reference(self, x, slope):
+        return np.where(x < 0, x * slope, x)
+
+    def scalar(self, e, x, slope):
+        return e.select(x.lt(0), x * slope, x)
+
+
+# --------------------------------------------------------------------------- logic, tests
+
+
+@register("less_equal", E)
+class LessEqual(Comparison):
+    predicate = "le"
+
+
+@register("greater_equal", E)
+class GreaterEqual(Comparison):
+    predicate = "ge"
+
+
+class Logical(Binary):
+    accepts = ("bool",)
+
+    def reference(self, a, b):
+        return getattr(np, f"logical_{self.name.split('_')[1]}")(a, b)
+
+
+@register("logical_and", E)
+class LogicalAnd(Logical):
+    def scalar(self, e, a, b):
+        return e.logical_and(a, b)
+
+
+@register("logical_or", E)
+class LogicalOr(Logical):
+    def scalar(self, e, a, b):
+        return e.logical_or(a, b)
+
+
+@register("logical_xor", E)
+class LogicalXor(Logical):
+    def scalar(self, e, a, b):
+        return a.ne(b)
+
+
+@register("logical_not", E)
+class LogicalNot(Unary):
+    accepts = ("bool",)
+
+    def reference(self, x):
+        return np.logical_not(x)
+
+    def scalar(self, e, x):
+        return e.logical_not(x)
+
+
+@register("isnan", E)
+class IsNan(Unary):
+    result = "bool"
+
+    def reference(self, x):
+        return np.isnan(x)
+
+    def scalar(self, e, x):
+        return x.ne(x)
+
+
+@register("isinf", E)
+class IsInf(Unary):
+    result = "bool"
+    detect_negative: bool = True
+    detect_positive: bool = True
+
+    def reference(self, x):
+        return (np.isposinf(x) & self.detect_positive) | (np.isneginf(x) & self.detect_negative)
+
+    def scalar(self, e, x):
+        pos, neg = x.eq(float("inf")), x.eq(float("-inf"))
+        if self.detect_positive and self.detect_negative:
+            return e.logical_or(pos, neg)
+        if self.detect_positive:
+            return pos
+        return neg if self.detect_negative else e.const(False, "bool")
