@@ -13,7 +13,7 @@ import pytest
 
 from frontends.onnx import conformance
 
-MIN_PASSED = 310
+MIN_PASSED = 445
 
 
 @pytest.mark.slow

@@ -254,6 +254,21 @@ CASES: dict[str, list[Case]] = {
 #: is only accurate relative to the magnitudes that went into it.
 CASES.update(
     {
+        "reduce_min": [
+            Case([In((7, 33))], {"axes": (1,)}),
+            Case([In((5, 3), dtype="int64")], {"keepdims": False}),
+        ],
+        "reduce_prod": [
+            Case([In((7, 5), "positive")], {"axes": (0,)}),
+            Case([In((4, 3), "count:3", "int64")]),
+        ],
+        "arg_reduce": [
+            Case([In((7, 33))], {"axis": 1}),
+            Case([In((7, 33))], {"axis": 0, "largest": False}),
+            Case([In((6, 5), "count:3", "int64")], {"axis": 1, "select_last_index": True, "keepdims": False}),
+        ],
+        "expand": [Case([In((3, 1))], {"shape": (2, 3, 7)}), Case([In((40000,))], {"shape": (1, 40000)})],
+        "tile": [Case([In((3, 4))], {"repeats": (2, 3)}), Case([In((2, 1, 5))], {"repeats": (1, 4, 1)})],
         "floor": unary("wide"),
         "ceil": unary("wide"),
         "round": unary("wide") + [Case([In((8,), "halves")])],

@@ -373,19 +373,85 @@ def _softmax(ctx, node, attrs):
 # --------------------------------------------------------------------------- reductions
 
 
-@converter("ReduceSum", "ReduceMean", "ReduceMax")
+_REDUCE_OPS = {
+    "ReduceSum": "reduce_sum",
+    "ReduceMean": "reduce_mean",
+    "ReduceMax": "reduce_max",
+    "ReduceMin": "reduce_min",
+    "ReduceProd": "reduce_prod",
+}
+_COMPOSED_REDUCTIONS = ("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
+
+
+def _reduce_axes(ctx, node, attrs):
+    """The axes, from the attribute or (ReduceSum from opset 13, all from 18) the input."""
+    if (node.op_type == "ReduceSum" and ctx.opset >= 13) or ctx.opset >= 18:
+        axes_arr = ctx.constant(node, 1, "axes")
+        return None if axes_arr is None or axes_arr.size == 0 else _ints(axes_arr.ravel())
+    return _ints(attrs["axes"]) if "axes" in attrs else None
+
+
+@converter(*_REDUCE_OPS, *_COMPOSED_REDUCTIONS)
 def _reduce(ctx, node, attrs):
     x = ctx.value(node.input[0])
-    op = {"ReduceSum": "reduce_sum", "ReduceMean": "reduce_mean", "ReduceMax": "reduce_max"}[node.op_type]
-    axes_from_input = node.op_type == "ReduceSum" and ctx.opset >= 13 or ctx.opset >= 18
-    if axes_from_input:
-        axes_arr = ctx.constant(node, 1, "axes")
-        axes = None if axes_arr is None or axes_arr.size == 0 else _ints(axes_arr.ravel())
-    else:
-        axes = _ints(attrs["axes"]) if "axes" in attrs else None
+    axes = _reduce_axes(ctx, node, attrs)
     if axes is None and attrs.get("noop_with_empty_axes", 0):
         return [x]
-    return [_op(ctx, node, op, x, axes=axes, keepdims=bool(attrs.get("keepdims", 1)))]
+    keep = bool(attrs.get("keepdims", 1))
+    b, out = ctx.b, node.output[0]
+    if node.op_type in _REDUCE_OPS:
+        return [_op(ctx, node, _REDUCE_OPS[node.op_type], x, axes=axes, keepdims=keep)]
+    if node.op_type == "ReduceL1":
+        return [b.reduce_sum(b.abs(x), axes=axes, keepdims=keep, name=out)]
+    if node.op_type == "ReduceSumSquare":
+        return [b.reduce_sum(b.mul(x, x), axes=axes, keepdims=keep, name=out)]
+    if node.op_type == "ReduceL2":
+        return [b.sqrt(b.reduce_sum(b.mul(x, x), axes=axes, keepdims=keep), name=out)]
+    if node.op_type == "ReduceLogSum":
+        return [b.log(b.reduce_sum(x, axes=axes, keepdims=keep), name=out)]
+    # ReduceLogSumExp, stable: max + log(sum(exp(x - max)))
+    m = b.reduce_max(x, axes=axes, keepdims=True)
+    m_finite = b.where(b.isinf(m), b.param("zero", np.zeros((), x.type.np_dtype)), m)
+    lse = b.add(b.log(b.reduce_sum(b.exp(b.sub(x, m_finite)), axes=axes, keepdims=True)), m_finite)
+    return [b.reshape(lse, shape=b.reduce_sum(x, axes=axes, keepdims=keep).type.shape, name=out)]
+
+
+@converter("ArgMax", "ArgMin")
+def _arg(ctx, node, attrs):
+    return [
+        _op(
+            ctx,
+            node,
+            "arg_reduce",
+            ctx.value(node.input[0]),
+            axis=int(attrs.get("axis", 0)),
+            keepdims=bool(attrs.get("keepdims", 1)),
+            largest=node.op_type == "ArgMax",
+            select_last_index=bool(attrs.get("select_last_index", 0)),
+        )
+    ]
+
+
+@converter("GlobalMaxPool")
+def _global_max(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    return [_op(ctx, node, "reduce_max", x, axes=tuple(range(2, x.type.rank)), keepdims=True)]
+
+
+@converter("InstanceNormalization")
+def _instance_norm(ctx, node, attrs):
+    """Per (image, channel) normalization over the spatial axes, written with the ops
+    row fusion makes one kernel of."""
+    x, scale, bias = _ins(ctx, node)
+    b = ctx.b
+    n, c = x.type.shape[:2]
+    rows = b.reshape(x, shape=(n, c, -1))
+    d = b.sub(rows, b.reduce_mean(rows, axes=(-1,)))
+    var = b.reduce_mean(b.mul(d, d), axes=(-1,))
+    eps = b.param("epsilon", np.array(attrs.get("epsilon", 1e-5), x.type.np_dtype))
+    y = b.mul(d, b.rsqrt(b.add(var, eps)))
+    y = b.add(b.mul(y, b.reshape(scale, shape=(c, 1))), b.reshape(bias, shape=(c, 1)))
+    return [b.reshape(y, shape=x.type.shape, name=node.output[0])]
 
 
 # --------------------------------------------------------------------------- shapes
@@ -494,6 +560,74 @@ def _pad(ctx, node, attrs):
 def _gather(ctx, node, attrs):
     data, idx = _ins(ctx, node)
     return [_op(ctx, node, "gather", data, idx, axis=int(attrs.get("axis", 0)))]
+
+
+@converter("Expand")
+def _expand(ctx, node, attrs):
+    shape = _ints(ctx.constant(node, 1, "shape").ravel())
+    return [_op(ctx, node, "expand", ctx.value(node.input[0]), shape=shape)]
+
+
+@converter("Tile")
+def _tile(ctx, node, attrs):
+    repeats = _ints(ctx.constant(node, 1, "repeats").ravel())
+    return [_op(ctx, node, "tile", ctx.value(node.input[0]), repeats=repeats)]
+
+
+@converter("Split")
+def _split(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    axis = int(attrs.get("axis", 0)) % x.type.rank
+    dim = x.type.shape[axis]
+    sizes = ctx.constant(node, 1, "split") if ctx.opset >= 13 else attrs.get("split")
+    if sizes is None or len(sizes) == 0:
+        parts = int(attrs.get("num_outputs", len(node.output)))
+        chunk = -(-dim // parts)
+        sizes = [min(chunk, dim - i * chunk) for i in range(parts)]
+    outs, start = [], 0
+    for name, size in zip(node.output, _ints(np.asarray(sizes).ravel())):
+        outs.append(ctx.b.slice(x, starts=(start,), ends=(start + size,), axes=(axis,), name=name))
+        start += size
+    return outs
+
+
+@converter("DepthToSpace", "SpaceToDepth")
+def _depth_space(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    n, c, h, w = x.type.shape
+    bs = int(attrs["blocksize"])
+    b = ctx.b
+    mode = attrs.get("mode", b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if node.op_type == "SpaceToDepth":
+        t = b.reshape(x, shape=(n, c, h // bs, bs, w // bs, bs))
+        t = b.transpose(t, perm=(0, 3, 5, 1, 2, 4) if mode == "DCR" else (0, 1, 3, 5, 2, 4))
+        return [b.reshape(t, shape=(n, c * bs * bs, h // bs, w // bs), name=node.output[0])]
+    if mode == "DCR":
+        t = b.transpose(b.reshape(x, shape=(n, bs, bs, c // (bs * bs), h, w)), perm=(0, 3, 4, 1, 5, 2))
+    else:
+        t = b.transpose(b.reshape(x, shape=(n, c // (bs * bs), bs, bs, h, w)), perm=(0, 1, 4, 2, 5, 3))
+    return [b.reshape(t, shape=(n, c // (bs * bs), h * bs, w * bs), name=node.output[0])]
+
+
+@converter("Size")
+def _size(ctx, node, attrs):
+    name = node.input[0]
+    shape = ctx.constants[name].shape if name in ctx.constants else ctx.value(name).type.shape
+    return np.array(int(np.prod(shape)), dtype=np.int64)
+
+
+@converter("ConstantOfShape")
+def _constant_of_shape(ctx, node, attrs):
+    shape = _ints(ctx.constant(node, 0, "shape").ravel())
+    value = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
+    return np.full(shape, value.ravel()[0], dtype=value.dtype)
+
+
+@converter("Range")
+def _range(ctx, node, attrs):
+    start, limit, delta = (ctx.constant(node, i, what) for i, what in enumerate(("start", "limit", "delta")))
+    return np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)
 
 
 @converter("Shape")

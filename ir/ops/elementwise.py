@@ -577,3 +577,20 @@ class IsInf(Unary):
         if self.detect_positive:
             return pos
         return neg if self.detect_negative else e.const(False, "bool")
+
+
+@register("expand", E)
+class Expand(Unary):
+    """x broadcast to `shape` (numpy rules both ways, as ONNX Expand)."""
+
+    accepts = NUMBERS + ("bool",)
+    shape: tuple[int, ...] = ()
+
+    def infer(self, x: TensorType) -> TensorType:
+        return x.with_shape(broadcast_shapes("expand", [x.shape, tuple(self.shape)]))
+
+    def reference(self, x):
+        return np.broadcast_to(x, self.infer(TensorType.of(x)).shape).copy()
+
+    def scalar(self, e, x):
+        return x

@@ -8,7 +8,7 @@ from math import prod
 
 import numpy as np
 
-from codegen.kir import Expr, KernelBuilder, const, maximum
+from codegen.kir import Expr, KernelBuilder, const, logical_and, logical_or, maximum, minimum, select
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.ops import Fusion, Op, normalize_axis, register
@@ -111,6 +111,84 @@ class ReduceMax(Reduce):
 
     def combine(self, acc, v):
         return maximum(acc, v)
+
+
+@register("reduce_min", Fusion.REDUCTION)
+class ReduceMin(Reduce):
+    def reference(self, x):
+        return np.min(x, axis=self._axes(x.ndim), keepdims=self.keepdims, initial=self.init(x.dtype.name))
+
+    def init(self, dtype):
+        return np.inf if dtype.startswith("float") else int(np.iinfo(dtype).max)
+
+    def combine(self, acc, v):
+        return minimum(acc, v)
+
+
+@register("reduce_prod", Fusion.REDUCTION)
+class ReduceProd(Reduce):
+    def reference(self, x):
+        return np.prod(x, axis=self._axes(x.ndim), keepdims=self.keepdims, dtype=x.dtype)
+
+    def init(self, dtype):
+        return 1.0 if dtype.startswith("float") else 1
+
+    def combine(self, acc, v):
+        return acc * v
+
+
+@register("arg_reduce", Fusion.REDUCTION)
+class ArgReduce(Op):
+    """The index (int64) of the largest (`largest`) or smallest value along `axis`; ties
+    go to the first index, or the last with select_last_index; NaN counts as largest."""
+
+    axis: int = 0
+    keepdims: bool = True
+    largest: bool = True
+    select_last_index: bool = False
+
+    def infer(self, x: TensorType) -> TensorType:
+        a = normalize_axis("arg_reduce", self.axis, x.rank)
+        if x.shape[a] == 0:
+            raise GraphError(f"arg_reduce: axis {self.axis} is empty in {x.shape}")
+        shape = tuple(1 if i == a else d for i, d in enumerate(x.shape) if self.keepdims or i != a)
+        return TensorType("int64", shape)
+
+    def reference(self, x):
+        a = normalize_axis("arg_reduce", self.axis, x.ndim)
+        y = x if self.largest else -x if x.dtype.kind == "f" else -x.astype(np.int64)
+        if self.select_last_index:
+            idx = y.shape[a] - 1 - np.argmax(np.flip(y, axis=a), axis=a)
+        else:
+            idx = np.argmax(y, axis=a)
+        return np.expand_dims(idx, a).astype(np.int64) if self.keepdims else idx.astype(np.int64)
+
+    def lower(self, k, ins, out, epilogue=None):
+        x = ins[0]
+        a = normalize_axis("arg_reduce", self.axis, len(x.shape))
+        outer, n, inner = _split(x.shape, a)
+        with k.loop(outer * inner, "parallel", "r") as r:
+            base = r // inner * (n * inner) + r % inner
+            best = k.local(x.dtype, x.load_flat(base), "best")
+            where = k.local("int64", 0, "at")
+            with k.loop(n, "serial", "j") as j:
+                v = x.load_flat(base + j * inner)
+                if x.dtype.startswith("float"):
+                    wins = v.ge(best.ref) if self.select_last_index else v.gt(best.ref)
+                    loses = v.le(best.ref) if self.select_last_index else v.lt(best.ref)
+                    nan_first = logical_and(v.ne(v), best.ref.eq(best.ref))
+                    better = logical_or(wins if self.largest else loses, nan_first)
+                else:
+                    op = (
+                        ("ge" if self.select_last_index else "gt")
+                        if self.largest
+                        else ("le" if self.select_last_index else "lt")
+                    )
+                    better = getattr(v, op)(best.ref)
+                wins = k.local("bool", better, "wins")  # decided before best changes
+                k.assign(best, select(wins.ref, v, best.ref))
+                k.assign(where, select(wins.ref, j, where.ref))
+            k.store(out.view((outer * inner,)), [r], where.ref)
 
 
 @dataclasses.dataclass(frozen=True)

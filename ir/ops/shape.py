@@ -231,3 +231,23 @@ class Gather(Op):
             wrapped = select(raw.lt(0), raw + d, raw)
             safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))
             k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + r :])])
+
+
+@register("tile", INJ)
+class Tile(Op):
+    """x repeated `repeats[i]` times along each axis i."""
+
+    repeats: tuple[int, ...] = ()
+
+    def infer(self, x: TensorType) -> TensorType:
+        if len(self.repeats) != x.rank or any(r < 0 for r in self.repeats):
+            raise GraphError(f"tile: repeats {self.repeats} do not fit rank {x.rank}")
+        return x.with_shape(tuple(d * r for d, r in zip(x.shape, self.repeats)))
+
+    def reference(self, x):
+        return np.tile(x, self.repeats)
+
+    def lower(self, k, ins, out, epilogue=None):
+        x = ins[0]
+        with k.nest(out.shape) as idx:
+            k.store(out, idx, x[[i % d if r != 1 else i for i, d, r in zip(idx, x.shape, self.repeats)]])
