@@ -255,3 +255,22 @@ def test_shape_arithmetic_folds_at_import(rng):
     assert [n.op.name for n in imported.nodes] == ["reshape", "relu"]
     x = rng.standard_normal((2, 3, 4)).astype(np.float32)
     np.testing.assert_array_equal(compile_model(model, name="shapes")(x), np.maximum(x.reshape(2, 12), 0))
+
+
+def test_lrn_and_unused_dropout_mask(rng):
+    nodes = [
+        helper.make_node("LRN", ["x"], ["y"], size=3, alpha=1e-3, beta=0.75, bias=1.5),
+        helper.make_node("Dropout", ["y"], ["z", "mask"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 3, 3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 5, 3, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 8
+    x = rng.standard_normal((2, 5, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        compile_model(model, name="lrn")(x), _ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6
+    )

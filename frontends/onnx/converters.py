@@ -164,7 +164,7 @@ def _cast(ctx, node, attrs):
 
 @converter("Identity", "Dropout")
 def _identity(ctx, node, attrs):
-    if len(node.output) > 1 and node.output[1]:
+    if len(node.output) > 1 and node.output[1] in ctx.used:
         raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the dropout mask output is not supported")
     if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
         training = ctx.constants.get(node.input[2])
@@ -430,6 +430,24 @@ def _arg(ctx, node, attrs):
             select_last_index=bool(attrs.get("select_last_index", 0)),
         )
     ]
+
+
+@converter("LRN")
+def _lrn(ctx, node, attrs):
+    """x / (bias + alpha * mean of x² over a window of `size` channels) ** beta: the window
+    mean is an average pool over the channel axis (zeros outside, counted)."""
+    x = ctx.value(node.input[0])
+    b = ctx.b
+    n, c = x.type.shape[:2]
+    size = int(attrs["size"])
+    alpha, beta, bias = (float(attrs.get(k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    sq = b.reshape(b.mul(x, x), shape=(n, 1, c, -1))
+    mean = b.avg_pool2d(
+        sq, kernel=(size, 1), strides=(1, 1), count_include_pad=True, pads=((size - 1) // 2, 0, size // 2, 0)
+    )
+    const = lambda v: b.param("lrn", np.array(v, x.type.np_dtype))  # noqa: E731
+    scale = b.pow(b.add(b.mul(mean, const(alpha)), const(bias)), const(beta))
+    return [b.div(x, b.reshape(scale, shape=x.type.shape), name=node.output[0])]
 
 
 @converter("GlobalMaxPool")

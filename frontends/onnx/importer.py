@@ -46,6 +46,7 @@ class Context:
         self.opset = opset
         self.values: dict[str, Value] = {}
         self.constants: dict[str, np.ndarray] = {}
+        self.used: set[str] = set()  # every name some node or the graph's outputs read
 
     def value(self, name: str) -> Value:
         if name not in self.values:
@@ -193,6 +194,7 @@ def import_onnx(
     bindings = dict(input_shapes or {})
     b = GraphBuilder(g.name or "model")
     ctx = Context(b, opset)
+    ctx.used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     for t in g.initializer:
         ctx.constants[t.name] = _tensor_to_array(t)
     graph_inputs = [vi for vi in g.input if vi.name not in ctx.constants]
