@@ -176,7 +176,7 @@ class LocalRef(Expr):
         return self.local.dtype
 
 
-BINARY_OPS = ("add", "sub", "mul", "div", "min", "max", "pow", "rem", "floordiv", "and", "or")
+BINARY_OPS = ("add", "sub", "mul", "div", "min", "max", "pow", "rem", "trem", "floordiv", "and", "or")
 UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "tanh", "erf", "floor", "ceil", "roundeven", "not")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 
@@ -282,6 +282,10 @@ class ExprBuilder:
     logical_and = staticmethod(logical_and)
     logical_or = staticmethod(logical_or)
 
+    @staticmethod
+    def logical_xor(a: Expr, b: Expr) -> Expr:
+        return a.ne(b)
+
     exp = _unary_fn("exp")
     log = _unary_fn("log")
     sqrt = _unary_fn("sqrt")
@@ -296,6 +300,11 @@ class ExprBuilder:
     @staticmethod
     def pow(x: Expr, y: Expr) -> Expr:
         return binary("pow", x, y)
+
+    @staticmethod
+    def trunc_rem(x: Expr, y: Expr) -> Expr:
+        """C's % on integers (sign of x); `%` on Exprs is Python's (sign of y)."""
+        return binary("trem", x, y)
 
 
 # --------------------------------------------------------------------------- buffers

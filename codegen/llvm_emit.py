@@ -208,6 +208,8 @@ class FunctionWriter:
                 return self._floor_divmod(op, a, c)
             if op == "div":
                 return self._truncating_div(a, c)
+            if op == "trem":  # callers keep c away from 0 and MIN % -1 (see ops' guards)
+                return b.srem(a, c)
             if op == "pow":  # through double: exact while the result fits 53 bits
                 f64 = ir.DoubleType()
                 r = b.call(self._libm("pow", f64, 2), [b.sitofp(a, f64), b.sitofp(c, f64)])

@@ -13,7 +13,7 @@ import pytest
 
 from frontends.onnx import conformance
 
-MIN_PASSED = 452
+MIN_PASSED = 591
 
 
 @pytest.mark.slow

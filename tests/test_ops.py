@@ -254,6 +254,13 @@ CASES: dict[str, list[Case]] = {
 #: is only accurate relative to the magnitudes that went into it.
 CASES.update(
     {
+        "mod": [
+            Case([In((7, 33), dtype="int64"), In((33,), dtype="int64")]),
+            Case([In((7, 33), dtype="int64"), In((33,), dtype="int64")], {"fmod": True}),
+            Case([In((40000,), "wide"), In((40000,), "nonzero")], {"fmod": True}),
+            Case([In((7, 33), "wide"), In((33,), "nonzero")]),
+        ],
+        "trilu": [Case([In((5, 7))]), Case([In((2, 6, 4))], {"upper": False, "k": -1})],
         "reduce_min": [
             Case([In((7, 33))], {"axes": (1,)}),
             Case([In((5, 3), dtype="int64")], {"keepdims": False}),

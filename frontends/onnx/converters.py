@@ -162,6 +162,44 @@ def _cast(ctx, node, attrs):
     return [_op(ctx, node, "cast", ctx.value(node.input[0]), to=ONNX_DTYPES[to])]
 
 
+@converter("CastLike")
+def _cast_like(ctx, node, attrs):
+    x, like = _ins(ctx, node)
+    return [_op(ctx, node, "cast", x, to=like.type.dtype)]
+
+
+@converter("Mod")
+def _mod(ctx, node, attrs):
+    return [_op(ctx, node, "mod", *_ins(ctx, node), fmod=bool(attrs.get("fmod", 0)))]
+
+
+@converter("Trilu")
+def _trilu(ctx, node, attrs):
+    k = ctx.constant(node, 1, "k")
+    return [
+        _op(
+            ctx,
+            node,
+            "trilu",
+            ctx.value(node.input[0]),
+            upper=bool(attrs.get("upper", 1)),
+            k=0 if k is None else int(k.item()),
+        )
+    ]
+
+
+@converter("RMSNormalization")
+def _rms_norm(ctx, node, attrs):
+    """x / sqrt(mean(x², axes axis..end) + eps) * scale, in ops row fusion joins."""
+    x, scale = _ins(ctx, node)[:2]
+    b = ctx.b
+    axis = int(attrs.get("axis", -1)) % x.type.rank
+    rows = b.reshape(x, shape=(*x.type.shape[:axis], -1))
+    eps = b.param("epsilon", np.array(attrs.get("epsilon", 1e-5), x.type.np_dtype))
+    y = b.mul(rows, b.rsqrt(b.add(b.reduce_mean(b.mul(rows, rows), axes=(-1,)), eps)))
+    return [b.mul(b.reshape(y, shape=x.type.shape), scale, name=node.output[0])]
+
+
 @converter("Identity", "Dropout")
 def _identity(ctx, node, attrs):
     if len(node.output) > 1 and node.output[1] in ctx.used:

@@ -594,3 +594,31 @@ class Expand(Unary):
 
     def scalar(self, e, x):
         return x
+
+
+@register("mod", E)
+class Mod(Binary):
+    """Remainder. fmod=False: the sign of the divisor, as Python's % (np.mod);
+    fmod=True: the sign of the dividend, as C's fmod. Integer x mod 0 is 0."""
+
+    accepts = NUMBERS
+    fmod: bool = False
+
+    def reference(self, a, b):
+        if a.dtype.kind == "f":
+            return np.fmod(a, b) if self.fmod else np.mod(a, b)
+        safe = np.where(b == 0, 1, b)
+        r = np.fmod(a, safe) if self.fmod else np.mod(a, safe)
+        return np.where(b == 0, 0, r).astype(a.dtype)
+
+    def scalar(self, e, a, b):
+        if a.dtype in FLOATS:
+            r = a % b  # frem: C's fmod
+            if self.fmod:
+                return r
+            wrong_sign = e.logical_and(r.ne(0.0), e.logical_xor(r.lt(0.0), b.lt(0.0)))
+            return e.select(wrong_sign, r + b, r)
+        zero = e.const(0, a.dtype)
+        safe = e.select(b.eq(0), e.const(1, a.dtype), b)
+        r = e.trunc_rem(a, safe) if self.fmod else a % safe
+        return e.select(b.eq(0), zero, r)

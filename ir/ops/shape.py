@@ -251,3 +251,27 @@ class Tile(Op):
         x = ins[0]
         with k.nest(out.shape) as idx:
             k.store(out, idx, x[[i % d if r != 1 else i for i, d, r in zip(idx, x.shape, self.repeats)]])
+
+
+@register("trilu", INJ)
+class Trilu(Op):
+    """The upper (or lower) triangle of the last two axes, from diagonal k; zeros elsewhere."""
+
+    upper: bool = True
+    k: int = 0
+
+    def infer(self, x: TensorType) -> TensorType:
+        if x.rank < 2:
+            raise GraphError(f"trilu: input must have rank >= 2, got {x.shape}")
+        return x
+
+    def reference(self, x):
+        return np.triu(x, self.k) if self.upper else np.tril(x, self.k)
+
+    def lower(self, k, ins, out, epilogue=None):
+        x = ins[0]
+        with k.nest(out.shape) as idx:
+            i, j = idx[-2], idx[-1]
+            keep = (j - i).ge(self.k) if self.upper else (j - i).le(self.k)
+            zero = const(0.0 if x.dtype.startswith("float") else 0, x.dtype)
+            k.store(out, idx, select(keep, x[idx], zero))
