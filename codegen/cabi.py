@@ -33,7 +33,7 @@ class TensorSpec:
 class BufferRef:
     """Where a kernel argument lives: an input, an output, the arena or the weights."""
 
-    space: str  # "input" | "output" | "arena" | "weights"
+    space: str  # "input" | "output" | "arena" | "weights" | "status"
     index: int  # input/output position, or a byte offset
 
     def c_expr(self) -> str:
@@ -43,6 +43,8 @@ class BufferRef:
             return f"outputs[{self.index}]"
         if self.space == "arena":
             return f"(void *)(m->arena + {self.index})"
+        if self.space == "status":
+            return "(void *)&m->status"
         return f"(void *)({{PREFIX}}_weights + {self.index})"
 
 
@@ -52,6 +54,8 @@ class Launch:
     args: tuple[BufferRef, ...]
     extent: int  # iterations of the parallel loop, or 1
     parallel: bool
+    #: what went wrong, by status code - 1, for a kernel with checks
+    errors: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,6 +120,11 @@ def glue_source(p: Program) -> str:
             f"      kiln_launch(&m->pool, {launch.symbol}, a, {launch.extent}, {int(launch.parallel)});\n"
             f"      if (m->profiling) m->kernel_seconds[{i}] += kiln_now() - t0; }}"
         )
+        if launch.errors:
+            cases = " ".join(
+                f"case {c + 1}: return fail(m, {_c_string(msg)});" for c, msg in enumerate(launch.errors)
+            )
+            launches.append(f"    switch (m->status) {{ case 0: break; {cases} default: return 1; }}")
     n_launch = max(len(p.launches), 1)
     kernel_names = ", ".join(_c_string(launch.symbol) for launch in p.launches) or "0"
     kernels = sorted({launch.symbol for launch in p.launches})
@@ -140,6 +149,7 @@ typedef struct {{PREFIX}}_model {{
     kiln_pool pool;
     char error[512];
     int profiling;
+    int32_t status; /* set by a kernel whose checks failed */
     double kernel_seconds[{n_launch}];
 }} {{PREFIX}}_model;
 
@@ -209,6 +219,7 @@ API int {{PREFIX}}_run({{PREFIX}}_model *m, const void *const *inputs, void *con
     if (!outputs) return fail(m, "outputs is NULL");
 {chr(10).join(checks)}
     m->error[0] = 0;
+    m->status = 0;
 {chr(10).join(launches)}
     return 0;
 }}

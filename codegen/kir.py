@@ -404,7 +404,17 @@ class If:
     body: list[Stmt] = field(default_factory=list)
 
 
-Stmt = Loop | Store | DeclareLocal | Assign | If
+@dataclass(eq=False)
+class Check:
+    """`ok` must hold. Where it does not, the kernel sets its status buffer to `code`
+    (and goes on, so that the runtime can name the failure instead of crashing)."""
+
+    ok: Expr
+    status: Buffer
+    code: int
+
+
+Stmt = Loop | Store | DeclareLocal | Assign | If | Check
 
 
 def _extent_estimate(e: Expr) -> int:
@@ -460,6 +470,9 @@ class Kernel:
     name: str
     params: list[Buffer]
     body: list[Stmt]
+    #: the messages of its Checks (status code i + 1 → checks[i]); the status buffer,
+    #: an int32[1], is then the last param
+    checks: list[str] = field(default_factory=list)
 
     @property
     def work(self) -> int:
@@ -491,6 +504,8 @@ class KernelBuilder:
         self.name = name
         self.params = params
         self.flat_block = flat_block
+        self.status: Buffer | None = None
+        self.checks: list[str] = []
         self._stack: list[list[Stmt]] = [[]]
         self._ids = itertools.count()
 
@@ -540,6 +555,13 @@ class KernelBuilder:
                 with self.loop(shape[-1], "vector", "j") as j:
                     yield idx + [j]
 
+    def check(self, ok: Expr, message: str) -> None:
+        """Report `message` from the run if `ok` fails at any point (see Check)."""
+        if self.status is None:
+            self.status = Buffer("status", "int32", (1,))
+        self.checks.append(message)
+        self._emit(Check(ok, self.status, len(self.checks)))
+
     def local(self, dtype: str, init: object, name: str = "acc") -> Local:
         loc = Local(f"{name}{next(self._ids)}", dtype)
         self._emit(DeclareLocal(loc, lift(init, dtype)))
@@ -556,7 +578,8 @@ class KernelBuilder:
 
     def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
-        return Kernel(self.name, self.params, self._stack[0])
+        params = self.params + ([self.status] if self.status is not None else [])
+        return Kernel(self.name, params, self._stack[0], self.checks)
 
 
 def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: object) -> Expr:
@@ -611,4 +634,6 @@ def substitute_stmts(body: list[Stmt], env: dict[Var, Expr]) -> list[Stmt]:
             out.append(Assign(s.local, substitute(s.value, env), s.reduction))
         elif isinstance(s, If):
             out.append(If(substitute(s.cond, env), substitute_stmts(s.body, env)))
+        elif isinstance(s, Check):
+            out.append(Check(substitute(s.ok, env), s.status, s.code))
     return out

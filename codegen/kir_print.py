@@ -60,6 +60,8 @@ def _stmts(body: list[kir.Stmt], indent: str, out: list[str]) -> None:
             out.append(f"{indent}{s.local.dtype} {s.local.name} = {expr_text(s.init)}")
         elif isinstance(s, kir.Assign):
             out.append(f"{indent}{s.local.name} = {expr_text(s.value)}")
+        elif isinstance(s, kir.Check):
+            out.append(f"{indent}check {expr_text(s.ok)} else status = {s.code}")
 
 
 def kernel_text(k: kir.Kernel) -> str:

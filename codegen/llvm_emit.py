@@ -112,6 +112,11 @@ class FunctionWriter:
             elif isinstance(s, kir.If):
                 with self.b.if_then(self.expr(s.cond)):
                     self.stmts(s.body)
+            elif isinstance(s, kir.Check):
+                failed = self.b.xor(self.expr(s.ok), ir.Constant(I1, 1))
+                with self.b.if_then(failed, likely=False):
+                    ptr = self.pointers[s.status.root]
+                    self.b.atomic_rmw("xchg", ptr, ir.Constant(I32, s.code), "monotonic")
             else:
                 raise TypeError(f"unknown statement {s!r}")
 

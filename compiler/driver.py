@@ -134,8 +134,15 @@ def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | N
         from codegen.nvptx import bind_gpu
 
         calls = [KernelCall(bind_gpu(c.kernel, gpu_threads), c.values, c.nodes) for c in calls]
+    status = (cabi.BufferRef("status", 0),)
     launches = [
-        cabi.Launch(f"{name}_{c.kernel.name}", tuple(storage(v) for v in c.values), c.extent, c.parallel)
+        cabi.Launch(
+            f"{name}_{c.kernel.name}",
+            tuple(storage(v) for v in c.values) + (status if c.kernel.checks else ()),
+            c.extent,
+            c.parallel,
+            tuple(f"{_where(c)}: {msg}" for msg in c.kernel.checks),
+        )
         for c in calls
     ]
     spec = lambda v: cabi.TensorSpec(v.name, v.type.dtype, v.type.shape)  # noqa: E731
@@ -148,6 +155,10 @@ def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | N
         bytes(weights),
     )
     return Lowered(graph, groups, calls, plan, program)
+
+
+def _where(call: KernelCall) -> str:
+    return ", ".join(f"node {n.name} ({n.op.name})" for n in call.nodes) or call.kernel.name
 
 
 @functools.cache

@@ -159,3 +159,18 @@ def test_thread_pool_under_many_quick_launches(rng):
         m.set_num_threads(threads)
         for _ in range(100):
             np.testing.assert_allclose(m(xv), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gather_index_out_of_range_is_an_error_naming_the_node(rng):
+    from ir.builder import GraphBuilder
+    from runtime import KilnRuntimeError
+
+    b = GraphBuilder("g")
+    data, idx = b.input("data", (5, 3)), b.input("idx", (4,), "int64")
+    m = compile_model(b.build(b.gather(data, idx, name="embedding")), name="gather_check")
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(m(x, np.array([0, 4, -5, 2])), x[[0, 4, 0, 2]])
+    for bad in ([0, 5, 1, 2], [-6, 0, 0, 0]):
+        with pytest.raises(KilnRuntimeError, match=r"node embedding \(gather\): .*outside \[-5, 5\)"):
+            m(x, np.array(bad))
+    np.testing.assert_array_equal(m(x, np.array([1, 1, 1, 1])), x[[1, 1, 1, 1]])  # recovers

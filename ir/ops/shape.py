@@ -207,8 +207,8 @@ class Pad(Op):
 class Gather(Op):
     """data[..., indices, ...] along `axis`; negative indices count from the end.
 
-    Out-of-range indices are clamped to the axis in native code, so that no read
-    leaves the buffer; the reference raises on them."""
+    An index out of range fails the run with an error naming the node (the read is
+    clamped meanwhile, so it never leaves the buffer); the reference raises too."""
 
     arity = (2, 2)
     axis: int = 0
@@ -229,7 +229,8 @@ class Gather(Op):
         with k.nest(out.shape) as idx:
             raw = cast(indices[idx[a : a + r]] if r else indices.load_flat(const(0, "int64")), "int64")
             wrapped = select(raw.lt(0), raw + d, raw)
-            safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))
+            k.check(in_range(wrapped, 0, d), f"gather: an index is outside [-{d}, {d})")
+            safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))  # never read outside
             k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + r :])])
 
 
