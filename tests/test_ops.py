@@ -254,6 +254,15 @@ CASES: dict[str, list[Case]] = {
 #: is only accurate relative to the magnitudes that went into it.
 CASES.update(
     {
+        "gather_elements": [
+            Case([In((4, 5)), In((3, 5), "index:4", "int64")]),
+            Case([In((2, 6, 3)), In((2, 4, 3), "index:6", "int64")], {"axis": 1}),
+        ],
+        "cumsum": [
+            Case([In((7, 33))], {"axis": 1}),
+            Case([In((5, 4), dtype="int64")], {"axis": 0, "exclusive": True}),
+            Case([In((3, 9, 2))], {"axis": -2, "reverse": True, "exclusive": True}),
+        ],
         "mod": [
             Case([In((7, 33), dtype="int64"), In((33,), dtype="int64")]),
             Case([In((7, 33), dtype="int64"), In((33,), dtype="int64")], {"fmod": True}),

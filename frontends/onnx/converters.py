@@ -140,14 +140,41 @@ def _gelu(ctx, node, attrs):
 
 @converter("Clip")
 def _clip(ctx, node, attrs):
+    """Constant bounds become the clip op's attributes; bounds computed at run time
+    become maximum/minimum ops. Integer inputs clip with maximum/minimum too."""
     x = ctx.value(node.input[0])
     if ctx.opset < 11:
-        lo, hi = attrs.get("min", -np.inf), attrs.get("max", np.inf)
+        bounds = {"min": attrs.get("min"), "max": attrs.get("max")}
     else:
-        lo_a, hi_a = ctx.constant(node, 1, "min"), ctx.constant(node, 2, "max")
-        lo = -np.inf if lo_a is None else lo_a.item()
-        hi = np.inf if hi_a is None else hi_a.item()
-    return [_op(ctx, node, "clip", x, min=float(lo), max=float(hi))]
+        bounds = {
+            what: (node.input[i] if len(node.input) > i and node.input[i] else None)
+            for i, what in ((1, "min"), (2, "max"))
+        }
+    constant = {
+        k: (ctx.constants[v].item() if isinstance(v, str) else v)
+        for k, v in bounds.items()
+        if v is None or not isinstance(v, str) or v in ctx.constants
+    }
+    if len(constant) == 2 and x.type.dtype.startswith("float"):
+        lo, hi = constant["min"], constant["max"]
+        return [
+            _op(
+                ctx,
+                node,
+                "clip",
+                x,
+                min=float(-np.inf if lo is None else lo),
+                max=float(np.inf if hi is None else hi),
+            )
+        ]
+    y = x
+    for what, op in (("min", "maximum"), ("max", "minimum")):
+        v = bounds[what]
+        if v is None:
+            continue
+        bound = ctx.value(v) if isinstance(v, str) else ctx.b.param(what, np.array(v, x.type.np_dtype))
+        y = ctx.b.op(op, y, bound, name=node.output[0])
+    return [y]
 
 
 @converter("Cast")
@@ -684,6 +711,28 @@ def _constant_of_shape(ctx, node, attrs):
 def _range(ctx, node, attrs):
     start, limit, delta = (ctx.constant(node, i, what) for i, what in enumerate(("start", "limit", "delta")))
     return np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)
+
+
+@converter("GatherElements")
+def _gather_elements(ctx, node, attrs):
+    data, idx = _ins(ctx, node)
+    return [_op(ctx, node, "gather_elements", data, idx, axis=int(attrs.get("axis", 0)))]
+
+
+@converter("CumSum")
+def _cumsum(ctx, node, attrs):
+    axis = int(ctx.constant(node, 1, "axis").item())
+    return [
+        _op(
+            ctx,
+            node,
+            "cumsum",
+            ctx.value(node.input[0]),
+            axis=axis,
+            exclusive=bool(attrs.get("exclusive", 0)),
+            reverse=bool(attrs.get("reverse", 0)),
+        )
+    ]
 
 
 @converter("Shape")

@@ -276,3 +276,78 @@ class Trilu(Op):
             keep = (j - i).ge(self.k) if self.upper else (j - i).le(self.k)
             zero = const(0.0 if x.dtype.startswith("float") else 0, x.dtype)
             k.store(out, idx, select(keep, x[idx], zero))
+
+
+@register("gather_elements", INJ)
+class GatherElements(Op):
+    """out[i, j, ...] = data[i, ..., indices[i, j, ...], ...] with the index on `axis`
+    (ONNX GatherElements, numpy take_along_axis); negative indices count from the end."""
+
+    arity = (2, 2)
+    axis: int = 0
+
+    def infer(self, data: TensorType, indices: TensorType) -> TensorType:
+        if indices.dtype not in ("int64", "int32") or indices.rank != data.rank:
+            raise GraphError(
+                f"gather_elements: indices must be int64/int32 of rank {data.rank}, got {indices}"
+            )
+        normalize_axis("gather_elements", self.axis, data.rank)
+        return data.with_shape(indices.shape)
+
+    def reference(self, data, indices):
+        a = normalize_axis("gather_elements", self.axis, data.ndim)
+        idx = np.where(indices < 0, indices + data.shape[a], indices)
+        return np.take_along_axis(data, idx, axis=a)
+
+    def lower(self, k, ins, out, epilogue=None):
+        data, indices = ins
+        a = normalize_axis("gather_elements", self.axis, len(data.shape))
+        d = data.shape[a]
+        with k.nest(out.shape) as idx:
+            raw = cast(indices[idx], "int64")
+            wrapped = select(raw.lt(0), raw + d, raw)
+            k.check(in_range(wrapped, 0, d), f"gather_elements: an index is outside [-{d}, {d})")
+            safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))
+            k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + 1 :])])
+
+
+@register("cumsum", Fusion.REDUCTION)
+class CumSum(Op):
+    """Running sums along `axis`; exclusive leaves each element out of its own sum,
+    reverse runs from the end."""
+
+    axis: int = 0
+    exclusive: bool = False
+    reverse: bool = False
+
+    def infer(self, x: TensorType) -> TensorType:
+        if x.dtype == "bool":
+            raise GraphError("cumsum: bool input")
+        normalize_axis("cumsum", self.axis, x.rank)
+        return x
+
+    def reference(self, x):
+        a = normalize_axis("cumsum", self.axis, x.ndim)
+        y = np.flip(x, a) if self.reverse else x
+        c = np.cumsum(y, axis=a, dtype=x.dtype)
+        if self.exclusive:
+            c = c - y
+        return np.flip(c, a) if self.reverse else c
+
+    def lower(self, k, ins, out, epilogue=None):
+        x = ins[0]
+        a = normalize_axis("cumsum", self.axis, len(x.shape))
+        outer, n, inner = prod(x.shape[:a]), x.shape[a], prod(x.shape[a + 1 :])
+        zero = const(0.0 if x.dtype.startswith("float") else 0, x.dtype)
+        with k.loop(outer * inner, "parallel", "line") as r:
+            base = r // inner * (n * inner) + r % inner
+            acc = k.local(x.dtype, zero, "sum")
+            with k.loop(n, "serial", "j") as j:
+                at = base + ((n - 1) - j if self.reverse else j) * inner
+                v = x.load_flat(at)
+                if self.exclusive:
+                    k.store(out, at, acc.ref)
+                    k.assign(acc, acc.ref + v)
+                else:
+                    k.assign(acc, acc.ref + v)
+                    k.store(out, at, acc.ref)
