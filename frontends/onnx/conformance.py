@@ -162,6 +162,14 @@ def _worker(conn) -> None:
             conn.send(Outcome(name, "?", "failed", traceback.format_exc().splitlines()[-1]))
 
 
+def _receive(conn) -> Outcome | None:
+    """The worker's answer if one is ready; None if not yet, or if the worker died."""
+    try:
+        return conn.recv() if conn.poll(0.01) else None
+    except (EOFError, OSError):
+        return None
+
+
 class _Pool:
     """Worker processes that survive their cases: a dead or stuck worker is replaced."""
 
@@ -186,8 +194,9 @@ class _Pool:
                     busy[i] = (name, time.monotonic())
             for i, (name, started) in list(busy.items()):
                 proc, conn = self.workers[i]
-                if conn.poll(0.01):
-                    results.append(conn.recv())
+                answer = _receive(conn)
+                if answer is not None:
+                    results.append(answer)
                 elif not proc.is_alive() or time.monotonic() - started > CASE_TIMEOUT_SECONDS:
                     reason = "timed out" if proc.is_alive() else f"crashed (exit {proc.exitcode})"
                     proc.kill()
