@@ -515,6 +515,36 @@ def _lrn(ctx, node, attrs):
     return [b.div(x, b.reshape(scale, shape=x.type.shape), name=node.output[0])]
 
 
+@converter("Hardmax")
+def _hardmax(ctx, node, attrs):
+    """1 at the first largest value along the axis, 0 elsewhere: arg_reduce against an
+    iota. Before opset 13 the axis means all axes from it on, flattened (as Softmax)."""
+    x = ctx.value(node.input[0])
+    b = ctx.b
+    if ctx.opset >= 13:
+        t, axis = x, int(attrs.get("axis", -1)) % x.type.rank
+    else:
+        t, axis = b.flatten(x, axis=int(attrs.get("axis", 1)) % max(x.type.rank, 1)), 1
+    n = t.type.shape[axis]
+    iota = np.arange(n, dtype=np.int64).reshape([n if i == axis else 1 for i in range(t.type.rank)])
+    hit = b.equal(b.param("iota", iota), b.arg_reduce(t, axis=axis, keepdims=True))
+    y = b.cast(hit, to=x.type.dtype)
+    return [b.reshape(y, shape=x.type.shape, name=node.output[0])]
+
+
+@converter("LpNormalization")
+def _lp_normalization(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    b = ctx.b
+    axis, p = int(attrs.get("axis", -1)), int(attrs.get("p", 2))
+    if p not in (1, 2):
+        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: p={p} (only 1 and 2 exist)")
+    norm = b.reduce_sum(b.abs(x), axes=(axis,)) if p == 1 else b.sqrt(b.reduce_sum(b.mul(x, x), axes=(axis,)))
+    zero = b.param("zero", np.zeros((), x.type.np_dtype))
+    safe = b.where(b.equal(norm, zero), b.param("one", np.ones((), x.type.np_dtype)), norm)
+    return [b.where(b.equal(norm, zero), zero, b.div(x, safe), name=node.output[0])]
+
+
 @converter("GlobalMaxPool")
 def _global_max(ctx, node, attrs):
     x = ctx.value(node.input[0])
