@@ -669,22 +669,19 @@ def _pad(ctx, node, attrs):
     return [_op(ctx, node, "pad", x, pads=pads, value=value)]
 
 
-@converter("Gather")
+@converter("Gather", "GatherElements")
 def _gather(ctx, node, attrs):
     data, idx = _ins(ctx, node)
-    return [_op(ctx, node, "gather", data, idx, axis=int(attrs.get("axis", 0)))]
+    op = "gather" if node.op_type == "Gather" else "gather_elements"
+    return [_op(ctx, node, op, data, idx, axis=int(attrs.get("axis", 0)))]
 
 
-@converter("Expand")
-def _expand(ctx, node, attrs):
-    shape = _ints(ctx.constant(node, 1, "shape").ravel())
-    return [_op(ctx, node, "expand", ctx.value(node.input[0]), shape=shape)]
-
-
-@converter("Tile")
-def _tile(ctx, node, attrs):
-    repeats = _ints(ctx.constant(node, 1, "repeats").ravel())
-    return [_op(ctx, node, "tile", ctx.value(node.input[0]), repeats=repeats)]
+@converter("Expand", "Tile")
+def _expand_tile(ctx, node, attrs):
+    """The second input (the target shape, or the repeats) must be known when compiling."""
+    op, what = {"Expand": ("expand", "shape"), "Tile": ("tile", "repeats")}[node.op_type]
+    values = _ints(ctx.constant(node, 1, what).ravel())
+    return [_op(ctx, node, op, ctx.value(node.input[0]), **{what: values})]
 
 
 @converter("Split")
@@ -741,12 +738,6 @@ def _constant_of_shape(ctx, node, attrs):
 def _range(ctx, node, attrs):
     start, limit, delta = (ctx.constant(node, i, what) for i, what in enumerate(("start", "limit", "delta")))
     return np.arange(start.item(), limit.item(), delta.item()).astype(start.dtype)
-
-
-@converter("GatherElements")
-def _gather_elements(ctx, node, attrs):
-    data, idx = _ins(ctx, node)
-    return [_op(ctx, node, "gather_elements", data, idx, axis=int(attrs.get("axis", 0)))]
 
 
 @converter("CumSum")
