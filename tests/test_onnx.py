@@ -86,6 +86,14 @@ CONVERSIONS = [
         dict(strides=[2, 2], auto_pad="SAME_UPPER"),
     ),
     (
+        "Conv",  # 1-D
+        [("x", [2, 3, 11])],
+        [("y", [2, 4, 6])],
+        lambda r: [_f32("w", r.standard_normal((4, 3, 3))), _f32("b", r.standard_normal(4))],
+        dict(strides=[2], pads=[1, 1]),
+    ),
+    ("MaxPool", [("x", [1, 2, 9])], [("y", [1, 2, 4])], lambda r: [], dict(kernel_shape=[3], strides=[2])),
+    (
         "MaxPool",
         [("x", [1, 2, 7, 7])],
         [("y", [1, 2, 4, 4])],

@@ -325,6 +325,41 @@ def _pads(
     raise OnnxImportError(f"{_where(node, ctx.opset)}: unknown auto_pad {auto!r}")
 
 
+def _as_2d(convert):
+    """Let a 2-D (NCHW) converter take 1-D (NCW) nodes: the input (and a Conv's weights)
+    are viewed with a height of 1, the window attributes get a first axis of size 1,
+    and the result is viewed back without it."""
+
+    def wrapped(ctx, node, attrs):
+        x = ctx.value(node.input[0])
+        if x.type.rank != 3:
+            return convert(ctx, node, attrs)
+        lifted = onnx.NodeProto()
+        lifted.CopyFrom(node)
+        for pos in range(min(2, len(node.input))):
+            name = node.input[pos]
+            if not name or (pos == 1 and node.op_type != "Conv"):
+                continue
+            new = f"{name}.as2d"
+            if name in ctx.constants:
+                a = ctx.constants[name]
+                ctx.constants[new] = a.reshape(a.shape[:2] + (1,) + a.shape[2:])
+            else:
+                v = ctx.value(name)
+                ctx.values[new] = ctx.b.reshape(v, shape=v.type.shape[:2] + (1,) + v.type.shape[2:])
+            lifted.input[pos] = new
+        lifted.output[0] = f"{node.output[0]}.as2d"
+        ones = {"kernel_shape": 1, "strides": 1, "dilations": 1}
+        attrs2d = {
+            k: ([ones[k], *v] if k in ones else [0, v[0], 0, v[1]] if k == "pads" else v)
+            for k, v in attrs.items()
+        }
+        (y,) = convert(ctx, lifted, attrs2d)[:1]
+        return [ctx.b.reshape(y, shape=y.type.shape[:2] + y.type.shape[3:], name=node.output[0])]
+
+    return wrapped
+
+
 def _check_2d(ctx, node, x: Value) -> None:
     if x.type.rank != 4:
         raise UnsupportedOnnxError(
@@ -333,6 +368,7 @@ def _check_2d(ctx, node, x: Value) -> None:
 
 
 @converter("Conv")
+@_as_2d
 def _conv(ctx, node, attrs):
     ins = _ins(ctx, node)
     x, w = ins[0], ins[1]
@@ -374,6 +410,7 @@ def _pool_attrs(ctx, node, attrs, x: Value) -> dict:
 
 
 @converter("MaxPool")
+@_as_2d
 def _maxpool(ctx, node, attrs):
     if len(node.output) > 1 and node.output[1]:
         raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the Indices output is not supported")
@@ -382,6 +419,7 @@ def _maxpool(ctx, node, attrs):
 
 
 @converter("AveragePool")
+@_as_2d
 def _avgpool(ctx, node, attrs):
     x = ctx.value(node.input[0])
     include = bool(attrs.get("count_include_pad", 0))
