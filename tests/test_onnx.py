@@ -85,6 +85,7 @@ CONVERSIONS = [
         lambda r: [_f32("w", r.standard_normal((4, 2, 3, 3)))],
         dict(strides=[2, 2], auto_pad="SAME_UPPER"),
     ),
+    ("ReduceLogSumExp", [("x", [2, 3, 4])], [("y", [2, 4])], lambda r: [], dict(axes=[1], keepdims=0)),
     (
         "Conv",  # 1-D
         [("x", [2, 3, 11])],

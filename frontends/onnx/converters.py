@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from frontends.onnx.importer import Context, OnnxImportError, UnsupportedOnnxError, _ints, _where
 from ir.graph import Value
+from ir.ops import make_op
 
 Converter = Callable[[Context, onnx.NodeProto, dict], "list[Value] | np.ndarray"]
 CONVERTERS: dict[str, Converter] = {}
@@ -516,7 +517,8 @@ def _reduce(ctx, node, attrs):
     m = b.reduce_max(x, axes=axes, keepdims=True)
     m_finite = b.where(b.isinf(m), b.param("zero", np.zeros((), x.type.np_dtype)), m)
     lse = b.add(b.log(b.reduce_sum(b.exp(b.sub(x, m_finite)), axes=axes, keepdims=True)), m_finite)
-    return [b.reshape(lse, shape=b.reduce_sum(x, axes=axes, keepdims=keep).type.shape, name=out)]
+    shape = make_op("reduce_sum", axes=axes, keepdims=keep).infer(x.type).shape  # no node just for a shape
+    return [b.reshape(lse, shape=shape, name=out)]
 
 
 @converter("ArgMax", "ArgMin")
