@@ -45,12 +45,16 @@ class Lowered:
     program: cabi.Program
 
 
-def to_graph(model: object, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
+def to_graph(
+    model: object,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    constant_inputs: dict[str, object] | None = None,
+) -> Graph:
     if isinstance(model, Graph):
         return model
     from frontends.onnx import import_onnx
 
-    return import_onnx(model, input_shapes=input_shapes)  # type: ignore[arg-type]
+    return import_onnx(model, input_shapes, constant_inputs)  # type: ignore[arg-type]
 
 
 def _writes(group: Group, users: dict[Value, list], outputs: set[Value]) -> list[Value]:
@@ -213,6 +217,7 @@ def compile_model(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     emit: tuple[str, ...] = (),
     cpu_name: str | None = None,
+    constant_inputs: dict[str, object] | None = None,
 ) -> CompiledModel:
     """Compile an ONNX file / ModelProto / ir Graph into a native library and load it.
 
@@ -220,12 +225,14 @@ def compile_model(
     one kernel per op (the baseline that fused code is measured against). `emit` may
     hold "llvm" and/or "asm" to keep the LLVM IR or assembly beside the library.
     `cpu_name` targets an LLVM CPU (e.g. "x86-64-v3" for any AVX2 machine) instead of
-    this host's own.
+    this host's own. `constant_inputs` fixes the values of ONNX model inputs that must
+    be known at compile time (a Reshape's shape fed as an input); they are no longer
+    inputs of the compiled model.
     """
     if target not in TARGETS:
         raise UnsupportedError(f"target {target!r} is not supported (supported: {', '.join(TARGETS)})")
     cabi.check_prefix(name)
-    graph = to_graph(model, input_shapes)
+    graph = to_graph(model, input_shapes, constant_inputs)
     key = _cache_key(graph, name, target, fuse, cpu_name)
     if emit:  # a build of its own, so the .ll / .s files are there
         dest = Path(tempfile.mkdtemp(prefix=f"{key}.emit.", dir=_ensure(cache_dir())))

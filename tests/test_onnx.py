@@ -283,3 +283,27 @@ def test_lrn_and_unused_dropout_mask(rng):
     np.testing.assert_allclose(
         compile_model(model, name="lrn")(x), _ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6
     )
+
+
+def test_constant_inputs_fix_a_shape_fed_as_input():
+    """A Reshape whose shape is a model input: Kiln says which input to fix, and
+    compiles once it is fixed with constant_inputs=."""
+    from frontends.onnx.importer import ConstantInputNeeded
+
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ConstantInputNeeded, match=r"constant_inputs=\{'shape'") as info:
+        compile_model(model)
+    assert info.value.input_name == "shape"
+    compiled = compile_model(model, constant_inputs={"shape": np.array([3, 4])})
+    x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_array_equal(compiled.run(x)[0], x.reshape(3, 4))

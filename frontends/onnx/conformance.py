@@ -3,7 +3,9 @@
     python -m frontends.onnx.conformance            # every node and real-model case
     python -m frontends.onnx.conformance -k relu    # cases whose name contains "relu"
 
-Each case is compiled with `compile_model` and run on the suite's own inputs; its
+Each case is compiled with `compile_model` and run on the suite's own inputs (inputs
+that Kiln needs at compile time, like a Reshape's shape, are fixed to the suite's
+values with constant_inputs=, and compiled again if a data set changes them); its
 outputs must match the suite's in shape, dtype and value (at the case's rtol/atol).
 Cases run in worker processes: a crash or hang ends only that case (the worker is
 replaced). A case of an op Kiln does not import is reported unsupported, with the
@@ -93,7 +95,7 @@ def _light_model(case):
 
 
 def _is_tensor(x) -> bool:
-    return hasattr(x, "dims") or isinstance(x, np.ndarray)
+    return hasattr(x, "dims") or isinstance(x, (np.ndarray, np.generic))
 
 
 def _normalize(x):
@@ -102,19 +104,36 @@ def _normalize(x):
     return numpy_helper.to_array(x) if hasattr(x, "dims") else np.asarray(x)
 
 
-def run_case(case) -> Outcome:
+def _compile(model, names: list[str], inputs: list):
+    """Compile `model` for these inputs: the suite's unknown dimensions are bound to the
+    inputs' shapes (as a user binds them with --input-shape), and inputs that Kiln needs
+    at compile time (a Reshape's shape fed as an input) are fixed to their values, as a
+    user fixes them with constant_inputs=. Returns the model and the fixed names."""
     from compiler.driver import compile_model
+    from frontends.onnx.importer import ConstantInputNeeded
+
+    values = {n: _normalize(x) for n, x in zip(names, inputs) if _is_tensor(x)}
+    shapes = {n: v.shape for n, v in values.items()}
+    fixed: dict[str, np.ndarray] = {}
+    while True:
+        try:
+            bound = {n: s for n, s in shapes.items() if n not in fixed}
+            return compile_model(model, name="case", input_shapes=bound, constant_inputs=fixed), fixed
+        except ConstantInputNeeded as e:
+            if e.input_name in fixed:
+                raise
+            fixed[e.input_name] = values[e.input_name]
+
+
+def run_case(case) -> Outcome:
     from ir.errors import UnsupportedError
 
     op = _op_of(case, _op_names())
     try:
         model, data_sets = _light_model(case) if case.model is None else (case.model, case.data_sets)
-        # Kiln compiles for static shapes: the suite's unknown dimensions are bound to
-        # its inputs' shapes, as a user binds them with --input-shape
         inits = {t.name for t in model.graph.initializer}
         names = [vi.name for vi in model.graph.input if vi.name not in inits]
-        shapes = {n: np.shape(_normalize(x)) for n, x in zip(names, data_sets[0][0]) if _is_tensor(x)}
-        compiled = compile_model(model, name="case", input_shapes=shapes)
+        compiled, fixed = _compile(model, names, data_sets[0][0])
     except UnsupportedError as e:
         return Outcome(case.name, op, "unsupported", str(e).splitlines()[-1].strip())
     except Exception as e:  # a claimed op that does not import or compile
@@ -123,7 +142,10 @@ def run_case(case) -> Outcome:
         )
     try:
         for inputs, expected in data_sets:
-            got = compiled.run(*[_normalize(x) for x in inputs])
+            given = dict(zip(names, inputs))
+            if any(not np.array_equal(_normalize(given[n]), v) for n, v in fixed.items()):
+                compiled, fixed = _compile(model, names, inputs)  # other values: specialize again
+            got = compiled.run(*[_normalize(x) for n, x in zip(names, inputs) if n not in fixed])
             expected = [_normalize(x) for x in expected]
             if len(got) != len(expected):
                 return Outcome(case.name, op, "failed", f"{len(got)} outputs, expected {len(expected)}")

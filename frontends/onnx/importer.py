@@ -38,6 +38,14 @@ class UnsupportedOnnxError(OnnxImportError, UnsupportedError):
     pass
 
 
+class ConstantInputNeeded(UnsupportedOnnxError):
+    """A model input feeds a slot Kiln needs at compile time (a shape, axes, pads)."""
+
+    def __init__(self, message: str, input_name: str):
+        super().__init__(message)
+        self.input_name = input_name
+
+
 class Context:
     """Import state: the builder, ONNX value names → Kiln values, and known constants."""
 
@@ -47,6 +55,7 @@ class Context:
         self.values: dict[str, Value] = {}
         self.constants: dict[str, np.ndarray] = {}
         self.used: set[str] = set()  # every name some node or the graph's outputs read
+        self.graph_inputs: set[str] = set()
 
     def value(self, name: str) -> Value:
         if name not in self.values:
@@ -62,10 +71,16 @@ class Context:
             return None
         name = node.input[pos]
         if name not in self.constants:
-            raise UnsupportedOnnxError(
+            message = (
                 f"{_where(node, self.opset)}: input {pos} ({what}) must be a constant, "
                 f"but {name!r} is computed at run time"
             )
+            if name in self.graph_inputs:
+                raise ConstantInputNeeded(
+                    f"{message} (it is a model input: fix its value with constant_inputs={{{name!r}: ...}})",
+                    name,
+                )
+            raise UnsupportedOnnxError(message)
         return self.constants[name]
 
 
@@ -177,9 +192,24 @@ def _fold(b: GraphBuilder, first: int) -> dict[Value, np.ndarray] | None:
     return env
 
 
+def _constant_input(vi: onnx.ValueInfoProto, value: object) -> np.ndarray:
+    """A model input whose value the caller fixes at compile time (a Reshape's shape or
+    a ReduceSum's axes fed as an input): it becomes a constant of the input's dtype."""
+    dtype, _ = _input_shape(vi, {vi.name: np.shape(value)})
+    array = np.asarray(value)
+    if array.dtype != np.dtype(dtype) and not np.can_cast(array.dtype, dtype, "same_kind"):
+        raise OnnxImportError(f"constant input {vi.name!r}: expected {dtype}, got {array.dtype}")
+    return np.asarray(array, dtype=dtype, order="C")
+
+
 def import_onnx(
-    model: str | os.PathLike | onnx.ModelProto | bytes, input_shapes: dict[str, tuple[int, ...]] | None = None
+    model: str | os.PathLike | onnx.ModelProto | bytes,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    constant_inputs: dict[str, object] | None = None,
 ) -> Graph:
+    """`input_shapes` binds symbolic dimensions; `constant_inputs` fixes the values of
+    model inputs that Kiln needs at compile time (shapes, axes, pads, ...): the compiled
+    model no longer takes them."""
     from frontends.onnx.converters import CONVERTERS
 
     proto = load_model(model)
@@ -198,12 +228,19 @@ def import_onnx(
     for t in g.initializer:
         ctx.constants[t.name] = _tensor_to_array(t)
     graph_inputs = [vi for vi in g.input if vi.name not in ctx.constants]
-    unknown = set(bindings) - {vi.name for vi in graph_inputs}
-    if unknown:
-        raise OnnxImportError(
-            f"input shape given for unknown input(s) {sorted(unknown)}; "
-            f"inputs are {[vi.name for vi in graph_inputs]}"
-        )
+    fixed = dict(constant_inputs or {})
+    for what, names in (("input shape", bindings), ("constant value", fixed)):
+        unknown = set(names) - {vi.name for vi in graph_inputs}
+        if unknown:
+            raise OnnxImportError(
+                f"{what} given for unknown input(s) {sorted(unknown)}; "
+                f"inputs are {[vi.name for vi in graph_inputs]}"
+            )
+    for vi in graph_inputs:
+        if vi.name in fixed:
+            ctx.constants[vi.name] = _constant_input(vi, fixed[vi.name])
+    graph_inputs = [vi for vi in graph_inputs if vi.name not in fixed]
+    ctx.graph_inputs = {vi.name for vi in graph_inputs}
     for vi in graph_inputs:
         dtype, shape = _input_shape(vi, bindings)
         ctx.values[vi.name] = b.input(vi.name, shape, dtype)

@@ -103,26 +103,34 @@ class ReduceMean(Reduce):
 
 @register("reduce_max", Fusion.REDUCTION)
 class ReduceMax(Reduce):
+    accepts = (*Reduce.accepts, "bool")  # bool: any
+
     def reference(self, x):
-        return np.max(x, axis=self._axes(x.ndim), keepdims=self.keepdims)
+        return np.max(x, axis=self._axes(x.ndim), keepdims=self.keepdims, initial=self.init(x.dtype.name))
 
     def init(self, dtype):
+        if dtype == "bool":
+            return False
         return -np.inf if dtype.startswith("float") else int(np.iinfo(dtype).min)
 
     def combine(self, acc, v):
-        return maximum(acc, v)
+        return logical_or(acc, v) if v.dtype == "bool" else maximum(acc, v)
 
 
 @register("reduce_min", Fusion.REDUCTION)
 class ReduceMin(Reduce):
+    accepts = (*Reduce.accepts, "bool")  # bool: all
+
     def reference(self, x):
         return np.min(x, axis=self._axes(x.ndim), keepdims=self.keepdims, initial=self.init(x.dtype.name))
 
     def init(self, dtype):
+        if dtype == "bool":
+            return True
         return np.inf if dtype.startswith("float") else int(np.iinfo(dtype).max)
 
     def combine(self, acc, v):
-        return minimum(acc, v)
+        return logical_and(acc, v) if v.dtype == "bool" else minimum(acc, v)
 
 
 @register("reduce_prod", Fusion.REDUCTION)
