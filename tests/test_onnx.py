@@ -307,3 +307,31 @@ def test_constant_inputs_fix_a_shape_fed_as_input():
     compiled = compile_model(model, constant_inputs={"shape": np.array([3, 4])})
     x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
     np.testing.assert_array_equal(compiled.run(x)[0], x.reshape(3, 4))
+
+
+@pytest.mark.parametrize(
+    "op_type,opset,attrs",
+    [
+        ("MeanVarianceNormalization", 13, {}),
+        ("GroupNormalization", 21, {"num_groups": 2}),
+        ("Swish", 24, {"alpha": 0.7}),
+    ],
+)
+def test_ops_defined_as_onnx_functions_import_as_their_bodies(op_type, opset, attrs, rng):
+    shape = [2, 4, 3, 5]
+    inits = []
+    if op_type == "GroupNormalization":
+        inits = [_f32("scale", rng.standard_normal(4)), _f32("bias", rng.standard_normal(4))]
+    model = _single_node_model(op_type, [("x", shape)], [("y", shape)], inits, opset=opset, **attrs)
+    model.ir_version = 10
+    graph = import_onnx(model)
+    assert op_type.lower() not in {n.op.name for n in graph.nodes}
+    x = rng.standard_normal(shape).astype(np.float32)
+    got = compile_model(model, name="fn")(x)
+    if onnxruntime is not None and op_type != "Swish":  # onnxruntime 1.31 lacks Swish-24
+        expected = _ort(model, {"x": x})[0]
+    else:
+        from onnx.reference import ReferenceEvaluator
+
+        expected = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -211,8 +211,9 @@ def import_onnx(
     model inputs that Kiln needs at compile time (shapes, axes, pads, ...): the compiled
     model no longer takes them."""
     from frontends.onnx.converters import CONVERTERS
+    from frontends.onnx.expand import expand_functions
 
-    proto = load_model(model)
+    proto = expand_functions(load_model(model), lambda op: op in CONVERTERS)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     g = proto.graph
     unsupported = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in CONVERTERS]
