@@ -507,6 +507,7 @@ class KernelBuilder:
         self.status: Buffer | None = None
         self.checks: list[str] = []
         self._stack: list[list[Stmt]] = [[]]
+        self._loops: list[Loop] = []  # the loops open around the statement being built
         self._ids = itertools.count()
 
     def _emit(self, stmt: Stmt) -> None:
@@ -519,10 +520,12 @@ class KernelBuilder:
         loop = Loop(var, lift(extent, "int64"), kind)
         self._emit(loop)
         self._stack.append(loop.body)
+        self._loops.append(loop)
         try:
             yield var
         finally:
             self._stack.pop()
+            self._loops.pop()
 
     @contextmanager
     def flat(self, n: int) -> Iterator[Expr]:
@@ -556,7 +559,11 @@ class KernelBuilder:
                     yield idx + [j]
 
     def check(self, ok: Expr, message: str) -> None:
-        """Report `message` from the run if `ok` fails at any point (see Check)."""
+        """Report `message` from the run if `ok` fails at any point (see Check). The
+        loops around a check run serially: its conditional store does not vectorize."""
+        for loop in self._loops:
+            if loop.kind == "vector":
+                loop.kind = "serial"
         if self.status is None:
             self.status = Buffer("status", "int32", (1,))
         self.checks.append(message)
