@@ -23,7 +23,7 @@ from ir.ops import REGISTRY, Fusion
 @dataclass
 class In:
     shape: tuple[int, ...]
-    kind: str = "normal"  # normal | positive | nonzero | wide | bool | index:N | count:N
+    kind: str = "normal"  # normal | positive | nonzero | small | wide | bool | index:N | count:N
     dtype: str = "float32"
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
@@ -54,6 +54,8 @@ class In:
             x = rng.uniform(0.05, 5.0, s)
         elif self.kind == "nonzero":
             x = rng.choice([-1.0, 1.0], s) * rng.uniform(0.3, 3.0, s)
+        elif self.kind == "small":  # weights at the scale trained recurrences keep (not chaotic)
+            x = rng.standard_normal(s) * 0.05
         elif self.kind == "wide":
             x = rng.standard_normal(s) * 4
         else:
@@ -128,7 +130,7 @@ CASES: dict[str, list[Case]] = {
         Case([In((40000,))], {"to": "float64"}),
     ],
     "matmul": [
-        Case([In((1, 1)), In((1, 1))]),
+        Case([In((1, 1), "small"), In((1, 1), "small")]),
         Case([In((7, 33)), In((33, 7))]),
         Case([In((33, 65)), In((65, 40))]),
         Case([In((2, 3, 7, 33)), In((3, 33, 5))]),
@@ -197,6 +199,43 @@ CASES: dict[str, list[Case]] = {
         Case([In((64, 1000), "wide")]),
     ],
     "log_softmax": [Case([In((7, 33))]), Case([In((3, 33, 5))], {"axis": 0})],
+    # recurrences: (xw, r, initial states...); hidden 33 and 1 exercise the vector tails
+    "rnn": [
+        Case([In((5, 3, 33)), In((33, 33), "small"), In((3, 33))], {"hidden": 33}, params=(1,)),
+        Case(
+            [In((4, 2, 1)), In((1, 1), "small"), In((2, 1))],
+            {"hidden": 1, "reverse": True, "activations": (("relu", ()),), "clip": 0.5},
+        ),
+    ],
+    "gru": [
+        Case(
+            [In((5, 3, 3 * 33)), In((99, 33), "small"), In((3, 33)), In((33,))], {"hidden": 33}, params=(1, 3)
+        ),
+        Case(
+            [In((6, 2, 3 * 7)), In((21, 7), "small"), In((2, 7)), In((7,))],
+            {"hidden": 7, "linear_before_reset": True, "reverse": True},
+        ),
+    ],
+    "lstm": [
+        Case(
+            [In((5, 3, 4 * 33)), In((132, 33), "small"), In((3, 33)), In((3, 33)), In((99,))],
+            {"hidden": 33},
+            params=(1, 4),
+        ),
+        Case(
+            [In((4, 2, 4 * 7)), In((28, 7), "small"), In((2, 7)), In((2, 7)), In((21,))],
+            {
+                "hidden": 7,
+                "reverse": True,
+                "clip": 1.0,
+                "activations": (("sigmoid", ()), ("relu", ()), ("tanh", ())),
+            },
+        ),
+        Case(
+            [In((64, 8, 4 * 256)), In((1024, 256), "small"), In((8, 256)), In((8, 256)), In((768,))],
+            {"hidden": 256},
+        ),
+    ],
     "layer_norm": [
         Case([In((7, 33)), In((33,)), In((33,))], params=(1, 2)),
         Case([In((2, 3, 7)), In((3, 7))], {"axis": 1}, params=(1,)),

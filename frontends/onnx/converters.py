@@ -802,3 +802,7 @@ def _shape(ctx, node, attrs):
     shape = x.type.shape if x is not None else ctx.constants[node.input[0]].shape
     start, end = int(attrs.get("start", 0)), attrs.get("end")
     return np.array(shape[start : None if end is None else int(end)], dtype=np.int64)
+
+
+# the recurrent ops register their converters in a module of their own
+from frontends.onnx import recurrent  # noqa: E402,F401

@@ -1,0 +1,45 @@
+"""Models written in PyTorch, exported with torch.onnx, compiled with `kiln compile`,
+against onnxruntime on the same file at batch 1 and 32 (issue 3's five models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler.cli import main as kiln
+from runtime import load
+
+torch = pytest.importorskip("torch")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+from frontends.onnx.torch_zoo import export  # noqa: E402
+
+RTOL = 1e-4
+
+MODELS = [
+    "mlp",
+    "mnist_cnn",
+    "lstm",
+    pytest.param("transformer", marks=pytest.mark.slow),
+    pytest.param("resnet18", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("name", MODELS)
+def test_pytorch_export_matches_onnxruntime(name, batch, tmp_path, rng, capsys):
+    model = export(name, batch)
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert kiln(["compile", str(path), "-o", str(tmp_path / f"{name}.so")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    compiled = load(tmp_path / f"{name}.so")
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = rng.standard_normal(shape).astype(np.float32)
+    got = compiled(x)
+    session = onnxruntime.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"input": x})[0]
+    assert got.shape == expected.shape
+    # rtol on every element, with an absolute floor at RTOL of the output's scale for
+    # the elements that are (nearly) zero, where a relative error means nothing
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
