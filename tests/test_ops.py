@@ -280,6 +280,11 @@ CASES: dict[str, list[Case]] = {
     "pad": [
         Case([In((7, 33))], {"pads": (1, 2, 3, 0), "value": 1.5}),
         Case([In((2, 3, 5, 5))], {"pads": (0, 0, 1, -1, 0, 0, -2, 2)}),
+        Case([In((7, 33))], {"pads": (3, 0, 2, 9), "mode": "edge"}),
+        Case([In((4, 6))], {"pads": (3, 5, 3, 12), "mode": "reflect"}),
+        Case([In((5, 5))], {"pads": (-1, 2, 4, -2), "mode": "reflect"}),
+        Case([In((3, 7))], {"pads": (2, 9, 4, 1), "mode": "wrap"}),
+        Case([In((1, 7))], {"pads": (2, 0, 1, 0), "mode": "reflect"}),
     ],
     "gather": [
         Case([In((7, 33)), In((5,), "index:7", "int64")]),

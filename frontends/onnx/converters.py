@@ -230,15 +230,26 @@ def _rms_norm(ctx, node, attrs):
 
 @converter("Identity", "Dropout")
 def _identity(ctx, node, attrs):
-    if len(node.output) > 1 and node.output[1] in ctx.used:
-        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the dropout mask output is not supported")
-    if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
-        training = ctx.constants.get(node.input[2])
-        if training is None or bool(training):
-            raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: training-mode dropout is not supported")
-    if node.input[0] in ctx.constants:
-        return ctx.constants[node.input[0]]
-    return [ctx.value(node.input[0])]
+    """Dropout in inference mode (or with ratio 0) passes x through; its mask is all true."""
+    if node.op_type == "Dropout":
+        _check_dropout_is_identity(ctx, node, attrs)
+    x = ctx.constants[node.input[0]] if node.input[0] in ctx.constants else ctx.value(node.input[0])
+    if len(node.output) < 2 or not node.output[1]:
+        return x if isinstance(x, np.ndarray) else [x]
+    x = ctx.value(node.input[0])
+    mask = ctx.b.expand(ctx.b.param("true", np.array(True)), shape=x.type.shape, name=node.output[1])
+    return [x, mask]
+
+
+def _check_dropout_is_identity(ctx, node, attrs) -> None:
+    training = ctx.constant(node, 2, "training_mode") if ctx.opset >= 12 else None
+    if training is None or not bool(training):
+        return
+    ratio = ctx.constant(node, 1, "ratio")
+    if ratio is None or float(ratio) != 0.0:
+        raise UnsupportedOnnxError(
+            f"{_where(node, ctx.opset)}: training-mode dropout (a random mask) is not supported"
+        )
 
 
 @converter("Constant")
@@ -440,25 +451,50 @@ def _gap(ctx, node, attrs):
 
 @converter("BatchNormalization")
 def _batchnorm(ctx, node, attrs):
-    if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
-        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: training-mode batch norm is not supported")
-    return [_op(ctx, node, "batch_norm", *_ins(ctx, node), epsilon=float(attrs.get("epsilon", 1e-5)))]
+    epsilon = float(attrs.get("epsilon", 1e-5))
+    if not attrs.get("training_mode", 0) and len([o for o in node.output if o]) == 1:
+        return [_op(ctx, node, "batch_norm", *_ins(ctx, node), epsilon=epsilon)]
+    if ctx.opset < 14:
+        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: training-mode batch norm before opset 14")
+    # training mode: normalize with the batch's statistics, and update the running ones
+    b = ctx.b
+    x, scale, bias, running_mean, running_var = _ins(ctx, node)
+    rank = x.type.rank
+    axes = (0, *range(2, rank))
+    channel = (1, -1) + (1,) * (rank - 2)
+    mean = b.reduce_mean(x, axes=axes, keepdims=False)
+    centered = b.sub(x, b.reshape(mean, shape=channel))
+    var = b.reduce_mean(b.mul(centered, centered), axes=axes, keepdims=False)
+    dtype = x.type.np_dtype
+    eps = b.param("epsilon", np.array(epsilon, dtype))
+    normalized = b.mul(centered, b.reshape(b.rsqrt(b.add(var, eps)), shape=channel))
+    y = b.add(b.mul(normalized, b.reshape(scale, shape=channel)), b.reshape(bias, shape=channel))
+    momentum = float(attrs.get("momentum", 0.9))
+    keep, take = (
+        b.param("momentum", np.array(momentum, dtype)),
+        b.param("1-momentum", np.array(1 - momentum, dtype)),
+    )
+    new_mean = b.add(b.mul(running_mean, keep), b.mul(mean, take))
+    new_var = b.add(b.mul(running_var, keep), b.mul(var, take))
+    return [y, new_mean, new_var][: len(node.output)]
 
 
 @converter("LayerNormalization")
 def _layernorm(ctx, node, attrs):
-    if len([o for o in node.output if o]) > 1:
-        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the mean/inv-std outputs are not supported")
-    return [
-        _op(
-            ctx,
-            node,
-            "layer_norm",
-            *_ins(ctx, node),
-            axis=int(attrs.get("axis", -1)),
-            epsilon=float(attrs.get("epsilon", 1e-5)),
-        )
-    ]
+    x = ctx.value(node.input[0])
+    axis = int(attrs.get("axis", -1))
+    epsilon = float(attrs.get("epsilon", 1e-5))
+    y = _op(ctx, node, "layer_norm", *_ins(ctx, node), axis=axis, epsilon=epsilon)
+    if len(node.output) == 1:
+        return [y]
+    # the optional Mean and InvStdDev outputs: the statistics again, as graph ops
+    b = ctx.b
+    axes = tuple(range(axis % x.type.rank, x.type.rank))
+    mean = b.reduce_mean(x, axes=axes, name=node.output[1] or None)
+    centered = b.sub(x, mean)
+    eps = b.param("epsilon", np.array(epsilon, x.type.np_dtype))
+    inv_std = b.rsqrt(b.add(b.reduce_mean(b.mul(centered, centered), axes=axes), eps))
+    return [y, mean, inv_std]
 
 
 @converter("Softmax", "LogSoftmax")
@@ -690,7 +726,7 @@ def _pad(ctx, node, attrs):
     x = ctx.value(node.input[0])
     mode = attrs.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
+    if mode not in ("constant", "edge", "reflect", "wrap"):
         raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: pad mode {mode!r} is not supported")
     if ctx.opset < 11:
         pads, value = _ints(attrs["pads"]), float(attrs.get("value", 0.0))
@@ -706,7 +742,7 @@ def _pad(ctx, node, attrs):
             for i, a in enumerate(axes):
                 full[a], full[a + r] = pads[i], pads[i + len(axes)]
             pads = tuple(full)
-    return [_op(ctx, node, "pad", x, pads=pads, value=value)]
+    return [_op(ctx, node, "pad", x, pads=pads, value=value, mode=mode)]
 
 
 @converter("Gather", "GatherElements")

@@ -6,7 +6,19 @@ from math import prod
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, cast, const, guarded_load, in_range, logical_and, select
+from codegen.kir import (
+    Buffer,
+    Expr,
+    KernelBuilder,
+    cast,
+    const,
+    guarded_load,
+    in_range,
+    logical_and,
+    maximum,
+    minimum,
+    select,
+)
 from ir.errors import GraphError
 from ir.ops import Fusion, Op, normalize_axis, register
 from ir.types import TensorType
@@ -170,17 +182,26 @@ class Slice(Op):
 
 @register("pad", INJ)
 class Pad(Op):
-    """Constant padding; pads = begins of every axis, then ends (ONNX order). Negative crops."""
+    """Padding; pads = begins of every axis, then ends (ONNX order). Negative crops.
+    `mode`: constant (`value`), edge (repeat the border), reflect (mirror, border not
+    repeated) or wrap (periodic), as in ONNX and numpy."""
 
     pads: tuple[int, ...] = ()
     value: float = 0.0
+    mode: str = "constant"
+
+    MODES = ("constant", "edge", "reflect", "wrap")
 
     def infer(self, x: TensorType) -> TensorType:
         if len(self.pads) != 2 * x.rank:
             raise GraphError(f"pad: {len(self.pads)} pads for rank {x.rank}; expected {2 * x.rank}")
+        if self.mode not in self.MODES:
+            raise GraphError(f"pad: mode {self.mode!r} is not one of {', '.join(self.MODES)}")
         shape = tuple(d + b + e for d, b, e in zip(x.shape, self.pads[: x.rank], self.pads[x.rank :]))
         if any(d < 0 for d in shape):
             raise GraphError(f"pad: pads {self.pads} crop {x.shape} below zero")
+        if self.mode != "constant" and any(d == 0 for d in x.shape) and shape != x.shape:
+            raise GraphError(f"pad: mode {self.mode} cannot pad an empty axis of {x.shape}")
         return x.with_shape(shape)
 
     def reference(self, x):
@@ -189,18 +210,38 @@ class Pad(Op):
             slice(max(-b, 0), d - max(-e, 0)) for d, b, e in zip(x.shape, self.pads[:r], self.pads[r:])
         )
         widths = [(max(b, 0), max(e, 0)) for b, e in zip(self.pads[:r], self.pads[r:])]
-        return np.pad(x[crop], widths, constant_values=self.value)
+        if self.mode == "constant":
+            return np.pad(x[crop], widths, constant_values=self.value)
+        return np.pad(x[crop], widths, mode=self.mode)
+
+    def _source(self, i: Expr, d: int) -> Expr:
+        """The input index an output index reads along an axis of length d (not constant mode)."""
+        if self.mode == "edge":
+            return minimum(maximum(i, 0), d - 1)
+        if self.mode == "wrap":
+            return i % d
+        period = max(2 * (d - 1), 1)  # reflect: ... 2 1 | 0 1 2 ... d-1 | d-2 ...
+        m = i % period
+        return select(m.lt(d), m, period - m)
 
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         r = len(x.shape)
+        begins, ends = self.pads[:r], self.pads[r:]
         with k.nest(out.shape) as idx:
-            src = [i - b for i, b in zip(idx, self.pads[:r])]
-            inside: Expr = const(True, "bool")
-            for s, d in zip(src, x.shape):
-                inside = logical_and(inside, in_range(s, 0, d))
-            value = self.value if x.dtype.startswith("float") else int(self.value)
-            k.store(out, idx, guarded_load(x, src, inside, value))
+            if self.mode == "constant":
+                src = [i - b for i, b in zip(idx, begins)]
+                inside: Expr = const(True, "bool")
+                for s, d in zip(src, x.shape):
+                    inside = logical_and(inside, in_range(s, 0, d))
+                value = self.value if x.dtype.startswith("float") else int(self.value)
+                k.store(out, idx, guarded_load(x, src, inside, value))
+            else:  # index into the input as cropped by negative pads, then mapped back
+                src = []
+                for i, d, b, e in zip(idx, x.shape, begins, ends):
+                    lo, kept = max(-b, 0), d - max(-b, 0) - max(-e, 0)
+                    src.append(self._source(i - max(b, 0), kept) + lo)
+                k.store(out, idx, x[src])
 
 
 @register("gather", INJ)
