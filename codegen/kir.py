@@ -528,6 +528,17 @@ class KernelBuilder:
             self._loops.pop()
 
     @contextmanager
+    def when(self, cond: Expr) -> Iterator[None]:
+        """Statements that run only where `cond` holds (a branch: keep it out of hot loops)."""
+        stmt = If(cond)
+        self._emit(stmt)
+        self._stack.append(stmt.body)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    @contextmanager
     def flat(self, n: int) -> Iterator[Expr]:
         """One loop over n contiguous elements: parallel blocks of `flat_block`, each a
         vector loop (with flat_block 1, as a GPU wants: one element per iteration)."""

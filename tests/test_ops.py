@@ -236,6 +236,12 @@ CASES: dict[str, list[Case]] = {
             {"hidden": 256},
         ),
     ],
+    "topk": [
+        Case([In((7, 33))], {"k": 5}),
+        Case([In((6, 9, 4), "count:3", "int64")], {"k": 9, "axis": 1, "largest": False}),
+        Case([In((5, 8))], {"k": 3, "axis": 0, "output": "indices"}),
+        Case([In((4, 10), "count:4", "int32")], {"k": 4, "output": "indices"}),
+    ],
     "layer_norm": [
         Case([In((7, 33)), In((33,)), In((33,))], params=(1, 2)),
         Case([In((2, 3, 7)), In((3, 7))], {"axis": 1}, params=(1,)),

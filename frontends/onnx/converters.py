@@ -557,6 +557,19 @@ def _reduce(ctx, node, attrs):
     return [b.reshape(lse, shape=shape, name=out)]
 
 
+@converter("TopK")
+def _topk(ctx, node, attrs):
+    """Values and indices are two nodes (Kiln ops have one output); sorted=0 leaves the
+    order to the implementation, and Kiln's is sorted."""
+    x = ctx.value(node.input[0])
+    k = int(ctx.constant(node, 1, "K").item()) if ctx.opset >= 10 else int(attrs["k"])
+    common = dict(k=k, axis=int(attrs.get("axis", -1)), largest=bool(attrs.get("largest", 1)))
+    return [
+        ctx.b.op("topk", x, name=name or None, output=output, **common)
+        for name, output in zip(node.output, ("values", "indices"))
+    ]
+
+
 @converter("ArgMax", "ArgMin")
 def _arg(ctx, node, attrs):
     return [

@@ -199,6 +199,53 @@ class ArgReduce(Op):
             k.store(out.view((outer * inner,)), [r], where.ref)
 
 
+@register("topk", Fusion.REDUCTION)
+class TopK(Op):
+    """The k largest (or smallest) values along `axis`, in order, or (output="indices")
+    their int64 indices. Equal values keep their order (the lower index first), as ONNX
+    TopK defines; NaN is not ordered."""
+
+    k: int = 1
+    axis: int = -1
+    largest: bool = True
+    output: str = "values"
+
+    def infer(self, x: TensorType) -> TensorType:
+        a = normalize_axis("topk", self.axis, x.rank)
+        if not 0 <= self.k <= x.shape[a]:
+            raise GraphError(f"topk: k={self.k} is outside [0, {x.shape[a]}] for axis {self.axis} of {x.shape}")
+        if self.output not in ("values", "indices"):
+            raise GraphError(f"topk: output must be 'values' or 'indices', got {self.output!r}")
+        shape = tuple(self.k if i == a else d for i, d in enumerate(x.shape))
+        return TensorType(x.dtype if self.output == "values" else "int64", shape)
+
+    def reference(self, x):
+        a = normalize_axis("topk", self.axis, x.ndim)
+        key = x if not self.largest else -x if x.dtype.kind == "f" else -x.astype(np.int64)
+        order = np.take(np.argsort(key, axis=a, kind="stable"), np.arange(self.k), axis=a)
+        return np.take_along_axis(x, order, axis=a) if self.output == "values" else order.astype(np.int64)
+
+    def lower(self, k, ins, out, epilogue=None):
+        """Each element's rank is the number of elements that come before it; the k
+        ranked first are stored at their rank. O(n²) per row, branch-free inner loop."""
+        x = ins[0]
+        a = normalize_axis("topk", self.axis, len(x.shape))
+        outer, n, inner = _split(x.shape, a)
+        with k.loop(outer * inner, "parallel", "r") as r:
+            base = r // inner * (n * inner) + r % inner
+            out_base = r // inner * (self.k * inner) + r % inner
+            with k.loop(n, "serial", "j") as j:
+                v = k.local(x.dtype, x.load_flat(base + j * inner), "v")
+                rank = k.local("int64", 0, "rank")
+                with k.loop(n, "vector", "m") as m:
+                    other = x.load_flat(base + m * inner)
+                    ahead = other.gt(v.ref) if self.largest else other.lt(v.ref)
+                    before = logical_or(ahead, logical_and(other.eq(v.ref), m.lt(j)))
+                    k.assign(rank, rank.ref + select(before, const(1, "int64"), 0), reduction=True)
+                with k.when(rank.ref.lt(self.k)):
+                    k.store(out, out_base + rank.ref * inner, v.ref if self.output == "values" else j)
+
+
 @dataclasses.dataclass(frozen=True)
 class AxisSoftmax(Op):
     axis: int = -1
