@@ -335,3 +335,33 @@ def test_ops_defined_as_onnx_functions_import_as_their_bodies(op_type, opset, at
 
         expected = ReferenceEvaluator(model).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "equation,shapes,as_matmul",
+    [
+        ("bhqd,bhkd->bhqk", [(2, 4, 9, 16), (2, 4, 11, 16)], True),
+        ("bhqk,bhkd->bhqd", [(2, 4, 9, 11), (2, 4, 11, 16)], True),
+        ("...d,dh->...h", [(3, 5, 8), (8, 6)], True),
+        ("ij,jk", [(4, 5), (5, 3)], True),
+        ("ii->i", [(5, 5)], False),
+        ("i,i", [(7,), (7,)], True),
+    ],
+)
+def test_einsum_matches_onnxruntime(equation, shapes, as_matmul, rng):
+    names = [f"x{i}" for i in range(len(shapes))]
+    node = helper.make_node("Einsum", names, ["y"], equation=equation)
+    expected_shape = np.einsum(equation, *[np.zeros(s) for s in shapes]).shape
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in zip(names, shapes)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, expected_shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ops = {n.op.name for n in import_onnx(model).nodes}
+    assert ("matmul" in ops) == as_matmul and ("einsum" in ops) != as_matmul
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes)}
+    got = compile_model(model, name="einsum")(*feeds.values())
+    np.testing.assert_allclose(got, _ort(model, feeds)[0], rtol=1e-4, atol=1e-5)

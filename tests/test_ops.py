@@ -236,6 +236,13 @@ CASES: dict[str, list[Case]] = {
             {"hidden": 256},
         ),
     ],
+    "einsum": [
+        Case([In((3, 4, 5)), In((3, 5, 33))], {"equation": "bij,bjk->bik"}),
+        Case([In((4, 7, 7))], {"equation": "bii->bi"}),
+        Case([In((6, 6))], {"equation": "ii->"}),
+        Case([In((5,)), In((7,)), In((5, 7))], {"equation": "i,j,ij->ij"}),
+        Case([In((2, 1, 4), dtype="int64"), In((2, 3, 4), dtype="int64")], {"equation": "abc,abc->ab"}),
+    ],
     "topk": [
         Case([In((7, 33))], {"k": 5}),
         Case([In((6, 9, 4), "count:3", "int64")], {"k": 9, "axis": 1, "largest": False}),

@@ -557,6 +557,27 @@ def _reduce(ctx, node, attrs):
     return [b.reshape(lse, shape=shape, name=out)]
 
 
+@converter("Einsum")
+def _einsum(ctx, node, attrs):
+    """Two-operand contractions become one batched matmul between transposes; other
+    equations (diagonals, traces, three operands) the generic einsum op."""
+    from ir.ops.einsum import as_matmul, normalize_equation
+
+    xs = _ins(ctx, node)
+    equation = attrs["equation"]
+    equation = normalize_equation(
+        equation.decode() if isinstance(equation, bytes) else equation, [x.type.rank for x in xs]
+    )
+    plan = as_matmul(equation, [x.type.shape for x in xs])
+    if plan is None or xs[0].type.dtype not in ("float32", "float64"):
+        return [_op(ctx, node, "einsum", *xs, equation=equation)]
+    b = ctx.b
+    a = b.reshape(b.transpose(xs[0], perm=plan["perm_a"]), shape=plan["shape_a"])
+    c = b.reshape(b.transpose(xs[1], perm=plan["perm_b"]), shape=plan["shape_b"])
+    y = b.reshape(b.matmul(a, c), shape=plan["unflat"])
+    return [b.transpose(y, perm=plan["perm_out"], name=node.output[0])]
+
+
 @converter("TopK")
 def _topk(ctx, node, attrs):
     """Values and indices are two nodes (Kiln ops have one output); sorted=0 leaves the

@@ -213,7 +213,7 @@ class TopK(Op):
     def infer(self, x: TensorType) -> TensorType:
         a = normalize_axis("topk", self.axis, x.rank)
         if not 0 <= self.k <= x.shape[a]:
-            raise GraphError(f"topk: k={self.k} is outside [0, {x.shape[a]}] for axis {self.axis} of {x.shape}")
+            raise GraphError(f"topk: k={self.k} is outside [0, {x.shape[a]}] for axis {self.axis} of {x}")
         if self.output not in ("values", "indices"):
             raise GraphError(f"topk: output must be 'values' or 'indices', got {self.output!r}")
         shape = tuple(self.k if i == a else d for i, d in enumerate(x.shape))
