@@ -236,6 +236,21 @@ CASES: dict[str, list[Case]] = {
             {"hidden": 256},
         ),
     ],
+    "conv_transpose2d": [
+        Case([In((1, 3, 5, 5)), In((3, 4, 3, 3)), In((4,))], params=(1, 2)),
+        Case(
+            [In((2, 4, 6, 7)), In((4, 3, 3, 2))],
+            {
+                "strides": (2, 3),
+                "pads": (1, 0, 2, 1),
+                "dilations": (1, 2),
+                "output_padding": (1, 2),
+                "groups": 2,
+            },
+            params=(1,),
+        ),
+        Case([In((2, 8, 16, 16)), In((8, 33, 4, 4))], {"strides": (2, 2), "pads": (1, 1, 1, 1)}, params=(1,)),
+    ],
     "einsum": [
         Case([In((3, 4, 5)), In((3, 5, 33))], {"equation": "bij,bjk->bik"}),
         Case([In((4, 7, 7))], {"equation": "bii->bi"}),

@@ -350,7 +350,7 @@ def _as_2d(convert):
         lifted.CopyFrom(node)
         for pos in range(min(2, len(node.input))):
             name = node.input[pos]
-            if not name or (pos == 1 and node.op_type != "Conv"):
+            if not name or (pos == 1 and node.op_type not in ("Conv", "ConvTranspose")):
                 continue
             new = f"{name}.as2d"
             if name in ctx.constants:
@@ -361,7 +361,7 @@ def _as_2d(convert):
                 ctx.values[new] = ctx.b.reshape(v, shape=v.type.shape[:2] + (1,) + v.type.shape[2:])
             lifted.input[pos] = new
         lifted.output[0] = f"{node.output[0]}.as2d"
-        ones = {"kernel_shape": 1, "strides": 1, "dilations": 1}
+        ones = {"kernel_shape": 1, "strides": 1, "dilations": 1, "output_shape": 1, "output_padding": 0}
         attrs2d = {
             k: ([ones[k], *v] if k in ones else [0, v[0], 0, v[1]] if k == "pads" else v)
             for k, v in attrs.items()
@@ -398,6 +398,47 @@ def _conv(ctx, node, attrs):
             strides=strides,
             dilations=dilations,
             pads=pads,
+            groups=int(attrs.get("group", 1)),
+        )
+    ]
+
+
+@converter("ConvTranspose")
+@_as_2d
+def _conv_transpose(ctx, node, attrs):
+    ins = _ins(ctx, node)
+    x, w = ins[0], ins[1]
+    _check_2d(ctx, node, x)
+    kernel = w.type.shape[2:]
+    strides = _ints(attrs.get("strides", (1, 1)))
+    dilations = _ints(attrs.get("dilations", (1, 1)))
+    extra = list(_ints(attrs.get("output_padding", (0, 0))))
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    pads = list(_ints(attrs.get("pads", (0, 0, 0, 0))))
+    wanted = _ints(attrs["output_shape"])[-2:] if "output_shape" in attrs else None
+    if wanted is None and auto in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = tuple(size * s for size, s in zip(x.type.shape[2:], strides))
+    if auto == "VALID":
+        pads = [0, 0, 0, 0]
+    if wanted is not None:  # the pads that give this output size, split as the spec says
+        for a, (size, k, s, d) in enumerate(zip(x.type.shape[2:], kernel, strides, dilations)):
+            total = s * (size - 1) + extra[a] + d * (k - 1) + 1 - wanted[a]
+            if total < 0:  # a bigger output than the windows cover: the rest is output padding
+                extra[a] -= total
+                total = 0
+            small, big = total // 2, total - total // 2
+            pads[a], pads[a + 2] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    return [
+        _op(
+            ctx,
+            node,
+            "conv_transpose2d",
+            *ins,
+            strides=strides,
+            dilations=dilations,
+            pads=tuple(pads),
+            output_padding=tuple(extra),
             groups=int(attrs.get("group", 1)),
         )
     ]

@@ -323,6 +323,105 @@ def _im2col_ranges(op: Op, x_shape, out_hw):
     }
 
 
+@register("conv_transpose2d", Fusion.CONTRACTION)
+class ConvTranspose2d(Op):
+    """The gradient of conv2d with respect to its input, used as an upsampling layer:
+    each input pixel adds w times itself to a (kh, kw) window of the output, windows
+    `strides` apart. w is (in_channels, out_channels / groups, kh, kw), as in ONNX and
+    PyTorch; `pads` crop the full result, `output_padding` extends its end."""
+
+    arity = (2, 3)
+    strides: tuple[int, ...] = (1, 1)
+    pads: tuple[int, ...] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilations: tuple[int, ...] = (1, 1)
+    output_padding: tuple[int, ...] = (0, 0)
+    groups: int = 1
+
+    def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
+        _require_float("conv_transpose2d", x, w, *([bias] if bias else []))
+        if x.rank != 4 or w.rank != 4:
+            raise GraphError(f"conv_transpose2d: x and w must be rank 4, got {x.shape}, {w.shape}")
+        s, d = (
+            _pair("conv_transpose2d", "strides", self.strides),
+            _pair("conv_transpose2d", "dilations", self.dilations),
+        )
+        p = _pair("conv_transpose2d", "pads", self.pads, 4)
+        extra = _pair("conv_transpose2d", "output_padding", self.output_padding)
+        c, og, kh, kw = w.shape
+        if self.groups < 1 or c != x.shape[1] or c % self.groups:
+            raise GraphError(
+                f"conv_transpose2d: input has {x.shape[1]} channels, w {c} (groups={self.groups})"
+            )
+        o = og * self.groups
+        if bias is not None and bias.shape != (o,):
+            raise GraphError(f"conv_transpose2d: bias shape {bias.shape}, expected ({o},)")
+        size = [
+            s[a] * (x.shape[2 + a] - 1) + extra[a] + d[a] * (k - 1) + 1 - p[a] - p[a + 2]
+            for a, k in enumerate((kh, kw))
+        ]
+        if min(size) < 1:
+            raise GraphError(f"conv_transpose2d: pads {p} leave no output for input {x.shape}")
+        return TensorType(x.dtype, (x.shape[0], o, *size))
+
+    def reference(self, x, w, bias=None):
+        n, c, h, wd = x.shape
+        _, og, kh, kw = w.shape
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilations, self.pads
+        cg = c // self.groups
+        full = np.zeros(
+            (n, og * self.groups, sh * (h - 1) + dh * (kh - 1) + 1 + self.output_padding[0],
+             sw * (wd - 1) + dw * (kw - 1) + 1 + self.output_padding[1]),
+            np.float64,
+        )  # fmt: skip
+        for g in range(self.groups):
+            xg = x[:, g * cg : (g + 1) * cg].astype(np.float64)
+            wg = w[g * cg : (g + 1) * cg].astype(np.float64)
+            for i in range(kh):
+                for j in range(kw):
+                    contribution = np.einsum("nchw,co->nohw", xg, wg[:, :, i, j])
+                    full[
+                        :, g * og : (g + 1) * og, i * dh : i * dh + sh * (h - 1) + 1 : sh,
+                        j * dw : j * dw + sw * (wd - 1) + 1 : sw,
+                    ] += contribution  # fmt: skip
+        out = full[:, :, pt : full.shape[2] - pb, pl : full.shape[3] - pr]
+        if bias is not None:
+            out = out + bias.reshape(1, -1, 1, 1)
+        return out.astype(x.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        """Per output row: start from the bias, then for each input channel and tap add
+        w times the input pixel that lands there, where one does (the output position
+        minus the tap's offset must fall on the stride grid inside the input)."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        n, c, h, wd = x.shape
+        _, og, kh, kw = w.shape
+        _, o, oh, ow = out.shape
+        (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
+        cg = c // self.groups
+        with k.loop(n * o * oh, "parallel", "row") as r:
+            img, oc, y = r // (o * oh), r // oh % o, r % oh
+            group, oc_in_group = oc // og, oc % og
+            with k.loop(ow, "vector", "j") as j:
+                k.store(out, [img, oc, y, j], bias[oc] if bias is not None else const(0.0, out.dtype))
+            with k.loop(cg, "serial", "ic") as ic:
+                channel = group * cg + ic
+                with k.loop(kh, "serial", "ki") as ki:
+                    top = y + pt - ki * dh
+                    iy = top // sh
+                    row_ok = logical_and(logical_and(top.ge(0), (top % sh).eq(0)), iy.lt(h))
+                    with k.loop(kw, "serial", "kj") as kj:
+                        weight = w[[channel, oc_in_group, ki, kj]]
+                        with k.loop(ow, "vector", "j") as j:
+                            left = j + pl - kj * dw
+                            ix = left // sw
+                            ok = logical_and(
+                                row_ok, logical_and(logical_and(left.ge(0), (left % sw).eq(0)), ix.lt(wd))
+                            )
+                            v = guarded_load(x, [img, channel, iy, ix], ok, 0.0)
+                            k.store(out, [img, oc, y, j], muladd(v, weight, out[[img, oc, y, j]]))
+
+
 @register("im2col", Fusion.INJECTIVE)
 class Im2Col(Op):
     """Every conv window as a column: out[n, (c, i, j), y, x] = x[n, c, y*s + i*d - p, x*s + j*d - p]
