@@ -251,6 +251,14 @@ CASES: dict[str, list[Case]] = {
         ),
         Case([In((2, 8, 16, 16)), In((8, 33, 4, 4))], {"strides": (2, 2), "pads": (1, 1, 1, 1)}, params=(1,)),
     ],
+    # tap tables: indices in [-1, n) (a row with -1 extrapolates), random weights
+    "resample": [
+        Case([In((2, 3, 5, 6)), In((9, 1), "count:5", "int64"), In((9, 1))], {"axes": (2,)}),
+        Case(
+            [In((2, 7, 33)), In((4, 2), "count:7", "int64"), In((4, 2)), In((65, 4), "index:1", "int64"), In((65, 4))],
+            {"axes": (1, 2), "extrapolation_value": 2.5},
+        ),
+    ],
     "einsum": [
         Case([In((3, 4, 5)), In((3, 5, 33))], {"equation": "bij,bjk->bik"}),
         Case([In((4, 7, 7))], {"equation": "bii->bi"}),

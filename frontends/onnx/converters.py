@@ -915,5 +915,6 @@ def _shape(ctx, node, attrs):
     return np.array(shape[start : None if end is None else int(end)], dtype=np.int64)
 
 
-# the recurrent ops register their converters in a module of their own
+# RNN/GRU/LSTM and Resize register their converters in modules of their own
 from frontends.onnx import recurrent  # noqa: E402,F401
+from frontends.onnx import resize  # noqa: E402,F401
