@@ -13,7 +13,7 @@ import pytest
 
 from frontends.onnx import conformance
 
-MIN_PASSED = 1023
+MIN_PASSED = 1131
 
 
 @pytest.mark.slow

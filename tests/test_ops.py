@@ -255,7 +255,13 @@ CASES: dict[str, list[Case]] = {
     "resample": [
         Case([In((2, 3, 5, 6)), In((9, 1), "count:5", "int64"), In((9, 1))], {"axes": (2,)}),
         Case(
-            [In((2, 7, 33)), In((4, 2), "count:7", "int64"), In((4, 2)), In((65, 4), "index:1", "int64"), In((65, 4))],
+            [
+                In((2, 7, 33)),
+                In((4, 2), "count:7", "int64"),
+                In((4, 2)),
+                In((65, 4), "index:1", "int64"),
+                In((65, 4)),
+            ],
             {"axes": (1, 2), "extrapolation_value": 2.5},
         ),
     ],

@@ -916,5 +916,4 @@ def _shape(ctx, node, attrs):
 
 
 # RNN/GRU/LSTM and Resize register their converters in modules of their own
-from frontends.onnx import recurrent  # noqa: E402,F401
-from frontends.onnx import resize  # noqa: E402,F401
+from frontends.onnx import recurrent, resize  # noqa: E402,F401

@@ -83,7 +83,9 @@ def _cubic(x: float, a: float) -> float:
     return 0.0
 
 
-def coefficients(ratio: float, scale: float, mode: str, rounding: str, a: float, antialias: bool) -> list[float]:
+def coefficients(
+    ratio: float, scale: float, mode: str, rounding: str, a: float, antialias: bool
+) -> list[float]:
     """The weights of the taps around a coordinate `ratio` in (0, 1] past its left
     neighbour. Antialiasing (when shrinking) stretches the filter by 1 / scale."""
     if mode == "nearest":
@@ -218,7 +220,6 @@ def _resize(ctx: Context, node: onnx.NodeProto, attrs: dict) -> list[Value]:
         tables += [b.param(f"taps{a}", indices), b.param(f"weights{a}", weights.astype(x.type.np_dtype))]
     if not resized:
         return [x]
-    extrapolation = float(attrs.get("extrapolation_value", 0.0))
-    return [
-        b.op("resample", x, *tables, name=node.output[0], axes=tuple(resized), extrapolation_value=extrapolation)
-    ]
+    outside = float(attrs.get("extrapolation_value", 0.0))
+    y = b.op("resample", x, *tables, name=node.output[0], axes=tuple(resized), extrapolation_value=outside)
+    return [y]
