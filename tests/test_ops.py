@@ -182,6 +182,16 @@ CASES: dict[str, list[Case]] = {
             [In((2, 3, 7, 9))],
             {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1), "count_include_pad": True},
         ),
+        Case(  # ceil_mode's extra end padding, which the divisor does not count
+            [In((2, 3, 8, 8))],
+            {
+                "kernel": (3, 3),
+                "strides": (2, 2),
+                "pads": (1, 1, 2, 2),
+                "count_include_pad": True,
+                "uncounted_end": (1, 1),
+            },
+        ),
     ],
     "global_avg_pool2d": [Case([In((1, 1, 1, 1))]), Case([In((2, 7, 33, 5))])],
     "batch_norm": [

@@ -445,11 +445,14 @@ def _conv_transpose(ctx, node, attrs):
 
 
 def _pool_attrs(ctx, node, attrs, x: Value) -> dict:
+    """The window attributes; ceil_mode becomes extra end padding (returned apart too,
+    under "ceil_extra", for an average pool, whose divisor never counts it)."""
     _check_2d(ctx, node, x)
     kernel = _ints(attrs["kernel_shape"])
     strides = _ints(attrs.get("strides", (1,) * len(kernel)))
     dilations = _ints(attrs.get("dilations", (1,) * len(kernel)))
     pads = list(_pads(node, attrs, ctx, x.type.shape[2:], kernel, strides, dilations))
+    ceil_extra = [0, 0]
     if attrs.get("ceil_mode", 0):
         # ceil rounding = extra end padding that the last window may reach into
         for a, size in enumerate(x.type.shape[2:]):
@@ -459,7 +462,10 @@ def _pool_attrs(ctx, node, attrs, x: Value) -> dict:
             if (total + extra) // strides[a] * strides[a] >= size + pads[a]:
                 extra = 0  # the last window would start in the padding: ONNX drops it
             pads[a + 2] += extra
-    return dict(kernel=kernel, strides=strides, dilations=dilations, pads=tuple(pads))
+            ceil_extra[a] = extra
+    return dict(
+        kernel=kernel, strides=strides, dilations=dilations, pads=tuple(pads), ceil_extra=tuple(ceil_extra)
+    )
 
 
 @converter("MaxPool")
@@ -468,19 +474,19 @@ def _maxpool(ctx, node, attrs):
     if len(node.output) > 1 and node.output[1]:
         raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the Indices output is not supported")
     x = ctx.value(node.input[0])
-    return [_op(ctx, node, "max_pool2d", x, **_pool_attrs(ctx, node, attrs, x))]
+    window = _pool_attrs(ctx, node, attrs, x)
+    del window["ceil_extra"]
+    return [_op(ctx, node, "max_pool2d", x, **window)]
 
 
 @converter("AveragePool")
 @_as_2d
 def _avgpool(ctx, node, attrs):
     x = ctx.value(node.input[0])
+    window = _pool_attrs(ctx, node, attrs, x)
+    uncounted = window.pop("ceil_extra")
     include = bool(attrs.get("count_include_pad", 0))
-    if include and attrs.get("ceil_mode", 0):
-        raise UnsupportedOnnxError(
-            f"{_where(node, ctx.opset)}: ceil_mode with count_include_pad is not supported"
-        )
-    return [_op(ctx, node, "avg_pool2d", x, count_include_pad=include, **_pool_attrs(ctx, node, attrs, x))]
+    return [_op(ctx, node, "avg_pool2d", x, count_include_pad=include, uncounted_end=uncounted, **window)]
 
 
 @converter("GlobalAveragePool")

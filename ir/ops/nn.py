@@ -599,26 +599,51 @@ class MaxPool2d(Pool2d):
 
 @register("avg_pool2d", Fusion.REDUCTION)
 class AvgPool2d(Pool2d):
+    """With count_include_pad the divisor counts padding too, but not `uncounted_end`:
+    the end rows and columns ceil_mode adds, which ONNX never counts."""
+
     count_include_pad: bool = False
+    uncounted_end: tuple[int, ...] = (0, 0)
+
+    def _counted(self, h: int, w: int) -> np.ndarray:
+        """Which positions of the padded input the divisor counts."""
+        pt, pl, pb, pr = self.pads
+        if not self.count_include_pad:
+            return np.pad(np.ones((h, w), bool), ((pt, pb), (pl, pr)))
+        eh, ew = self.uncounted_end
+        return np.pad(np.ones((h + pt + pb - eh, w + pl + pr - ew), bool), ((0, eh), (0, ew)))
 
     def reference(self, x):
         windows = list(self._windows(x, 0.0))
         total = np.sum([v.astype(np.float64) for v, _ in windows], axis=0)
-        if self.count_include_pad:
-            count = float(len(windows))
-        else:
-            count = np.sum([m for _, m in windows], axis=0)
+        counted = self._counted(*x.shape[2:])
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        oh, ow = total.shape[2:]
+        count = sum(
+            counted[
+                i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw
+            ].astype(float)
+            for i in range(kh)
+            for j in range(kw)
+        )
         return (total / count).astype(x.dtype)
 
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
+        _, _, h, w = x.shape
+        _, _, pb, pr = self.pads
+        eh, ew = self.uncounted_end
 
         def visit(taps):
             total, count = k_const(out, 0.0), k_const(out, 0.0)
             for inside, idx in taps:
                 total = total + guarded_load(x, idx, inside, 0.0)
-                count = count + select(inside, k_const(out, 1.0), k_const(out, 0.0))
-            return total / (float(len(taps)) if self.count_include_pad else count)
+                if self.count_include_pad:
+                    counted = logical_and(idx[2].lt(h + pb - eh), idx[3].lt(w + pr - ew))
+                else:
+                    counted = inside
+                count = count + select(counted, k_const(out, 1.0), k_const(out, 0.0))
+            return total / count
 
         self._taps(k, x, out, visit)
 
