@@ -134,6 +134,8 @@ class _Partitioner:
             and v is g.tail
             and g.anchor.op.accepts_epilogue
             and node.outputs[0].type.shape == g.shape
+            # the anchor accumulates in the final buffer: the epilogue may not change its dtype
+            and node.outputs[0].type.dtype == g.tail.type.dtype
             and self.sole_reader(v, node)
         )
 

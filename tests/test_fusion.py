@@ -210,3 +210,13 @@ def test_epilogue_with_a_branch_that_skips_the_anchor(rng):
     graph = b.build(b.add(b.relu(x), b.sub(x, b.reduce_max(x, axes=(-1,)))))
     assert groups_of(graph) == ["relu+reduce_max+sub+add"]
     check(graph, rng)
+
+
+def test_no_epilogue_that_changes_the_dtype(rng):
+    """A contraction accumulates in its group's output buffer: a cast after it is a
+    kernel of its own (found by the ONNX Attention cases, which cast scores to float64)."""
+    b = GraphBuilder()
+    y = b.matmul(b.input("x", (4, 8)), b.param("w", w(rng, 8, 8)))
+    graph = b.build(b.cast(b.relu(y), to="float64"))
+    assert groups_of(graph) == ["matmul+relu", "cast"]
+    check(graph, rng)

@@ -192,8 +192,12 @@ def _cast(ctx, node, attrs):
 
 @converter("CastLike")
 def _cast_like(ctx, node, attrs):
-    x, like = _ins(ctx, node)
-    return [_op(ctx, node, "cast", x, to=like.type.dtype)]
+    """Only `like`'s dtype matters: a constant cast like a computed value is a constant."""
+    like = ctx.constants.get(node.input[1])
+    dtype = like.dtype.name if like is not None else ctx.value(node.input[1]).type.dtype
+    if node.input[0] in ctx.constants:
+        return ctx.constants[node.input[0]].astype(dtype)
+    return [_op(ctx, node, "cast", ctx.value(node.input[0]), to=dtype)]
 
 
 @converter("Mod")
