@@ -124,3 +124,75 @@ def test_bench_json_compares_fusion():
         assert r["lower_bound_bytes"] <= r["arena_bytes"] <= r["naive_bytes"]
     assert data["fused"]["kernels"] < data["unfused"]["kernels"]
     assert data["fused"]["bytes_moved"] < data["unfused"]["bytes_moved"]
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _broken_models(tmp_path):
+    """Each way an ONNX file a user brings can be wrong, and what the error must say."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def vi(name, dtype=TensorProto.FLOAT, shape=(2, 3)):
+        return helper.make_tensor_value_info(name, dtype, list(shape))
+
+    cases = {
+        "unsupported.onnx": (
+            _model(
+                [
+                    helper.make_node("NonZero", ["x"], ["a"], name="nz"),
+                    helper.make_node("Det", ["x"], ["y"], name="det"),
+                ],
+                [vi("x")],
+                [vi("y")],
+            ),
+            "2 unsupported node(s): node nz (NonZero, opset 17); node det (Det, opset 17)",
+        ),
+        "symbolic.onnx": (
+            _model(
+                [helper.make_node("Relu", ["x"], ["y"])], [vi("x", shape=("N", 3))], [vi("y", shape=("N", 3))]
+            ),
+            "input 'x': dimension 0 is symbolic ('N'); bind it with --input-shape x=Nx3",
+        ),
+        "missing_init.onnx": (
+            _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x")], [vi("y")]),
+            "node mm (MatMul, opset 17): input 1 'w' is not an initializer",
+        ),
+        "float16.onnx": (
+            _model(
+                [helper.make_node("Relu", ["x"], ["y"])],
+                [vi("x", TensorProto.FLOAT16)],
+                [vi("y", TensorProto.FLOAT16)],
+            ),
+            "input 'x' has dtype FLOAT16; Kiln supports float32",
+        ),
+    }
+    for name, (model, message) in cases.items():
+        onnx.save(model, tmp_path / name)
+        yield name, message
+    good = onnx.shape_inference.infer_shapes(cases["unsupported.onnx"][0]).SerializeToString()
+    (tmp_path / "truncated.onnx").write_bytes(good[: len(good) // 2])
+    yield "truncated.onnx", "not a valid ONNX file (truncated or not ONNX)"
+    weights = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    external = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x")], [vi("y", shape=(2, 4))], [weights]
+    )
+    onnx.save(
+        external, tmp_path / "external.onnx", save_as_external_data=True, location="w.bin", size_threshold=0
+    )
+    (tmp_path / "w.bin").unlink()
+    yield "external.onnx", "external data file missing"
+
+
+def test_every_bad_model_is_one_clear_line(tmp_path):
+    for name, message in _broken_models(tmp_path):
+        result = kiln("compile", str(tmp_path / name), "-o", str(tmp_path / "out.so"))
+        assert result.returncode == 2, (name, result.stderr)
+        err = result.stderr.strip()
+        assert err.startswith("kiln: error:") and message in err, (name, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (name, err)

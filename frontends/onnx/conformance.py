@@ -310,6 +310,9 @@ def _reason_kind(reason: str) -> tuple[str, str | None]:
         return "3-D", None
     if "function bodies" in reason:
         return "body not inlinable", None
+    if "unsupported node(s): " in reason:
+        ops = sorted({part.split("(")[-1].split(",")[0] for part in reason.split(": ", 1)[1].split("; ")})
+        return "needs op " + ", ".join(ops), None
     if "must be a constant" in reason:
         return "run-time shape inputs", None
     if "not supported" in reason:

@@ -123,13 +123,30 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.Model
         if path is not None:
             try:
                 onnx.load_external_data_for_model(proto, str(path.parent))
-            except (FileNotFoundError, OSError) as e:
-                raise OnnxImportError(f"{path}: external data file missing: {e}") from None
+            except Exception as e:  # OSError, or onnx's ValidationError for a path it rejects
+                detail = " ".join(str(e).split())
+                raise OnnxImportError(f"{path}: external data file missing or unreadable: {detail}") from None
+    _check_defined(proto.graph, proto)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
-        raise OnnxImportError(f"invalid ONNX model: {str(e).splitlines()[0]}") from None
+        raise OnnxImportError(f"invalid ONNX model: {' '.join(str(e).split())}") from None
     return proto
+
+
+def _check_defined(g: onnx.GraphProto, proto: onnx.ModelProto) -> None:
+    """Every value a node reads must be defined before it: a missing initializer is the
+    usual cause, and onnx's checker names it less clearly."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    defined = {vi.name for vi in g.input} | {t.name for t in g.initializer} | {""}
+    for node in g.node:
+        for pos, name in enumerate(node.input):
+            if name not in defined:
+                raise OnnxImportError(
+                    f"{_where(node, opset)}: input {pos} {name!r} is not an initializer, a model "
+                    "input or an earlier node's output (a missing initializer?)"
+                )
+        defined.update(node.output)
 
 
 def _tensor_to_array(t: onnx.TensorProto) -> np.ndarray:
@@ -218,10 +235,10 @@ def import_onnx(
     g = proto.graph
     unsupported = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in CONVERTERS]
     if unsupported:
-        listing = "\n".join(
-            f"  {_where(n, opset)}" + (f" in domain {n.domain}" if n.domain else "") for n in unsupported
+        listing = "; ".join(
+            _where(n, opset) + (f" in domain {n.domain}" if n.domain else "") for n in unsupported
         )
-        raise UnsupportedOnnxError(f"{len(unsupported)} unsupported node(s):\n{listing}")
+        raise UnsupportedOnnxError(f"{len(unsupported)} unsupported node(s): {listing}")
     bindings = dict(input_shapes or {})
     b = GraphBuilder(g.name or "model")
     ctx = Context(b, opset)
