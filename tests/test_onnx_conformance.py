@@ -14,7 +14,7 @@ import pytest
 
 from frontends.onnx import conformance
 
-MIN_PASSED = 1150
+MIN_PASSED = 1152
 
 
 @pytest.mark.slow

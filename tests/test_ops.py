@@ -171,6 +171,13 @@ CASES: dict[str, list[Case]] = {
         Case([In((2, 32, 7, 33)), In((5, 8, 2, 2))], params=(1,)),
     ],
     "max_pool2d": [
+        Case(
+            [In((2, 3, 7, 9))],
+            {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1), "output": "indices"},
+        ),
+        Case(
+            [In((1, 2, 6, 5))], {"kernel": (2, 2), "strides": (1, 1), "output": "indices", "storage_order": 1}
+        ),
         Case([In((1, 3, 8, 8))]),
         Case([In((2, 3, 7, 9))], {"kernel": (3, 3), "strides": (2, 2), "pads": (1, 1, 1, 1)}),
         Case([In((1, 2, 33, 33))], {"kernel": (2, 3), "strides": (1, 2), "dilations": (2, 1)}),

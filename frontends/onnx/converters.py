@@ -475,12 +475,16 @@ def _pool_attrs(ctx, node, attrs, x: Value) -> dict:
 @converter("MaxPool")
 @_as_2d
 def _maxpool(ctx, node, attrs):
-    if len(node.output) > 1 and node.output[1]:
-        raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: the Indices output is not supported")
     x = ctx.value(node.input[0])
     window = _pool_attrs(ctx, node, attrs, x)
     del window["ceil_extra"]
-    return [_op(ctx, node, "max_pool2d", x, **window)]
+    outs = [_op(ctx, node, "max_pool2d", x, **window)]
+    if len(node.output) > 1 and node.output[1]:  # Indices: the same windows, another node
+        order = int(attrs.get("storage_order", 0))
+        outs.append(
+            ctx.b.op("max_pool2d", x, name=node.output[1], output="indices", storage_order=order, **window)
+        )
+    return outs
 
 
 @converter("AveragePool")

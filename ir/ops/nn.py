@@ -582,17 +582,50 @@ class Pool2d(Op):
 
 @register("max_pool2d", Fusion.REDUCTION)
 class MaxPool2d(Pool2d):
+    """The window maximum, or (output="indices") where it is: the flat int64 index into
+    x, row-major over (n, c, h, w), or with storage_order=1 column-major over (h, w);
+    the first maximum in window order on ties, as onnxruntime picks."""
+
+    output: str = "values"
+    storage_order: int = 0
+
+    def infer(self, x: TensorType) -> TensorType:
+        t = super().infer(x)
+        if self.output not in ("values", "indices"):
+            raise GraphError(f"max_pool2d: output must be 'values' or 'indices', got {self.output!r}")
+        return t if self.output == "values" else TensorType("int64", t.shape)
+
+    def _flat(self, n, c, y, x, shape) -> object:
+        _, channels, h, w = shape
+        within = y * w + x if self.storage_order == 0 else x * h + y
+        return (n * channels + c) * (h * w) + within
+
     def reference(self, x):
-        return np.max([v for v, _ in self._windows(x, -np.inf)], axis=0).astype(x.dtype)
+        best, where = None, None
+        (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
+        for t, (v, _) in enumerate(self._windows(x, -np.inf)):
+            i, j = divmod(t, self.kernel[1])
+            n, c, y, xx = np.indices(v.shape)
+            flat = self._flat(n, c, y * sh + i * dh - pt, xx * sw + j * dw - pl, x.shape)
+            if best is None:
+                best, where = v.copy(), flat
+            else:
+                better = v > best
+                best, where = np.where(better, v, best), np.where(better, flat, where)
+        return best.astype(x.dtype) if self.output == "values" else where.astype(np.int64)
 
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
 
         def visit(taps):
-            acc = k_const(out, -np.inf)
+            acc = k_const(x, -np.inf)
+            where: Expr = const(0, "int64")
             for inside, idx in taps:
-                acc = maximum(acc, guarded_load(x, idx, inside, -np.inf))
-            return acc
+                v = guarded_load(x, idx, inside, -np.inf)
+                if self.output == "indices":
+                    where = select(v.gt(acc), self._flat(*idx, x.shape), where)
+                acc = maximum(acc, v)
+            return acc if self.output == "values" else where
 
         self._taps(k, x, out, visit)
 
