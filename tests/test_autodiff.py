@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compiler import compile_model
-from ir.autodiff import RULES, NOT_DIFFERENTIABLE, gradients
+from ir.autodiff import NOT_DIFFERENTIABLE, RULES, gradients
 from ir.builder import GraphBuilder
 from ir.interpreter import interpret
 
