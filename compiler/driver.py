@@ -88,7 +88,9 @@ def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | N
         reads = list(dict.fromkeys(v for n in g.nodes for v in n.inputs if v not in produced))
         writes.append(_writes(g, users, outputs))
         schedule.append(reads + writes[-1])
-        if g.anchor is None and g.nodes[0].op.fusion == Fusion.ELEMENTWISE:
+        # only a one-pass elementwise kernel may write over what it reads: a rows kernel
+        # reads its inputs again after storing (found by the gradient of log(softmax(x)))
+        if g.kind != "rows" and g.anchor is None and g.nodes[0].op.fusion == Fusion.ELEMENTWISE:
             full = [x for x in reads if x.type.shape == g.shape]
             in_place += [InPlace(t, y, [x for x in full if x.type.dtype == y.type.dtype]) for y in writes[-1]]
 

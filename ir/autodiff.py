@@ -87,6 +87,13 @@ def _where_positive(b, x: Value, g: Value, strict: bool = True) -> Value:
     return b.where(b.greater(x, zero) if strict else b.greater_equal(x, zero), g, zero)
 
 
+@rule("abs")
+def _abs(b, node, g):
+    x = node.inputs[0]
+    zero = _scalar(b, 0.0, g)
+    return [b.where(b.greater(x, zero), g, b.where(b.less(x, zero), b.neg(g), zero))]
+
+
 @rule("relu")
 def _relu(b, node, g):
     return [_where_positive(b, node.inputs[0], g)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +175,13 @@ class CompiledModel:
         """Like run, writing into `outs` (preallocated, as a C caller would): no allocation
         per call. They must match the outputs exactly and not overlap any input."""
         arrays = self._arrange(args, kwargs)
+        self._check_outs(outs, arrays)
+        ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
+        outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
+        self._run(ins_c, outs_c)
+        return list(outs)
+
+    def _check_outs(self, outs: Sequence[np.ndarray], arrays: list[np.ndarray]) -> None:
         if len(outs) != len(self.outputs):
             raise TypeError(f"{self.name} has {len(self.outputs)} output(s), given {len(outs)} buffers")
         for info, o in zip(self.outputs, outs):
@@ -185,12 +192,27 @@ class CompiledModel:
                 raise ValueError(f"output {info.name!r} must be C-contiguous and writeable")
             if any(np.shares_memory(o, a) for a in arrays):
                 raise ValueError(f"output {info.name!r} overlaps an input")
-        ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
-        outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
+
+    def _run(self, ins_c: ctypes.Array, outs_c: ctypes.Array) -> None:
         with self._lock:
             if self._fn["run"](self._handle, ins_c, outs_c) != 0:
                 raise KilnRuntimeError(f"{self.name}_run failed: {self.last_error()}")
-        return list(outs)
+
+    def bind(self, outs: Sequence[np.ndarray], *args: object) -> Callable[[], None]:
+        """A call of the library on these very arrays, checked once now (it does not run):
+        the returned function runs it with no per-call checks or allocation, which a
+        training loop needs (it changes the arrays' contents between steps, never the
+        arrays). The arrays must stay alive and in place while the function is used."""
+        arrays = self._arrange(args, {})
+        self._check_outs(outs, arrays)
+        ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
+        outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
+
+        def call() -> None:
+            self._run(ins_c, outs_c)
+
+        call.arrays = (arrays, list(outs))  # type: ignore[attr-defined]  # alive as long as the call
+        return call
 
     def __call__(self, *args: object, **kwargs: object) -> np.ndarray | tuple[np.ndarray, ...]:
         outs = self.run(*args, **kwargs)

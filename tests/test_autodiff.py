@@ -18,6 +18,7 @@ CASES = {
     "mul": ([(2, 3, 4), (3, 1)], {}, "normal"),
     "div": ([(3, 4), (3, 4)], {}, "positive"),
     "neg": ([(5,)], {}, "normal"),
+    "abs": ([(4, 5)], {}, "away"),
     "relu": ([(4, 5)], {}, "away"),
     "leaky_relu": ([(4, 5)], {"alpha": 0.2}, "away"),
     "sigmoid": ([(4, 5)], {}, "normal"),

@@ -220,3 +220,16 @@ def test_no_epilogue_that_changes_the_dtype(rng):
     graph = b.build(b.cast(b.relu(y), to="float64"))
     assert groups_of(graph) == ["matmul+relu", "cast"]
     check(graph, rng)
+
+
+def test_rows_kernel_never_writes_over_an_input(rng):
+    """The gradient of log(softmax(z)): a rows kernel reads softmax(z) in its reduction
+    pass and again in its last pass, so its output may not take softmax(z)'s bytes (it
+    did: the stash written in the first pass clobbered the input the last pass read)."""
+    from ir.autodiff import gradients
+
+    b = GraphBuilder()
+    x, wv = b.input("x", (8, 4)), b.input("w", (4, 5))
+    loss = b.reduce_mean(b.log(b.softmax(b.linear(x, wv), axis=-1)), keepdims=False)
+    graph = b.build(loss, *gradients(b, loss, [wv, x]))
+    check(graph, rng)

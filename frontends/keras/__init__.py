@@ -1,0 +1,39 @@
+"""A Keras-compatible API whose models train as native code.
+
+    from frontends import keras
+    model = keras.Sequential([keras.layers.Dense(64, activation="relu", input_shape=(32,)), ...])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=5)
+
+Forward pass, loss, gradients (ir.autodiff) and optimizer update are compiled into one
+train step per batch shape; defaults and formulas follow Keras 3.
+"""
+
+from frontends.keras import (
+    activations,
+    callbacks,
+    initializers,
+    layers,
+    losses,
+    metrics,
+    models,
+    optimizers,
+    utils,
+)
+from frontends.keras.layers import Input
+from frontends.keras.models import Model, Sequential
+
+__all__ = [
+    "Input",
+    "Model",
+    "Sequential",
+    "activations",
+    "callbacks",
+    "initializers",
+    "layers",
+    "losses",
+    "metrics",
+    "models",
+    "optimizers",
+    "utils",
+]

@@ -1,0 +1,52 @@
+"""Keras activations by name, as graph builders: (GraphBuilder, Value) → Value."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ir.builder import GraphBuilder
+from ir.graph import Value
+
+Activation = Callable[[GraphBuilder, Value], Value]
+
+
+def _scalar(b: GraphBuilder, v: float) -> Value:
+    return b.param("k", np.array(v, np.float32))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "linear": lambda b, x: x,
+    "relu": lambda b, x: b.relu(x),
+    "sigmoid": lambda b, x: b.sigmoid(x),
+    "tanh": lambda b, x: b.tanh(x),
+    "softmax": lambda b, x: b.softmax(x, axis=-1),
+    "elu": lambda b, x: b.elu(x, alpha=1.0),
+    "selu": lambda b, x: b.mul(b.elu(x, alpha=1.6732632423543772), _scalar(b, 1.0507009873554805)),
+    "swish": lambda b, x: b.mul(x, b.sigmoid(x)),
+    "silu": lambda b, x: b.mul(x, b.sigmoid(x)),
+    "softplus": lambda b, x: b.softplus(x),
+}
+
+
+def get(identifier: str | Callable | None) -> Activation:
+    """An activation by Keras name (None is linear)."""
+    if identifier is None:
+        return ACTIVATIONS["linear"]
+    if callable(identifier) and not isinstance(identifier, str):
+        return identifier  # type: ignore[return-value]
+    name = str(identifier).lower()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {identifier!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def name_of(identifier: str | Callable | None) -> str:
+    return (
+        "linear"
+        if identifier is None
+        else str(identifier).lower()
+        if isinstance(identifier, str)
+        else "custom"
+    )

@@ -1,0 +1,192 @@
+"""Keras layers: each holds its weights (numpy, Keras's layouts and order) and writes
+its computation into a graph. `call(ctx, x, training)` gets the graph context, which
+hands out the Values of the layer's weights and, in training, its dropout masks."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections import defaultdict
+from math import prod
+
+import numpy as np
+
+from frontends.keras import activations as activations_module
+from frontends.keras import initializers
+from ir.graph import Value
+
+_counters: dict[str, itertools.count] = defaultdict(itertools.count)
+
+
+def _auto_name(prefix: str) -> str:
+    """dense, dense_1, dense_2, ...: Keras's process-wide naming."""
+    n = next(_counters[prefix])
+    return prefix if n == 0 else f"{prefix}_{n}"
+
+
+def _snake(name: str) -> str:
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+    return out.replace("2_d", "2d").replace("1_d", "1d")
+
+
+class Weight:
+    """One variable: its name, value (float32) and whether training updates it."""
+
+    def __init__(self, name: str, value: np.ndarray, trainable: bool = True):
+        self.name, self.value, self.trainable = name, np.asarray(value, np.float32), trainable
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+
+class Layer:
+    def __init__(
+        self, name: str | None = None, input_shape=None, input_dim=None, trainable: bool = True, **kwargs
+    ):
+        if kwargs:
+            raise TypeError(f"Unrecognized keyword arguments passed to {type(self).__name__}: {kwargs}")
+        self.name = name or _auto_name(_snake(type(self).__name__))
+        self.trainable = trainable
+        self.weights: list[Weight] = []
+        self.built = False
+        self.input_shape_hint: tuple[int, ...] | None = None
+        if input_shape is not None or input_dim is not None:
+            warnings.warn(
+                "Do not pass an `input_shape`/`input_dim` argument to a layer. When using Sequential "
+                "models, prefer using an `Input(shape)` object as the first layer in the model instead.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.input_shape_hint = tuple(input_shape) if input_shape is not None else (int(input_dim),)
+
+    def add_weight(self, name: str, shape: tuple[int, ...], initializer, trainable: bool = True) -> Weight:
+        w = Weight(f"{self.name}/{name}", initializers.get(initializer)(tuple(shape)), trainable)
+        self.weights.append(w)
+        return w
+
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        self.built = True
+
+    def compute_output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return input_shape
+
+    def call(self, ctx, x: Value, training: bool) -> Value:
+        raise NotImplementedError
+
+    def get_weights(self) -> list[np.ndarray]:
+        return [w.value.copy() for w in self.weights]
+
+    def set_weights(self, values) -> None:
+        if len(values) != len(self.weights):
+            raise ValueError(f"layer {self.name} has {len(self.weights)} weights, got {len(values)}")
+        for w, v in zip(self.weights, values):
+            v = np.asarray(v, np.float32)
+            if v.shape != w.shape:
+                raise ValueError(f"layer {self.name}: weight {w.name} has shape {w.shape}, got {v.shape}")
+            w.value = v.copy()
+
+    def count_params(self) -> int:
+        return sum(w.value.size for w in self.weights)
+
+
+class InputLayer(Layer):
+    def __init__(self, shape=None, name: str | None = None, **kwargs):
+        super().__init__(name=name or _auto_name("input_layer"), **kwargs)
+        self.shape = tuple(shape)
+
+    def call(self, ctx, x, training):
+        return x
+
+
+def Input(shape, name: str | None = None) -> InputLayer:  # noqa: N802 - Keras's spelling
+    return InputLayer(shape=shape, name=name)
+
+
+class Dense(Layer):
+    def __init__(
+        self,
+        units: int,
+        activation=None,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units, self.use_bias = int(units), use_bias
+        self.activation = activations_module.get(activation)
+        self.activation_name = activations_module.name_of(activation)
+        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight("kernel", (input_shape[-1], self.units), self.kernel_initializer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.units,), self.bias_initializer)
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def call(self, ctx, x, training):
+        args = [ctx.weight(self.kernel)] + ([ctx.weight(self.bias)] if self.use_bias else [])
+        return self.activation(ctx.b, ctx.b.linear(x, *args))
+
+
+class Flatten(Layer):
+    def compute_output_shape(self, input_shape):
+        return (prod(input_shape),)
+
+    def call(self, ctx, x, training):
+        return ctx.b.reshape(x, shape=(x.type.shape[0], prod(x.type.shape[1:])))
+
+
+class Reshape(Layer):
+    def __init__(self, target_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.target_shape = tuple(target_shape)
+
+    def compute_output_shape(self, input_shape):
+        if -1 in self.target_shape:
+            known = prod(d for d in self.target_shape if d != -1)
+            return tuple(prod(input_shape) // known if d == -1 else d for d in self.target_shape)
+        return self.target_shape
+
+    def call(self, ctx, x, training):
+        return ctx.b.reshape(x, shape=(x.type.shape[0], *self.compute_output_shape(x.type.shape[1:])))
+
+
+class Activation(Layer):
+    def __init__(self, activation, **kwargs):
+        super().__init__(**kwargs)
+        self.activation = activations_module.get(activation)
+        self.activation_name = activations_module.name_of(activation)
+
+    def call(self, ctx, x, training):
+        return self.activation(ctx.b, x)
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training x · mask / (1 - rate), mask ~ Bernoulli(1 - rate)
+    drawn per step on the host (keras.utils.set_random_seed makes it repeatable); in
+    inference the identity."""
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= rate <= 1:
+            raise ValueError(
+                "Invalid value received for argument `rate`. Expected a float value "
+                f"between 0 and 1. Received: rate={rate}"
+            )
+        self.rate = float(rate)
+
+    def call(self, ctx, x, training):
+        if not training or self.rate == 0:
+            return x
+        return ctx.b.mul(x, ctx.dropout_mask(self, x.type.shape))
+
+    def draw_mask(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        if self.rate == 1:
+            return np.zeros(shape, np.float32)
+        keep = rng.random(shape) >= self.rate
+        return (keep / np.float32(1 - self.rate)).astype(np.float32)
