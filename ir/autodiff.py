@@ -260,6 +260,47 @@ def _linear(b, node, g):
     return grads
 
 
+@rule("conv2d")
+def _conv2d(b, node, g):
+    """dx: the transposed convolution of g with the same weights; dw: a convolution of x
+    with g as the kernel, batch and channels swapped (stride and dilation trade places);
+    dbias: g summed over batch and positions."""
+    op = node.op
+    x, w = node.inputs[0], node.inputs[1]
+    if op.groups != 1:
+        raise GraphError(f"node {node.name}: the conv2d gradient supports groups=1 only")
+    (sh, sw), (dh, dw), pads = op.strides, op.dilations, op.pads
+    _, _, h, wd = x.type.shape
+    _, _, kh, kw = w.type.shape
+    _, _, oh, ow = g.type.shape
+    extra = (
+        h - ((oh - 1) * sh + dh * (kh - 1) + 1 - pads[0] - pads[2]),
+        wd - ((ow - 1) * sw + dw * (kw - 1) + 1 - pads[1] - pads[3]),
+    )
+    gx = b.conv_transpose2d(g, w, strides=op.strides, pads=pads, dilations=op.dilations, output_padding=extra)
+    xt = b.transpose(x, perm=(1, 0, 2, 3))  # (C, N, H, W)
+    gt = b.transpose(g, perm=(1, 0, 2, 3))  # (O, N, OH, OW): the kernel
+    full = b.conv2d(xt, gt, strides=op.dilations, dilations=op.strides, pads=pads)  # (C, O, kh', kw')
+    if full.type.shape[2:] != (kh, kw):  # positions past the last window's reach: not taps
+        full = b.slice(full, starts=(0, 0), ends=(kh, kw), axes=(2, 3))
+    gw = b.transpose(full, perm=(1, 0, 2, 3))
+    grads: Grads = [gx, gw]
+    if len(node.inputs) > 2:
+        grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))
+    return grads
+
+
+@rule("max_pool2d")
+def _max_pool2d(b, node, g):
+    op = node.op
+    if tuple(op.dilations) != (1, 1) or op.output != "values":
+        raise GraphError(f"node {node.name}: the max_pool2d gradient needs dilation 1 and values output")
+    x = node.inputs[0]
+    window = dict(kernel=op.kernel, strides=op.strides, pads=op.pads)
+    indices = b.max_pool2d(x, output="indices", **window)
+    return [b.max_pool2d_backward(indices, g, input_shape=x.type.shape, **window)]
+
+
 def _no_gradient(b, node, g):
     return [None] * len(node.inputs)
 

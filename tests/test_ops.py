@@ -170,6 +170,16 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 9, 5, 5)), In((4, 1, 3, 3)), In((4,))], params=(1, 2)),
         Case([In((2, 32, 7, 33)), In((5, 8, 2, 2))], params=(1,)),
     ],
+    "max_pool2d_backward": [  # random indices: those in their window are routed, others dropped
+        Case(
+            [In((1, 1, 2, 2), "count:16", "int64"), In((1, 1, 2, 2))],
+            {"input_shape": (1, 1, 4, 4), "kernel": (2, 2), "strides": (2, 2)},
+        ),
+        Case(
+            [In((2, 3, 3, 4), "count:70", "int64"), In((2, 3, 3, 4))],
+            {"input_shape": (2, 3, 7, 8), "kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 0, 0)},
+        ),
+    ],
     "max_pool2d": [
         Case(
             [In((2, 3, 7, 9))],

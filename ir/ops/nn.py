@@ -630,6 +630,63 @@ class MaxPool2d(Pool2d):
         self._taps(k, x, out, visit)
 
 
+@register("max_pool2d_backward", Fusion.OPAQUE)
+class MaxPool2dBackward(Op):
+    """The gradient of max_pool2d (dilation 1) for its input: each window's output
+    gradient goes to the element the window took (`indices`, max_pool2d's
+    output="indices"), summed where windows overlap. Written as a gather: each input
+    element visits the few windows that can cover it, so rows run in parallel."""
+
+    arity = (2, 2)
+    input_shape: tuple[int, ...] = ()  # (N, C, H, W) of the pooled input
+    kernel: tuple[int, ...] = (2, 2)
+    strides: tuple[int, ...] = (2, 2)
+    pads: tuple[int, ...] = (0, 0, 0, 0)
+
+    def infer(self, indices: TensorType, g: TensorType) -> TensorType:
+        if indices.dtype != "int64" or indices.shape != g.shape or g.rank != 4 or len(self.input_shape) != 4:
+            raise GraphError(
+                f"max_pool2d_backward: indices {indices} and gradient {g} must match (N, C, OH, OW)"
+            )
+        _require_float("max_pool2d_backward", g)
+        return TensorType(g.dtype, tuple(self.input_shape))
+
+    def reference(self, indices, g):
+        """Scatter-add; an index outside its own window (never one max_pool2d gives) is dropped."""
+        n, c, h, w = self.input_shape
+        (kh, kw), (sh, sw), (pt, pl, _, _) = self.kernel, self.strides, self.pads
+        dx = np.zeros(n * c * h * w, np.float64)
+        for (i, ch, oy, ox), at in np.ndenumerate(indices):
+            y, x = divmod(int(at) - (i * c + ch) * h * w, w)
+            plane_ok = (i * c + ch) * h * w <= at < (i * c + ch + 1) * h * w
+            if plane_ok and oy * sh - pt <= y < oy * sh - pt + kh and ox * sw - pl <= x < ox * sw - pl + kw:
+                dx[at] += g[i, ch, oy, ox]
+        return dx.reshape(self.input_shape).astype(g.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        indices, g = ins
+        n, c, h, w = self.input_shape
+        _, _, oh, ow = g.shape
+        (kh, kw), (sh, sw), (pt, pl, _, _) = self.kernel, self.strides, self.pads
+        with k.loop(n * c * h, "parallel", "row") as r:
+            plane, y = r // h, r % h
+            with k.loop(w, "vector", "x") as x:
+                total = k_const(out, 0.0)
+                flat = r * w + x
+                for a in range(-(-kh // sh)):
+                    wy = (y + pt) // sh - a
+                    y_ok = logical_and(in_range(wy, 0, oh), (wy * sh - pt + (kh - 1)).ge(y))
+                    for b_ in range(-(-kw // sw)):
+                        wx = (x + pl) // sw - b_
+                        ok = logical_and(
+                            y_ok, logical_and(in_range(wx, 0, ow), (wx * sw - pl + (kw - 1)).ge(x))
+                        )
+                        at = [plane // c, plane % c, wy, wx]
+                        took = logical_and(ok, guarded_load(indices, at, ok, -1).eq(flat))
+                        total = total + guarded_load(g, at, took, 0.0)
+                k.store(out, flat, total)
+
+
 @register("avg_pool2d", Fusion.REDUCTION)
 class AvgPool2d(Pool2d):
     """With count_include_pad the divisor counts padding too, but not `uncounted_end`:
