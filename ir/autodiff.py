@@ -262,9 +262,8 @@ def _linear(b, node, g):
 
 @rule("conv2d")
 def _conv2d(b, node, g):
-    """dx: the transposed convolution of g with the same weights; dw: a convolution of x
-    with g as the kernel, batch and channels swapped (stride and dilation trade places);
-    dbias: g summed over batch and positions."""
+    """dx: the transposed convolution of g with the same weights; dw: g times the
+    forward pass's windows (im2col), one matmul; dbias: g summed over batch and positions."""
     op = node.op
     x, w = node.inputs[0], node.inputs[1]
     if op.groups != 1:
@@ -277,13 +276,36 @@ def _conv2d(b, node, g):
         h - ((oh - 1) * sh + dh * (kh - 1) + 1 - pads[0] - pads[2]),
         wd - ((ow - 1) * sw + dw * (kw - 1) + 1 - pads[1] - pads[3]),
     )
-    gx = b.conv_transpose2d(g, w, strides=op.strides, pads=pads, dilations=op.dilations, output_padding=extra)
-    xt = b.transpose(x, perm=(1, 0, 2, 3))  # (C, N, H, W)
-    gt = b.transpose(g, perm=(1, 0, 2, 3))  # (O, N, OH, OW): the kernel
-    full = b.conv2d(xt, gt, strides=op.dilations, dilations=op.strides, pads=pads)  # (C, O, kh', kw')
-    if full.type.shape[2:] != (kh, kw):  # positions past the last window's reach: not taps
-        full = b.slice(full, starts=(0, 0), ends=(kh, kw), axes=(2, 3))
-    gw = b.transpose(full, perm=(1, 0, 2, 3))
+    reach = (dh * (kh - 1), dw * (kw - 1))
+    conv_pads = (
+        reach[0] - pads[0],
+        reach[1] - pads[1],
+        reach[0] - pads[2] + extra[0],
+        reach[1] - pads[3] + extra[1],
+    )
+    if (sh, sw) == (1, 1) and min(conv_pads) >= 0:
+        # stride 1: a plain convolution of g with the flipped, transposed kernel, which
+        # becomes im2col + gemm like the forward pass (the transposed conv's direct loop is slower)
+        flipped = b.slice(
+            b.transpose(w, perm=(1, 0, 2, 3)),
+            starts=(kh - 1, kw - 1),
+            ends=(-kh - 1, -kw - 1),
+            axes=(2, 3),
+            steps=(-1, -1),
+        )
+        gx = b.conv2d(g, flipped, dilations=op.dilations, pads=conv_pads)
+    else:
+        gx = b.conv_transpose2d(
+            g, w, strides=op.strides, pads=pads, dilations=op.dilations, output_padding=extra
+        )
+    # dw[o, (c, i, j)] = Σ_{n, y, x} g[n, o, y, x] · cols[n, (c, i, j), y, x]: one matmul over
+    # the windows the forward pass's im2col takes, summed over images and positions at once
+    n, c = x.type.shape[:2]
+    o = g.type.shape[1]
+    cols = b.im2col(x, kernel=(kh, kw), strides=op.strides, pads=pads, dilations=op.dilations)
+    g_mat = b.reshape(b.transpose(g, perm=(1, 0, 2, 3)), shape=(o, n * oh * ow))
+    cols_mat = b.reshape(b.transpose(cols, perm=(0, 2, 3, 1)), shape=(n * oh * ow, c * kh * kw))
+    gw = b.reshape(b.matmul(g_mat, cols_mat), shape=w.type.shape)
     grads: Grads = [gx, gw]
     if len(node.inputs) > 2:
         grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))

@@ -190,3 +190,114 @@ class Dropout(Layer):
             return np.zeros(shape, np.float32)
         keep = rng.random(shape) >= self.rate
         return (keep / np.float32(1 - self.rate)).astype(np.float32)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(d) for d in v)  # type: ignore[return-value]
+
+
+def _same_pads(size: tuple[int, int], kernel, strides, dilations) -> tuple[int, int, int, int]:
+    """Keras "same": out = ceil(n / s); the odd pixel of padding goes at the end."""
+    begins, ends = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        begins.append(total // 2)
+        ends.append(total - total // 2)
+    return (begins[0], begins[1], ends[0], ends[1])
+
+
+def _window_size(n: int, k: int, s: int, d: int, pad: int) -> int:
+    return (n + pad - (k - 1) * d - 1) // s + 1
+
+
+class Conv2D(Layer):
+    """channels_last, as Keras: x (N, H, W, C), kernel (kh, kw, C, filters) (HWIO).
+    Kiln's conv2d is NCHW/OIHW: the layer transposes around it (fusion folds the
+    transposes into the neighbouring kernels where it can)."""
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        strides=(1, 1),
+        padding: str = "valid",
+        dilation_rate=(1, 1),
+        activation=None,
+        use_bias: bool = True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters, self.kernel_size = int(filters), _pair(kernel_size)
+        self.strides, self.dilation_rate = _pair(strides), _pair(dilation_rate)
+        self.padding = padding.lower()
+        if self.padding not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError("strides > 1 not supported in conjunction with dilation_rate > 1")
+        self.activation = activations_module.get(activation)
+        self.activation_name = activations_module.name_of(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
+
+    def _pads(self, input_shape) -> tuple[int, int, int, int]:
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        return _same_pads(input_shape[:2], self.kernel_size, self.strides, self.dilation_rate)
+
+    def build(self, input_shape):
+        kh, kw = self.kernel_size
+        self.kernel = self.add_weight(
+            "kernel", (kh, kw, input_shape[-1], self.filters), self.kernel_initializer
+        )
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer)
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        p = self._pads(input_shape)
+        size = [
+            _window_size(
+                input_shape[a], self.kernel_size[a], self.strides[a], self.dilation_rate[a], p[a] + p[a + 2]
+            )
+            for a in range(2)
+        ]
+        return (*size, self.filters)
+
+    def call(self, ctx, x, training):
+        b = ctx.b
+        nchw = b.transpose(x, perm=(0, 3, 1, 2))
+        oihw = b.transpose(ctx.weight(self.kernel), perm=(3, 2, 0, 1))
+        args = [oihw] + ([ctx.weight(self.bias)] if self.use_bias else [])
+        y = b.conv2d(
+            nchw, *args, strides=self.strides, dilations=self.dilation_rate, pads=self._pads(x.type.shape[1:])
+        )
+        return self.activation(b, b.transpose(y, perm=(0, 2, 3, 1)))
+
+
+class MaxPooling2D(Layer):
+    def __init__(self, pool_size=(2, 2), strides=None, padding: str = "valid", **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = _pair(pool_size)
+        self.strides = _pair(strides) if strides is not None else self.pool_size
+        self.padding = padding.lower()
+
+    def _pads(self, input_shape):
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        return _same_pads(input_shape[:2], self.pool_size, self.strides, (1, 1))
+
+    def compute_output_shape(self, input_shape):
+        p = self._pads(input_shape)
+        size = [
+            _window_size(input_shape[a], self.pool_size[a], self.strides[a], 1, p[a] + p[a + 2])
+            for a in range(2)
+        ]
+        return (*size, input_shape[-1])
+
+    def call(self, ctx, x, training):
+        b = ctx.b
+        nchw = b.transpose(x, perm=(0, 3, 1, 2))
+        y = b.max_pool2d(nchw, kernel=self.pool_size, strides=self.strides, pads=self._pads(x.type.shape[1:]))
+        return b.transpose(y, perm=(0, 2, 3, 1))
