@@ -1,0 +1,265 @@
+"""The Keras-compatible frontend: tutorials run with only their imports changed, and
+training matches real Keras 3 (torch backend) epoch by epoch from the same weights."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from frontends import keras
+from frontends.keras import layers
+from frontends.keras.layers import Dense
+from frontends.keras.models import Sequential
+from frontends.keras.optimizers import Adam
+
+
+def _real_keras():
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    pytest.importorskip("torch")
+    real = pytest.importorskip("keras")
+    if real.backend.backend() != "torch":
+        pytest.skip("real Keras is loaded with another backend")
+    return real
+
+
+# ---------------------------------------------------------------- parity with real Keras
+
+
+def _parity(build, x, y, epochs=5, batch_size=32, rtol=1e-4, predict_atol=1e-4):
+    """Same initial weights, shuffle=False: the per-epoch history and the predictions
+    after training must match real Keras."""
+    real = _real_keras()
+    reference, ours = build(real), build(keras)
+    ours.set_weights(reference.get_weights())
+    expected = reference.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False).history
+    got = ours.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=False).history
+    assert list(got) == list(expected)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=rtol, err_msg=key)
+    np.testing.assert_allclose(ours.predict(x), reference.predict(x, verbose=0), rtol=rtol, atol=predict_atol)
+
+
+def test_linear_regression_sgd_mse(rng):
+    x = rng.standard_normal((200, 3)).astype(np.float32)
+    y = x @ np.array([1.5, -2.0, 0.5], np.float32) + 0.3
+
+    def build(k):
+        model = k.Sequential([k.Input((3,)), k.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+    _parity(build, x, y)
+
+
+def test_mlp_adam_sparse_categorical_crossentropy(rng):
+    x = rng.standard_normal((300, 32)).astype(np.float32)
+    y = x[:, :10].argmax(axis=1)
+
+    def build(k):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # input_shape= on the first layer, as the issue spells it
+            model = k.Sequential(
+                [
+                    k.layers.Dense(64, activation="relu", input_shape=(32,)),
+                    k.layers.Dense(64, activation="relu"),
+                    k.layers.Dense(10, activation="softmax"),
+                ]
+            )
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    _parity(build, x, y)
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adagrad", "adamw"])
+def test_other_optimizers(optimizer, rng):
+    x = rng.standard_normal((128, 8)).astype(np.float32)
+    y = np.eye(4, dtype=np.float32)[(x[:, :4] ** 2).argmax(axis=1)]
+
+    def build(k):
+        model = k.Sequential(
+            [k.Input((8,)), k.layers.Dense(16, activation="tanh"), k.layers.Dense(4, activation="softmax")]
+        )
+        model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy", "mae"])
+        return model
+
+    _parity(build, x, y, epochs=3)
+
+
+def test_sgd_momentum_nesterov_and_huber(rng):
+    x = rng.standard_normal((96, 5)).astype(np.float32)
+    y = (x[:, :2].sum(axis=1, keepdims=True) * 3).astype(np.float32)
+
+    def build(k):
+        model = k.Sequential([k.Input((5,)), k.layers.Dense(8, activation="sigmoid"), k.layers.Dense(1)])
+        model.compile(
+            optimizer=k.optimizers.SGD(0.05, momentum=0.9, nesterov=True), loss="huber", metrics=["mse"]
+        )
+        return model
+
+    _parity(build, x, y, epochs=3)
+
+
+@pytest.mark.slow
+def test_mnist_cnn_adam(rng):
+    """The classic Keras MNIST CNN (Dropout left out: its masks come from each
+    framework's own random stream), on structured synthetic images."""
+    x = rng.random((256, 28, 28, 1)).astype(np.float32)
+    y = (x[:, :14, :14, 0].mean(axis=(1, 2)) * 40).astype(np.int64) % 10
+
+    def build(k):
+        model = k.Sequential(
+            [
+                k.Input((28, 28, 1)),
+                k.layers.Conv2D(32, (3, 3), activation="relu"),
+                k.layers.MaxPooling2D((2, 2)),
+                k.layers.Conv2D(64, (3, 3), activation="relu"),
+                k.layers.MaxPooling2D((2, 2)),
+                k.layers.Flatten(),
+                k.layers.Dense(10, activation="softmax"),
+            ]
+        )
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    _parity(build, x, y, epochs=3, predict_atol=1e-3)
+
+
+# ---------------------------------------------------------------- tutorials, imports changed only
+
+
+def test_tutorial_linear_regression_with_sgd():
+    model = keras.Sequential([keras.layers.Dense(units=1, input_shape=[1])])
+    model.compile(optimizer="sgd", loss="mean_squared_error")
+    xs = np.array([-1.0, 0.0, 1.0, 2.0, 3.0, 4.0], dtype=float)
+    ys = np.array([-3.0, -1.0, 1.0, 3.0, 5.0, 7.0], dtype=float)
+    model.fit(xs, ys, epochs=500, verbose=0)
+    assert abs(float(model.predict(np.array([10.0]))[0, 0]) - 19.0) < 0.1
+
+
+def test_tutorial_dense_64_64_10_with_adam(rng):
+    model = Sequential()
+    model.add(Dense(64, activation="relu", input_shape=(20,)))
+    model.add(Dense(64, activation="relu"))
+    model.add(Dense(10, activation="softmax"))
+    model.compile(optimizer=Adam(), loss="categorical_crossentropy", metrics=["accuracy"])
+    x = rng.standard_normal((256, 20)).astype(np.float32)
+    y = np.eye(10)[x[:, :10].argmax(axis=1)]
+    history = model.fit(x, y, epochs=20, batch_size=32, verbose=0)
+    assert history.history["accuracy"][-1] > 0.8
+    loss, accuracy = model.evaluate(x, y, verbose=0)
+    assert accuracy > 0.8 and loss < history.history["loss"][0]
+
+
+def test_tutorial_add_with_input_dim(rng):
+    model = Sequential()
+    model.add(Dense(units=64, activation="relu", input_dim=100))
+    model.add(Dense(units=10, activation="softmax"))
+    model.compile(loss="categorical_crossentropy", optimizer="sgd", metrics=["accuracy"])
+    x = rng.standard_normal((64, 100)).astype(np.float32)
+    y = np.eye(10)[rng.integers(0, 10, 64)]
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    assert model.predict(x[:5]).shape == (5, 10)
+
+
+def test_tutorial_rmsprop_optimizer_on_a_list():
+    """TF1-era: keras.optimizers.RMSpropOptimizer(0.001), fit on a plain list."""
+    model = keras.Sequential([keras.layers.Dense(units=1, input_shape=[1])])
+    with pytest.warns(DeprecationWarning, match="RMSpropOptimizer"):
+        optimizer = keras.optimizers.RMSpropOptimizer(0.001)
+    model.compile(optimizer=optimizer, loss="mse")
+    before = model.get_weights()[0].copy()
+    model.fit(x=[1, 2, 3, 4], y=[2, 4, 6, 8], epochs=5, verbose=0)
+    assert model.predict([5]).shape == (1, 1)
+    assert not np.array_equal(before, model.get_weights()[0])
+
+
+def test_tutorial_mnist_cnn_runs(rng):
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+    x = rng.random((96, 28, 28, 1)).astype(np.float32)
+    y = np.eye(10)[rng.integers(0, 10, 96)]
+    history = model.fit(x, y, batch_size=32, epochs=2, validation_split=0.25, verbose=0)
+    assert list(history.history) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+
+
+# ---------------------------------------------------------------- behaviour
+
+
+def test_dropout_trains_with_masks_and_predicts_without(rng):
+    model = keras.Sequential([keras.Input((16,)), layers.Dropout(0.5), layers.Dense(4)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = rng.standard_normal((8, 16)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x), x @ model.get_weights()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_set_random_seed_makes_training_repeatable(rng):
+    x = rng.standard_normal((64, 6)).astype(np.float32)
+    y = rng.standard_normal((64, 1)).astype(np.float32)
+
+    def run():
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential(
+            [keras.Input((6,)), layers.Dense(8, activation="relu"), layers.Dropout(0.3), layers.Dense(1)]
+        )
+        model.compile(optimizer="adam", loss="mse")
+        return model.fit(x, y, epochs=3, batch_size=16, verbose=0).history["loss"], model.get_weights()
+
+    (loss_a, w_a), (loss_b, w_b) = run(), run()
+    assert loss_a == loss_b and all(np.array_equal(a, b) for a, b in zip(w_a, w_b))
+
+
+def test_early_stopping_and_learning_rate_schedule(rng):
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    y = rng.standard_normal((64, 1)).astype(np.float32)
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")  # lr 0: the loss never improves
+    seen = []
+    history = model.fit(
+        x,
+        y,
+        epochs=10,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="loss", patience=2),
+            keras.callbacks.LearningRateScheduler(lambda epoch, lr: (seen.append(lr), lr)[1]),
+        ],
+    )
+    assert len(history.history["loss"]) == 3 and history.history["learning_rate"] == [0.0] * 3
+    assert seen == [0.0] * 3
+
+
+def test_progress_bar_format(rng, capsys):
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(rng.standard_normal((40, 4)).astype(np.float32), rng.integers(0, 2, 40), epochs=2, verbose=1)
+    out = capsys.readouterr().out
+    assert "Epoch 1/2\n" in out and "Epoch 2/2\n" in out
+    assert "\x1b[1m2/2\x1b[0m" in out and " - accuracy: " in out and " - loss: " in out
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match=r"Argument\(s\) not recognized: \{'lr': 0.1\}"):
+        keras.optimizers.Adam(lr=0.1)
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(1)])
+    with pytest.raises(RuntimeError, match="compile"):
+        model.fit(np.zeros((4, 3), np.float32), np.zeros(4, np.float32))
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match=r"expects \(batch, 3\)"):
+        model.fit(np.zeros((4, 5), np.float32), np.zeros(4, np.float32))
+    with pytest.raises(TypeError, match="nb_epoch"):
+        model.fit(np.zeros((4, 3), np.float32), np.zeros(4, np.float32), nb_epoch=3)
