@@ -120,6 +120,30 @@ def conv_to_gemm(graph: Graph) -> Graph:
     return Graph(graph.inputs, graph.outputs, nodes, graph.params, graph.name)
 
 
+def cancel_transposes(graph: Graph) -> Graph:
+    """transpose(transpose(x, p), q) is one transpose by p∘q, or x itself when that is
+    the identity: the NHWC ↔ NCHW pairs around consecutive channels-last layers (and
+    their gradients) disappear. The inner transpose stays for its other readers, if any."""
+    producers = graph.producers()
+    replace: dict[Value, Value] = {}
+    nodes = []
+    for node in graph.nodes:
+        inner = producers.get(node.inputs[0]) if node.op.name == "transpose" else None
+        if inner is None or inner.op.name != "transpose":
+            nodes.append(node)
+            continue
+        x = inner.inputs[0]
+        rank = x.type.rank
+        p = inner.op.perm if inner.op.perm is not None else tuple(reversed(range(rank)))
+        q = node.op.perm if node.op.perm is not None else tuple(reversed(range(rank)))
+        combined = tuple(p[i] for i in q)
+        if combined == tuple(range(rank)):
+            replace[node.outputs[0]] = x
+        else:
+            nodes.append(Node(make_op("transpose", perm=combined), [x], node.outputs, node.name))
+    return _rewire(graph, nodes, graph.params, replace)
+
+
 def merge_common(graph: Graph) -> Graph:
     """Nodes applying the same op (same attributes) to the same inputs become one.
 
@@ -157,6 +181,6 @@ def dead_code(graph: Graph) -> Graph:
 
 
 def simplify(graph: Graph) -> Graph:
-    for p in (fold_batchnorm, conv_to_gemm, fold_constants, merge_common, dead_code):
+    for p in (fold_batchnorm, conv_to_gemm, fold_constants, cancel_transposes, merge_common, dead_code):
         graph = p(graph)
     return graph

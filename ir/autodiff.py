@@ -262,8 +262,9 @@ def _linear(b, node, g):
 
 @rule("conv2d")
 def _conv2d(b, node, g):
-    """dx: the transposed convolution of g with the same weights; dw: g times the
-    forward pass's windows (im2col), one matmul; dbias: g summed over batch and positions."""
+    """dx: the transposed convolution of g with the same weights (at stride 1, a plain
+    conv with the flipped kernel); dw: the forward pass's windows (im2col) times g;
+    dbias: g summed over batch and positions."""
     op = node.op
     x, w = node.inputs[0], node.inputs[1]
     if op.groups != 1:
@@ -298,14 +299,18 @@ def _conv2d(b, node, g):
         gx = b.conv_transpose2d(
             g, w, strides=op.strides, pads=pads, dilations=op.dilations, output_padding=extra
         )
-    # dw[o, (c, i, j)] = Σ_{n, y, x} g[n, o, y, x] · cols[n, (c, i, j), y, x]: one matmul over
-    # the windows the forward pass's im2col takes, summed over images and positions at once
+    # dw[o, (c, i, j)] = Σ_{n, y, x} g[n, o, y, x] · cols[n, (c, i, j), y, x]: per image a
+    # matmul of the forward pass's windows (im2col, read as they lie) with g transposed
+    # (the smaller operand), summed over images
     n, c = x.type.shape[:2]
     o = g.type.shape[1]
     cols = b.im2col(x, kernel=(kh, kw), strides=op.strides, pads=pads, dilations=op.dilations)
-    g_mat = b.reshape(b.transpose(g, perm=(1, 0, 2, 3)), shape=(o, n * oh * ow))
-    cols_mat = b.reshape(b.transpose(cols, perm=(0, 2, 3, 1)), shape=(n * oh * ow, c * kh * kw))
-    gw = b.reshape(b.matmul(g_mat, cols_mat), shape=w.type.shape)
+    cols = b.reshape(cols, shape=(n, c * kh * kw, oh * ow))
+    g_t = b.transpose(b.reshape(g, shape=(n, o, oh * ow)), perm=(0, 2, 1))
+    per_image = b.matmul(cols, g_t)  # (N, C·kh·kw, O)
+    gw = b.reshape(
+        b.transpose(b.reduce_sum(per_image, axes=(0,), keepdims=False), perm=(1, 0)), shape=w.type.shape
+    )
     grads: Grads = [gx, gw]
     if len(node.inputs) > 2:
         grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.passes import dead_code, fold_batchnorm, fold_constants, merge_common, simplify
+from compiler.passes import (
+    cancel_transposes,
+    dead_code,
+    fold_batchnorm,
+    fold_constants,
+    merge_common,
+    simplify,
+)
 from ir.builder import GraphBuilder
 from ir.interpreter import interpret
 
@@ -104,3 +111,22 @@ def test_conv_to_gemm(rng):
         "return %conv2d_1",
     ]
     _same_results(before, after, rng, rtol=1e-4)
+
+
+def test_cancel_transposes(rng):
+    """NHWC → NCHW → relu → NHWC → NCHW: the middle pair cancels; the outer pair composes."""
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 5, 6, 3))
+    nchw = b.relu(b.transpose(x, perm=(0, 3, 1, 2)))
+    back = b.transpose(nchw, perm=(0, 2, 3, 1))
+    again = b.transpose(back, perm=(0, 3, 1, 2))
+    swapped = b.transpose(b.transpose(again, perm=(1, 0, 2, 3)), perm=(0, 1, 3, 2))
+    before = b.build(b.exp(again), swapped)
+    after = dead_code(cancel_transposes(before))
+    assert [line.split(" = ")[1].split(" :")[0] for line in _body(after)[:-1]] == [
+        "transpose(%x) {perm=(0, 3, 1, 2)}",
+        "relu(%transpose)",
+        "transpose(%relu) {perm=(1, 0, 3, 2)}",
+        "exp(%relu)",
+    ]
+    _same_results(before, after, rng)

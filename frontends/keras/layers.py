@@ -273,7 +273,8 @@ class Conv2D(Layer):
         y = b.conv2d(
             nchw, *args, strides=self.strides, dilations=self.dilation_rate, pads=self._pads(x.type.shape[1:])
         )
-        return self.activation(b, b.transpose(y, perm=(0, 2, 3, 1)))
+        # the activation before the transpose back: a next layer's transpose then cancels it
+        return b.transpose(self.activation(b, y), perm=(0, 2, 3, 1))
 
 
 class MaxPooling2D(Layer):

@@ -249,6 +249,22 @@ class Model:
         totals.add(float(step.loss), size, step.program.metric_names, [float(s) for s in step.metric_sums])
         return totals.logs()
 
+    def train_on_batch(self, x, y, return_dict: bool = False):
+        """One training step on this batch; the loss (and metrics) measured before it."""
+        if self.optimizer is None or self.loss is None:
+            raise RuntimeError("You must call `compile()` before using the model.")
+        x = self._prepare_x(x)
+        y = self._prepare_y(y, len(x))
+        self._train_state()
+        totals = _Totals()
+        logs = self._train_batch(x, y, np.arange(len(x)), totals)
+        self._sync()
+        if return_dict:
+            return logs
+        return (
+            logs["loss"] if not self._metric_ids else [logs["loss"], *(logs[n] for n in totals.metric_order)]
+        )
+
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", return_dict: bool = False, **kwargs):
         if kwargs:
             raise TypeError(f"evaluate() got unexpected keyword argument(s) {sorted(kwargs)}")
