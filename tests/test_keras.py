@@ -264,3 +264,35 @@ def test_bad_arguments_are_named():
         model.fit(np.zeros((4, 5), np.float32), np.zeros(4, np.float32))
     with pytest.raises(TypeError, match="nb_epoch"):
         model.fit(np.zeros((4, 3), np.float32), np.zeros(4, np.float32), nb_epoch=3)
+
+
+def test_summary_matches_keras_layout():
+    """The reference model of keras-behaviour.md §7 after a fit, verbatim."""
+    k = keras
+    for prefix in ("conv2d", "max_pooling2d", "dense", "flatten", "sequential"):
+        k.layers._counters.pop(prefix, None)  # names as in a fresh process
+    model = k.Sequential(
+        [
+            k.Input((28, 28, 1)),
+            k.layers.Conv2D(32, (3, 3), activation="relu"),
+            k.layers.MaxPooling2D((2, 2)),
+            k.layers.Conv2D(64, (3, 3), activation="relu"),
+            k.layers.MaxPooling2D((2, 2)),
+            k.layers.Conv2D(64, (3, 3), activation="relu"),
+            k.layers.Flatten(),
+            k.layers.Dense(64, activation="relu"),
+            k.layers.Dense(10),
+        ]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.zeros((32, 28, 28, 1), np.float32), np.zeros((32, 10), np.float32), verbose=0)
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    assert text.splitlines()[0] == 'Model: "sequential"'
+    assert "│ conv2d_1 (Conv2D)               │ (None, 11, 11, 64)     │        18,496 │" in text
+    assert "│ flatten (Flatten)               │ (None, 576)            │             0 │" in text
+    assert text.endswith(
+        " Total params: 279,968 (1.07 MB)\n Trainable params: 93,322 (364.54 KB)\n"
+        " Non-trainable params: 0 (0.00 B)\n Optimizer params: 186,646 (729.09 KB)"
+    )
