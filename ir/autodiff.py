@@ -231,6 +231,30 @@ def _transpose(b, node, g):
     return [b.transpose(g, perm=tuple(int(i) for i in np.argsort(perm)))]
 
 
+@rule("slice")
+def _slice(b, node, g):
+    """The gradient of a slice is g placed back where it was read, zeros elsewhere."""
+    x = node.inputs[0]
+    ranges = node.op.ranges(x.type.shape)
+    if any(step != 1 for _, step, _ in ranges):
+        raise GraphError(f"node {node.name}: the slice gradient supports step 1 only")
+    begins = tuple(start for start, _, _ in ranges)
+    ends = tuple(d - start - count for d, (start, _, count) in zip(x.type.shape, ranges))
+    return [b.pad(g, pads=begins + ends)]
+
+
+@rule("concat")
+def _concat(b, node, g):
+    axis = normalize_axis("concat", node.op.axis, g.type.rank)
+    grads: Grads = []
+    offset = 0
+    for v in node.inputs:
+        size = v.type.shape[axis]
+        grads.append(b.slice(g, starts=(offset,), ends=(offset + size,), axes=(axis,)))
+        offset += size
+    return grads
+
+
 def _swap_last(b, v: Value) -> Value:
     perm = tuple(range(v.type.rank - 2)) + (v.type.rank - 1, v.type.rank - 2)
     return b.transpose(v, perm=perm)

@@ -42,6 +42,8 @@ CASES = {
     "matmul": ([(2, 3, 4), (4, 5)], {}, "normal"),
     "linear": ([(6, 4), (4, 3), (3,)], {}, "normal"),
     "where": ([(4, 5), (4, 5), (5,)], {}, "mask"),
+    "slice": ([(4, 6, 3)], {"starts": (1, 2), "ends": (3, 6), "axes": (0, 1)}, "normal"),
+    "concat": ([(2, 3), (2, 1), (2, 4)], {"axis": 1}, "normal"),
     "conv2d": ([(2, 3, 7, 6), (4, 3, 3, 2), (4,)], {"strides": (2, 1), "pads": (1, 0, 1, 1)}, "normal"),
     "conv2d_stride1": ([(2, 3, 6, 5), (4, 3, 3, 2)], {"pads": (1, 0, 2, 1), "dilations": (2, 1)}, "normal"),
     "max_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),

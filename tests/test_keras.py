@@ -128,6 +128,54 @@ def test_mnist_cnn_adam(rng):
     _parity(build, x, y, epochs=3, predict_atol=1e-3)
 
 
+@pytest.mark.slow
+def test_lstm_rmsprop_mse(rng):
+    x = rng.standard_normal((96, 8, 4)).astype(np.float32)
+    y = x[:, :, 0].sum(axis=1, keepdims=True)
+
+    def build(k):
+        model = k.Sequential([k.Input((8, 4)), k.layers.LSTM(32), k.layers.Dense(1)])
+        model.compile(optimizer="rmsprop", loss="mse")
+        return model
+
+    _parity(build, x, y)
+
+
+@pytest.mark.slow
+def test_gru_sgd_momentum_categorical_crossentropy(rng):
+    x = rng.standard_normal((96, 8, 4)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[(x[:, :, :3].sum(axis=1)).argmax(axis=1)]
+
+    def build(k):
+        model = k.Sequential([k.Input((8, 4)), k.layers.GRU(16), k.layers.Dense(3, activation="softmax")])
+        model.compile(
+            optimizer=k.optimizers.SGD(momentum=0.9), loss="categorical_crossentropy", metrics=["accuracy"]
+        )
+        return model
+
+    _parity(build, x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["simple_rnn_sequences", "gru_reset_before", "lstm_backwards"])
+def test_recurrent_variants(variant, rng):
+    x = rng.standard_normal((64, 6, 3)).astype(np.float32)
+    y = x[:, :, :2].mean(axis=1)
+
+    def build(k):
+        if variant == "simple_rnn_sequences":
+            body = [k.layers.SimpleRNN(8, return_sequences=True), k.layers.Flatten()]
+        elif variant == "gru_reset_before":
+            body = [k.layers.GRU(8, reset_after=False)]
+        else:
+            body = [k.layers.LSTM(8, go_backwards=True)]
+        model = k.Sequential([k.Input((6, 3)), *body, k.layers.Dense(2)])
+        model.compile(optimizer="adam", loss="mae")
+        return model
+
+    _parity(build, x, y, epochs=3)
+
+
 # ---------------------------------------------------------------- tutorials, imports changed only
 
 

@@ -33,6 +33,18 @@ def he_normal(shape):
     return (x * std).astype(np.float32)
 
 
+def orthogonal(shape):
+    """Keras's orthogonal: for (rows, cols), QR of a normal (cols, rows) draw, signs fixed
+    by diag(r), transposed: the whole matrix has orthonormal rows (or columns)."""
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    flat = utils.rng().standard_normal((max(rows, cols), min(rows, cols)))
+    q, r = np.linalg.qr(flat)
+    q *= np.sign(np.diag(r))
+    if rows < cols:
+        q = q.T
+    return q.reshape(shape).astype(np.float32)
+
+
 def zeros(shape):
     return np.zeros(shape, np.float32)
 
@@ -41,7 +53,13 @@ def ones(shape):
     return np.ones(shape, np.float32)
 
 
-INITIALIZERS = {"glorot_uniform": glorot_uniform, "he_normal": he_normal, "zeros": zeros, "ones": ones}
+INITIALIZERS = {
+    "glorot_uniform": glorot_uniform,
+    "he_normal": he_normal,
+    "orthogonal": orthogonal,
+    "zeros": zeros,
+    "ones": ones,
+}
 
 
 def get(identifier):

@@ -302,3 +302,6 @@ class MaxPooling2D(Layer):
         nchw = b.transpose(x, perm=(0, 3, 1, 2))
         y = b.max_pool2d(nchw, kernel=self.pool_size, strides=self.strides, pads=self._pads(x.type.shape[1:]))
         return b.transpose(y, perm=(0, 2, 3, 1))
+
+
+from frontends.keras.recurrent import GRU, LSTM, SimpleRNN  # noqa: E402,F401 - Keras's layer namespace
