@@ -133,6 +133,23 @@ def _sqrt(b, node, g):
     return [b.div(b.mul(g, _scalar(b, 0.5, g)), node.outputs[0])]
 
 
+@rule("rsqrt")
+def _rsqrt(b, node, g):
+    y = node.outputs[0]  # d/dx x^(-1/2) = -y³/2
+    return [b.mul(g, b.mul(_scalar(b, -0.5, y), b.mul(y, b.mul(y, y))))]
+
+
+@rule("gelu")
+def _gelu(b, node, g):
+    """d/dx x·Φ(x) = Φ(x) + x·φ(x) (the erf form; the tanh form is not differentiated)."""
+    if node.op.approximate != "none":
+        raise GraphError(f"node {node.name}: only the erf form of gelu has a gradient rule")
+    x = node.inputs[0]
+    cdf = b.mul(_scalar(b, 0.5, x), b.add(_scalar(b, 1.0, x), b.erf(b.mul(x, _scalar(b, 0.5**0.5, x)))))
+    pdf = b.mul(_scalar(b, (2 * np.pi) ** -0.5, x), b.exp(b.mul(_scalar(b, -0.5, x), b.mul(x, x))))
+    return [b.mul(g, b.add(cdf, b.mul(x, pdf)))]
+
+
 @rule("elu")
 def _elu(b, node, g):
     x, y = node.inputs[0], node.outputs[0]

@@ -26,6 +26,8 @@ CASES = {
     "exp": ([(4, 5)], {}, "normal"),
     "log": ([(4, 5)], {}, "positive"),
     "sqrt": ([(4, 5)], {}, "positive"),
+    "rsqrt": ([(4, 5)], {}, "positive"),
+    "gelu": ([(4, 5)], {}, "normal"),
     "elu": ([(4, 5)], {"alpha": 0.7}, "away"),
     "softplus": ([(4, 5)], {}, "normal"),
     "clip": ([(4, 5)], {"min": -0.5, "max": 0.7}, "away"),

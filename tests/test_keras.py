@@ -103,6 +103,40 @@ def test_sgd_momentum_nesterov_and_huber(rng):
     _parity(build, x, y, epochs=3)
 
 
+def test_mlp_with_batch_normalization_and_dropout(rng):
+    """Training with BatchNormalization (batch statistics, moving averages updated in the
+    step) and Dropout(0.0); with Dropout(0.5), inference (predict, evaluate) only: its
+    training masks are each framework's own random draws."""
+    x = (rng.standard_normal((160, 16)) * 3 + 1).astype(np.float32)
+    y = x[:, :4].argmax(axis=1)
+
+    def build(rate):
+        def make(k):
+            model = k.Sequential(
+                [
+                    k.Input((16,)),
+                    k.layers.Dense(32),
+                    k.layers.BatchNormalization(),
+                    k.layers.Activation("relu"),
+                    k.layers.Dropout(rate),
+                    k.layers.Dense(4, activation="softmax"),
+                ]
+            )
+            model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            return model
+
+        return make
+
+    _parity(build(0.0), x, y, epochs=3)
+    real = _real_keras()
+    reference, ours = build(0.5)(real), build(0.5)(keras)
+    moved = [w * 1.1 + 0.05 for w in reference.get_weights()]  # moving statistics away from 0 / 1
+    reference.set_weights(moved)
+    ours.set_weights(moved)
+    np.testing.assert_allclose(ours.predict(x), reference.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours.evaluate(x, y, verbose=0), reference.evaluate(x, y, verbose=0), rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_mnist_cnn_adam(rng):
     """The classic Keras MNIST CNN (Dropout left out: its masks come from each

@@ -27,6 +27,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "swish": lambda b, x: b.mul(x, b.sigmoid(x)),
     "silu": lambda b, x: b.mul(x, b.sigmoid(x)),
     "softplus": lambda b, x: b.softplus(x),
+    "gelu": lambda b, x: b.gelu(x),  # exact (erf), as keras.activations.gelu
 }
 
 

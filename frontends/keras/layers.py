@@ -192,6 +192,46 @@ class Dropout(Layer):
         return (keep / np.float32(1 - self.rate)).astype(np.float32)
 
 
+class BatchNormalization(Layer):
+    """Over the last axis. Training: the batch's statistics (biased variance, E[x²] - E[x]²
+    as Keras computes it) normalize, and the moving ones move toward them, inside the
+    compiled train step. Inference: the moving statistics."""
+
+    def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
+                 scale: bool = True, **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        if axis != -1:
+            raise ValueError("BatchNormalization supports axis=-1 (channels last) only")
+        self.momentum, self.epsilon, self.center, self.scale = float(momentum), float(epsilon), center, scale
+
+    def build(self, input_shape):
+        c = (input_shape[-1],)
+        self.gamma = self.add_weight("gamma", c, "ones") if self.scale else None
+        self.beta = self.add_weight("beta", c, "zeros") if self.center else None
+        self.moving_mean = self.add_weight("moving_mean", c, "zeros", trainable=False)
+        self.moving_variance = self.add_weight("moving_variance", c, "ones", trainable=False)
+        self.built = True
+
+    def call(self, ctx, x, training):
+        b = ctx.b
+        k = lambda v: b.param("k", np.array(v, np.float32))  # noqa: E731
+        if training and self.trainable:
+            axes = tuple(range(x.type.rank - 1))
+            mean = b.reduce_mean(x, axes=axes, keepdims=False)
+            var = b.sub(b.reduce_mean(b.mul(x, x), axes=axes, keepdims=False), b.mul(mean, mean))
+            keep, take = k(self.momentum), k(1 - self.momentum)
+            for w, batch in ((self.moving_mean, mean), (self.moving_variance, var)):
+                ctx.update(w, b.add(b.mul(ctx.weight(w), keep), b.mul(batch, take)))
+        else:
+            mean, var = ctx.weight(self.moving_mean), ctx.weight(self.moving_variance)
+        y = b.mul(b.sub(x, mean), b.rsqrt(b.add(var, k(self.epsilon))))
+        if self.gamma is not None:
+            y = b.mul(y, ctx.weight(self.gamma))
+        if self.beta is not None:
+            y = b.add(y, ctx.weight(self.beta))
+        return y
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(d) for d in v)  # type: ignore[return-value]
 

@@ -33,9 +33,14 @@ class GraphContext:
         self.b = b
         self._weights = weights
         self.masks: list[tuple[Layer, Value]] = []
+        self.updates: dict[int, Value] = {}  # non-trainable weights' new values (BN's moving stats)
 
     def weight(self, w: Weight) -> Value:
         return self._weights[id(w)]
+
+    def update(self, w: Weight, value: Value) -> None:
+        """The value `w` takes after this training step."""
+        self.updates[id(w)] = value
 
     def dropout_mask(self, layer: Layer, shape: tuple[int, ...]) -> Value:
         mask = self.b.input(f"{layer.name}_mask{len(self.masks)}", shape)
@@ -108,6 +113,7 @@ def build_train(layers, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metri
         slots = {s: slot_inputs[(id(w), s)] for s in optimizer.slots}
         new_weights[id(w)], updated = optimizer.update(b, values[id(w)], g, slots, scalars)
         new_slots += [updated[s] for s in optimizer.slots]
+    new_weights.update(ctx.updates)
     outputs = [batch_loss, *sums, *(new_weights.get(id(w), values[id(w)]) for w in weights), *new_slots]
     # reorder the inputs to the documented order: x, y, masks, weights, slots, scalars
     masks = [m for _, m in ctx.masks]
