@@ -378,3 +378,85 @@ def test_summary_matches_keras_layout():
         " Total params: 279,968 (1.07 MB)\n Trainable params: 93,322 (364.54 KB)\n"
         " Non-trainable params: 0 (0.00 B)\n Optimizer params: 186,646 (729.09 KB)"
     )
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _small_cnn(k):
+    model = k.Sequential(
+        [
+            k.Input((10, 10, 1)),
+            k.layers.Conv2D(4, (3, 3), activation="relu", padding="same"),
+            k.layers.MaxPooling2D(),
+            k.layers.Flatten(),
+            k.layers.Dense(8),
+            k.layers.BatchNormalization(),
+            k.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_keras_files_load_both_ways(tmp_path, rng):
+    pytest.importorskip("h5py")
+    real = _real_keras()
+    x = rng.random((64, 10, 10, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 64)
+    theirs = _small_cnn(real)
+    theirs.fit(x, y, epochs=2, verbose=0)
+    theirs.save(tmp_path / "real.keras")
+    loaded = keras.models.load_model(tmp_path / "real.keras")
+    np.testing.assert_allclose(loaded.predict(x), theirs.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+    assert loaded.optimizer.iterations == 4
+
+    ours = _small_cnn(keras)
+    ours.fit(x, y, epochs=2, verbose=0)
+    ours.save(tmp_path / "kiln.keras")
+    back = real.models.load_model(tmp_path / "kiln.keras")
+    np.testing.assert_allclose(back.predict(x, verbose=0), ours.predict(x), rtol=1e-4, atol=1e-6)
+    # the optimizer state came along: one more epoch agrees
+    again = keras.models.load_model(tmp_path / "kiln.keras")
+    a = back.fit(x, y, epochs=1, verbose=0, shuffle=False).history["loss"]
+    b = again.fit(x, y, epochs=1, verbose=0, shuffle=False).history["loss"]
+    np.testing.assert_allclose(b, a, rtol=1e-4)
+
+
+def test_recurrent_model_saved_by_kiln_loads_in_keras(tmp_path, rng):
+    pytest.importorskip("h5py")
+    real = _real_keras()
+    model = keras.Sequential([keras.Input((5, 3)), layers.LSTM(4), layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.save(tmp_path / "lstm.keras")
+    x = rng.random((4, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        real.models.load_model(tmp_path / "lstm.keras").predict(x, verbose=0),
+        model.predict(x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_weights_files_and_atomic_save(tmp_path, rng, monkeypatch):
+    pytest.importorskip("h5py")
+    model = _small_cnn(keras)
+    x = rng.random((8, 10, 10, 1)).astype(np.float32)
+    model.save_weights(tmp_path / "w.weights.h5")
+    other = _small_cnn(keras)
+    other.load_weights(tmp_path / "w.weights.h5")
+    np.testing.assert_array_equal(other.predict(x), model.predict(x))
+    model.save(tmp_path / "m.keras")
+    good = (tmp_path / "m.keras").read_bytes()
+    import frontends.keras.saving as saving
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(saving, "_write_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(tmp_path / "m.keras")
+    assert (tmp_path / "m.keras").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "w.weights.h5"]
+    with pytest.raises(ValueError, match="must end in `.keras`"):
+        model.save(tmp_path / "m.h5")

@@ -42,7 +42,7 @@ def orthogonal(shape):
     q *= np.sign(np.diag(r))
     if rows < cols:
         q = q.T
-    return q.reshape(shape).astype(np.float32)
+    return np.ascontiguousarray(q.reshape(shape), dtype=np.float32)
 
 
 def zeros(shape):

@@ -5,6 +5,7 @@ hands out the Values of the layer's weights and, in training, its dropout masks.
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 from collections import defaultdict
 from math import prod
@@ -25,15 +26,26 @@ def _auto_name(prefix: str) -> str:
 
 
 def _snake(name: str) -> str:
-    out = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
-    return out.replace("2_d", "2d").replace("1_d", "1d")
+    """Keras's snake_case of a class name: LSTM → lstm, SimpleRNN → simple_rnn, Conv2D → conv2d."""
+    words = re.sub(r"(.)([A-Z][a-z0-9]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", words).lower()
 
 
 class Weight:
     """One variable: its name, value (float32) and whether training updates it."""
 
     def __init__(self, name: str, value: np.ndarray, trainable: bool = True):
-        self.name, self.value, self.trainable = name, np.asarray(value, np.float32), trainable
+        self.name, self.trainable = name, trainable
+        self.value = value
+
+    @property
+    def value(self) -> np.ndarray:
+        return self._value
+
+    @value.setter
+    def value(self, array) -> None:
+        """Always a float32, C-contiguous copy: the compiled programs read it as it lies."""
+        self._value = np.array(array, np.float32, order="C")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,7 +96,7 @@ class Layer:
             v = np.asarray(v, np.float32)
             if v.shape != w.shape:
                 raise ValueError(f"layer {self.name}: weight {w.name} has shape {w.shape}, got {v.shape}")
-            w.value = v.copy()
+            w.value = v
 
     def count_params(self) -> int:
         return sum(w.value.size for w in self.weights)

@@ -3,6 +3,8 @@ them (keras-behaviour.md §5), running the programs of trainer.py."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from frontends.keras import callbacks as callbacks_module
@@ -78,7 +80,7 @@ class Model:
             v = np.asarray(v, np.float32)
             if v.shape != w.shape:
                 raise ValueError(f"weight {w.name}: expected shape {w.shape}, got {v.shape}")
-            w.value = v.copy()
+            w.value = v
         self._reset_state()
 
     def count_params(self) -> int:
@@ -88,7 +90,7 @@ class Model:
         """Training keeps the weights in its own arrays; copy them back to the layers."""
         if self._state is not None:
             for w, v in zip(self.weights, self._state.weights):
-                w.value = v.copy()
+                w.value = v
 
     def _reset_state(self) -> None:
         """Weights changed from outside: training starts again from them (slots kept)."""
@@ -301,6 +303,29 @@ class Model:
             parts.append(self._program("predict", len(xb)).compiled.run(xb, *weights)[0])
         return np.concatenate(parts) if parts else np.zeros((0, *self._output_shape), np.float32)
 
+    def save(self, filepath, overwrite: bool = True) -> None:
+        """The .keras file real Keras 3 loads (written atomically)."""
+        from frontends.keras.saving import save_model
+
+        if not overwrite and os.path.exists(filepath):
+            raise FileExistsError(f"{filepath} exists and overwrite=False")
+        save_model(self, filepath)
+
+    def save_weights(self, filepath) -> None:
+        """Keras's .weights.h5 (the weights part of a .keras file), written atomically."""
+        from frontends.keras.saving import write_weights_file
+
+        if not str(filepath).endswith(".weights.h5"):
+            raise ValueError(f"The filename must end in `.weights.h5`. Received: filepath={filepath}")
+        self._sync()
+        write_weights_file(self, filepath)
+
+    def load_weights(self, filepath) -> None:
+        from frontends.keras.saving import read_weights_file
+
+        read_weights_file(self, filepath)
+        self._reset_state()
+
     def __call__(self, x, training: bool = False):
         return self.predict(x, batch_size=len(x))
 
@@ -360,3 +385,10 @@ class Sequential(Model):
             self._output_shape = layer.compute_output_shape(s)
         self._programs = {}
         self._state = None
+
+
+def load_model(filepath, compile: bool = True) -> Model:
+    """A .keras file written by real Keras 3 or by Kiln."""
+    from frontends.keras.saving import load_model as load
+
+    return load(filepath, compile=compile)

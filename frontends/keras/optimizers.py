@@ -41,7 +41,12 @@ class Optimizer:
         raise NotImplementedError
 
     def get_config(self) -> dict:
-        return {"name": self.name, "learning_rate": self.learning_rate}
+        """Keras's config: the name, the learning rate, the hyperparameters the class takes."""
+        config = {"name": self.name, "learning_rate": self.learning_rate}
+        for key in ("momentum", "nesterov", "beta_1", "beta_2", "epsilon", "rho", "centered", "weight_decay"):
+            if hasattr(self, key):
+                config[key] = getattr(self, key)
+        return config
 
 
 class SGD(Optimizer):

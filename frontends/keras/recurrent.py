@@ -34,6 +34,10 @@ class _Recurrent(Layer):
         self.units = int(units)
         self.activation = activations_module.get(activation)
         self.recurrent_activation = activations_module.get(recurrent_activation)
+        self.activation_names = (
+            activations_module.name_of(activation),
+            activations_module.name_of(recurrent_activation),
+        )
         self.use_bias = use_bias
         self.initializers = (kernel_initializer, recurrent_initializer, bias_initializer)
         self.return_sequences, self.go_backwards = return_sequences, go_backwards
