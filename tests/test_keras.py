@@ -460,3 +460,15 @@ def test_weights_files_and_atomic_save(tmp_path, rng, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "w.weights.h5"]
     with pytest.raises(ValueError, match="must end in `.keras`"):
         model.save(tmp_path / "m.h5")
+
+
+def test_export_gives_a_library_with_the_c_abi(tmp_path, rng):
+    from runtime import load
+
+    model = keras.Sequential([keras.Input((6,)), layers.Dense(8, activation="relu"), layers.Dense(3)])
+    model.compile(optimizer="adam", loss="mse")
+    x = rng.standard_normal((32, 6)).astype(np.float32)
+    model.fit(x, rng.standard_normal((32, 3)).astype(np.float32), verbose=0)
+    so = model.export(tmp_path / "mlp.so", batch_size=4)
+    assert (tmp_path / "mlp.h").read_text().count("mlp_run") >= 1
+    np.testing.assert_allclose(load(so)(x[:4]), model.predict(x[:4]), rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ them (keras-behaviour.md §5), running the programs of trainer.py."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -310,6 +311,22 @@ class Model:
         if not overwrite and os.path.exists(filepath):
             raise FileExistsError(f"{filepath} exists and overwrite=False")
         save_model(self, filepath)
+
+    def export(self, filepath, batch_size: int = 1) -> Path:
+        """The model for inference as a shared library with Kiln's C ABI (NAME_create,
+        NAME_run, ... with NAME the file's stem) and its header beside it, the current
+        weights inside. Inputs have a fixed batch size."""
+        from compiler import compile_model
+        from frontends.keras.trainer import inference_graph
+
+        path = Path(filepath)
+        if path.suffix != ".so":
+            raise ValueError(f"export writes a shared library: the filename must end in .so, got {filepath}")
+        if not self.built:
+            raise ValueError("the model has no weights yet: build it (or fit it) before exporting")
+        self._sync()
+        graph = inference_graph(self.layers, self.weights, (batch_size, *self._input_shape), path.stem)
+        return compile_model(graph, name=path.stem).save(path)
 
     def save_weights(self, filepath) -> None:
         """Keras's .weights.h5 (the weights part of a .keras file), written atomically."""

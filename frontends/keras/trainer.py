@@ -76,6 +76,16 @@ def build_predict(layers: list[Layer], weights: list[Weight], x_shape, x_dtype) 
     return Program(compile_model(b.build(y), name="predict"))
 
 
+def inference_graph(layers: list[Layer], weights: list[Weight], x_shape, name: str):
+    """The model for inference with its weights as constants: what export() compiles
+    into a self-contained library (input `x`, output `y`)."""
+    b = GraphBuilder(name)
+    x = b.input("x", x_shape)
+    values = {id(w): b.param(w.name.replace("/", "_"), w.value) for w in weights}
+    y = forward(layers, GraphContext(b, values), x, training=False)
+    return b.build(y)
+
+
 def _loss_and_metrics(b, y_true, y_pred, loss, metrics) -> tuple[Value, list[Value]]:
     per_sample = loss(b, y_true, y_pred)
     batch_loss = b.reduce_mean(per_sample, keepdims=False)
