@@ -210,6 +210,46 @@ def test_recurrent_variants(variant, rng):
     _parity(build, x, y, epochs=3)
 
 
+@pytest.mark.parametrize("padding", ["valid", "same", "causal"])
+def test_conv1d_layer_normalization(padding, rng):
+    x = rng.standard_normal((64, 12, 3)).astype(np.float32)
+    y = x[:, :, 0].mean(axis=1, keepdims=True)
+
+    def build(k):
+        model = k.Sequential(
+            [
+                k.Input((12, 3)),
+                k.layers.Conv1D(5, 3, padding=padding, activation="relu"),
+                k.layers.LayerNormalization(),
+                k.layers.Flatten(),
+                k.layers.Dense(1),
+            ]
+        )
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    _parity(build, x, y, epochs=2)
+
+
+def test_strided_same_conv_and_global_average_pooling(rng):
+    x = rng.random((32, 8, 8, 2)).astype(np.float32)
+    y = rng.integers(0, 2, 32)
+
+    def build(k):
+        model = k.Sequential(
+            [
+                k.Input((8, 8, 2)),
+                k.layers.Conv2D(4, 3, strides=2, padding="same"),
+                k.layers.GlobalAveragePooling2D(),
+                k.layers.Dense(2, activation="softmax"),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        return model
+
+    _parity(build, x, y, epochs=2)
+
+
 # ---------------------------------------------------------------- tutorials, imports changed only
 
 

@@ -357,3 +357,81 @@ class MaxPooling2D(Layer):
 
 
 from frontends.keras.recurrent import GRU, LSTM, SimpleRNN  # noqa: E402,F401 - Keras's layer namespace
+
+
+class Conv1D(Conv2D):
+    """Over sequences (N, T, C), kernel (k, C, filters): a Conv2D over a height-1 image.
+    padding "causal" pads only the start, so step t sees steps ≤ t."""
+
+    def __init__(
+        self, filters: int, kernel_size, strides=1, padding: str = "valid", dilation_rate=1, **kwargs
+    ):
+        self.causal = str(padding).lower() == "causal"
+        k, s, d = (int(v if isinstance(v, int) else v[0]) for v in (kernel_size, strides, dilation_rate))
+        super().__init__(filters, (1, k), (1, s), "valid" if self.causal else padding, (1, d), **kwargs)
+
+    def build(self, input_shape):
+        k = self.kernel_size[1]
+        self.kernel = self.add_weight("kernel", (k, input_shape[-1], self.filters), self.kernel_initializer)
+        if self.use_bias:
+            self.bias = self.add_weight("bias", (self.filters,), self.bias_initializer)
+        self.built = True
+
+    def _pads(self, input_shape):
+        if self.causal:
+            return (0, self.dilation_rate[1] * (self.kernel_size[1] - 1), 0, 0)
+        return super()._pads(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return super().compute_output_shape((1, *input_shape))[1:]
+
+    def call(self, ctx, x, training):
+        b = ctx.b
+        n, t, c = x.type.shape
+        image = b.reshape(x, shape=(n, 1, t, c))
+        nchw = b.transpose(image, perm=(0, 3, 1, 2))
+        kernel = b.reshape(ctx.weight(self.kernel), shape=(1, *self.kernel.shape))
+        args = [b.transpose(kernel, perm=(3, 2, 0, 1))] + ([ctx.weight(self.bias)] if self.use_bias else [])
+        y = b.conv2d(
+            nchw, *args, strides=self.strides, dilations=self.dilation_rate, pads=self._pads((1, t, c))
+        )
+        y = b.transpose(self.activation(b, y), perm=(0, 2, 3, 1))
+        return b.reshape(y, shape=(n, y.type.shape[2], self.filters))
+
+
+class GlobalAveragePooling2D(Layer):
+    def compute_output_shape(self, input_shape):
+        return (input_shape[-1],)
+
+    def call(self, ctx, x, training):
+        return ctx.b.reduce_mean(x, axes=(1, 2), keepdims=False)
+
+
+class LayerNormalization(Layer):
+    """Over the last axis: (x - mean) / sqrt(var + epsilon) · gamma + beta."""
+
+    def __init__(
+        self, axis: int = -1, epsilon: float = 1e-3, center: bool = True, scale: bool = True, **kwargs
+    ):
+        super().__init__(**kwargs)
+        if axis != -1:
+            raise ValueError("LayerNormalization supports axis=-1 only")
+        self.epsilon, self.center, self.scale = float(epsilon), center, scale
+
+    def build(self, input_shape):
+        c = (input_shape[-1],)
+        self.gamma = self.add_weight("gamma", c, "ones") if self.scale else None
+        self.beta = self.add_weight("beta", c, "zeros") if self.center else None
+        self.built = True
+
+    def call(self, ctx, x, training):
+        b = ctx.b
+        mean = b.reduce_mean(x, axes=(-1,), keepdims=True)
+        centered = b.sub(x, mean)
+        var = b.reduce_mean(b.mul(centered, centered), axes=(-1,), keepdims=True)
+        y = b.mul(centered, b.rsqrt(b.add(var, b.param("k", np.array(self.epsilon, np.float32)))))
+        if self.gamma is not None:
+            y = b.mul(y, ctx.weight(self.gamma))
+        if self.beta is not None:
+            y = b.add(y, ctx.weight(self.beta))
+        return y

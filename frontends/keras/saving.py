@@ -61,6 +61,15 @@ def layer_config(layer: Layer) -> dict:
     elif kind in ("MaxPooling2D",):
         base.update(pool_size=list(layer.pool_size), strides=list(layer.strides), padding=layer.padding,
                     data_format="channels_last")  # fmt: skip
+    elif kind == "Conv1D":
+        base.update(filters=layer.filters, kernel_size=[layer.kernel_size[1]], strides=[layer.strides[1]],
+                    padding="causal" if layer.causal else layer.padding, data_format="channels_last",
+                    dilation_rate=[layer.dilation_rate[1]], groups=1, activation=_activation_name(layer),
+                    use_bias=layer.use_bias)  # fmt: skip
+    elif kind == "GlobalAveragePooling2D":
+        base.update(data_format="channels_last", keepdims=False)
+    elif kind == "LayerNormalization":
+        base.update(axis=-1, epsilon=layer.epsilon, center=layer.center, scale=layer.scale)
     elif kind == "Flatten":
         base.update(data_format="channels_last")
     elif kind == "Reshape":
@@ -98,6 +107,9 @@ _ACCEPTED = {
     "Dense": ("units", "activation", "use_bias"),
     "Conv2D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "activation", "use_bias"),
     "MaxPooling2D": ("pool_size", "strides", "padding"),
+    "Conv1D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "activation", "use_bias"),
+    "GlobalAveragePooling2D": (),
+    "LayerNormalization": ("axis", "epsilon", "center", "scale"),
     "Flatten": (),
     "Reshape": ("target_shape",),
     "Activation": ("activation",),
