@@ -512,3 +512,30 @@ def test_export_gives_a_library_with_the_c_abi(tmp_path, rng):
     so = model.export(tmp_path / "mlp.so", batch_size=4)
     assert (tmp_path / "mlp.h").read_text().count("mlp_run") >= 1
     np.testing.assert_allclose(load(so)(x[:4]), model.predict(x[:4]), rtol=1e-5, atol=1e-6)
+
+
+def test_model_checkpoint_keeps_the_best(tmp_path, rng):
+    pytest.importorskip("h5py")
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    y = x[:, :1] * 2
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    saved = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            saved.append(
+                (tmp_path / "best.keras").stat().st_mtime_ns if (tmp_path / "best.keras").exists() else None
+            )
+
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "best.keras"), monitor="loss", save_best_only=True
+    )
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[checkpoint, Spy()])
+    assert None not in saved and checkpoint.best is not None
+    best = keras.models.load_model(tmp_path / "best.keras")
+    np.testing.assert_allclose(
+        best.predict(x), model.predict(x), rtol=1e-5, atol=1e-6
+    )  # the loss fell each epoch
+    with pytest.raises(ValueError, match="must end in `.keras`"):
+        keras.callbacks.ModelCheckpoint("model.h5")

@@ -286,3 +286,48 @@ class CSVLogger(Callback):
 
     def on_train_end(self, logs=None):
         self._file.close()
+
+
+class ModelCheckpoint(_Monitor):
+    """Save the model (or its weights) after each epoch, or only when `monitor` improves."""
+
+    def __init__(
+        self,
+        filepath: str,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        initial_value_threshold: float | None = None,
+    ):
+        super().__init__(monitor, mode, 0.0)
+        suffix = ".weights.h5" if save_weights_only else ".keras"
+        if not str(filepath).endswith(suffix):
+            raise ValueError(f"The filepath provided must end in `{suffix}`. Received: filepath={filepath}")
+        self.filepath, self.verbose = str(filepath), verbose
+        self.save_best_only, self.save_weights_only = save_best_only, save_weights_only
+        self.best = initial_value_threshold
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        path = self.filepath.format(epoch=epoch + 1, **logs)
+        if self.save_best_only:
+            current = logs.get(self.monitor)
+            if current is None:
+                return
+            if not self._better(current, self.best):
+                if self.verbose:
+                    print(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {self.best:.5f}")
+                return
+            if self.verbose:
+                before = "inf" if self.best is None else f"{self.best:.5f}"
+                print(
+                    f"\nEpoch {epoch + 1}: {self.monitor} improved from {before} to {current:.5f}, ", end=""
+                )
+                print(f"saving model to {path}")
+            self.best = current
+        if self.save_weights_only:
+            self.model.save_weights(path)
+        else:
+            self.model.save(path)
