@@ -21,13 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import median_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 32
@@ -63,17 +66,6 @@ def keras_model(k, model: str):
     return m
 
 
-def _median_step(step, repeats: int = 50) -> float:
-    for _ in range(5):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run_keras_like(framework: str, model: str, n: int) -> dict:
     if framework == "kiln":
         from frontends import keras as k
@@ -85,7 +77,7 @@ def run_keras_like(framework: str, model: str, n: int) -> dict:
     xb, yb = x[:BATCH], y[:BATCH]
     warm = 2 * BATCH + n % BATCH  # the full and the last partial batch: compiles and warms up both
     m.fit(x[:warm], y[:warm], batch_size=BATCH, epochs=1, verbose=0)
-    step = _median_step(lambda: m.train_on_batch(xb, yb)) if hasattr(m, "train_on_batch") else None
+    step = median_seconds(lambda: m.train_on_batch(xb, yb)) if hasattr(m, "train_on_batch") else None
     t0 = time.perf_counter()
     m.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
     return {"step": step, "epoch": time.perf_counter() - t0}
@@ -115,7 +107,7 @@ def run_torch(model: str, n: int) -> dict:
         loss.backward()
         opt.step()
 
-    step_time = _median_step(lambda: step(xt[:BATCH], yt[:BATCH]))
+    step_time = median_seconds(lambda: step(xt[:BATCH], yt[:BATCH]))
     t0 = time.perf_counter()
     order = torch.randperm(n)
     for i in range(0, n, BATCH):
