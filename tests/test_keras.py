@@ -539,3 +539,28 @@ def test_model_checkpoint_keeps_the_best(tmp_path, rng):
     )  # the loss fell each epoch
     with pytest.raises(ValueError, match="must end in `.keras`"):
         keras.callbacks.ModelCheckpoint("model.h5")
+
+
+def test_functional_model_with_branches(rng):
+    """keras.Model(inputs, outputs): a residual block (Add) and two branches joined
+    by Concatenate, trained against real Keras."""
+    x = rng.standard_normal((96, 12)).astype(np.float32)
+    y = x[:, :3].argmax(axis=1)
+
+    def build(k):
+        inputs = k.Input((12,))
+        h = k.layers.Dense(16, activation="relu")(inputs)
+        residual = k.layers.Add()([h, k.layers.Dense(16, activation="tanh")(h)])
+        joined = k.layers.Concatenate()([residual, k.layers.Dense(4)(inputs)])
+        outputs = k.layers.Dense(3, activation="softmax")(joined)
+        model = k.Model(inputs=inputs, outputs=outputs)
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    _parity(build, x, y, epochs=3)
+    model = build(keras)
+    assert [type(layer).__name__ for layer in model.layers][:2] == ["InputLayer", "Dense"]
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    assert " (Concatenate) " in text and "(None, 20)" in text and "input_layer" in text

@@ -72,6 +72,20 @@ class Layer:
             )
             self.input_shape_hint = tuple(input_shape) if input_shape is not None else (int(input_dim),)
 
+    def __call__(self, inputs):
+        """Functional API: call the layer on KerasTensor(s); it is built on first use."""
+        many = isinstance(inputs, (list, tuple))
+        tensors = list(inputs) if many else [inputs]
+        if not all(isinstance(t, KerasTensor) for t in tensors):
+            raise TypeError(
+                f"{self.name}: call layers on keras.Input tensors (for arrays, use model.predict)"
+            )
+        shapes = [t.shape for t in tensors]
+        shape_in = shapes if many else shapes[0]
+        if not self.built:
+            self.build(shape_in)
+        return KerasTensor(self.compute_output_shape(shape_in), self, tensors)
+
     def add_weight(self, name: str, shape: tuple[int, ...], initializer, trainable: bool = True) -> Weight:
         w = Weight(f"{self.name}/{name}", initializers.get(initializer)(tuple(shape)), trainable)
         self.weights.append(w)
@@ -102,6 +116,17 @@ class Layer:
         return sum(w.value.size for w in self.weights)
 
 
+class KerasTensor:
+    """A symbolic value of the Functional API: a shape (without the batch axis) and the
+    layer call that makes it (`node`: the layer and its input tensors)."""
+
+    def __init__(self, shape: tuple[int, ...], layer: Layer, inputs: list[KerasTensor]):
+        self.shape, self.layer, self.inputs = tuple(shape), layer, inputs
+
+    def __repr__(self) -> str:
+        return f"<KerasTensor shape=(None, {', '.join(map(str, self.shape))}) from {self.layer.name}>"
+
+
 class InputLayer(Layer):
     def __init__(self, shape=None, name: str | None = None, **kwargs):
         super().__init__(name=name or _auto_name("input_layer"), **kwargs)
@@ -111,8 +136,10 @@ class InputLayer(Layer):
         return x
 
 
-def Input(shape, name: str | None = None) -> InputLayer:  # noqa: N802 - Keras's spelling
-    return InputLayer(shape=shape, name=name)
+def Input(shape, name: str | None = None) -> KerasTensor:  # noqa: N802 - Keras's spelling
+    layer = InputLayer(shape=shape, name=name)
+    layer.built = True
+    return KerasTensor(layer.shape, layer, [])
 
 
 class Dense(Layer):
@@ -435,3 +462,31 @@ class LayerNormalization(Layer):
         if self.beta is not None:
             y = b.add(y, ctx.weight(self.beta))
         return y
+
+
+class Add(Layer):
+    """The sum of its inputs (Functional API)."""
+
+    def compute_output_shape(self, input_shape):
+        return tuple(np.broadcast_shapes(*input_shape))
+
+    def call(self, ctx, xs, training):
+        total = xs[0]
+        for x in xs[1:]:
+            total = ctx.b.add(total, x)
+        return total
+
+
+class Concatenate(Layer):
+    def __init__(self, axis: int = -1, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = axis
+
+    def compute_output_shape(self, input_shape):
+        first = list(input_shape[0])
+        a = self.axis % (len(first) + 1) - 1  # Keras counts the batch axis; the shapes here do not
+        first[a] = sum(s[a] for s in input_shape)
+        return tuple(first)
+
+    def call(self, ctx, xs, training):
+        return ctx.b.concat(*xs, axis=self.axis)

@@ -13,7 +13,7 @@ from frontends.keras import losses as losses_module
 from frontends.keras import metrics as metrics_module
 from frontends.keras import optimizers as optimizers_module
 from frontends.keras import utils
-from frontends.keras.layers import InputLayer, Layer, Weight, _auto_name
+from frontends.keras.layers import InputLayer, KerasTensor, Layer, Weight, _auto_name
 from frontends.keras.trainer import BoundStep, TrainState, build_evaluate, build_predict, build_train
 
 DEFAULT_BATCH_SIZE = 32
@@ -30,9 +30,14 @@ def _as_array(data, name: str) -> np.ndarray:
 
 
 class Model:
-    def __init__(self, name: str | None = None):
-        self.name = name or _auto_name("model")
+    """keras.Model(inputs, outputs): the Functional API (one input and one output tensor;
+    layers in between may branch and join, with Add and Concatenate). Sequential is
+    the subclass for a chain of layers."""
+
+    def __init__(self, inputs=None, outputs=None, name: str | None = None):
+        self.name = name or _auto_name("functional" if inputs is not None else "model")
         self.layers: list[Layer] = []
+        self._nodes: list[KerasTensor] = []
         self.optimizer = None
         self.loss = None
         self.compiled_metrics: list = []
@@ -41,6 +46,46 @@ class Model:
         self._programs: dict = {}
         self._state: TrainState | None = None
         self._input_shape: tuple[int, ...] | None = None
+        if inputs is not None or outputs is not None:
+            self._connect(inputs, outputs)
+
+    def _connect(self, inputs, outputs) -> None:
+        """The layer calls between the input and output tensors, in an order that computes
+        each tensor after its inputs."""
+        inputs, outputs = _single(inputs, "inputs"), _single(outputs, "outputs")
+        order: list[KerasTensor] = []
+        seen: set[int] = set()
+
+        def visit(t: KerasTensor) -> None:
+            if id(t) in seen:
+                return
+            seen.add(id(t))
+            if t is not inputs:
+                if not t.inputs:
+                    raise ValueError(f"{t} does not come from the model's input {inputs}")
+                for parent in t.inputs:
+                    visit(parent)
+            order.append(t)
+
+        visit(outputs)
+        self._nodes = order
+        self.layers = list(dict.fromkeys(t.layer for t in order))
+        self._input_tensor, self._output_tensor = inputs, outputs
+        self._input_shape, self._output_shape = inputs.shape, outputs.shape
+
+    def _forward(self, ctx, x, training: bool):
+        """The model's computation as graph ops: x → y."""
+        values = {id(self._input_tensor): x}
+        for t in self._nodes:
+            if t is self._input_tensor:
+                continue
+            args = [values[id(parent)] for parent in t.inputs]
+            values[id(t)] = t.layer.call(ctx, args if len(args) > 1 else args[0], training)
+        return values[id(self._output_tensor)]
+
+    def _layer_shapes(self) -> list[tuple[Layer, tuple[int, ...] | None]]:
+        """Each layer with its output shape (for summary)."""
+        return [(t.layer, t.shape) for t in self._nodes]
 
     # ------------------------------------------------------------------ structure
 
@@ -154,10 +199,10 @@ class Model:
             x_shape, x_dtype = (batch, *self._input_shape), "float32"
             pred_shape = (batch, *self._output_shape)
             if kind == "predict":
-                self._programs[key] = build_predict(self.layers, weights, x_shape, x_dtype)
+                self._programs[key] = build_predict(self._forward, weights, x_shape, x_dtype)
             else:
                 metrics = self._metrics_for(y_shape, pred_shape)
-                args = (self.layers, weights, x_shape, x_dtype, y_shape, y_dtype, self.loss, metrics)
+                args = (self._forward, weights, x_shape, x_dtype, y_shape, y_dtype, self.loss, metrics)
                 if kind == "evaluate":
                     self._programs[key] = build_evaluate(*args)
                 else:
@@ -325,7 +370,7 @@ class Model:
         if not self.built:
             raise ValueError("the model has no weights yet: build it (or fit it) before exporting")
         self._sync()
-        graph = inference_graph(self.layers, self.weights, (batch_size, *self._input_shape), path.stem)
+        graph = inference_graph(self._forward, self.weights, (batch_size, *self._input_shape), path.stem)
         return compile_model(graph, name=path.stem).save(path)
 
     def save_weights(self, filepath) -> None:
@@ -350,6 +395,18 @@ class Model:
         from frontends.keras.summary import summary
 
         print_fn(summary(self))
+
+
+def _single(tensors, what: str) -> KerasTensor:
+    if isinstance(tensors, (list, tuple)):
+        if len(tensors) != 1:
+            raise ValueError(
+                f"Kiln's Functional models take one input and one output tensor; {what} has {len(tensors)}"
+            )
+        tensors = tensors[0]
+    if not isinstance(tensors, KerasTensor):
+        raise TypeError(f"{what} must be keras.Input / layer output tensors, got {type(tensors).__name__}")
+    return tensors
 
 
 class _Totals:
@@ -381,7 +438,21 @@ class Sequential(Model):
         for layer in layers or []:
             self.add(layer)
 
+    def _forward(self, ctx, x, training: bool):
+        for layer in self.layers:
+            x = layer.call(ctx, x, training)
+        return x
+
+    def _layer_shapes(self):
+        shape, out = self._input_shape, []
+        for layer in self.layers:
+            shape = layer.compute_output_shape(shape) if shape is not None else None
+            out.append((layer, shape))
+        return out
+
     def add(self, layer: Layer) -> None:
+        if isinstance(layer, KerasTensor):  # keras.Input(shape) as the first entry
+            layer = layer.layer
         if isinstance(layer, InputLayer):
             if self.layers:
                 raise ValueError("an Input must be the first layer of a Sequential model")

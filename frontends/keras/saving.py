@@ -282,9 +282,13 @@ def _config(model) -> dict:
 
 
 def save_model(model, filepath) -> None:
+    from frontends.keras.models import Sequential
+
     path = Path(filepath)
     if path.suffix != ".keras":
         raise ValueError(f"The filename must end in `.keras`. Received: filepath={filepath}")
+    if not isinstance(model, Sequential):
+        raise ValueError("Kiln saves Sequential models to .keras files; Functional ones not yet")
     if not model.built:
         raise ValueError("the model has no weights yet: build it (or fit it) before saving")
     model._sync()

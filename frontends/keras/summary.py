@@ -27,16 +27,15 @@ def summary(model) -> str:
     lines.append(f"┏{'━' * w0}┳{'━' * w1}┳{'━' * w2}┓")
     lines.append(_row(("Layer (type)", "Output Shape", "Param #"), "┃"))
     lines.append(f"┡{'━' * w0}╇{'━' * w1}╇{'━' * w2}┩")
-    shape = model._input_shape
-    for i, layer in enumerate(model.layers):
+    rows = model._layer_shapes()
+    for i, (layer, shape) in enumerate(rows):
         name = f"{layer.name} ({type(layer).__name__})"
         if shape is not None:
-            shape = layer.compute_output_shape(shape)
             shown, params = "(None, " + ", ".join(map(str, shape)) + ")", f"{layer.count_params():,}"
         else:
             shown, params = "?", "0 (unbuilt)"
         lines.append(_row((name, shown, params)))
-        if i < len(model.layers) - 1:
+        if i < len(rows) - 1:
             lines.append(f"├{'─' * w0}┼{'─' * w1}┼{'─' * w2}┤")
     lines.append(f"└{'─' * w0}┴{'─' * w1}┴{'─' * w2}┘")
     trainable = sum(w.value.size for w in model.weights if w.trainable)

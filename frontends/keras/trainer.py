@@ -15,6 +15,7 @@ other (`bind` fixes the pointers once), so nothing is copied between steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,10 +49,7 @@ class GraphContext:
         return mask
 
 
-def forward(layers: list[Layer], ctx: GraphContext, x: Value, training: bool) -> Value:
-    for layer in layers:
-        x = layer.call(ctx, x, training)
-    return x
+Forward = Callable[[GraphContext, Value, bool], Value]  # the model's computation, x → y
 
 
 @dataclass
@@ -63,26 +61,26 @@ class Program:
     metric_names: list[str] = field(default_factory=list)
 
 
-def _start(name: str, layers: list[Layer], weights: list[Weight], x_shape, x_dtype: str):
+def _start(name: str, weights: list[Weight], x_shape, x_dtype: str):
     b = GraphBuilder(name)
     x = b.input("x", x_shape, x_dtype)
     values = {id(w): b.input(w.name.replace("/", "_"), w.shape) for w in weights}
     return b, x, values
 
 
-def build_predict(layers: list[Layer], weights: list[Weight], x_shape, x_dtype) -> Program:
-    b, x, values = _start("predict", layers, weights, x_shape, x_dtype)
-    y = forward(layers, GraphContext(b, values), x, training=False)
+def build_predict(forward: Forward, weights: list[Weight], x_shape, x_dtype) -> Program:
+    b, x, values = _start("predict", weights, x_shape, x_dtype)
+    y = forward(GraphContext(b, values), x, False)
     return Program(compile_model(b.build(y), name="predict"))
 
 
-def inference_graph(layers: list[Layer], weights: list[Weight], x_shape, name: str):
+def inference_graph(forward: Forward, weights: list[Weight], x_shape, name: str):
     """The model for inference with its weights as constants: what export() compiles
     into a self-contained library (input `x`, output `y`)."""
     b = GraphBuilder(name)
     x = b.input("x", x_shape)
     values = {id(w): b.param(w.name.replace("/", "_"), w.value) for w in weights}
-    y = forward(layers, GraphContext(b, values), x, training=False)
+    y = forward(GraphContext(b, values), x, False)
     return b.build(y)
 
 
@@ -93,22 +91,22 @@ def _loss_and_metrics(b, y_true, y_pred, loss, metrics) -> tuple[Value, list[Val
     return batch_loss, sums
 
 
-def build_evaluate(layers, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics) -> Program:
-    b, x, values = _start("evaluate", layers, weights, x_shape, x_dtype)
+def build_evaluate(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics) -> Program:
+    b, x, values = _start("evaluate", weights, x_shape, x_dtype)
     y_true = b.input("y", y_shape, y_dtype)
-    y_pred = forward(layers, GraphContext(b, values), x, training=False)
+    y_pred = forward(GraphContext(b, values), x, False)
     batch_loss, sums = _loss_and_metrics(b, y_true, y_pred, loss, metrics)
     b.inputs = [x, y_true, *values.values()]
     return Program(compile_model(b.build(batch_loss, *sums), name="evaluate"), [], [m.name for m in metrics])
 
 
-def build_train(layers, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer) -> Program:
+def build_train(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer) -> Program:
     """Inputs: x, y, masks, weights, slots (per trainable weight, optimizer.slots order),
     scalars. Outputs: loss, metric sums, new weights, new slots."""
-    b, x, values = _start("train_step", layers, weights, x_shape, x_dtype)
+    b, x, values = _start("train_step", weights, x_shape, x_dtype)
     y_true = b.input("y", y_shape, y_dtype)
     ctx = GraphContext(b, values)
-    y_pred = forward(layers, ctx, x, training=True)
+    y_pred = forward(ctx, x, True)
     batch_loss, sums = _loss_and_metrics(b, y_true, y_pred, loss, metrics)
     trainable = [w for w in weights if w.trainable]
     slot_inputs = {
