@@ -272,6 +272,14 @@ def _concat(b, node, g):
     return grads
 
 
+@rule("gather")
+def _gather(b, node, g):
+    data, indices = node.inputs
+    if node.op.axis != 0:
+        raise GraphError(f"node {node.name}: the gather gradient supports axis 0 only")
+    return [b.gather_backward(indices, g, shape=data.type.shape), None]
+
+
 def _swap_last(b, v: Value) -> Value:
     perm = tuple(range(v.type.rank - 2)) + (v.type.rank - 1, v.type.rank - 2)
     return b.transpose(v, perm=perm)

@@ -46,6 +46,7 @@ CASES = {
     "where": ([(4, 5), (4, 5), (5,)], {}, "mask"),
     "slice": ([(4, 6, 3)], {"starts": (1, 2), "ends": (3, 6), "axes": (0, 1)}, "normal"),
     "concat": ([(2, 3), (2, 1), (2, 4)], {"axis": 1}, "normal"),
+    "gather": ([(6, 3)], {"axis": 0}, "indices"),
     "conv2d": ([(2, 3, 7, 6), (4, 3, 3, 2), (4,)], {"strides": (2, 1), "pads": (1, 0, 1, 1)}, "normal"),
     "conv2d_stride1": ([(2, 3, 6, 5), (4, 3, 3, 2)], {"pads": (1, 0, 2, 1), "dilations": (2, 1)}, "normal"),
     "max_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),
@@ -76,9 +77,12 @@ def test_rule_matches_finite_differences(op_name, rng):
     if kind == "mask":  # where(cond, a, b): a fixed random condition, gradients for a and b
         operands.append(b.param("cond", rng.random(shapes[0]) < 0.5))
         shapes = shapes[1:]
+    extra = []
+    if kind == "indices":  # gather(data, indices): repeated and negative indices, gradient for data
+        extra.append(b.param("idx", np.array([[0, 5, -1], [2, 0, 0]], np.int64)))
     xs = [_draw(rng, s, kind) for s in shapes]
     inputs = [b.input(f"x{i}", s, "float64") for i, s in enumerate(shapes)]
-    y = b.op(op_name, *operands, *inputs, **attrs)
+    y = b.op(op_name, *operands, *inputs, *extra, **attrs)
     weights = b.param("w", rng.standard_normal(y.type.shape))  # loss = Σ w·y: every output counts
     loss = b.reduce_sum(b.mul(y, weights), keepdims=False)
     grads = gradients(b, loss, inputs)

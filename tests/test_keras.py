@@ -250,6 +250,21 @@ def test_strided_same_conv_and_global_average_pooling(rng):
     _parity(build, x, y, epochs=2)
 
 
+@pytest.mark.slow
+def test_embedding_lstm(rng):
+    x = rng.integers(0, 50, (96, 7))
+    y = (x % 3 == 0).sum(axis=1, keepdims=True).astype(np.float32)
+
+    def build(k):
+        model = k.Sequential(
+            [k.Input((7,), dtype="int64"), k.layers.Embedding(50, 6), k.layers.LSTM(8), k.layers.Dense(1)]
+        )
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    _parity(build, x, y, epochs=3)
+
+
 # ---------------------------------------------------------------- tutorials, imports changed only
 
 

@@ -355,6 +355,10 @@ CASES: dict[str, list[Case]] = {
         Case([In((3, 7))], {"pads": (2, 9, 4, 1), "mode": "wrap"}),
         Case([In((1, 7))], {"pads": (2, 0, 1, 0), "mode": "reflect"}),
     ],
+    "gather_backward": [
+        Case([In((4, 5), "index:7", "int64"), In((4, 5, 3))], {"shape": (7, 3)}),
+        Case([In((9,), "count:33", "int32"), In((9, 33))], {"shape": (33, 33)}),
+    ],
     "gather": [
         Case([In((7, 33)), In((5,), "index:7", "int64")]),
         Case([In((7, 33)), In((2, 3), "index:33", "int64")], {"axis": 1}),

@@ -45,6 +45,11 @@ def orthogonal(shape):
     return np.ascontiguousarray(q.reshape(shape), dtype=np.float32)
 
 
+def uniform(shape):
+    """Keras's "uniform": RandomUniform(-0.05, 0.05) (Embedding's default)."""
+    return utils.rng().uniform(-0.05, 0.05, shape).astype(np.float32)
+
+
 def zeros(shape):
     return np.zeros(shape, np.float32)
 
@@ -57,6 +62,7 @@ INITIALIZERS = {
     "glorot_uniform": glorot_uniform,
     "he_normal": he_normal,
     "orthogonal": orthogonal,
+    "uniform": uniform,
     "zeros": zeros,
     "ones": ones,
 }

@@ -136,7 +136,8 @@ class InputLayer(Layer):
         return x
 
 
-def Input(shape, name: str | None = None) -> KerasTensor:  # noqa: N802 - Keras's spelling
+def Input(shape, name: str | None = None, dtype: str | None = None) -> KerasTensor:  # noqa: N802 - Keras's spelling
+    """The model's input; its dtype follows from the first layer (indices for Embedding)."""
     layer = InputLayer(shape=shape, name=name)
     layer.built = True
     return KerasTensor(layer.shape, layer, [])
@@ -170,6 +171,29 @@ class Dense(Layer):
     def call(self, ctx, x, training):
         args = [ctx.weight(self.kernel)] + ([ctx.weight(self.bias)] if self.use_bias else [])
         return self.activation(ctx.b, ctx.b.linear(x, *args))
+
+
+class Embedding(Layer):
+    """Rows of a (input_dim, output_dim) table picked by integer indices: (N, ...) → (N, ..., output_dim)."""
+
+    input_dtype = "int64"
+
+    def __init__(self, input_dim: int, output_dim: int, embeddings_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.input_dim, self.output_dim = int(input_dim), int(output_dim)
+        self.embeddings_initializer = embeddings_initializer
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            "embeddings", (self.input_dim, self.output_dim), self.embeddings_initializer
+        )
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.output_dim)
+
+    def call(self, ctx, x, training):
+        return ctx.b.gather(ctx.weight(self.embeddings), x, axis=0)
 
 
 class Flatten(Layer):

@@ -174,7 +174,17 @@ class Model:
                 f"Input has shape {x.shape}, but model {self.name} expects "
                 f"(batch, {', '.join(map(str, self._input_shape))})"
             )
-        return x if x.dtype.kind == "f" else x.astype(np.float32)
+        return np.ascontiguousarray(x, dtype=self._input_dtype)
+
+    @property
+    def _input_dtype(self) -> str:
+        """float32, or int64 when the first layer takes indices (Embedding)."""
+        first = (
+            self.layers[1]
+            if self.layers and isinstance(self.layers[0], InputLayer)
+            else (self.layers[0] if self.layers else None)
+        )
+        return getattr(first, "input_dtype", "float32")
 
     def _prepare_y(self, y, n: int) -> np.ndarray:
         y = _as_array(y, "y")
@@ -196,7 +206,7 @@ class Model:
         key = (kind, batch)
         if key not in self._programs:
             weights = self.weights
-            x_shape, x_dtype = (batch, *self._input_shape), "float32"
+            x_shape, x_dtype = (batch, *self._input_shape), self._input_dtype
             pred_shape = (batch, *self._output_shape)
             if kind == "predict":
                 self._programs[key] = build_predict(self._forward, weights, x_shape, x_dtype)
@@ -370,7 +380,8 @@ class Model:
         if not self.built:
             raise ValueError("the model has no weights yet: build it (or fit it) before exporting")
         self._sync()
-        graph = inference_graph(self._forward, self.weights, (batch_size, *self._input_shape), path.stem)
+        shape = (batch_size, *self._input_shape)
+        graph = inference_graph(self._forward, self.weights, shape, self._input_dtype, path.stem)
         return compile_model(graph, name=path.stem).save(path)
 
     def save_weights(self, filepath) -> None:

@@ -66,6 +66,8 @@ def layer_config(layer: Layer) -> dict:
                     padding="causal" if layer.causal else layer.padding, data_format="channels_last",
                     dilation_rate=[layer.dilation_rate[1]], groups=1, activation=_activation_name(layer),
                     use_bias=layer.use_bias)  # fmt: skip
+    elif kind == "Embedding":
+        base.update(input_dim=layer.input_dim, output_dim=layer.output_dim, mask_zero=False)
     elif kind == "GlobalAveragePooling2D":
         base.update(data_format="channels_last", keepdims=False)
     elif kind == "LayerNormalization":
@@ -109,6 +111,7 @@ _ACCEPTED = {
     "MaxPooling2D": ("pool_size", "strides", "padding"),
     "Conv1D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "activation", "use_bias"),
     "GlobalAveragePooling2D": (),
+    "Embedding": ("input_dim", "output_dim"),
     "LayerNormalization": ("axis", "epsilon", "center", "scale"),
     "Flatten": (),
     "Reshape": ("target_shape",),

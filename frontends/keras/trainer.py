@@ -74,11 +74,11 @@ def build_predict(forward: Forward, weights: list[Weight], x_shape, x_dtype) -> 
     return Program(compile_model(b.build(y), name="predict"))
 
 
-def inference_graph(forward: Forward, weights: list[Weight], x_shape, name: str):
+def inference_graph(forward: Forward, weights: list[Weight], x_shape, x_dtype: str, name: str):
     """The model for inference with its weights as constants: what export() compiles
     into a self-contained library (input `x`, output `y`)."""
     b = GraphBuilder(name)
-    x = b.input("x", x_shape)
+    x = b.input("x", x_shape, x_dtype)
     values = {id(w): b.param(w.name.replace("/", "_"), w.value) for w in weights}
     y = forward(GraphContext(b, values), x, False)
     return b.build(y)

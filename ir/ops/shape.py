@@ -275,6 +275,42 @@ class Gather(Op):
             k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + r :])])
 
 
+@register("gather_backward", Fusion.OPAQUE)
+class GatherBackward(Op):
+    """The gradient of gather(data, indices) along axis 0 for data: row r sums the
+    output gradient's rows whose index is r (negative indices count from the end).
+    Written as a gather over the indices, so rows run in parallel without races."""
+
+    arity = (2, 2)
+    shape: tuple[int, ...] = ()  # the data's shape
+
+    def infer(self, indices: TensorType, g: TensorType) -> TensorType:
+        if indices.dtype not in ("int64", "int32") or g.shape != indices.shape + tuple(self.shape[1:]):
+            raise GraphError(
+                f"gather_backward: indices {indices} and gradient {g} do not fit data {self.shape}"
+            )
+        return TensorType(g.dtype, tuple(self.shape))
+
+    def reference(self, indices, g):
+        rows = self.shape[0]
+        out = np.zeros(self.shape, np.float64)
+        np.add.at(out, np.where(indices < 0, indices + rows, indices).ravel(), g.reshape(-1, *self.shape[1:]))
+        return out.astype(g.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        indices, g = ins
+        rows, inner = self.shape[0], prod(self.shape[1:])
+        count = indices.numel
+        with k.loop(rows, "parallel", "row") as r:
+            with k.loop(inner, "vector", "j") as j:
+                acc = k.local(out.dtype, 0.0, "acc")
+                with k.loop(count, "serial", "p") as p:
+                    raw = cast(indices.load_flat(p), "int64")
+                    hit = select(raw.lt(0), raw + rows, raw).eq(r)
+                    k.assign(acc, acc.ref + select(hit, g.load_flat(p * inner + j), const(0.0, out.dtype)))
+                k.store(out, r * inner + j, acc.ref)
+
+
 @register("tile", INJ)
 class Tile(Op):
     """x repeated `repeats[i]` times along each axis i."""
