@@ -377,6 +377,23 @@ def _max_pool2d(b, node, g):
     return [b.max_pool2d_backward(indices, g, input_shape=x.type.shape, **window)]
 
 
+@rule("avg_pool2d")
+def _avg_pool2d(b, node, g):
+    op = node.op
+    if tuple(op.dilations) != (1, 1) or tuple(op.uncounted_end) != (0, 0):
+        raise GraphError(f"node {node.name}: the avg_pool2d gradient needs dilation 1 and no ceil_mode")
+    return [
+        b.avg_pool2d_backward(
+            g,
+            input_shape=node.inputs[0].type.shape,
+            kernel=op.kernel,
+            strides=op.strides,
+            pads=op.pads,
+            count_include_pad=op.count_include_pad,
+        )
+    ]
+
+
 def _no_gradient(b, node, g):
     return [None] * len(node.inputs)
 

@@ -49,6 +49,12 @@ CASES = {
     "gather": ([(6, 3)], {"axis": 0}, "indices"),
     "conv2d": ([(2, 3, 7, 6), (4, 3, 3, 2), (4,)], {"strides": (2, 1), "pads": (1, 0, 1, 1)}, "normal"),
     "conv2d_stride1": ([(2, 3, 6, 5), (4, 3, 3, 2)], {"pads": (1, 0, 2, 1), "dilations": (2, 1)}, "normal"),
+    "avg_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),
+    "avg_pool2d_include_pad": (
+        [(1, 2, 5, 5)],
+        {"kernel": (2, 2), "strides": (1, 2), "pads": (1, 1, 0, 1), "count_include_pad": True},
+        "normal",
+    ),
     "max_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),
 }
 
@@ -65,13 +71,15 @@ def _draw(rng, shape, kind):
 
 
 def test_every_differentiable_op_has_a_case():
-    assert set(RULES) - set(NOT_DIFFERENTIABLE) == {name.split("_stride")[0] for name in CASES}
+    assert set(RULES) - set(NOT_DIFFERENTIABLE) == {
+        name.split("_stride")[0].split("_include")[0] for name in CASES
+    }
 
 
 @pytest.mark.parametrize("op_name", sorted(CASES))
 def test_rule_matches_finite_differences(op_name, rng):
     shapes, attrs, kind = CASES[op_name]
-    op_name = op_name.split("_stride")[0]  # variants of one op under their own names
+    op_name = op_name.split("_stride")[0].split("_include")[0]  # variants of one op under their own names
     b = GraphBuilder(op_name)
     operands = []
     if kind == "mask":  # where(cond, a, b): a fixed random condition, gradients for a and b

@@ -231,7 +231,7 @@ def test_conv1d_layer_normalization(padding, rng):
     _parity(build, x, y, epochs=2)
 
 
-def test_strided_same_conv_and_global_average_pooling(rng):
+def test_strided_same_conv_average_and_global_average_pooling(rng):
     x = rng.random((32, 8, 8, 2)).astype(np.float32)
     y = rng.integers(0, 2, 32)
 
@@ -240,6 +240,7 @@ def test_strided_same_conv_and_global_average_pooling(rng):
             [
                 k.Input((8, 8, 2)),
                 k.layers.Conv2D(4, 3, strides=2, padding="same"),
+                k.layers.AveragePooling2D((3, 3), strides=(1, 1), padding="same"),
                 k.layers.GlobalAveragePooling2D(),
                 k.layers.Dense(2, activation="softmax"),
             ]

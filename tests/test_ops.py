@@ -170,6 +170,22 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 9, 5, 5)), In((4, 1, 3, 3)), In((4,))], params=(1, 2)),
         Case([In((2, 32, 7, 33)), In((5, 8, 2, 2))], params=(1,)),
     ],
+    "avg_pool2d_backward": [
+        Case(
+            [In((2, 3, 4, 4))],
+            {"input_shape": (2, 3, 7, 8), "kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 0)},
+        ),
+        Case(
+            [In((1, 2, 3, 3))],
+            {
+                "input_shape": (1, 2, 5, 5),
+                "kernel": (2, 2),
+                "strides": (2, 2),
+                "pads": (0, 0, 1, 1),
+                "count_include_pad": True,
+            },
+        ),
+    ],
     "max_pool2d_backward": [  # random indices: those in their window are routed, others dropped
         Case(
             [In((1, 1, 2, 2), "count:16", "int64"), In((1, 1, 2, 2))],

@@ -381,6 +381,8 @@ class Conv2D(Layer):
 
 
 class MaxPooling2D(Layer):
+    pool_op = "max_pool2d"
+
     def __init__(self, pool_size=(2, 2), strides=None, padding: str = "valid", **kwargs):
         super().__init__(**kwargs)
         self.pool_size = _pair(pool_size)
@@ -403,8 +405,16 @@ class MaxPooling2D(Layer):
     def call(self, ctx, x, training):
         b = ctx.b
         nchw = b.transpose(x, perm=(0, 3, 1, 2))
-        y = b.max_pool2d(nchw, kernel=self.pool_size, strides=self.strides, pads=self._pads(x.type.shape[1:]))
+        y = b.op(
+            self.pool_op, nchw, kernel=self.pool_size, strides=self.strides, pads=self._pads(x.type.shape[1:])
+        )
         return b.transpose(y, perm=(0, 2, 3, 1))
+
+
+class AveragePooling2D(MaxPooling2D):
+    """The window mean; with padding "same" the padding is not counted, as Keras does."""
+
+    pool_op = "avg_pool2d"
 
 
 from frontends.keras.recurrent import GRU, LSTM, SimpleRNN  # noqa: E402,F401 - Keras's layer namespace

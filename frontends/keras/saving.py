@@ -58,7 +58,7 @@ def layer_config(layer: Layer) -> dict:
             activation=_activation_name(layer),
             use_bias=layer.use_bias,
         )
-    elif kind in ("MaxPooling2D",):
+    elif kind in ("MaxPooling2D", "AveragePooling2D"):
         base.update(pool_size=list(layer.pool_size), strides=list(layer.strides), padding=layer.padding,
                     data_format="channels_last")  # fmt: skip
     elif kind == "Conv1D":
@@ -109,6 +109,7 @@ _ACCEPTED = {
     "Dense": ("units", "activation", "use_bias"),
     "Conv2D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "activation", "use_bias"),
     "MaxPooling2D": ("pool_size", "strides", "padding"),
+    "AveragePooling2D": ("pool_size", "strides", "padding"),
     "Conv1D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "activation", "use_bias"),
     "GlobalAveragePooling2D": (),
     "Embedding": ("input_dim", "output_dim"),

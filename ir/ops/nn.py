@@ -12,11 +12,13 @@ from codegen.kir import (
     Expr,
     ExprBuilder,
     KernelBuilder,
+    cast,
     const,
     guarded_load,
     in_range,
     logical_and,
     maximum,
+    minimum,
     muladd,
     select,
 )
@@ -685,6 +687,70 @@ class MaxPool2dBackward(Op):
                         took = logical_and(ok, guarded_load(indices, at, ok, -1).eq(flat))
                         total = total + guarded_load(g, at, took, 0.0)
                 k.store(out, flat, total)
+
+
+@register("avg_pool2d_backward", Fusion.OPAQUE)
+class AvgPool2dBackward(Op):
+    """The gradient of avg_pool2d (dilation 1) for its input: each window's output
+    gradient, divided by the window's count, to every input element in the window.
+    A gather, like max_pool2d_backward: each element visits the windows covering it."""
+
+    input_shape: tuple[int, ...] = ()  # (N, C, H, W)
+    kernel: tuple[int, ...] = (2, 2)
+    strides: tuple[int, ...] = (2, 2)
+    pads: tuple[int, ...] = (0, 0, 0, 0)
+    count_include_pad: bool = False
+
+    def infer(self, g: TensorType) -> TensorType:
+        _require_float("avg_pool2d_backward", g)
+        if g.rank != 4 or len(self.input_shape) != 4:
+            raise GraphError(f"avg_pool2d_backward: gradient {g} must be (N, C, OH, OW)")
+        return TensorType(g.dtype, tuple(self.input_shape))
+
+    def _count(self, wy, wx, h: int, w: int):
+        """How many elements window (wy, wx) averages (exprs or ints alike)."""
+        (kh, kw), (sh, sw), (pt, pl, _, _) = self.kernel, self.strides, self.pads
+        if self.count_include_pad:
+            return kh * kw
+        rows = minimum(wy * sh - pt + kh, h) - maximum(wy * sh - pt, 0)
+        cols = minimum(wx * sw - pl + kw, w) - maximum(wx * sw - pl, 0)
+        return rows * cols
+
+    def reference(self, g):
+        n, c, h, w = self.input_shape
+        (kh, kw), (sh, sw), (pt, pl, _, _) = self.kernel, self.strides, self.pads
+        dx = np.zeros(self.input_shape, np.float64)
+        for wy in range(g.shape[2]):
+            for wx in range(g.shape[3]):
+                y0, x0 = wy * sh - pt, wx * sw - pl
+                ys, xs = slice(max(y0, 0), min(y0 + kh, h)), slice(max(x0, 0), min(x0 + kw, w))
+                count = kh * kw if self.count_include_pad else (ys.stop - ys.start) * (xs.stop - xs.start)
+                dx[:, :, ys, xs] += g[:, :, wy : wy + 1, wx : wx + 1] / count
+        return dx.astype(g.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        (g,) = ins
+        n, c, h, w = self.input_shape
+        _, _, oh, ow = g.shape
+        (kh, kw), (sh, sw), (pt, pl, _, _) = self.kernel, self.strides, self.pads
+        with k.loop(n * c * h, "parallel", "row") as r:
+            plane, y = r // h, r % h
+            with k.loop(w, "vector", "x") as x:
+                total = k_const(out, 0.0)
+                for a in range(-(-kh // sh)):
+                    wy = (y + pt) // sh - a
+                    y_ok = logical_and(in_range(wy, 0, oh), (wy * sh - pt + (kh - 1)).ge(y))
+                    for b_ in range(-(-kw // sw)):
+                        wx = (x + pl) // sw - b_
+                        ok = logical_and(
+                            y_ok, logical_and(in_range(wx, 0, ow), (wx * sw - pl + (kw - 1)).ge(x))
+                        )
+                        count = self._count(wy, wx, h, w)  # ≥ 1 where ok; never divide by 0 elsewhere
+                        divisor = (
+                            float(count) if isinstance(count, int) else cast(maximum(count, 1), out.dtype)
+                        )
+                        total = total + guarded_load(g, [plane // c, plane % c, wy, wx], ok, 0.0) / divisor
+                k.store(out, r * w + x, total)
 
 
 @register("avg_pool2d", Fusion.REDUCTION)
