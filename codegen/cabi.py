@@ -286,13 +286,14 @@ const int64_t *{p.prefix}_output_shape(int i);
 """
 
 
-def weights_asm(prefix: str, blob: Path) -> str:
+def blob_asm(symbol: str, blob: Path) -> str:
+    """Embed a file's bytes in the library as read-only data named `symbol` (64-byte aligned)."""
     path = str(blob).replace("\\", "\\\\").replace('"', '\\"')
     return f"""    .section .rodata
     .balign 64
-    .globl {prefix}_weights
-    .hidden {prefix}_weights
-{prefix}_weights:
+    .globl {symbol}
+    .hidden {symbol}
+{symbol}:
     .incbin "{path}"
     .byte 0
     .section .note.GNU-stack,"",@progbits
@@ -306,13 +307,28 @@ def c_compiler() -> str:
     raise CompileError("no C compiler found (looked for cc, gcc, clang): install gcc to link models")
 
 
-def link(p: Program, kernels_object: bytes, workdir: Path, so_path: Path) -> None:
-    """Write glue, header and weights beside the object, and link them into so_path."""
+def link(
+    p: Program,
+    kernels_object: bytes,
+    workdir: Path,
+    so_path: Path,
+    extra_c: str | None = None,
+    extra_blobs: dict[str, bytes] | None = None,
+) -> None:
+    """Write glue, header and weights beside the object, and link them into so_path.
+    `extra_c` is more C compiled into the library (a wrapper API over NAME_run), and
+    `extra_blobs` more read-only data it refers to by symbol (embedded like the weights)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "kernels.o").write_bytes(kernels_object)
     (workdir / "glue.c").write_text(glue_source(p))
-    (workdir / "weights.bin").write_bytes(p.weights)
-    (workdir / "weights.S").write_text(weights_asm(p.prefix, workdir / "weights.bin"))
+    sources = [workdir / "glue.c"]
+    for symbol, blob in {f"{p.prefix}_weights": p.weights, **(extra_blobs or {})}.items():
+        (workdir / f"{symbol}.bin").write_bytes(blob)
+        (workdir / f"{symbol}.S").write_text(blob_asm(symbol, workdir / f"{symbol}.bin"))
+        sources.append(workdir / f"{symbol}.S")
+    if extra_c is not None:
+        (workdir / "extra.c").write_text(extra_c)
+        sources.append(workdir / "extra.c")
     cmd = [
         c_compiler(),
         "-shared",
@@ -321,8 +337,7 @@ def link(p: Program, kernels_object: bytes, workdir: Path, so_path: Path) -> Non
         "-fvisibility=hidden",
         "-pthread",
         f"-I{RUNTIME_DIR}",
-        str(workdir / "glue.c"),
-        str(workdir / "weights.S"),
+        *map(str, sources),
         str(workdir / "kernels.o"),
         "-o",
         str(so_path),

@@ -194,8 +194,16 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def build(lowered: Lowered, dest: Path, emit: tuple[str, ...] = (), cpu_name: str | None = None) -> Path:
-    """Generate, optimize and link the library into dest/NAME.so (+ NAME.h, NAME.ll/.s)."""
+def build(
+    lowered: Lowered,
+    dest: Path,
+    emit: tuple[str, ...] = (),
+    cpu_name: str | None = None,
+    extra_c: str | None = None,
+    extra_blobs: dict[str, bytes] | None = None,
+) -> Path:
+    """Generate, optimize and link the library into dest/NAME.so (+ NAME.h, NAME.ll/.s);
+    extra_c / extra_blobs: a wrapper API linked in (see cabi.link)."""
     name = lowered.program.prefix
     module = cpu.build_module([c.kernel for c in lowered.calls], name, cpu_name)
     optimized = cpu.optimize(module, cpu_name)
@@ -206,7 +214,7 @@ def build(lowered: Lowered, dest: Path, emit: tuple[str, ...] = (), cpu_name: st
         (dest / f"{name}.s").write_text(cpu.assembly(optimized, cpu_name))
     so = dest / f"{name}.so"
     with tempfile.TemporaryDirectory(prefix="kiln-link-") as work:
-        cabi.link(lowered.program, cpu.object_code(optimized, cpu_name), Path(work), so)
+        cabi.link(lowered.program, cpu.object_code(optimized, cpu_name), Path(work), so, extra_c, extra_blobs)
     (dest / f"{name}.h").write_text(cabi.header_source(lowered.program))
     return so
 

@@ -384,6 +384,13 @@ class Model:
         graph = inference_graph(self._forward, self.weights, shape, self._input_dtype, path.stem)
         return compile_model(graph, name=path.stem).save(path)
 
+    def export_train(self, filepath, batch_size: int = 32) -> Path:
+        """The training step as a C library: NAME_trainer_create, NAME_train_step,
+        NAME_get_param / NAME_set_param ... (see frontends/keras/export_train.py)."""
+        from frontends.keras.export_train import export_train
+
+        return export_train(self, filepath, batch_size)
+
     def save_weights(self, filepath) -> None:
         """Keras's .weights.h5 (the weights part of a .keras file), written atomically."""
         from frontends.keras.saving import write_weights_file

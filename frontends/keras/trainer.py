@@ -100,10 +100,13 @@ def build_evaluate(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, m
     return Program(compile_model(b.build(batch_loss, *sums), name="evaluate"), [], [m.name for m in metrics])
 
 
-def build_train(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer) -> Program:
-    """Inputs: x, y, masks, weights, slots (per trainable weight, optimizer.slots order),
+def train_graph(
+    forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer, name="train_step"
+):
+    """The train step as a graph, with its dropout masks (layer, mask input) in input order.
+    Inputs: x, y, masks, weights, slots (per trainable weight, optimizer.slots order),
     scalars. Outputs: loss, metric sums, new weights, new slots."""
-    b, x, values = _start("train_step", weights, x_shape, x_dtype)
+    b, x, values = _start(name, weights, x_shape, x_dtype)
     y_true = b.input("y", y_shape, y_dtype)
     ctx = GraphContext(b, values)
     y_pred = forward(ctx, x, True)
@@ -123,7 +126,6 @@ def build_train(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metr
         new_slots += [updated[s] for s in optimizer.slots]
     new_weights.update(ctx.updates)
     outputs = [batch_loss, *sums, *(new_weights.get(id(w), values[id(w)]) for w in weights), *new_slots]
-    # reorder the inputs to the documented order: x, y, masks, weights, slots, scalars
     masks = [m for _, m in ctx.masks]
     b.inputs = [
         x,
@@ -133,10 +135,12 @@ def build_train(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metr
         *slot_inputs.values(),
         *scalars.values(),
     ]
-    program = Program(compile_model(b.build(*outputs), name="train_step"))
-    program.masks = [(layer, m.type.shape) for layer, m in ctx.masks]
-    program.metric_names = [m.name for m in metrics]
-    return program
+    return b.build(*outputs), [(layer, m.type.shape) for layer, m in ctx.masks]
+
+
+def build_train(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer) -> Program:
+    graph, masks = train_graph(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer)
+    return Program(compile_model(graph, name="train_step"), masks, [m.name for m in metrics])
 
 
 class TrainState:
