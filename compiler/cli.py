@@ -38,6 +38,8 @@ def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
 def _compile(args: argparse.Namespace) -> int:
     from compiler.driver import compile_model
 
+    if args.train or str(args.model).endswith(".keras"):
+        return _compile_keras(args)
     out = Path(args.output)
     name = args.name or out.stem
     emit = tuple(args.emit or ())
@@ -58,6 +60,25 @@ def _compile(args: argparse.Namespace) -> int:
         f"wrote {so} and {so.with_name(name + '.h')}"
         + "".join(f", {so.with_suffix({'llvm': '.ll', 'asm': '.s'}[k])}" for k in emit)
     )
+    return 0
+
+
+def _compile_keras(args: argparse.Namespace) -> int:
+    """A .keras file: its inference library, or with --train its training library."""
+    from frontends.keras.models import load_model
+
+    if not str(args.model).endswith(".keras"):
+        raise ValueError(f"--train compiles a Keras model (.keras file), got {args.model}")
+    if not Path(args.model).is_file():
+        raise ValueError(f"{args.model}: no such file")
+    model = load_model(args.model)
+    out = Path(args.output)
+    if args.train:
+        so = model.export_train(out, batch_size=args.batch_size)
+        print(f"wrote {so} and {so.with_name(so.stem + '.h')} (training step, batch {args.batch_size})")
+    else:
+        so = model.export(out, batch_size=args.batch_size)
+        print(f"wrote {so} and {so.with_name(so.stem + '.h')}")
     return 0
 
 
@@ -163,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bind an input's shape (for symbolic dimensions)",
     )
     c.add_argument("--cpu", help="target this LLVM CPU (e.g. x86-64-v3) instead of the host's")
+    c.add_argument(
+        "--train",
+        action="store_true",
+        help="for a .keras model: a library that trains it (NAME_trainer_create, NAME_train_step, ...)",
+    )
+    c.add_argument("--batch-size", type=int, default=32, help="the batch size of a .keras model's library")
     c.set_defaults(func=_compile)
 
     r = sub.add_parser(

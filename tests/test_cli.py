@@ -196,3 +196,18 @@ def test_every_bad_model_is_one_clear_line(tmp_path):
         err = result.stderr.strip()
         assert err.startswith("kiln: error:") and message in err, (name, err)
         assert "Traceback" not in err and len(err.splitlines()) == 1, (name, err)
+
+
+def test_compile_keras_model_for_training(tmp_path):
+    from frontends import keras
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.save(tmp_path / "m.keras")
+    result = kiln(
+        "compile", str(tmp_path / "m.keras"), "--train", "--batch-size", "16", "-o", str(tmp_path / "m.so")
+    )
+    assert result.returncode == 0, result.stderr
+    header = (tmp_path / "m.h").read_text()
+    assert "int m_train_step(m_trainer *t, const void *x, const void *y, float *loss);" in header
+    assert "x: float32[16, 6]" in header
