@@ -28,6 +28,20 @@ def _real_keras():
 # ---------------------------------------------------------------- parity with real Keras
 
 
+@pytest.fixture
+def parity_rng(request) -> np.random.Generator:
+    """Fixed data and fixed initial weights per test (seeded by the test's name). Training
+    is chaotic at float32 rounding: about once in tens of runs a ReLU input within
+    rounding of zero takes the other branch in one framework, and Adam carries the
+    difference into the weights (predictions then differ by ~1e-4 while the loss
+    history still agrees to 1e-7). Fixed seeds keep the comparison reproducible."""
+    import zlib
+
+    seed = zlib.crc32(request.node.name.encode())
+    _real_keras().utils.set_random_seed(seed)
+    return np.random.default_rng(seed)
+
+
 def _parity(build, x, y, epochs=5, batch_size=32, rtol=1e-4, predict_atol=1e-4):
     """Same initial weights, shuffle=False: the per-epoch history and the predictions
     after training must match real Keras."""
@@ -42,8 +56,8 @@ def _parity(build, x, y, epochs=5, batch_size=32, rtol=1e-4, predict_atol=1e-4):
     np.testing.assert_allclose(ours.predict(x), reference.predict(x, verbose=0), rtol=rtol, atol=predict_atol)
 
 
-def test_linear_regression_sgd_mse(rng):
-    x = rng.standard_normal((200, 3)).astype(np.float32)
+def test_linear_regression_sgd_mse(parity_rng):
+    x = parity_rng.standard_normal((200, 3)).astype(np.float32)
     y = x @ np.array([1.5, -2.0, 0.5], np.float32) + 0.3
 
     def build(k):
@@ -54,8 +68,8 @@ def test_linear_regression_sgd_mse(rng):
     _parity(build, x, y)
 
 
-def test_mlp_adam_sparse_categorical_crossentropy(rng):
-    x = rng.standard_normal((300, 32)).astype(np.float32)
+def test_mlp_adam_sparse_categorical_crossentropy(parity_rng):
+    x = parity_rng.standard_normal((300, 32)).astype(np.float32)
     y = x[:, :10].argmax(axis=1)
 
     def build(k):
@@ -75,8 +89,8 @@ def test_mlp_adam_sparse_categorical_crossentropy(rng):
 
 
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adagrad", "adamw"])
-def test_other_optimizers(optimizer, rng):
-    x = rng.standard_normal((128, 8)).astype(np.float32)
+def test_other_optimizers(optimizer, parity_rng):
+    x = parity_rng.standard_normal((128, 8)).astype(np.float32)
     y = np.eye(4, dtype=np.float32)[(x[:, :4] ** 2).argmax(axis=1)]
 
     def build(k):
@@ -89,8 +103,8 @@ def test_other_optimizers(optimizer, rng):
     _parity(build, x, y, epochs=3)
 
 
-def test_sgd_momentum_nesterov_and_huber(rng):
-    x = rng.standard_normal((96, 5)).astype(np.float32)
+def test_sgd_momentum_nesterov_and_huber(parity_rng):
+    x = parity_rng.standard_normal((96, 5)).astype(np.float32)
     y = (x[:, :2].sum(axis=1, keepdims=True) * 3).astype(np.float32)
 
     def build(k):
@@ -103,11 +117,11 @@ def test_sgd_momentum_nesterov_and_huber(rng):
     _parity(build, x, y, epochs=3)
 
 
-def test_mlp_with_batch_normalization_and_dropout(rng):
+def test_mlp_with_batch_normalization_and_dropout(parity_rng):
     """Training with BatchNormalization (batch statistics, moving averages updated in the
     step) and Dropout(0.0); with Dropout(0.5), inference (predict, evaluate) only: its
     training masks are each framework's own random draws."""
-    x = (rng.standard_normal((160, 16)) * 3 + 1).astype(np.float32)
+    x = (parity_rng.standard_normal((160, 16)) * 3 + 1).astype(np.float32)
     y = x[:, :4].argmax(axis=1)
 
     def build(rate):
@@ -138,10 +152,10 @@ def test_mlp_with_batch_normalization_and_dropout(rng):
 
 
 @pytest.mark.slow
-def test_mnist_cnn_adam(rng):
+def test_mnist_cnn_adam(parity_rng):
     """The classic Keras MNIST CNN (Dropout left out: its masks come from each
     framework's own random stream), on structured synthetic images."""
-    x = rng.random((256, 28, 28, 1)).astype(np.float32)
+    x = parity_rng.random((256, 28, 28, 1)).astype(np.float32)
     y = (x[:, :14, :14, 0].mean(axis=(1, 2)) * 40).astype(np.int64) % 10
 
     def build(k):
@@ -159,12 +173,12 @@ def test_mnist_cnn_adam(rng):
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
 
-    _parity(build, x, y, epochs=3, predict_atol=1e-3)
+    _parity(build, x, y, epochs=3)
 
 
 @pytest.mark.slow
-def test_lstm_rmsprop_mse(rng):
-    x = rng.standard_normal((96, 8, 4)).astype(np.float32)
+def test_lstm_rmsprop_mse(parity_rng):
+    x = parity_rng.standard_normal((96, 8, 4)).astype(np.float32)
     y = x[:, :, 0].sum(axis=1, keepdims=True)
 
     def build(k):
@@ -176,8 +190,8 @@ def test_lstm_rmsprop_mse(rng):
 
 
 @pytest.mark.slow
-def test_gru_sgd_momentum_categorical_crossentropy(rng):
-    x = rng.standard_normal((96, 8, 4)).astype(np.float32)
+def test_gru_sgd_momentum_categorical_crossentropy(parity_rng):
+    x = parity_rng.standard_normal((96, 8, 4)).astype(np.float32)
     y = np.eye(3, dtype=np.float32)[(x[:, :, :3].sum(axis=1)).argmax(axis=1)]
 
     def build(k):
@@ -192,8 +206,8 @@ def test_gru_sgd_momentum_categorical_crossentropy(rng):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["simple_rnn_sequences", "gru_reset_before", "lstm_backwards"])
-def test_recurrent_variants(variant, rng):
-    x = rng.standard_normal((64, 6, 3)).astype(np.float32)
+def test_recurrent_variants(variant, parity_rng):
+    x = parity_rng.standard_normal((64, 6, 3)).astype(np.float32)
     y = x[:, :, :2].mean(axis=1)
 
     def build(k):
@@ -211,8 +225,8 @@ def test_recurrent_variants(variant, rng):
 
 
 @pytest.mark.parametrize("padding", ["valid", "same", "causal"])
-def test_conv1d_layer_normalization(padding, rng):
-    x = rng.standard_normal((64, 12, 3)).astype(np.float32)
+def test_conv1d_layer_normalization(padding, parity_rng):
+    x = parity_rng.standard_normal((64, 12, 3)).astype(np.float32)
     y = x[:, :, 0].mean(axis=1, keepdims=True)
 
     def build(k):
@@ -231,9 +245,9 @@ def test_conv1d_layer_normalization(padding, rng):
     _parity(build, x, y, epochs=2)
 
 
-def test_strided_same_conv_average_and_global_average_pooling(rng):
-    x = rng.random((32, 8, 8, 2)).astype(np.float32)
-    y = rng.integers(0, 2, 32)
+def test_strided_same_conv_average_and_global_average_pooling(parity_rng):
+    x = parity_rng.random((32, 8, 8, 2)).astype(np.float32)
+    y = parity_rng.integers(0, 2, 32)
 
     def build(k):
         model = k.Sequential(
@@ -252,8 +266,8 @@ def test_strided_same_conv_average_and_global_average_pooling(rng):
 
 
 @pytest.mark.slow
-def test_embedding_lstm(rng):
-    x = rng.integers(0, 50, (96, 7))
+def test_embedding_lstm(parity_rng):
+    x = parity_rng.integers(0, 50, (96, 7))
     y = (x % 3 == 0).sum(axis=1, keepdims=True).astype(np.float32)
 
     def build(k):
@@ -557,10 +571,10 @@ def test_model_checkpoint_keeps_the_best(tmp_path, rng):
         keras.callbacks.ModelCheckpoint("model.h5")
 
 
-def test_functional_model_with_branches(rng):
+def test_functional_model_with_branches(parity_rng):
     """keras.Model(inputs, outputs): a residual block (Add) and two branches joined
     by Concatenate, trained against real Keras."""
-    x = rng.standard_normal((96, 12)).astype(np.float32)
+    x = parity_rng.standard_normal((96, 12)).astype(np.float32)
     y = x[:, :3].argmax(axis=1)
 
     def build(k):
