@@ -621,13 +621,17 @@ class MaxPool2d(Pool2d):
 
         def visit(taps):
             acc = k_const(x, -np.inf)
-            where: Expr = const(0, "int64")
+            row: Expr = const(0, "int64")  # where the maximum is so far (indices output)
+            col: Expr = const(0, "int64")
             for inside, idx in taps:
                 v = guarded_load(x, idx, inside, -np.inf)
                 if self.output == "indices":
-                    where = select(v.gt(acc), self._flat(*idx, x.shape), where)
+                    better = v.gt(acc)
+                    row, col = select(better, idx[2], row), select(better, idx[3], col)
                 acc = maximum(acc, v)
-            return acc if self.output == "values" else where
+            if self.output == "values":
+                return acc
+            return self._flat(idx[0], idx[1], row, col, x.shape)  # the flat index, once per window
 
         self._taps(k, x, out, visit)
 
