@@ -394,11 +394,217 @@ def _avg_pool2d(b, node, g):
     ]
 
 
+def _k(b, node, v: float) -> Value:
+    return _scalar(b, v, node.inputs[0])
+
+
+@rule("erf")
+def _erf(b, node, g):
+    x = node.inputs[0]
+    return [b.mul(g, b.mul(_k(b, node, 2 / np.sqrt(np.pi)), b.exp(b.neg(b.mul(x, x)))))]
+
+
+@rule("reciprocal")
+def _reciprocal(b, node, g):
+    y = node.outputs[0]
+    return [b.neg(b.mul(g, b.mul(y, y)))]
+
+
+@rule("pow")
+def _pow(b, node, g):
+    """d/da a^e = e·a^(e-1); d/de a^e = a^e·log a (defined for a > 0)."""
+    a, e = node.inputs
+    y = node.outputs[0]
+    ga = b.mul(g, b.mul(e, b.pow(a, b.sub(e, _k(b, node, 1.0)))))
+    ge = b.mul(g, b.mul(y, b.log(a)))
+    return [unbroadcast(b, ga, a.type.shape), unbroadcast(b, ge, e.type.shape)]
+
+
+@rule("softsign")
+def _softsign(b, node, g):
+    d = b.add(_k(b, node, 1.0), b.abs(node.inputs[0]))
+    return [b.div(g, b.mul(d, d))]
+
+
+@rule("selu")
+def _selu(b, node, g):
+    x, op = node.inputs[0], node.op
+    negative = b.mul(_k(b, node, op.gamma * op.alpha), b.exp(x))
+    return [b.mul(g, b.where(b.greater(x, _k(b, node, 0.0)), _k(b, node, op.gamma), negative))]
+
+
+@rule("celu")
+def _celu(b, node, g):
+    x, alpha = node.inputs[0], node.op.alpha
+    negative = b.exp(b.div(x, _k(b, node, alpha)))
+    return [b.mul(g, b.where(b.greater(x, _k(b, node, 0.0)), _k(b, node, 1.0), negative))]
+
+
+@rule("hard_sigmoid")
+def _hard_sigmoid(b, node, g):
+    x, op = node.inputs[0], node.op
+    z = b.add(b.mul(x, _k(b, node, op.alpha)), _k(b, node, op.beta))
+    inside = b.logical_and(b.greater(z, _k(b, node, 0.0)), b.less(z, _k(b, node, 1.0)))
+    return [b.where(inside, b.mul(g, _k(b, node, op.alpha)), _k(b, node, 0.0))]
+
+
+@rule("hard_swish")
+def _hard_swish(b, node, g):
+    """x·clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, (2x + 3)/6 between."""
+    x = node.inputs[0]
+    middle = b.add(b.mul(x, _k(b, node, 1 / 3)), _k(b, node, 0.5))
+    d = b.where(
+        b.less(x, _k(b, node, -3.0)),
+        _k(b, node, 0.0),
+        b.where(b.greater(x, _k(b, node, 3.0)), _k(b, node, 1.0), middle),
+    )
+    return [b.mul(g, d)]
+
+
+@rule("mish")
+def _mish(b, node, g):
+    """x·tanh(softplus(x)): tanh(sp) + x·(1 - tanh²(sp))·sigmoid(x)."""
+    x = node.inputs[0]
+    t = b.tanh(b.softplus(x))
+    d = b.add(t, b.mul(x, b.mul(b.sub(_k(b, node, 1.0), b.mul(t, t)), b.sigmoid(x))))
+    return [b.mul(g, d)]
+
+
+@rule("thresholded_relu")
+def _thresholded_relu(b, node, g):
+    x = node.inputs[0]
+    return [b.where(b.greater(x, _k(b, node, node.op.alpha)), g, _k(b, node, 0.0))]
+
+
+@rule("prelu")
+def _prelu(b, node, g):
+    x, slope = node.inputs
+    positive = b.greater(x, _k(b, node, 0.0))
+    zero = _k(b, node, 0.0)
+    gx = b.where(positive, g, b.mul(g, slope))
+    gslope = b.where(positive, zero, b.mul(g, x))
+    return [unbroadcast(b, gx, x.type.shape), unbroadcast(b, gslope, slope.type.shape)]
+
+
+@rule("reduce_max", "reduce_min")
+def _reduce_extremum(b, node, g):
+    """The gradient goes to the elements equal to the result, shared among ties."""
+    x, op = node.inputs[0], node.op
+    y = _expand_back(b, node.outputs[0], x, op.axes, op.keepdims)
+    hit = b.cast(b.equal(x, y), to=x.type.dtype)
+    ties = _expand_back(b, b.reduce_sum(hit, axes=op.axes, keepdims=op.keepdims), x, op.axes, op.keepdims)
+    return [b.div(b.mul(_expand_back(b, g, x, op.axes, op.keepdims), hit), ties)]
+
+
+@rule("reduce_prod")
+def _reduce_prod(b, node, g):
+    """∂(∏x)/∂x_i = ∏x / x_i (for x_i ≠ 0)."""
+    x, op = node.inputs[0], node.op
+    y = _expand_back(b, node.outputs[0], x, op.axes, op.keepdims)
+    return [b.div(b.mul(_expand_back(b, g, x, op.axes, op.keepdims), y), x)]
+
+
+@rule("pad")
+def _pad(b, node, g):
+    x, op = node.inputs[0], node.op
+    if op.mode != "constant" or any(p < 0 for p in op.pads):
+        raise GraphError(f"node {node.name}: the pad gradient supports constant mode without cropping")
+    r = x.type.rank
+    return [
+        b.slice(
+            g,
+            starts=op.pads[:r],
+            ends=tuple(p + d for p, d in zip(op.pads[:r], x.type.shape)),
+            axes=tuple(range(r)),
+        )
+    ]
+
+
+@rule("tile")
+def _tile(b, node, g):
+    """Each copy's gradient, summed: g seen as (repeats, size) per axis, the repeats summed."""
+    x, repeats = node.inputs[0], node.op.repeats
+    split = tuple(v for r, d in zip(repeats, x.type.shape) for v in (r, d))
+    summed = b.reduce_sum(b.reshape(g, shape=split), axes=tuple(range(0, 2 * x.type.rank, 2)), keepdims=False)
+    return [b.reshape(summed, shape=x.type.shape)]
+
+
+@rule("cumsum")
+def _cumsum(b, node, g):
+    op = node.op
+    return [b.cumsum(g, axis=op.axis, exclusive=op.exclusive, reverse=not op.reverse)]
+
+
+@rule("trilu")
+def _trilu(b, node, g):
+    return [b.trilu(g, upper=node.op.upper, k=node.op.k)]
+
+
+@rule("global_avg_pool2d")
+def _global_avg_pool2d(b, node, g):
+    x = node.inputs[0]
+    h, w = x.type.shape[2:]
+    return [b.expand(b.mul(g, _k(b, node, 1.0 / (h * w))), shape=x.type.shape)]
+
+
+@rule("layer_norm")
+def _layer_norm(b, node, g):
+    """With x̂ = (x - mean)·rstd over axes [axis, rank): dx = rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)),
+    ĝ = g·scale; dscale = Σ g·x̂ and dbias = Σ g over the leading axes."""
+    x, scale = node.inputs[0], node.inputs[1]
+    rank = x.type.rank
+    axis = normalize_axis("layer_norm", node.op.axis, rank)
+    axes, lead = tuple(range(axis, rank)), tuple(range(axis))
+    mean = b.reduce_mean(x, axes=axes, keepdims=True)
+    centered = b.sub(x, mean)
+    var = b.reduce_mean(b.mul(centered, centered), axes=axes, keepdims=True)
+    rstd = b.rsqrt(b.add(var, _k(b, node, node.op.epsilon)))
+    xhat = b.mul(centered, rstd)
+    gh = b.mul(g, scale)
+    inner = b.sub(
+        b.sub(gh, b.reduce_mean(gh, axes=axes, keepdims=True)),
+        b.mul(xhat, b.reduce_mean(b.mul(gh, xhat), axes=axes, keepdims=True)),
+    )
+    grads: Grads = [
+        b.mul(rstd, inner),
+        b.reduce_sum(b.mul(g, xhat), axes=lead, keepdims=False) if lead else b.mul(g, xhat),
+    ]
+    if len(node.inputs) > 2:
+        grads.append(b.reduce_sum(g, axes=lead, keepdims=False) if lead else g)
+    return grads
+
+
+@rule("batch_norm")
+def _batch_norm(b, node, g):
+    """Inference batch norm y = (x - mean)·s + bias, s = scale / sqrt(var + eps), per channel."""
+    x, scale, bias, mean, var = node.inputs
+    rank = x.type.rank
+    channel = (1, -1) + (1,) * (rank - 2)
+    others = (0, *range(2, rank))
+    inv = b.rsqrt(b.add(var, _k(b, node, node.op.epsilon)))
+    centered = b.sub(x, b.reshape(mean, shape=channel))
+    g_sum = b.reduce_sum(g, axes=others, keepdims=False)
+    g_centered = b.reduce_sum(b.mul(g, centered), axes=others, keepdims=False)
+    return [
+        b.mul(g, b.reshape(b.mul(scale, inv), shape=channel)),
+        b.mul(g_centered, inv),
+        g_sum,
+        b.neg(b.mul(g_sum, b.mul(scale, inv))),
+        b.mul(b.mul(g_centered, scale), b.mul(_k(b, node, -0.5), b.mul(inv, b.mul(inv, inv)))),
+    ]
+
+
 def _no_gradient(b, node, g):
+    """Booleans and indices carry no gradient; piecewise-constant ops give zero (None:
+    nothing flows back through them)."""
     return [None] * len(node.inputs)
 
 
-NOT_DIFFERENTIABLE = ("cast", "equal", "less", "greater", "less_equal", "greater_equal", "arg_reduce")
+NOT_DIFFERENTIABLE = (
+    "cast", "equal", "less", "greater", "less_equal", "greater_equal", "arg_reduce", "isnan", "isinf",
+    "logical_and", "logical_or", "logical_xor", "logical_not",
+    "floor", "ceil", "round", "sign",  # piecewise constant: zero almost everywhere
+)  # fmt: skip
 for _name in NOT_DIFFERENTIABLE:
     RULES[_name] = _no_gradient
 

@@ -44,6 +44,28 @@ CASES = {
     "matmul": ([(2, 3, 4), (4, 5)], {}, "normal"),
     "linear": ([(6, 4), (4, 3), (3,)], {}, "normal"),
     "where": ([(4, 5), (4, 5), (5,)], {}, "mask"),
+    "erf": ([(4, 5)], {}, "normal"),
+    "reciprocal": ([(4, 5)], {}, "positive"),
+    "pow": ([(4, 5), (5,)], {}, "positive"),
+    "softsign": ([(4, 5)], {}, "away"),
+    "selu": ([(4, 5)], {}, "away"),
+    "celu": ([(4, 5)], {"alpha": 0.8}, "away"),
+    "hard_sigmoid": ([(4, 5)], {"alpha": 0.3, "beta": 0.4}, "wide_away"),
+    "hard_swish": ([(4, 5)], {}, "wide_away"),
+    "mish": ([(4, 5)], {}, "normal"),
+    "thresholded_relu": ([(4, 5)], {"alpha": 0.4}, "away"),
+    "prelu": ([(3, 4, 5), (4, 1)], {}, "away"),
+    "reduce_max": ([(3, 4, 5)], {"axes": (1,), "keepdims": False}, "normal"),
+    "reduce_min": ([(3, 4, 5)], {"axes": (0, 2), "keepdims": True}, "normal"),
+    "reduce_prod": ([(3, 4)], {"axes": (1,), "keepdims": False}, "positive"),
+    "pad": ([(3, 4)], {"pads": (1, 0, 2, 3)}, "normal"),
+    "tile": ([(2, 3)], {"repeats": (3, 2)}, "normal"),
+    "cumsum": ([(3, 5)], {"axis": 1, "exclusive": True}, "normal"),
+    "cumsum_reverse": ([(4, 3)], {"axis": 0, "reverse": True}, "normal"),
+    "trilu": ([(4, 5)], {"upper": False, "k": 1}, "normal"),
+    "global_avg_pool2d": ([(2, 3, 4, 5)], {}, "normal"),
+    "layer_norm": ([(3, 4, 6), (4, 6), (4, 6)], {"axis": 1, "epsilon": 1e-3}, "normal"),
+    "batch_norm": ([(2, 3, 4, 2), (3,), (3,), (3,), (3,)], {"epsilon": 1e-3}, "batchnorm"),
     "slice": ([(4, 6, 3)], {"starts": (1, 2), "ends": (3, 6), "axes": (0, 1)}, "normal"),
     "concat": ([(2, 3), (2, 1), (2, 4)], {"axis": 1}, "normal"),
     "gather": ([(6, 3)], {"axis": 0}, "indices"),
@@ -65,21 +87,35 @@ def _draw(rng, shape, kind):
         return x
     if kind == "positive":
         return rng.uniform(0.5, 2.0, shape)
+    if kind == "wide_away":  # spread out, but off the kinks of hard_sigmoid / hard_swish
+        x = x * 3
+        return np.where(
+            np.min(np.abs(x[..., None] - np.array([-3.0, -1.3, 2.0, 3.0])), axis=-1) < 0.1, 1.0, x
+        )
+    if kind == "batchnorm":
+        return x
     if kind == "away":  # away from the kinks of relu, clip, ...
         return np.where(np.abs(x) < 0.1, 0.3, x) * np.where(np.abs(np.abs(x) - 0.6) < 0.15, 1.5, 1.0)
     return x
 
 
+VARIANTS = ("_stride", "_include", "_reverse")  # several cases of one op, under their own names
+
+
+def _op_of(case_name: str) -> str:
+    for suffix in VARIANTS:
+        case_name = case_name.split(suffix)[0]
+    return case_name
+
+
 def test_every_differentiable_op_has_a_case():
-    assert set(RULES) - set(NOT_DIFFERENTIABLE) == {
-        name.split("_stride")[0].split("_include")[0] for name in CASES
-    }
+    assert set(RULES) - set(NOT_DIFFERENTIABLE) == {_op_of(name) for name in CASES}
 
 
 @pytest.mark.parametrize("op_name", sorted(CASES))
 def test_rule_matches_finite_differences(op_name, rng):
     shapes, attrs, kind = CASES[op_name]
-    op_name = op_name.split("_stride")[0].split("_include")[0]  # variants of one op under their own names
+    op_name = _op_of(op_name)  # variants of one op under their own names
     b = GraphBuilder(op_name)
     operands = []
     if kind == "mask":  # where(cond, a, b): a fixed random condition, gradients for a and b
@@ -89,6 +125,8 @@ def test_rule_matches_finite_differences(op_name, rng):
     if kind == "indices":  # gather(data, indices): repeated and negative indices, gradient for data
         extra.append(b.param("idx", np.array([[0, 5, -1], [2, 0, 0]], np.int64)))
     xs = [_draw(rng, s, kind) for s in shapes]
+    if kind == "batchnorm":  # a variance must be positive
+        xs[-1] = rng.uniform(0.5, 2.0, shapes[-1])
     inputs = [b.input(f"x{i}", s, "float64") for i, s in enumerate(shapes)]
     y = b.op(op_name, *operands, *inputs, *extra, **attrs)
     weights = b.param("w", rng.standard_normal(y.type.shape))  # loss = Σ w·y: every output counts
