@@ -366,6 +366,28 @@ def _conv2d(b, node, g):
     return grads
 
 
+@rule("conv_transpose2d")
+def _conv_transpose2d(b, node, g):
+    """The adjoint of conv2d: dx is the conv2d of g with the same weights; dw pairs g's
+    windows (im2col with the same geometry) with x, per image, as conv2d's rule does."""
+    op = node.op
+    x, w = node.inputs[0], node.inputs[1]
+    if op.groups != 1:
+        raise GraphError(f"node {node.name}: the conv_transpose2d gradient supports groups=1 only")
+    n, c_in, h, wd = x.type.shape
+    _, c_out, kh, kw = w.type.shape
+    gx = b.conv2d(g, w, strides=op.strides, pads=op.pads, dilations=op.dilations)
+    cols = b.im2col(g, kernel=(kh, kw), strides=op.strides, pads=op.pads, dilations=op.dilations)
+    cols = b.reshape(cols, shape=(n, c_out * kh * kw, h * wd))
+    x_t = b.transpose(b.reshape(x, shape=(n, c_in, h * wd)), perm=(0, 2, 1))
+    per_image = b.reduce_sum(b.matmul(cols, x_t), axes=(0,), keepdims=False)  # (c_out·kh·kw, c_in)
+    gw = b.reshape(b.transpose(per_image, perm=(1, 0)), shape=w.type.shape)
+    grads: Grads = [gx, gw]
+    if len(node.inputs) > 2:
+        grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))
+    return grads
+
+
 @rule("max_pool2d")
 def _max_pool2d(b, node, g):
     op = node.op

@@ -77,6 +77,11 @@ CASES = {
         {"kernel": (2, 2), "strides": (1, 2), "pads": (1, 1, 0, 1), "count_include_pad": True},
         "normal",
     ),
+    "conv_transpose2d": (
+        [(2, 3, 4, 3), (3, 2, 3, 2), (2,)],
+        {"strides": (2, 1), "pads": (1, 0, 0, 1), "output_padding": (1, 0)},
+        "normal",
+    ),
     "max_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),
 }
 
