@@ -383,15 +383,20 @@ def _check_2d(ctx, node, x: Value) -> None:
         )
 
 
+def _conv_window(ctx, node, attrs):
+    """A Conv/ConvTranspose node's inputs, checked 2-D, and its kernel, strides, dilations."""
+    ins = _ins(ctx, node)
+    _check_2d(ctx, node, ins[0])
+    strides = _ints(attrs.get("strides", (1, 1)))
+    dilations = _ints(attrs.get("dilations", (1, 1)))
+    return ins, ins[1].type.shape[2:], strides, dilations
+
+
 @converter("Conv")
 @_as_2d
 def _conv(ctx, node, attrs):
-    ins = _ins(ctx, node)
-    x, w = ins[0], ins[1]
-    _check_2d(ctx, node, x)
-    kernel = w.type.shape[2:]
-    strides = _ints(attrs.get("strides", (1, 1)))
-    dilations = _ints(attrs.get("dilations", (1, 1)))
+    ins, kernel, strides, dilations = _conv_window(ctx, node, attrs)
+    x = ins[0]
     pads = _pads(node, attrs, ctx, x.type.shape[2:], kernel, strides, dilations)
     return [
         _op(
@@ -410,12 +415,8 @@ def _conv(ctx, node, attrs):
 @converter("ConvTranspose")
 @_as_2d
 def _conv_transpose(ctx, node, attrs):
-    ins = _ins(ctx, node)
-    x, w = ins[0], ins[1]
-    _check_2d(ctx, node, x)
-    kernel = w.type.shape[2:]
-    strides = _ints(attrs.get("strides", (1, 1)))
-    dilations = _ints(attrs.get("dilations", (1, 1)))
+    ins, kernel, strides, dilations = _conv_window(ctx, node, attrs)
+    x = ins[0]
     extra = list(_ints(attrs.get("output_padding", (0, 0))))
     auto = attrs.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
