@@ -309,6 +309,21 @@ def _linear(b, node, g):
     return grads
 
 
+def _weight_gradient(b, windowed: Value, other: Value, kernel, strides, pads, dilations, w_shape) -> Value:
+    """A convolution's weight gradient: Σ over images and positions of `windowed`'s
+    windows (im2col, read as they lie) times `other` (transposed, the smaller operand),
+    as w[other channel, windowed channel, i, j]. For conv2d, windowed = x and other = g;
+    for its adjoint conv_transpose2d, the two trade places."""
+    n, c = windowed.type.shape[:2]
+    o = other.type.shape[1]
+    positions = other.type.numel // (n * o)
+    cols = b.im2col(windowed, kernel=tuple(kernel), strides=strides, pads=pads, dilations=dilations)
+    cols = b.reshape(cols, shape=(n, c * kernel[0] * kernel[1], positions))
+    other_t = b.transpose(b.reshape(other, shape=(n, o, positions)), perm=(0, 2, 1))
+    summed = b.reduce_sum(b.matmul(cols, other_t), axes=(0,), keepdims=False)  # (c·kh·kw, o)
+    return b.reshape(b.transpose(summed, perm=(1, 0)), shape=w_shape)
+
+
 @rule("conv2d")
 def _conv2d(b, node, g):
     """dx: the transposed convolution of g with the same weights (at stride 1, a plain
@@ -348,18 +363,7 @@ def _conv2d(b, node, g):
         gx = b.conv_transpose2d(
             g, w, strides=op.strides, pads=pads, dilations=op.dilations, output_padding=extra
         )
-    # dw[o, (c, i, j)] = Σ_{n, y, x} g[n, o, y, x] · cols[n, (c, i, j), y, x]: per image a
-    # matmul of the forward pass's windows (im2col, read as they lie) with g transposed
-    # (the smaller operand), summed over images
-    n, c = x.type.shape[:2]
-    o = g.type.shape[1]
-    cols = b.im2col(x, kernel=(kh, kw), strides=op.strides, pads=pads, dilations=op.dilations)
-    cols = b.reshape(cols, shape=(n, c * kh * kw, oh * ow))
-    g_t = b.transpose(b.reshape(g, shape=(n, o, oh * ow)), perm=(0, 2, 1))
-    per_image = b.matmul(cols, g_t)  # (N, C·kh·kw, O)
-    gw = b.reshape(
-        b.transpose(b.reduce_sum(per_image, axes=(0,), keepdims=False), perm=(1, 0)), shape=w.type.shape
-    )
+    gw = _weight_gradient(b, x, g, (kh, kw), op.strides, pads, op.dilations, w.type.shape)
     grads: Grads = [gx, gw]
     if len(node.inputs) > 2:
         grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))
@@ -374,14 +378,8 @@ def _conv_transpose2d(b, node, g):
     x, w = node.inputs[0], node.inputs[1]
     if op.groups != 1:
         raise GraphError(f"node {node.name}: the conv_transpose2d gradient supports groups=1 only")
-    n, c_in, h, wd = x.type.shape
-    _, c_out, kh, kw = w.type.shape
     gx = b.conv2d(g, w, strides=op.strides, pads=op.pads, dilations=op.dilations)
-    cols = b.im2col(g, kernel=(kh, kw), strides=op.strides, pads=op.pads, dilations=op.dilations)
-    cols = b.reshape(cols, shape=(n, c_out * kh * kw, h * wd))
-    x_t = b.transpose(b.reshape(x, shape=(n, c_in, h * wd)), perm=(0, 2, 1))
-    per_image = b.reduce_sum(b.matmul(cols, x_t), axes=(0,), keepdims=False)  # (c_out·kh·kw, c_in)
-    gw = b.reshape(b.transpose(per_image, perm=(1, 0)), shape=w.type.shape)
+    gw = _weight_gradient(b, g, x, w.type.shape[2:], op.strides, op.pads, op.dilations, w.type.shape)
     grads: Grads = [gx, gw]
     if len(node.inputs) > 2:
         grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))
