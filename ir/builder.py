@@ -68,6 +68,12 @@ class GraphBuilder:
             return lambda *inputs, **attrs: self.op(op_name, *inputs, **attrs)
         raise AttributeError(op_name)
 
+    def rename(self, value: Value, name: str) -> Value:
+        """Give a value the name people and the C ABI will know it by (a model output's)."""
+        self._names.discard(value.name)
+        value.name = self._fresh(name)
+        return value
+
     def build(self, *outputs: Value) -> Graph:
         graph = Graph(list(self.inputs), list(outputs), list(self.nodes), dict(self.params), self.name)
         verify(graph)

@@ -53,7 +53,9 @@ def _parity(build, x, y, epochs=5, batch_size=32, rtol=1e-4, predict_atol=1e-4):
     assert list(got) == list(expected)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=rtol, err_msg=key)
-    np.testing.assert_allclose(ours.predict(x), reference.predict(x, verbose=0), rtol=rtol, atol=predict_atol)
+    expected, got = reference.predict(x, verbose=0), ours.predict(x)
+    for e, g in zip(*(p if isinstance(p, list) else [p] for p in (expected, got)), strict=True):
+        np.testing.assert_allclose(g, e, rtol=rtol, atol=predict_atol)
 
 
 def test_linear_regression_sgd_mse(parity_rng):
@@ -594,6 +596,147 @@ def test_functional_model_with_branches(parity_rng):
     model.summary(print_fn=lines.append)
     text = "\n".join(lines)
     assert " (Concatenate) " in text and "(None, 20)" in text and "input_layer" in text
+
+
+def _two_in_two_out(k, metrics=None, **compile_args):
+    """Two inputs joined, a shared trunk, a regression head and a classification head."""
+    a, b = k.Input((6,), name="numbers"), k.Input((3,), name="extra")
+    trunk = k.layers.Dense(12, activation="relu", name="trunk")(k.layers.Concatenate(name="join")([a, b]))
+    regression = k.layers.Dense(2, name="amount")(trunk)
+    deeper = k.layers.Dense(8, activation="tanh", name="deeper")(trunk)
+    classes = k.layers.Dense(3, activation="softmax", name="kind")(deeper)
+    model = k.Model([a, b], [regression, classes], name="two_heads")
+    model.compile(optimizer="adam", metrics=metrics, **compile_args)
+    return model
+
+
+def _two_in_two_out_data(rng, n=80):
+    x = [rng.standard_normal((n, 6)).astype(np.float32), rng.standard_normal((n, 3)).astype(np.float32)]
+    y = [np.stack([x[0][:, 0] + x[1][:, 1], x[0][:, 2]], axis=1), x[0][:, 3:6].argmax(axis=1)]
+    return x, y
+
+
+def test_functional_several_inputs_and_outputs(parity_rng):
+    """Per-output losses with weights, metrics per output, history keys and evaluate's
+    list in Keras's order, predict giving a list."""
+    x, y = _two_in_two_out_data(parity_rng)
+
+    def build(k):
+        return _two_in_two_out(
+            k, loss=["mse", "sparse_categorical_crossentropy"], loss_weights=[0.5, 2.0],
+            metrics=[["mae"], ["accuracy"]],
+        )  # fmt: skip
+
+    _parity(build, x, y, epochs=3, batch_size=16)
+    real = _real_keras()
+    reference, ours = build(real), build(keras)
+    ours.set_weights(reference.get_weights())
+    expected = reference.fit(x, y, epochs=2, batch_size=16, validation_split=0.25, verbose=0, shuffle=False)
+    got = ours.fit(x, y, epochs=2, batch_size=16, validation_split=0.25, verbose=0, shuffle=False)
+    assert list(got.history) == list(expected.history)
+    for key, values in expected.history.items():
+        np.testing.assert_allclose(got.history[key], values, rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(ours.evaluate(x, y), reference.evaluate(x, y, verbose=0), rtol=1e-4)
+
+
+def test_functional_data_by_name_and_one_loss_for_every_output(parity_rng):
+    x, y = _two_in_two_out_data(parity_rng)
+    y_by_name = {"amount": y[0], "kind": np.eye(3, dtype=np.float32)[y[1]]}
+    x_by_name = {"numbers": x[0], "extra": x[1]}
+    real = _real_keras()
+    reference, ours = _two_in_two_out(real, loss="mse"), _two_in_two_out(keras, loss="mse")
+    ours.set_weights(reference.get_weights())
+    expected = reference.fit(x_by_name, y_by_name, epochs=2, verbose=0, shuffle=False).history
+    got = ours.fit(x_by_name, y_by_name, epochs=2, verbose=0, shuffle=False).history
+    assert list(got) == list(expected) == ["amount_loss", "kind_loss", "loss"]
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, err_msg=key)
+
+
+def test_functional_export_names_inputs_and_outputs(tmp_path, rng):
+    from runtime import load
+
+    x, _ = _two_in_two_out_data(rng, 4)
+    model = _two_in_two_out(keras, loss="mse")
+    header = model.export(tmp_path / "heads.so", batch_size=4).with_suffix(".h").read_text()
+    assert "input 1: extra  float32[4, 3]" in header and "output 1: kind  float32[4, 3]" in header
+    for got, expected in zip(load(tmp_path / "heads.so")(*x), model.predict(x), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_functional_errors_name_the_inputs_and_outputs(rng):
+    x, y = _two_in_two_out_data(rng, 8)
+    model = _two_in_two_out(keras, loss=["mse", "sparse_categorical_crossentropy"])
+    with pytest.raises(ValueError, match=r"has 2 \(numbers, extra\); pass a list of 2 arrays"):
+        model.fit(x[0], y, verbose=0)
+    with pytest.raises(ValueError, match=r"no data for \['extra'\]"):
+        model.predict({"numbers": x[0]})
+    with pytest.raises(ValueError, match="one entry per output"):
+        _two_in_two_out(keras, loss="mse", metrics=["accuracy"])
+    with pytest.raises(ValueError, match=r"\['speed'\] are not outputs"):
+        _two_in_two_out(keras, loss={"speed": "mse"})
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_return_state(cell, parity_rng):
+    """An RNN's final states as outputs of their own (return_state), used downstream."""
+    x = parity_rng.standard_normal((48, 5, 3)).astype(np.float32)
+    y = [x.sum(axis=(1, 2))[:, None], x[:, -1, :2]]
+
+    def build(k):
+        inputs = k.Input((5, 3))
+        sequence, *states = getattr(k.layers, cell)(4, return_sequences=True, return_state=True)(inputs)
+        joined = k.layers.Concatenate()(states) if len(states) > 1 else states[0]
+        last = k.layers.Dense(1, name="last")(joined)
+        model = k.Model(inputs, [last, k.layers.Dense(2, name="whole")(k.layers.Flatten()(sequence))])
+        model.compile(optimizer="rmsprop", loss="mse")
+        return model
+
+    _parity(build, x, y, epochs=3, batch_size=16)
+    with pytest.raises(ValueError, match="single output tensor"):
+        keras.Sequential([keras.Input((5, 3)), getattr(layers, cell)(4, return_state=True)])
+
+
+def test_functional_summary_is_keras_verbatim(monkeypatch):
+    real = _real_keras()
+    monkeypatch.setenv("COLUMNS", "80")  # Keras sizes the table to the terminal
+    texts = []
+    for k in (real, keras):
+        inputs = k.Input((5, 3), name="steps")
+        sequence, h, c = k.layers.LSTM(4, return_state=True, name="lstm")(inputs)
+        total = k.layers.Add(name="add")([sequence, h, c])
+        model = k.Model(inputs, [total, k.layers.Dense(2, name="a_rather_long_layer_name")(h)], name="states")
+        lines = []
+        model.summary(print_fn=lines.append)
+        texts.append("\n".join(lines))
+    assert texts[1] == texts[0].rstrip("\n")
+    assert "Connected to" in texts[1] and "lstm[0][1]," in texts[1]
+
+
+def test_functional_keras_files_load_both_ways(tmp_path, rng):
+    pytest.importorskip("h5py")
+    real = _real_keras()
+    x, y = _two_in_two_out_data(rng, 32)
+    args = {"loss": ["mse", "sparse_categorical_crossentropy"], "loss_weights": [1.0, 0.5]}
+    theirs = _two_in_two_out(real, **args)
+    theirs.fit(x, y, epochs=2, verbose=0)
+    theirs.save(tmp_path / "real.keras")
+    loaded = keras.models.load_model(tmp_path / "real.keras")
+    assert [layer.name for layer in loaded.layers] == [layer.name for layer in theirs.layers]
+    for a, b in zip(loaded.predict(x), theirs.predict(x, verbose=0), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    ours = _two_in_two_out(keras, **args)
+    ours.fit(x, y, epochs=2, verbose=0)
+    ours.save(tmp_path / "kiln.keras")
+    back = real.models.load_model(tmp_path / "kiln.keras")
+    for a, b in zip(back.predict(x, verbose=0), ours.predict(x), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    again = keras.models.load_model(tmp_path / "kiln.keras")
+    a = back.fit(x, y, epochs=1, verbose=0, shuffle=False).history
+    b = again.fit(x, y, epochs=1, verbose=0, shuffle=False).history
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
 
 
 C_TRAINER = r"""

@@ -201,28 +201,26 @@ def export_train(model, filepath, batch_size: int) -> Path:
         raise ValueError(
             f"export_train writes a shared library: the filename must end in .so, got {filepath}"
         )
-    if model.optimizer is None or model.loss is None:
-        raise RuntimeError("You must call `compile()` before exporting the training step.")
+    targets = model._check_compiled()
+    if len(model._input_shapes or []) != 1 or len(targets) != 1 or model._several_outputs:
+        raise ValueError(
+            "export_train takes a model with one input and one output (the C step takes one x and one y)"
+        )
     if any(getattr(layer, "rate", 0) for layer in model.layers if type(layer).__name__ == "Dropout"):
         raise ValueError("a model with Dropout (rate > 0) cannot be exported for training in C yet")
     model._sync()
     state = model._train_state()
     weights = model.weights
-    x_shape = (batch_size, *model._input_shape)
-    y_dtype = "int64" if model.loss.sparse else "float32"
-    y_shape = (batch_size,) if model.loss.sparse else (batch_size, *model._output_shape)
-    metrics = model._metrics_for(y_shape, (batch_size, *model._output_shape))
+    (feed,) = model._feeds(batch_size)
+    (target,) = model._targets(batch_size)
     core = name  # the step's own API (NAME_run, ...) sits beside the trainer's in one library
-    graph, masks = train_graph(
-        model._forward, weights, x_shape, model._input_dtype, y_shape, y_dtype, model.loss, metrics,
-        model.optimizer, name=core,
-    )  # fmt: skip
+    graph, masks = train_graph(model._forward, weights, [feed], [target], False, model.optimizer, name=core)
     arrays = state.sets[state.current]
     blob = b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in arrays)
     opt = model.optimizer
     wrapper = _wrapper(
         name, core, 2 + len(masks), [a.size for a in arrays], len(weights), [w.name for w in weights],
-        len(metrics), _scalar_expressions(opt), opt.learning_rate, opt.iterations,
+        len(target.metrics), _scalar_expressions(opt), opt.learning_rate, opt.iterations,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="kiln-train-") as work:
         so = build(
@@ -230,7 +228,7 @@ def export_train(model, filepath, batch_size: int) -> Path:
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(so, path)
-    header = _header(name, x_shape, model._input_dtype, y_shape, y_dtype, [w.name for w in weights],
+    header = _header(name, feed.shape, feed.dtype, target.y.shape, target.y.dtype, [w.name for w in weights],
                      [w.value.size for w in weights])  # fmt: skip
     path.with_name(f"{name}.h").write_text(header)
     return path

@@ -63,6 +63,7 @@ class Layer:
         self.weights: list[Weight] = []
         self.built = False
         self.input_shape_hint: tuple[int, ...] | None = None
+        self._calls = 0  # Functional API calls so far
         if input_shape is not None or input_dim is not None:
             warnings.warn(
                 "Do not pass an `input_shape`/`input_dim` argument to a layer. When using Sequential "
@@ -73,7 +74,8 @@ class Layer:
             self.input_shape_hint = tuple(input_shape) if input_shape is not None else (int(input_dim),)
 
     def __call__(self, inputs):
-        """Functional API: call the layer on KerasTensor(s); it is built on first use."""
+        """Functional API: call the layer on KerasTensor(s); it is built on first use. A
+        layer with several outputs (an RNN with return_state) gives a list of tensors."""
         many = isinstance(inputs, (list, tuple))
         tensors = list(inputs) if many else [inputs]
         if not all(isinstance(t, KerasTensor) for t in tensors):
@@ -84,7 +86,13 @@ class Layer:
         shape_in = shapes if many else shapes[0]
         if not self.built:
             self.build(shape_in)
-        return KerasTensor(self.compute_output_shape(shape_in), self, tensors)
+        shape_out = self.compute_output_shape(shape_in)
+        call = LayerCall(self, tensors, many)
+        if isinstance(shape_out, list):
+            call.outputs = [KerasTensor(s, call, i) for i, s in enumerate(shape_out)]
+            return list(call.outputs)
+        call.outputs = [KerasTensor(shape_out, call, 0)]
+        return call.outputs[0]
 
     def add_weight(self, name: str, shape: tuple[int, ...], initializer, trainable: bool = True) -> Weight:
         w = Weight(f"{self.name}/{name}", initializers.get(initializer)(tuple(shape)), trainable)
@@ -116,31 +124,54 @@ class Layer:
         return sum(w.value.size for w in self.weights)
 
 
-class KerasTensor:
-    """A symbolic value of the Functional API: a shape (without the batch axis) and the
-    layer call that makes it (`node`: the layer and its input tensors)."""
+class LayerCall:
+    """One call of a layer in the Functional API: its input tensors (`many`: given as a
+    list, as Add and Concatenate take them) and the output tensors it made. `index` counts
+    the layer's calls (Keras's node index, shown in summary's "Connected to")."""
 
-    def __init__(self, shape: tuple[int, ...], layer: Layer, inputs: list[KerasTensor]):
-        self.shape, self.layer, self.inputs = tuple(shape), layer, inputs
+    def __init__(self, layer: Layer, inputs: list[KerasTensor], many: bool):
+        self.layer, self.inputs, self.many = layer, inputs, many
+        self.index = layer._calls
+        layer._calls += 1
+        self.outputs: list[KerasTensor] = []
+
+
+class KerasTensor:
+    """A symbolic value of the Functional API: a shape (without the batch axis), and the
+    layer call that makes it as its output number `index`."""
+
+    def __init__(self, shape: tuple[int, ...], call: LayerCall, index: int = 0):
+        self.shape, self.call, self.index = tuple(shape), call, index
+
+    @property
+    def layer(self) -> Layer:
+        return self.call.layer
+
+    @property
+    def inputs(self) -> list[KerasTensor]:
+        return self.call.inputs
 
     def __repr__(self) -> str:
         return f"<KerasTensor shape=(None, {', '.join(map(str, self.shape))}) from {self.layer.name}>"
 
 
 class InputLayer(Layer):
-    def __init__(self, shape=None, name: str | None = None, **kwargs):
+    def __init__(self, shape=None, name: str | None = None, dtype: str | None = None, **kwargs):
         super().__init__(name=name or _auto_name("input_layer"), **kwargs)
         self.shape = tuple(shape)
+        self.dtype = dtype  # None: what the first layer reading it takes (indices for Embedding)
 
     def call(self, ctx, x, training):
         return x
 
 
 def Input(shape, name: str | None = None, dtype: str | None = None) -> KerasTensor:  # noqa: N802 - Keras's spelling
-    """The model's input; its dtype follows from the first layer (indices for Embedding)."""
-    layer = InputLayer(shape=shape, name=name)
+    """A model input; without a dtype it follows from the first layer reading it."""
+    layer = InputLayer(shape=shape, name=name, dtype=dtype)
     layer.built = True
-    return KerasTensor(layer.shape, layer, [])
+    call = LayerCall(layer, [], False)
+    call.outputs = [KerasTensor(layer.shape, call, 0)]
+    return call.outputs[0]
 
 
 class Dense(Layer):

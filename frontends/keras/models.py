@@ -13,8 +13,17 @@ from frontends.keras import losses as losses_module
 from frontends.keras import metrics as metrics_module
 from frontends.keras import optimizers as optimizers_module
 from frontends.keras import utils
-from frontends.keras.layers import InputLayer, KerasTensor, Layer, Weight, _auto_name
-from frontends.keras.trainer import BoundStep, TrainState, build_evaluate, build_predict, build_train
+from frontends.keras.layers import InputLayer, KerasTensor, Layer, LayerCall, Weight, _auto_name
+from frontends.keras.trainer import (
+    BoundStep,
+    Feed,
+    Target,
+    TrainState,
+    build_evaluate,
+    build_predict,
+    build_train,
+)
+from ir.graph import Value
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -30,14 +39,17 @@ def _as_array(data, name: str) -> np.ndarray:
 
 
 class Model:
-    """keras.Model(inputs, outputs): the Functional API (one input and one output tensor;
-    layers in between may branch and join, with Add and Concatenate). Sequential is
-    the subclass for a chain of layers."""
+    """keras.Model(inputs, outputs): the Functional API. Inputs and outputs are one
+    tensor or lists of them; layers in between may branch, join (Add, Concatenate) and
+    give several outputs (an RNN's return_state). Sequential is the subclass for a chain
+    of layers."""
 
     def __init__(self, inputs=None, outputs=None, name: str | None = None):
         self.name = name or _auto_name("functional" if inputs is not None else "model")
         self.layers: list[Layer] = []
-        self._nodes: list[KerasTensor] = []
+        self._calls: list[LayerCall] = []
+        self._inputs: list[KerasTensor] = []
+        self._outputs: list[KerasTensor] = []
         self.optimizer = None
         self.loss = None
         self.compiled_metrics: list = []
@@ -45,66 +57,94 @@ class Model:
         self.history = None
         self._programs: dict = {}
         self._state: TrainState | None = None
-        self._input_shape: tuple[int, ...] | None = None
+        self._input_shapes: list[tuple[int, ...]] | None = None
+        self._output_shapes: list[tuple[int, ...]] = []
         if inputs is not None or outputs is not None:
             self._connect(inputs, outputs)
 
     def _connect(self, inputs, outputs) -> None:
         """The layer calls between the input and output tensors, in an order that computes
         each tensor after its inputs."""
-        inputs, outputs = _single(inputs, "inputs"), _single(outputs, "outputs")
-        order: list[KerasTensor] = []
+        inputs, outputs = _tensors(inputs, "inputs"), _tensors(outputs, "outputs")
+        for t in inputs:
+            if not isinstance(t.layer, InputLayer):
+                raise ValueError(f"model inputs must be keras.Input tensors; {t} is not")
+        given = {id(t) for t in inputs}
+        postorder: list[LayerCall] = []  # each call after the calls it reads from
+        first_seen: dict[int, int] = {}  # layer → when a walk from the outputs first meets it
         seen: set[int] = set()
 
         def visit(t: KerasTensor) -> None:
-            if id(t) in seen:
+            call = t.call
+            first_seen.setdefault(id(call.layer), len(first_seen))
+            if id(call) in seen:
                 return
-            seen.add(id(t))
-            if t is not inputs:
-                if not t.inputs:
-                    raise ValueError(f"{t} does not come from the model's input {inputs}")
-                for parent in t.inputs:
+            seen.add(id(call))
+            if id(t) not in given:
+                if not call.inputs:
+                    raise ValueError(f"{t} does not come from the model's inputs {inputs}")
+                for parent in call.inputs:
                     visit(parent)
-            order.append(t)
+            postorder.append(call)
 
-        visit(outputs)
-        self._nodes = order
-        self.layers = list(dict.fromkeys(t.layer for t in order))
-        self._input_tensor, self._output_tensor = inputs, outputs
-        self._input_shape, self._output_shape = inputs.shape, outputs.shape
+        for t in outputs:
+            visit(t)
+        self._calls = [c for c in postorder if c.inputs]
+        self._inputs, self._outputs = inputs, outputs
+        self.layers = _keras_layer_order(postorder, first_seen, inputs)
+        self._input_shapes = [t.shape for t in inputs]
+        self._output_shapes = [t.shape for t in outputs]
 
-    def _forward(self, ctx, x, training: bool):
-        """The model's computation as graph ops: x → y."""
-        values = {id(self._input_tensor): x}
-        for t in self._nodes:
-            if t is self._input_tensor:
-                continue
-            args = [values[id(parent)] for parent in t.inputs]
-            values[id(t)] = t.layer.call(ctx, args if len(args) > 1 else args[0], training)
-        return values[id(self._output_tensor)]
+    def _forward(self, ctx, xs: list[Value], training: bool) -> list[Value]:
+        """The model's computation as graph ops: inputs → outputs."""
+        values = {id(t): x for t, x in zip(self._inputs, xs)}
+        for call in self._calls:
+            args = [values[id(parent)] for parent in call.inputs]
+            out = call.layer.call(ctx, args if call.many else args[0], training)
+            for t, v in zip(call.outputs, out if isinstance(out, list) else [out]):
+                values[id(t)] = v
+        return [values[id(t)] for t in self._outputs]
 
-    def _layer_shapes(self) -> list[tuple[Layer, tuple[int, ...] | None]]:
-        """Each layer with its output shape (for summary)."""
-        return [(t.layer, t.shape) for t in self._nodes]
+    def _layer_shapes(self) -> list[tuple[Layer, list[tuple[int, ...]] | None]]:
+        """Each layer with its output shapes (for summary)."""
+        shapes: dict[int, list] = {id(t.layer): [t.shape] for t in self._inputs}
+        for call in self._calls:  # a layer called more than once shows its last call, as Keras does
+            shapes[id(call.layer)] = [t.shape for t in call.outputs]
+        return [(layer, shapes[id(layer)]) for layer in self.layers]
+
+    def _connections(self) -> dict[int, str] | None:
+        """For summary's "Connected to" column: each layer's inbound tensors as Keras
+        writes them (name[call][output]); None for a plain chain (Keras leaves the column
+        out)."""
+        chain = len(self._inputs) == 1 and len(self._outputs) == 1
+        previous = self._inputs[0] if chain else None
+        for call in self._calls:
+            chain = chain and len(call.inputs) == 1 and call.inputs[0] is previous and len(call.outputs) == 1
+            previous = call.outputs[0]
+        if chain:
+            return None
+        inbound: dict[int, list[str]] = {id(t.layer): [] for t in self._inputs}
+        for call in self._calls:
+            named = (f"{t.layer.name}[{t.call.index}][{t.index}]" for t in call.inputs)
+            inbound.setdefault(id(call.layer), []).extend(named)
+        return {layer: ", ".join(names) or "-" for layer, names in inbound.items()}
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.layer.name for t in self._outputs] or [self.layers[-1].name if self.layers else "output"]
+
+    @property
+    def _several_outputs(self) -> bool:
+        return len(self._output_shapes) > 1
 
     # ------------------------------------------------------------------ structure
 
     @property
     def built(self) -> bool:
-        return self._input_shape is not None
+        return self._input_shapes is not None
 
     def build(self, input_shape) -> None:
-        """input_shape with or without the batch axis (None or a number first)."""
-        shape = tuple(input_shape)
-        if shape and shape[0] is None:
-            shape = shape[1:]
-        self._input_shape = tuple(int(d) for d in shape)
-        s = self._input_shape
-        for layer in self.layers:
-            if not layer.built:
-                layer.build(s)
-            s = layer.compute_output_shape(s)
-        self._output_shape = s
+        raise ValueError(f"{self.name}: a Functional model is built by its inputs and outputs")
 
     @property
     def weights(self) -> list[Weight]:
@@ -147,79 +187,161 @@ class Model:
 
     # ------------------------------------------------------------------ compile
 
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs) -> None:
-        unknown = set(kwargs) - {"loss_weights", "weighted_metrics", "run_eagerly", "jit_compile"}
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None, **kwargs) -> None:
+        unknown = set(kwargs) - {"weighted_metrics", "run_eagerly", "jit_compile"}
         if unknown:
             raise TypeError(f"compile() got unexpected keyword argument(s) {sorted(unknown)}")
+        self._output_losses = [
+            losses_module.get(spec) if spec is not None else None for spec in self._per_output(loss, "loss")
+        ]
+        self._loss_weights_spec = loss_weights
+        weights = self._per_output(loss_weights, "loss_weights")
+        self._loss_weights = [1.0 if w is None else float(w) for w in weights]
+        per_output = self._per_output(metrics, "metrics", listed=True)
+        self._output_metrics = [
+            list(m) if isinstance(m, (list, tuple)) else [m] if m else [] for m in per_output
+        ]
         self.optimizer = optimizers_module.get(optimizer)
-        self.loss = losses_module.get(loss) if loss is not None else None
-        self._metric_ids = list(metrics or [])
+        self.loss = loss if self._several_outputs or loss is None else self._output_losses[0]
+        self._metric_ids = metrics
         self._programs = {}
         self._state = None
         self._slots_kept = None
 
-    def _metrics_for(self, y_shape, pred_shape) -> list:
-        return [metrics_module.resolve(m, y_shape, pred_shape) for m in self._metric_ids]
+    def _per_output(self, spec, what: str, listed: bool = False) -> list:
+        """compile()'s loss / loss_weights / metrics, one entry per output: given once
+        (for every output; a metrics list for a one-output model), as a list in output
+        order, or as a dict by output name."""
+        names = self.output_names
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - set(names))
+            if unknown:
+                raise ValueError(f"{what}: {unknown} are not outputs of model {self.name} (outputs: {names})")
+            return [spec.get(n) for n in names]
+        if isinstance(spec, (list, tuple)) and (len(names) > 1 or not listed):
+            if len(spec) != len(names):
+                raise ValueError(
+                    f"{what}: model {self.name} has {len(names)} outputs {names}; a list must have "
+                    f"one entry per output, got {len(spec)}: {list(spec)}"
+                )
+            return list(spec)
+        return [spec] * len(names)
+
+    def _targets(self, batch: int) -> list[Target]:
+        """The outputs with a loss, the labels they take and their metrics."""
+        if getattr(self, "_output_losses", None) is None or not any(self._output_losses):
+            raise RuntimeError("You must call `compile()` with a loss before training or evaluating.")
+        targets = []
+        several = self._several_outputs
+        for i, (name, loss) in enumerate(zip(self.output_names, self._output_losses)):
+            if loss is None:
+                continue
+            out = self._output_shapes[i]
+            if loss.sparse:
+                y = Feed("y" if not several else f"{name}_labels", (batch,), "int64")
+            else:
+                y = Feed("y" if not several else f"{name}_labels", (batch, *out), "float32")
+            metrics = [metrics_module.resolve(m, y.shape, (batch, *out)) for m in self._output_metrics[i]]
+            targets.append(Target(i, y, loss, self._loss_weights[i], metrics, f"{name}_" if several else ""))
+        return targets
 
     # ------------------------------------------------------------------ data
 
-    def _prepare_x(self, x) -> np.ndarray:
-        x = _as_array(x, "x")
+    def _split(self, data, names: list[str], what: str) -> list:
+        """Arrays for a model's inputs (or outputs): one array, a list in order, or a dict by name."""
+        if isinstance(data, dict):
+            missing = [n for n in names if n not in data]
+            if missing:
+                raise ValueError(f"{what}: no data for {missing} (the dict has {sorted(data)})")
+            return [data[n] for n in names]
+        if len(names) > 1:
+            if not isinstance(data, (list, tuple)) or len(data) != len(names):
+                got = f"a list of {len(data)}" if isinstance(data, (list, tuple)) else type(data).__name__
+                raise ValueError(
+                    f"{what}: model {self.name} has {len(names)} ({', '.join(names)}); pass a list of "
+                    f"{len(names)} arrays or a dict by name, got {got}"
+                )
+            return list(data)
+        if isinstance(data, (list, tuple)) and len(data) == 1 and isinstance(data[0], np.ndarray):
+            return [data[0]]
+        return [data]
+
+    def _prepare_x(self, x) -> list[np.ndarray]:
+        arrays = [_as_array(a, "x") for a in self._split(x, self.input_names, "x")]
         if not self.built:
-            self.build(x.shape[1:] if x.ndim > 1 else (1,))
-        if x.ndim == 1 and self._input_shape == (1,):  # one feature, given as a flat list (TF2 took it)
-            x = x.reshape(-1, 1)
-        if x.shape[1:] != self._input_shape:
-            raise ValueError(
-                f"Input has shape {x.shape}, but model {self.name} expects "
-                f"(batch, {', '.join(map(str, self._input_shape))})"
-            )
-        return np.ascontiguousarray(x, dtype=self._input_dtype)
+            first = arrays[0]
+            self.build(first.shape[1:] if first.ndim > 1 else (1,))
+        out = []
+        for a, name, shape, dtype in zip(arrays, self.input_names, self._input_shapes, self._input_dtypes):
+            if a.ndim == 1 and shape == (1,):  # one feature, given as a flat list (TF2 took it)
+                a = a.reshape(-1, 1)
+            if a.shape[1:] != shape:
+                raise ValueError(
+                    f"Input {name} has shape {a.shape}, but model {self.name} expects "
+                    f"(batch, {', '.join(map(str, shape))})"
+                )
+            if len(a) != len(arrays[0]):
+                raise ValueError(f"inputs have different numbers of samples: {[len(b) for b in arrays]}")
+            out.append(np.ascontiguousarray(a, dtype=dtype))
+        return out
 
     @property
-    def _input_dtype(self) -> str:
-        """float32, or int64 when the first layer takes indices (Embedding)."""
-        first = (
-            self.layers[1]
-            if self.layers and isinstance(self.layers[0], InputLayer)
-            else (self.layers[0] if self.layers else None)
-        )
-        return getattr(first, "input_dtype", "float32")
+    def input_names(self) -> list[str]:
+        return [t.layer.name for t in self._inputs] or ["x"]
 
-    def _prepare_y(self, y, n: int) -> np.ndarray:
-        y = _as_array(y, "y")
-        if len(y) != n:
-            raise ValueError(f"x has {n} samples but y has {len(y)}")
-        if self.loss.sparse:
-            return np.ascontiguousarray(y.reshape(n).astype(np.int64))
-        out = self._output_shape
-        y = y.astype(np.float32)
-        if y.shape[1:] != out and y.size == n * int(np.prod(out)):
-            y = y.reshape((n, *out))  # (N,) labels against (N, 1) predictions: aligned, not broadcast
-        if y.shape[1:] != out:
-            raise ValueError(f"y has shape {y.shape}; the model's output is (batch, {out})")
-        return np.ascontiguousarray(y)
+    @property
+    def _input_dtypes(self) -> list[str]:
+        """Each input's dtype: the Input's own, or else what the first layer reading it
+        takes (float32, or int64 indices for Embedding)."""
+        dtypes = []
+        for t in self._inputs:
+            readers = [c.layer for c in self._calls if any(p is t for p in c.inputs)]
+            dtypes.append(t.layer.dtype or getattr(readers[0] if readers else None, "input_dtype", "float32"))
+        return dtypes
+
+    def _prepare_y(self, y, n: int, targets: list[Target]) -> list[np.ndarray]:
+        given = self._split(y, self.output_names, "y")
+        out = []
+        for t in targets:
+            a = _as_array(given[t.output], "y")
+            if len(a) != n:
+                raise ValueError(f"x has {n} samples but y has {len(a)}")
+            if t.loss.sparse:
+                out.append(np.ascontiguousarray(a.reshape(n).astype(np.int64)))
+                continue
+            shape = self._output_shapes[t.output]
+            a = a.astype(np.float32)
+            if a.shape[1:] != shape and a.size == n * int(np.prod(shape)):
+                a = a.reshape((n, *shape))  # (N,) labels against (N, 1) predictions: aligned, not broadcast
+            if a.shape[1:] != shape:
+                name = self.output_names[t.output]
+                raise ValueError(f"y for {name} has shape {a.shape}; the output is (batch, {shape})")
+            out.append(np.ascontiguousarray(a))
+        return out
+
+    def _feeds(self, batch: int) -> list[Feed]:
+        names = self.input_names if len(self._input_shapes) > 1 else ["x"]
+        return [
+            Feed(name, (batch, *shape), dtype)
+            for name, shape, dtype in zip(names, self._input_shapes, self._input_dtypes)
+        ]
 
     # ------------------------------------------------------------------ programs
 
-    def _program(self, kind: str, batch: int, y_shape=None, y_dtype=None):
+    def _program(self, kind: str, batch: int):
         key = (kind, batch)
         if key not in self._programs:
-            weights = self.weights
-            x_shape, x_dtype = (batch, *self._input_shape), self._input_dtype
-            pred_shape = (batch, *self._output_shape)
+            weights, feeds = self.weights, self._feeds(batch)
             if kind == "predict":
-                self._programs[key] = build_predict(self._forward, weights, x_shape, x_dtype)
+                self._programs[key] = build_predict(self._forward, weights, feeds)
             else:
-                metrics = self._metrics_for(y_shape, pred_shape)
-                args = (self._forward, weights, x_shape, x_dtype, y_shape, y_dtype, self.loss, metrics)
+                targets, several = self._targets(batch), self._several_outputs
                 if kind == "evaluate":
-                    self._programs[key] = build_evaluate(*args)
+                    self._programs[key] = build_evaluate(self._forward, weights, feeds, targets, several)
                 else:
-                    program = build_train(*args, self.optimizer)
-                    self._programs[key] = BoundStep(
-                        program, self._train_state(), x_shape, x_dtype, y_shape, y_dtype, self.optimizer
-                    )
+                    program = build_train(self._forward, weights, feeds, targets, several, self.optimizer)
+                    state = self._train_state()
+                    self._programs[key] = BoundStep(program, state, feeds, targets, self.optimizer)
         return self._programs[key]
 
     def _train_state(self) -> TrainState:
@@ -231,6 +353,11 @@ class Model:
         return self._state
 
     # ------------------------------------------------------------------ fit / evaluate / predict
+
+    def _check_compiled(self) -> list[Target]:
+        if self.optimizer is None:
+            raise RuntimeError("You must call `compile()` before using the model.")
+        return self._targets(0)
 
     def fit(
         self,
@@ -248,18 +375,21 @@ class Model:
     ):
         if kwargs:
             raise TypeError(f"fit() got unexpected keyword argument(s) {sorted(kwargs)}")
-        if self.optimizer is None or self.loss is None:
-            raise RuntimeError("You must call `compile()` before using the model.")
-        x = self._prepare_x(x)
-        y = self._prepare_y(y, len(x))
-        if validation_data is None and validation_split:
-            split = int(len(x) * (1 - validation_split))
-            if split == 0 or split == len(x):
+        targets = self._check_compiled()
+        xs = self._prepare_x(x)
+        n = len(xs[0])
+        ys = self._prepare_y(y, n, targets)
+        validation = None
+        if validation_data is not None:
+            val_xs = self._prepare_x(validation_data[0])
+            validation = (val_xs, self._prepare_y(validation_data[1], len(val_xs[0]), targets))
+        elif validation_split:
+            split = int(n * (1 - validation_split))
+            if split == 0 or split == n:
                 raise ValueError(f"validation_split={validation_split} leaves no training or validation data")
-            validation_data = (x[split:], y[split:])
-            x, y = x[:split], y[:split]
+            validation = ([a[split:] for a in xs], [a[split:] for a in ys])
+            xs, ys, n = [a[:split] for a in xs], [a[:split] for a in ys], split
         batch = int(batch_size or DEFAULT_BATCH_SIZE)
-        n = len(x)
         steps = -(-n // batch)
         verbose = 1 if verbose == "auto" else int(verbose)
         history = callbacks_module.History()
@@ -276,11 +406,11 @@ class Model:
             for step in range(steps):
                 idx = order[step * batch : (step + 1) * batch]
                 cbs.on_train_batch_begin(step)
-                logs = self._train_batch(x, y, idx, totals)
+                logs = self._train_batch(xs, ys, idx, totals)
                 cbs.on_train_batch_end(step, logs)
             logs = totals.logs()
-            if validation_data is not None:
-                val = self.evaluate(*validation_data, batch_size=batch, verbose=0, return_dict=True)
+            if validation is not None:
+                val = self._evaluate(*validation, batch).logs()
                 logs.update({f"val_{k}": v for k, v in val.items()})
             self._sync()
             cbs.on_epoch_end(epoch, logs)
@@ -291,11 +421,11 @@ class Model:
         self.history = history
         return history
 
-    def _train_batch(self, x, y, idx, totals: _Totals) -> dict:
+    def _train_batch(self, xs, ys, idx, totals: _Totals) -> dict:
         size = len(idx)
-        step = self._program("train", size, (size, *y.shape[1:]), y.dtype.name)
-        np.take(x, idx, axis=0, out=step.x)
-        np.take(y, idx, axis=0, out=step.y)
+        step = self._program("train", size)
+        for src, dst in zip([*xs, *ys], [*step.xs, *step.ys]):
+            np.take(src, idx, axis=0, out=dst)
         for mask, (layer, shape) in zip(step.masks, step.program.masks):
             mask[...] = layer.draw_mask(utils.rng(), shape)
         for name, value in self.optimizer.step_scalars().items():
@@ -304,60 +434,72 @@ class Model:
         step.calls[state.current]()
         state.current ^= 1
         self.optimizer.iterations += 1
-        totals.add(float(step.loss), size, step.program.metric_names, [float(s) for s in step.metric_sums])
+        totals.add(step.program, float(step.loss), [float(v) for v in step.losses], size,
+                   [float(s) for s in step.metric_sums])  # fmt: skip
         return totals.logs()
 
     def train_on_batch(self, x, y, return_dict: bool = False):
         """One training step on this batch; the loss (and metrics) measured before it."""
-        if self.optimizer is None or self.loss is None:
-            raise RuntimeError("You must call `compile()` before using the model.")
-        x = self._prepare_x(x)
-        y = self._prepare_y(y, len(x))
+        targets = self._check_compiled()
+        xs = self._prepare_x(x)
+        ys = self._prepare_y(y, len(xs[0]), targets)
         self._train_state()
         totals = _Totals()
-        logs = self._train_batch(x, y, np.arange(len(x)), totals)
+        logs = self._train_batch(xs, ys, np.arange(len(xs[0])), totals)
         self._sync()
-        if return_dict:
-            return logs
-        return (
-            logs["loss"] if not self._metric_ids else [logs["loss"], *(logs[n] for n in totals.metric_order)]
-        )
+        return logs if return_dict else self._as_list(totals)
+
+    def _as_list(self, totals: _Totals):
+        """evaluate()'s return: the loss alone, or [loss, per-output losses, metrics] (the
+        metrics in compile order for one output, by name for several, as Keras orders them)."""
+        if not totals.parts and not totals.metrics:
+            return totals.loss / totals.count
+        metric_order = sorted(totals.metric_order) if self._several_outputs else totals.metric_order
+        logs = totals.logs()
+        return [logs["loss"], *(logs[name] for name in [*totals.parts, *metric_order])]
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", return_dict: bool = False, **kwargs):
         if kwargs:
             raise TypeError(f"evaluate() got unexpected keyword argument(s) {sorted(kwargs)}")
-        if self.loss is None:
-            raise RuntimeError("You must call `compile()` before using the model.")
-        x = self._prepare_x(x)
-        y = self._prepare_y(y, len(x))
+        targets = self._targets(0)
+        xs = self._prepare_x(x)
+        ys = self._prepare_y(y, len(xs[0]), targets)
+        totals = self._evaluate(xs, ys, int(batch_size or DEFAULT_BATCH_SIZE))
+        return totals.logs() if return_dict else self._as_list(totals)
+
+    def _evaluate(self, xs: list[np.ndarray], ys: list[np.ndarray], batch: int) -> _Totals:
         self._sync()
         weights = [w.value for w in self.weights]
-        batch = int(batch_size or DEFAULT_BATCH_SIZE)
         totals = _Totals()
-        for start in range(0, len(x), batch):
-            xb, yb = x[start : start + batch], y[start : start + batch]
-            program = self._program("evaluate", len(xb), yb.shape, yb.dtype.name)
-            loss, *sums = program.compiled.run(np.ascontiguousarray(xb), np.ascontiguousarray(yb), *weights)
-            totals.add(float(loss), len(xb), program.metric_names, [float(s) for s in sums])
-        logs = totals.logs()
-        if return_dict:
-            return logs
-        if not self._metric_ids:
-            return logs["loss"]
-        return [logs["loss"], *(logs[name] for name in totals.metric_order)]
+        for start in range(0, len(xs[0]), batch):
+            parts = [np.ascontiguousarray(a[start : start + batch]) for a in [*xs, *ys]]
+            size = len(parts[0])
+            program = self._program("evaluate", size)
+            loss, *rest = program.compiled.run(*parts, *weights)
+            n_losses = len(program.loss_names)
+            totals.add(program, float(loss), [float(v) for v in rest[:n_losses]], size,
+                       [float(s) for s in rest[n_losses:]])  # fmt: skip
+        return totals
 
-    def predict(self, x, batch_size=None, verbose="auto", **kwargs) -> np.ndarray:
+    def predict(self, x, batch_size=None, verbose="auto", **kwargs):
+        """An array, or a list of arrays for a model with several outputs."""
         if kwargs:
             raise TypeError(f"predict() got unexpected keyword argument(s) {sorted(kwargs)}")
-        x = self._prepare_x(x)
+        xs = self._prepare_x(x)
         self._sync()
         weights = [w.value for w in self.weights]
         batch = int(batch_size or DEFAULT_BATCH_SIZE)
-        parts = []
-        for start in range(0, len(x), batch):
-            xb = np.ascontiguousarray(x[start : start + batch])
-            parts.append(self._program("predict", len(xb)).compiled.run(xb, *weights)[0])
-        return np.concatenate(parts) if parts else np.zeros((0, *self._output_shape), np.float32)
+        parts: list[list[np.ndarray]] = [[] for _ in self._output_shapes]
+        for start in range(0, len(xs[0]), batch):
+            inputs = [np.ascontiguousarray(a[start : start + batch]) for a in xs]
+            outputs = self._program("predict", len(inputs[0])).compiled.run(*inputs, *weights)
+            for part, y in zip(parts, outputs):
+                part.append(y)
+        ys = [
+            np.concatenate(p) if p else np.zeros((0, *shape), np.float32)
+            for p, shape in zip(parts, self._output_shapes)
+        ]
+        return ys if self._several_outputs else ys[0]
 
     def save(self, filepath, overwrite: bool = True) -> None:
         """The .keras file real Keras 3 loads (written atomically)."""
@@ -380,8 +522,8 @@ class Model:
         if not self.built:
             raise ValueError("the model has no weights yet: build it (or fit it) before exporting")
         self._sync()
-        shape = (batch_size, *self._input_shape)
-        graph = inference_graph(self._forward, self.weights, shape, self._input_dtype, path.stem)
+        feeds = self._feeds(batch_size)
+        graph = inference_graph(self._forward, self.weights, feeds, self.output_names, path.stem)
         return compile_model(graph, name=path.stem).save(path)
 
     def export_train(self, filepath, batch_size: int = 32) -> Path:
@@ -407,7 +549,7 @@ class Model:
         self._reset_state()
 
     def __call__(self, x, training: bool = False):
-        return self.predict(x, batch_size=len(x))
+        return self.predict(x, batch_size=len(self._prepare_x(x)[0]))
 
     def summary(self, print_fn=print) -> None:
         from frontends.keras.summary import summary
@@ -415,37 +557,58 @@ class Model:
         print_fn(summary(self))
 
 
-def _single(tensors, what: str) -> KerasTensor:
-    if isinstance(tensors, (list, tuple)):
-        if len(tensors) != 1:
-            raise ValueError(
-                f"Kiln's Functional models take one input and one output tensor; {what} has {len(tensors)}"
-            )
-        tensors = tensors[0]
-    if not isinstance(tensors, KerasTensor):
-        raise TypeError(f"{what} must be keras.Input / layer output tensors, got {type(tensors).__name__}")
-    return tensors
+def _keras_layer_order(postorder: list[LayerCall], first_seen: dict[int, int], inputs) -> list[Layer]:
+    """Keras's order of a Functional model's layers (which fixes get_weights' order and
+    the weight file's layout): deepest first (depth: the longest path to an output),
+    ties in the order a walk from the outputs first meets them."""
+    call_depth: dict[int, int] = {}
+    layer_depth: dict[int, int] = {}
+    layers: dict[int, Layer] = {}
+    for call in reversed(postorder):
+        depth = max(call_depth.get(id(call), 0), layer_depth.get(id(call.layer), 0))
+        layer_depth[id(call.layer)] = call_depth[id(call)] = depth
+        layers[id(call.layer)] = call.layer
+        for parent in call.inputs:
+            call_depth[id(parent.call)] = max(depth + 1, call_depth.get(id(parent.call), 0))
+    for t in inputs:  # an input no output depends on
+        layers.setdefault(id(t.layer), t.layer)
+        layer_depth.setdefault(id(t.layer), 0)
+        first_seen.setdefault(id(t.layer), -1)
+    order = sorted(layers, key=lambda k: (-layer_depth[k], first_seen[k]))
+    return [layers[k] for k in order]
+
+
+def _tensors(tensors, what: str) -> list[KerasTensor]:
+    listed = list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+    if not listed or not all(isinstance(t, KerasTensor) for t in listed):
+        raise TypeError(
+            f"{what} must be keras.Input / layer output tensors, or lists of them; got {tensors!r}"
+        )
+    return listed
 
 
 class _Totals:
-    """Keras's epoch logs: loss weighted by batch size, metrics streamed over samples."""
+    """Keras's epoch logs: the losses weighted by batch size, metrics streamed over samples."""
 
     def __init__(self):
         self.loss = 0.0
         self.count = 0
+        self.parts: dict[str, float] = {}  # each output's own loss (several outputs)
         self.metrics: dict[str, float] = {}
         self.metric_order: list[str] = []
 
-    def add(self, loss: float, n: int, names: list[str], sums: list[float]) -> None:
+    def add(self, program, loss: float, parts: list[float], n: int, sums: list[float]) -> None:
         self.loss += loss * n
         self.count += n
-        for name, s in zip(names, sums):
+        for name, part in zip(program.loss_names, parts):
+            self.parts[name] = self.parts.get(name, 0.0) + part * n
+        for name, s in zip(program.metric_names, sums):
             if name not in self.metrics:
                 self.metric_order.append(name)
             self.metrics[name] = self.metrics.get(name, 0.0) + s
 
     def logs(self) -> dict:
-        logs = {name: total / self.count for name, total in self.metrics.items()}
+        logs = {name: total / self.count for name, total in {**self.parts, **self.metrics}.items()}
         logs["loss"] = self.loss / self.count
         return dict(sorted(logs.items()))
 
@@ -453,20 +616,43 @@ class _Totals:
 class Sequential(Model):
     def __init__(self, layers=None, name: str | None = None):
         super().__init__(name=name or _auto_name("sequential"))
+        self._input_dtype: str | None = None
         for layer in layers or []:
             self.add(layer)
 
-    def _forward(self, ctx, x, training: bool):
+    def _forward(self, ctx, xs, training: bool):
+        (x,) = xs
         for layer in self.layers:
             x = layer.call(ctx, x, training)
-        return x
+        return [x]
+
+    def _connections(self) -> None:
+        return None
 
     def _layer_shapes(self):
-        shape, out = self._input_shape, []
+        shape, out = self._input_shapes[0] if self.built else None, []
         for layer in self.layers:
             shape = layer.compute_output_shape(shape) if shape is not None else None
-            out.append((layer, shape))
+            out.append((layer, [shape] if shape is not None else None))
         return out
+
+    @property
+    def _input_dtypes(self) -> list[str]:
+        first = self.layers[0] if self.layers else None
+        return [self._input_dtype or getattr(first, "input_dtype", "float32")]
+
+    def build(self, input_shape) -> None:
+        """input_shape with or without the batch axis (None or a number first)."""
+        shape = tuple(input_shape)
+        if shape and shape[0] is None:
+            shape = shape[1:]
+        s = tuple(int(d) for d in shape)
+        self._input_shapes = [s]
+        for layer in self.layers:
+            if not layer.built:
+                layer.build(s)
+            s = layer.compute_output_shape(s)
+        self._output_shapes = [s]
 
     def add(self, layer: Layer) -> None:
         if isinstance(layer, KerasTensor):  # keras.Input(shape) as the first entry
@@ -474,21 +660,27 @@ class Sequential(Model):
         if isinstance(layer, InputLayer):
             if self.layers:
                 raise ValueError("an Input must be the first layer of a Sequential model")
+            self._input_dtype = layer.dtype
             self.build(layer.shape)
             return
         if not isinstance(layer, Layer):
             raise TypeError(f"Sequential.add takes a layer, got {type(layer).__name__}")
+        if getattr(layer, "return_state", False):
+            raise ValueError(
+                f"All layers in a Sequential model should have a single output tensor; {layer.name} "
+                "returns its states too (return_state=True): use the Functional API"
+            )
         first = not self.layers
         self.layers.append(layer)
         if first and layer.input_shape_hint is not None and not self.built:
             self.build(layer.input_shape_hint)
         elif self.built:
-            s = self._input_shape
+            s = self._input_shapes[0]
             for previous in self.layers[:-1]:
                 s = previous.compute_output_shape(s)
             if not layer.built:
                 layer.build(s)
-            self._output_shape = layer.compute_output_shape(s)
+            self._output_shapes = [layer.compute_output_shape(s)]
         self._programs = {}
         self._state = None
 

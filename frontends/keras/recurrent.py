@@ -15,6 +15,7 @@ from ir.graph import Value
 
 class _Recurrent(Layer):
     gates = 1
+    n_states = 1  # h (LSTM: h and c)
 
     def __init__(
         self,
@@ -41,8 +42,7 @@ class _Recurrent(Layer):
         self.use_bias = use_bias
         self.initializers = (kernel_initializer, recurrent_initializer, bias_initializer)
         self.return_sequences, self.go_backwards = return_sequences, go_backwards
-        if return_state:
-            raise ValueError("return_state=True needs the Functional API, which Kiln does not have yet")
+        self.return_state = return_state
 
     def _bias_shape(self) -> tuple[int, ...]:
         return (self.gates * self.units,)
@@ -65,7 +65,11 @@ class _Recurrent(Layer):
         pass
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.units) if self.return_sequences else (self.units,)
+        """The output; with return_state a list: [output, *final states] (h, and c for LSTM)."""
+        output = (input_shape[0], self.units) if self.return_sequences else (self.units,)
+        if self.return_state:
+            return [output, *[(self.units,)] * self.n_states]
+        return output
 
     def call(self, ctx, x, training):
         b = ctx.b
@@ -77,9 +81,11 @@ class _Recurrent(Layer):
             x_t = b.reshape(b.slice(x, starts=(t,), ends=(t + 1,), axes=(1,)), shape=(n, x.type.shape[2]))
             state = self.step(ctx, x_t, state)
             outputs.append(state[0])
-        if not self.return_sequences:
-            return outputs[-1]
-        return b.concat(*(b.reshape(h, shape=(n, 1, self.units)) for h in outputs), axis=1)
+        if self.return_sequences:
+            output = b.concat(*(b.reshape(h, shape=(n, 1, self.units)) for h in outputs), axis=1)
+        else:
+            output = outputs[-1]
+        return [output, *state] if self.return_state else output
 
     def _initial_state(self, ctx, n: int) -> tuple[Value, ...]:
         zero = ctx.b.param("h0", np.zeros((n, self.units), np.float32))
@@ -109,6 +115,7 @@ class LSTM(_Recurrent):
     """Gates i, f, c, o; unit_forget_bias: the forget gate's bias starts at 1."""
 
     gates = 4
+    n_states = 2
 
     def __init__(self, units: int, unit_forget_bias: bool = True, **kwargs):
         super().__init__(units, **kwargs)

@@ -84,13 +84,17 @@ def layer_config(layer: Layer) -> dict:
         base.update(
             axis=-1, momentum=layer.momentum, epsilon=layer.epsilon, center=layer.center, scale=layer.scale
         )
+    elif kind == "Add":
+        pass
+    elif kind == "Concatenate":
+        base.update(axis=layer.axis)
     elif kind in ("SimpleRNN", "LSTM", "GRU"):
         base.update(
             units=layer.units,
             activation=layer.activation_names[0],
             use_bias=layer.use_bias,
             return_sequences=layer.return_sequences,
-            return_state=False,
+            return_state=layer.return_state,
             go_backwards=layer.go_backwards,
         )
         if kind != "SimpleRNN":
@@ -119,11 +123,13 @@ _ACCEPTED = {
     "Activation": ("activation",),
     "Dropout": ("rate",),
     "BatchNormalization": ("axis", "momentum", "epsilon", "center", "scale"),
-    "SimpleRNN": ("units", "activation", "use_bias", "return_sequences", "go_backwards"),
-    "LSTM": ("units", "activation", "recurrent_activation", "use_bias", "return_sequences", "go_backwards",
-             "unit_forget_bias"),
-    "GRU": ("units", "activation", "recurrent_activation", "use_bias", "return_sequences", "go_backwards",
-            "reset_after"),
+    "Add": (),
+    "Concatenate": ("axis",),
+    "SimpleRNN": ("units", "activation", "use_bias", "return_sequences", "return_state", "go_backwards"),
+    "LSTM": ("units", "activation", "recurrent_activation", "use_bias", "return_sequences", "return_state",
+             "go_backwards", "unit_forget_bias"),
+    "GRU": ("units", "activation", "recurrent_activation", "use_bias", "return_sequences", "return_state",
+            "go_backwards", "reset_after"),
 }  # fmt: skip
 
 
@@ -133,8 +139,6 @@ def layer_from_config(entry: dict) -> Layer:
         raise ValueError(f"cannot load a {kind} layer (Kiln has: {', '.join(_ACCEPTED)})")
     if config.get("data_format", "channels_last") != "channels_last":
         raise ValueError(f"layer {config.get('name')}: only channels_last is supported")
-    if config.get("return_state"):
-        raise ValueError(f"layer {config.get('name')}: return_state needs the Functional API")
     kwargs = {k: config[k] for k in _ACCEPTED[kind] if k in config}
     for key in ("activation", "recurrent_activation"):
         if isinstance(kwargs.get(key), dict):  # a serialized function object
@@ -238,30 +242,26 @@ def read_weights_file(model, filepath) -> None:
 # ------------------------------------------------------------------ save / load
 
 
-def _config(model) -> dict:
-    build_shape = [None, *model._input_shape]
-    entries = [
-        {
-            "module": "keras.layers",
-            "class_name": "InputLayer",
-            "config": {"batch_shape": build_shape, "dtype": "float32", "sparse": False, "ragged": False,
-                       "name": "input_layer", "optional": False},
-            "registered_name": None,
-        }
-    ]  # fmt: skip
-    shape = model._input_shape
+def _input_entry(name: str, shape, dtype: str | None) -> dict:
+    return {"module": "keras.layers", "class_name": "InputLayer",
+            "config": {"batch_shape": [None, *shape], "dtype": dtype or "float32", "sparse": False,
+                       "ragged": False, "name": name, "optional": False},
+            "registered_name": None}  # fmt: skip
+
+
+def _layer_entry(layer: Layer, input_shape) -> dict:
+    return {"module": "keras.layers", "class_name": type(layer).__name__, "config": layer_config(layer),
+            "registered_name": None, "build_config": {"input_shape": input_shape}}  # fmt: skip
+
+
+def _sequential_config(model) -> dict:
+    build_shape = [None, *model._input_shapes[0]]
+    entries = [_input_entry("input_layer", model._input_shapes[0], model._input_dtypes[0])]
+    shape = model._input_shapes[0]
     for layer in model.layers:
-        entries.append(
-            {
-                "module": "keras.layers",
-                "class_name": type(layer).__name__,
-                "config": layer_config(layer),
-                "registered_name": None,
-                "build_config": {"input_shape": [None, *shape]},
-            }
-        )
+        entries.append(_layer_entry(layer, [None, *shape]))
         shape = layer.compute_output_shape(shape)
-    config = {
+    return {
         "module": "keras",
         "class_name": "Sequential",
         "config": {"name": model.name, "trainable": True, "dtype": "float32", "layers": entries,
@@ -269,14 +269,71 @@ def _config(model) -> dict:
         "registered_name": None,
         "build_config": {"input_shape": build_shape},
     }  # fmt: skip
+
+
+def _history(t) -> list:
+    """A tensor as Keras's config names it: [layer, call, output]."""
+    return [t.layer.name, t.call.index, t.index]
+
+
+def _functional_config(model) -> dict:
+    """Keras's Functional config: each layer with the calls that feed it (inbound_nodes),
+    in the model's layer order."""
+    calls: dict[int, list] = {}
+    for call in model._calls:
+        calls.setdefault(id(call.layer), []).append(call)
+    dtypes = dict(zip(map(id, model._inputs), model._input_dtypes))
+    entries = []
+    for layer in model.layers:
+        if isinstance(layer, InputLayer):
+            (t,) = [t for t in model._inputs if t.layer is layer]
+            entry = _input_entry(layer.name, t.shape, dtypes[id(t)])
+            entries.append({**entry, "name": layer.name, "inbound_nodes": []})
+            continue
+        nodes = []
+        for call in calls[id(layer)]:
+            tensors = [
+                {"class_name": "__keras_tensor__",
+                 "config": {"shape": [None, *t.shape], "dtype": "float32", "keras_history": _history(t)}}
+                for t in call.inputs
+            ]  # fmt: skip
+            nodes.append({"args": [tensors if call.many else tensors[0]], "kwargs": {}})
+        shapes = [[None, *t.shape] for t in calls[id(layer)][0].inputs]
+        entry = _layer_entry(layer, shapes if calls[id(layer)][0].many else shapes[0])
+        entries.append({**entry, "name": layer.name, "inbound_nodes": nodes})
+    return {
+        "module": "keras.src.models.functional",
+        "class_name": "Functional",
+        "config": {"name": model.name, "trainable": True, "layers": entries,
+                   "input_layers": [_history(t) for t in model._inputs],
+                   "output_layers": [_history(t) for t in model._outputs]},
+        "registered_name": "Functional",
+        "build_config": {"input_shape": None},
+    }  # fmt: skip
+
+
+def _loss_config(spec):
+    """compile()'s loss as Keras stores it: names, in the structure it was given."""
+    if isinstance(spec, (list, tuple)):
+        return [_loss_config(s) for s in spec]
+    if isinstance(spec, dict):
+        return {k: _loss_config(v) for k, v in spec.items()}
+    return spec if spec is None or isinstance(spec, str) else spec.name
+
+
+def _config(model) -> dict:
+    from frontends.keras.models import Sequential
+
+    config = _sequential_config(model) if isinstance(model, Sequential) else _functional_config(model)
     if model.optimizer is not None and model.loss is not None:
         opt = model.optimizer
+        metrics = model._metric_ids
         config["compile_config"] = {
             "optimizer": {"module": "keras.optimizers", "class_name": type(opt).__name__,
                           "config": opt.get_config(), "registered_name": None},
-            "loss": model.loss.name,
-            "loss_weights": None,
-            "metrics": [str(m) for m in model._metric_ids] or None,
+            "loss": _loss_config(model.loss),
+            "loss_weights": model._loss_weights_spec,
+            "metrics": [str(m) for m in metrics] if isinstance(metrics, (list, tuple)) else metrics,
             "weighted_metrics": None,
             "run_eagerly": False,
             "steps_per_execution": 1,
@@ -286,13 +343,9 @@ def _config(model) -> dict:
 
 
 def save_model(model, filepath) -> None:
-    from frontends.keras.models import Sequential
-
     path = Path(filepath)
     if path.suffix != ".keras":
         raise ValueError(f"The filename must end in `.keras`. Received: filepath={filepath}")
-    if not isinstance(model, Sequential):
-        raise ValueError("Kiln saves Sequential models to .keras files; Functional ones not yet")
     if not model.built:
         raise ValueError("the model has no weights yet: build it (or fit it) before saving")
     model._sync()
@@ -313,17 +366,11 @@ def save_model(model, filepath) -> None:
     _atomic_write(path, write)
 
 
-def load_model(filepath, compile: bool = True):
+def _load_sequential(config: dict):
     from frontends.keras.models import Sequential
 
-    with zipfile.ZipFile(filepath) as z:
-        config = json.loads(z.read("config.json"))
-        weights = io.BytesIO(z.read("model.weights.h5"))
-    if config.get("class_name") != "Sequential":
-        raise ValueError(f"{filepath}: a {config.get('class_name')} model; Kiln loads Sequential models")
-    entries = config["config"]["layers"]
     model = Sequential(name=config["config"].get("name"))
-    for entry in entries:
+    for entry in config["config"]["layers"]:
         if entry["class_name"] == "InputLayer":
             model.add(InputLayer(shape=entry["config"]["batch_shape"][1:]))
         else:
@@ -332,6 +379,55 @@ def load_model(filepath, compile: bool = True):
         model.build(
             config.get("build_config", {}).get("input_shape") or config["config"]["build_input_shape"]
         )
+    return model
+
+
+def _load_functional(config: dict):
+    """Rebuild the layers and replay their calls (inbound_nodes) in the file's order."""
+    from frontends.keras.models import Model
+
+    tensors: dict[tuple, object] = {}
+
+    def tensor(arg):
+        if isinstance(arg, list):
+            return [tensor(a) for a in arg]
+        key = tuple(arg["config"]["keras_history"])
+        if key not in tensors:
+            raise ValueError(f"layer input {list(key)} is not made by an earlier layer in the file")
+        return tensors[key]
+
+    for entry in config["config"]["layers"]:
+        if entry["class_name"] == "InputLayer":
+            c = entry["config"]
+            dtype = c.get("dtype") if c.get("dtype") != "float32" else None
+            shape = c["batch_shape"][1:]
+            tensors[(c["name"], 0, 0)] = layers_module.Input(shape, name=c["name"], dtype=dtype)
+            continue
+        layer = layer_from_config(entry)
+        for index, node in enumerate(entry["inbound_nodes"]):
+            out = layer(tensor(node["args"][0]))
+            for i, t in enumerate(out if isinstance(out, list) else [out]):
+                tensors[(layer.name, index, i)] = t
+
+    def ends(spec):
+        spec = spec if spec and isinstance(spec[0], list) else [spec]
+        return [tensors[tuple(s)] for s in spec]
+
+    c = config["config"]
+    return Model(ends(c["input_layers"]), ends(c["output_layers"]), name=c.get("name"))
+
+
+def load_model(filepath, compile: bool = True):
+    with zipfile.ZipFile(filepath) as z:
+        config = json.loads(z.read("config.json"))
+        weights = io.BytesIO(z.read("model.weights.h5"))
+    kind = config.get("class_name")
+    if kind == "Sequential":
+        model = _load_sequential(config)
+    elif kind in ("Functional", "Model"):
+        model = _load_functional(config)
+    else:
+        raise ValueError(f"{filepath}: a {kind} model; Kiln loads Sequential and Functional models")
     optimizer_vars = _read_weights(model, weights)
     compiled = config.get("compile_config")
     if compile and compiled:
@@ -341,7 +437,12 @@ def load_model(filepath, compile: bool = True):
             known = {"learning_rate", "momentum", "nesterov", "beta_1", "beta_2", "epsilon", "rho"}
             known |= {"centered", "initial_accumulator_value", "weight_decay"}
             opt = cls(**{k: v for k, v in opt["config"].items() if k in known and v is not None})
-        model.compile(optimizer=opt, loss=compiled["loss"], metrics=compiled.get("metrics"))
+        model.compile(
+            optimizer=opt,
+            loss=compiled["loss"],
+            metrics=compiled.get("metrics"),
+            loss_weights=compiled.get("loss_weights"),
+        )
         _restore_optimizer(model, optimizer_vars)
     return model
 

@@ -1,10 +1,10 @@
 """The compiled programs behind compile/fit/evaluate/predict.
 
 One graph per (purpose, batch size), built from the model's layers and compiled once:
-  train:   x, y, dropout masks, weights, optimizer slots, step scalars
-           → batch loss, metric sums, new weights, new slots
-  evaluate: x, y, weights → batch loss, metric sums
-  predict:  x, weights → y
+  train:   inputs, labels, dropout masks, weights, optimizer slots, step scalars
+           → batch loss, per-output losses, metric sums, new weights, new slots
+  evaluate: inputs, labels, weights → batch loss, per-output losses, metric sums
+  predict:  inputs, weights → outputs
 Weights are inputs (not constants baked into the library), so training never
 recompiles. The forward pass, loss, backward pass (ir.autodiff) and optimizer update
 are one graph: fused and memory-planned as a whole, one native call per step.
@@ -49,68 +49,112 @@ class GraphContext:
         return mask
 
 
-Forward = Callable[[GraphContext, Value, bool], Value]  # the model's computation, x → y
+Forward = Callable[[GraphContext, list[Value], bool], list[Value]]  # the model: inputs → outputs
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A graph input the host fills for each batch (a model input or a target's labels)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Target:
+    """A model output trained against labels: its loss (times `weight` in the total) and
+    metrics, logged under `prefix` (the output's name and "_" when the model has several)."""
+
+    output: int
+    y: Feed
+    loss: object
+    weight: float = 1.0
+    metrics: list = field(default_factory=list)
+    prefix: str = ""
 
 
 @dataclass
 class Program:
-    """A compiled graph and how to feed it."""
+    """A compiled graph and how to feed it and read it. Its outputs start with the batch
+    loss, then `loss_names` (each target's own loss, when there are several outputs),
+    then `metric_names` (metric sums over the batch)."""
 
     compiled: object
     masks: list[tuple[Layer, tuple[int, ...]]] = field(default_factory=list)
+    loss_names: list[str] = field(default_factory=list)
     metric_names: list[str] = field(default_factory=list)
 
 
-def _start(name: str, weights: list[Weight], x_shape, x_dtype: str):
+def _start(name: str, weights: list[Weight], feeds: list[Feed]):
     b = GraphBuilder(name)
-    x = b.input("x", x_shape, x_dtype)
+    xs = [b.input(f.name, f.shape, f.dtype) for f in feeds]
     values = {id(w): b.input(w.name.replace("/", "_"), w.shape) for w in weights}
-    return b, x, values
+    return b, xs, values
 
 
-def build_predict(forward: Forward, weights: list[Weight], x_shape, x_dtype) -> Program:
-    b, x, values = _start("predict", weights, x_shape, x_dtype)
-    y = forward(GraphContext(b, values), x, False)
-    return Program(compile_model(b.build(y), name="predict"))
+def build_predict(forward: Forward, weights: list[Weight], feeds: list[Feed]) -> Program:
+    b, xs, values = _start("predict", weights, feeds)
+    ys = forward(GraphContext(b, values), xs, False)
+    return Program(compile_model(b.build(*ys), name="predict"))
 
 
-def inference_graph(forward: Forward, weights: list[Weight], x_shape, x_dtype: str, name: str):
-    """The model for inference with its weights as constants: what export() compiles
-    into a self-contained library (input `x`, output `y`)."""
-    b = GraphBuilder(name)
-    x = b.input("x", x_shape, x_dtype)
-    values = {id(w): b.param(w.name.replace("/", "_"), w.value) for w in weights}
-    y = forward(GraphContext(b, values), x, False)
-    return b.build(y)
-
-
-def _loss_and_metrics(b, y_true, y_pred, loss, metrics) -> tuple[Value, list[Value]]:
-    per_sample = loss(b, y_true, y_pred)
-    batch_loss = b.reduce_mean(per_sample, keepdims=False)
-    sums = [b.reduce_sum(m(b, y_true, y_pred), keepdims=False) for m in metrics]
-    return batch_loss, sums
-
-
-def build_evaluate(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics) -> Program:
-    b, x, values = _start("evaluate", weights, x_shape, x_dtype)
-    y_true = b.input("y", y_shape, y_dtype)
-    y_pred = forward(GraphContext(b, values), x, False)
-    batch_loss, sums = _loss_and_metrics(b, y_true, y_pred, loss, metrics)
-    b.inputs = [x, y_true, *values.values()]
-    return Program(compile_model(b.build(batch_loss, *sums), name="evaluate"), [], [m.name for m in metrics])
-
-
-def train_graph(
-    forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer, name="train_step"
+def inference_graph(
+    forward: Forward, weights: list[Weight], feeds: list[Feed], outputs: list[str], name: str
 ):
-    """The train step as a graph, with its dropout masks (layer, mask input) in input order.
-    Inputs: x, y, masks, weights, slots (per trainable weight, optimizer.slots order),
-    scalars. Outputs: loss, metric sums, new weights, new slots."""
-    b, x, values = _start(name, weights, x_shape, x_dtype)
-    y_true = b.input("y", y_shape, y_dtype)
+    """The model for inference with its weights as constants: what export() compiles
+    into a self-contained library (its outputs named `outputs`)."""
+    b = GraphBuilder(name)
+    xs = [b.input(f.name, f.shape, f.dtype) for f in feeds]
+    values = {id(w): b.param(w.name.replace("/", "_"), w.value) for w in weights}
+    ys = forward(GraphContext(b, values), xs, False)
+    return b.build(*(b.rename(y, n) for y, n in zip(ys, outputs)))
+
+
+def _loss_and_metrics(b, targets: list[Target], y_trues, y_preds, several: bool):
+    """The total loss (Σ weight · mean loss), each target's own loss when the model has
+    several outputs, and the metric sums."""
+    parts, sums = [], []
+    for t, y_true in zip(targets, y_trues):
+        y_pred = y_preds[t.output]
+        parts.append(b.reduce_mean(t.loss(b, y_true, y_pred), keepdims=False))
+        sums += [b.reduce_sum(m(b, y_true, y_pred), keepdims=False) for m in t.metrics]
+    if not several and targets[0].weight == 1.0:
+        return parts[0], [], sums
+    total = None
+    for t, part in zip(targets, parts):
+        if t.weight != 1.0:
+            part = b.mul(part, b.param("loss_weight", np.array(t.weight, np.float32)))
+        total = part if total is None else b.add(total, part)
+    return total, parts if several else [], sums
+
+
+def _names(targets: list[Target], several: bool) -> tuple[list[str], list[str]]:
+    loss_names = [f"{t.prefix}loss" for t in targets] if several else []
+    return loss_names, [f"{t.prefix}{m.name}" for t in targets for m in t.metrics]
+
+
+def build_evaluate(forward, weights, feeds: list[Feed], targets: list[Target], several: bool) -> Program:
+    b, xs, values = _start("evaluate", weights, feeds)
+    y_trues = [b.input(t.y.name, t.y.shape, t.y.dtype) for t in targets]
+    y_preds = forward(GraphContext(b, values), xs, False)
+    total, parts, sums = _loss_and_metrics(b, targets, y_trues, y_preds, several)
+    b.inputs = [*xs, *y_trues, *values.values()]
+    graph = b.build(total, *parts, *sums)
+    return Program(compile_model(graph, name="evaluate"), [], *_names(targets, several))
+
+
+def train_graph(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer,
+                name="train_step"):  # fmt: skip
+    """The train step as a graph, with its dropout masks (layer, mask shape) in input order.
+    Inputs: model inputs, labels, masks, weights, slots (per trainable weight,
+    optimizer.slots order), scalars. Outputs: loss, per-output losses, metric sums, new
+    weights, new slots."""
+    b, xs, values = _start(name, weights, feeds)
+    y_trues = [b.input(t.y.name, t.y.shape, t.y.dtype) for t in targets]
     ctx = GraphContext(b, values)
-    y_pred = forward(ctx, x, True)
-    batch_loss, sums = _loss_and_metrics(b, y_true, y_pred, loss, metrics)
+    y_preds = forward(ctx, xs, True)
+    total, parts, sums = _loss_and_metrics(b, targets, y_trues, y_preds, several)
     trainable = [w for w in weights if w.trainable]
     slot_inputs = {
         (id(w), s): b.input(f"{w.name.replace('/', '_')}_{s}", w.shape)
@@ -118,18 +162,18 @@ def train_graph(
         for s in optimizer.slots
     }
     scalars = {s: b.input(s, ()) for s in optimizer.scalars}
-    grads = gradients(b, batch_loss, [values[id(w)] for w in trainable])
+    grads = gradients(b, total, [values[id(w)] for w in trainable])
     new_weights, new_slots = {}, []
     for w, g in zip(trainable, grads):
         slots = {s: slot_inputs[(id(w), s)] for s in optimizer.slots}
         new_weights[id(w)], updated = optimizer.update(b, values[id(w)], g, slots, scalars)
         new_slots += [updated[s] for s in optimizer.slots]
     new_weights.update(ctx.updates)
-    outputs = [batch_loss, *sums, *(new_weights.get(id(w), values[id(w)]) for w in weights), *new_slots]
+    outputs = [total, *parts, *sums, *(new_weights.get(id(w), values[id(w)]) for w in weights), *new_slots]
     masks = [m for _, m in ctx.masks]
     b.inputs = [
-        x,
-        y_true,
+        *xs,
+        *y_trues,
         *masks,
         *(values[id(w)] for w in weights),
         *slot_inputs.values(),
@@ -138,9 +182,9 @@ def train_graph(
     return b.build(*outputs), [(layer, m.type.shape) for layer, m in ctx.masks]
 
 
-def build_train(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer) -> Program:
-    graph, masks = train_graph(forward, weights, x_shape, x_dtype, y_shape, y_dtype, loss, metrics, optimizer)
-    return Program(compile_model(graph, name="train_step"), masks, [m.name for m in metrics])
+def build_train(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer):
+    graph, masks = train_graph(forward, weights, feeds, targets, several, optimizer)
+    return Program(compile_model(graph, name="train_step"), masks, *_names(targets, several))
 
 
 class TrainState:
@@ -168,20 +212,23 @@ class TrainState:
 
 
 class BoundStep:
-    """A train program bound to fixed arrays: x and y staging, masks, scalars, outputs,
-    and both state sets, one call per direction."""
+    """A train program bound to fixed arrays: input and label staging, masks, scalars,
+    outputs, and both state sets, one call per direction."""
 
-    def __init__(self, program: Program, state: TrainState, x_shape, x_dtype, y_shape, y_dtype, optimizer):
+    def __init__(
+        self, program: Program, state: TrainState, feeds: list[Feed], targets: list[Target], optimizer
+    ):
         self.program = program
-        self.x = np.zeros(x_shape, x_dtype)
-        self.y = np.zeros(y_shape, y_dtype)
+        self.xs = [np.zeros(f.shape, f.dtype) for f in feeds]
+        self.ys = [np.zeros(t.y.shape, t.y.dtype) for t in targets]
         self.masks = [np.ones(shape, np.float32) for _, shape in program.masks]
         self.scalars = {s: np.zeros((), np.float32) for s in optimizer.scalars}
         self.loss = np.zeros((), np.float32)
+        self.losses = [np.zeros((), np.float32) for _ in program.loss_names]
         self.metric_sums = [np.zeros((), np.float32) for _ in program.metric_names]
-        head = [self.x, self.y, *self.masks]
+        head = [*self.xs, *self.ys, *self.masks]
         tail = list(self.scalars.values())
         self.calls = []
         for read, write in ((0, 1), (1, 0)):
-            outs = [self.loss, *self.metric_sums, *state.sets[write]]
+            outs = [self.loss, *self.losses, *self.metric_sums, *state.sets[write]]
             self.calls.append(program.compiled.bind(outs, *head, *state.sets[read], *tail))
