@@ -57,7 +57,7 @@ def loop_metadata(llvm_ir: str) -> str:
 
     text = _LOOP_TAG_LINE.sub(rewrite, llvm_ir)
     return (
-        text + f'\n{on} = !{{!"llvm.loop.mustprogress"}}\n'
+        text + f'\n{on} = !{{!"llvm.loop.vectorize.predicate.enable", i1 true}}\n'
         f'{off} = !{{!"llvm.loop.vectorize.enable", i1 false}}\n'
     )
 

@@ -326,43 +326,26 @@ def _weight_gradient(b, windowed: Value, other: Value, kernel, strides, pads, di
 
 @rule("conv2d")
 def _conv2d(b, node, g):
-    """dx: the transposed convolution of g with the same weights (at stride 1, a plain
-    conv with the flipped kernel); dw: the forward pass's windows (im2col) times g;
-    dbias: g summed over batch and positions."""
+    """dx: w^T @ g at every position, each product added back where its window read x
+    (col2im): one matmul of the weights' shape, at any stride; dw: the forward pass's
+    windows (im2col) times g; dbias: g summed over batch and positions."""
     op = node.op
     x, w = node.inputs[0], node.inputs[1]
     if op.groups != 1:
         raise GraphError(f"node {node.name}: the conv2d gradient supports groups=1 only")
-    (sh, sw), (dh, dw), pads = op.strides, op.dilations, op.pads
-    _, _, h, wd = x.type.shape
-    _, _, kh, kw = w.type.shape
-    _, _, oh, ow = g.type.shape
-    extra = (
-        h - ((oh - 1) * sh + dh * (kh - 1) + 1 - pads[0] - pads[2]),
-        wd - ((ow - 1) * sw + dw * (kw - 1) + 1 - pads[1] - pads[3]),
+    pads = op.pads
+    n, o, oh, ow = g.type.shape
+    _, c, kh, kw = w.type.shape
+    w_t = b.transpose(b.reshape(w, shape=(o, c * kh * kw)), perm=(1, 0))
+    cols = b.matmul(w_t, b.reshape(g, shape=(n, o, oh * ow)))
+    gx = b.col2im(
+        b.reshape(cols, shape=(n, c * kh * kw, oh, ow)),
+        input_shape=x.type.shape,
+        kernel=(kh, kw),
+        strides=op.strides,
+        pads=pads,
+        dilations=op.dilations,
     )
-    reach = (dh * (kh - 1), dw * (kw - 1))
-    conv_pads = (
-        reach[0] - pads[0],
-        reach[1] - pads[1],
-        reach[0] - pads[2] + extra[0],
-        reach[1] - pads[3] + extra[1],
-    )
-    if (sh, sw) == (1, 1) and min(conv_pads) >= 0:
-        # stride 1: a plain convolution of g with the flipped, transposed kernel, which
-        # becomes im2col + gemm like the forward pass (the transposed conv's direct loop is slower)
-        flipped = b.slice(
-            b.transpose(w, perm=(1, 0, 2, 3)),
-            starts=(kh - 1, kw - 1),
-            ends=(-kh - 1, -kw - 1),
-            axes=(2, 3),
-            steps=(-1, -1),
-        )
-        gx = b.conv2d(g, flipped, dilations=op.dilations, pads=conv_pads)
-    else:
-        gx = b.conv_transpose2d(
-            g, w, strides=op.strides, pads=pads, dilations=op.dilations, output_padding=extra
-        )
     gw = _weight_gradient(b, x, g, (kh, kw), op.strides, pads, op.dilations, w.type.shape)
     grads: Grads = [gx, gw]
     if len(node.inputs) > 2:
@@ -392,6 +375,8 @@ def _max_pool2d(b, node, g):
     if tuple(op.dilations) != (1, 1) or op.output != "values":
         raise GraphError(f"node {node.name}: the max_pool2d gradient needs dilation 1 and values output")
     x = node.inputs[0]
+    if tuple(op.strides) == tuple(op.kernel) and not any(op.pads):  # windows tile x: one fused pass
+        return [b.max_pool2d_tiled_backward(x, g, kernel=op.kernel)]
     window = dict(kernel=op.kernel, strides=op.strides, pads=op.pads)
     indices = b.max_pool2d(x, output="indices", **window)
     return [b.max_pool2d_backward(indices, g, input_shape=x.type.shape, **window)]

@@ -83,6 +83,7 @@ CASES = {
         "normal",
     ),
     "max_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),
+    "max_pool2d_tiled": ([(2, 3, 7, 5)], {"kernel": (2, 2), "strides": (2, 2)}, "normal"),
 }
 
 
@@ -104,7 +105,7 @@ def _draw(rng, shape, kind):
     return x
 
 
-VARIANTS = ("_stride", "_include", "_reverse")  # several cases of one op, under their own names
+VARIANTS = ("_stride", "_include", "_reverse", "_tiled")  # several cases of one op, under their own names
 
 
 def _op_of(case_name: str) -> str:

@@ -196,6 +196,24 @@ CASES: dict[str, list[Case]] = {
             {"input_shape": (2, 3, 7, 8), "kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 0, 0)},
         ),
     ],
+    "col2im": [  # overlapping windows summed; strides, dilations and pads skip and crop
+        Case([In((2, 3 * 9, 5, 6))], {"input_shape": (2, 3, 7, 8), "kernel": (3, 3)}),
+        Case(
+            [In((1, 2 * 6, 3, 4))],
+            {
+                "input_shape": (1, 2, 7, 8),
+                "kernel": (3, 2),
+                "strides": (2, 2),
+                "pads": (1, 0, 0, 1),
+                "dilations": (1, 2),
+            },
+        ),  # fmt: skip
+    ],
+    "max_pool2d_tiled_backward": [  # windows that do not cover the last rows/columns get 0
+        Case([In((2, 3, 8, 6)), In((2, 3, 4, 3))], {"kernel": (2, 2)}),
+        Case([In((1, 2, 7, 9)), In((1, 2, 2, 4))], {"kernel": (3, 2)}),
+        Case([In((3, 1, 5, 5), "count:3"), In((3, 1, 2, 2))], {"kernel": (2, 2)}),  # ties: the first max
+    ],
     "max_pool2d": [
         Case(
             [In((2, 3, 7, 9))],

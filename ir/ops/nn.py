@@ -69,6 +69,12 @@ def _batch_offset(p: Expr, batch: tuple[int, ...], operand: tuple[int, ...], per
 MATMUL_K_UNROLL = 8
 #: output rows computed together, so each loaded vector of b serves that many rows
 MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
+#: output columns computed together: a tile of rows x columns small enough for LLVM to
+#: keep in vector registers over the whole k loop (loaded and stored once)
+MATMUL_COL_TILE = 64
+#: lanes of the widest float32 vector (AVX-512): a column run that is not a multiple of
+#: it is masked, and LLVM keeps masked accumulators in memory rather than registers
+MATMUL_VECTOR = 16
 
 
 def lower_matmul(
@@ -102,38 +108,50 @@ def lower_matmul(
         a_rows = [_batch_offset(p, batch, a_batch, m * kk) + (mi + i) * kk for i in range(rows_per_block)]
         out_rows = [(first_row + i) * n for i in range(rows_per_block)]
         b_mat = _batch_offset(p, batch, b_batch, kk * n)
-        with k.loop(n, "vector", "n") as j:
-            for i, row in enumerate(out_rows):
-                if bias is None:
-                    init = k_const(out, 0.0)
-                else:
-                    init = bias.load_flat(mi + i if bias_per_row else j)
-                k.store(out, row + j, init)
-
         shape = out_shape or out.shape
         leading = [_unravel(blk * rows_per_block + i, shape[:-1]) for i in range(rows_per_block)]
 
-        def sweep(first_k: Expr, steps: int, last: bool) -> None:
-            coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
-            with k.loop(n, "vector", "n") as j:
-                bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
-                for row, row_coeffs, lead in zip(out_rows, coeffs, leading):
-                    acc = out.load_flat(row + j)
-                    for av, bv in zip(row_coeffs, bs):
-                        acc = muladd(av, bv, acc)
-                    if last and epilogue is not None:  # on the finished sum, still in registers
-                        acc = epilogue(acc, row + j, [*lead, j])
-                    k.store(out, row + j, acc)
+        def tile(first_col: Expr, cols: int) -> None:
+            """out[rows, first_col : first_col + cols], summed over all of k."""
+            with k.loop(cols, "vector", "n") as jj:
+                j = first_col + jj
+                for i, row in enumerate(out_rows):
+                    per_row = bias_per_row and bias is not None
+                    init = k_const(out, 0.0) if bias is None else bias.load_flat(mi + i if per_row else j)
+                    k.store(out, row + j, init)
 
-        # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
-        unroll = MATMUL_K_UNROLL
-        full, rest = divmod(kk, unroll)
-        if rest == 0:
-            full, rest = full - 1, unroll
-        if full:
-            with k.loop(full, "serial", "k") as q:
-                sweep(q * unroll, unroll, False)
-        sweep(const(full * unroll, "int64"), rest, True)
+            def sweep(first_k: Expr, steps: int, last: bool) -> None:
+                coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
+                with k.loop(cols, "vector", "n") as jj:
+                    j = first_col + jj
+                    bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
+                    for row, row_coeffs, lead in zip(out_rows, coeffs, leading):
+                        acc = out.load_flat(row + j)
+                        for av, bv in zip(row_coeffs, bs):
+                            acc = muladd(av, bv, acc)
+                        if last and epilogue is not None:  # on the finished sum, still in registers
+                            acc = epilogue(acc, row + j, [*lead, j])
+                        k.store(out, row + j, acc)
+
+            # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
+            unroll = MATMUL_K_UNROLL
+            full, rest = divmod(kk, unroll)
+            if rest == 0:
+                full, rest = full - 1, unroll
+            if full:
+                with k.loop(full, "serial", "k") as q:
+                    sweep(q * unroll, unroll, False)
+            sweep(const(full * unroll, "int64"), rest, True)
+
+        tiles, tail = divmod(n, MATMUL_COL_TILE)
+        if tiles:
+            with k.loop(tiles, "serial", "cols") as t:
+                tile(t * MATMUL_COL_TILE, MATMUL_COL_TILE)
+        # the rest as whole vectors (kept in registers), then the last few columns (masked)
+        start, whole = tiles * MATMUL_COL_TILE, tail - tail % MATMUL_VECTOR
+        for first, cols in ((start, whole), (start + whole, tail - whole)):
+            if cols:
+                tile(const(first, "int64"), cols)
 
 
 def _unravel(flat: Expr, shape: tuple[int, ...]) -> list[Expr]:
@@ -483,6 +501,67 @@ class Im2Col(Op):
                         k.store(out, dst + (y + y0) * ow + x0 + xx, src)
 
 
+@register("col2im", Fusion.OPAQUE)
+class Col2Im(Op):
+    """The adjoint of im2col: every column entry added back onto the pixel it was copied
+    from, summed where windows overlap. With a matmul before it, the gradient of a
+    convolution for its input (w^T @ g, then col2im) at any stride."""
+
+    input_shape: tuple[int, ...] = ()  # (N, C, H, W) of the image im2col read
+    kernel: tuple[int, ...] = (3, 3)
+    strides: tuple[int, ...] = (1, 1)
+    pads: tuple[int, ...] = (0, 0, 0, 0)
+    dilations: tuple[int, ...] = (1, 1)
+
+    def _im2col(self) -> Im2Col:
+        return Im2Col(kernel=self.kernel, strides=self.strides, pads=self.pads, dilations=self.dilations)
+
+    def infer(self, cols: TensorType) -> TensorType:
+        _require_float("col2im", cols)
+        if len(self.input_shape) != 4:
+            raise GraphError(f"col2im: input_shape must be (N, C, H, W), got {self.input_shape}")
+        image = cols.with_shape(tuple(self.input_shape))
+        if self._im2col().infer(image).shape != cols.shape:
+            raise GraphError(f"col2im: columns {cols.shape} are not im2col's of an image {self.input_shape}")
+        return image
+
+    def reference(self, cols):
+        n, c, h, w = self.input_shape
+        kh, kw = self.kernel
+        (sh, sw), (dh, dw), (pt, pl, pb, pr) = self.strides, self.dilations, self.pads
+        oh, ow = cols.shape[2:]
+        image = np.zeros((n, c, h + pt + pb, w + pl + pr), np.float64)
+        taps = cols.reshape(n, c, kh, kw, oh, ow)
+        for i in range(kh):
+            for j in range(kw):
+                image[
+                    :, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw
+                ] += taps[:, :, i, j]
+        return image[:, :, pt : pt + h, pl : pl + w].astype(cols.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        """Per image row: zeros, then for each tap whose window row lands on it, the run of
+        column entries that lands inside the row added on (contiguous at stride 1)."""
+        cols = ins[0]
+        _, c, h, w = self.input_shape
+        _, _, oh, ow = cols.shape
+        kh, kw = self.kernel
+        (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
+        ranges = _im2col_ranges(self._im2col(), self.input_shape, (oh, ow))
+        with k.loop(out.numel // w, "parallel", "row") as r:
+            plane, y = r // h, r % h
+            with k.loop(w, "vector", "x") as x:
+                k.store(out, r * w + x, k_const(out, 0.0))
+            for (i, j), ((y0, y1), (x0, x1)) in ranges.items():
+                top = y + (pt - i * dh)
+                oy = top // sh
+                with k.when(logical_and((top % sh).eq(0), logical_and(oy.ge(y0), oy.lt(y1)))):
+                    tap = (plane * (kh * kw) + i * kw + j) * (oh * ow) + oy * ow
+                    with k.loop(x1 - x0, "vector", "ox") as q:
+                        at = r * w + (q + x0) * sw + (j * dw - pl)
+                        k.store(out, at, out.load_flat(at) + cols.load_flat(tap + q + x0))
+
+
 @register("conv2d_gemm", Fusion.CONTRACTION)
 class Conv2dGemm(Op):
     """A convolution as weights (O, C*KH*KW) @ im2col columns (N, C*KH*KW, OH*OW) + bias,
@@ -691,6 +770,75 @@ class MaxPool2dBackward(Op):
                         took = logical_and(ok, guarded_load(indices, at, ok, -1).eq(flat))
                         total = total + guarded_load(g, at, took, 0.0)
                 k.store(out, flat, total)
+
+
+@register("max_pool2d_tiled_backward", Fusion.OPAQUE)
+class MaxPool2dTiledBackward(Op):
+    """The gradient of max_pool2d for its input x when the windows tile x without
+    overlap or padding (strides == kernel, as Keras's MaxPooling2D has by default):
+    each window's output gradient goes to its first maximum (the element
+    max_pool2d(output="indices") names), every other element gets 0. One pass over the
+    windows finds the maximum and writes all of its elements, so no index tensor is
+    stored or read back."""
+
+    arity = (2, 2)
+    kernel: tuple[int, ...] = (2, 2)
+
+    def _windows(self, x: TensorType) -> tuple[int, int]:
+        kh, kw = self.kernel
+        return x.shape[2] // kh, x.shape[3] // kw
+
+    def infer(self, x: TensorType, g: TensorType) -> TensorType:
+        _require_float("max_pool2d_tiled_backward", x, g)
+        if x.rank != 4 or g.shape != (*x.shape[:2], *self._windows(x)):
+            raise GraphError(
+                f"max_pool2d_tiled_backward: gradient {g.shape} is not x {x.shape} pooled by {self.kernel}"
+            )
+        return x
+
+    def reference(self, x, g):
+        n, c, h, w = x.shape
+        (kh, kw), (oh, ow) = self.kernel, g.shape[2:]
+        windows = x[:, :, : oh * kh, : ow * kw].reshape(n, c, oh, kh, ow, kw).transpose(0, 1, 2, 4, 3, 5)
+        taps = windows.reshape(n, c, oh, ow, kh * kw)
+        best, where = np.full(taps.shape[:-1], -np.inf), np.zeros(taps.shape[:-1], np.int64)
+        for t in range(kh * kw):  # the first strictly greater value, as max_pool2d's indices
+            better = taps[..., t] > best
+            best, where = np.where(better, taps[..., t], best), np.where(better, t, where)
+        routed = (np.arange(kh * kw) == where[..., None]) * g[..., None].astype(np.float64)
+        dx = np.zeros(x.shape, np.float64)
+        dx[:, :, : oh * kh, : ow * kw] = (
+            routed.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh * kh, ow * kw)
+        )
+        return dx.astype(g.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        x, g = ins
+        _, _, h, w = x.shape
+        _, _, oh, ow = g.shape
+        kh, kw = self.kernel
+        zero = k_const(out, 0.0)
+        with k.loop(g.numel // ow, "parallel", "rows") as r:  # one row of windows: kh rows of x
+            first_row = r // oh * (h * w) + r % oh * kh * w
+            # serial: over windows the taps are kw apart, and LLVM vectorizes that with gathers
+            # and scatters, measured 2-3x slower than this scalar loop (which runs at memory speed)
+            with k.loop(ow, "serial", "x") as ox:
+                best, where = k_const(x, -np.inf), const(0, "int32")
+                for t in range(kh * kw):
+                    v = x.load_flat(first_row + t // kw * w + ox * kw + t % kw)
+                    better = v.gt(best)
+                    best, where = select(better, v, best), select(better, const(t, "int32"), where)
+                gv = g.load_flat(r * ow + ox)
+                for t in range(kh * kw):
+                    k.store(out, first_row + t // kw * w + ox * kw + t % kw, select(where.eq(t), gv, zero))
+            if w > ow * kw:  # columns no window covers
+                for i in range(kh):
+                    with k.loop(w - ow * kw, "serial", "rest") as xx:
+                        k.store(out, first_row + i * w + ow * kw + xx, zero)
+            if h > oh * kh:  # rows no window covers, after each plane's last row of windows
+                with k.when((r % oh).eq(oh - 1)):
+                    with k.loop((h - oh * kh) * w, "serial", "rest") as e:
+                        k.store(out, first_row + kh * w + e, zero)
 
 
 @register("avg_pool2d_backward", Fusion.OPAQUE)
