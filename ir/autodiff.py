@@ -599,6 +599,128 @@ def _batch_norm(b, node, g):
     ]
 
 
+@rule("mod")
+def _mod(b, node, g):
+    """x - y·q with q = floor(x / y) (Python's %) or trunc(x / y) (fmod): 1 and -q."""
+    x, y = node.inputs
+    if x.type.dtype not in ("float32", "float64"):
+        return [None, None]
+    ratio = b.div(x, y)
+    q = (
+        b.where(b.less(ratio, _scalar(b, 0.0, ratio)), b.ceil(ratio), b.floor(ratio))
+        if node.op.fmod
+        else b.floor(ratio)
+    )
+    return [unbroadcast(b, g, x.type.shape), unbroadcast(b, b.neg(b.mul(g, q)), y.type.shape)]
+
+
+@rule("gather_elements")
+def _gather_elements(b, node, g):
+    data, indices = node.inputs
+    return [b.gather_elements_backward(indices, g, shape=data.type.shape, axis=node.op.axis), None]
+
+
+@rule("topk")
+def _topk(b, node, g):
+    """The values are x gathered at the indices: their gradient goes back to those places."""
+    op = node.op
+    if op.output != "values":
+        return [None]
+    x = node.inputs[0]
+    indices = b.topk(x, k=op.k, axis=op.axis, largest=op.largest, output="indices")
+    return [b.gather_elements_backward(indices, g, shape=x.type.shape, axis=op.axis)]
+
+
+@rule("einsum")
+def _einsum(b, node, g):
+    """Each operand's gradient is the einsum of g with the other operands onto its own
+    letters; letters only that operand has (summed away alone) broadcast back, and
+    letters it holds at size 1 (broadcast) are summed."""
+    from ir.ops.einsum import letter_sizes, parse
+
+    terms, out = parse(node.op.equation)
+    sizes = letter_sizes(node.op.equation, [v.type.shape for v in node.inputs])
+    grads: Grads = []
+    for i, (term, x) in enumerate(zip(terms, node.inputs)):
+        if len(set(term)) != len(term):
+            raise GraphError(
+                f"node {node.name}: no einsum gradient for a repeated letter (diagonal) in {term!r}"
+            )
+        others = [(t, v) for j, (t, v) in enumerate(zip(terms, node.inputs)) if j != i]
+        reachable = set(out).union(*(t for t, _ in others))
+        kept = "".join(c for c in term if c in reachable)
+        gx = b.einsum(
+            g, *(v for _, v in others), equation=",".join([out, *(t for t, _ in others)]) + "->" + kept
+        )
+        if kept != term:
+            gx = b.reshape(gx, shape=tuple(gx.type.shape[kept.index(c)] if c in kept else 1 for c in term))
+        gx = b.expand(gx, shape=tuple(sizes[c] for c in term))
+        grads.append(unbroadcast(b, gx, x.type.shape))
+    return grads
+
+
+@rule("resample")
+def _resample(b, node, g):
+    """Resampling is linear in x: per axis a matrix A (out × in) from the tap tables
+    (rows of extrapolated points zero), so x's gradient is Aᵀ g along each axis."""
+    x, tables = node.inputs[0], node.inputs[1:]
+    if any(t not in b.params for t in tables):
+        raise GraphError(f"node {node.name}: the resample gradient needs constant tap tables")
+    axes = node.op._axes(x.type.rank)
+    gx = g
+    for a, indices, weights in zip(axes, tables[::2], tables[1::2]):
+        idx, w = b.params[indices], b.params[weights]
+        n_in = x.type.shape[a]
+        dense = np.zeros((idx.shape[0], n_in), np.float64)
+        rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+        np.add.at(dense, (rows, np.clip(idx, 0, n_in - 1).ravel()), w.astype(np.float64).ravel())
+        dense[idx[:, 0] < 0] = 0.0  # extrapolated: a constant, no gradient
+        last = tuple(d for d in range(x.type.rank) if d != a) + (a,)
+        moved = b.matmul(b.transpose(gx, perm=last), b.param("interpolation", dense.astype(x.type.np_dtype)))
+        gx = b.transpose(moved, perm=tuple(int(p) for p in np.argsort(last)))
+    return [gx, *[None] * len(tables)]
+
+
+@rule("rnn", "gru", "lstm")
+def _recurrence(b, node, g):
+    """The recurrence unrolled into graph ops (steps of matmuls and gate arithmetic, as
+    the op's reference computes them), then differentiated with the ordinary rules,
+    g standing for the gradient of every slot."""
+    from ir.ops.recurrent import unroll
+
+    start = len(b.nodes)
+    slots = unroll(b, node.op, node.inputs)
+    return _pullback(b, b.nodes[start:], {slots: g}, node.inputs)
+
+
+def _pullback(b: GraphBuilder, nodes: list[Node], seeds: dict[Value, Value], wrt: list[Value]) -> Grads:
+    """Σ seed · d value / d v for each v in wrt, through `nodes` only (None where no path)."""
+    needed: set[Value] = set(wrt)
+    on_path = []
+    for node in nodes:
+        if any(v in needed for v in node.inputs):
+            needed.add(node.outputs[0])
+            on_path.append(node)
+    grads = dict(seeds)
+    _reverse(b, on_path, needed, grads)
+    return [grads.get(v) for v in wrt]
+
+
+def _reverse(b: GraphBuilder, on_path: list[Node], needed: set[Value], grads: dict[Value, Value]) -> None:
+    """Carry the gradients in `grads` back through on_path (in topological order)."""
+    for node in reversed(on_path):
+        out = node.outputs[0]
+        if out not in grads:
+            continue
+        rule_fn = RULES.get(node.op.name)
+        if rule_fn is None:
+            raise GraphError(f"node {node.name} ({node.op.name}): no gradient rule for this op")
+        for v, gv in zip(node.inputs, rule_fn(b, node, grads[out])):
+            if gv is None or v not in needed:
+                continue
+            grads[v] = b.add(grads[v], gv) if v in grads else gv
+
+
 def _no_gradient(b, node, g):
     """Booleans and indices carry no gradient; piecewise-constant ops give zero (None:
     nothing flows back through them)."""
@@ -618,23 +740,9 @@ def gradients(b: GraphBuilder, loss: Value, wrt: list[Value]) -> list[Value]:
     """d loss / d v for each v in wrt (zeros where the loss does not depend on v)."""
     if loss.type.numel != 1:
         raise GraphError(f"gradients: the loss must be a scalar, got {loss.type}")
-    # the nodes between wrt and the loss, in reverse topological order
-    needed: set[Value] = set(wrt)
-    on_path: list[Node] = []
-    for node in b.nodes:
-        if any(v in needed for v in node.inputs):
-            needed.add(node.outputs[0])
-            on_path.append(node)
-    grads: dict[Value, Value] = {loss: b.param("one", np.ones(loss.type.shape, loss.type.np_dtype))}
-    for node in reversed(on_path):
-        out = node.outputs[0]
-        if out not in grads:
-            continue
-        rule_fn = RULES.get(node.op.name)
-        if rule_fn is None:
-            raise GraphError(f"node {node.name} ({node.op.name}): no gradient rule for this op")
-        for v, gv in zip(node.inputs, rule_fn(b, node, grads[out])):
-            if gv is None or v not in needed:
-                continue
-            grads[v] = b.add(grads[v], gv) if v in grads else gv
-    return [grads[v] if v in grads else b.param("zero", np.zeros(v.type.shape, v.type.np_dtype)) for v in wrt]
+    one = b.param("one", np.ones(loss.type.shape, loss.type.np_dtype))
+    grads = dict(zip(wrt, _pullback(b, list(b.nodes), {loss: one}, wrt)))
+    return [
+        grads[v] if grads[v] is not None else b.param("zero", np.zeros(v.type.shape, v.type.np_dtype))
+        for v in wrt
+    ]

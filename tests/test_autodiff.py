@@ -84,6 +84,21 @@ CASES = {
     ),
     "max_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),
     "max_pool2d_tiled": ([(2, 3, 7, 5)], {"kernel": (2, 2), "strides": (2, 2)}, "normal"),
+    "mod": ([(4, 5), (5,)], {}, "normal"),
+    "mod_fmod": ([(4, 5), (4, 1)], {"fmod": True}, "normal"),
+    "gather_elements": ([(6, 3)], {"axis": 0}, "indices"),
+    "topk": ([(4, 6)], {"k": 3, "axis": 1}, "normal"),
+    "einsum": ([(2, 3), (3, 4)], {"equation": "ij,jk->i"}, "normal"),  # k summed in one operand only
+    "einsum_broadcast": ([(1, 3), (2, 3), (3, 4)], {"equation": "ij,ij,jk->ik"}, "normal"),
+    "resample": ([(2, 5)], {"axes": (1,)}, "taps"),
+    "rnn": ([(3, 2, 4), (4, 4), (2, 4)], {"hidden": 4}, "normal"),
+    "gru": ([(3, 2, 9), (9, 3), (2, 3), (3,)], {"hidden": 3}, "normal"),
+    "gru_reverse": (
+        [(3, 2, 9), (9, 3), (2, 3), (3,)],
+        {"hidden": 3, "reverse": True, "linear_before_reset": True},
+        "normal",
+    ),
+    "lstm": ([(3, 2, 8), (8, 2), (2, 2), (2, 2), (6,)], {"hidden": 2, "clip": 1.5}, "normal"),
 }
 
 
@@ -105,7 +120,14 @@ def _draw(rng, shape, kind):
     return x
 
 
-VARIANTS = ("_stride", "_include", "_reverse", "_tiled")  # several cases of one op, under their own names
+VARIANTS = (
+    "_stride",
+    "_include",
+    "_reverse",
+    "_tiled",
+    "_fmod",
+    "_broadcast",
+)  # several cases of one op, under their own names
 
 
 def _op_of(case_name: str) -> str:
@@ -130,6 +152,9 @@ def test_rule_matches_finite_differences(op_name, rng):
     extra = []
     if kind == "indices":  # gather(data, indices): repeated and negative indices, gradient for data
         extra.append(b.param("idx", np.array([[0, 5, -1], [2, 0, 0]], np.int64)))
+    if kind == "taps":  # resample(x, indices, weights) along axis 1: 4 outputs of 5, the last extrapolated
+        extra.append(b.param("taps", np.array([[0, 1], [1, 3], [4, 4], [-1, 0]], np.int64)))
+        extra.append(b.param("weights", rng.standard_normal((4, 2))))
     xs = [_draw(rng, s, kind) for s in shapes]
     if kind == "batchnorm":  # a variance must be positive
         xs[-1] = rng.uniform(0.5, 2.0, shapes[-1])

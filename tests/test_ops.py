@@ -389,6 +389,10 @@ CASES: dict[str, list[Case]] = {
         Case([In((3, 7))], {"pads": (2, 9, 4, 1), "mode": "wrap"}),
         Case([In((1, 7))], {"pads": (2, 0, 1, 0), "mode": "reflect"}),
     ],
+    "gather_elements_backward": [  # repeated and negative indices sum; shorter indices leave zeros
+        Case([In((4, 5), "index:6", "int64"), In((4, 5))], {"shape": (6, 5), "axis": 0}),
+        Case([In((2, 3, 7), "count:4", "int32"), In((2, 3, 7))], {"shape": (3, 4, 7), "axis": 1}),
+    ],
     "gather_backward": [
         Case([In((4, 5), "index:7", "int64"), In((4, 5, 3))], {"shape": (7, 3)}),
         Case([In((9,), "count:33", "int32"), In((9, 33))], {"shape": (33, 33)}),

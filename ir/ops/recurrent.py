@@ -279,3 +279,62 @@ class Lstm(Recurrence):
             o = f(self._clip(pre_o + p[h + j] * c.ref))
             k.store(out, (write, 1, b, j), c.ref)
             k.store(out, (write, 0, b, j), o * act_h(c.ref))
+
+
+def unroll(b, op: Recurrence, inputs) -> object:
+    """The op's output computed with ordinary graph ops on the builder `b`, step by step
+    as its reference does: what autodiff differentiates (ir/autodiff.py)."""
+    xw, r, *states = inputs
+    seq, batch, _ = xw.type.shape
+    h = op.hidden
+    specs = op.activations or op.default_activations()
+
+    def act(n: int, x, clipped: bool = True):
+        name, attrs = specs[n]
+        x = x if op.clip is None or not clipped else b.clip(x, min=-op.clip, max=op.clip)
+        return b.op(name, x, **dict(attrs))
+
+    def peephole(k: int, c):
+        return b.mul(b.slice(states[2], starts=(k * h,), ends=((k + 1) * h,), axes=(0,)), c)
+
+    def cols(x, first: int, width: int = h):
+        return b.slice(x, starts=(first,), ends=(first + width,), axes=(1,))
+
+    r_t = b.transpose(r, perm=(1, 0))
+    zero = b.param("zero_state", np.zeros((batch, h), xw.type.np_dtype))
+    planes = [states[0], states[1] if isinstance(op, Lstm) else zero][: op.planes]
+    slots = {seq if op.reverse else 0: planes}
+    for t, read, write in op._order(seq):
+        xw_t = b.reshape(b.slice(xw, starts=(t,), ends=(t + 1,), axes=(0,)), shape=(batch, op.gates * h))
+        hp = slots[read][0]
+        if isinstance(op, Rnn):
+            slots[write] = [act(0, b.add(xw_t, b.matmul(hp, r_t)))]
+        elif isinstance(op, Gru):
+            rec = b.matmul(hp, b.slice(r_t, starts=(0,), ends=(2 * h,), axes=(1,)))
+            z = act(0, b.add(cols(xw_t, 0), cols(rec, 0)))
+            reset = act(0, b.add(cols(xw_t, h), cols(rec, h)))
+            r_n = b.slice(r_t, starts=(2 * h,), ends=(3 * h,), axes=(1,))
+            if op.linear_before_reset:
+                scratch = zero
+                n = act(1, b.add(cols(xw_t, 2 * h), b.mul(reset, b.add(b.matmul(hp, r_n), states[1]))))
+            else:
+                scratch = b.mul(reset, hp)
+                n = act(1, b.add(b.add(cols(xw_t, 2 * h), b.matmul(scratch, r_n)), states[1]))
+            slots[write] = [
+                b.add(b.mul(b.sub(b.param("one", np.ones((), xw.type.np_dtype)), z), n), b.mul(z, hp)),
+                scratch,
+            ]
+        else:
+            cp = slots[read][1]
+            pre = b.add(xw_t, b.matmul(hp, r_t))
+            i = act(0, b.add(cols(pre, 0), peephole(0, cp)))
+            forget = act(0, b.add(cols(pre, 2 * h), peephole(2, cp)))
+            c = b.add(b.mul(forget, cp), b.mul(i, act(1, cols(pre, 3 * h))))
+            o = act(0, b.add(cols(pre, h), peephole(1, c)))
+            slots[write] = [b.mul(o, act(2, c, clipped=False)), c]
+    stacked = [
+        b.concat(*(b.reshape(p, shape=(1, 1, batch, h)) for p in slots[s]), axis=1) if op.planes > 1
+        else b.reshape(slots[s][0], shape=(1, 1, batch, h))
+        for s in range(seq + 1)
+    ]  # fmt: skip
+    return b.concat(*stacked, axis=0)

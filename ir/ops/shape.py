@@ -311,6 +311,56 @@ class GatherBackward(Op):
                 k.store(out, r * inner + j, acc.ref)
 
 
+@register("gather_elements_backward", Fusion.OPAQUE)
+class GatherElementsBackward(Op):
+    """The gradient of gather_elements(data, indices, axis) for data: each element sums
+    the output gradient's entries whose index names it (along `axis`, the other
+    coordinates equal). Written as a gather over the axis, so elements run in parallel
+    without races."""
+
+    arity = (2, 2)
+    shape: tuple[int, ...] = ()  # the data's shape
+    axis: int = 0
+
+    def infer(self, indices: TensorType, g: TensorType) -> TensorType:
+        a = normalize_axis("gather_elements_backward", self.axis, len(self.shape))
+        fits = indices.rank == g.rank == len(self.shape) and indices.shape == g.shape
+        if indices.dtype not in ("int64", "int32") or not fits:
+            raise GraphError(
+                f"gather_elements_backward: indices {indices} and gradient {g} do not fit data {self.shape}"
+            )
+        if any(i > d for n, (i, d) in enumerate(zip(indices.shape, self.shape)) if n != a):
+            raise GraphError(f"gather_elements_backward: indices {indices.shape} exceed data {self.shape}")
+        return TensorType(g.dtype, tuple(self.shape))
+
+    def reference(self, indices, g):
+        a = normalize_axis("gather_elements_backward", self.axis, len(self.shape))
+        out = np.zeros(self.shape, np.float64)
+        where = np.where(indices < 0, indices + self.shape[a], indices)
+        coords = list(np.indices(indices.shape))
+        coords[a] = where
+        np.add.at(out, tuple(coords), g)
+        return out.astype(g.dtype)
+
+    def lower(self, k, ins, out, epilogue=None):
+        indices, g = ins
+        a = normalize_axis("gather_elements_backward", self.axis, len(self.shape))
+        d, count = self.shape[a], indices.shape[a]
+        with k.nest(self.shape) as idx:
+            inside = None  # where the indices reach (they may be shorter than data off the axis)
+            for n, (i, size) in enumerate(zip(idx, indices.shape)):
+                if n != a and size < self.shape[n]:
+                    inside = i.lt(size) if inside is None else logical_and(inside, i.lt(size))
+            acc = k.local(out.dtype, 0.0, "acc")
+            with k.loop(count, "serial", "p") as p:
+                at = [p if n == a else i for n, i in enumerate(idx)]
+                raw = cast(indices[at] if inside is None else guarded_load(indices, at, inside, 0), "int64")
+                hit = select(raw.lt(0), raw + d, raw).eq(idx[a])
+                hit = hit if inside is None else logical_and(inside, hit)
+                k.assign(acc, acc.ref + guarded_load(g, at, hit, 0.0))
+            k.store(out, idx, acc.ref)
+
+
 @register("tile", INJ)
 class Tile(Op):
     """x repeated `repeats[i]` times along each axis i."""
