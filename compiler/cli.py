@@ -74,10 +74,10 @@ def _compile_keras(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     out = Path(args.output)
     if args.train:
-        so = model.export_train(out, batch_size=args.batch_size)
+        so = model.export_train(out, batch_size=args.batch_size, cpu=args.cpu)
         print(f"wrote {so} and {so.with_name(so.stem + '.h')} (training step, batch {args.batch_size})")
     else:
-        so = model.export(out, batch_size=args.batch_size)
+        so = model.export(out, batch_size=args.batch_size, cpu=args.cpu)
         print(f"wrote {so} and {so.with_name(so.stem + '.h')}")
     return 0
 

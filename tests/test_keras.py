@@ -770,31 +770,89 @@ int main(int argc, char **argv) {            /* x.bin y.bin steps params.bin */
 """
 
 
-def test_export_train_gives_a_c_library_that_trains(tmp_path, rng):
-    """A C program trains with the exported library; its weights after four steps are
-    the ones fit reaches in Python on the same batches."""
+def _splitmix64_fractions(state: list[int], n: int) -> np.ndarray:
+    """The C trainer's dropout stream: splitmix64, top 24 bits as a fraction of 2^24."""
+    z = np.uint64(state[0]) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    state[0] = int(z[-1])
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return ((z ^ (z >> np.uint64(31))) >> np.uint64(40)).astype(np.float64) / 16777216.0
+
+
+def _c_trainer(model, work, x, y, steps: int, cpu: str | None = None) -> list[str]:
+    """Export the model's training as mlp.so, build C_TRAINER against it: the command line."""
+    import subprocess
+
+    model.export_train(work / "mlp.so", batch_size=32, cpu=cpu)
+    x.tofile(work / "x.bin")
+    y.tofile(work / "y.bin")
+    (work / "main.c").write_text(C_TRAINER)
+    subprocess.run(
+        ["gcc", "-Wall", "-Werror", str(work / "main.c"), str(work / "mlp.so"), f"-I{work}",
+         f"-Wl,-rpath,{work}", "-o", str(work / "main")],
+        check=True,
+    )  # fmt: skip
+    return [str(work / "main"), str(work / "x.bin"), str(work / "y.bin"), str(steps), str(work / "p.bin")]
+
+
+def test_c_trainer_stays_inside_its_buffers(tmp_path, rng):
+    """valgrind memcheck over four C training steps with Dropout (an AVX2 build: valgrind
+    cannot decode AVX-512), at two threads."""
+    import shutil
+    import subprocess
+
+    if shutil.which("valgrind") is None and not os.environ.get("CI"):
+        pytest.skip("valgrind is not installed (.ci/run installs it; under CI its absence fails)")
+    x = rng.standard_normal((128, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 128).astype(np.int64)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            layers.Dense(8, activation="relu"),
+            layers.Dropout(0.3),
+            layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    args = _c_trainer(model, tmp_path, x, y, steps=4, cpu="x86-64-v3")
+    run = subprocess.run(
+        ["valgrind", "--error-exitcode=9", "--leak-check=full", "--errors-for-leak-kinds=definite", "-q",
+         *args],
+        capture_output=True, text=True, env={**os.environ, "KILN_NUM_THREADS": "2"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_export_train_gives_a_c_library_that_trains(tmp_path, rng, monkeypatch):
+    """A C program trains with the exported library (Dropout masks drawn in C); its
+    weights after four steps are the ones fit reaches in Python on the same batches
+    with the same masks."""
     import subprocess
 
     x = rng.standard_normal((128, 6)).astype(np.float32)
     y = x[:, :3].argmax(axis=1).astype(np.int64)
     model = keras.Sequential(
-        [keras.Input((6,)), layers.Dense(8, activation="relu"), layers.Dense(3, activation="softmax")]
+        [
+            keras.Input((6,)),
+            layers.Dense(8, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(3, activation="softmax"),
+        ]
     )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.export_train(tmp_path / "mlp.so", batch_size=32)
+    args = _c_trainer(model, tmp_path, x, y, steps=4)
     assert "mlp_train_step" in (tmp_path / "mlp.h").read_text()
-    x.tofile(tmp_path / "x.bin")
-    y.tofile(tmp_path / "y.bin")
-    (tmp_path / "main.c").write_text(C_TRAINER)
-    exe = tmp_path / "main"
-    subprocess.run(
-        ["gcc", "-Wall", "-Werror", str(tmp_path / "main.c"), str(tmp_path / "mlp.so"), f"-I{tmp_path}",
-         f"-Wl,-rpath,{tmp_path}", "-o", str(exe)],
-        check=True,
-    )  # fmt: skip
-    args = [str(exe), str(tmp_path / "x.bin"), str(tmp_path / "y.bin"), "4", str(tmp_path / "p.bin")]
     run = subprocess.run(args, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+    stream = [0]
+    monkeypatch.setattr(
+        layers.Dropout,
+        "draw_mask",
+        lambda self, _, shape: (
+            (_splitmix64_fractions(stream, int(np.prod(shape))).reshape(shape) >= self.rate)
+            / np.float32(1 - self.rate)
+        ),
+    )
     history = model.fit(x, y, epochs=1, batch_size=32, shuffle=False, verbose=0).history
     trained = np.concatenate([w.ravel() for w in model.get_weights()])
     np.testing.assert_allclose(np.fromfile(tmp_path / "p.bin", np.float32), trained, rtol=1e-5, atol=1e-7)

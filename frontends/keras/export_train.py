@@ -10,8 +10,10 @@ sets, swapped each step, as in Python) and computes the optimizer's per-step sca
     NAME_trainer_destroy(t);
 
 The step's own API (NAME_run, NAME_create, ...) is in the same library. The header
-NAME.h beside it documents the buffers. Models with Dropout (rate > 0) are refused:
-their masks are drawn on the host, which this wrapper does not do.
+NAME.h beside it documents the buffers. Dropout masks are drawn by the wrapper each
+step from a splitmix64 stream (NAME_set_seed; seed 0 at creation): a mask element
+keeps its unit when the draw's top 24 bits, as a fraction of 2^24, are at least the
+rate (then it is 1 / (1 - rate), as in Python's training).
 """
 
 from __future__ import annotations
@@ -49,8 +51,12 @@ def _wrapper(
     scalars: list[str],
     lr: float,
     iterations: int,
+    masks: list[tuple[float, int]],
 ) -> str:
     n_state = len(state_sizes)
+    n_masks = len(masks)
+    mask_rates = ", ".join(f"{rate!r}" for rate, _ in masks) or "0"
+    mask_sizes = ", ".join(f"{size}L" for _, size in masks) or "0"
     n_in = n_ins_head + n_state + len(scalars)
     n_out = 1 + n_metrics + n_state
     sizes = ", ".join(f"{n}L" for n in state_sizes)
@@ -71,7 +77,9 @@ const char *{core}_last_error(const {core}_model *m);
 extern const unsigned char {name}_initial_state[];
 
 enum {{ N_STATE = {n_state}, N_PARAMS = {n_weights}, N_IN = {n_in}, N_OUT = {n_out} }};
-enum {{ N_SCALARS = {len(scalars)} }};
+enum {{ N_SCALARS = {len(scalars)}, N_MASKS = {n_masks} }};
+static const double mask_rate[N_MASKS > 0 ? N_MASKS : 1] = {{{mask_rates}}};
+static const long mask_size[N_MASKS > 0 ? N_MASKS : 1] = {{{mask_sizes}}};
 static const long state_size[N_STATE] = {{{sizes}}};
 static const char *const param_names[N_PARAMS] = {{{names}}};
 
@@ -83,16 +91,36 @@ typedef struct {name}_trainer {{
     float metric_sums[{max(n_metrics, 1)}];
     const void *ins[2][N_IN];
     void *outs[2][N_OUT];
+    float *masks[N_MASKS > 0 ? N_MASKS : 1];
+    uint64_t rng;
     int current;
     long iterations;
     float learning_rate;
 }} {name}_trainer;
+
+static uint64_t splitmix64(uint64_t *state) {{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}}
+
+static void draw_masks({name}_trainer *t) {{
+    for (int i = 0; i < N_MASKS; i++) {{
+        const float keep = 1.0f / (float)(1.0 - mask_rate[i]);
+        for (long j = 0; j < mask_size[i]; j++) {{
+            double u = (double)(splitmix64(&t->rng) >> 40) / 16777216.0;
+            t->masks[i][j] = u >= mask_rate[i] ? keep : 0.0f;
+        }}
+    }}
+}}
 
 API void {name}_trainer_destroy({name}_trainer *t) {{
     if (!t) return;
     if (t->m) {core}_destroy(t->m);
     for (int s = 0; s < 2; s++)
         for (int i = 0; i < N_STATE; i++) free(t->state[s][i]);
+    for (int i = 0; i < N_MASKS; i++) free(t->masks[i]);
     free(t);
 }}
 
@@ -108,7 +136,12 @@ API int {name}_trainer_create({name}_trainer **out) {{
         }}
         init += state_size[i];
     }}
+    for (int i = 0; i < N_MASKS; i++) {{
+        t->masks[i] = malloc(sizeof(float) * (size_t)mask_size[i]);
+        if (!t->masks[i]) {{ {name}_trainer_destroy(t); return 1; }}
+    }}
     for (int s = 0; s < 2; s++) {{
+        for (int i = 0; i < N_MASKS; i++) t->ins[s][2 + i] = t->masks[i];
         for (int i = 0; i < N_STATE; i++) {{
             t->ins[s][{n_ins_head} + i] = t->state[s][i];
             t->outs[s][1 + {n_metrics} + i] = t->state[1 - s][i];
@@ -127,6 +160,7 @@ API int {name}_train_step({name}_trainer *t, const void *x, const void *y, float
     const float lr = t->learning_rate, step = (float)(t->iterations + 1);
     (void)lr; (void)step;
 {scalar_lines}
+    draw_masks(t);
     t->ins[t->current][0] = x;
     t->ins[t->current][1] = y;
     if ({core}_run(t->m, t->ins[t->current], t->outs[t->current]) != 0) return 1;
@@ -138,6 +172,7 @@ API int {name}_train_step({name}_trainer *t, const void *x, const void *y, float
 
 API const char *{name}_trainer_last_error(const {name}_trainer *t) {{ return {core}_last_error(t->m); }}
 API void {name}_set_learning_rate({name}_trainer *t, float lr) {{ t->learning_rate = lr; }}
+API void {name}_set_seed({name}_trainer *t, uint64_t seed) {{ t->rng = seed; }}
 API long {name}_iterations(const {name}_trainer *t) {{ return t->iterations; }}
 API int {name}_num_params(void) {{ return N_PARAMS; }}
 API const char *{name}_param_name(int i) {{ return i >= 0 && i < N_PARAMS ? param_names[i] : 0; }}
@@ -169,6 +204,7 @@ def _header(name: str, x_shape, x_dtype, y_shape, y_dtype, param_names, sizes) -
  */
 #ifndef {name.upper()}_H
 #define {name.upper()}_H
+#include <stdint.h>
 #ifdef __cplusplus
 extern "C" {{
 #endif
@@ -178,6 +214,7 @@ typedef struct {name}_trainer {name}_trainer;
 int {name}_trainer_create({name}_trainer **out);      /* starts from the weights at export */
 int {name}_train_step({name}_trainer *t, const void *x, const void *y, float *loss);
 void {name}_set_learning_rate({name}_trainer *t, float lr);
+void {name}_set_seed({name}_trainer *t, uint64_t seed);  /* Dropout masks' stream (0 at creation) */
 long {name}_iterations(const {name}_trainer *t);
 int {name}_num_params(void);
 const char *{name}_param_name(int i);
@@ -194,7 +231,7 @@ void {name}_trainer_destroy({name}_trainer *t);
 """
 
 
-def export_train(model, filepath, batch_size: int) -> Path:
+def export_train(model, filepath, batch_size: int, cpu: str | None = None) -> Path:
     path = Path(filepath)
     name = path.stem
     if path.suffix != ".so":
@@ -206,8 +243,6 @@ def export_train(model, filepath, batch_size: int) -> Path:
         raise ValueError(
             "export_train takes a model with one input and one output (the C step takes one x and one y)"
         )
-    if any(getattr(layer, "rate", 0) for layer in model.layers if type(layer).__name__ == "Dropout"):
-        raise ValueError("a model with Dropout (rate > 0) cannot be exported for training in C yet")
     model._sync()
     state = model._train_state()
     weights = model.weights
@@ -221,10 +256,15 @@ def export_train(model, filepath, batch_size: int) -> Path:
     wrapper = _wrapper(
         name, core, 2 + len(masks), [a.size for a in arrays], len(weights), [w.name for w in weights],
         len(target.metrics), _scalar_expressions(opt), opt.learning_rate, opt.iterations,
+        [(layer.rate, int(np.prod(shape))) for layer, shape in masks],
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="kiln-train-") as work:
         so = build(
-            lower_graph(graph, core), Path(work), extra_c=wrapper, extra_blobs={f"{name}_initial_state": blob}
+            lower_graph(graph, core),
+            Path(work),
+            cpu_name=cpu,
+            extra_c=wrapper,
+            extra_blobs={f"{name}_initial_state": blob},
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(so, path)

@@ -509,10 +509,11 @@ class Model:
             raise FileExistsError(f"{filepath} exists and overwrite=False")
         save_model(self, filepath)
 
-    def export(self, filepath, batch_size: int = 1) -> Path:
+    def export(self, filepath, batch_size: int = 1, cpu: str | None = None) -> Path:
         """The model for inference as a shared library with Kiln's C ABI (NAME_create,
         NAME_run, ... with NAME the file's stem) and its header beside it, the current
-        weights inside. Inputs have a fixed batch size."""
+        weights inside. Inputs have a fixed batch size; `cpu` targets an LLVM CPU
+        (e.g. "x86-64-v3") instead of this machine's."""
         from compiler import compile_model
         from frontends.keras.trainer import inference_graph
 
@@ -524,14 +525,14 @@ class Model:
         self._sync()
         feeds = self._feeds(batch_size)
         graph = inference_graph(self._forward, self.weights, feeds, self.output_names, path.stem)
-        return compile_model(graph, name=path.stem).save(path)
+        return compile_model(graph, name=path.stem, cpu_name=cpu).save(path)
 
-    def export_train(self, filepath, batch_size: int = 32) -> Path:
+    def export_train(self, filepath, batch_size: int = 32, cpu: str | None = None) -> Path:
         """The training step as a C library: NAME_trainer_create, NAME_train_step,
         NAME_get_param / NAME_set_param ... (see frontends/keras/export_train.py)."""
         from frontends.keras.export_train import export_train
 
-        return export_train(self, filepath, batch_size)
+        return export_train(self, filepath, batch_size, cpu)
 
     def save_weights(self, filepath) -> None:
         """Keras's .weights.h5 (the weights part of a .keras file), written atomically."""
