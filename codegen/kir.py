@@ -3,7 +3,9 @@
 A Kernel is a list of statements over Buffers (its parameters, in order). Loops
 carry a kind that tells a backend how to run them: `serial`, `parallel` (split
 across threads on the CPU), `vector` (the innermost, contiguous loop: the CPU
-backend leaves it in the shape LLVM's vectorizer wants), `gpu_block` and
+backend leaves it in the shape LLVM's vectorizer wants), `vector_masked` (the same,
+with its tail run as masked vector operations rather than a scalar loop: for short
+runs such as a matrix tile's last columns), `gpu_block` and
 `gpu_thread` (bound to CUDA's block and thread indices; the CPU runs them as
 plain loops, which is how GPU kernels are tested on machines with no GPU).
 
@@ -20,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
 
-LOOP_KINDS = ("serial", "parallel", "vector", "gpu_block", "gpu_thread")
+LOOP_KINDS = ("serial", "parallel", "vector", "vector_masked", "gpu_block", "gpu_thread")
+VECTOR_KINDS = ("vector", "vector_masked")
 ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
 FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int64", "int32")
@@ -573,7 +576,7 @@ class KernelBuilder:
         """Report `message` from the run if `ok` fails at any point (see Check). The
         loops around a check run serially: its conditional store does not vectorize."""
         for loop in self._loops:
-            if loop.kind == "vector":
+            if loop.kind in VECTOR_KINDS:
                 loop.kind = "serial"
         if self.status is None:
             self.status = Buffer("status", "int32", (1,))

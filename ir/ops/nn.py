@@ -113,7 +113,8 @@ def lower_matmul(
 
         def tile(first_col: Expr, cols: int) -> None:
             """out[rows, first_col : first_col + cols], summed over all of k."""
-            with k.loop(cols, "vector", "n") as jj:
+            kind = "vector" if cols % MATMUL_VECTOR == 0 else "vector_masked"
+            with k.loop(cols, kind, "n") as jj:
                 j = first_col + jj
                 for i, row in enumerate(out_rows):
                     per_row = bias_per_row and bias is not None
@@ -122,7 +123,7 @@ def lower_matmul(
 
             def sweep(first_k: Expr, steps: int, last: bool) -> None:
                 coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
-                with k.loop(cols, "vector", "n") as jj:
+                with k.loop(cols, kind, "n") as jj:
                     j = first_col + jj
                     bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
                     for row, row_coeffs, lead in zip(out_rows, coeffs, leading):
