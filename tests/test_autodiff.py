@@ -84,8 +84,8 @@ CASES = {
     ),
     "max_pool2d": ([(2, 3, 6, 7)], {"kernel": (3, 2), "strides": (2, 2), "pads": (1, 0, 1, 1)}, "normal"),
     "max_pool2d_tiled": ([(2, 3, 7, 5)], {"kernel": (2, 2), "strides": (2, 2)}, "normal"),
-    "mod": ([(4, 5), (5,)], {}, "normal"),
-    "mod_fmod": ([(4, 5), (4, 1)], {"fmod": True}, "normal"),
+    "mod": ([(4, 5), (5,)], {}, "ratio"),
+    "mod_fmod": ([(4, 5), (4, 1)], {"fmod": True}, "ratio"),
     "gather_elements": ([(6, 3)], {"axis": 0}, "indices"),
     "topk": ([(4, 6)], {"k": 3, "axis": 1}, "normal"),
     "einsum": ([(2, 3), (3, 4)], {"equation": "ij,jk->i"}, "normal"),  # k summed in one operand only
@@ -158,6 +158,9 @@ def test_rule_matches_finite_differences(op_name, rng):
     xs = [_draw(rng, s, kind) for s in shapes]
     if kind == "batchnorm":  # a variance must be positive
         xs[-1] = rng.uniform(0.5, 2.0, shapes[-1])
+    if kind == "ratio":  # mod(x, y): x / y well away from the integers, where mod jumps
+        xs[1] = rng.uniform(0.5, 2.0, shapes[1]) * rng.choice([-1.0, 1.0], shapes[1])
+        xs[0] = (rng.integers(-3, 3, shapes[0]) + rng.uniform(0.2, 0.8, shapes[0])) * xs[1]
     inputs = [b.input(f"x{i}", s, "float64") for i, s in enumerate(shapes)]
     y = b.op(op_name, *operands, *inputs, *extra, **attrs)
     weights = b.param("w", rng.standard_normal(y.type.shape))  # loss = Σ w·y: every output counts

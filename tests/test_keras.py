@@ -717,7 +717,11 @@ def test_functional_keras_files_load_both_ways(tmp_path, rng):
     pytest.importorskip("h5py")
     real = _real_keras()
     x, y = _two_in_two_out_data(rng, 32)
-    args = {"loss": ["mse", "sparse_categorical_crossentropy"], "loss_weights": [1.0, 0.5]}
+    args = {
+        "loss": ["mse", "sparse_categorical_crossentropy"],
+        "loss_weights": [1.0, 0.5],
+        "metrics": [["mae"], ["accuracy"]],
+    }
     theirs = _two_in_two_out(real, **args)
     theirs.fit(x, y, epochs=2, verbose=0)
     theirs.save(tmp_path / "real.keras")

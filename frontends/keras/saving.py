@@ -312,12 +312,12 @@ def _functional_config(model) -> dict:
     }  # fmt: skip
 
 
-def _loss_config(spec):
-    """compile()'s loss as Keras stores it: names, in the structure it was given."""
+def _names_config(spec):
+    """compile()'s loss or metrics as Keras stores them: names, in the structure given."""
     if isinstance(spec, (list, tuple)):
-        return [_loss_config(s) for s in spec]
+        return [_names_config(s) for s in spec]
     if isinstance(spec, dict):
-        return {k: _loss_config(v) for k, v in spec.items()}
+        return {k: _names_config(v) for k, v in spec.items()}
     return spec if spec is None or isinstance(spec, str) else spec.name
 
 
@@ -327,13 +327,12 @@ def _config(model) -> dict:
     config = _sequential_config(model) if isinstance(model, Sequential) else _functional_config(model)
     if model.optimizer is not None and model.loss is not None:
         opt = model.optimizer
-        metrics = model._metric_ids
         config["compile_config"] = {
             "optimizer": {"module": "keras.optimizers", "class_name": type(opt).__name__,
                           "config": opt.get_config(), "registered_name": None},
-            "loss": _loss_config(model.loss),
+            "loss": _names_config(model.loss),
             "loss_weights": model._loss_weights_spec,
-            "metrics": [str(m) for m in metrics] if isinstance(metrics, (list, tuple)) else metrics,
+            "metrics": _names_config(model._metric_ids) or None,
             "weighted_metrics": None,
             "run_eagerly": False,
             "steps_per_execution": 1,
