@@ -72,6 +72,10 @@ MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
 #: output columns computed together: a tile of rows x columns small enough for LLVM to
 #: keep in vector registers over the whole k loop (loaded and stored once)
 MATMUL_COL_TILE = 64
+#: row blocks per parallel step, sharing each column panel of b from cache
+MATMUL_ROW_GROUP = 16
+#: parallel steps a matmul keeps (for the threads) before it groups row blocks
+MATMUL_MIN_STEPS = 8
 #: lanes of the widest float32 vector (AVX-512): a column run that is not a multiple of
 #: it is masked, and LLVM keeps masked accumulators in memory rather than registers
 MATMUL_VECTOR = 16
@@ -87,62 +91,70 @@ def lower_matmul(
     bias_per_row: bool = False,
     out_shape: tuple[int, ...] | None = None,
 ) -> None:
-    """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a block of rows per parallel step.
+    """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a group of row blocks per parallel step.
 
     The bias is one value per column (a Dense layer's), or with bias_per_row one per
     row (a convolution's, computed as weights @ im2col). out_shape is the shape the
     epilogue sees (out may be a view of it); its last axis must be out's.
 
-    The n loop is innermost and contiguous in b and out, so it vectorizes. Each sweep
-    of it takes MATMUL_K_UNROLL steps of k for R rows at once: a vector of b is loaded
-    once for R rows, and a vector of out once per that many steps. Sums run in k order.
-    The epilogue is applied in the last sweep, to the finished sums before they are
+    The output is computed in tiles of R rows x MATMUL_COL_TILE columns, small enough
+    for LLVM to keep in vector registers over the whole k loop: per step of k, R
+    broadcasts of a and a few vectors of b feed R times as many FMAs. A parallel step
+    takes a group of row blocks and, column tile by column tile, runs every block of
+    the group over it, so the tile's panel of b (k x 64) is read from cache by all of
+    them rather than streamed from memory once per block. Sums run in k order. The
+    epilogue is applied in the last sweep, to the finished sums before they are
     stored: no extra pass over the output.
     """
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
     rows_per_block = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
-    blocks = prod(batch) * m // rows_per_block
-    with k.loop(blocks, "parallel", "rows") as blk:
-        first_row = blk * rows_per_block
-        p, mi = first_row // m, first_row % m
-        a_rows = [_batch_offset(p, batch, a_batch, m * kk) + (mi + i) * kk for i in range(rows_per_block)]
-        out_rows = [(first_row + i) * n for i in range(rows_per_block)]
+    blocks_per_matrix = m // rows_per_block
+    group = _row_group(blocks_per_matrix, prod(batch))
+    groups_per_matrix = blocks_per_matrix // group
+    shape = out_shape or out.shape
+    with k.loop(prod(batch) * groups_per_matrix, "parallel", "rows") as grp:
+        p = grp // groups_per_matrix
         b_mat = _batch_offset(p, batch, b_batch, kk * n)
-        shape = out_shape or out.shape
-        leading = [_unravel(blk * rows_per_block + i, shape[:-1]) for i in range(rows_per_block)]
+        a_mat = _batch_offset(p, batch, a_batch, m * kk)
 
         def tile(first_col: Expr, cols: int) -> None:
-            """out[rows, first_col : first_col + cols], summed over all of k."""
+            """out[rows, first_col : first_col + cols] of every block in the group, over all of k."""
             kind = "vector" if cols % MATMUL_VECTOR == 0 else "vector_masked"
-            with k.loop(cols, kind, "n") as jj:
-                j = first_col + jj
-                for i, row in enumerate(out_rows):
-                    per_row = bias_per_row and bias is not None
-                    init = k_const(out, 0.0) if bias is None else bias.load_flat(mi + i if per_row else j)
-                    k.store(out, row + j, init)
-
-            def sweep(first_k: Expr, steps: int, last: bool) -> None:
-                coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
+            with k.loop(group, "serial", "block") as q:
+                blk = grp * group + q  # the block's index among all (batch x m / R) blocks
+                mi = (grp % groups_per_matrix * group + q) * rows_per_block
+                a_rows = [a_mat + (mi + i) * kk for i in range(rows_per_block)]
+                out_rows = [(blk * rows_per_block + i) * n for i in range(rows_per_block)]
+                leading = [_unravel(blk * rows_per_block + i, shape[:-1]) for i in range(rows_per_block)]
                 with k.loop(cols, kind, "n") as jj:
                     j = first_col + jj
-                    bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
-                    for row, row_coeffs, lead in zip(out_rows, coeffs, leading):
-                        acc = out.load_flat(row + j)
-                        for av, bv in zip(row_coeffs, bs):
-                            acc = muladd(av, bv, acc)
-                        if last and epilogue is not None:  # on the finished sum, still in registers
-                            acc = epilogue(acc, row + j, [*lead, j])
-                        k.store(out, row + j, acc)
+                    for i, row in enumerate(out_rows):
+                        per_row = bias_per_row and bias is not None
+                        init = k_const(out, 0.0) if bias is None else bias.load_flat(mi + i if per_row else j)
+                        k.store(out, row + j, init)
 
-            # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
-            unroll = MATMUL_K_UNROLL
-            full, rest = divmod(kk, unroll)
-            if rest == 0:
-                full, rest = full - 1, unroll
-            if full:
-                with k.loop(full, "serial", "k") as q:
-                    sweep(q * unroll, unroll, False)
-            sweep(const(full * unroll, "int64"), rest, True)
+                def sweep(first_k: Expr, steps: int, last: bool) -> None:
+                    coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
+                    with k.loop(cols, kind, "n") as jj:
+                        j = first_col + jj
+                        bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
+                        for row, row_coeffs, lead in zip(out_rows, coeffs, leading):
+                            acc = out.load_flat(row + j)
+                            for av, bv in zip(row_coeffs, bs):
+                                acc = muladd(av, bv, acc)
+                            if last and epilogue is not None:  # on the finished sum, still in registers
+                                acc = epilogue(acc, row + j, [*lead, j])
+                            k.store(out, row + j, acc)
+
+                # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
+                unroll = MATMUL_K_UNROLL
+                full, rest = divmod(kk, unroll)
+                if rest == 0:
+                    full, rest = full - 1, unroll
+                if full:
+                    with k.loop(full, "serial", "k") as step:
+                        sweep(step * unroll, unroll, False)
+                sweep(const(full * unroll, "int64"), rest, True)
 
         tiles, tail = divmod(n, MATMUL_COL_TILE)
         if tiles:
@@ -153,6 +165,15 @@ def lower_matmul(
         for first, cols in ((start, whole), (start + whole, tail - whole)):
             if cols:
                 tile(const(first, "int64"), cols)
+
+
+def _row_group(blocks: int, matrices: int) -> int:
+    """Row blocks per parallel step: as many as share a column panel of b well (up to
+    MATMUL_ROW_GROUP), while leaving at least MATMUL_MIN_STEPS parallel steps where the
+    product is big enough to have them."""
+    divisors = [g for g in range(1, min(blocks, MATMUL_ROW_GROUP) + 1) if blocks % g == 0]
+    enough = [g for g in divisors if matrices * blocks // g >= MATMUL_MIN_STEPS]
+    return max(enough) if enough else 1
 
 
 def _unravel(flat: Expr, shape: tuple[int, ...]) -> list[Expr]:
