@@ -13,6 +13,7 @@ import numpy as np
 
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
+from ir.ops.nn import MATMUL_VECTOR
 
 #: constants are folded only up to this many elements, so weights do not balloon
 FOLD_MAX_ELEMENTS = 1 << 24
@@ -99,7 +100,9 @@ def conv_to_gemm(graph: Graph) -> Graph:
     windows, which runs at matmul speed (weights reused across a block of output
     channels) for the price of writing the windows out once (KH*KW times the input).
     A 1x1 conv with stride 1 and no padding needs no im2col: its input already is the
-    columns. Left alone: grouped (depthwise) convolutions."""
+    columns. Where the output has fewer positions than a vector has lanes (a late
+    conv of a small network), the product is taken the other way round (see
+    _conv_as_linear). Left alone: grouped (depthwise) convolutions."""
     nodes = []
     for node in graph.nodes:
         if node.op.name != "conv2d" or node.op.groups != 1:
@@ -116,8 +119,36 @@ def conv_to_gemm(graph: Graph) -> Graph:
             )
             cols = Value(f"{node.name}.cols", im2col.infer(x.type))
             nodes.append(Node(im2col, [x], [cols], f"{node.name}.im2col"))
-        nodes.append(Node(make_op("conv2d_gemm"), [cols, w, *bias], node.outputs, node.name))
+        n, o, oh, ow = node.outputs[0].type.shape
+        if oh * ow < MATMUL_VECTOR <= o:
+            nodes += _conv_as_linear(node, cols, w, bias)
+        else:
+            nodes.append(Node(make_op("conv2d_gemm"), [cols, w, *bias], node.outputs, node.name))
     return Graph(graph.inputs, graph.outputs, nodes, graph.params, graph.name)
+
+
+def _conv_as_linear(node: Node, cols: Value, w: Value, bias: list[Value]) -> list[Node]:
+    """The conv as (windows as rows) @ wᵀ: rows are (image, position) pairs and columns
+    the output channels, so the matrix product's column tiles run over the channels
+    rather than over a handful of positions. The transposes around it are small (few
+    positions), and wᵀ of constant weights is folded."""
+    n, o, oh, ow = node.outputs[0].type.shape
+    k = cols.type.shape[1]
+    nodes: list[Node] = []
+
+    def add(op_name: str, inputs: list[Value], suffix: str, out: Value | None = None, **attrs) -> Value:
+        op = make_op(op_name, **attrs)
+        out = out or Value(f"{node.name}.{suffix}", op.infer(*(v.type for v in inputs)))
+        nodes.append(Node(op, inputs, [out], f"{node.name}.{suffix}"))
+        return out
+
+    rows = add("transpose", [add("reshape", [cols], "cols3", shape=(n, k, oh * ow))], "rows", perm=(0, 2, 1))
+    rows = add("reshape", [rows], "rows2", shape=(n * oh * ow, k))
+    w_t = add("transpose", [add("reshape", [w], "w2", shape=(o, k))], "wt", perm=(1, 0))
+    y = add("linear", [rows, w_t, *bias], "linear")
+    y = add("transpose", [add("reshape", [y], "y3", shape=(n, oh * ow, o))], "nchw", perm=(0, 2, 1))
+    add("reshape", [y], "out", out=node.outputs[0], shape=(n, o, oh, ow))
+    return nodes
 
 
 def cancel_transposes(graph: Graph) -> Graph:

@@ -49,14 +49,16 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "conv2d_gemm(%conv1.out.cols, %conv1.weight, %conv1.bias)" in text
-    # conv → im2col + gemm; relu in the gemm's epilogue; flatten a view
-    assert "11 kernels (15 ops):" in text and "k4_conv2d_gemm_relu" in text and "4.468" in text  # MFLOP
+    # conv → im2col + gemm; relu in the gemm's epilogue; flatten a view; the last conv
+    # (3x3 positions) a linear over its windows
+    assert "14 kernels (17 ops):" in text and "k4_conv2d_gemm_relu" in text and "4.468" in text  # MFLOP
+    assert "k8_linear " in text
     assert "memory: arena 170,368 B (lower bound 170,368 B, 1.00x" in text
     assert "kernel k1_conv2d_gemm_relu(" in text and "conv3.relu, flat" in text
     dot = (tmp_path / "g.dot").read_text()
     assert "subgraph cluster_0" in dot and "flatten (view)" in dot
     unfused = kiln("inspect", str(MNIST_CNN_PATH), "--no-fuse").stdout
-    assert "15 kernels (15 ops):" in unfused
+    assert "17 kernels (17 ops):" in unfused
 
 
 def test_demo_runs_python_and_c():

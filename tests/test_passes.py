@@ -113,6 +113,26 @@ def test_conv_to_gemm(rng):
     _same_results(before, after, rng, rtol=1e-4)
 
 
+def test_conv_with_few_output_positions_becomes_a_linear(rng):
+    """3x3 positions, 32 channels: windows as rows @ wᵀ, so the product's vectors run
+    over the channels (compiled and interpreted, against the plain conv)."""
+    from compiler import compile_model
+    from compiler.passes import conv_to_gemm
+
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 8, 5, 5))
+    w = b.param("w", rng.standard_normal((32, 8, 3, 3)).astype(np.float32))
+    before = b.build(b.relu(b.conv2d(x, w, b.param("cb", rng.standard_normal(32).astype(np.float32)))))
+    after = conv_to_gemm(before)
+    assert [line.split(" = ")[1].split("(")[0] for line in _body(after)[:-1]] == [
+        "im2col", "reshape", "transpose", "reshape", "reshape", "transpose", "linear", "reshape", "transpose",
+        "reshape", "relu",
+    ]  # fmt: skip
+    _same_results(before, after, rng, rtol=1e-4)
+    xs = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(compile_model(before)(xs), interpret(before, [xs])[0], rtol=1e-4, atol=1e-5)
+
+
 def test_cancel_transposes(rng):
     """NHWC → NCHW → relu → NHWC → NCHW: the middle pair cancels; the outer pair composes."""
     b = GraphBuilder("g")

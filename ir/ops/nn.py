@@ -75,7 +75,7 @@ MATMUL_COL_TILE = 64
 #: row blocks per parallel step, sharing each column panel of b from cache
 MATMUL_ROW_GROUP = 16
 #: parallel steps a matmul keeps (for the threads) before it groups row blocks
-MATMUL_MIN_STEPS = 8
+MATMUL_MIN_STEPS = 4
 #: lanes of the widest float32 vector (AVX-512): a column run that is not a multiple of
 #: it is masked, and LLVM keeps masked accumulators in memory rather than registers
 MATMUL_VECTOR = 16
