@@ -713,6 +713,39 @@ def test_functional_summary_is_keras_verbatim(monkeypatch):
     assert "Connected to" in texts[1] and "lstm[0][1]," in texts[1]
 
 
+def test_functional_shared_layer(parity_rng, tmp_path, monkeypatch):
+    """One layer called on two inputs (a siamese pair): one set of weights, trained by
+    both calls; summary, .keras files both ways."""
+    pytest.importorskip("h5py")
+    real = _real_keras()
+    monkeypatch.setenv("COLUMNS", "80")
+
+    def build(k):
+        left, right = k.Input((5,), name="left"), k.Input((5,), name="right")
+        encoder = k.layers.Dense(4, activation="tanh", name="encoder")
+        pair = k.layers.Concatenate(name="pair")([encoder(left), encoder(right)])
+        model = k.Model(
+            [left, right], k.layers.Dense(1, activation="sigmoid", name="same")(pair), name="siamese"
+        )
+        model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+        return model
+
+    x = [parity_rng.standard_normal((64, 5)).astype(np.float32) for _ in range(2)]
+    y = (x[0].sum(axis=1) > x[1].sum(axis=1)).astype(np.float32)
+    _parity(build, x, y, epochs=3)
+    texts = []
+    for k in (real, keras):
+        lines = []
+        build(k).summary(print_fn=lines.append)
+        texts.append("\n".join(lines))
+    assert texts[1] == texts[0].rstrip("\n") and "encoder[1][0]" in texts[1]
+    ours = build(keras)
+    ours.save(tmp_path / "siamese.keras")
+    np.testing.assert_allclose(
+        real.models.load_model(tmp_path / "siamese.keras").predict(x, verbose=0), ours.predict(x), atol=1e-6
+    )
+
+
 def test_functional_keras_files_load_both_ways(tmp_path, rng):
     pytest.importorskip("h5py")
     real = _real_keras()
