@@ -143,8 +143,8 @@ class Model:
     def built(self) -> bool:
         return self._input_shapes is not None
 
-    def build(self, input_shape) -> None:
-        raise ValueError(f"{self.name}: a Functional model is built by its inputs and outputs")
+    def build(self, input_shape=None) -> None:
+        """A Functional model is built by its inputs and outputs already (as in Keras)."""
 
     @property
     def weights(self) -> list[Weight]:
@@ -237,10 +237,8 @@ class Model:
             if loss is None:
                 continue
             out = self._output_shapes[i]
-            if loss.sparse:
-                y = Feed("y" if not several else f"{name}_labels", (batch,), "int64")
-            else:
-                y = Feed("y" if not several else f"{name}_labels", (batch, *out), "float32")
+            label = "y" if not several else f"{name}_labels"
+            y = Feed(label, (batch,), "int64") if loss.sparse else Feed(label, (batch, *out), "float32")
             metrics = [metrics_module.resolve(m, y.shape, (batch, *out)) for m in self._output_metrics[i]]
             targets.append(Target(i, y, loss, self._loss_weights[i], metrics, f"{name}_" if several else ""))
         return targets
