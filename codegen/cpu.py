@@ -65,7 +65,7 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Functi
         w.counted_loop(loop.var, begin, end, loop.body, loop.kind)
         return True
 
-    writer = FunctionWriter(body_fn, dict(zip(kernel.params, body_fn.args[:n])), loop_hook)
+    writer = FunctionWriter(body_fn, dict(zip(kernel.params, body_fn.args[:n])), loop_hook, kernel.scratch)
     if parallel is None:
         # run once, on the call with begin == 0
         with writer.b.if_then(writer.b.icmp_signed("==", begin, ir.Constant(I64, 0))):

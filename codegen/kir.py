@@ -476,6 +476,8 @@ class Kernel:
     #: the messages of its Checks (status code i + 1 → checks[i]); the status buffer,
     #: an int32[1], is then the last param
     checks: list[str] = field(default_factory=list)
+    #: small buffers private to each thread running the kernel (not parameters)
+    scratch: list[Buffer] = field(default_factory=list)
 
     @property
     def work(self) -> int:
@@ -511,6 +513,7 @@ class KernelBuilder:
         self.checks: list[str] = []
         self._stack: list[list[Stmt]] = [[]]
         self._loops: list[Loop] = []  # the loops open around the statement being built
+        self._scratch: list[Buffer] = []
         self._ids = itertools.count()
 
     def _emit(self, stmt: Stmt) -> None:
@@ -597,10 +600,17 @@ class KernelBuilder:
             raise TypeError(f"store to {buf.name} ({buf.dtype}) of a {value.dtype} value")
         self._emit(Store(buf, index, value))
 
+    def scratch(self, name: str, dtype: str, shape: tuple[int, ...]) -> Buffer:
+        """A small buffer private to each thread (on its stack): partial results a loop
+        nest keeps between its loops, which LLVM may hold in registers."""
+        buf = Buffer(f"{name}{next(self._ids)}", dtype, tuple(shape))
+        self._scratch.append(buf)
+        return buf
+
     def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
         params = self.params + ([self.status] if self.status is not None else [])
-        return Kernel(self.name, params, self._stack[0], self.checks)
+        return Kernel(self.name, params, self._stack[0], self.checks, self._scratch)
 
 
 def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: object) -> Expr:

@@ -69,7 +69,11 @@ def loop_metadata(llvm_ir: str) -> str:
 
 class FunctionWriter:
     def __init__(
-        self, fn: ir.Function, pointers: dict[kir.Buffer, ir.Value], loop_hook: LoopHook | None = None
+        self,
+        fn: ir.Function,
+        pointers: dict[kir.Buffer, ir.Value],
+        loop_hook: LoopHook | None = None,
+        scratch: list[kir.Buffer] | None = None,
     ):
         self.fn = fn
         self.module: ir.Module = fn.module
@@ -78,7 +82,10 @@ class FunctionWriter:
         self.start = fn.append_basic_block("start")
         self.b = ir.IRBuilder(self.start)
         self._allocas = ir.IRBuilder(self.entry)
-        self.pointers = pointers
+        self.pointers = dict(pointers)
+        for buf in scratch or []:
+            size = ir.Constant(I64, buf.numel)
+            self.pointers[buf] = self._allocas.alloca(MEM_TYPES[buf.dtype], size=size, name=buf.name)
         self.slots: dict[object, ir.Value] = {}  # Var / Local -> alloca
         self.loop_hook = loop_hook
         self._cache: dict[int, ir.Value] = {}

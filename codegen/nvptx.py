@@ -74,7 +74,7 @@ def _emit(module: ir.Module, kernel: kir.Kernel) -> None:
         w.stmts(loop.body)
         return True
 
-    writer = FunctionWriter(fn, dict(zip(kernel.params, fn.args)), loop_hook)
+    writer = FunctionWriter(fn, dict(zip(kernel.params, fn.args)), loop_hook, kernel.scratch)
     writer.stmts(kernel.body)
     writer.finish()
 

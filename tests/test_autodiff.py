@@ -92,13 +92,13 @@ CASES = {
     "einsum_broadcast": ([(1, 3), (2, 3), (3, 4)], {"equation": "ij,ij,jk->ik"}, "normal"),
     "resample": ([(2, 5)], {"axes": (1,)}, "taps"),
     "rnn": ([(3, 2, 4), (4, 4), (2, 4)], {"hidden": 4}, "normal"),
-    "gru": ([(3, 2, 9), (9, 3), (2, 3), (3,)], {"hidden": 3}, "normal"),
+    "gru": ([(3, 2, 9), (3, 9), (2, 3), (3,)], {"hidden": 3}, "normal"),
     "gru_reverse": (
-        [(3, 2, 9), (9, 3), (2, 3), (3,)],
+        [(3, 2, 9), (3, 9), (2, 3), (3,)],
         {"hidden": 3, "reverse": True, "linear_before_reset": True},
         "normal",
     ),
-    "lstm": ([(3, 2, 8), (8, 2), (2, 2), (2, 2), (6,)], {"hidden": 2, "clip": 1.5}, "normal"),
+    "lstm": ([(3, 2, 8), (2, 8), (2, 2), (2, 2), (6,)], {"hidden": 2, "clip": 1.5}, "normal"),
 }
 
 

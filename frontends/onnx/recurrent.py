@@ -134,7 +134,8 @@ def _recurrent(ctx: Context, node: onnx.NodeProto, attrs: dict) -> list[Value]:
         w_t = ctx.b.transpose(_direction(ctx, w, d), perm=(1, 0))
         xw = ctx.b.linear(flat_x, w_t, ctx.b.add(wb, rb))
         xw = ctx.b.reshape(xw, shape=(seq, batch, gates * hidden))
-        inputs = [xw, _direction(ctx, r, d)] + [_direction(ctx, s, d) for s in states] + extra
+        r_t = ctx.b.transpose(_direction(ctx, r, d), perm=(1, 0))  # the op reads Rᵀ row by row
+        inputs = [xw, r_t] + [_direction(ctx, s, d) for s in states] + extra
         if peepholes is not None:
             inputs.append(_direction(ctx, peepholes, d))
         attributes = {"hidden": hidden, "reverse": reverse, "activations": activations[d], "clip": clip}

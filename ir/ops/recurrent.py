@@ -2,8 +2,12 @@
 
 The input projection x·Wᵀ (+ biases) has no recurrence, so it is not here: frontends
 compute it for every step at once with one matmul, and these ops take its result
-`xw` (seq, batch, gates·hidden). What remains is the recurrence, h_{t-1}·Rᵀ and the
-gates, one kernel per layer and direction: batch rows run in parallel, steps in order.
+`xw` (seq, batch, gates·hidden), and `rt` = Rᵀ (hidden, gates·hidden), the layout the
+per-step product reads row by row. What remains is the recurrence, h_{t-1}·Rᵀ and the
+gates, one kernel per layer and direction: blocks of batch rows run in parallel, steps
+in order. Each step runs over tiles of UNIT_TILE hidden units: the tile's gate sums for
+the block's rows are accumulated over h_{t-1} in a small scratch buffer (which LLVM
+keeps in vector registers), then turned into the new state right away.
 
 The output holds the state before and after every step, in seq + 1 slots (axis 0).
 A forward pass starts in slot 0 and writes step t's state to slot t + 1; a reverse
@@ -25,16 +29,20 @@ from collections.abc import Callable
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, Var, maximum, minimum
+from codegen.kir import Buffer, Expr, KernelBuilder, Var, const, maximum, minimum, muladd
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.ops import REGISTRY, ElementwiseOp, Fusion, Op, register
+from ir.ops.nn import MATMUL_VECTOR
 from ir.types import TensorType
 
 Activation = tuple[str, tuple[tuple[str, float], ...]]
 
 SIGMOID: Activation = ("sigmoid", ())
 TANH: Activation = ("tanh", ())
+
+#: hidden units whose gate sums are accumulated together (per batch row: gates x 32)
+UNIT_TILE = 32
 
 
 def _activation(spec: Activation) -> ElementwiseOp:
@@ -48,7 +56,7 @@ def _activation(spec: Activation) -> ElementwiseOp:
 @dataclasses.dataclass(frozen=True)
 class Recurrence(Op):
     """What RNN, GRU and LSTM share: the slots, the checks, the step loop. Inputs:
-    xw, r, the initial state(s) and what else the cell takes (state_shapes)."""
+    xw, rt, the initial state(s) and what else the cell takes (state_shapes)."""
 
     arity = (3, 3)
     gates = 1
@@ -68,15 +76,15 @@ class Recurrence(Op):
             raise GraphError(f"{self.name}: expects {len(self.default_activations())} activations")
         return [_activation(s) for s in specs]
 
-    def infer(self, xw: TensorType, r: TensorType, *states: TensorType) -> TensorType:
+    def infer(self, xw: TensorType, rt: TensorType, *states: TensorType) -> TensorType:
         h = self.hidden
         if xw.rank != 3 or xw.shape[2] != self.gates * h:
             raise GraphError(f"{self.name}: xw must be (seq, batch, {self.gates}·{h}), got {xw.shape}")
         seq, batch, _ = xw.shape
         if xw.dtype not in ("float32", "float64"):
             raise GraphError(f"{self.name}: dtype {xw.dtype} is not float")
-        expected = [(self.gates * h, h)] + self.state_shapes(batch)
-        for pos, (t, shape) in enumerate(zip([r, *states], expected), start=1):
+        expected = [(h, self.gates * h)] + self.state_shapes(batch)
+        for pos, (t, shape) in enumerate(zip([rt, *states], expected), start=1):
             if t.shape != shape or t.dtype != xw.dtype:
                 raise GraphError(f"{self.name}: input {pos} is {t}, expected {xw.dtype}{list(shape)}")
         self.functions  # noqa: B018 - validates the activations
@@ -100,14 +108,14 @@ class Recurrence(Op):
             return [(t, t + 1, t) for t in reversed(range(seq))]
         return [(t, t, t + 1) for t in range(seq)]
 
-    def reference(self, xw, r, *states):
+    def reference(self, xw, rt, *states):
         seq, batch, _ = xw.shape
         out = np.zeros((seq + 1, self.planes, batch, self.hidden), xw.dtype)
         first = seq if self.reverse else 0
         out[first] = self.initial_np(states, batch, xw.dtype)
         fns = [lambda x, op=op: np.asarray(op.reference(x), x.dtype) for op in self.functions]
         for t, read, write in self._order(seq):
-            out[write] = self.step_np(xw[t], r, out[read], states, fns)
+            out[write] = self.step_np(xw[t], rt, out[read], states, fns)
         return out
 
     def initial_np(self, states, batch, dtype) -> np.ndarray:
@@ -115,42 +123,103 @@ class Recurrence(Op):
         init[0] = states[0]
         return init
 
-    def step_np(self, xw_t, r, prev, states, fns) -> np.ndarray:
+    def step_np(self, xw_t, rt, prev, states, fns) -> np.ndarray:
         raise NotImplementedError
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
-        xw, r, *states = ins
+        xw, rt, *states = ins
         seq, batch, _ = xw.shape
         h = self.hidden
+        rows = 2 if batch % 2 == 0 else 1  # batch rows per block: each row of rt serves them all
         fns = [lambda x, op=op: op.scalar(e, x) for op in self.functions]
+        sums = k.scratch("gate_sums", xw.dtype, (rows, self.gates, UNIT_TILE))
         first = seq if self.reverse else 0
-        with k.loop(batch, "parallel", "b") as b:
+        with k.loop(batch // rows, "parallel", "b") as blk:
+            block = [blk * rows + i for i in range(rows)]
             with k.loop(h, "vector", "j") as j:
-                for plane, value in enumerate(self.initial(states, b, j, xw.dtype)):
-                    k.store(out, (first, plane, b, j), value)
+                for b in block:
+                    for plane, value in enumerate(self.initial(states, b, j, xw.dtype)):
+                        k.store(out, (first, plane, b, j), value)
             with k.loop(seq, "serial", "n") as n:
                 t = (seq - 1 - n) if self.reverse else n
                 read, write = (t + 1, t) if self.reverse else (t, t + 1)
-                self.step(k, xw, r, states, out, b, t, read, write, fns)
+                self.step(k, Step(xw, rt, states, out, block, t, read, write, fns, sums))
 
     def initial(self, states: list[Buffer], b: Var, j: Var, dtype: str) -> list[Expr]:
         """The values of slot `first`, plane by plane."""
         return [states[0][b, j]] + [e.const(0.0, dtype)] * (self.planes - 1)
 
-    def dots(
-        self, k: KernelBuilder, r: Buffer, rows: list[int], vector: Callable[[Var], Expr], start: list[Expr]
-    ) -> list[Expr]:
-        """start[g] + Σ_k vector(k)·R[rows[g], k] for each g: one pass over the hidden
-        vector for several rows of R at once (the gates of one unit)."""
-        accs = [k.local(r.dtype, s, "dot") for s in start]
-        with k.loop(self.hidden, "vector", "k") as kk:
-            v = vector(kk)
-            for acc, row in zip(accs, rows):
-                k.assign(acc, acc.ref + v * r.load_flat(row * self.hidden + kk), reduction=True)
-        return [acc.ref for acc in accs]
+    def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int, str], None]) -> None:
+        """tile(first unit, units, loop kind) over the hidden units: whole tiles, then the
+        rest as whole vectors, then the last few units (masked)."""
+        tiles, tail = divmod(self.hidden, UNIT_TILE)
+        if tiles:
+            with k.loop(tiles, "serial", "units") as u:
+                tile(u * UNIT_TILE, UNIT_TILE, "vector")
+        whole = tail - tail % MATMUL_VECTOR
+        for first, units in ((tiles * UNIT_TILE, whole), (tiles * UNIT_TILE + whole, tail - whole)):
+            if units:
+                tile(
+                    const(first, "int64"), units, "vector" if units % MATMUL_VECTOR == 0 else "vector_masked"
+                )
 
-    def step(self, k, xw, r, states, out, b, t, read, write, fns) -> None:
+    def gate_sums(
+        self,
+        k: KernelBuilder,
+        s: Step,
+        first: Expr,
+        units: int,
+        kind: str,
+        columns: list[int],
+        start: Callable[[int, int, Expr], Expr],
+        vector: Callable[[int, Var], Expr],
+    ) -> None:
+        """For the tile's units j and each row r of the block and gate g:
+        s.sums[r, g, j - first] = start(r, g, j) + Σ_k vector(r, k) · rt[k, columns[g] + j]."""
+        width = s.rt.shape[1]
+        with k.loop(units, kind, "u") as jj:
+            for r in range(len(s.block)):
+                for g in range(len(columns)):
+                    k.store(s.sums, s.at(r, g, jj), start(r, g, first + jj))
+        with k.loop(self.hidden, "serial", "k") as kk:
+            hs = [vector(r, kk) for r in range(len(s.block))]
+            with k.loop(units, kind, "u") as jj:
+                for g, column in enumerate(columns):
+                    w = s.rt.load_flat(kk * width + column + first + jj)
+                    for r, h_r in enumerate(hs):
+                        k.store(s.sums, s.at(r, g, jj), muladd(h_r, w, s.sums.load_flat(s.at(r, g, jj))))
+
+    def step(self, k: KernelBuilder, s: Step) -> None:
         raise NotImplementedError
+
+
+@dataclasses.dataclass
+class Step:
+    """What one step of a recurrence kernel works on: a block of batch rows at time t,
+    reading slot `read` and writing slot `write`; `sums` holds a tile's gate sums."""
+
+    xw: Buffer
+    rt: Buffer
+    states: list[Buffer]
+    out: Buffer
+    block: list[Expr]
+    t: Expr
+    read: Expr
+    write: Expr
+    fns: list[Callable[[Expr], Expr]]
+    sums: Buffer
+
+    def at(self, r: int, g: int, jj: Expr) -> Expr:
+        return (r * self.sums.shape[1] + g) * UNIT_TILE + jj
+
+    def gate(self, r: int, g: int, jj: Expr) -> Expr:
+        return self.sums.load_flat(self.at(r, g, jj))
+
+    def h_prev(self, r: int, j: Expr) -> Expr:
+        return self.out[[self.read, 0, self.block[r], j]]
+
+    def xw_at(self, r: int, column: Expr) -> Expr:
+        return self.xw[[self.t, self.block[r], column]]
 
 
 @register("rnn", Fusion.OPAQUE)
@@ -160,13 +229,19 @@ class Rnn(Recurrence):
     def default_activations(self):
         return (TANH,)
 
-    def step_np(self, xw_t, r, prev, states, fns):
-        return fns[0](self._clip_np(xw_t + prev[0] @ r.T))[None]
+    def step_np(self, xw_t, rt, prev, states, fns):
+        return fns[0](self._clip_np(xw_t + prev[0] @ rt))[None]
 
-    def step(self, k, xw, r, states, out, b, t, read, write, fns):
-        with k.loop(self.hidden, "serial", "j") as j:
-            (pre,) = self.dots(k, r, [j], lambda kk: out[read, 0, b, kk], [xw[t, b, j]])
-            k.store(out, (write, 0, b, j), fns[0](self._clip(pre)))
+    def step(self, k, s):
+        (f,) = s.fns
+
+        def tile(first, units, kind):
+            self.gate_sums(k, s, first, units, kind, [0], lambda r, g, j: s.xw_at(r, j), s.h_prev)
+            with k.loop(units, kind, "u") as jj:
+                for r, b in enumerate(s.block):
+                    k.store(s.out, (s.write, 0, b, first + jj), f(self._clip(s.gate(r, 0, jj))))
+
+        self.unit_tiles(k, tile)
 
 
 @register("gru", Fusion.OPAQUE)
@@ -187,11 +262,11 @@ class Gru(Recurrence):
     def state_shapes(self, batch):
         return [(batch, self.hidden), (self.hidden,)]
 
-    def step_np(self, xw_t, r, prev, states, fns):
+    def step_np(self, xw_t, rt, prev, states, fns):
         h = self.hidden
         f, g = fns
         hp = prev[0]
-        rec = hp @ r.T
+        rec = hp @ rt
         z = f(self._clip_np(xw_t[:, :h] + rec[:, :h]))
         reset = f(self._clip_np(xw_t[:, h : 2 * h] + rec[:, h : 2 * h]))
         rb = states[1]
@@ -200,32 +275,63 @@ class Gru(Recurrence):
             scratch = np.zeros_like(hp)
         else:
             scratch = reset * hp
-            n = g(self._clip_np(xw_t[:, 2 * h :] + scratch @ r[2 * h :].T + rb))
+            n = g(self._clip_np(xw_t[:, 2 * h :] + scratch @ rt[:, 2 * h :] + rb))
         return np.stack([(1 - z) * n + z * hp, scratch])
 
-    def step(self, k, xw, r, states, out, b, t, read, write, fns):
+    def step(self, k, s):
         h = self.hidden
-        f, g = fns
-        rb = states[1]
-        hp = lambda kk: out[read, 0, b, kk]  # noqa: E731
-        if not self.linear_before_reset:
-            # r ⊙ h_{t-1} first, for every unit: the n gate's dot product needs all of it
-            with k.loop(h, "serial", "j") as j:
-                (pre_r,) = self.dots(k, r, [h + j], hp, [xw[t, b, h + j]])
-                k.store(out, (write, 1, b, j), f(self._clip(pre_r)) * hp(j))
-        with k.loop(h, "serial", "j") as j:
-            if self.linear_before_reset:
-                pre_z, pre_r, rec_n = self.dots(
-                    k, r, [j, h + j, 2 * h + j], hp, [xw[t, b, j], xw[t, b, h + j], rb[j]]
-                )
-                n = g(self._clip(xw[t, b, 2 * h + j] + f(self._clip(pre_r)) * rec_n))
-                k.store(out, (write, 1, b, j), e.const(0.0, xw.dtype))
-            else:
-                (pre_z,) = self.dots(k, r, [j], hp, [xw[t, b, j]])
-                (rec_n,) = self.dots(k, r, [2 * h + j], lambda kk: out[write, 1, b, kk], [rb[j]])
-                n = g(self._clip(xw[t, b, 2 * h + j] + rec_n))
-            z = k.local(xw.dtype, f(self._clip(pre_z)), "z")
-            k.store(out, (write, 0, b, j), (1.0 - z.ref) * n + z.ref * hp(j))
+        f, g = s.fns
+        rb = s.states[1]
+        if self.linear_before_reset:
+
+            def tile(first, units, kind):
+                def start(r, gate, j):
+                    return rb[j] if gate == 2 else s.xw_at(r, gate * h + j)
+
+                self.gate_sums(k, s, first, units, kind, [0, h, 2 * h], start, s.h_prev)
+                with k.loop(units, kind, "u") as jj:
+                    j = first + jj
+                    for r, b in enumerate(s.block):
+                        z = f(self._clip(s.gate(r, 0, jj)))
+                        n = g(
+                            self._clip(
+                                s.xw_at(r, 2 * h + j) + f(self._clip(s.gate(r, 1, jj))) * s.gate(r, 2, jj)
+                            )
+                        )
+                        k.store(s.out, (s.write, 1, b, j), e.const(0.0, s.xw.dtype))
+                        k.store(s.out, (s.write, 0, b, j), (1.0 - z) * n + z * s.h_prev(r, j))
+
+            self.unit_tiles(k, tile)
+            return
+
+        # r ⊙ h_{t-1} for every unit first (into plane 1), z parked in plane 0: the n gate's
+        # product needs all of r ⊙ h
+        def gates_zr(first, units, kind):
+            self.gate_sums(
+                k, s, first, units, kind, [0, h], lambda r, gate, j: s.xw_at(r, gate * h + j), s.h_prev
+            )
+            with k.loop(units, kind, "u") as jj:
+                j = first + jj
+                for r, b in enumerate(s.block):
+                    k.store(s.out, (s.write, 1, b, j), f(self._clip(s.gate(r, 1, jj))) * s.h_prev(r, j))
+                    k.store(s.out, (s.write, 0, b, j), f(self._clip(s.gate(r, 0, jj))))
+
+        def gate_n(first, units, kind):
+            def reset_h(r, kk):
+                return s.out[[s.write, 1, s.block[r], kk]]
+
+            self.gate_sums(
+                k, s, first, units, kind, [2 * h], lambda r, gate, j: s.xw_at(r, 2 * h + j) + rb[j], reset_h
+            )
+            with k.loop(units, kind, "u") as jj:
+                j = first + jj
+                for r, b in enumerate(s.block):
+                    n = g(self._clip(s.gate(r, 0, jj)))
+                    z = s.out[[s.write, 0, b, j]]
+                    k.store(s.out, (s.write, 0, b, j), (1.0 - z) * n + z * s.h_prev(r, j))
+
+        self.unit_tiles(k, gates_zr)
+        self.unit_tiles(k, gate_n)
 
 
 @register("lstm", Fusion.OPAQUE)
@@ -245,12 +351,12 @@ class Lstm(Recurrence):
     def initial_np(self, states, batch, dtype):
         return np.stack([states[0], states[1]]).astype(dtype)
 
-    def step_np(self, xw_t, r, prev, states, fns):
+    def step_np(self, xw_t, rt, prev, states, fns):
         h = self.hidden
         f, g, act_h = fns
         hp, cp = prev
         p = states[2]
-        pre = xw_t + hp @ r.T
+        pre = xw_t + hp @ rt
         i = f(self._clip_np(pre[:, :h] + p[:h] * cp))
         forget = f(self._clip_np(pre[:, 2 * h : 3 * h] + p[2 * h :] * cp))
         c = forget * cp + i * g(self._clip_np(pre[:, 3 * h :]))
@@ -260,31 +366,34 @@ class Lstm(Recurrence):
     def initial(self, states, b, j, dtype):
         return [states[0][b, j], states[1][b, j]]
 
-    def step(self, k, xw, r, states, out, b, t, read, write, fns):
+    def step(self, k, s):
         h = self.hidden
-        f, g, act_h = fns
-        p = states[2]
-        with k.loop(h, "serial", "j") as j:
-            pre_i, pre_o, pre_f, pre_c = self.dots(
-                k,
-                r,
-                [j, h + j, 2 * h + j, 3 * h + j],
-                lambda kk: out[read, 0, b, kk],
-                [xw[t, b, g_ * h + j] for g_ in range(4)],
+        f, g, act_h = s.fns
+        p = s.states[2]
+
+        def tile(first, units, kind):
+            columns = [0, h, 2 * h, 3 * h]
+            self.gate_sums(
+                k, s, first, units, kind, columns, lambda r, gate, j: s.xw_at(r, gate * h + j), s.h_prev
             )
-            cp = out[read, 1, b, j]
-            i = f(self._clip(pre_i + p[j] * cp))
-            forget = f(self._clip(pre_f + p[2 * h + j] * cp))
-            c = k.local(xw.dtype, forget * cp + i * g(self._clip(pre_c)), "c")
-            o = f(self._clip(pre_o + p[h + j] * c.ref))
-            k.store(out, (write, 1, b, j), c.ref)
-            k.store(out, (write, 0, b, j), o * act_h(c.ref))
+            with k.loop(units, kind, "u") as jj:
+                j = first + jj
+                for r, b in enumerate(s.block):
+                    cp = s.out[[s.read, 1, b, j]]
+                    i = f(self._clip(s.gate(r, 0, jj) + p[j] * cp))
+                    forget = f(self._clip(s.gate(r, 2, jj) + p[2 * h + j] * cp))
+                    c = k.local(s.xw.dtype, forget * cp + i * g(self._clip(s.gate(r, 3, jj))), "c")
+                    o = f(self._clip(s.gate(r, 1, jj) + p[h + j] * c.ref))
+                    k.store(s.out, (s.write, 1, b, j), c.ref)
+                    k.store(s.out, (s.write, 0, b, j), o * act_h(c.ref))
+
+        self.unit_tiles(k, tile)
 
 
 def unroll(b, op: Recurrence, inputs) -> object:
     """The op's output computed with ordinary graph ops on the builder `b`, step by step
     as its reference does: what autodiff differentiates (ir/autodiff.py)."""
-    xw, r, *states = inputs
+    xw, r_t, *states = inputs
     seq, batch, _ = xw.type.shape
     h = op.hidden
     specs = op.activations or op.default_activations()
@@ -300,7 +409,6 @@ def unroll(b, op: Recurrence, inputs) -> object:
     def cols(x, first: int, width: int = h):
         return b.slice(x, starts=(first,), ends=(first + width,), axes=(1,))
 
-    r_t = b.transpose(r, perm=(1, 0))
     zero = b.param("zero_state", np.zeros((batch, h), xw.type.np_dtype))
     planes = [states[0], states[1] if isinstance(op, Lstm) else zero][: op.planes]
     slots = {seq if op.reverse else 0: planes}
