@@ -160,11 +160,15 @@ def lower_matmul(
         if tiles:
             with k.loop(tiles, "serial", "cols") as t:
                 tile(t * MATMUL_COL_TILE, MATMUL_COL_TILE)
-        # the rest as whole vectors (kept in registers), then the last few columns (masked)
-        start, whole = tiles * MATMUL_COL_TILE, tail - tail % MATMUL_VECTOR
-        for first, cols in ((start, whole), (start + whole, tail - whole)):
-            if cols:
-                tile(const(first, "int64"), cols)
+        if tiles and tail:
+            # one more whole tile, ending at the last column: it computes a few columns
+            # again (the same sums, the same values), which costs less than a masked tile
+            tile(const(n - MATMUL_COL_TILE, "int64"), MATMUL_COL_TILE)
+        elif tail:  # narrower than a tile: whole vectors (in registers), then the rest masked
+            whole = tail - tail % MATMUL_VECTOR
+            for first, cols in ((0, whole), (whole, tail - whole)):
+                if cols:
+                    tile(const(first, "int64"), cols)
 
 
 def _row_group(blocks: int, matrices: int) -> int:
