@@ -675,6 +675,28 @@ def test_functional_errors_name_the_inputs_and_outputs(rng):
         _two_in_two_out(keras, loss="mse", metrics=["accuracy"])
     with pytest.raises(ValueError, match=r"\['speed'\] are not outputs"):
         _two_in_two_out(keras, loss={"speed": "mse"})
+    with pytest.raises(ValueError, match=r"Expected keys \['amount', 'kind'\] in loss dict"):
+        _two_in_two_out(keras, loss={"kind": "mse"})
+
+
+def test_functional_output_without_a_loss(parity_rng):
+    """An output with loss None is predicted but not trained against: Keras then logs
+    no per-output loss (only one output has one), and its metrics keep their prefix."""
+    x, y = _two_in_two_out_data(parity_rng)
+
+    def build(k):
+        return _two_in_two_out(
+            k, loss=[None, "sparse_categorical_crossentropy"], metrics={"kind": "accuracy"}
+        )
+
+    real = _real_keras()
+    reference, ours = build(real), build(keras)
+    ours.set_weights(reference.get_weights())
+    expected = reference.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False).history
+    got = ours.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False).history
+    assert list(got) == list(expected) == ["kind_accuracy", "loss"]
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, err_msg=key)
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])

@@ -217,6 +217,8 @@ class Model:
             unknown = sorted(set(spec) - set(names))
             if unknown:
                 raise ValueError(f"{what}: {unknown} are not outputs of model {self.name} (outputs: {names})")
+            if what == "loss" and set(spec) != set(names):  # Keras wants every output named (None: no loss)
+                raise ValueError(f"Expected keys {names} in loss dict, but found loss.keys()={list(spec)}")
             return [spec.get(n) for n in names]
         if isinstance(spec, (list, tuple)) and (len(names) > 1 or not listed):
             if len(spec) != len(names):
@@ -333,7 +335,8 @@ class Model:
             if kind == "predict":
                 self._programs[key] = build_predict(self._forward, weights, feeds)
             else:
-                targets, several = self._targets(batch), self._several_outputs
+                targets = self._targets(batch)
+                several = len(targets) > 1  # each output's own loss is logged when several have one
                 if kind == "evaluate":
                     self._programs[key] = build_evaluate(self._forward, weights, feeds, targets, several)
                 else:
