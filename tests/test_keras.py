@@ -679,6 +679,7 @@ def test_functional_errors_name_the_inputs_and_outputs(rng):
         _two_in_two_out(keras, loss={"kind": "mse"})
 
 
+@pytest.mark.filterwarnings("ignore:Gradients do not exist:UserWarning")  # Keras, on the untrained head
 def test_functional_output_without_a_loss(parity_rng):
     """An output with loss None is predicted but not trained against: Keras then logs
     no per-output loss (only one output has one), and its metrics keep their prefix."""
