@@ -736,12 +736,15 @@ for _name in NOT_DIFFERENTIABLE:
     RULES[_name] = _no_gradient
 
 
-def gradients(b: GraphBuilder, loss: Value, wrt: list[Value]) -> list[Value]:
-    """d loss / d v for each v in wrt (zeros where the loss does not depend on v)."""
+def gradients(b: GraphBuilder, loss: Value, wrt: list[Value], unreached: str = "zeros") -> list[Value | None]:
+    """d loss / d v for each v in wrt; where the loss does not depend on v, zeros, or
+    None with unreached="none" (a trainer then leaves v alone)."""
     if loss.type.numel != 1:
         raise GraphError(f"gradients: the loss must be a scalar, got {loss.type}")
     one = b.param("one", np.ones(loss.type.shape, loss.type.np_dtype))
     grads = dict(zip(wrt, _pullback(b, list(b.nodes), {loss: one}, wrt)))
+    if unreached == "none":
+        return [grads[v] for v in wrt]
     return [
         grads[v] if grads[v] is not None else b.param("zero", np.zeros(v.type.shape, v.type.np_dtype))
         for v in wrt

@@ -606,7 +606,7 @@ def _two_in_two_out(k, metrics=None, **compile_args):
     deeper = k.layers.Dense(8, activation="tanh", name="deeper")(trunk)
     classes = k.layers.Dense(3, activation="softmax", name="kind")(deeper)
     model = k.Model([a, b], [regression, classes], name="two_heads")
-    model.compile(optimizer="adam", metrics=metrics, **compile_args)
+    model.compile(**{"optimizer": "adam", **compile_args}, metrics=metrics)
     return model
 
 
@@ -682,22 +682,36 @@ def test_functional_errors_name_the_inputs_and_outputs(rng):
 @pytest.mark.filterwarnings("ignore:Gradients do not exist:UserWarning")  # Keras, on the untrained head
 def test_functional_output_without_a_loss(parity_rng):
     """An output with loss None is predicted but not trained against: Keras then logs
-    no per-output loss (only one output has one), and its metrics keep their prefix."""
+    no per-output loss (only one output has one), its metrics keep their prefix, and
+    the head no loss reaches is left alone (with a warning), even by AdamW's decay."""
     x, y = _two_in_two_out_data(parity_rng)
 
     def build(k):
-        return _two_in_two_out(
+        model = _two_in_two_out(
             k, loss=[None, "sparse_categorical_crossentropy"], metrics={"kind": "accuracy"}
         )
+        model.compile(
+            optimizer="adamw", loss=[None, "sparse_categorical_crossentropy"], metrics={"kind": "accuracy"}
+        )
+        return model
 
     real = _real_keras()
     reference, ours = build(real), build(keras)
     ours.set_weights(reference.get_weights())
+    amount = next(layer for layer in ours.layers if layer.name == "amount")
+    untrained = amount.get_weights()
     expected = reference.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False).history
-    got = ours.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False).history
+    with pytest.warns(
+        UserWarning, match=r"Gradients do not exist for variables \['amount/kernel', 'amount/bias'\]"
+    ):
+        got = ours.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False).history
     assert list(got) == list(expected) == ["kind_accuracy", "loss"]
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, err_msg=key)
+    for mine, theirs in zip(ours.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-6)
+    for now, before in zip(amount.get_weights(), untrained, strict=True):
+        np.testing.assert_array_equal(now, before)
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])

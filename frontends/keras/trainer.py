@@ -15,6 +15,7 @@ other (`bind` fixes the pointers once), so nothing is copied between steps.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -162,10 +163,21 @@ def train_graph(forward, weights, feeds: list[Feed], targets: list[Target], seve
         for s in optimizer.slots
     }
     scalars = {s: b.input(s, ()) for s in optimizer.scalars}
-    grads = gradients(b, total, [values[id(w)] for w in trainable])
+    grads = gradients(b, total, [values[id(w)] for w in trainable], unreached="none")
+    unreached = [w.name for w, g in zip(trainable, grads) if g is None]
+    if unreached:
+        warnings.warn(
+            f"Gradients do not exist for variables {unreached} when minimizing the loss. If using "
+            "`model.compile()`, did you forget to provide a `loss` argument?",
+            UserWarning,
+            stacklevel=4,
+        )
     new_weights, new_slots = {}, []
     for w, g in zip(trainable, grads):
         slots = {s: slot_inputs[(id(w), s)] for s in optimizer.slots}
+        if g is None:  # no loss reaches it: left alone, slots and all, as Keras leaves it
+            new_slots += list(slots.values())
+            continue
         new_weights[id(w)], updated = optimizer.update(b, values[id(w)], g, slots, scalars)
         new_slots += [updated[s] for s in optimizer.slots]
     new_weights.update(ctx.updates)
