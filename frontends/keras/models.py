@@ -486,10 +486,11 @@ class Model:
         """An array, or a list of arrays for a model with several outputs."""
         if kwargs:
             raise TypeError(f"predict() got unexpected keyword argument(s) {sorted(kwargs)}")
-        xs = self._prepare_x(x)
+        return self._predict(self._prepare_x(x), int(batch_size or DEFAULT_BATCH_SIZE))
+
+    def _predict(self, xs: list[np.ndarray], batch: int):
         self._sync()
         weights = [w.value for w in self.weights]
-        batch = int(batch_size or DEFAULT_BATCH_SIZE)
         parts: list[list[np.ndarray]] = [[] for _ in self._output_shapes]
         for start in range(0, len(xs[0]), batch):
             inputs = [np.ascontiguousarray(a[start : start + batch]) for a in xs]
@@ -551,7 +552,8 @@ class Model:
         self._reset_state()
 
     def __call__(self, x, training: bool = False):
-        return self.predict(x, batch_size=len(self._prepare_x(x)[0]))
+        xs = self._prepare_x(x)
+        return self._predict(xs, len(xs[0]))  # all of x as one batch, as Keras calls a model
 
     def summary(self, print_fn=print) -> None:
         from frontends.keras.summary import summary

@@ -777,25 +777,30 @@ class MaxPool2dBackward(Op):
     def lower(self, k, ins, out, epilogue=None):
         indices, g = ins
         n, c, h, w = self.input_shape
-        _, _, oh, ow = g.shape
-        (kh, kw), (sh, sw), (pt, pl, _, _) = self.kernel, self.strides, self.pads
         with k.loop(n * c * h, "parallel", "row") as r:
             plane, y = r // h, r % h
             with k.loop(w, "vector", "x") as x:
                 total = k_const(out, 0.0)
                 flat = r * w + x
-                for a in range(-(-kh // sh)):
-                    wy = (y + pt) // sh - a
-                    y_ok = logical_and(in_range(wy, 0, oh), (wy * sh - pt + (kh - 1)).ge(y))
-                    for b_ in range(-(-kw // sw)):
-                        wx = (x + pl) // sw - b_
-                        ok = logical_and(
-                            y_ok, logical_and(in_range(wx, 0, ow), (wx * sw - pl + (kw - 1)).ge(x))
-                        )
-                        at = [plane // c, plane % c, wy, wx]
-                        took = logical_and(ok, guarded_load(indices, at, ok, -1).eq(flat))
-                        total = total + guarded_load(g, at, took, 0.0)
+                for wy, wx, ok in _covering_windows(y, x, self.kernel, self.strides, self.pads, g.shape[2:]):
+                    at = [plane // c, plane % c, wy, wx]
+                    took = logical_and(ok, guarded_load(indices, at, ok, -1).eq(flat))
+                    total = total + guarded_load(g, at, took, 0.0)
                 k.store(out, flat, total)
+
+
+def _covering_windows(y: Expr, x: Expr, kernel, strides, pads, windows_hw):
+    """The pooling windows that may cover input pixel (y, x) (dilation 1): (wy, wx, ok)
+    for each, ok where that window exists and reaches the pixel. A gradient written as a
+    gather visits these instead of scattering from every window."""
+    (kh, kw), (sh, sw), (pt, pl, _, _) = kernel, strides, pads
+    oh, ow = windows_hw
+    for a in range(-(-kh // sh)):
+        wy = (y + pt) // sh - a
+        y_ok = logical_and(in_range(wy, 0, oh), (wy * sh - pt + (kh - 1)).ge(y))
+        for b_ in range(-(-kw // sw)):
+            wx = (x + pl) // sw - b_
+            yield wy, wx, logical_and(y_ok, logical_and(in_range(wx, 0, ow), (wx * sw - pl + (kw - 1)).ge(x)))
 
 
 @register("max_pool2d_tiled_backward", Fusion.OPAQUE)
@@ -909,25 +914,14 @@ class AvgPool2dBackward(Op):
     def lower(self, k, ins, out, epilogue=None):
         (g,) = ins
         n, c, h, w = self.input_shape
-        _, _, oh, ow = g.shape
-        (kh, kw), (sh, sw), (pt, pl, _, _) = self.kernel, self.strides, self.pads
         with k.loop(n * c * h, "parallel", "row") as r:
             plane, y = r // h, r % h
             with k.loop(w, "vector", "x") as x:
                 total = k_const(out, 0.0)
-                for a in range(-(-kh // sh)):
-                    wy = (y + pt) // sh - a
-                    y_ok = logical_and(in_range(wy, 0, oh), (wy * sh - pt + (kh - 1)).ge(y))
-                    for b_ in range(-(-kw // sw)):
-                        wx = (x + pl) // sw - b_
-                        ok = logical_and(
-                            y_ok, logical_and(in_range(wx, 0, ow), (wx * sw - pl + (kw - 1)).ge(x))
-                        )
-                        count = self._count(wy, wx, h, w)  # ≥ 1 where ok; never divide by 0 elsewhere
-                        divisor = (
-                            float(count) if isinstance(count, int) else cast(maximum(count, 1), out.dtype)
-                        )
-                        total = total + guarded_load(g, [plane // c, plane % c, wy, wx], ok, 0.0) / divisor
+                for wy, wx, ok in _covering_windows(y, x, self.kernel, self.strides, self.pads, g.shape[2:]):
+                    count = self._count(wy, wx, h, w)  # ≥ 1 where ok; never divide by 0 elsewhere
+                    divisor = float(count) if isinstance(count, int) else cast(maximum(count, 1), out.dtype)
+                    total = total + guarded_load(g, [plane // c, plane % c, wy, wx], ok, 0.0) / divisor
                 k.store(out, r * w + x, total)
 
 

@@ -410,6 +410,7 @@ def unroll(b, op: Recurrence, inputs) -> object:
         return b.slice(x, starts=(first,), ends=(first + width,), axes=(1,))
 
     zero = b.param("zero_state", np.zeros((batch, h), xw.type.np_dtype))
+    one = b.param("one", np.ones((), xw.type.np_dtype)) if isinstance(op, Gru) else None
     planes = [states[0], states[1] if isinstance(op, Lstm) else zero][: op.planes]
     slots = {seq if op.reverse else 0: planes}
     for t, read, write in op._order(seq):
@@ -429,7 +430,7 @@ def unroll(b, op: Recurrence, inputs) -> object:
                 scratch = b.mul(reset, hp)
                 n = act(1, b.add(b.add(cols(xw_t, 2 * h), b.matmul(scratch, r_n)), states[1]))
             slots[write] = [
-                b.add(b.mul(b.sub(b.param("one", np.ones((), xw.type.np_dtype)), z), n), b.mul(z, hp)),
+                b.add(b.mul(b.sub(one, z), n), b.mul(z, hp)),
                 scratch,
             ]
         else:
