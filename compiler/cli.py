@@ -1,7 +1,8 @@
 """`kiln`: the command line over compiler.compile_model and the runtime.
 
 Errors a user can cause (a bad file, an unsupported op, a wrong input) print one
-line, `kiln: error: ...`, and exit with code 2; no traceback.
+line, `kiln: error: ...`, and exit with code 2; no traceback. A failure inside Kiln
+itself prints `kiln: internal compiler error while ...` and exits with code 3.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ir.errors import KilnError
+from ir.errors import InternalCompilerError, KilnError
 
 
 def _version() -> str:
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except InternalCompilerError as e:
+        print(f"kiln: {e}", file=sys.stderr)
+        return 3
     except (KilnError, FileNotFoundError, TypeError, ValueError) as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2

@@ -20,12 +20,13 @@ import numpy as np
 
 from codegen import cabi, cpu, kir
 from compiler.fusion import Group, partition
-from compiler.lowering import KernelCall, c_name, copy_call, lower_group
+from compiler.lowering import KernelCall, c_name, copy_call, lower_group, lowers_element_by_element
 from compiler.memory import ALIGN, InPlace, MemoryPlan, plan_memory
 from compiler.passes import simplify
-from ir.errors import UnsupportedError
+from compiler.plan_check import Location, Step
+from compiler.plan_check import check_plan as check_plan_replay
+from ir.errors import UnsupportedError, internal_errors
 from ir.graph import Graph, Value
-from ir.ops import Fusion
 from ir.printer import print_graph
 from ir.verify import verify
 from runtime import CompiledModel
@@ -66,16 +67,26 @@ def _writes(group: Group, users: dict[Value, list], outputs: set[Value]) -> list
     ]
 
 
-def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | None = None) -> Lowered:
+def lower_graph(
+    graph: Graph,
+    name: str,
+    fuse: bool = True,
+    gpu_threads: int | None = None,
+    check_plan: bool | None = None,
+) -> Lowered:
     """Simplify, partition into kernels, plan memory, lower, and describe the library's ABI.
 
     `fuse=False` keeps one kernel per op on the same simplified graph. With
     `gpu_threads`, kernels are scheduled for the GPU (one element per parallel
     iteration, bound to blocks of that many threads): the CPU library built from
-    them runs the GPU kernels' exact loop structure, which is how they are tested."""
+    them runs the GPU kernels' exact loop structure, which is how they are tested.
+    `check_plan` replays the schedule over the planned bytes (compiler.plan_check);
+    by default it runs when the environment sets KILN_CHECK_PLAN=1, as the tests do."""
     verify(graph)
-    graph = simplify(graph)
-    groups = partition(graph, fuse)
+    with internal_errors("simplifying the graph"):
+        graph = simplify(graph)
+    with internal_errors("partitioning the graph into kernels"):
+        groups = partition(graph, fuse)
     users, outputs = graph.consumers(), set(graph.outputs)
     kernels = [g for g in groups if g.kind != "view"]
     views = [(g.tail, g.nodes[0].inputs[0]) for g in groups if g.kind == "view"]
@@ -90,7 +101,7 @@ def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | N
         schedule.append(reads + writes[-1])
         # only a one-pass elementwise kernel may write over what it reads: a rows kernel
         # reads its inputs again after storing (found by the gradient of log(softmax(x)))
-        if g.kind != "rows" and g.anchor is None and g.nodes[0].op.fusion == Fusion.ELEMENTWISE:
+        if lowers_element_by_element(g):
             full = [x for x in reads if x.type.shape == g.shape]
             in_place += [InPlace(t, y, [x for x in full if x.type.dtype == y.type.dtype]) for y in writes[-1]]
 
@@ -115,7 +126,8 @@ def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | N
     pins: dict[Value, cabi.BufferRef] = {v: cabi.BufferRef("input", i) for i, v in enumerate(graph.inputs)}
     pins.update({v: cabi.BufferRef("weights", o) for v, o in weight_offsets.items()})
     pins.update({v: cabi.BufferRef("output", j) for j, v in enumerate(slots)})
-    plan = plan_memory(schedule, set(pins), views, in_place, len(weights))
+    with internal_errors("planning memory"):
+        plan = plan_memory(schedule, set(pins), views, in_place, len(weights))
 
     pinned_classes = {plan.root.get(v, v): ref for v, ref in pins.items()}
 
@@ -133,9 +145,33 @@ def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | N
         return base if v.type.shape == base.shape else base.view(v.type.shape)
 
     flat_block = 1 if gpu_threads is not None else 4096
-    calls = [lower_group(g, i, writes[i], buffer_for, flat_block) for i, g in enumerate(kernels)]
+    calls = [_lower(g, i, writes[i], buffer_for, flat_block) for i, g in enumerate(kernels)]
     for src, slot in copies:
         calls.append(copy_call(buffer_for(src), buffer_for(slot), [src, slot], len(calls)))
+    if check_plan if check_plan is not None else os.environ.get("KILN_CHECK_PLAN") == "1":
+        steps = [
+            Step(c.kernel.name, tuple(s[: len(s) - len(w)]), tuple(w), c.element_in_place)
+            for c, s, w in zip(calls, schedule, [*writes, *([slot] for _, slot in copies)])
+        ]
+        spaces = {"arena": plan.arena_bytes, "weights": len(weights)}
+        spaces |= {f"input {i}": v.type.nbytes for i, v in enumerate(graph.inputs)}
+        spaces |= {f"output {j}": v.type.nbytes for j, v in enumerate(slots)}
+
+        def location(v: Value) -> Location:
+            ref = storage(v)
+            if ref.space in ("input", "output"):
+                return Location(f"{ref.space} {ref.index}", 0, v.type.nbytes)
+            return Location(ref.space, ref.index, v.type.nbytes)
+
+        every = {v for step in schedule for v in step} | set(graph.inputs) | set(graph.params)
+        check_plan_replay(
+            steps,
+            {v: location(v) for v in every},
+            spaces,
+            [*graph.inputs, *graph.params],
+            dict(views),
+            slots,
+        )
     if gpu_threads is not None:
         from codegen.nvptx import bind_gpu
 
@@ -161,6 +197,13 @@ def lower_graph(graph: Graph, name: str, fuse: bool = True, gpu_threads: int | N
         bytes(weights),
     )
     return Lowered(graph, groups, calls, plan, program)
+
+
+def _lower(group: Group, index: int, writes: list[Value], buffer_for, flat_block: int) -> KernelCall:
+    """lower_group, an unexpected failure named by the kernel's nodes."""
+    nodes = ", ".join(f"node {n.name} ({n.op.name})" for n in group.nodes)
+    with internal_errors(f"lowering kernel {index} ({nodes})"):
+        return lower_group(group, index, writes, buffer_for, flat_block)
 
 
 def _where(call: KernelCall) -> str:
@@ -205,8 +248,9 @@ def build(
     """Generate, optimize and link the library into dest/NAME.so (+ NAME.h, NAME.ll/.s);
     extra_c / extra_blobs: a wrapper API linked in (see cabi.link)."""
     name = lowered.program.prefix
-    module = cpu.build_module([c.kernel for c in lowered.calls], name, cpu_name)
-    optimized = cpu.optimize(module, cpu_name)
+    with internal_errors(f"generating LLVM code for {name}"):
+        module = cpu.build_module([c.kernel for c in lowered.calls], name, cpu_name)
+        optimized = cpu.optimize(module, cpu_name)
     dest.mkdir(parents=True, exist_ok=True)
     if "llvm" in emit:
         (dest / f"{name}.ll").write_text(str(optimized))

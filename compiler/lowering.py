@@ -17,6 +17,7 @@ from math import prod
 from codegen import kir
 from compiler.fusion import ROW_REDUCTIONS, Group
 from ir.graph import Node, Value
+from ir.ops import Fusion
 
 #: below this much work (statements executed, see kir.estimate_work) a kernel is not
 #: worth waking the thread pool for
@@ -34,6 +35,9 @@ class KernelCall:
     kernel: kir.Kernel
     values: list[Value]
     nodes: list[Node]
+    #: each element is computed from the inputs' elements at its index before it is
+    #: stored, in one pass: an output may take the bytes of an input of its shape
+    element_in_place: bool = False
 
     @property
     def parallel(self) -> bool:
@@ -57,6 +61,8 @@ class Point:
     def __init__(
         self, shape: tuple[int, ...], flat: kir.Expr | None = None, multi: list[kir.Expr] | None = None
     ):
+        if multi is not None and len(multi) != len(shape):
+            raise AssertionError(f"a multi-index of rank {len(multi)} for a point of shape {shape}")
         self.shape, self._flat, self._multi = shape, flat, multi
 
     def flat(self) -> kir.Expr:
@@ -259,8 +265,11 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
         if row_writes:
             with k.loop(n, "vector", "j") as j:
                 values = row_pass(j, set())
-                for v in row_writes:
-                    k.store(buffer_for(v), r * n + j, values[v])
+                # every value into a local before the first store: a value kept in the
+                # buffer of a written value is read before that buffer takes its own value
+                results = [k.local(v.type.dtype, values[v], "out").ref for v in row_writes]
+                for v, result in zip(row_writes, results):
+                    k.store(buffer_for(v), r * n + j, result)
 
 
 def lower_group(
@@ -283,13 +292,19 @@ def lower_group(
         _anchored(k, group, bound)
     elif group.kind == "rows":
         _rows(k, group, writes, bound)
-    elif group.nodes[0].op.fusion.value == "elementwise":
+    elif lowers_element_by_element(group):
         _elementwise(k, group, writes, bound)
     else:
         (node,) = group.nodes
         node.op.lower(k, [bound(v) for v in node.inputs], bound(node.outputs[0]))
     k.params = list(params.values())
-    return KernelCall(k.finish(), roots, list(group.nodes))
+    return KernelCall(k.finish(), roots, list(group.nodes), lowers_element_by_element(group))
+
+
+def lowers_element_by_element(group: Group) -> bool:
+    """The group becomes one pass that computes each element into locals before it
+    stores (see _elementwise): its outputs may be written over its inputs."""
+    return group.anchor is None and group.kind != "rows" and group.nodes[0].op.fusion == Fusion.ELEMENTWISE
 
 
 def copy_call(src: kir.Buffer, dst: kir.Buffer, values: list[Value], index: int) -> KernelCall:
@@ -298,4 +313,4 @@ def copy_call(src: kir.Buffer, dst: kir.Buffer, values: list[Value], index: int)
     k = kir.KernelBuilder(f"k{index}_copy", [src.root, dst.root])
     with k.flat(dst.numel) as i:
         k.store(dst, i, src.load_flat(i))
-    return KernelCall(k.finish(), values, [])
+    return KernelCall(k.finish(), values, [], element_in_place=True)

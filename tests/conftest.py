@@ -1,4 +1,5 @@
-"""Shared test setup: one compile cache for the whole run (all xdist workers share it)."""
+"""Shared test setup: one compile cache for the whole run (all xdist workers share it), and
+the memory-plan check on for every compile."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 # Set before any worker starts, so every process of the run shares compiled kernels.
 os.environ.setdefault("KILN_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"kiln-test-cache-{os.getuid()}"))
+# Every compile in the tests replays its schedule over the planned bytes (compiler.plan_check).
+os.environ["KILN_CHECK_PLAN"] = "1"
 
 
 @pytest.fixture

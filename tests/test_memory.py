@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,3 +91,66 @@ def test_views_share_their_base_and_extend_its_life():
     plan = plan_memory(schedule, set(), [(view, base)], [], 0)
     assert plan.root[view] is plan.root[base]
     assert plan.offsets[plan.root[base]] != plan.offsets[plan.root[other]]  # base lives until step 2
+
+
+def _chain_graph():
+    """a = x @ w1 stays live across two products (b, c) and a rows kernel (c minus its
+    row maxima), which reads c again after its first pass."""
+    from ir.builder import GraphBuilder
+
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("chain")
+    x = b.input("x", (4, 33))
+    w = [b.param(f"w{i}", rng.standard_normal((33, 33)).astype(np.float32)) for i in range(3)]
+    a = b.matmul(x, w[0])
+    c = b.matmul(b.matmul(a, w[1]), w[2])
+    centered = b.sub(c, b.reduce_max(c, axes=(-1,), keepdims=True))
+    return b.build(b.add(b.matmul(centered, w[0]), a))
+
+
+def test_plan_check_passes_real_plans():
+    from compiler.driver import lower_graph
+
+    lower_graph(_chain_graph(), "chain", check_plan=True)  # raises on a hazard
+
+
+def test_plan_check_catches_overlapping_offsets(monkeypatch):
+    """Every arena value at offset 0: values live at once share bytes."""
+    import compiler.driver as driver
+    from compiler.plan_check import PlanError
+
+    def squashed(*args, **kwargs):
+        plan = plan_memory(*args, **kwargs)
+        plan.offsets = dict.fromkeys(plan.offsets, 0)
+        return plan
+
+    monkeypatch.setattr(driver, "plan_memory", squashed)
+    with pytest.raises(PlanError, match="writes matmul_0 over matmul"):
+        driver.lower_graph(_chain_graph(), "chain", check_plan=True)
+
+
+def test_plan_check_catches_in_place_over_a_kernel_that_rereads(monkeypatch):
+    """A broken in-place policy (every kernel may write over its dying inputs) puts the
+    rows kernel's output over the input it reads in every pass."""
+    import compiler.driver as driver
+    from compiler.plan_check import PlanError
+
+    monkeypatch.setattr(driver, "lowers_element_by_element", lambda group: True)
+    with pytest.raises(PlanError, match="which it reads"):
+        driver.lower_graph(_chain_graph(), "chain", check_plan=True)
+
+
+def test_plan_check_catches_a_read_after_its_bytes_were_reused():
+    """b takes a's bytes while a still has a reader: the replay sees a overwritten."""
+    from compiler.plan_check import Location, PlanError, Step, check_plan
+
+    t = TensorType("float32", (16,))
+    x, a, b, y = (Value(n, t) for n in "xaby")
+    steps = [Step("k0", (x,), (a,), True), Step("k1", (x,), (b,), True), Step("k2", (a, b), (y,), True)]
+    here = {x: Location("input 0", 0, 64), y: Location("output 0", 0, 64)}
+    spaces = {"input 0": 64, "output 0": 64, "arena": 128}
+    sound = here | {a: Location("arena", 0, 64), b: Location("arena", 64, 64)}
+    check_plan(steps, sound, spaces, [x], {}, [y])
+    broken = here | {a: Location("arena", 0, 64), b: Location("arena", 0, 64)}
+    with pytest.raises(PlanError, match="kernel k2 reads a from arena bytes 0..64, which no longer hold it"):
+        check_plan(steps, broken, spaces, [x], {}, [y])

@@ -95,7 +95,9 @@ def lower_matmul(
 
     The bias is one value per column (a Dense layer's), or with bias_per_row one per
     row (a convolution's, computed as weights @ im2col). out_shape is the shape the
-    epilogue sees (out may be a view of it); its last axis must be out's.
+    epilogue sees (out may be a view of it): out's rows span its leading axes and out's
+    columns its trailing ones (a linear's (..., N) over rows of N; a convolution's
+    (N, C, H, W) over rows of H*W), and the epilogue gets its multi-index there.
 
     The output is computed in tiles of R rows x MATMUL_COL_TILE columns, small enough
     for LLVM to keep in vector registers over the whole k loop: per step of k, R
@@ -112,6 +114,7 @@ def lower_matmul(
     group = _row_group(blocks_per_matrix, prod(batch))
     groups_per_matrix = blocks_per_matrix // group
     shape = out_shape or out.shape
+    col_axes = _trailing_axes(shape, n)
     with k.loop(prod(batch) * groups_per_matrix, "parallel", "rows") as grp:
         p = grp // groups_per_matrix
         b_mat = _batch_offset(p, batch, b_batch, kk * n)
@@ -125,7 +128,9 @@ def lower_matmul(
                 mi = (grp % groups_per_matrix * group + q) * rows_per_block
                 a_rows = [a_mat + (mi + i) * kk for i in range(rows_per_block)]
                 out_rows = [(blk * rows_per_block + i) * n for i in range(rows_per_block)]
-                leading = [_unravel(blk * rows_per_block + i, shape[:-1]) for i in range(rows_per_block)]
+                leading = [
+                    _unravel(blk * rows_per_block + i, shape[:-col_axes]) for i in range(rows_per_block)
+                ]
                 with k.loop(cols, kind, "n") as jj:
                     j = first_col + jj
                     for i, row in enumerate(out_rows):
@@ -143,7 +148,7 @@ def lower_matmul(
                             for av, bv in zip(row_coeffs, bs):
                                 acc = muladd(av, bv, acc)
                             if last and epilogue is not None:  # on the finished sum, still in registers
-                                acc = epilogue(acc, row + j, [*lead, j])
+                                acc = epilogue(acc, row + j, [*lead, *_unravel(j, shape[-col_axes:])])
                             k.store(out, row + j, acc)
 
                 # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
@@ -180,6 +185,14 @@ def _row_group(blocks: int, matrices: int) -> int:
     return max(enough) if enough else 1
 
 
+def _trailing_axes(shape: tuple[int, ...], size: int) -> int:
+    """How many trailing axes of shape hold `size` elements (a row of a product's output)."""
+    for count in range(1, len(shape) + 1):
+        if prod(shape[-count:]) == size:
+            return count
+    raise ValueError(f"no trailing axes of {shape} hold {size} elements")
+
+
 def _unravel(flat: Expr, shape: tuple[int, ...]) -> list[Expr]:
     """The multi-index of a flat index (row-major)."""
     idx, inner = [], 1
@@ -209,8 +222,10 @@ class MatMul(Op):
         a, b = ins[0], ins[1]
         if len(a.shape) >= 2 and len(b.shape) >= 2:
             lower_matmul(k, a, b, out, None, epilogue)
-        else:  # a squeezed operand: the epilogue sees the flat index only
-            lower_matmul(k, a, b, out, None, epilogue and (lambda v, flat, _: epilogue(v, flat, None)))
+        else:  # a squeezed operand: the loops run over (..., m, n), the epilogue sees the flat index only
+            batch, m, _, n, _, _, _ = _matmul_shapes(a.shape, b.shape)
+            flat_only = epilogue and (lambda v, flat, _: epilogue(v, flat, None))
+            lower_matmul(k, a, b, out.view((*batch, m, n)), None, flat_only)
 
 
 @register("linear", Fusion.CONTRACTION)
@@ -627,6 +642,7 @@ class Conv2dGemm(Op):
             ins[2] if len(ins) > 2 else None,
             epilogue,
             bias_per_row=True,
+            out_shape=out.shape,
         )
 
 
