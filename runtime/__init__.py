@@ -1,8 +1,8 @@
 """Running compiled models: load a Kiln library with ctypes and call it with numpy arrays.
 
 Every input is checked against the library's own metadata (count, name, dtype,
-shape, contiguity) before any native call, so a wrong input raises a Python error
-that names it, never a crash.
+shape) before any native call, so a wrong input raises a Python error that names it,
+never a crash; a non-contiguous array is copied first, never passed to native code.
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ class CompiledModel:
         return out
 
     # ------------------------------------------------------------------ calling
-    def _arrange(self, args: Sequence[object], kwargs: dict[str, object]) -> list[np.ndarray]:
+    def _arrange(self, args: Sequence[object], kwargs: dict[str, object], copy: bool = True) -> list[np.ndarray]:
+        """The inputs in the library's order, each checked against its metadata. A
+        non-contiguous (or misaligned) array is copied when `copy`, as onnxruntime does;
+        a wrong dtype, shape or count is refused."""
         names = [t.name for t in self.inputs]
         if len(args) > len(names):
             raise TypeError(f"{self.name} takes {len(names)} input(s) {names}, got {len(args)}")
@@ -162,8 +165,13 @@ class CompiledModel:
                 raise TypeError(f"input {info.name!r}: expected dtype {info.dtype}, got {a.dtype}")
             if a.shape != info.shape:
                 raise ValueError(f"input {info.name!r}: expected shape {info.shape}, got {a.shape}")
-            if not a.flags.c_contiguous:
-                raise ValueError(f"input {info.name!r} is not C-contiguous; pass np.ascontiguousarray(...)")
+            if not (a.flags.c_contiguous and a.flags.aligned):
+                if not copy:
+                    raise ValueError(
+                        f"input {info.name!r} is not C-contiguous; a bound call reads the array "
+                        "itself, so pass np.ascontiguousarray(...)"
+                    )
+                a = np.array(a, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
             arrays.append(a)
         return arrays
 
@@ -203,7 +211,7 @@ class CompiledModel:
         the returned function runs it with no per-call checks or allocation, which a
         training loop needs (it changes the arrays' contents between steps, never the
         arrays). The arrays must stay alive and in place while the function is used."""
-        arrays = self._arrange(args, {})
+        arrays = self._arrange(args, {}, copy=False)
         self._check_outs(outs, arrays)
         ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
         outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
