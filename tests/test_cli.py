@@ -1,4 +1,5 @@
-"""The `kiln` command line: every subcommand, and errors as one line with exit code 2."""
+"""The `kiln` command line: every subcommand, and errors as one line (exit code 2 for the
+user's, 3 for Kiln's own)."""
 
 from __future__ import annotations
 
@@ -213,3 +214,22 @@ def test_compile_keras_model_for_training(tmp_path):
     header = (tmp_path / "m.h").read_text()
     assert "int m_train_step(m_trainer *t, const void *x, const void *y, float *loss);" in header
     assert "x: float32[16, 6]" in header
+
+
+def test_internal_error_is_one_line_naming_the_kernel(tmp_path, monkeypatch, capsys):
+    """A failure inside Kiln (here: the relu's scalar rule made to fail) is an
+    InternalCompilerError naming the stage, kernel and nodes; the CLI prints that line
+    and exits 3, with no traceback."""
+    from compiler.cli import main
+    from ir.ops import REGISTRY
+
+    def broken(self, e, x):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(REGISTRY["relu"], "scalar", broken)
+    assert main(["compile", str(MNIST_CNN_PATH), "-o", str(tmp_path / "cnn.so")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("kiln: internal compiler error while lowering kernel 1 (node ")
+    assert "(relu)" in err and "IndexError: list index out of range (a bug in Kiln, not in the model)" in err
