@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from compiler import compile_model
-from ir.autodiff import NOT_DIFFERENTIABLE, RULES, gradients
+from ir.autodiff import gradients
 from ir.builder import GraphBuilder
 from ir.interpreter import interpret
+from ir.ops import REGISTRY, Gradient, Op
 
 # op → (input shapes, attributes, how to draw inputs: "normal" | "positive" | "away")
 CASES = {
@@ -136,8 +137,21 @@ def _op_of(case_name: str) -> str:
     return case_name
 
 
+def _differentiable() -> set[str]:
+    return {n for n, cls in REGISTRY.items() if cls.differentiation in (Gradient.RULE, Gradient.DECOMPOSE)}
+
+
 def test_every_differentiable_op_has_a_case():
-    assert set(RULES) - set(NOT_DIFFERENTIABLE) == {_op_of(name) for name in CASES}
+    assert _differentiable() == {_op_of(name) for name in CASES}
+
+
+def test_ops_say_how_they_differentiate():
+    """An op with a RULE defines gradient() (a differentiable op that lacks one fails
+    here), a DECOMPOSE op defines decompose(), and the others define neither."""
+    for name, cls in REGISTRY.items():
+        has_rule, has_decomposition = cls.gradient is not Op.gradient, cls.decompose is not Op.decompose
+        expected = (cls.differentiation is Gradient.RULE, cls.differentiation is Gradient.DECOMPOSE)
+        assert (has_rule, has_decomposition) == expected, f"op {name}: {cls.differentiation}"
 
 
 @pytest.mark.parametrize("op_name", sorted(CASES))

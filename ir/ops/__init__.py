@@ -2,9 +2,10 @@
 
 An op class holds, in one screen: its attributes (dataclass fields with defaults),
 its type rule (`infer`), its meaning in numpy (`reference`, the oracle of every
-test), its fusion class, and its lowering: elementwise ops give `scalar`, the
-computation of one element, and the compiler builds the loops; every other op
-gives `lower`, which writes its loop nest in the kernel IR.
+test), its gradient rule (`gradient`, or how it says it has none), its fusion class
+and the properties the compiler's passes read, and its lowering: elementwise ops
+give `scalar`, the computation of one element, and the compiler builds the loops;
+every other op gives `lower`, which writes its loop nest in the kernel IR.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ir.types import TensorType
 
 if TYPE_CHECKING:
     from codegen.kir import Buffer, Expr, ExprBuilder, KernelBuilder
+    from ir.builder import GraphBuilder
+    from ir.graph import Node, Value
 
 
 class Fusion(enum.Enum):
@@ -31,7 +34,19 @@ class Fusion(enum.Enum):
     OPAQUE = "opaque"
 
 
+class Gradient(enum.Enum):
+    """How reverse-mode autodiff goes back through an op."""
+
+    RULE = "rule"  # the op's gradient() builds its inputs' gradients from graph ops
+    DECOMPOSE = "decompose"  # through decompose(): the op written with simpler registry ops
+    ZERO = "zero"  # nothing flows back: boolean or index results, or piecewise constant
+    NONE = "none"  # no rule: the op only appears after compiler passes or inside gradients
+
+
 REGISTRY: dict[str, type[Op]] = {}
+
+#: one gradient per input of a node, None where nothing flows back
+Grads = list["Value | None"]
 
 #: An epilogue fused into an op's lowering: (the value about to be stored, its flat
 #: index in the output, and its multi-index there when the loops know it, else None)
@@ -78,6 +93,9 @@ class Op:
     #: lower() only calls shape, dtype and load_flat on input 0, so fusion may pass an
     #: elementwise computation (a prologue) in place of a buffer
     accepts_prologue: ClassVar[bool] = False
+    #: the output is the input's bytes under another shape: no kernel, shared storage
+    view: ClassVar[bool] = False
+    differentiation: ClassVar[Gradient] = Gradient.RULE
 
     def attrs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -93,6 +111,19 @@ class Op:
     ) -> None:
         """Write this op's loop nest; only non-elementwise ops define it."""
         raise NotImplementedError(f"op {self.name} has no lowering")
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """Each input's gradient, given g (the output's), built with graph ops on `b`,
+        so the backward pass is fused and compiled like any graph; None where nothing
+        flows back. Ops with differentiation RULE define it."""
+        if self.differentiation is Gradient.ZERO:
+            return [None] * len(node.inputs)
+        raise GraphError(f"node {node.name} ({self.name}): no gradient rule for this op")
+
+    def decompose(self, b: GraphBuilder, inputs: list[Value]) -> Value:
+        """The op's output computed with simpler registry ops on `b` (differentiation
+        DECOMPOSE: autodiff goes back through these)."""
+        raise NotImplementedError(f"op {self.name} has no decomposition")
 
 
 class ElementwiseOp(Op):

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from math import prod
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from codegen.kir import Expr, const
 from ir.errors import GraphError
-from ir.ops import Fusion, Op, register
+from ir.graph import Node, Value
+from ir.ops import Fusion, Grads, Op, register
+from ir.ops.grad import unbroadcast
 from ir.types import TensorType
+
+if TYPE_CHECKING:
+    from ir.builder import GraphBuilder
 
 
 def normalize_equation(equation: str, ranks: list[int]) -> str:
@@ -108,6 +114,34 @@ class Einsum(Op):
                     product = value if product is None else product * value
                 k.assign(acc, acc.ref + product, reduction=True)
             k.store(target, idx, acc.ref)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """Each operand's gradient is the einsum of g with the other operands onto its own
+        letters; letters only that operand has (summed away alone) broadcast back, and
+        letters it holds at size 1 (broadcast) are summed."""
+        from ir.ops.einsum import letter_sizes, parse
+
+        terms, out = parse(self.equation)
+        sizes = letter_sizes(self.equation, [v.type.shape for v in node.inputs])
+        grads: Grads = []
+        for i, (term, x) in enumerate(zip(terms, node.inputs)):
+            if len(set(term)) != len(term):
+                raise GraphError(
+                    f"node {node.name}: no einsum gradient for a repeated letter (diagonal) in {term!r}"
+                )
+            others = [(t, v) for j, (t, v) in enumerate(zip(terms, node.inputs)) if j != i]
+            reachable = set(out).union(*(t for t, _ in others))
+            kept = "".join(c for c in term if c in reachable)
+            gx = b.einsum(
+                g, *(v for _, v in others), equation=",".join([out, *(t for t, _ in others)]) + "->" + kept
+            )
+            if kept != term:
+                gx = b.reshape(
+                    gx, shape=tuple(gx.type.shape[kept.index(c)] if c in kept else 1 for c in term)
+                )
+            gx = b.expand(gx, shape=tuple(sizes[c] for c in term))
+            grads.append(unbroadcast(b, gx, x.type.shape))
+        return grads
 
 
 def as_matmul(equation: str, shapes: list[tuple[int, ...]]) -> dict | None:

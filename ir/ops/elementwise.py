@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from codegen.kir import Expr, ExprBuilder
 from ir.errors import GraphError
-from ir.ops import ElementwiseOp, Fusion, broadcast_shapes, register
+from ir.graph import Node, Value
+from ir.ops import ElementwiseOp, Fusion, Gradient, Grads, broadcast_shapes, register
+from ir.ops.grad import constant, unbroadcast, where_positive
 from ir.types import DTYPES, TensorType
+
+if TYPE_CHECKING:
+    from ir.builder import GraphBuilder
 
 E = Fusion.ELEMENTWISE
 FLOATS = ("float32", "float64")
@@ -31,6 +36,16 @@ class Binary(ElementwiseOp):
     arity = (2, 2)
 
 
+def _extremum_gradient(b: GraphBuilder, node: Node, g: Value, x_wins: Value) -> Grads:
+    """g goes to x where x_wins (ties included), to y elsewhere."""
+    x, y = node.inputs
+    zero = constant(b, 0.0, g)
+    return [
+        unbroadcast(b, b.where(x_wins, g, zero), x.type.shape),
+        unbroadcast(b, b.where(x_wins, zero, g), y.type.shape),
+    ]
+
+
 # --------------------------------------------------------------------------- arithmetic
 
 
@@ -44,6 +59,9 @@ class Add(Binary):
     def scalar(self, e: ExprBuilder, a: Expr, b: Expr) -> Expr:
         return a + b
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [unbroadcast(b, g, v.type.shape) for v in node.inputs]
+
 
 @register("sub", E)
 class Sub(Binary):
@@ -55,6 +73,10 @@ class Sub(Binary):
     def scalar(self, e, a, b):
         return a - b
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, y = node.inputs
+        return [unbroadcast(b, g, x.type.shape), unbroadcast(b, b.neg(g), y.type.shape)]
+
 
 @register("mul", E)
 class Mul(Binary):
@@ -65,6 +87,10 @@ class Mul(Binary):
 
     def scalar(self, e, a, b):
         return a * b
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, y = node.inputs
+        return [unbroadcast(b, b.mul(g, y), x.type.shape), unbroadcast(b, b.mul(g, x), y.type.shape)]
 
 
 @register("div", E)
@@ -82,6 +108,12 @@ class Div(Binary):
     def scalar(self, e, a, b):
         return a / b
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, y = node.inputs
+        gx = b.div(g, y)
+        gy = b.neg(b.mul(gx, node.outputs[0]))  # -g x / y² = -(g / y) · (x / y)
+        return [unbroadcast(b, gx, x.type.shape), unbroadcast(b, gy, y.type.shape)]
+
 
 @register("pow", E)
 class Pow(Binary):
@@ -92,6 +124,14 @@ class Pow(Binary):
 
     def scalar(self, e, a, b):
         return e.pow(a, b)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """d/da a^e = e·a^(e-1); d/de a^e = a^e·log a (defined for a > 0)."""
+        a, e = node.inputs
+        y = node.outputs[0]
+        ga = b.mul(g, b.mul(e, b.pow(a, b.sub(e, constant(b, 1.0, a)))))
+        ge = b.mul(g, b.mul(y, b.log(a)))
+        return [unbroadcast(b, ga, a.type.shape), unbroadcast(b, ge, e.type.shape)]
 
 
 @register("maximum", E)
@@ -104,6 +144,9 @@ class Maximum(Binary):
     def scalar(self, e, a, b):
         return e.maximum(a, b)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return _extremum_gradient(b, node, g, b.greater_equal(*node.inputs))
+
 
 @register("minimum", E)
 class Minimum(Binary):
@@ -114,6 +157,9 @@ class Minimum(Binary):
 
     def scalar(self, e, a, b):
         return e.minimum(a, b)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return _extremum_gradient(b, node, g, b.less_equal(*node.inputs))
 
 
 @register("neg", E)
@@ -126,6 +172,9 @@ class Neg(Unary):
     def scalar(self, e, x):
         return -x
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.neg(g)]
+
 
 @register("abs", E)
 class Abs(Unary):
@@ -137,6 +186,11 @@ class Abs(Unary):
     def scalar(self, e, x):
         return e.abs(x)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        zero = constant(b, 0.0, g)
+        return [b.where(b.greater(x, zero), g, b.where(b.less(x, zero), b.neg(g), zero))]
+
 
 @register("reciprocal", E)
 class Reciprocal(Unary):
@@ -145,6 +199,10 @@ class Reciprocal(Unary):
 
     def scalar(self, e, x):
         return 1.0 / x
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        y = node.outputs[0]
+        return [b.neg(b.mul(g, b.mul(y, y)))]
 
 
 # --------------------------------------------------------------------------- transcendental
@@ -158,6 +216,9 @@ class Exp(Unary):
     def scalar(self, e, x):
         return e.exp(x)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.mul(g, node.outputs[0])]
+
 
 @register("log", E)
 class Log(Unary):
@@ -166,6 +227,9 @@ class Log(Unary):
 
     def scalar(self, e, x):
         return e.log(x)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.div(g, node.inputs[0])]
 
 
 @register("sqrt", E)
@@ -176,6 +240,9 @@ class Sqrt(Unary):
     def scalar(self, e, x):
         return e.sqrt(x)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.div(b.mul(g, constant(b, 0.5, g)), node.outputs[0])]
+
 
 @register("rsqrt", E)
 class Rsqrt(Unary):
@@ -184,6 +251,10 @@ class Rsqrt(Unary):
 
     def scalar(self, e, x):
         return 1.0 / e.sqrt(x)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        y = node.outputs[0]  # d/dx x^(-1/2) = -y³/2
+        return [b.mul(g, b.mul(constant(b, -0.5, y), b.mul(y, b.mul(y, y))))]
 
 
 @register("tanh", E)
@@ -194,6 +265,10 @@ class Tanh(Unary):
     def scalar(self, e, x):
         return e.tanh(x)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        y = node.outputs[0]
+        return [b.mul(g, b.sub(constant(b, 1.0, y), b.mul(y, y)))]
+
 
 @register("erf", E)
 class Erf(Unary):
@@ -203,6 +278,10 @@ class Erf(Unary):
     def scalar(self, e, x):
         return e.erf(x)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        return [b.mul(g, b.mul(constant(b, 2 / np.sqrt(np.pi), x), b.exp(b.neg(b.mul(x, x)))))]
+
 
 @register("sigmoid", E)
 class Sigmoid(Unary):
@@ -211,6 +290,10 @@ class Sigmoid(Unary):
 
     def scalar(self, e, x):
         return 1.0 / (1.0 + e.exp(-x))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        y = node.outputs[0]
+        return [b.mul(g, b.mul(y, b.sub(constant(b, 1.0, y), y)))]
 
 
 # --------------------------------------------------------------------------- activations
@@ -226,6 +309,9 @@ class Relu(Unary):
     def scalar(self, e, x):
         return e.maximum(x, 0)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [where_positive(b, node.inputs[0], g)]
+
 
 @register("leaky_relu", E)
 class LeakyRelu(Unary):
@@ -237,6 +323,11 @@ class LeakyRelu(Unary):
     def scalar(self, e, x):
         return e.select(x.lt(0), x * self.alpha, x)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        zero = constant(b, 0.0, g)
+        return [b.where(b.greater(x, zero), g, b.mul(g, constant(b, self.alpha, g)))]
+
 
 @register("elu", E)
 class Elu(Unary):
@@ -247,6 +338,11 @@ class Elu(Unary):
 
     def scalar(self, e, x):
         return e.select(x.lt(0), (e.exp(x) - 1.0) * self.alpha, x)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, y = node.inputs[0], node.outputs[0]
+        zero = constant(b, 0.0, g)
+        return [b.where(b.greater(x, zero), g, b.mul(g, b.add(y, constant(b, self.alpha, g))))]
 
 
 @register("gelu", E)
@@ -270,6 +366,17 @@ class Gelu(Unary):
             return x * 0.5 * (e.tanh(inner) + 1.0)
         return x * 0.5 * (e.erf(x * (1 / math.sqrt(2))) + 1.0)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """d/dx x·Φ(x) = Φ(x) + x·φ(x) (the erf form; the tanh form is not differentiated)."""
+        if self.approximate != "none":
+            raise GraphError(f"node {node.name}: only the erf form of gelu has a gradient rule")
+        x = node.inputs[0]
+        cdf = b.mul(
+            constant(b, 0.5, x), b.add(constant(b, 1.0, x), b.erf(b.mul(x, constant(b, 0.5**0.5, x))))
+        )
+        pdf = b.mul(constant(b, (2 * np.pi) ** -0.5, x), b.exp(b.mul(constant(b, -0.5, x), b.mul(x, x))))
+        return [b.mul(g, b.add(cdf, b.mul(x, pdf)))]
+
 
 @register("clip", E)
 class Clip(Unary):
@@ -283,11 +390,20 @@ class Clip(Unary):
     def scalar(self, e, x):
         return e.minimum(e.maximum(x, self.min), self.max)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        zero = constant(b, 0.0, g)
+        inside = b.logical_and(
+            b.greater_equal(x, constant(b, self.min, x)), b.less_equal(x, constant(b, self.max, x))
+        )
+        return [b.where(inside, g, zero)]
+
 
 # --------------------------------------------------------------------------- comparisons, select, cast
 
 
 class Comparison(Binary):
+    differentiation = Gradient.ZERO
     accepts = NUMBERS
     result = "bool"
     predicate: ClassVar[str]
@@ -333,9 +449,19 @@ class Where(ElementwiseOp):
     def scalar(self, e, cond, a, b):
         return e.select(cond, a, b)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        cond, x, y = node.inputs
+        zero = constant(b, 0.0, g)
+        return [
+            None,
+            unbroadcast(b, b.where(cond, g, zero), x.type.shape),
+            unbroadcast(b, b.where(cond, zero, g), y.type.shape),
+        ]
+
 
 @register("cast", E)
 class CastOp(Unary):
+    differentiation = Gradient.ZERO  # casts to and from floats carry no gradient in Kiln
     to: str = "float32"
 
     def infer(self, x: TensorType) -> TensorType:
@@ -359,6 +485,8 @@ class CastOp(Unary):
 
 @register("floor", E)
 class Floor(Unary):
+    differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
+
     def reference(self, x):
         return np.floor(x)
 
@@ -368,6 +496,8 @@ class Floor(Unary):
 
 @register("ceil", E)
 class Ceil(Unary):
+    differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
+
     def reference(self, x):
         return np.ceil(x)
 
@@ -379,6 +509,8 @@ class Ceil(Unary):
 class Round(Unary):
     """Halves round to even, as ONNX and numpy do."""
 
+    differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
+
     def reference(self, x):
         return np.round(x)
 
@@ -388,6 +520,7 @@ class Round(Unary):
 
 @register("sign", E)
 class Sign(Unary):
+    differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
     accepts = NUMBERS
 
     def reference(self, x):
@@ -412,6 +545,9 @@ class Softplus(Unary):
     def scalar(self, e, x):
         return e.maximum(x, 0.0) + e.log(e.exp(-e.abs(x)) + 1.0)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.mul(g, b.sigmoid(node.inputs[0]))]
+
 
 @register("softsign", E)
 class Softsign(Unary):
@@ -420,6 +556,11 @@ class Softsign(Unary):
 
     def scalar(self, e, x):
         return x / (e.abs(x) + 1.0)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        d = b.add(constant(b, 1.0, x), b.abs(x))
+        return [b.div(g, b.mul(d, d))]
 
 
 @register("hard_sigmoid", E)
@@ -434,6 +575,12 @@ class HardSigmoid(Unary):
     def scalar(self, e, x):
         return e.minimum(e.maximum(x * self.alpha + self.beta, 0.0), 1.0)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        z = b.add(b.mul(x, constant(b, self.alpha, x)), constant(b, self.beta, x))
+        inside = b.logical_and(b.greater(z, constant(b, 0.0, x)), b.less(z, constant(b, 1.0, x)))
+        return [b.where(inside, b.mul(g, constant(b, self.alpha, x)), constant(b, 0.0, x))]
+
 
 @register("hard_swish", E)
 class HardSwish(Unary):
@@ -443,6 +590,17 @@ class HardSwish(Unary):
 
     def scalar(self, e, x):
         return x * e.minimum(e.maximum(x * (1 / 6) + 0.5, 0.0), 1.0)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """x·clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, (2x + 3)/6 between."""
+        x = node.inputs[0]
+        middle = b.add(b.mul(x, constant(b, 1 / 3, x)), constant(b, 0.5, x))
+        d = b.where(
+            b.less(x, constant(b, -3.0, x)),
+            constant(b, 0.0, x),
+            b.where(b.greater(x, constant(b, 3.0, x)), constant(b, 1.0, x), middle),
+        )
+        return [b.mul(g, d)]
 
 
 @register("selu", E)
@@ -457,6 +615,11 @@ class Selu(Unary):
     def scalar(self, e, x):
         return e.select(x.gt(0), x * self.gamma, (e.exp(x) - 1.0) * (self.alpha * self.gamma))
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        negative = b.mul(constant(b, self.gamma * self.alpha, x), b.exp(x))
+        return [b.mul(g, b.where(b.greater(x, constant(b, 0.0, x)), constant(b, self.gamma, x), negative))]
+
 
 @register("celu", E)
 class Celu(Unary):
@@ -469,6 +632,11 @@ class Celu(Unary):
     def scalar(self, e, x):
         return e.maximum(x, 0.0) + e.minimum((e.exp(x * (1 / self.alpha)) - 1.0) * self.alpha, 0.0)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, alpha = node.inputs[0], self.alpha
+        negative = b.exp(b.div(x, constant(b, alpha, x)))
+        return [b.mul(g, b.where(b.greater(x, constant(b, 0.0, x)), constant(b, 1.0, x), negative))]
+
 
 @register("mish", E)
 class Mish(Unary):
@@ -477,6 +645,13 @@ class Mish(Unary):
 
     def scalar(self, e, x):
         return x * e.tanh(Softplus().scalar(e, x))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """x·tanh(softplus(x)): tanh(sp) + x·(1 - tanh²(sp))·sigmoid(x)."""
+        x = node.inputs[0]
+        t = b.tanh(b.softplus(x))
+        d = b.add(t, b.mul(x, b.mul(b.sub(constant(b, 1.0, x), b.mul(t, t)), b.sigmoid(x))))
+        return [b.mul(g, d)]
 
 
 @register("thresholded_relu", E)
@@ -489,6 +664,10 @@ class ThresholdedRelu(Unary):
     def scalar(self, e, x):
         return e.select(x.gt(self.alpha), x, e.const(0.0, x.dtype))
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        return [b.where(b.greater(x, constant(b, self.alpha, x)), g, constant(b, 0.0, x))]
+
 
 @register("prelu", E)
 class PRelu(Binary):
@@ -499,6 +678,14 @@ class PRelu(Binary):
 
     def scalar(self, e, x, slope):
         return e.select(x.lt(0), x * slope, x)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, slope = node.inputs
+        positive = b.greater(x, constant(b, 0.0, x))
+        zero = constant(b, 0.0, x)
+        gx = b.where(positive, g, b.mul(g, slope))
+        gslope = b.where(positive, zero, b.mul(g, x))
+        return [unbroadcast(b, gx, x.type.shape), unbroadcast(b, gslope, slope.type.shape)]
 
 
 # --------------------------------------------------------------------------- logic, tests
@@ -515,6 +702,7 @@ class GreaterEqual(Comparison):
 
 
 class Logical(Binary):
+    differentiation = Gradient.ZERO
     accepts = ("bool",)
 
     def reference(self, a, b):
@@ -541,6 +729,7 @@ class LogicalXor(Logical):
 
 @register("logical_not", E)
 class LogicalNot(Unary):
+    differentiation = Gradient.ZERO
     accepts = ("bool",)
 
     def reference(self, x):
@@ -552,6 +741,7 @@ class LogicalNot(Unary):
 
 @register("isnan", E)
 class IsNan(Unary):
+    differentiation = Gradient.ZERO
     result = "bool"
 
     def reference(self, x):
@@ -563,6 +753,7 @@ class IsNan(Unary):
 
 @register("isinf", E)
 class IsInf(Unary):
+    differentiation = Gradient.ZERO
     result = "bool"
     detect_negative: bool = True
     detect_positive: bool = True
@@ -595,6 +786,9 @@ class Expand(Unary):
     def scalar(self, e, x):
         return x
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [unbroadcast(b, g, node.inputs[0].type.shape)]
+
 
 @register("mod", E)
 class Mod(Binary):
@@ -622,3 +816,16 @@ class Mod(Binary):
         safe = e.select(b.eq(0), e.const(1, a.dtype), b)
         r = e.trunc_rem(a, safe) if self.fmod else a % safe
         return e.select(b.eq(0), zero, r)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """x - y·q with q = floor(x / y) (Python's %) or trunc(x / y) (fmod): 1 and -q."""
+        x, y = node.inputs
+        if x.type.dtype not in ("float32", "float64"):
+            return [None, None]
+        ratio = b.div(x, y)
+        q = (
+            b.where(b.less(ratio, constant(b, 0.0, ratio)), b.ceil(ratio), b.floor(ratio))
+            if self.fmod
+            else b.floor(ratio)
+        )
+        return [unbroadcast(b, g, x.type.shape), unbroadcast(b, b.neg(b.mul(g, q)), y.type.shape)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from math import prod
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,8 +24,13 @@ from codegen.kir import (
     select,
 )
 from ir.errors import GraphError
-from ir.ops import Epilogue, Fusion, Op, broadcast_shapes, register
+from ir.graph import Node, Value
+from ir.ops import Epilogue, Fusion, Gradient, Grads, Op, broadcast_shapes, register
+from ir.ops.grad import constant, swap_last, unbroadcast
 from ir.types import TensorType
+
+if TYPE_CHECKING:
+    from ir.builder import GraphBuilder
 
 
 def _require_float(op: str, *types: TensorType) -> None:
@@ -227,6 +233,14 @@ class MatMul(Op):
             flat_only = epilogue and (lambda v, flat, _: epilogue(v, flat, None))
             lower_matmul(k, a, b, out.view((*batch, m, n)), None, flat_only)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, y = node.inputs
+        if x.type.rank < 2 or y.type.rank < 2:
+            raise GraphError(f"node {node.name}: the matmul gradient needs operands of rank >= 2")
+        gx = b.matmul(g, swap_last(b, y))
+        gy = b.matmul(swap_last(b, x), g)
+        return [unbroadcast(b, gx, x.type.shape), unbroadcast(b, gy, y.type.shape)]
+
 
 @register("linear", Fusion.CONTRACTION)
 class Linear(Op):
@@ -254,6 +268,18 @@ class Linear(Op):
         bias = ins[2] if len(ins) > 2 else None
         lower_matmul(k, x2, w, out.view((rows, w.shape[1])), bias, epilogue, out_shape=out.shape)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x, w = node.inputs[0], node.inputs[1]
+        rows = x.type.numel // x.type.shape[-1]
+        gx = b.matmul(g, b.transpose(w, perm=(1, 0)))
+        x2 = b.reshape(x, shape=(rows, x.type.shape[-1]))
+        g2 = b.reshape(g, shape=(rows, g.type.shape[-1]))
+        gw = b.matmul(b.transpose(x2, perm=(1, 0)), g2)
+        grads: Grads = [gx, gw]
+        if len(node.inputs) > 2:
+            grads.append(b.reduce_sum(g2, axes=(0,), keepdims=False))
+        return grads
+
 
 # --------------------------------------------------------------------------- conv and pooling
 
@@ -277,6 +303,23 @@ def _valid_range(k_off: int, stride: int, pad: int, size: int, out: int) -> tupl
     lo = max(0, -((k_off - pad) // stride))  # ceil((pad - k_off) / stride)
     hi = min(out, (size - 1 + pad - k_off) // stride + 1)
     return lo, max(lo, hi)
+
+
+def _conv_weight_gradient(
+    b: GraphBuilder, windowed: Value, other: Value, kernel, strides, pads, dilations, w_shape
+) -> Value:
+    """A convolution's weight gradient: Σ over images and positions of `windowed`'s
+    windows (im2col, read as they lie) times `other` (transposed, the smaller operand),
+    as w[other channel, windowed channel, i, j]. For conv2d, windowed = x and other = g;
+    for its adjoint conv_transpose2d, the two trade places."""
+    n, c = windowed.type.shape[:2]
+    o = other.type.shape[1]
+    positions = other.type.numel // (n * o)
+    cols = b.im2col(windowed, kernel=tuple(kernel), strides=strides, pads=pads, dilations=dilations)
+    cols = b.reshape(cols, shape=(n, c * kernel[0] * kernel[1], positions))
+    other_t = b.transpose(b.reshape(other, shape=(n, o, positions)), perm=(0, 2, 1))
+    summed = b.reduce_sum(b.matmul(cols, other_t), axes=(0,), keepdims=False)  # (c·kh·kw, o)
+    return b.reshape(b.transpose(summed, perm=(1, 0)), shape=w_shape)
 
 
 @register("conv2d", Fusion.CONTRACTION)
@@ -369,6 +412,32 @@ class Conv2d(Op):
                 with k.loop(oh * ow, "vector", "s") as s:
                     at = p * (oh * ow) + s
                     k.store(out, at, epilogue(out.load_flat(at), at, None))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """dx: w^T @ g at every position, each product added back where its window read x
+        (col2im): one matmul of the weights' shape, at any stride; dw: the forward pass's
+        windows (im2col) times g; dbias: g summed over batch and positions."""
+        x, w = node.inputs[0], node.inputs[1]
+        if self.groups != 1:
+            raise GraphError(f"node {node.name}: the conv2d gradient supports groups=1 only")
+        pads = self.pads
+        n, o, oh, ow = g.type.shape
+        _, c, kh, kw = w.type.shape
+        w_t = b.transpose(b.reshape(w, shape=(o, c * kh * kw)), perm=(1, 0))
+        cols = b.matmul(w_t, b.reshape(g, shape=(n, o, oh * ow)))
+        gx = b.col2im(
+            b.reshape(cols, shape=(n, c * kh * kw, oh, ow)),
+            input_shape=x.type.shape,
+            kernel=(kh, kw),
+            strides=self.strides,
+            pads=pads,
+            dilations=self.dilations,
+        )
+        gw = _conv_weight_gradient(b, x, g, (kh, kw), self.strides, pads, self.dilations, w.type.shape)
+        grads: Grads = [gx, gw]
+        if len(node.inputs) > 2:
+            grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))
+        return grads
 
 
 def _im2col_ranges(op: Op, x_shape, out_hw):
@@ -482,12 +551,28 @@ class ConvTranspose2d(Op):
                             v = guarded_load(x, [img, channel, iy, ix], ok, 0.0)
                             k.store(out, [img, oc, y, j], muladd(v, weight, out[[img, oc, y, j]]))
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """The adjoint of conv2d: dx is the conv2d of g with the same weights; dw pairs g's
+        windows (im2col with the same geometry) with x, per image, as conv2d's rule does."""
+        x, w = node.inputs[0], node.inputs[1]
+        if self.groups != 1:
+            raise GraphError(f"node {node.name}: the conv_transpose2d gradient supports groups=1 only")
+        gx = b.conv2d(g, w, strides=self.strides, pads=self.pads, dilations=self.dilations)
+        gw = _conv_weight_gradient(
+            b, g, x, w.type.shape[2:], self.strides, self.pads, self.dilations, w.type.shape
+        )
+        grads: Grads = [gx, gw]
+        if len(node.inputs) > 2:
+            grads.append(b.reduce_sum(g, axes=(0, 2, 3), keepdims=False))
+        return grads
+
 
 @register("im2col", Fusion.INJECTIVE)
 class Im2Col(Op):
     """Every conv window as a column: out[n, (c, i, j), y, x] = x[n, c, y*s + i*d - p, x*s + j*d - p]
     (zero outside). Turns a convolution into one matrix product (see conv2d_gemm)."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     kernel: tuple[int, ...] = (3, 3)
     strides: tuple[int, ...] = (1, 1)
     pads: tuple[int, ...] = (0, 0, 0, 0)
@@ -548,6 +633,7 @@ class Col2Im(Op):
     from, summed where windows overlap. With a matmul before it, the gradient of a
     convolution for its input (w^T @ g, then col2im) at any stride."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     input_shape: tuple[int, ...] = ()  # (N, C, H, W) of the image im2col read
     kernel: tuple[int, ...] = (3, 3)
     strides: tuple[int, ...] = (1, 1)
@@ -608,6 +694,7 @@ class Conv2dGemm(Op):
     """A convolution as weights (O, C*KH*KW) @ im2col columns (N, C*KH*KW, OH*OW) + bias,
     writing NCHW directly: the fast matmul loops, with the conv's epilogue."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 3)
     accepts_epilogue = True
 
@@ -756,6 +843,16 @@ class MaxPool2d(Pool2d):
 
         self._taps(k, x, out, visit)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        if tuple(self.dilations) != (1, 1) or self.output != "values":
+            raise GraphError(f"node {node.name}: the max_pool2d gradient needs dilation 1 and values output")
+        x = node.inputs[0]
+        if tuple(self.strides) == tuple(self.kernel) and not any(self.pads):  # windows tile x: one fused pass
+            return [b.max_pool2d_tiled_backward(x, g, kernel=self.kernel)]
+        window = dict(kernel=self.kernel, strides=self.strides, pads=self.pads)
+        indices = b.max_pool2d(x, output="indices", **window)
+        return [b.max_pool2d_backward(indices, g, input_shape=x.type.shape, **window)]
+
 
 @register("max_pool2d_backward", Fusion.OPAQUE)
 class MaxPool2dBackward(Op):
@@ -764,6 +861,7 @@ class MaxPool2dBackward(Op):
     output="indices"), summed where windows overlap. Written as a gather: each input
     element visits the few windows that can cover it, so rows run in parallel."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
     input_shape: tuple[int, ...] = ()  # (N, C, H, W) of the pooled input
     kernel: tuple[int, ...] = (2, 2)
@@ -828,6 +926,7 @@ class MaxPool2dTiledBackward(Op):
     windows finds the maximum and writes all of its elements, so no index tensor is
     stored or read back."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
     kernel: tuple[int, ...] = (2, 2)
 
@@ -894,6 +993,7 @@ class AvgPool2dBackward(Op):
     gradient, divided by the window's count, to every input element in the window.
     A gather, like max_pool2d_backward: each element visits the windows covering it."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     input_shape: tuple[int, ...] = ()  # (N, C, H, W)
     kernel: tuple[int, ...] = (2, 2)
     strides: tuple[int, ...] = (2, 2)
@@ -991,6 +1091,20 @@ class AvgPool2d(Pool2d):
 
         self._taps(k, x, out, visit)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        if tuple(self.dilations) != (1, 1) or tuple(self.uncounted_end) != (0, 0):
+            raise GraphError(f"node {node.name}: the avg_pool2d gradient needs dilation 1 and no ceil_mode")
+        return [
+            b.avg_pool2d_backward(
+                g,
+                input_shape=node.inputs[0].type.shape,
+                kernel=self.kernel,
+                strides=self.strides,
+                pads=self.pads,
+                count_include_pad=self.count_include_pad,
+            )
+        ]
+
 
 @register("global_avg_pool2d", Fusion.REDUCTION)
 class GlobalAvgPool2d(Op):
@@ -1011,6 +1125,11 @@ class GlobalAvgPool2d(Op):
             with k.loop(h * w, "vector", "s") as s:
                 k.assign(acc, acc.ref + x.load_flat(p * (h * w) + s), reduction=True)
             k.store(out, p, acc.ref / float(h * w))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        h, w = x.type.shape[2:]
+        return [b.expand(b.mul(g, constant(b, 1.0 / (h * w), x)), shape=x.type.shape)]
 
 
 @register("batch_norm", Fusion.INJECTIVE)
@@ -1045,3 +1164,21 @@ class BatchNorm(Op):
             with k.loop(inner, "vector", "s") as s:
                 at = p * inner + s
                 k.store(out, at, (x.load_flat(at) - mean.load_flat(ch)) * inv + bias.load_flat(ch))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """Inference batch norm y = (x - mean)·s + bias, s = scale / sqrt(var + eps), per channel."""
+        x, scale, bias, mean, var = node.inputs
+        rank = x.type.rank
+        channel = (1, -1) + (1,) * (rank - 2)
+        others = (0, *range(2, rank))
+        inv = b.rsqrt(b.add(var, constant(b, self.epsilon, x)))
+        centered = b.sub(x, b.reshape(mean, shape=channel))
+        g_sum = b.reduce_sum(g, axes=others, keepdims=False)
+        g_centered = b.reduce_sum(b.mul(g, centered), axes=others, keepdims=False)
+        return [
+            b.mul(g, b.reshape(b.mul(scale, inv), shape=channel)),
+            b.mul(g_centered, inv),
+            g_sum,
+            b.neg(b.mul(g_sum, b.mul(scale, inv))),
+            b.mul(b.mul(g_centered, scale), b.mul(constant(b, -0.5, x), b.mul(inv, b.mul(inv, inv)))),
+        ]

@@ -26,15 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from codegen.kir import Buffer, Expr, KernelBuilder, Var, const, maximum, minimum, muladd
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
-from ir.ops import REGISTRY, ElementwiseOp, Fusion, Op, register
+from ir.ops import REGISTRY, ElementwiseOp, Fusion, Gradient, Op, register
 from ir.ops.nn import MATMUL_VECTOR
 from ir.types import TensorType
+
+if TYPE_CHECKING:
+    pass
 
 Activation = tuple[str, tuple[tuple[str, float], ...]]
 
@@ -61,6 +65,7 @@ class Recurrence(Op):
     arity = (3, 3)
     gates = 1
     planes = 1
+    differentiation = Gradient.DECOMPOSE  # through the unrolled steps (see unroll)
     hidden: int = 0
     reverse: bool = False
     activations: tuple[Activation, ...] = ()
@@ -68,6 +73,9 @@ class Recurrence(Op):
 
     def default_activations(self) -> tuple[Activation, ...]:
         raise NotImplementedError
+
+    def decompose(self, b, inputs):
+        return unroll(b, self, inputs)
 
     @property
     def functions(self) -> list[ElementwiseOp]:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import dataclasses
 from contextlib import ExitStack
 from math import prod
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from codegen.kir import Expr, KernelBuilder, const, logical_and, logical_or, maximum, minimum, select
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
-from ir.ops import Fusion, Op, normalize_axis, register
+from ir.graph import Node, Value
+from ir.ops import Fusion, Gradient, Grads, Op, normalize_axis, register
+from ir.ops.grad import constant, expand_back
 from ir.types import TensorType
+
+if TYPE_CHECKING:
+    from ir.builder import GraphBuilder
 
 
 def _float(op: str, x: TensorType) -> None:
@@ -86,6 +92,10 @@ class ReduceSum(Reduce):
     def combine(self, acc, v):
         return acc + v
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        return [expand_back(b, g, x, self.axes, self.keepdims)]
+
 
 @register("reduce_mean", Fusion.REDUCTION)
 class ReduceMean(Reduce):
@@ -100,9 +110,25 @@ class ReduceMean(Reduce):
     def finish(self, acc, count):
         return acc / float(count)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        count = x.type.numel // max(node.outputs[0].type.numel, 1)
+        scaled = b.mul(g, constant(b, 1.0 / count, g))
+        return [expand_back(b, scaled, x, self.axes, self.keepdims)]
+
+
+class ReduceExtremum(Reduce):
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """The gradient goes to the elements equal to the result, shared among ties."""
+        x, axes, keep = node.inputs[0], self.axes, self.keepdims
+        y = expand_back(b, node.outputs[0], x, axes, keep)
+        hit = b.cast(b.equal(x, y), to=x.type.dtype)
+        ties = expand_back(b, b.reduce_sum(hit, axes=axes, keepdims=keep), x, axes, keep)
+        return [b.div(b.mul(expand_back(b, g, x, axes, keep), hit), ties)]
+
 
 @register("reduce_max", Fusion.REDUCTION)
-class ReduceMax(Reduce):
+class ReduceMax(ReduceExtremum):
     accepts = (*Reduce.accepts, "bool")  # bool: any
 
     def reference(self, x):
@@ -118,7 +144,7 @@ class ReduceMax(Reduce):
 
 
 @register("reduce_min", Fusion.REDUCTION)
-class ReduceMin(Reduce):
+class ReduceMin(ReduceExtremum):
     accepts = (*Reduce.accepts, "bool")  # bool: all
 
     def reference(self, x):
@@ -144,12 +170,19 @@ class ReduceProd(Reduce):
     def combine(self, acc, v):
         return acc * v
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """∂(∏x)/∂x_i = ∏x / x_i (for x_i ≠ 0)."""
+        x = node.inputs[0]
+        y = expand_back(b, node.outputs[0], x, self.axes, self.keepdims)
+        return [b.div(b.mul(expand_back(b, g, x, self.axes, self.keepdims), y), x)]
+
 
 @register("arg_reduce", Fusion.REDUCTION)
 class ArgReduce(Op):
     """The index (int64) of the largest (`largest`) or smallest value along `axis`; ties
     go to the first index, or the last with select_last_index; NaN counts as largest."""
 
+    differentiation = Gradient.ZERO
     axis: int = 0
     keepdims: bool = True
     largest: bool = True
@@ -245,6 +278,14 @@ class TopK(Op):
                 with k.when(rank.ref.lt(self.k)):
                     k.store(out, out_base + rank.ref * inner, v.ref if self.output == "values" else j)
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """The values are x gathered at the indices: their gradient goes back to those places."""
+        if self.output != "values":
+            return [None]
+        x = node.inputs[0]
+        indices = b.topk(x, k=self.k, axis=self.axis, largest=self.largest, output="indices")
+        return [b.gather_elements_backward(indices, g, shape=x.type.shape, axis=self.axis)]
+
 
 @dataclasses.dataclass(frozen=True)
 class AxisSoftmax(Op):
@@ -296,6 +337,12 @@ class Softmax(AxisSoftmax):
         with k.loop(n, "vector", "j") as j:
             k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j), None))
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        y = node.outputs[0]
+        axis = normalize_axis("softmax", self.axis, y.type.rank)
+        dot = b.reduce_sum(b.mul(g, y), axes=(axis,), keepdims=True)
+        return [b.mul(y, b.sub(g, dot))]
+
 
 @register("log_softmax", Fusion.REDUCTION)
 class LogSoftmax(AxisSoftmax):
@@ -309,6 +356,12 @@ class LogSoftmax(AxisSoftmax):
         lse = m + e.log(s)
         with k.loop(n, "vector", "j") as j:
             k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j), None))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        y = node.outputs[0]
+        axis = normalize_axis("log_softmax", self.axis, y.type.rank)
+        total = b.reduce_sum(g, axes=(axis,), keepdims=True)
+        return [b.sub(g, b.mul(b.exp(y), total))]
 
 
 @register("layer_norm", Fusion.REDUCTION)
@@ -354,3 +407,28 @@ class LayerNorm(Op):
                 y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
                 y = y + bias.load_flat(j) if bias is not None else y
                 k.store(out, r * n + j, epilogue(y, r * n + j, None) if epilogue is not None else y)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """With x̂ = (x - mean)·rstd over axes [axis, rank): dx = rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)),
+        ĝ = g·scale; dscale = Σ g·x̂ and dbias = Σ g over the leading axes."""
+        x, scale = node.inputs[0], node.inputs[1]
+        rank = x.type.rank
+        axis = normalize_axis("layer_norm", self.axis, rank)
+        axes, lead = tuple(range(axis, rank)), tuple(range(axis))
+        mean = b.reduce_mean(x, axes=axes, keepdims=True)
+        centered = b.sub(x, mean)
+        var = b.reduce_mean(b.mul(centered, centered), axes=axes, keepdims=True)
+        rstd = b.rsqrt(b.add(var, constant(b, self.epsilon, x)))
+        xhat = b.mul(centered, rstd)
+        gh = b.mul(g, scale)
+        inner = b.sub(
+            b.sub(gh, b.reduce_mean(gh, axes=axes, keepdims=True)),
+            b.mul(xhat, b.reduce_mean(b.mul(gh, xhat), axes=axes, keepdims=True)),
+        )
+        grads: Grads = [
+            b.mul(rstd, inner),
+            b.reduce_sum(b.mul(g, xhat), axes=lead, keepdims=False) if lead else b.mul(g, xhat),
+        ]
+        if len(node.inputs) > 2:
+            grads.append(b.reduce_sum(g, axes=lead, keepdims=False) if lead else g)
+        return grads

@@ -14,13 +14,18 @@ nearest rounding, cubic coefficient and antialias filter is numpy in one place
 from __future__ import annotations
 
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from codegen.kir import Expr, const, logical_and, maximum, select
 from ir.errors import GraphError
-from ir.ops import Fusion, Op, normalize_axis, register
+from ir.graph import Node, Value
+from ir.ops import Fusion, Grads, Op, normalize_axis, register
 from ir.types import TensorType
+
+if TYPE_CHECKING:
+    from ir.builder import GraphBuilder
 
 
 @register("resample", Fusion.OPAQUE)
@@ -78,3 +83,25 @@ class Resample(Op):
             for a, indices in zip(axes, tables[::2]):
                 ok = logical_and(ok, indices[[idx[a], const(0, "int64")]].ge(0))
             k.store(out, idx, select(ok, acc.ref, self.extrapolation_value))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """Resampling is linear in x: per axis a matrix A (out × in) from the tap tables
+        (rows of extrapolated points zero), so x's gradient is Aᵀ g along each axis."""
+        x, tables = node.inputs[0], node.inputs[1:]
+        if any(t not in b.params for t in tables):
+            raise GraphError(f"node {node.name}: the resample gradient needs constant tap tables")
+        axes = self._axes(x.type.rank)
+        gx = g
+        for a, indices, weights in zip(axes, tables[::2], tables[1::2]):
+            idx, w = b.params[indices], b.params[weights]
+            n_in = x.type.shape[a]
+            dense = np.zeros((idx.shape[0], n_in), np.float64)
+            rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+            np.add.at(dense, (rows, np.clip(idx, 0, n_in - 1).ravel()), w.astype(np.float64).ravel())
+            dense[idx[:, 0] < 0] = 0.0  # extrapolated: a constant, no gradient
+            last = tuple(d for d in range(x.type.rank) if d != a) + (a,)
+            moved = b.matmul(
+                b.transpose(gx, perm=last), b.param("interpolation", dense.astype(x.type.np_dtype))
+            )
+            gx = b.transpose(moved, perm=tuple(int(p) for p in np.argsort(last)))
+        return [gx, *[None] * len(tables)]

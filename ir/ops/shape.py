@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from math import prod
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,8 +21,12 @@ from codegen.kir import (
     select,
 )
 from ir.errors import GraphError
-from ir.ops import Fusion, Op, normalize_axis, register
+from ir.graph import Node, Value
+from ir.ops import Fusion, Gradient, Grads, Op, normalize_axis, register
 from ir.types import TensorType
+
+if TYPE_CHECKING:
+    from ir.builder import GraphBuilder
 
 INJ = Fusion.INJECTIVE
 
@@ -31,8 +36,18 @@ def copy_flat(k: KernelBuilder, src: Buffer, dst: Buffer) -> None:
         k.store(dst, i, src.load_flat(i))
 
 
+class View(Op):
+    """An op whose output is its input's bytes under another shape: no kernel, the
+    memory plan gives the output its input's storage."""
+
+    view = True
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.reshape(g, shape=node.inputs[0].type.shape)]
+
+
 @register("reshape", INJ)
-class Reshape(Op):
+class Reshape(View):
     shape: tuple[int, ...] = ()  # one entry may be -1: inferred
 
     def infer(self, x: TensorType) -> TensorType:
@@ -56,7 +71,7 @@ class Reshape(Op):
 
 
 @register("flatten", INJ)
-class Flatten(Op):
+class Flatten(View):
     axis: int = 1
 
     def infer(self, x: TensorType) -> TensorType:
@@ -97,6 +112,11 @@ class Transpose(Op):
                 src[in_axis] = idx[out_axis]
             k.store(out, idx, x[src])
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        rank = g.type.rank
+        perm = self.perm if self.perm is not None else tuple(reversed(range(rank)))
+        return [b.transpose(g, perm=tuple(int(i) for i in np.argsort(perm)))]
+
 
 @register("concat", INJ)
 class Concat(Op):
@@ -131,6 +151,16 @@ class Concat(Op):
                 dst[axis] = idx[axis] + start
                 k.store(out, dst, x[idx])
             start += x.shape[axis]
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        axis = normalize_axis("concat", self.axis, g.type.rank)
+        grads: Grads = []
+        offset = 0
+        for v in node.inputs:
+            size = v.type.shape[axis]
+            grads.append(b.slice(g, starts=(offset,), ends=(offset + size,), axes=(axis,)))
+            offset += size
+        return grads
 
 
 @register("slice", INJ)
@@ -178,6 +208,16 @@ class Slice(Op):
         rs = self.ranges(x.shape)
         with k.nest(out.shape) as idx:
             k.store(out, idx, x[[i * st + s for i, (s, st, _) in zip(idx, rs)]])
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """The gradient of a slice is g placed back where it was read, zeros elsewhere."""
+        x = node.inputs[0]
+        ranges = self.ranges(x.type.shape)
+        if any(step != 1 for _, step, _ in ranges):
+            raise GraphError(f"node {node.name}: the slice gradient supports step 1 only")
+        begins = tuple(start for start, _, _ in ranges)
+        ends = tuple(d - start - count for d, (start, _, count) in zip(x.type.shape, ranges))
+        return [b.pad(g, pads=begins + ends)]
 
 
 @register("pad", INJ)
@@ -243,6 +283,20 @@ class Pad(Op):
                     src.append(self._source(i - max(b, 0), kept) + lo)
                 k.store(out, idx, x[src])
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        x = node.inputs[0]
+        if self.mode != "constant" or any(p < 0 for p in self.pads):
+            raise GraphError(f"node {node.name}: the pad gradient supports constant mode without cropping")
+        r = x.type.rank
+        return [
+            b.slice(
+                g,
+                starts=self.pads[:r],
+                ends=tuple(p + d for p, d in zip(self.pads[:r], x.type.shape)),
+                axes=tuple(range(r)),
+            )
+        ]
+
 
 @register("gather", INJ)
 class Gather(Op):
@@ -274,6 +328,12 @@ class Gather(Op):
             safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))  # never read outside
             k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + r :])])
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        data, indices = node.inputs
+        if self.axis != 0:
+            raise GraphError(f"node {node.name}: the gather gradient supports axis 0 only")
+        return [b.gather_backward(indices, g, shape=data.type.shape), None]
+
 
 @register("gather_backward", Fusion.OPAQUE)
 class GatherBackward(Op):
@@ -281,6 +341,7 @@ class GatherBackward(Op):
     output gradient's rows whose index is r (negative indices count from the end).
     Written as a gather over the indices, so rows run in parallel without races."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
     shape: tuple[int, ...] = ()  # the data's shape
 
@@ -318,6 +379,7 @@ class GatherElementsBackward(Op):
     coordinates equal). Written as a gather over the axis, so elements run in parallel
     without races."""
 
+    differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
     shape: tuple[int, ...] = ()  # the data's shape
     axis: int = 0
@@ -380,6 +442,15 @@ class Tile(Op):
         with k.nest(out.shape) as idx:
             k.store(out, idx, x[[i % d if r != 1 else i for i, d, r in zip(idx, x.shape, self.repeats)]])
 
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        """Each copy's gradient, summed: g seen as (repeats, size) per axis, the repeats summed."""
+        x, repeats = node.inputs[0], self.repeats
+        split = tuple(v for r, d in zip(repeats, x.type.shape) for v in (r, d))
+        summed = b.reduce_sum(
+            b.reshape(g, shape=split), axes=tuple(range(0, 2 * x.type.rank, 2)), keepdims=False
+        )
+        return [b.reshape(summed, shape=x.type.shape)]
+
 
 @register("trilu", INJ)
 class Trilu(Op):
@@ -403,6 +474,9 @@ class Trilu(Op):
             keep = (j - i).ge(self.k) if self.upper else (j - i).le(self.k)
             zero = const(0.0 if x.dtype.startswith("float") else 0, x.dtype)
             k.store(out, idx, select(keep, x[idx], zero))
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.trilu(g, upper=self.upper, k=self.k)]
 
 
 @register("gather_elements", INJ)
@@ -436,6 +510,10 @@ class GatherElements(Op):
             k.check(in_range(wrapped, 0, d), f"gather_elements: an index is outside [-{d}, {d})")
             safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))
             k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + 1 :])])
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        data, indices = node.inputs
+        return [b.gather_elements_backward(indices, g, shape=data.type.shape, axis=self.axis), None]
 
 
 @register("cumsum", Fusion.REDUCTION)
@@ -478,3 +556,6 @@ class CumSum(Op):
                 else:
                     k.assign(acc, acc.ref + v)
                     k.store(out, at, acc.ref)
+
+    def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
+        return [b.cumsum(g, axis=self.axis, exclusive=self.exclusive, reverse=not self.reverse)]
