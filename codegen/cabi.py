@@ -10,6 +10,7 @@ several models link into one program.
 
 from __future__ import annotations
 
+import enum
 import re
 import shutil
 import subprocess
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from ir.errors import CompileError
 
-RUNTIME_DIR = Path(__file__).parent
-ARENA_ALIGN = 64
+#: the folder of the C runtime every library is linked with (kiln_runtime.h, kiln_runner.c)
+C_SOURCES = Path(__file__).parent
+#: the arena and every weight in the blob start at a multiple of this many bytes
+ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -29,21 +32,31 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+class Space(enum.Enum):
+    """Where a kernel argument's bytes are."""
+
+    INPUT = "input"  # the caller's input array (index: its position)
+    OUTPUT = "output"  # the caller's output array (index: its position)
+    ARENA = "arena"  # the instance's arena (index: a byte offset)
+    WEIGHTS = "weights"  # the embedded weight blob (index: a byte offset)
+    STATUS = "status"  # the instance's status word, which kernels' checks set
+
+
 @dataclass(frozen=True)
 class BufferRef:
-    """Where a kernel argument lives: an input, an output, the arena or the weights."""
+    """Where a kernel argument lives: a space and a position or byte offset in it."""
 
-    space: str  # "input" | "output" | "arena" | "weights" | "status"
-    index: int  # input/output position, or a byte offset
+    space: Space
+    index: int
 
     def c_expr(self) -> str:
-        if self.space == "input":
+        if self.space is Space.INPUT:
             return f"(void *)inputs[{self.index}]"
-        if self.space == "output":
+        if self.space is Space.OUTPUT:
             return f"outputs[{self.index}]"
-        if self.space == "arena":
+        if self.space is Space.ARENA:
             return f"(void *)(m->arena + {self.index})"
-        if self.space == "status":
+        if self.space is Space.STATUS:
             return "(void *)&m->status"
         return f"(void *)({{PREFIX}}_weights + {self.index})"
 
@@ -59,7 +72,7 @@ class Launch:
 
 
 @dataclass
-class Program:
+class Library:
     """Everything the glue needs: the ABI's tensors, the schedule, the memory sizes."""
 
     prefix: str
@@ -110,7 +123,7 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
     return "\n".join(lines)
 
 
-def glue_source(p: Program) -> str:
+def glue_source(p: Library) -> str:
     launches = []
     for i, launch in enumerate(p.launches):
         args = ", ".join(a.c_expr() for a in launch.args)
@@ -182,8 +195,8 @@ API int {{PREFIX}}_create({{PREFIX}}_model **out) {{
     *out = NULL;
     {{PREFIX}}_model *m = calloc(1, sizeof *m);
     if (!m) return 1;
-    size_t arena = (ARENA_BYTES + {ARENA_ALIGN - 1}) / {ARENA_ALIGN} * {ARENA_ALIGN};
-    if (ARENA_BYTES && !(m->arena = aligned_alloc({ARENA_ALIGN}, arena))) {{
+    size_t arena = (ARENA_BYTES + {ALIGN - 1}) / {ALIGN} * {ALIGN};
+    if (ARENA_BYTES && !(m->arena = aligned_alloc({ALIGN}, arena))) {{
         free(m);
         return 1;
     }}
@@ -227,7 +240,7 @@ API int {{PREFIX}}_run({{PREFIX}}_model *m, const void *const *inputs, void *con
     return src.replace("{PREFIX}", p.prefix)
 
 
-def header_source(p: Program) -> str:
+def header_source(p: Library) -> str:
     guard = f"{p.prefix.upper()}_H"
     doc = "\n".join(
         f" *   {kind} {i}: {s.name}  {s.dtype}[{', '.join(map(str, s.shape))}]"
@@ -308,7 +321,7 @@ def c_compiler() -> str:
 
 
 def link(
-    p: Program,
+    p: Library,
     kernels_object: bytes,
     workdir: Path,
     so_path: Path,
@@ -336,7 +349,7 @@ def link(
         "-O2",
         "-fvisibility=hidden",
         "-pthread",
-        f"-I{RUNTIME_DIR}",
+        f"-I{C_SOURCES}",
         *map(str, sources),
         str(workdir / "kernels.o"),
         "-o",
@@ -359,7 +372,7 @@ def build_c_runner(so_path: Path, name: str, out: Path) -> Path:
         f"-I{so_path.parent}",
         f"-DMODEL={name}",
         f'-DMODEL_HEADER="{name}.h"',
-        str(RUNTIME_DIR / "kiln_runner.c"),
+        str(C_SOURCES / "kiln_runner.c"),
         str(so_path),
         f"-Wl,-rpath,{so_path.parent}",
         "-o",

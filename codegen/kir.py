@@ -16,14 +16,29 @@ printed IR stays readable.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from math import prod
 
-LOOP_KINDS = ("serial", "parallel", "vector", "vector_masked", "gpu_block", "gpu_thread")
-VECTOR_KINDS = ("vector", "vector_masked")
+
+class LoopKind(enum.Enum):
+    """How a backend runs a loop (see the module docstring)."""
+
+    SERIAL = "serial"
+    PARALLEL = "parallel"
+    VECTOR = "vector"
+    VECTOR_MASKED = "vector_masked"
+    GPU_BLOCK = "gpu_block"
+    GPU_THREAD = "gpu_thread"
+
+    @property
+    def vector(self) -> bool:
+        return self in (LoopKind.VECTOR, LoopKind.VECTOR_MASKED)
+
+
 ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
 FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int64", "int32")
@@ -376,7 +391,7 @@ class Local:
 class Loop:
     var: Var
     extent: Expr
-    kind: str
+    kind: LoopKind
     body: list[Stmt] = field(default_factory=list)
 
 
@@ -497,7 +512,7 @@ class Kernel:
         """The single top-level parallel loop the runtime splits across threads."""
         if len(self.body) == 1 and isinstance(self.body[0], Loop):
             loop = self.body[0]
-            if loop.kind == "parallel" and isinstance(loop.extent, Const):
+            if loop.kind is LoopKind.PARALLEL and isinstance(loop.extent, Const):
                 return loop
         return None
 
@@ -520,10 +535,9 @@ class KernelBuilder:
         self._stack[-1].append(stmt)
 
     @contextmanager
-    def loop(self, extent: Expr | int, kind: str = "serial", name: str = "i") -> Iterator[Var]:
-        assert kind in LOOP_KINDS, kind
+    def loop(self, extent: Expr | int, kind: LoopKind = LoopKind.SERIAL, name: str = "i") -> Iterator[Var]:
         var = Var(f"{name}{next(self._ids)}")
-        loop = Loop(var, lift(extent, "int64"), kind)
+        loop = Loop(var, lift(extent, "int64"), LoopKind(kind))
         self._emit(loop)
         self._stack.append(loop.body)
         self._loops.append(loop)
@@ -550,9 +564,9 @@ class KernelBuilder:
         vector loop (with flat_block 1, as a GPU wants: one element per iteration)."""
         block = max(1, min(self.flat_block, n))
         blocks = -(-n // block)
-        with self.loop(blocks, "parallel", "blk") as b:
+        with self.loop(blocks, LoopKind.PARALLEL, "blk") as b:
             extent = block if n % block == 0 else minimum(Const(n, "int64") - b * block, block)
-            with self.loop(extent, "vector", "e") as i:
+            with self.loop(extent, LoopKind.VECTOR, "e") as i:
                 yield b * block + i
 
     @contextmanager
@@ -566,21 +580,21 @@ class KernelBuilder:
                 yield [i]
         else:
             rows = prod(shape[:-1])
-            with self.loop(rows, "parallel", "r") as r:
+            with self.loop(rows, LoopKind.PARALLEL, "r") as r:
                 idx: list[Expr] = []
                 inner = 1
                 for d in reversed(shape[:-1]):
                     idx.insert(0, r // inner % d if inner * d != rows else r // inner)
                     inner *= d
-                with self.loop(shape[-1], "vector", "j") as j:
+                with self.loop(shape[-1], LoopKind.VECTOR, "j") as j:
                     yield idx + [j]
 
     def check(self, ok: Expr, message: str) -> None:
         """Report `message` from the run if `ok` fails at any point (see Check). The
         loops around a check run serially: its conditional store does not vectorize."""
         for loop in self._loops:
-            if loop.kind in VECTOR_KINDS:
-                loop.kind = "serial"
+            if loop.kind.vector:
+                loop.kind = LoopKind.SERIAL
         if self.status is None:
             self.status = Buffer("status", "int32", (1,))
         self.checks.append(message)

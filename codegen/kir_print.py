@@ -49,7 +49,7 @@ def expr_text(e: kir.Expr) -> str:
 def _stmts(body: list[kir.Stmt], indent: str, out: list[str]) -> None:
     for s in body:
         if isinstance(s, kir.Loop):
-            out.append(f"{indent}for {s.var.name} in {s.kind}(0, {expr_text(s.extent)}):")
+            out.append(f"{indent}for {s.var.name} in {s.kind.value}(0, {expr_text(s.extent)}):")
             _stmts(s.body, indent + "  ", out)
         elif isinstance(s, kir.If):
             out.append(f"{indent}if {expr_text(s.cond)}:")

@@ -53,7 +53,8 @@ def loop_metadata(llvm_ir: str) -> str:
     llvmlite cannot write the self-referencing `distinct` node a loop ID must be, so
     the tags are rewritten in the module's text."""
     extra = len(re.findall(r"^!\d+ = ", llvm_ir, re.MULTILINE)) + 1000
-    nodes = {"vector": f"!{extra}", "vector_masked": f"!{extra + 1}"}
+    vector, masked = kir.LoopKind.VECTOR.value, kir.LoopKind.VECTOR_MASKED.value
+    nodes = {vector: f"!{extra}", masked: f"!{extra + 1}"}
     off = f"!{extra + 2}"  # loops that must not vectorize
 
     def rewrite(m: re.Match) -> str:
@@ -61,8 +62,8 @@ def loop_metadata(llvm_ir: str) -> str:
 
     text = _LOOP_TAG_LINE.sub(rewrite, llvm_ir)
     return (
-        text + f'\n{nodes["vector"]} = !{{!"llvm.loop.mustprogress"}}\n'
-        f'{nodes["vector_masked"]} = !{{!"llvm.loop.vectorize.predicate.enable", i1 true}}\n'
+        text + f'\n{nodes[vector]} = !{{!"llvm.loop.mustprogress"}}\n'
+        f'{nodes[masked]} = !{{!"llvm.loop.vectorize.predicate.enable", i1 true}}\n'
         f'{off} = !{{!"llvm.loop.vectorize.enable", i1 false}}\n'
     )
 
@@ -136,7 +137,7 @@ class FunctionWriter:
                 raise TypeError(f"unknown statement {s!r}")
 
     def counted_loop(
-        self, var: kir.Var, start: ir.Value, stop: ir.Value, body: list[kir.Stmt], kind: str
+        self, var: kir.Var, start: ir.Value, stop: ir.Value, body: list[kir.Stmt], kind: kir.LoopKind
     ) -> None:
         """for (var = start; var < stop; ++var) body, tagged with its kind (see loop_metadata)"""
         slot = self.slot(var, I64, var.name)
@@ -151,7 +152,7 @@ class FunctionWriter:
         self.stmts(body)
         self.b.store(self.b.add(self.b.load(slot, typ=I64), ir.Constant(I64, 1), flags=["nsw"]), slot)
         back_edge = self.b.branch(head)
-        tag = ir.MetaDataString(self.module, f"{LOOP_TAG}{kind}.{self.fn.name}.{var.name}")
+        tag = ir.MetaDataString(self.module, f"{LOOP_TAG}{kind.value}.{self.fn.name}.{var.name}")
         back_edge.set_metadata("llvm.loop", self.module.add_metadata([tag]))
         self.b.position_at_end(done)
 

@@ -36,17 +36,17 @@ def bind_gpu(kernel: kir.Kernel, threads: int = 256) -> kir.Kernel:
     index = block * threads + thread
     body = kir.substitute_stmts(loop.body, {loop.var: index})
     guarded = kir.If(index.lt(n), body)
-    inner = kir.Loop(thread, kir.Const(threads, "int64"), "gpu_thread", [guarded])
-    outer = kir.Loop(block, kir.Const(-(-n // threads), "int64"), "gpu_block", [inner])
+    inner = kir.Loop(thread, kir.Const(threads, "int64"), kir.LoopKind.GPU_THREAD, [guarded])
+    outer = kir.Loop(block, kir.Const(-(-n // threads), "int64"), kir.LoopKind.GPU_BLOCK, [inner])
     return kir.Kernel(kernel.name, kernel.params, [outer])
 
 
 def launch_dims(kernel: kir.Kernel) -> tuple[int, int]:
     """(blocks, threads per block) of a bound kernel."""
     outer = kernel.body[0]
-    assert isinstance(outer, kir.Loop) and outer.kind == "gpu_block"
+    assert isinstance(outer, kir.Loop) and outer.kind is kir.LoopKind.GPU_BLOCK
     inner = outer.body[0]
-    assert isinstance(inner, kir.Loop) and inner.kind == "gpu_thread"
+    assert isinstance(inner, kir.Loop) and inner.kind is kir.LoopKind.GPU_THREAD
     return int(outer.extent.value), int(inner.extent.value)  # type: ignore[union-attr]
 
 
@@ -57,7 +57,10 @@ def _target_machine(arch: str) -> llvm.TargetMachine:
     return llvm.Target.from_triple(TRIPLE).create_target_machine(cpu=arch, opt=3)
 
 
-_SREG = {"gpu_block": "llvm.nvvm.read.ptx.sreg.ctaid.x", "gpu_thread": "llvm.nvvm.read.ptx.sreg.tid.x"}
+_SREG = {
+    kir.LoopKind.GPU_BLOCK: "llvm.nvvm.read.ptx.sreg.ctaid.x",
+    kir.LoopKind.GPU_THREAD: "llvm.nvvm.read.ptx.sreg.tid.x",
+}
 
 
 def _emit(module: ir.Module, kernel: kir.Kernel) -> None:

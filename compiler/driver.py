@@ -13,18 +13,19 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from codegen import cabi, cpu, kir
+from codegen import cabi, cpu
 from compiler.fusion import Group, partition
-from compiler.lowering import KernelCall, c_name, copy_call, lower_group, lowers_element_by_element
-from compiler.memory import ALIGN, InPlace, MemoryPlan, plan_memory
-from compiler.passes import simplify
-from compiler.plan_check import Location, Step
-from compiler.plan_check import check_plan as check_plan_replay
+from compiler.lowering import KernelCall, copy_call, lower_group
+from compiler.memory import MemoryPlan, plan_memory
+from compiler.passes import Pass, simplify
+from compiler.plan_check import Location, Step, check_plan
+from compiler.schedule import Schedule, Storage, in_place_candidates, pack_weights, pins, schedule_kernels
 from ir.errors import UnsupportedError, internal_errors
 from ir.graph import Graph, Value
 from ir.printer import print_graph
@@ -43,7 +44,7 @@ class Lowered:
     groups: list[Group]
     calls: list[KernelCall]
     plan: MemoryPlan
-    program: cabi.Program
+    library: cabi.Library
 
 
 def to_graph(
@@ -58,13 +59,10 @@ def to_graph(
     return import_onnx(model, input_shapes, constant_inputs)  # type: ignore[arg-type]
 
 
-def _writes(group: Group, users: dict[Value, list], outputs: set[Value]) -> list[Value]:
-    """The values a group computes that something outside it reads: it must store them."""
-    return [
-        n.outputs[0]
-        for n in group.nodes
-        if n.outputs[0] in outputs or any(u not in group.nodes for u in users[n.outputs[0]])
-    ]
+def self_checks() -> bool:
+    """Whether the compiler checks itself as it goes (the graph verifier after every pass,
+    the memory plan replayed over its bytes): KILN_CHECKS=1, as the tests set."""
+    return os.environ.get("KILN_CHECKS") == "1"
 
 
 def lower_graph(
@@ -72,131 +70,58 @@ def lower_graph(
     name: str,
     fuse: bool = True,
     gpu_threads: int | None = None,
-    check_plan: bool | None = None,
+    checks: bool | None = None,
+    after_pass: Callable[[Pass, Graph], None] | None = None,
 ) -> Lowered:
-    """Simplify, partition into kernels, plan memory, lower, and describe the library's ABI.
+    """Simplify, partition into kernels, schedule, plan memory, lower, and describe the
+    library's ABI.
 
     `fuse=False` keeps one kernel per op on the same simplified graph. With
     `gpu_threads`, kernels are scheduled for the GPU (one element per parallel
     iteration, bound to blocks of that many threads): the CPU library built from
     them runs the GPU kernels' exact loop structure, which is how they are tested.
-    `check_plan` replays the schedule over the planned bytes (compiler.plan_check);
-    by default it runs when the environment sets KILN_CHECK_PLAN=1, as the tests do."""
+    `checks` (default: self_checks()) verifies the graph after every pass and replays
+    the schedule over the planned bytes (compiler.plan_check). `after_pass` sees the
+    graph each pass leaves."""
+    checks = self_checks() if checks is None else checks
     verify(graph)
     with internal_errors("simplifying the graph"):
-        graph = simplify(graph)
+        graph = simplify(graph, verify_each=checks, after=after_pass)
     with internal_errors("partitioning the graph into kernels"):
         groups = partition(graph, fuse)
-    users, outputs = graph.consumers(), set(graph.outputs)
-    kernels = [g for g in groups if g.kind != "view"]
-    views = [(g.tail, g.nodes[0].inputs[0]) for g in groups if g.kind == "view"]
-
-    schedule: list[list[Value]] = []
-    writes: list[list[Value]] = []
-    in_place: list[InPlace] = []
-    for t, g in enumerate(kernels):
-        produced = g.produced()
-        reads = list(dict.fromkeys(v for n in g.nodes for v in n.inputs if v not in produced))
-        writes.append(_writes(g, users, outputs))
-        schedule.append(reads + writes[-1])
-        # only a one-pass elementwise kernel may write over what it reads: a rows kernel
-        # reads its inputs again after storing (found by the gradient of log(softmax(x)))
-        if lowers_element_by_element(g):
-            full = [x for x in reads if x.type.shape == g.shape]
-            in_place += [InPlace(t, y, [x for x in full if x.type.dtype == y.type.dtype]) for y in writes[-1]]
-
-    # graph outputs: written in place by their kernel, or copied (inputs, params, repeats)
-    slots: list[Value] = []
-    copies: list[tuple[Value, Value]] = []
-    produced_by_kernel = {v for g in kernels for v in g.produced()}
-    for v in graph.outputs:
-        if v in produced_by_kernel and v not in slots:
-            slots.append(v)
-        else:
-            slot = Value(v.name, v.type)
-            slots.append(slot)
-            copies.append((v, slot))
-            schedule.append([v, slot])
-
-    weights, weight_offsets = bytearray(), {}
-    for v, array in graph.params.items():
-        weight_offsets[v] = len(weights)
-        weights += np.ascontiguousarray(array).tobytes()
-        weights += bytes(-len(weights) % ALIGN)
-    pins: dict[Value, cabi.BufferRef] = {v: cabi.BufferRef("input", i) for i, v in enumerate(graph.inputs)}
-    pins.update({v: cabi.BufferRef("weights", o) for v, o in weight_offsets.items()})
-    pins.update({v: cabi.BufferRef("output", j) for j, v in enumerate(slots)})
+        schedule = schedule_kernels(graph, groups)
+        weights, weight_offsets = pack_weights(graph.params)
     with internal_errors("planning memory"):
-        plan = plan_memory(schedule, set(pins), views, in_place, len(weights))
-
-    pinned_classes = {plan.root.get(v, v): ref for v, ref in pins.items()}
-
-    def storage(v: Value) -> cabi.BufferRef:
-        root = plan.root.get(v, v)
-        return pinned_classes.get(root) or cabi.BufferRef("arena", plan.offsets[root])
-
-    buffers: dict[Value, kir.Buffer] = {}
-
-    def buffer_for(v: Value) -> kir.Buffer:
-        root = plan.root.get(v, v)
-        if root not in buffers:
-            buffers[root] = kir.Buffer(c_name(root.name), root.type.dtype, root.type.shape)
-        base = buffers[root]
-        return base if v.type.shape == base.shape else base.view(v.type.shape)
-
-    flat_block = 1 if gpu_threads is not None else 4096
-    calls = [_lower(g, i, writes[i], buffer_for, flat_block) for i, g in enumerate(kernels)]
-    for src, slot in copies:
-        calls.append(copy_call(buffer_for(src), buffer_for(slot), [src, slot], len(calls)))
-    if check_plan if check_plan is not None else os.environ.get("KILN_CHECK_PLAN") == "1":
-        steps = [
-            Step(c.kernel.name, tuple(s[: len(s) - len(w)]), tuple(w), c.element_in_place)
-            for c, s, w in zip(calls, schedule, [*writes, *([slot] for _, slot in copies)])
-        ]
-        spaces = {"arena": plan.arena_bytes, "weights": len(weights)}
-        spaces |= {f"input {i}": v.type.nbytes for i, v in enumerate(graph.inputs)}
-        spaces |= {f"output {j}": v.type.nbytes for j, v in enumerate(slots)}
-
-        def location(v: Value) -> Location:
-            ref = storage(v)
-            if ref.space in ("input", "output"):
-                return Location(f"{ref.space} {ref.index}", 0, v.type.nbytes)
-            return Location(ref.space, ref.index, v.type.nbytes)
-
-        every = {v for step in schedule for v in step} | set(graph.inputs) | set(graph.params)
-        check_plan_replay(
-            steps,
-            {v: location(v) for v in every},
-            spaces,
-            [*graph.inputs, *graph.params],
-            dict(views),
-            slots,
+        pinned = pins(graph, schedule, weight_offsets)
+        plan = plan_memory(
+            schedule.steps(), set(pinned), schedule.views, in_place_candidates(schedule), len(weights)
         )
+    storage = Storage(plan, pinned)
+    flat_block = 1 if gpu_threads is not None else 4096
+    calls = [
+        _lower(g, i, schedule.writes[i], storage.buffer, flat_block) for i, g in enumerate(schedule.kernels)
+    ]
+    for src, slot in schedule.copies:
+        calls.append(copy_call(storage.buffer(src), storage.buffer(slot), [src, slot], len(calls)))
+    if checks:
+        _replay_plan(graph, schedule, storage, calls, len(weights))
     if gpu_threads is not None:
         from codegen.nvptx import bind_gpu
 
         calls = [KernelCall(bind_gpu(c.kernel, gpu_threads), c.values, c.nodes) for c in calls]
-    status = (cabi.BufferRef("status", 0),)
-    launches = [
-        cabi.Launch(
-            f"{name}_{c.kernel.name}",
-            tuple(storage(v) for v in c.values) + (status if c.kernel.checks else ()),
-            c.extent,
-            c.parallel,
-            tuple(f"{_where(c)}: {msg}" for msg in c.kernel.checks),
-        )
-        for c in calls
-    ]
-    spec = lambda v: cabi.TensorSpec(v.name, v.type.dtype, v.type.shape)  # noqa: E731
-    program = cabi.Program(
+    library = cabi.Library(
         name,
-        [spec(v) for v in graph.inputs],
-        [spec(v) for v in graph.outputs],
-        launches,
+        [_spec(v) for v in graph.inputs],
+        [_spec(v) for v in graph.outputs],
+        _launches(name, calls, storage),
         plan.arena_bytes,
-        bytes(weights),
+        weights,
     )
-    return Lowered(graph, groups, calls, plan, program)
+    return Lowered(graph, groups, calls, plan, library)
+
+
+def _spec(v: Value) -> cabi.TensorSpec:
+    return cabi.TensorSpec(v.name, v.type.dtype, v.type.shape)
 
 
 def _lower(group: Group, index: int, writes: list[Value], buffer_for, flat_block: int) -> KernelCall:
@@ -204,6 +129,46 @@ def _lower(group: Group, index: int, writes: list[Value], buffer_for, flat_block
     nodes = ", ".join(f"node {n.name} ({n.op.name})" for n in group.nodes)
     with internal_errors(f"lowering kernel {index} ({nodes})"):
         return lower_group(group, index, writes, buffer_for, flat_block)
+
+
+def _launches(name: str, calls: list[KernelCall], storage: Storage) -> list[cabi.Launch]:
+    """Each kernel's symbol, the storage of its arguments (and the status word, for a
+    kernel with checks), and how it is split across threads."""
+    status = (cabi.BufferRef(cabi.Space.STATUS, 0),)
+    return [
+        cabi.Launch(
+            f"{name}_{c.kernel.name}",
+            tuple(storage.ref(v) for v in c.values) + (status if c.kernel.checks else ()),
+            c.extent,
+            c.parallel,
+            tuple(f"{_where(c)}: {msg}" for msg in c.kernel.checks),
+        )
+        for c in calls
+    ]
+
+
+def _replay_plan(
+    graph: Graph, schedule: Schedule, storage: Storage, calls: list[KernelCall], weights: int
+) -> None:
+    """compiler.plan_check over this program: every value's bytes, every step's reads
+    and writes, and which kernels may write over what they read."""
+    spaces = {"arena": storage.plan.arena_bytes, "weights": weights}
+    spaces |= {f"input {i}": v.type.nbytes for i, v in enumerate(graph.inputs)}
+    spaces |= {f"output {j}": v.type.nbytes for j, v in enumerate(schedule.slots)}
+
+    def location(v: Value) -> Location:
+        ref = storage.ref(v)
+        if ref.space in (cabi.Space.INPUT, cabi.Space.OUTPUT):
+            return Location(f"{ref.space.value} {ref.index}", 0, v.type.nbytes)
+        return Location(ref.space.value, ref.index, v.type.nbytes)
+
+    steps = [
+        Step(c.kernel.name, tuple(reads), tuple(writes), c.element_in_place)
+        for c, (reads, writes) in zip(calls, schedule.step_io())
+    ]
+    every = {v for step in schedule.steps() for v in step} | set(graph.inputs) | set(graph.params)
+    initial = [*graph.inputs, *graph.params]
+    check_plan(steps, {v: location(v) for v in every}, spaces, initial, dict(schedule.views), schedule.slots)
 
 
 def _where(call: KernelCall) -> str:
@@ -247,7 +212,7 @@ def build(
 ) -> Path:
     """Generate, optimize and link the library into dest/NAME.so (+ NAME.h, NAME.ll/.s);
     extra_c / extra_blobs: a wrapper API linked in (see cabi.link)."""
-    name = lowered.program.prefix
+    name = lowered.library.prefix
     with internal_errors(f"generating LLVM code for {name}"):
         module = cpu.build_module([c.kernel for c in lowered.calls], name, cpu_name)
         optimized = cpu.optimize(module, cpu_name)
@@ -258,8 +223,8 @@ def build(
         (dest / f"{name}.s").write_text(cpu.assembly(optimized, cpu_name))
     so = dest / f"{name}.so"
     with tempfile.TemporaryDirectory(prefix="kiln-link-") as work:
-        cabi.link(lowered.program, cpu.object_code(optimized, cpu_name), Path(work), so, extra_c, extra_blobs)
-    (dest / f"{name}.h").write_text(cabi.header_source(lowered.program))
+        cabi.link(lowered.library, cpu.object_code(optimized, cpu_name), Path(work), so, extra_c, extra_blobs)
+    (dest / f"{name}.h").write_text(cabi.header_source(lowered.library))
     return so
 
 

@@ -26,19 +26,27 @@ result must have no reader but the epilogue, which overwrites it in place.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from ir.graph import Graph, Node, Value
 from ir.ops import Fusion
 
-VIEW_OPS = ("reshape", "flatten")
+
+class GroupKind(enum.Enum):
+    """What kind of kernel a group becomes."""
+
+    ELEMENTWISE = "elementwise"  # one loop nest computing every member at each point
+    ANCHORED = "anchored"  # a contraction's or reduction's loops, with a prologue and epilogue
+    ROWS = "rows"  # last-axis reductions and the elementwise ops around them, row by row
+    SINGLE = "single"  # one op's own loops
+    VIEW = "view"  # no kernel: the output is the input's bytes (a reshape)
 
 
 @dataclass(eq=False)
 class Group:
     nodes: list[Node]
-    kind: str  # "elementwise" | "anchored" (contraction/reduction + pro/epilogue) | "rows"
-    #          | "single" | "view"
+    kind: GroupKind
     anchor: Node | None = None
     prologue: list[Node] = field(default_factory=list)
     bits: int = 0  # the nodes, as bits of their graph positions
@@ -47,7 +55,7 @@ class Group:
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape the group's loops run over."""
-        if self.kind == "rows":
+        if self.kind is GroupKind.ROWS:
             return self.row_shape
         node = self.anchor or self.nodes[0]
         return node.outputs[0].type.shape
@@ -62,9 +70,6 @@ class Group:
 
     def produced(self) -> set[Value]:
         return {n.outputs[0] for n in self.nodes}
-
-    def label(self) -> str:
-        return "+".join(n.op.name for n in self.nodes)
 
 
 class _Partitioner:
@@ -81,8 +86,9 @@ class _Partitioner:
             self.ancestors[n.outputs[0]] = bits
         self.group_of: dict[Node, Group] = {}
 
-    def new_group(self, node: Node, kind: str) -> Group:
-        g = Group([node], kind, node if kind == "anchored" else None, bits=1 << self.position[node])
+    def new_group(self, node: Node, kind: GroupKind) -> Group:
+        anchor = node if kind is GroupKind.ANCHORED else None
+        g = Group([node], kind, anchor, bits=1 << self.position[node])
         self.group_of[node] = g
         return g
 
@@ -116,16 +122,16 @@ class _Partitioner:
             g = self._group_producing(v)
             if g is None or g is own or not self.independent(g, own):
                 continue
-            if g.kind == "elementwise" == own.kind and g.shape == own.shape:
+            if g.kind is GroupKind.ELEMENTWISE is own.kind and g.shape == own.shape:
                 self.merge(g, own)
                 own = g
-            elif g.kind == "anchored" and self._epilogue_fits(g, own, node, v):
+            elif g.kind is GroupKind.ANCHORED and self._epilogue_fits(g, own, node, v):
                 self.merge(g, own)
                 own = g
-            elif g.kind == "rows" and self._rows_fit(g, own):
+            elif g.kind is GroupKind.ROWS and self._rows_fit(g, own):
                 self.merge(g, own)
                 own = g
-            elif own.kind == "rows" and g.kind == "elementwise" and self._rows_fit(own, g):
+            elif own.kind is GroupKind.ROWS and g.kind is GroupKind.ELEMENTWISE and self._rows_fit(own, g):
                 self.merge(own, g)
 
     def _epilogue_fits(self, g: Group, own: Group, node: Node, v: Value) -> bool:
@@ -140,9 +146,9 @@ class _Partitioner:
         )
 
     def _rows_fit(self, rows: Group, other: Group) -> bool:
-        if other.kind == "rows":
+        if other.kind is GroupKind.ROWS:
             return other.row_shape == rows.row_shape
-        return other.kind == "elementwise" and all(
+        return other.kind is GroupKind.ELEMENTWISE and all(
             rows.fits_rows(n.outputs[0].type.shape) for n in other.nodes
         )
 
@@ -151,7 +157,7 @@ class _Partitioner:
         own = self.group_of[node]
         g = self._group_producing(node.inputs[0])
         if g is not None and g is not own and self._rows_fit(own, g) and self.independent(g, own):
-            if g.kind == "rows":
+            if g.kind is GroupKind.ROWS:
                 self.merge(g, own)
             else:
                 self.merge(own, g)
@@ -165,7 +171,12 @@ class _Partitioner:
         x = node.inputs[0]
         g = self._group_producing(x)
         own = self.group_of[node]
-        if g is None or g.kind != "elementwise" or g.tail is not x or not self.sole_reader(x, node):
+        if (
+            g is None
+            or g.kind is not GroupKind.ELEMENTWISE
+            or g.tail is not x
+            or not self.sole_reader(x, node)
+        ):
             return
         inside = g.produced()
         if any(u not in g.nodes for v in inside - {x} for u in self.users[v]) or inside & self.outputs:
@@ -180,67 +191,66 @@ class _Partitioner:
         groups: list[Group] = []
         for node in self.graph.nodes:
             out = node.outputs[0]
-            if node.op.name in VIEW_OPS and out not in self.outputs:
-                groups.append(self.new_group(node, "view"))
+            if node.op.view and out not in self.outputs:
+                groups.append(self.new_group(node, GroupKind.VIEW))
                 continue
             fusion = node.op.fusion
             if not fuse:
-                groups.append(self.new_group(node, "single"))
+                groups.append(self.new_group(node, GroupKind.SINGLE))
             elif fusion == Fusion.ELEMENTWISE:
-                groups.append(self.new_group(node, "elementwise"))
+                groups.append(self.new_group(node, GroupKind.ELEMENTWISE))
                 self.try_elementwise(node)
             elif is_row_reduction(node):
-                g = self.new_group(node, "rows")
+                g = self.new_group(node, GroupKind.ROWS)
                 g.row_shape = node.inputs[0].type.shape
                 groups.append(g)
                 self.try_rows(node)
             elif node.op.accepts_epilogue or node.op.accepts_prologue:
-                groups.append(self.new_group(node, "anchored"))
+                groups.append(self.new_group(node, GroupKind.ANCHORED))
                 if node.op.accepts_prologue:
                     self.try_prologue(node)
             else:
-                groups.append(self.new_group(node, "single"))
+                groups.append(self.new_group(node, GroupKind.SINGLE))
         if fuse:
             self.epilogue_groups()
         unique = list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes))
         return _schedule(unique, self.graph)
-
-    def escaping(self, g: Group) -> list[Value]:
-        return [
-            n.outputs[0]
-            for n in g.nodes
-            if n.outputs[0] in self.outputs or any(u not in g.nodes for u in self.users[n.outputs[0]])
-        ]
 
     def epilogue_groups(self) -> None:
         """An elementwise group that alone reads an anchor's result becomes its epilogue,
         even when it reads it twice (GELU: x * (1 + erf(x / sqrt 2)) / 2), provided it
         hands on one value only, its last."""
         for g in list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes)):
-            if g.kind != "anchored" or not g.anchor.op.accepts_epilogue or g.tail in self.outputs:
+            if g.kind is not GroupKind.ANCHORED or not g.anchor.op.accepts_epilogue or g.tail in self.outputs:
                 continue
             readers = {self.group_of[u] for u in self.users[g.tail]}
             if len(readers) != 1:
                 continue
             (e,) = readers
             if (
-                e.kind == "elementwise"
+                e.kind is GroupKind.ELEMENTWISE
                 and e.shape == g.shape
-                and self.escaping(e) == [e.tail]
+                and stored_values(e, self.users, self.outputs) == [e.tail]
                 and all(n.outputs[0].type.dtype == g.tail.type.dtype for n in e.nodes)
                 and self.independent(g, e)
             ):
                 self.merge(g, e)
 
 
-ROW_REDUCTIONS = ("reduce_sum", "reduce_mean", "reduce_max")
+def stored_values(group: Group, users: dict[Value, list[Node]], outputs: set[Value]) -> list[Value]:
+    """The values a group computes that something outside it reads: its kernel stores them."""
+    return [
+        n.outputs[0]
+        for n in group.nodes
+        if n.outputs[0] in outputs or any(u not in group.nodes for u in users[n.outputs[0]])
+    ]
 
 
 def is_row_reduction(node: Node) -> bool:
     """A float reduction over the last axis that keeps it: the seed of a rows group."""
     x = node.inputs[0].type
     return (
-        node.op.name in ROW_REDUCTIONS
+        node.op.row_reduction
         and x.rank >= 1
         and x.shape[-1] > 1  # else a row and its one result have the same shape
         and x.dtype.startswith("float")

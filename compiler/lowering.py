@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from math import prod
 
 from codegen import kir
-from compiler.fusion import ROW_REDUCTIONS, Group
+from compiler.fusion import Group, GroupKind
 from ir.graph import Node, Value
 from ir.ops import Fusion
 
@@ -172,12 +172,6 @@ def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor) -> None
     anchor.op.lower(k, ins, buffer_for(group.tail), epilogue)
 
 
-#: ops cheap enough to recompute in every pass over a row rather than keep
-CHEAP_OPS = frozenset(
-    "add sub mul neg abs relu maximum minimum where clip cast equal less greater leaky_relu".split()
-)
-
-
 def _row_stashes(group: Group, row_nodes: list[Node], writes: list[Value]) -> tuple[dict, list]:
     """Which row values to keep in memory between passes over a row, and where.
 
@@ -197,14 +191,14 @@ def _row_stashes(group: Group, row_nodes: list[Node], writes: list[Value]) -> tu
                 stack.extend(producer[u].inputs)
         return seen
 
-    reductions = [n for n in group.nodes if n.op.name in ROW_REDUCTIONS]
+    reductions = [n for n in group.nodes if n.op.row_reduction]
     row_writes = [v for v in writes if v in producer]
     needs = [closure(n.inputs[0]) for n in reductions] + [set().union(*map(closure, row_writes))]
     stash = {v: v for v in row_writes if any(v in need for need in needs[:-1])}
     free = [w for w in row_writes if w not in stash]
     for v in producer:
         uses = sum(v in need for need in needs)
-        costly = any(producer[u].op.name not in CHEAP_OPS for u in closure(v))
+        costly = any(not producer[u].op.cheap for u in closure(v))
         if v not in stash and v not in row_writes and uses >= 2 and costly:
             owner = next((w for w in free if w.type.dtype == v.type.dtype), None)
             if owner is not None:
@@ -225,7 +219,7 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
     row_nodes = [node for node in group.nodes if node.outputs[0] in over_row]
     stash, needs = _row_stashes(group, row_nodes, writes)
     stored: set[Value] = set()
-    with k.loop(rows, "parallel", "row") as r:
+    with k.loop(rows, kir.LoopKind.PARALLEL, "row") as r:
         per_row: dict[Value, kir.Expr] = {}
         row_point = Point(per_row_shape, flat=r)
 
@@ -246,10 +240,10 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
             out = node.outputs[0]
             if out in over_row:
                 continue  # computed where it is read
-            if node.op.name in ROW_REDUCTIONS:
+            if node.op.row_reduction:
                 x, need = node.inputs[0], needs[reduction_pass]
                 acc = k.local(out.type.dtype, node.op.init(out.type.dtype), "acc")
-                with k.loop(n, "vector", "j") as j:
+                with k.loop(n, kir.LoopKind.VECTOR, "j") as j:
                     k.assign(acc, node.op.combine(acc.ref, row_pass(j, need)[x]), reduction=True)
                 stored |= {v for v in need if v in stash}
                 reduction_pass += 1
@@ -263,7 +257,7 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
                 k.store(buffer_for(v), r, per_row[v])
         row_writes = [v for v in writes if v in over_row and not (stash.get(v) is v and v in stored)]
         if row_writes:
-            with k.loop(n, "vector", "j") as j:
+            with k.loop(n, kir.LoopKind.VECTOR, "j") as j:
                 values = row_pass(j, set())
                 # every value into a local before the first store: a value kept in the
                 # buffer of a written value is read before that buffer takes its own value
@@ -290,7 +284,7 @@ def lower_group(
     k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], flat_block)
     if group.anchor is not None:
         _anchored(k, group, bound)
-    elif group.kind == "rows":
+    elif group.kind is GroupKind.ROWS:
         _rows(k, group, writes, bound)
     elif lowers_element_by_element(group):
         _elementwise(k, group, writes, bound)
@@ -298,13 +292,19 @@ def lower_group(
         (node,) = group.nodes
         node.op.lower(k, [bound(v) for v in node.inputs], bound(node.outputs[0]))
     k.params = list(params.values())
-    return KernelCall(k.finish(), roots, list(group.nodes), lowers_element_by_element(group))
+    return KernelCall(k.finish(), roots, list(group.nodes), writes_in_place(group))
 
 
 def lowers_element_by_element(group: Group) -> bool:
-    """The group becomes one pass that computes each element into locals before it
-    stores (see _elementwise): its outputs may be written over its inputs."""
-    return group.anchor is None and group.kind != "rows" and group.nodes[0].op.fusion == Fusion.ELEMENTWISE
+    """The group becomes one pass that computes each element from the operands'
+    elements at its index, into locals before it stores (see _elementwise)."""
+    single_elementwise = group.kind is GroupKind.SINGLE and group.nodes[0].op.fusion == Fusion.ELEMENTWISE
+    return group.kind is GroupKind.ELEMENTWISE or single_elementwise
+
+
+def writes_in_place(group: Group) -> bool:
+    """The group's outputs may take the bytes of inputs of their shape that die in it."""
+    return lowers_element_by_element(group) and all(n.op.in_place for n in group.nodes)
 
 
 def copy_call(src: kir.Buffer, dst: kir.Buffer, values: list[Value], index: int) -> KernelCall:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from codegen.cabi import ALIGN
 from ir.graph import Value
-
-ALIGN = 64
 
 
 def _align(n: int) -> int:

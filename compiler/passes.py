@@ -1,19 +1,25 @@
 """Graph simplification before fusion. Each pass is Graph → Graph and keeps meaning:
 tests run the interpreter before and after every one.
 
-`simplify` runs them in the order that lets each feed the next: batch norm folds
-into a conv's weights, constants fold (a transposed constant weight becomes a
-stored weight), equal nodes merge, and what no output needs is dropped. Dropout and
-Identity never reach the graph: the ONNX importer removes them as it reads.
+`simplify` runs PIPELINE, in the order that lets each feed the next: batch norm
+folds into a conv's weights, convs become products, constants fold (a transposed
+constant weight becomes a stored weight), equal nodes merge, and what no output
+needs is dropped. Dropout and Identity never reach the graph: the ONNX importer
+removes them as it reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
+from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
 from ir.ops.nn import MATMUL_VECTOR
+from ir.verify import verify
 
 #: constants are folded only up to this many elements, so weights do not balloon
 FOLD_MAX_ELEMENTS = 1 << 24
@@ -211,7 +217,36 @@ def dead_code(graph: Graph) -> Graph:
     return Graph(graph.inputs, graph.outputs, nodes, params, graph.name)
 
 
-def simplify(graph: Graph) -> Graph:
-    for p in (fold_batchnorm, conv_to_gemm, fold_constants, cancel_transposes, merge_common, dead_code):
-        graph = p(graph)
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[Graph], Graph]
+    purpose: str
+
+
+#: the passes in the order that lets each feed the next
+PIPELINE = (
+    Pass("fold_batchnorm", fold_batchnorm, "batch norm after a conv or linear folds into its weights"),
+    Pass("conv_to_gemm", conv_to_gemm, "each conv becomes im2col windows and one product"),
+    Pass("fold_constants", fold_constants, "nodes whose inputs are all constants are evaluated now"),
+    Pass("cancel_transposes", cancel_transposes, "a transpose undone by the next one goes"),
+    Pass("merge_common", merge_common, "equal nodes on equal inputs become one"),
+    Pass("dead_code", dead_code, "nodes and params no output needs are dropped"),
+)
+
+
+def simplify(
+    graph: Graph, verify_each: bool = False, after: Callable[[Pass, Graph], None] | None = None
+) -> Graph:
+    """Run PIPELINE; `verify_each` runs the graph verifier after every pass (the tests do),
+    `after` sees the graph each pass leaves (`kiln inspect --print-after-all`)."""
+    for p in PIPELINE:
+        graph = p.run(graph)
+        if verify_each:
+            try:
+                verify(graph)
+            except GraphError as e:
+                raise InternalCompilerError(f"the graph after pass {p.name} does not verify: {e}") from e
+        if after is not None:
+            after(p, graph)
     return graph

@@ -1,5 +1,5 @@
 """Shared test setup: one compile cache for the whole run (all xdist workers share it), and
-the memory-plan check on for every compile."""
+the compiler's self-checks on for every compile."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 
 # Set before any worker starts, so every process of the run shares compiled kernels.
 os.environ.setdefault("KILN_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"kiln-test-cache-{os.getuid()}"))
-# Every compile in the tests replays its schedule over the planned bytes (compiler.plan_check).
-os.environ["KILN_CHECK_PLAN"] = "1"
+# Every compile in the tests checks itself: the graph verifier after every pass, and the
+# schedule replayed over the planned bytes (compiler.plan_check).
+os.environ["KILN_CHECKS"] = "1"
 
 
 @pytest.fixture

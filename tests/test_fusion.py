@@ -8,14 +8,14 @@ import pytest
 
 from compiler import compile_model
 from compiler.driver import lower_graph
-from compiler.fusion import partition
+from compiler.fusion import GroupKind, partition
 from ir.builder import GraphBuilder
 from ir.interpreter import interpret
 
 
 def groups_of(graph) -> list[str]:
     return [
-        "+".join(n.name for n in g.nodes) + (" (view)" if g.kind == "view" else "") for g in partition(graph)
+        "+".join(n.name for n in g.nodes) + (" (view)" if g.kind is GroupKind.VIEW else "") for g in partition(graph)
     ]
 
 

@@ -95,10 +95,14 @@ class Op:
     accepts_prologue: ClassVar[bool] = False
     #: the output is the input's bytes under another shape: no kernel, shared storage
     view: ClassVar[bool] = False
+    #: each output element is computed from the inputs' elements at its own index, read
+    #: once before it is written: the output may take the bytes of an input of its shape
+    in_place: ClassVar[bool] = False
+    #: a reduction that one pass over a row can run (init, combine, finish): it seeds
+    #: a rows kernel with the elementwise ops around it (a softmax or a layer norm
+    #: written out of primitive ops)
+    row_reduction: ClassVar[bool] = False
     differentiation: ClassVar[Gradient] = Gradient.RULE
-
-    def attrs(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def infer(self, *inputs: TensorType) -> TensorType:
         raise NotImplementedError
@@ -132,6 +136,9 @@ class ElementwiseOp(Op):
     #: the dtypes an input may have; the output has the inputs' dtype unless `result` is set
     accepts: ClassVar[tuple[str, ...]] = ("float32", "float64")
     result: ClassVar[str | None] = None
+    in_place = True
+    #: cheap enough to recompute in every pass over a row rather than keep in memory
+    cheap: ClassVar[bool] = False
 
     def infer(self, *inputs: TensorType) -> TensorType:
         for pos, t in enumerate(inputs):

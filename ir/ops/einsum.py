@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from codegen.kir import Expr, const
+from codegen.kir import Expr, LoopKind, const
 from ir.errors import GraphError
 from ir.graph import Node, Value
 from ir.ops import Fusion, Grads, Op, register
@@ -105,7 +105,7 @@ class Einsum(Op):
             acc = k.local(out.dtype, 0, "sum")
             with ExitStack() as loops:
                 for n, c in enumerate(summed):
-                    kind = "vector" if n == len(summed) - 1 else "serial"
+                    kind = LoopKind.VECTOR if n == len(summed) - 1 else LoopKind.SERIAL
                     at[c] = loops.enter_context(k.loop(sizes[c], kind, c.lower()))
                 product: Expr | None = None
                 for term, buf in zip(terms, ins):

@@ -51,6 +51,7 @@ def _extremum_gradient(b: GraphBuilder, node: Node, g: Value, x_wins: Value) -> 
 
 @register("add", E)
 class Add(Binary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, a, b):
@@ -65,6 +66,7 @@ class Add(Binary):
 
 @register("sub", E)
 class Sub(Binary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, a, b):
@@ -80,6 +82,7 @@ class Sub(Binary):
 
 @register("mul", E)
 class Mul(Binary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, a, b):
@@ -136,6 +139,7 @@ class Pow(Binary):
 
 @register("maximum", E)
 class Maximum(Binary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, a, b):
@@ -150,6 +154,7 @@ class Maximum(Binary):
 
 @register("minimum", E)
 class Minimum(Binary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, a, b):
@@ -164,6 +169,7 @@ class Minimum(Binary):
 
 @register("neg", E)
 class Neg(Unary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, x):
@@ -178,6 +184,7 @@ class Neg(Unary):
 
 @register("abs", E)
 class Abs(Unary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, x):
@@ -301,6 +308,7 @@ class Sigmoid(Unary):
 
 @register("relu", E)
 class Relu(Unary):
+    cheap = True
     accepts = NUMBERS
 
     def reference(self, x):
@@ -315,6 +323,7 @@ class Relu(Unary):
 
 @register("leaky_relu", E)
 class LeakyRelu(Unary):
+    cheap = True
     alpha: float = 0.01
 
     def reference(self, x):
@@ -380,6 +389,7 @@ class Gelu(Unary):
 
 @register("clip", E)
 class Clip(Unary):
+    cheap = True
     min: float = -math.inf
     max: float = math.inf
 
@@ -418,22 +428,26 @@ class Comparison(Binary):
 
 @register("equal", E)
 class Equal(Comparison):
+    cheap = True
     accepts = NUMBERS + ("bool",)
     predicate = "eq"
 
 
 @register("less", E)
 class Less(Comparison):
+    cheap = True
     predicate = "lt"
 
 
 @register("greater", E)
 class Greater(Comparison):
+    cheap = True
     predicate = "gt"
 
 
 @register("where", E)
 class Where(ElementwiseOp):
+    cheap = True
     arity = (3, 3)
 
     def infer(self, cond: TensorType, a: TensorType, b: TensorType) -> TensorType:
@@ -461,6 +475,7 @@ class Where(ElementwiseOp):
 
 @register("cast", E)
 class CastOp(Unary):
+    cheap = True
     differentiation = Gradient.ZERO  # casts to and from floats carry no gradient in Kiln
     to: str = "float32"
 

@@ -13,6 +13,7 @@ from codegen.kir import (
     Expr,
     ExprBuilder,
     KernelBuilder,
+    LoopKind,
     cast,
     const,
     guarded_load,
@@ -121,15 +122,15 @@ def lower_matmul(
     groups_per_matrix = blocks_per_matrix // group
     shape = out_shape or out.shape
     col_axes = _trailing_axes(shape, n)
-    with k.loop(prod(batch) * groups_per_matrix, "parallel", "rows") as grp:
+    with k.loop(prod(batch) * groups_per_matrix, LoopKind.PARALLEL, "rows") as grp:
         p = grp // groups_per_matrix
         b_mat = _batch_offset(p, batch, b_batch, kk * n)
         a_mat = _batch_offset(p, batch, a_batch, m * kk)
 
         def tile(first_col: Expr, cols: int) -> None:
             """out[rows, first_col : first_col + cols] of every block in the group, over all of k."""
-            kind = "vector" if cols % MATMUL_VECTOR == 0 else "vector_masked"
-            with k.loop(group, "serial", "block") as q:
+            kind = LoopKind.VECTOR if cols % MATMUL_VECTOR == 0 else LoopKind.VECTOR_MASKED
+            with k.loop(group, LoopKind.SERIAL, "block") as q:
                 blk = grp * group + q  # the block's index among all (batch x m / R) blocks
                 mi = (grp % groups_per_matrix * group + q) * rows_per_block
                 a_rows = [a_mat + (mi + i) * kk for i in range(rows_per_block)]
@@ -163,13 +164,13 @@ def lower_matmul(
                 if rest == 0:
                     full, rest = full - 1, unroll
                 if full:
-                    with k.loop(full, "serial", "k") as step:
+                    with k.loop(full, LoopKind.SERIAL, "k") as step:
                         sweep(step * unroll, unroll, False)
                 sweep(const(full * unroll, "int64"), rest, True)
 
         tiles, tail = divmod(n, MATMUL_COL_TILE)
         if tiles:
-            with k.loop(tiles, "serial", "cols") as t:
+            with k.loop(tiles, LoopKind.SERIAL, "cols") as t:
                 tile(t * MATMUL_COL_TILE, MATMUL_COL_TILE)
         if tiles and tail:
             # one more whole tile, ending at the last column: it computes a few columns
@@ -387,12 +388,12 @@ class Conv2d(Op):
         _, _, oh, ow = out.shape
         (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
         per_group = o // self.groups
-        with k.loop(n * o, "parallel", "no") as p:
+        with k.loop(n * o, LoopKind.PARALLEL, "no") as p:
             ni, oi = p // o, p % o
-            with k.loop(oh * ow, "vector", "s") as s:
+            with k.loop(oh * ow, LoopKind.VECTOR, "s") as s:
                 init = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
                 k.store(out, p * (oh * ow) + s, init)
-            with k.loop(cg, "serial", "c") as ci:
+            with k.loop(cg, LoopKind.SERIAL, "c") as ci:
                 channel = (ni * c + oi // per_group * cg + ci) * (h * wd)
                 for i in range(kh):
                     oh_lo, oh_hi = _valid_range(i * dh, sh, pt, h, oh)
@@ -401,15 +402,15 @@ class Conv2d(Op):
                         if oh_lo >= oh_hi or ow_lo >= ow_hi:
                             continue
                         tap = w.load_flat(((oi * cg + ci) * kh + i) * kw + j)
-                        with k.loop(oh_hi - oh_lo, "serial", "y") as y:
+                        with k.loop(oh_hi - oh_lo, LoopKind.SERIAL, "y") as y:
                             row_out = p * (oh * ow) + (y + oh_lo) * ow
                             row_in = channel + ((y + oh_lo) * sh + i * dh - pt) * wd
-                            with k.loop(ow_hi - ow_lo, "vector", "x") as xx:
+                            with k.loop(ow_hi - ow_lo, LoopKind.VECTOR, "x") as xx:
                                 at = row_out + ow_lo + xx
                                 src = x.load_flat(row_in + (xx + ow_lo) * sw + j * dw - pl)
                                 k.store(out, at, muladd(tap, src, out.load_flat(at)))
             if epilogue is not None:  # one more pass over the plane, while it is in L1
-                with k.loop(oh * ow, "vector", "s") as s:
+                with k.loop(oh * ow, LoopKind.VECTOR, "s") as s:
                     at = p * (oh * ow) + s
                     k.store(out, at, epilogue(out.load_flat(at), at, None))
 
@@ -529,20 +530,20 @@ class ConvTranspose2d(Op):
         _, o, oh, ow = out.shape
         (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
         cg = c // self.groups
-        with k.loop(n * o * oh, "parallel", "row") as r:
+        with k.loop(n * o * oh, LoopKind.PARALLEL, "row") as r:
             img, oc, y = r // (o * oh), r // oh % o, r % oh
             group, oc_in_group = oc // og, oc % og
-            with k.loop(ow, "vector", "j") as j:
+            with k.loop(ow, LoopKind.VECTOR, "j") as j:
                 k.store(out, [img, oc, y, j], bias[oc] if bias is not None else const(0.0, out.dtype))
-            with k.loop(cg, "serial", "ic") as ic:
+            with k.loop(cg, LoopKind.SERIAL, "ic") as ic:
                 channel = group * cg + ic
-                with k.loop(kh, "serial", "ki") as ki:
+                with k.loop(kh, LoopKind.SERIAL, "ki") as ki:
                     top = y + pt - ki * dh
                     iy = top // sh
                     row_ok = logical_and(logical_and(top.ge(0), (top % sh).eq(0)), iy.lt(h))
-                    with k.loop(kw, "serial", "kj") as kj:
+                    with k.loop(kw, LoopKind.SERIAL, "kj") as kj:
                         weight = w[[channel, oc_in_group, ki, kj]]
-                        with k.loop(ow, "vector", "j") as j:
+                        with k.loop(ow, LoopKind.VECTOR, "j") as j:
                             left = j + pl - kj * dw
                             ix = left // sw
                             ok = logical_and(
@@ -614,15 +615,15 @@ class Im2Col(Op):
         kh, kw = self.kernel
         (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
         ranges = _im2col_ranges(self, x.shape, (oh, ow))
-        with k.loop(n * c, "parallel", "plane") as p:
+        with k.loop(n * c, LoopKind.PARALLEL, "plane") as p:
             for (i, j), ((y0, y1), (x0, x1)) in ranges.items():
                 dst = (p * (kh * kw) + i * kw + j) * (oh * ow)
                 if (y0, y1, x0, x1) != (0, oh, 0, ow):
-                    with k.loop(oh * ow, "vector", "z") as z:
+                    with k.loop(oh * ow, LoopKind.VECTOR, "z") as z:
                         k.store(out, dst + z, k_const(out, 0.0))
-                with k.loop(y1 - y0, "serial", "y") as y:
+                with k.loop(y1 - y0, LoopKind.SERIAL, "y") as y:
                     src_row = p * (h * wd) + ((y + y0) * sh + i * dh - pt) * wd
-                    with k.loop(x1 - x0, "vector", "x") as xx:
+                    with k.loop(x1 - x0, LoopKind.VECTOR, "x") as xx:
                         src = x.load_flat(src_row + (xx + x0) * sw + j * dw - pl)
                         k.store(out, dst + (y + y0) * ow + x0 + xx, src)
 
@@ -675,16 +676,16 @@ class Col2Im(Op):
         kh, kw = self.kernel
         (sh, sw), (dh, dw), (pt, pl, _, _) = self.strides, self.dilations, self.pads
         ranges = _im2col_ranges(self._im2col(), self.input_shape, (oh, ow))
-        with k.loop(out.numel // w, "parallel", "row") as r:
+        with k.loop(out.numel // w, LoopKind.PARALLEL, "row") as r:
             plane, y = r // h, r % h
-            with k.loop(w, "vector", "x") as x:
+            with k.loop(w, LoopKind.VECTOR, "x") as x:
                 k.store(out, r * w + x, k_const(out, 0.0))
             for (i, j), ((y0, y1), (x0, x1)) in ranges.items():
                 top = y + (pt - i * dh)
                 oy = top // sh
                 with k.when(logical_and((top % sh).eq(0), logical_and(oy.ge(y0), oy.lt(y1)))):
                     tap = (plane * (kh * kw) + i * kw + j) * (oh * ow) + oy * ow
-                    with k.loop(x1 - x0, "vector", "ox") as q:
+                    with k.loop(x1 - x0, LoopKind.VECTOR, "ox") as q:
                         at = r * w + (q + x0) * sw + (j * dw - pl)
                         k.store(out, at, out.load_flat(at) + cols.load_flat(tap + q + x0))
 
@@ -774,9 +775,9 @@ class Pool2d(Op):
         n, c, h, w = x.shape
         _, _, oh, ow = out.shape
         (kh, kw), (sh, sw), (dh, dw), (pt, pl, _, _) = (self.kernel, self.strides, self.dilations, self.pads)
-        with k.loop(n * c * oh, "parallel", "row") as r:
+        with k.loop(n * c * oh, LoopKind.PARALLEL, "row") as r:
             plane, y = r // oh, r % oh
-            with k.loop(ow, "vector", "x") as xx:
+            with k.loop(ow, LoopKind.VECTOR, "x") as xx:
                 taps = []
                 for i in range(kh):
                     for j in range(kw):
@@ -891,9 +892,9 @@ class MaxPool2dBackward(Op):
     def lower(self, k, ins, out, epilogue=None):
         indices, g = ins
         n, c, h, w = self.input_shape
-        with k.loop(n * c * h, "parallel", "row") as r:
+        with k.loop(n * c * h, LoopKind.PARALLEL, "row") as r:
             plane, y = r // h, r % h
-            with k.loop(w, "vector", "x") as x:
+            with k.loop(w, LoopKind.VECTOR, "x") as x:
                 total = k_const(out, 0.0)
                 flat = r * w + x
                 for wy, wx, ok in _covering_windows(y, x, self.kernel, self.strides, self.pads, g.shape[2:]):
@@ -964,11 +965,11 @@ class MaxPool2dTiledBackward(Op):
         _, _, oh, ow = g.shape
         kh, kw = self.kernel
         zero = k_const(out, 0.0)
-        with k.loop(g.numel // ow, "parallel", "rows") as r:  # one row of windows: kh rows of x
+        with k.loop(g.numel // ow, LoopKind.PARALLEL, "rows") as r:  # one row of windows: kh rows of x
             first_row = r // oh * (h * w) + r % oh * kh * w
             # serial: over windows the taps are kw apart, and LLVM vectorizes that with gathers
             # and scatters, measured 2-3x slower than this scalar loop (which runs at memory speed)
-            with k.loop(ow, "serial", "x") as ox:
+            with k.loop(ow, LoopKind.SERIAL, "x") as ox:
                 best, where = k_const(x, -np.inf), const(0, "int32")
                 for t in range(kh * kw):
                     v = x.load_flat(first_row + t // kw * w + ox * kw + t % kw)
@@ -979,11 +980,11 @@ class MaxPool2dTiledBackward(Op):
                     k.store(out, first_row + t // kw * w + ox * kw + t % kw, select(where.eq(t), gv, zero))
             if w > ow * kw:  # columns no window covers
                 for i in range(kh):
-                    with k.loop(w - ow * kw, "serial", "rest") as xx:
+                    with k.loop(w - ow * kw, LoopKind.SERIAL, "rest") as xx:
                         k.store(out, first_row + i * w + ow * kw + xx, zero)
             if h > oh * kh:  # rows no window covers, after each plane's last row of windows
                 with k.when((r % oh).eq(oh - 1)):
-                    with k.loop((h - oh * kh) * w, "serial", "rest") as e:
+                    with k.loop((h - oh * kh) * w, LoopKind.SERIAL, "rest") as e:
                         k.store(out, first_row + kh * w + e, zero)
 
 
@@ -1030,9 +1031,9 @@ class AvgPool2dBackward(Op):
     def lower(self, k, ins, out, epilogue=None):
         (g,) = ins
         n, c, h, w = self.input_shape
-        with k.loop(n * c * h, "parallel", "row") as r:
+        with k.loop(n * c * h, LoopKind.PARALLEL, "row") as r:
             plane, y = r // h, r % h
-            with k.loop(w, "vector", "x") as x:
+            with k.loop(w, LoopKind.VECTOR, "x") as x:
                 total = k_const(out, 0.0)
                 for wy, wx, ok in _covering_windows(y, x, self.kernel, self.strides, self.pads, g.shape[2:]):
                     count = self._count(wy, wx, h, w)  # ≥ 1 where ok; never divide by 0 elsewhere
@@ -1120,9 +1121,9 @@ class GlobalAvgPool2d(Op):
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         n, c, h, w = x.shape
-        with k.loop(n * c, "parallel", "plane") as p:
+        with k.loop(n * c, LoopKind.PARALLEL, "plane") as p:
             acc = k.local(x.dtype, 0.0)
-            with k.loop(h * w, "vector", "s") as s:
+            with k.loop(h * w, LoopKind.VECTOR, "s") as s:
                 k.assign(acc, acc.ref + x.load_flat(p * (h * w) + s), reduction=True)
             k.store(out, p, acc.ref / float(h * w))
 
@@ -1158,10 +1159,10 @@ class BatchNorm(Op):
         x, scale, bias, mean, var = ins
         c = x.shape[1]
         inner = prod(x.shape[2:])
-        with k.loop(x.shape[0] * c, "parallel", "plane") as p:
+        with k.loop(x.shape[0] * c, LoopKind.PARALLEL, "plane") as p:
             ch = p % c
             inv = scale.load_flat(ch) / e.sqrt(var.load_flat(ch) + self.epsilon)
-            with k.loop(inner, "vector", "s") as s:
+            with k.loop(inner, LoopKind.VECTOR, "s") as s:
                 at = p * inner + s
                 k.store(out, at, (x.load_flat(at) - mean.load_flat(ch)) * inv + bias.load_flat(ch))
 

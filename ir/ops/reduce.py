@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from codegen.kir import Expr, KernelBuilder, const, logical_and, logical_or, maximum, minimum, select
+from codegen.kir import (
+    Expr,
+    KernelBuilder,
+    LoopKind,
+    const,
+    logical_and,
+    logical_or,
+    maximum,
+    minimum,
+    select,
+)
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.graph import Node, Value
@@ -69,7 +79,7 @@ class Reduce(Op):
             acc = k.local(x.dtype, self.init(x.dtype))
             with ExitStack() as loops:
                 for a in axes:
-                    kind = "vector" if a == axes[-1] else "serial"
+                    kind = LoopKind.VECTOR if a == axes[-1] else LoopKind.SERIAL
                     offset = loops.enter_context(k.loop(x.shape[a], kind, "red")) * strides[a] + offset
                 k.assign(acc, self.combine(acc.ref, x.load_flat(offset)), reduction=True)
             result = self.finish(acc.ref, prod(x.shape[a] for a in axes))
@@ -86,6 +96,8 @@ class Reduce(Op):
 
 @register("reduce_sum", Fusion.REDUCTION)
 class ReduceSum(Reduce):
+    row_reduction = True
+
     def reference(self, x):
         return np.sum(x, axis=self._axes(x.ndim), keepdims=self.keepdims, dtype=x.dtype)
 
@@ -99,6 +111,7 @@ class ReduceSum(Reduce):
 
 @register("reduce_mean", Fusion.REDUCTION)
 class ReduceMean(Reduce):
+    row_reduction = True
     accepts = ("float32", "float64")
 
     def reference(self, x):
@@ -129,6 +142,7 @@ class ReduceExtremum(Reduce):
 
 @register("reduce_max", Fusion.REDUCTION)
 class ReduceMax(ReduceExtremum):
+    row_reduction = True
     accepts = (*Reduce.accepts, "bool")  # bool: any
 
     def reference(self, x):
@@ -208,11 +222,11 @@ class ArgReduce(Op):
         x = ins[0]
         a = normalize_axis("arg_reduce", self.axis, len(x.shape))
         outer, n, inner = _split(x.shape, a)
-        with k.loop(outer * inner, "parallel", "r") as r:
+        with k.loop(outer * inner, LoopKind.PARALLEL, "r") as r:
             base = r // inner * (n * inner) + r % inner
             best = k.local(x.dtype, x.load_flat(base), "best")
             where = k.local("int64", 0, "at")
-            with k.loop(n, "serial", "j") as j:
+            with k.loop(n, LoopKind.SERIAL, "j") as j:
                 v = x.load_flat(base + j * inner)
                 if x.dtype.startswith("float"):
                     wins = v.ge(best.ref) if self.select_last_index else v.gt(best.ref)
@@ -264,13 +278,13 @@ class TopK(Op):
         x = ins[0]
         a = normalize_axis("topk", self.axis, len(x.shape))
         outer, n, inner = _split(x.shape, a)
-        with k.loop(outer * inner, "parallel", "r") as r:
+        with k.loop(outer * inner, LoopKind.PARALLEL, "r") as r:
             base = r // inner * (n * inner) + r % inner
             out_base = r // inner * (self.k * inner) + r % inner
-            with k.loop(n, "serial", "j") as j:
+            with k.loop(n, LoopKind.SERIAL, "j") as j:
                 v = k.local(x.dtype, x.load_flat(base + j * inner), "v")
                 rank = k.local("int64", 0, "rank")
-                with k.loop(n, "vector", "m") as m:
+                with k.loop(n, LoopKind.VECTOR, "m") as m:
                     other = x.load_flat(base + m * inner)
                     ahead = other.gt(v.ref) if self.largest else other.lt(v.ref)
                     before = logical_or(ahead, logical_and(other.eq(v.ref), m.lt(j)))
@@ -301,10 +315,10 @@ class AxisSoftmax(Op):
     def _max_and_sum(self, k: KernelBuilder, x, out, n: int, at) -> tuple[Expr, Expr]:
         """Row max, then sum of exp(x - max), writing exp(x - max) to out on the way."""
         m = k.local(x.dtype, -np.inf, "max")
-        with k.loop(n, "vector", "j") as j:
+        with k.loop(n, LoopKind.VECTOR, "j") as j:
             k.assign(m, maximum(m.ref, x.load_flat(at(j))), reduction=True)
         s = k.local(x.dtype, 0.0, "sum")
-        with k.loop(n, "vector", "j") as j:
+        with k.loop(n, LoopKind.VECTOR, "j") as j:
             ex = k.local(x.dtype, e.exp(x.load_flat(at(j)) - m.ref), "exp")
             if self.stores_exp:
                 k.store(out, at(j), ex.ref)
@@ -314,7 +328,7 @@ class AxisSoftmax(Op):
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         outer, n, inner = _split(x.shape, normalize_axis(self.name, self.axis, len(x.shape)))
-        with k.loop(outer * inner, "parallel", "row") as r:
+        with k.loop(outer * inner, LoopKind.PARALLEL, "row") as r:
             base = r // inner * (n * inner) + r % inner
 
             def at(j, base=base):
@@ -334,7 +348,7 @@ class Softmax(AxisSoftmax):
 
     def normalize(self, k, x, out, n, at, m, s, epilogue):
         inv = 1.0 / s
-        with k.loop(n, "vector", "j") as j:
+        with k.loop(n, LoopKind.VECTOR, "j") as j:
             k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j), None))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
@@ -354,7 +368,7 @@ class LogSoftmax(AxisSoftmax):
 
     def normalize(self, k, x, out, n, at, m, s, epilogue):
         lse = m + e.log(s)
-        with k.loop(n, "vector", "j") as j:
+        with k.loop(n, LoopKind.VECTOR, "j") as j:
             k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j), None))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
@@ -393,17 +407,17 @@ class LayerNorm(Op):
         x, scale = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         outer, n, _ = _split(x.shape, normalize_axis("layer_norm", self.axis, len(x.shape)), len(x.shape))
-        with k.loop(outer, "parallel", "row") as r:
+        with k.loop(outer, LoopKind.PARALLEL, "row") as r:
             s = k.local(x.dtype, 0.0, "sum")
-            with k.loop(n, "vector", "j") as j:
+            with k.loop(n, LoopKind.VECTOR, "j") as j:
                 k.assign(s, s.ref + x.load_flat(r * n + j), reduction=True)
             mean = k.local(x.dtype, s.ref / float(n), "mean")
             v = k.local(x.dtype, 0.0, "var")
-            with k.loop(n, "vector", "j") as j:
+            with k.loop(n, LoopKind.VECTOR, "j") as j:
                 d = x.load_flat(r * n + j) - mean.ref
                 k.assign(v, v.ref + d * d, reduction=True)
             rstd = k.local(x.dtype, 1.0 / e.sqrt(v.ref / float(n) + self.epsilon), "rstd")
-            with k.loop(n, "vector", "j") as j:
+            with k.loop(n, LoopKind.VECTOR, "j") as j:
                 y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
                 y = y + bias.load_flat(j) if bias is not None else y
                 k.store(out, r * n + j, epilogue(y, r * n + j, None) if epilogue is not None else y)

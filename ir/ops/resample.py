@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from codegen.kir import Expr, const, logical_and, maximum, select
+from codegen.kir import Expr, LoopKind, const, logical_and, maximum, select
 from ir.errors import GraphError
 from ir.graph import Node, Value
 from ir.ops import Fusion, Grads, Op, normalize_axis, register
@@ -73,7 +73,11 @@ class Resample(Op):
             with ExitStack() as loops:
                 for a, indices, weights in zip(axes, tables[::2], tables[1::2]):
                     taps = indices.shape[1]
-                    t = loops.enter_context(k.loop(taps, "serial", "t")) if taps > 1 else const(0, "int64")
+                    t = (
+                        loops.enter_context(k.loop(taps, LoopKind.SERIAL, "t"))
+                        if taps > 1
+                        else const(0, "int64")
+                    )
                     source[a] = maximum(indices[[idx[a], t]], 0)
                     w = weights[[idx[a], t]]
                     weight = w if weight is None else weight * w

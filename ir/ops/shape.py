@@ -11,6 +11,7 @@ from codegen.kir import (
     Buffer,
     Expr,
     KernelBuilder,
+    LoopKind,
     cast,
     const,
     guarded_load,
@@ -362,10 +363,10 @@ class GatherBackward(Op):
         indices, g = ins
         rows, inner = self.shape[0], prod(self.shape[1:])
         count = indices.numel
-        with k.loop(rows, "parallel", "row") as r:
-            with k.loop(inner, "vector", "j") as j:
+        with k.loop(rows, LoopKind.PARALLEL, "row") as r:
+            with k.loop(inner, LoopKind.VECTOR, "j") as j:
                 acc = k.local(out.dtype, 0.0, "acc")
-                with k.loop(count, "serial", "p") as p:
+                with k.loop(count, LoopKind.SERIAL, "p") as p:
                     raw = cast(indices.load_flat(p), "int64")
                     hit = select(raw.lt(0), raw + rows, raw).eq(r)
                     k.assign(acc, acc.ref + select(hit, g.load_flat(p * inner + j), const(0.0, out.dtype)))
@@ -414,7 +415,7 @@ class GatherElementsBackward(Op):
                 if n != a and size < self.shape[n]:
                     inside = i.lt(size) if inside is None else logical_and(inside, i.lt(size))
             acc = k.local(out.dtype, 0.0, "acc")
-            with k.loop(count, "serial", "p") as p:
+            with k.loop(count, LoopKind.SERIAL, "p") as p:
                 at = [p if n == a else i for n, i in enumerate(idx)]
                 raw = cast(indices[at] if inside is None else guarded_load(indices, at, inside, 0), "int64")
                 hit = select(raw.lt(0), raw + d, raw).eq(idx[a])
@@ -544,10 +545,10 @@ class CumSum(Op):
         a = normalize_axis("cumsum", self.axis, len(x.shape))
         outer, n, inner = prod(x.shape[:a]), x.shape[a], prod(x.shape[a + 1 :])
         zero = const(0.0 if x.dtype.startswith("float") else 0, x.dtype)
-        with k.loop(outer * inner, "parallel", "line") as r:
+        with k.loop(outer * inner, LoopKind.PARALLEL, "line") as r:
             base = r // inner * (n * inner) + r % inner
             acc = k.local(x.dtype, zero, "sum")
-            with k.loop(n, "serial", "j") as j:
+            with k.loop(n, LoopKind.SERIAL, "j") as j:
                 at = base + ((n - 1) - j if self.reverse else j) * inner
                 v = x.load_flat(at)
                 if self.exclusive:
