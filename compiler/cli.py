@@ -109,10 +109,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from compiler.driver import lower_graph, to_graph
+    from compiler.passes import Pass
     from compiler.report import dot_source, kernels_table, memory_table, render_dot
+    from ir.graph import Graph
 
     graph = to_graph(args.model, dict(args.input_shape or []))
-    lowered = lower_graph(graph, args.name, fuse=not args.no_fuse)
+    after_pass = None
+    if args.print_after_all:
+        print(f"// as imported\n{graph}\n")
+
+        def after_pass(p: Pass, g: Graph) -> None:
+            print(f"// after {p.name}: {p.purpose}\n{g}\n")
+
+    lowered = lower_graph(graph, args.name, fuse=not args.no_fuse, after_pass=after_pass)
     print(lowered.graph)
     print()
     print(kernels_table(lowered, with_ir=args.kernels))
@@ -215,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--memory", action="store_true", help="print the memory plan, buffer by buffer")
     i.add_argument("--dot", metavar="FILE", help="write the fused graph for Graphviz (kernels as clusters)")
     i.add_argument("--no-fuse", action="store_true", help="show the unfused program (one kernel per op)")
+    i.add_argument(
+        "--print-after-all", action="store_true", help="print the graph as imported and after every pass"
+    )
     i.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")
     i.set_defaults(func=_inspect)
 

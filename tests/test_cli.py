@@ -62,6 +62,18 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     assert "17 kernels (17 ops):" in unfused
 
 
+def test_inspect_prints_the_graph_after_every_pass():
+    from compiler.passes import PIPELINE
+
+    text = kiln("inspect", str(MNIST_CNN_PATH), "--print-after-all").stdout
+    headings = [line for line in text.splitlines() if line.startswith("// ")]
+    assert headings == ["// as imported"] + [f"// after {p.name}: {p.purpose}" for p in PIPELINE]
+    imported = text.split("// after fold_batchnorm")[0]
+    after_gemm = text.split("// after conv_to_gemm")[1].split("// after fold_constants")[0]
+    assert "conv2d(" in imported and "im2col(" not in imported
+    assert "im2col(" in after_gemm and "conv2d_gemm(" in after_gemm
+
+
 def test_demo_runs_python_and_c():
     result = kiln("demo")
     assert result.returncode == 0, result.stdout + result.stderr

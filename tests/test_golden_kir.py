@@ -1,0 +1,93 @@
+"""Golden kernel-IR tests: the full printed kernels of three small graphs, written out
+as expected text. A change to fusion, lowering or the kernel IR that alters them shows
+as a diff of the loop nests; if the new text is right, update it here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from codegen.kir_print import kernel_text
+from compiler.driver import lower_graph
+from ir.builder import GraphBuilder
+
+
+def _kernels(graph) -> str:
+    return "\n".join(kernel_text(c.kernel) for c in lower_graph(graph, graph.name).calls) + "\n"
+
+
+EXPECTED_ELEMENTWISE_CHAIN = """\
+kernel k0_mul_add_relu_exp(float32[4,33] x, float32[33] y, float32[4,33] exp):
+  for r0 in parallel(0, 4):
+    for j1 in vector(0, 33):
+      float32 v2 = x[((r0 * 33) + j1)]
+      float32 v3 = (v2 * v2)
+      float32 v4 = y[j1]
+      float32 v5 = (v3 + v4)
+      float32 v6 = max(v5, 0.0f)
+      float32 v7 = exp(v6)
+      exp[((r0 * 33) + j1)] = v7
+"""
+
+
+def test_elementwise_chain_is_one_loop_nest_computing_into_locals():
+    """x*x + y (y broadcast over rows), relu, exp: one kernel; every value a local
+    before the one store."""
+    b = GraphBuilder("chain")
+    x, y = b.input("x", (4, 33)), b.input("y", (33,))
+    assert _kernels(b.build(b.exp(b.relu(b.add(b.mul(x, x), y))))) == EXPECTED_ELEMENTWISE_CHAIN
+
+
+EXPECTED_SOFTMAX_ROWS = """\
+kernel k0_reduce_max_sub_exp_reduce_sum_div(float32[8,100] x, float32[8,100] div):
+  for row0 in parallel(0, 8):
+    float32 acc1 = -inff
+    for j2 in vector(0, 100):
+      acc1 = max(acc1, x[((row0 * 100) + j2)])
+    float32 row3 = acc1
+    float32 acc4 = 0.0f
+    for j5 in vector(0, 100):
+      float32 kept6 = exp((x[((row0 * 100) + j5)] - row3))
+      div[((row0 * 100) + j5)] = kept6
+      acc4 = (acc4 + kept6)
+    float32 row7 = acc4
+    for j8 in vector(0, 100):
+      float32 out9 = (div[((row0 * 100) + j8)] / row7)
+      div[((row0 * 100) + j8)] = out9
+"""
+
+
+def test_softmax_from_primitives_is_one_rows_kernel():
+    """max, x - max, exp, sum, divide: one pass per reduction over each row, exp kept in
+    the output between passes, and the last pass reading it into a local before storing."""
+    b = GraphBuilder("softmax")
+    x = b.input("x", (8, 100))
+    e = b.exp(b.sub(x, b.reduce_max(x, axes=(-1,), keepdims=True)))
+    assert _kernels(b.build(b.div(e, b.reduce_sum(e, axes=(-1,), keepdims=True)))) == EXPECTED_SOFTMAX_ROWS
+
+
+EXPECTED_DENSE_RELU = """\
+kernel k0_linear_relu(float32[4,2] x, float32[2,16] w, float32[16] bias, float32[4,16] relu):
+  for rows0 in parallel(0, 1):
+    for block1 in serial(0, 1):
+      for n2 in vector(0, 16):
+        relu[((((rows0 + block1) * 4) * 16) + n2)] = bias[n2]
+        relu[(((((rows0 + block1) * 4) + 1) * 16) + n2)] = bias[n2]
+        relu[(((((rows0 + block1) * 4) + 2) * 16) + n2)] = bias[n2]
+        relu[(((((rows0 + block1) * 4) + 3) * 16) + n2)] = bias[n2]
+      for n3 in vector(0, 16):
+        relu[((((rows0 + block1) * 4) * 16) + n3)] = max(muladd(x[(((block1 * 4) * 2) + 1)], w[(16 + n3)], muladd(x[((block1 * 4) * 2)], w[n3], relu[((((rows0 + block1) * 4) * 16) + n3)])), 0.0f)
+        relu[(((((rows0 + block1) * 4) + 1) * 16) + n3)] = max(muladd(x[((((block1 * 4) + 1) * 2) + 1)], w[(16 + n3)], muladd(x[(((block1 * 4) + 1) * 2)], w[n3], relu[(((((rows0 + block1) * 4) + 1) * 16) + n3)])), 0.0f)
+        relu[(((((rows0 + block1) * 4) + 2) * 16) + n3)] = max(muladd(x[((((block1 * 4) + 2) * 2) + 1)], w[(16 + n3)], muladd(x[(((block1 * 4) + 2) * 2)], w[n3], relu[(((((rows0 + block1) * 4) + 2) * 16) + n3)])), 0.0f)
+        relu[(((((rows0 + block1) * 4) + 3) * 16) + n3)] = max(muladd(x[((((block1 * 4) + 3) * 2) + 1)], w[(16 + n3)], muladd(x[(((block1 * 4) + 3) * 2)], w[n3], relu[(((((rows0 + block1) * 4) + 3) * 16) + n3)])), 0.0f)
+"""
+
+
+def test_linear_with_relu_epilogue():
+    """The bias starts each tile of 4 rows, the k sweep accumulates with muladd, and the
+    relu is applied to the finished sums in the last sweep, before they are stored."""
+    rng = np.random.default_rng(0)
+    b = GraphBuilder("dense")
+    x = b.input("x", (4, 2))
+    w = b.param("w", rng.standard_normal((2, 16)).astype(np.float32))
+    bias = b.param("bias", rng.standard_normal(16).astype(np.float32))
+    assert _kernels(b.build(b.relu(b.linear(x, w, bias)))) == EXPECTED_DENSE_RELU
