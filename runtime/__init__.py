@@ -134,7 +134,9 @@ class CompiledModel:
         return out
 
     # ------------------------------------------------------------------ calling
-    def _arrange(self, args: Sequence[object], kwargs: dict[str, object], copy: bool = True) -> list[np.ndarray]:
+    def _arrange(
+        self, args: Sequence[object], kwargs: dict[str, object], copy: bool = True
+    ) -> list[np.ndarray]:
         """The inputs in the library's order, each checked against its metadata. A
         non-contiguous (or misaligned) array is copied when `copy`, as onnxruntime does;
         a wrong dtype, shape or count is refused."""

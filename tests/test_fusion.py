@@ -15,7 +15,8 @@ from ir.interpreter import interpret
 
 def groups_of(graph) -> list[str]:
     return [
-        "+".join(n.name for n in g.nodes) + (" (view)" if g.kind is GroupKind.VIEW else "") for g in partition(graph)
+        "+".join(n.name for n in g.nodes) + (" (view)" if g.kind is GroupKind.VIEW else "")
+        for g in partition(graph)
     ]
 
 
