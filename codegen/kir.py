@@ -579,15 +579,9 @@ class KernelBuilder:
             with self.flat(shape[0]) as i:
                 yield [i]
         else:
-            rows = prod(shape[:-1])
-            with self.loop(rows, LoopKind.PARALLEL, "r") as r:
-                idx: list[Expr] = []
-                inner = 1
-                for d in reversed(shape[:-1]):
-                    idx.insert(0, r // inner % d if inner * d != rows else r // inner)
-                    inner *= d
+            with self.loop(prod(shape[:-1]), LoopKind.PARALLEL, "r") as r:
                 with self.loop(shape[-1], LoopKind.VECTOR, "j") as j:
-                    yield idx + [j]
+                    yield unravel(r, shape[:-1]) + [j]
 
     def check(self, ok: Expr, message: str) -> None:
         """Report `message` from the run if `ok` fails at any point (see Check). The
@@ -625,6 +619,17 @@ class KernelBuilder:
         assert len(self._stack) == 1, "unclosed block"
         params = self.params + ([self.status] if self.status is not None else [])
         return Kernel(self.name, params, self._stack[0], self.checks, self._scratch)
+
+
+def unravel(flat: Expr, shape: Sequence[int]) -> list[Expr]:
+    """The row-major multi-index of a flat index into `shape` (the outermost axis needs
+    no modulo: the flat index is in range)."""
+    idx: list[Expr] = []
+    inner = 1
+    for d in reversed(shape):
+        idx.insert(0, flat // inner % d if inner * d != prod(shape) else flat // inner)
+        inner *= d
+    return idx
 
 
 def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: object) -> Expr:

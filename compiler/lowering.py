@@ -72,11 +72,7 @@ class Point:
 
     def multi(self) -> list[kir.Expr]:
         if self._multi is None:
-            flat, idx, inner = self.flat(), [], 1
-            for d in reversed(self.shape):
-                idx.insert(0, flat // inner % d)
-                inner *= d
-            self._multi = idx
+            self._multi = kir.unravel(self.flat(), self.shape)
         return self._multi
 
     def load(self, buf: kir.Buffer) -> kir.Expr:

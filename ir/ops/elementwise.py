@@ -28,11 +28,11 @@ def erf_reference(x: np.ndarray) -> np.ndarray:
     return _erf(x.astype(np.float64)).astype(x.dtype)
 
 
-class Unary(ElementwiseOp):
+class UnaryOp(ElementwiseOp):
     arity = (1, 1)
 
 
-class Binary(ElementwiseOp):
+class BinaryOp(ElementwiseOp):
     arity = (2, 2)
 
 
@@ -50,7 +50,7 @@ def _extremum_gradient(b: GraphBuilder, node: Node, g: Value, x_wins: Value) -> 
 
 
 @register("add", E)
-class Add(Binary):
+class Add(BinaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -65,7 +65,7 @@ class Add(Binary):
 
 
 @register("sub", E)
-class Sub(Binary):
+class Sub(BinaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -81,7 +81,7 @@ class Sub(Binary):
 
 
 @register("mul", E)
-class Mul(Binary):
+class Mul(BinaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -97,7 +97,7 @@ class Mul(Binary):
 
 
 @register("div", E)
-class Div(Binary):
+class Div(BinaryOp):
     """Float division; integer division truncates toward zero (ONNX, C), and x / 0 is 0."""
 
     accepts = NUMBERS
@@ -119,7 +119,7 @@ class Div(Binary):
 
 
 @register("pow", E)
-class Pow(Binary):
+class Pow(BinaryOp):
     accepts = NUMBERS
 
     def reference(self, a, b):
@@ -138,7 +138,7 @@ class Pow(Binary):
 
 
 @register("maximum", E)
-class Maximum(Binary):
+class Maximum(BinaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -153,7 +153,7 @@ class Maximum(Binary):
 
 
 @register("minimum", E)
-class Minimum(Binary):
+class Minimum(BinaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -168,7 +168,7 @@ class Minimum(Binary):
 
 
 @register("neg", E)
-class Neg(Unary):
+class Neg(UnaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -183,7 +183,7 @@ class Neg(Unary):
 
 
 @register("abs", E)
-class Abs(Unary):
+class Abs(UnaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -200,7 +200,7 @@ class Abs(Unary):
 
 
 @register("reciprocal", E)
-class Reciprocal(Unary):
+class Reciprocal(UnaryOp):
     def reference(self, x):
         return np.reciprocal(x)
 
@@ -216,7 +216,7 @@ class Reciprocal(Unary):
 
 
 @register("exp", E)
-class Exp(Unary):
+class Exp(UnaryOp):
     def reference(self, x):
         return np.exp(x)
 
@@ -228,7 +228,7 @@ class Exp(Unary):
 
 
 @register("log", E)
-class Log(Unary):
+class Log(UnaryOp):
     def reference(self, x):
         return np.log(x)
 
@@ -240,7 +240,7 @@ class Log(Unary):
 
 
 @register("sqrt", E)
-class Sqrt(Unary):
+class Sqrt(UnaryOp):
     def reference(self, x):
         return np.sqrt(x)
 
@@ -252,7 +252,7 @@ class Sqrt(Unary):
 
 
 @register("rsqrt", E)
-class Rsqrt(Unary):
+class Rsqrt(UnaryOp):
     def reference(self, x):
         return (1 / np.sqrt(x)).astype(x.dtype)
 
@@ -265,7 +265,7 @@ class Rsqrt(Unary):
 
 
 @register("tanh", E)
-class Tanh(Unary):
+class Tanh(UnaryOp):
     def reference(self, x):
         return np.tanh(x)
 
@@ -278,7 +278,7 @@ class Tanh(Unary):
 
 
 @register("erf", E)
-class Erf(Unary):
+class Erf(UnaryOp):
     def reference(self, x):
         return erf_reference(x)
 
@@ -291,7 +291,7 @@ class Erf(Unary):
 
 
 @register("sigmoid", E)
-class Sigmoid(Unary):
+class Sigmoid(UnaryOp):
     def reference(self, x):
         return (1 / (1 + np.exp(-x))).astype(x.dtype)
 
@@ -307,7 +307,7 @@ class Sigmoid(Unary):
 
 
 @register("relu", E)
-class Relu(Unary):
+class Relu(UnaryOp):
     cheap = True
     accepts = NUMBERS
 
@@ -322,7 +322,7 @@ class Relu(Unary):
 
 
 @register("leaky_relu", E)
-class LeakyRelu(Unary):
+class LeakyRelu(UnaryOp):
     cheap = True
     alpha: float = 0.01
 
@@ -339,7 +339,7 @@ class LeakyRelu(Unary):
 
 
 @register("elu", E)
-class Elu(Unary):
+class Elu(UnaryOp):
     alpha: float = 1.0
 
     def reference(self, x):
@@ -355,7 +355,7 @@ class Elu(Unary):
 
 
 @register("gelu", E)
-class Gelu(Unary):
+class Gelu(UnaryOp):
     approximate: str = "none"  # "none": the erf form; "tanh": the tanh approximation
 
     def __post_init__(self):
@@ -388,7 +388,7 @@ class Gelu(Unary):
 
 
 @register("clip", E)
-class Clip(Unary):
+class Clip(UnaryOp):
     cheap = True
     min: float = -math.inf
     max: float = math.inf
@@ -412,7 +412,7 @@ class Clip(Unary):
 # --------------------------------------------------------------------------- comparisons, select, cast
 
 
-class Comparison(Binary):
+class Comparison(BinaryOp):
     differentiation = Gradient.ZERO
     accepts = NUMBERS
     result = "bool"
@@ -474,7 +474,7 @@ class Where(ElementwiseOp):
 
 
 @register("cast", E)
-class CastOp(Unary):
+class CastOp(UnaryOp):
     cheap = True
     differentiation = Gradient.ZERO  # casts to and from floats carry no gradient in Kiln
     to: str = "float32"
@@ -499,7 +499,7 @@ class CastOp(Unary):
 
 
 @register("floor", E)
-class Floor(Unary):
+class Floor(UnaryOp):
     differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
 
     def reference(self, x):
@@ -510,7 +510,7 @@ class Floor(Unary):
 
 
 @register("ceil", E)
-class Ceil(Unary):
+class Ceil(UnaryOp):
     differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
 
     def reference(self, x):
@@ -521,7 +521,7 @@ class Ceil(Unary):
 
 
 @register("round", E)
-class Round(Unary):
+class Round(UnaryOp):
     """Halves round to even, as ONNX and numpy do."""
 
     differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
@@ -534,7 +534,7 @@ class Round(Unary):
 
 
 @register("sign", E)
-class Sign(Unary):
+class Sign(UnaryOp):
     differentiation = Gradient.ZERO  # piecewise constant: zero almost everywhere
     accepts = NUMBERS
 
@@ -551,7 +551,7 @@ class Sign(Unary):
 
 
 @register("softplus", E)
-class Softplus(Unary):
+class Softplus(UnaryOp):
     """log(1 + exp(x)), computed as max(x, 0) + log(1 + exp(-|x|)) so it never overflows."""
 
     def reference(self, x):
@@ -565,7 +565,7 @@ class Softplus(Unary):
 
 
 @register("softsign", E)
-class Softsign(Unary):
+class Softsign(UnaryOp):
     def reference(self, x):
         return x / (1 + np.abs(x))
 
@@ -579,7 +579,7 @@ class Softsign(Unary):
 
 
 @register("hard_sigmoid", E)
-class HardSigmoid(Unary):
+class HardSigmoid(UnaryOp):
     alpha: float = 0.2
     beta: float = 0.5
 
@@ -598,7 +598,7 @@ class HardSigmoid(Unary):
 
 
 @register("hard_swish", E)
-class HardSwish(Unary):
+class HardSwish(UnaryOp):
     def reference(self, x):
         t = x.dtype.type
         return x * np.clip(x * t(1 / 6) + t(0.5), t(0), t(1))
@@ -619,7 +619,7 @@ class HardSwish(Unary):
 
 
 @register("selu", E)
-class Selu(Unary):
+class Selu(UnaryOp):
     alpha: float = 1.67326319217681884765625
     gamma: float = 1.05070102214813232421875
 
@@ -637,7 +637,7 @@ class Selu(Unary):
 
 
 @register("celu", E)
-class Celu(Unary):
+class Celu(UnaryOp):
     alpha: float = 1.0
 
     def reference(self, x):
@@ -654,7 +654,7 @@ class Celu(Unary):
 
 
 @register("mish", E)
-class Mish(Unary):
+class Mish(UnaryOp):
     def reference(self, x):
         return x * np.tanh(np.logaddexp(x.dtype.type(0), x))
 
@@ -670,7 +670,7 @@ class Mish(Unary):
 
 
 @register("thresholded_relu", E)
-class ThresholdedRelu(Unary):
+class ThresholdedRelu(UnaryOp):
     alpha: float = 1.0
 
     def reference(self, x):
@@ -685,7 +685,7 @@ class ThresholdedRelu(Unary):
 
 
 @register("prelu", E)
-class PRelu(Binary):
+class PRelu(BinaryOp):
     """x where x >= 0, else slope * x (slope broadcast)."""
 
     def reference(self, x, slope):
@@ -716,7 +716,7 @@ class GreaterEqual(Comparison):
     predicate = "ge"
 
 
-class Logical(Binary):
+class Logical(BinaryOp):
     differentiation = Gradient.ZERO
     accepts = ("bool",)
 
@@ -743,7 +743,7 @@ class LogicalXor(Logical):
 
 
 @register("logical_not", E)
-class LogicalNot(Unary):
+class LogicalNot(UnaryOp):
     differentiation = Gradient.ZERO
     accepts = ("bool",)
 
@@ -755,7 +755,7 @@ class LogicalNot(Unary):
 
 
 @register("isnan", E)
-class IsNan(Unary):
+class IsNan(UnaryOp):
     differentiation = Gradient.ZERO
     result = "bool"
 
@@ -767,7 +767,7 @@ class IsNan(Unary):
 
 
 @register("isinf", E)
-class IsInf(Unary):
+class IsInf(UnaryOp):
     differentiation = Gradient.ZERO
     result = "bool"
     detect_negative: bool = True
@@ -786,7 +786,7 @@ class IsInf(Unary):
 
 
 @register("expand", E)
-class Expand(Unary):
+class Expand(UnaryOp):
     """x broadcast to `shape` (numpy rules both ways, as ONNX Expand)."""
 
     accepts = NUMBERS + ("bool",)
@@ -806,7 +806,7 @@ class Expand(Unary):
 
 
 @register("mod", E)
-class Mod(Binary):
+class Mod(BinaryOp):
     """Remainder. fmod=False: the sign of the divisor, as Python's % (np.mod);
     fmod=True: the sign of the dividend, as C's fmod. Integer x mod 0 is 0."""
 

@@ -23,6 +23,7 @@ from codegen.kir import (
     minimum,
     muladd,
     select,
+    unravel,
 )
 from ir.errors import GraphError
 from ir.graph import Node, Value
@@ -136,7 +137,7 @@ def lower_matmul(
                 a_rows = [a_mat + (mi + i) * kk for i in range(rows_per_block)]
                 out_rows = [(blk * rows_per_block + i) * n for i in range(rows_per_block)]
                 leading = [
-                    _unravel(blk * rows_per_block + i, shape[:-col_axes]) for i in range(rows_per_block)
+                    unravel(blk * rows_per_block + i, shape[:-col_axes]) for i in range(rows_per_block)
                 ]
                 with k.loop(cols, kind, "n") as jj:
                     j = first_col + jj
@@ -155,7 +156,7 @@ def lower_matmul(
                             for av, bv in zip(row_coeffs, bs):
                                 acc = muladd(av, bv, acc)
                             if last and epilogue is not None:  # on the finished sum, still in registers
-                                acc = epilogue(acc, row + j, [*lead, *_unravel(j, shape[-col_axes:])])
+                                acc = epilogue(acc, row + j, [*lead, *unravel(j, shape[-col_axes:])])
                             k.store(out, row + j, acc)
 
                 # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
@@ -198,15 +199,6 @@ def _trailing_axes(shape: tuple[int, ...], size: int) -> int:
         if prod(shape[-count:]) == size:
             return count
     raise ValueError(f"no trailing axes of {shape} hold {size} elements")
-
-
-def _unravel(flat: Expr, shape: tuple[int, ...]) -> list[Expr]:
-    """The multi-index of a flat index (row-major)."""
-    idx, inner = [], 1
-    for d in reversed(shape):
-        idx.insert(0, flat // inner % d if inner * d != prod(shape) else flat // inner)
-        inner *= d
-    return idx
 
 
 def k_const(buf: Buffer, value: float) -> Expr:
