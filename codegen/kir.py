@@ -393,6 +393,8 @@ class Loop:
     extent: Expr
     kind: LoopKind
     body: list[Stmt] = field(default_factory=list)
+    #: GPU loops: the grid or block axis the loop is bound to (0, 1, 2: x, y, z)
+    axis: int = 0
 
 
 @dataclass(eq=False)
@@ -432,7 +434,33 @@ class Check:
     code: int
 
 
-Stmt = Loop | Store | DeclareLocal | Assign | If | Check
+#: threads of a warp, which run in lockstep and exchange registers with Shuffle
+WARP = 32
+
+
+class ShuffleMode(enum.Enum):
+    XOR = "xor"  # the lane whose index is this lane's ^ offset (a butterfly)
+    DOWN = "down"  # the lane offset above this one; lanes past the warp's end keep their own
+
+
+@dataclass(eq=False)
+class Barrier:
+    """Every thread of the block reaches this point before any goes past it, and sees
+    the shared-memory stores the others made before it (CUDA's __syncthreads)."""
+
+
+@dataclass(eq=False)
+class Shuffle:
+    """Declare `local` as `value` as another lane of the warp holds it (see ShuffleMode).
+    Every lane of the warp executes it together, like a barrier of the warp."""
+
+    local: Local
+    value: Expr
+    mode: ShuffleMode
+    offset: int
+
+
+Stmt = Loop | Store | DeclareLocal | Assign | If | Check | Barrier | Shuffle
 
 
 def _extent_estimate(e: Expr) -> int:
@@ -493,6 +521,8 @@ class Kernel:
     checks: list[str] = field(default_factory=list)
     #: small buffers private to each thread running the kernel (not parameters)
     scratch: list[Buffer] = field(default_factory=list)
+    #: GPU kernels: buffers shared by the threads of a block (shared memory)
+    shared: list[Buffer] = field(default_factory=list)
 
     @property
     def work(self) -> int:
@@ -529,15 +559,18 @@ class KernelBuilder:
         self._stack: list[list[Stmt]] = [[]]
         self._loops: list[Loop] = []  # the loops open around the statement being built
         self._scratch: list[Buffer] = []
+        self._shared: list[Buffer] = []
         self._ids = itertools.count()
 
     def _emit(self, stmt: Stmt) -> None:
         self._stack[-1].append(stmt)
 
     @contextmanager
-    def loop(self, extent: Expr | int, kind: LoopKind = LoopKind.SERIAL, name: str = "i") -> Iterator[Var]:
+    def loop(
+        self, extent: Expr | int, kind: LoopKind = LoopKind.SERIAL, name: str = "i", axis: int = 0
+    ) -> Iterator[Var]:
         var = Var(f"{name}{next(self._ids)}")
-        loop = Loop(var, lift(extent, "int64"), LoopKind(kind))
+        loop = Loop(var, lift(extent, "int64"), LoopKind(kind), axis=axis)
         self._emit(loop)
         self._stack.append(loop.body)
         self._loops.append(loop)
@@ -615,10 +648,25 @@ class KernelBuilder:
         self._scratch.append(buf)
         return buf
 
+    def shared(self, name: str, dtype: str, shape: tuple[int, ...]) -> Buffer:
+        """A buffer shared by the threads of a GPU block (shared memory)."""
+        buf = Buffer(f"{name}{next(self._ids)}", dtype, tuple(shape))
+        self._shared.append(buf)
+        return buf
+
+    def barrier(self) -> None:
+        self._emit(Barrier())
+
+    def shuffle(self, value: Expr, mode: ShuffleMode, offset: int, name: str = "lane") -> Expr:
+        """value as the lane `offset` away (see ShuffleMode) holds it."""
+        loc = Local(f"{name}{next(self._ids)}", value.dtype)
+        self._emit(Shuffle(loc, value, mode, offset))
+        return loc.ref
+
     def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
         params = self.params + ([self.status] if self.status is not None else [])
-        return Kernel(self.name, params, self._stack[0], self.checks, self._scratch)
+        return Kernel(self.name, params, self._stack[0], self.checks, self._scratch, self._shared)
 
 
 def unravel(flat: Expr, shape: Sequence[int]) -> list[Expr]:
@@ -648,42 +696,64 @@ def in_range(i: Expr, lo: int, hi: int) -> Expr:
     return logical_and(i.ge(lo), i.lt(hi))
 
 
+def rewrite(e: Expr, fn: Callable[[Expr], Expr | None]) -> Expr:
+    """e rebuilt bottom-up: each node's children first, then fn(node) replaces the node
+    where it returns an expression (None keeps it)."""
+    if isinstance(e, (Const, Var, LocalRef)):
+        node = e
+    elif isinstance(e, Load):
+        node = Load(e.buf, rewrite(e.index, fn))
+    elif isinstance(e, (Binary, Compare)):
+        node = type(e)(e.op, rewrite(e.a, fn), rewrite(e.b, fn))
+    elif isinstance(e, Unary):
+        node = Unary(e.op, rewrite(e.a, fn))
+    elif isinstance(e, Select):
+        node = Select(rewrite(e.cond, fn), rewrite(e.a, fn), rewrite(e.b, fn))
+    elif isinstance(e, MulAdd):
+        node = MulAdd(rewrite(e.a, fn), rewrite(e.b, fn), rewrite(e.c, fn))
+    elif isinstance(e, Cast):
+        node = Cast(rewrite(e.a, fn), e.dtype)
+    else:
+        raise TypeError(f"unknown expression {e!r}")
+    replaced = fn(node)
+    return node if replaced is None else replaced
+
+
+def rewrite_stmts(
+    body: list[Stmt],
+    fn: Callable[[Expr], Expr | None],
+    stmt_fn: Callable[[Stmt], list[Stmt] | None] | None = None,
+) -> list[Stmt]:
+    """body with every expression rewritten by fn (see rewrite); stmt_fn may replace a
+    statement, after its own expressions and body are rewritten, by a list of them."""
+    out: list[Stmt] = []
+    for s in body:
+        r: Stmt
+        if isinstance(s, Loop):
+            r = Loop(s.var, rewrite(s.extent, fn), s.kind, rewrite_stmts(s.body, fn, stmt_fn), s.axis)
+        elif isinstance(s, Store):
+            r = Store(s.buf, rewrite(s.index, fn), rewrite(s.value, fn))
+        elif isinstance(s, DeclareLocal):
+            r = DeclareLocal(s.local, rewrite(s.init, fn))
+        elif isinstance(s, Assign):
+            r = Assign(s.local, rewrite(s.value, fn), s.reduction)
+        elif isinstance(s, If):
+            r = If(rewrite(s.cond, fn), rewrite_stmts(s.body, fn, stmt_fn))
+        elif isinstance(s, Check):
+            r = Check(rewrite(s.ok, fn), s.status, s.code)
+        elif isinstance(s, Shuffle):
+            r = Shuffle(s.local, rewrite(s.value, fn), s.mode, s.offset)
+        else:
+            r = s
+        replaced = stmt_fn(r) if stmt_fn is not None else None
+        out.extend([r] if replaced is None else replaced)
+    return out
+
+
 def substitute(e: Expr, env: dict[Var, Expr]) -> Expr:
     """e with every Var in env replaced by its expression."""
-    if isinstance(e, Var):
-        return env.get(e, e)
-    if isinstance(e, (Const, LocalRef)):
-        return e
-    if isinstance(e, Load):
-        return Load(e.buf, substitute(e.index, env))
-    if isinstance(e, Binary):
-        return Binary(e.op, substitute(e.a, env), substitute(e.b, env))
-    if isinstance(e, Compare):
-        return Compare(e.op, substitute(e.a, env), substitute(e.b, env))
-    if isinstance(e, Unary):
-        return Unary(e.op, substitute(e.a, env))
-    if isinstance(e, Select):
-        return Select(substitute(e.cond, env), substitute(e.a, env), substitute(e.b, env))
-    if isinstance(e, MulAdd):
-        return MulAdd(substitute(e.a, env), substitute(e.b, env), substitute(e.c, env))
-    if isinstance(e, Cast):
-        return Cast(substitute(e.a, env), e.dtype)
-    raise TypeError(f"unknown expression {e!r}")
+    return rewrite(e, lambda x: env.get(x) if isinstance(x, Var) else None)
 
 
 def substitute_stmts(body: list[Stmt], env: dict[Var, Expr]) -> list[Stmt]:
-    out: list[Stmt] = []
-    for s in body:
-        if isinstance(s, Loop):
-            out.append(Loop(s.var, substitute(s.extent, env), s.kind, substitute_stmts(s.body, env)))
-        elif isinstance(s, Store):
-            out.append(Store(s.buf, substitute(s.index, env), substitute(s.value, env)))
-        elif isinstance(s, DeclareLocal):
-            out.append(DeclareLocal(s.local, substitute(s.init, env)))
-        elif isinstance(s, Assign):
-            out.append(Assign(s.local, substitute(s.value, env), s.reduction))
-        elif isinstance(s, If):
-            out.append(If(substitute(s.cond, env), substitute_stmts(s.body, env)))
-        elif isinstance(s, Check):
-            out.append(Check(substitute(s.ok, env), s.status, s.code))
-    return out
+    return rewrite_stmts(body, lambda x: env.get(x) if isinstance(x, Var) else None)

@@ -62,10 +62,16 @@ def _stmts(body: list[kir.Stmt], indent: str, out: list[str]) -> None:
             out.append(f"{indent}{s.local.name} = {expr_text(s.value)}")
         elif isinstance(s, kir.Check):
             out.append(f"{indent}check {expr_text(s.ok)} else status = {s.code}")
+        elif isinstance(s, kir.Barrier):
+            out.append(f"{indent}barrier()")
+        elif isinstance(s, kir.Shuffle):
+            shuffle = f"shuffle_{s.mode.value}({expr_text(s.value)}, {s.offset})"
+            out.append(f"{indent}{s.local.dtype} {s.local.name} = {shuffle}")
 
 
 def kernel_text(k: kir.Kernel) -> str:
     params = ", ".join(f"{b.dtype}[{','.join(map(str, b.shape))}] {b.name}" for b in k.params)
     out = [f"kernel {k.name}({params}):"]
+    out += [f"  shared {b.dtype}[{','.join(map(str, b.shape))}] {b.name}" for b in k.shared]
     _stmts(k.body, "  ", out)
     return "\n".join(out)

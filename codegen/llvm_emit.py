@@ -34,6 +34,8 @@ _ICMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 _LIBM64 = {"exp": "exp", "log": "log", "tanh": "tanh", "erf": "erf"}
 
 LoopHook = Callable[["FunctionWriter", kir.Loop], bool]
+#: a backend's own statements (a GPU's barriers and shuffles): True where it emitted s
+StmtHook = Callable[["FunctionWriter", kir.Stmt], bool]
 
 LOOP_TAG = "kiln.loop."
 _LOOP_TAG_LINE = re.compile(r'^(!\d+) = !\{\s*!"kiln\.loop\.(\w+)\.[^"]*"\s*\}$', re.MULTILINE)
@@ -75,6 +77,7 @@ class FunctionWriter:
         pointers: dict[kir.Buffer, ir.Value],
         loop_hook: LoopHook | None = None,
         scratch: list[kir.Buffer] | None = None,
+        stmt_hook: StmtHook | None = None,
     ):
         self.fn = fn
         self.module: ir.Module = fn.module
@@ -89,6 +92,7 @@ class FunctionWriter:
             self.pointers[buf] = self._allocas.alloca(MEM_TYPES[buf.dtype], size=size, name=buf.name)
         self.slots: dict[object, ir.Value] = {}  # Var / Local -> alloca
         self.loop_hook = loop_hook
+        self.stmt_hook = stmt_hook
         self._cache: dict[int, ir.Value] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -133,8 +137,8 @@ class FunctionWriter:
                 with self.b.if_then(failed, likely=False):
                     ptr = self.pointers[s.status.root]
                     self.b.atomic_rmw("xchg", ptr, ir.Constant(I32, s.code), "monotonic")
-            else:
-                raise TypeError(f"unknown statement {s!r}")
+            elif not (self.stmt_hook and self.stmt_hook(self, s)):
+                raise TypeError(f"this backend has no {type(s).__name__} statement")
 
     def counted_loop(
         self, var: kir.Var, start: ir.Value, stop: ir.Value, body: list[kir.Stmt], kind: kir.LoopKind
@@ -159,6 +163,10 @@ class FunctionWriter:
     def bind(self, var: kir.Var, value: ir.Value) -> None:
         """Give a loop variable a fixed value (a GPU index), instead of looping."""
         self.b.store(value, self.slot(var, I64, var.name))
+
+    def declare(self, local: kir.Local, value: ir.Value) -> None:
+        """Give a local its value (a statement of a backend's own, such as a shuffle)."""
+        self.b.store(value, self.slot(local, REG_TYPES[local.dtype], local.name))
 
     # ------------------------------------------------------------------ expressions
     def expr(self, e: kir.Expr, reassoc: bool = False) -> ir.Value:

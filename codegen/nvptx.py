@@ -1,16 +1,18 @@
-"""The NVPTX backend (thin slice): kernel IR → LLVM IR with NVVM intrinsics → PTX.
+"""The NVPTX backend: GPU kernels (codegen.gpu) → LLVM IR with NVVM intrinsics → PTX.
 
-`bind_gpu` schedules a kernel for the GPU: its parallel loop over n becomes a grid
-of ceil(n / threads) blocks of `threads` threads, each doing one iteration when
-its global index is below n. The bound kernel is still plain kernel IR, so the CPU
-backend runs it too (block and thread indices as loop variables): that is how GPU
-kernels are checked for correctness on machines with no GPU. `ptx_module` turns
-bound kernels into one PTX module, which `ptxas` must accept.
+Each kernel becomes a `ptx_kernel` function taking one pointer per buffer. Its block
+and thread loops bind their variables to CUDA's ctaid / tid registers (the launch
+makes the loops); shared buffers are `addrspace(3)` globals of the module; a Barrier
+is `bar.sync 0`; a Shuffle is `shfl.sync` over the full warp (64-bit values as two
+32-bit halves). `ptx_module` writes one module per architecture and refuses any PTX
+that calls an outside function (a libm call, a misspelled intrinsic): ptxas would
+reject it, and a GPU has no libm.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -19,35 +21,15 @@ from pathlib import Path
 import llvmlite.binding as llvm
 from llvmlite import ir
 
-from codegen import kir
-from codegen.llvm_emit import I32, I64, PTR, FunctionWriter, loop_metadata
+from codegen import gpu, kir
+from codegen.llvm_emit import I1, I32, I64, MEM_TYPES, PTR, REG_TYPES, FunctionWriter, loop_metadata
 from ir.errors import CompileError, UnsupportedError
 
 TRIPLE = "nvptx64-nvidia-cuda"
+ARCHS = ("sm_80", "sm_90")
 DEFAULT_ARCH = "sm_80"
-
-
-def bind_gpu(kernel: kir.Kernel, threads: int = 256) -> kir.Kernel:
-    loop = kernel.parallel_loop
-    if loop is None:
-        raise UnsupportedError(f"kernel {kernel.name}: only kernels with a parallel loop map to the GPU")
-    n = int(loop.extent.value)  # type: ignore[union-attr]
-    block, thread = kir.Var(f"{loop.var.name}_block"), kir.Var(f"{loop.var.name}_thread")
-    index = block * threads + thread
-    body = kir.substitute_stmts(loop.body, {loop.var: index})
-    guarded = kir.If(index.lt(n), body)
-    inner = kir.Loop(thread, kir.Const(threads, "int64"), kir.LoopKind.GPU_THREAD, [guarded])
-    outer = kir.Loop(block, kir.Const(-(-n // threads), "int64"), kir.LoopKind.GPU_BLOCK, [inner])
-    return kir.Kernel(kernel.name, kernel.params, [outer])
-
-
-def launch_dims(kernel: kir.Kernel) -> tuple[int, int]:
-    """(blocks, threads per block) of a bound kernel."""
-    outer = kernel.body[0]
-    assert isinstance(outer, kir.Loop) and outer.kind is kir.LoopKind.GPU_BLOCK
-    inner = outer.body[0]
-    assert isinstance(inner, kir.Loop) and inner.kind is kir.LoopKind.GPU_THREAD
-    return int(outer.extent.value), int(inner.extent.value)  # type: ignore[union-attr]
+SHARED = 3  # the address space of shared memory
+FULL_WARP = 0xFFFFFFFF
 
 
 @functools.cache
@@ -57,39 +39,84 @@ def _target_machine(arch: str) -> llvm.TargetMachine:
     return llvm.Target.from_triple(TRIPLE).create_target_machine(cpu=arch, opt=3)
 
 
-_SREG = {
-    kir.LoopKind.GPU_BLOCK: "llvm.nvvm.read.ptx.sreg.ctaid.x",
-    kir.LoopKind.GPU_THREAD: "llvm.nvvm.read.ptx.sreg.tid.x",
-}
+def _intrinsic(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    existing = module.globals.get(name)
+    return existing if existing is not None else ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _index(w: FunctionWriter, register: str, axis: int) -> ir.Value:
+    reg = _intrinsic(w.module, f"llvm.nvvm.read.ptx.sreg.{register}.{'xyz'[axis]}", I32, [])
+    return w.b.zext(w.b.call(reg, []), I64)
+
+
+def _shuffle(w: FunctionWriter, s: kir.Shuffle) -> None:
+    b = w.b
+    value = w.expr(s.value)
+    mode = {kir.ShuffleMode.XOR: "bfly", kir.ShuffleMode.DOWN: "down"}[s.mode]
+
+    def shfl32(v: ir.Value) -> ir.Value:
+        suffix = "f32" if v.type == REG_TYPES["float32"] else "i32"
+        fn = _intrinsic(w.module, f"llvm.nvvm.shfl.sync.{mode}.{suffix}", v.type, [I32, v.type, I32, I32])
+        return b.call(
+            fn, [ir.Constant(I32, FULL_WARP), v, ir.Constant(I32, s.offset), ir.Constant(I32, 0x1F)]
+        )
+
+    dtype = s.value.dtype
+    if dtype in ("float32", "int32"):
+        result = shfl32(value)
+    elif dtype == "bool":
+        result = b.trunc(shfl32(b.zext(value, I32)), I1)
+    else:  # 64 bits: the two halves
+        bits = b.bitcast(value, I64) if dtype == "float64" else value
+        lo = shfl32(b.trunc(bits, I32))
+        hi = shfl32(b.trunc(b.lshr(bits, ir.Constant(I64, 32)), I32))
+        joined = b.or_(b.shl(b.zext(hi, I64), ir.Constant(I64, 32)), b.zext(lo, I64))
+        result = b.bitcast(joined, REG_TYPES["float64"]) if dtype == "float64" else joined
+    w.declare(s.local, result)
 
 
 def _emit(module: ir.Module, kernel: kir.Kernel) -> None:
+    gpu.layout(kernel)  # the shape a launch needs, or an error naming the kernel
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR] * len(kernel.params)), kernel.name)
     fn.calling_convention = "ptx_kernel"
+    pointers = dict(zip(kernel.params, fn.args))
+    for buf in kernel.shared:
+        typ = ir.ArrayType(MEM_TYPES[buf.dtype], buf.numel)
+        array = ir.GlobalVariable(module, typ, f"{kernel.name}.{buf.name}", addrspace=SHARED)
+        array.linkage = "internal"
+        array.align = 16
+        array.initializer = ir.Constant(typ, ir.Undefined)
+        pointers[buf] = array.gep([ir.Constant(I32, 0), ir.Constant(I32, 0)])  # its first element
 
     def loop_hook(w: FunctionWriter, loop: kir.Loop) -> bool:
-        if loop.kind not in _SREG:
+        register = {kir.LoopKind.GPU_BLOCK: "ctaid", kir.LoopKind.GPU_THREAD: "tid"}.get(loop.kind)
+        if register is None:
             return False
-        reg = module.globals.get(_SREG[loop.kind]) or ir.Function(
-            module, ir.FunctionType(I32, []), _SREG[loop.kind]
-        )
-        w.bind(loop.var, w.b.zext(w.b.call(reg, []), I64))
+        w.bind(loop.var, _index(w, register, loop.axis))
         w.stmts(loop.body)
         return True
 
-    writer = FunctionWriter(fn, dict(zip(kernel.params, fn.args)), loop_hook, kernel.scratch)
+    def stmt_hook(w: FunctionWriter, s: kir.Stmt) -> bool:
+        if isinstance(s, kir.Barrier):
+            w.b.call(_intrinsic(w.module, "llvm.nvvm.barrier0", ir.VoidType(), []), [])
+        elif isinstance(s, kir.Shuffle):
+            _shuffle(w, s)
+        else:
+            return False
+        return True
+
+    writer = FunctionWriter(fn, pointers, loop_hook, kernel.scratch, stmt_hook)
     writer.stmts(kernel.body)
     writer.finish()
 
 
-def ptx_module(kernels: list[kir.Kernel], arch: str = DEFAULT_ARCH) -> str:
-    """One PTX module holding every kernel (each must be bound with bind_gpu)."""
+def ptx_module(kernels: list[kir.Kernel], arch: str = DEFAULT_ARCH, name: str = "kiln_gpu") -> str:
+    """One PTX module holding every kernel (each a GPU kernel, see codegen.gpu)."""
     tm = _target_machine(arch)
-    module = ir.Module(name="kiln_gpu")
+    module = ir.Module(name=name)
     module.triple = TRIPLE
     module.data_layout = str(tm.target_data)
     for k in kernels:
-        launch_dims(k)
         _emit(module, k)
     mod = llvm.parse_assembly(loop_metadata(str(module)))
     mod.verify()
@@ -97,13 +124,41 @@ def ptx_module(kernels: list[kir.Kernel], arch: str = DEFAULT_ARCH) -> str:
     pb = llvm.create_pass_builder(tm, pto)
     pb.getModulePassManager().run(mod, pb)
     ptx = tm.emit_assembly(mod)
-    if "pow" in ptx and ".extern .func" in ptx:
-        raise UnsupportedError("pow has no GPU lowering yet (it calls libm)")
+    _refuse_outside_calls(ptx)
     return ptx
 
 
-def ptxas_check(ptx: str, arch: str = DEFAULT_ARCH) -> str:
-    """Assemble with ptxas (must be on PATH); returns its report, raises on rejection."""
+_ENTRY = re.compile(r"\.entry\s+(\S+)\(")
+
+
+def _refuse_outside_calls(ptx: str) -> None:
+    """A `.extern .func` is a call a GPU cannot make (libm, an unknown intrinsic)."""
+    externs = re.findall(r"\.extern \.func[^;]*?(\w[\w.$]*)\s*\(", ptx)
+    if not externs:
+        return
+    entries = [(m.start(), m.group(1)) for m in _ENTRY.finditer(ptx)]
+    callers = sorted(
+        {
+            name
+            for f in externs
+            for start, name in entries
+            if re.search(rf"call[^;]*\b{re.escape(f)}\b", _body(ptx, start))
+        }
+    )
+    raise UnsupportedError(
+        f"kernel(s) {', '.join(callers) or '?'} call outside function(s) {', '.join(sorted(set(externs)))}, "
+        "which a GPU cannot run (no libm there)"
+    )
+
+
+def _body(ptx: str, start: int) -> str:
+    nxt = ptx.find(".entry", start + 1)
+    return ptx[start : nxt if nxt > 0 else len(ptx)]
+
+
+def ptxas(ptx: str, arch: str = DEFAULT_ARCH) -> str:
+    """Assemble with ptxas (must be on PATH), warning on spills and local memory; returns
+    its report (registers, shared memory, spills per kernel), raises on rejection."""
     exe = shutil.which("ptxas")
     if exe is None:
         raise CompileError("ptxas not found: install it (pip install nvidia-cuda-nvcc) to check PTX")
@@ -111,10 +166,11 @@ def ptxas_check(ptx: str, arch: str = DEFAULT_ARCH) -> str:
         src = Path(d) / "kernels.ptx"
         src.write_text(ptx)
         result = subprocess.run(
-            [exe, f"-arch={arch}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
+            [exe, f"-arch={arch}", "-v", "--warn-on-spills", "--warn-on-local-memory-usage", str(src),
+             "-o", str(Path(d) / "k.cubin")],
             capture_output=True,
             text=True,
-        )
+        )  # fmt: skip
     if result.returncode != 0:
-        raise CompileError(f"ptxas rejected the PTX:\n{result.stderr}")
+        raise CompileError(f"ptxas ({arch}) rejected the PTX:\n{result.stderr}")
     return result.stderr

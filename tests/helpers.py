@@ -30,3 +30,28 @@ def two_input_graph():
     b = GraphBuilder("two")
     g = b.build(b.add(b.input("a", (2, 3)), b.input("b", (3,))))
     return g, compile_model(g, name="two")
+
+
+def run_kernel(kernel, *arrays: np.ndarray) -> None:
+    """Compile one CPU kernel alone and run it once over its whole range on `arrays`
+    (its buffers, in order): a kernel-IR test without a graph around it."""
+    import ctypes
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from codegen import cabi, cpu
+
+    module = cpu.optimize(cpu.build_module([kernel], "kernel_test"))
+    with tempfile.TemporaryDirectory() as d:
+        obj, so = Path(d) / "k.o", Path(d) / "k.so"
+        obj.write_bytes(cpu.object_code(module))
+        subprocess.run([cabi.c_compiler(), "-shared", str(obj), "-o", str(so)], check=True)
+        fn = getattr(ctypes.CDLL(str(so)), f"kernel_test_{kernel.name}")
+    loop = kernel.parallel_loop
+    extent = int(loop.extent.value) if loop is not None else 1
+    for buf, a in zip(kernel.params, arrays):
+        assert a.flags.c_contiguous and a.size == buf.numel and a.dtype == np.dtype(buf.dtype), buf.name
+    pointers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    fn(pointers, 0, extent)
