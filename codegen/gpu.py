@@ -10,7 +10,7 @@ the loops to CUDA's block and thread indices; the cuda-sim transformation
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from math import prod
@@ -83,3 +83,65 @@ def grid(
             for axis, n in enumerate(threads)
         ]
         yield bvars, tvars
+
+
+def per_iteration(k: kir.KernelBuilder, cpu: kir.Kernel, threads: int = 256) -> None:
+    """Emit into k a GPU kernel that runs each iteration of cpu's parallel loop as one
+    thread (blocks of `threads`, the last one guarded): for loop nests whose parallel
+    iterations are independent and small (a row of a pooling, a gather)."""
+    loop = cpu.parallel_loop
+    if loop is None:
+        raise ValueError(f"kernel {cpu.name}: no single parallel loop to spread over GPU threads")
+    n = int(loop.extent.value)  # type: ignore[union-attr]
+    with grid(k, (-(-n // threads),), (threads,)) as ((b,), (t,)):
+        index = b * threads + t
+        body = kir.substitute_stmts(loop.body, {loop.var: index})
+        k.splice(kir.Kernel(cpu.name, [], [kir.If(index.lt(n), body)], cpu.checks, cpu.scratch, cpu.shared))
+
+
+def block_total(
+    k: kir.KernelBuilder, value: kir.Expr, combine: Callable[[kir.Expr, kir.Expr], kir.Expr], threads: int,
+    thread: kir.Expr,
+) -> kir.Expr:  # fmt: skip
+    """value combined over the `threads` threads of the block (a power of two, or a
+    multiple of the warp): within each warp by butterfly shuffles, then across warps
+    through shared memory. Every thread gets the total; all must call it together."""
+    total = k.local(value.dtype, value, "part")
+    offset = min(threads, kir.WARP) // 2
+    while offset:
+        k.assign(total, combine(total.ref, k.shuffle(total.ref, kir.ShuffleMode.XOR, offset)))
+        offset //= 2
+    if threads <= kir.WARP:
+        return total.ref
+    warps = threads // kir.WARP
+    per_warp = k.shared("warp_totals", value.dtype, (warps,))
+    with k.when((thread % kir.WARP).eq(0)):
+        k.store(per_warp, thread // kir.WARP, total.ref)
+    k.barrier()
+    k.assign(total, per_warp.load_flat(kir.const(0, "int64")))
+    for w in range(1, warps):
+        k.assign(total, combine(total.ref, per_warp.load_flat(kir.const(w, "int64"))))
+    k.barrier()  # every thread has read the totals before any reuses the buffer
+    return total.ref
+
+
+#: threads per block of the simple schedules, and the most blocks a grid-stride loop uses
+THREADS = 256
+MAX_BLOCKS = 4096
+
+
+def blocks_for(n: int, threads: int = THREADS) -> int:
+    """Blocks for a grid-stride loop over n elements: enough to fill the GPU, no more."""
+    return max(1, min(-(-n // threads), MAX_BLOCKS))
+
+
+@contextmanager
+def stride_over(
+    k: kir.KernelBuilder, n: int, block: kir.Expr, thread: kir.Expr, blocks: int, threads: int = THREADS
+) -> Iterator[kir.Expr]:
+    """Inside a grid of `blocks` blocks of `threads` threads: each flat index below n,
+    given to one thread (consecutive threads, consecutive indices: coalesced)."""
+    with k.loop(-(-n // (blocks * threads)), LoopKind.SERIAL, "stride") as s:
+        i = (s * blocks + block) * threads + thread
+        with k.when(i.lt(n)):
+            yield i

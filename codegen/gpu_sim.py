@@ -13,8 +13,8 @@ what the GPU would, whatever the order of its threads:
   answer here as it would on a GPU;
 - what a thread keeps from one phase to a later one (a local, a scratch buffer)
   becomes one per thread: an array indexed by the thread;
-- a warp shuffle is a phase boundary: every lane writes its value to an exchange
-  array, and after the split each reads its partner's;
+- a warp shuffle is a phase boundary: every lane writes its value to the shuffle's
+  exchange array, and after the split each reads its partner's;
 - a barrier or shuffle may sit inside loops and ifs only where they are uniform (their
   trip count or condition the same for every thread of the block: no thread index,
   no per-thread value), as on a GPU, where anything else can hang: an error here.
@@ -49,7 +49,6 @@ class _Simulation:
         self.block = Var("block")
         self.thread = Var("thread")
         self.extra: list[kir.Buffer] = []  # exchange arrays and per-thread copies
-        self.exchange: dict[str, kir.Buffer] = {}
         self.per_thread: set[kir.Buffer] = set()  # scratch buffers replaced by per-thread copies
 
     def kernel(self) -> kir.Kernel:
@@ -83,7 +82,7 @@ class _Simulation:
             elif isinstance(s, Barrier):
                 close()
             elif isinstance(s, Shuffle):
-                xchg = self._exchange(s.value.dtype)
+                xchg = self._exchange(s)
                 region.append(kir.Store(xchg, self.thread, s.value))
                 close()
                 region.append(kir.DeclareLocal(s.local, kir.Load(xchg, self._partner(s))))
@@ -100,12 +99,12 @@ class _Simulation:
         close()
         return out
 
-    def _exchange(self, dtype: str) -> kir.Buffer:
-        if dtype not in self.exchange:
-            buf = kir.Buffer(f"exchange_{dtype}", dtype, (self.layout.threads,))
-            self.exchange[dtype] = buf
-            self.extra.append(buf)
-        return self.exchange[dtype]
+    def _exchange(self, s: Shuffle) -> kir.Buffer:
+        """A shuffle's own exchange array: the lanes read it in the phase after they
+        write it, and the next shuffle may write its own in that same phase."""
+        buf = kir.Buffer(f"exchange_{s.local.name}", s.value.dtype, (self.layout.threads,))
+        self.extra.append(buf)
+        return buf
 
     def _partner(self, s: Shuffle) -> kir.Expr:
         """The thread whose value lane t reads."""

@@ -663,6 +663,23 @@ class KernelBuilder:
         self._emit(Shuffle(loc, value, mode, offset))
         return loc.ref
 
+    def splice(self, kernel: Kernel) -> None:
+        """Emit another kernel's body here, with its scratch and shared buffers and its
+        checks (renumbered after this kernel's, reporting to this kernel's status)."""
+        base = len(self.checks)
+        if kernel.checks:
+            if self.status is None:
+                self.status = Buffer("status", "int32", (1,))
+            self.checks.extend(kernel.checks)
+
+        def renumber(s: Stmt) -> list[Stmt] | None:
+            return [Check(s.ok, self.status, s.code + base)] if isinstance(s, Check) else None  # type: ignore[arg-type]
+
+        for stmt in rewrite_stmts(kernel.body, lambda e: None, renumber):
+            self._emit(stmt)
+        self._scratch.extend(kernel.scratch)
+        self._shared.extend(kernel.shared)
+
     def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
         params = self.params + ([self.status] if self.status is not None else [])

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen import cabi, cpu
+from codegen import cabi, cpu, nvptx
+from codegen.gpu_sim import simulate
 from compiler.fusion import Group, partition
-from compiler.lowering import KernelCall, copy_call, lower_group
+from compiler.lowering import GpuLoops, KernelCall, Loops, copy_call, lower_group
 from compiler.memory import MemoryPlan, plan_memory
 from compiler.passes import Pass, simplify
 from compiler.plan_check import Location, Step, check_plan
@@ -33,7 +34,10 @@ from ir.verify import verify
 from runtime import CompiledModel
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ("cpu",)
+#: cpu: a library of CPU kernels; cuda: GPU-scheduled kernels as PTX; cuda-sim: a CPU
+#: library that runs the GPU-scheduled kernels exactly (codegen.gpu_sim)
+TARGETS = ("cpu", "cuda", "cuda-sim")
+GPU_TARGETS = ("cuda", "cuda-sim")
 
 
 @dataclass
@@ -42,9 +46,11 @@ class Lowered:
 
     graph: Graph  # after simplification
     groups: list[Group]
-    calls: list[KernelCall]
+    calls: list[KernelCall]  # as scheduled for the target: GPU kernels for cuda and cuda-sim
+    cpu_calls: list[KernelCall]  # what a CPU library runs: the calls, or cuda-sim's simulated
     plan: MemoryPlan
-    library: cabi.Library
+    library: cabi.Library  # the CPU library's description
+    target: str = "cpu"
 
 
 def to_graph(
@@ -69,17 +75,16 @@ def lower_graph(
     graph: Graph,
     name: str,
     fuse: bool = True,
-    gpu_threads: int | None = None,
+    target: str = "cpu",
     checks: bool | None = None,
     after_pass: Callable[[Pass, Graph], None] | None = None,
 ) -> Lowered:
     """Simplify, partition into kernels, schedule, plan memory, lower, and describe the
     library's ABI.
 
-    `fuse=False` keeps one kernel per op on the same simplified graph. With
-    `gpu_threads`, kernels are scheduled for the GPU (one element per parallel
-    iteration, bound to blocks of that many threads): the CPU library built from
-    them runs the GPU kernels' exact loop structure, which is how they are tested.
+    `fuse=False` keeps one kernel per op on the same simplified graph. For the GPU
+    targets, kernels are scheduled for the GPU (grids of blocks of threads), with the
+    same groups and memory plan; for cuda-sim, the CPU library runs them simulated.
     `checks` (default: self_checks()) verifies the graph after every pass and replays
     the schedule over the planned bytes (compiler.plan_check). `after_pass` sees the
     graph each pass leaves."""
@@ -97,38 +102,35 @@ def lower_graph(
             schedule.steps(), set(pinned), schedule.views, in_place_candidates(schedule), len(weights)
         )
     storage = Storage(plan, pinned)
-    flat_block = 1 if gpu_threads is not None else 4096
-    calls = [
-        _lower(g, i, schedule.writes[i], storage.buffer, flat_block) for i, g in enumerate(schedule.kernels)
-    ]
+    loops = GpuLoops() if target in GPU_TARGETS else Loops()
+    calls = [_lower(g, i, schedule.writes[i], storage.buffer, loops) for i, g in enumerate(schedule.kernels)]
     for src, slot in schedule.copies:
-        calls.append(copy_call(storage.buffer(src), storage.buffer(slot), [src, slot], len(calls)))
+        calls.append(copy_call(storage.buffer(src), storage.buffer(slot), [src, slot], len(calls), loops))
     if checks:
         _replay_plan(graph, schedule, storage, calls, len(weights))
-    if gpu_threads is not None:
-        from codegen.nvptx import bind_gpu
-
-        calls = [KernelCall(bind_gpu(c.kernel, gpu_threads), c.values, c.nodes) for c in calls]
+    cpu_calls = calls
+    if target == "cuda-sim":
+        cpu_calls = [KernelCall(simulate(c.kernel), c.values, c.nodes, c.element_in_place) for c in calls]
     library = cabi.Library(
         name,
         [_spec(v) for v in graph.inputs],
         [_spec(v) for v in graph.outputs],
-        _launches(name, calls, storage),
+        _launches(name, cpu_calls, storage),
         plan.arena_bytes,
         weights,
     )
-    return Lowered(graph, groups, calls, plan, library)
+    return Lowered(graph, groups, calls, cpu_calls, plan, library, target)
 
 
 def _spec(v: Value) -> cabi.TensorSpec:
     return cabi.TensorSpec(v.name, v.type.dtype, v.type.shape)
 
 
-def _lower(group: Group, index: int, writes: list[Value], buffer_for, flat_block: int) -> KernelCall:
+def _lower(group: Group, index: int, writes: list[Value], buffer_for, loops: Loops) -> KernelCall:
     """lower_group, an unexpected failure named by the kernel's nodes."""
     nodes = ", ".join(f"node {n.name} ({n.op.name})" for n in group.nodes)
     with internal_errors(f"lowering kernel {index} ({nodes})"):
-        return lower_group(group, index, writes, buffer_for, flat_block)
+        return lower_group(group, index, writes, buffer_for, loops)
 
 
 def _launches(name: str, calls: list[KernelCall], storage: Storage) -> list[cabi.Launch]:
@@ -214,7 +216,7 @@ def build(
     extra_c / extra_blobs: a wrapper API linked in (see cabi.link)."""
     name = lowered.library.prefix
     with internal_errors(f"generating LLVM code for {name}"):
-        module = cpu.build_module([c.kernel for c in lowered.calls], name, cpu_name)
+        module = cpu.build_module([c.kernel for c in lowered.cpu_calls], name, cpu_name)
         optimized = cpu.optimize(module, cpu_name)
     dest.mkdir(parents=True, exist_ok=True)
     if "llvm" in emit:
@@ -226,6 +228,15 @@ def build(
         cabi.link(lowered.library, cpu.object_code(optimized, cpu_name), Path(work), so, extra_c, extra_blobs)
     (dest / f"{name}.h").write_text(cabi.header_source(lowered.library))
     return so
+
+
+def gpu_modules(lowered: Lowered, archs: tuple[str, ...] = nvptx.ARCHS) -> dict[str, str]:
+    """The PTX of a model lowered for a GPU target: one module per architecture."""
+    if lowered.target not in GPU_TARGETS:
+        raise UnsupportedError(f"PTX needs a GPU target (cuda or cuda-sim), not {lowered.target!r}")
+    kernels = [c.kernel for c in lowered.calls]
+    with internal_errors(f"generating PTX for {lowered.library.prefix}"):
+        return {arch: nvptx.ptx_module(kernels, arch, lowered.library.prefix) for arch in archs}
 
 
 def compile_model(
@@ -253,15 +264,17 @@ def compile_model(
     cabi.check_prefix(name)
     graph = to_graph(model, input_shapes, constant_inputs)
     key = _cache_key(graph, name, target, fuse, cpu_name)
+    if target == "cuda":
+        raise UnsupportedError("a --target cuda library is not built yet: emit its PTX with gpu_modules()")
     if emit:  # a build of its own, so the .ll / .s files are there
         dest = Path(tempfile.mkdtemp(prefix=f"{key}.emit.", dir=_ensure(cache_dir())))
-        build(lower_graph(graph, name, fuse), dest, emit, cpu_name)
+        build(lower_graph(graph, name, fuse, target), dest, emit, cpu_name)
         return CompiledModel(dest / f"{name}.so", name)
     final = cache_dir() / key
     so = final / f"{name}.so"
     if not so.exists():
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(cache_dir())))
-        build(lower_graph(graph, name, fuse), staging, (), cpu_name)
+        build(lower_graph(graph, name, fuse, target), staging, (), cpu_name)
         try:
             staging.rename(final)  # atomic: readers see all of a build or none
         except OSError:  # another process finished the same build first; it is identical

@@ -3,21 +3,30 @@
 Elementwise groups become one loop nest that computes every member at each point
 from the members' `scalar` rules: a flat loop when every operand has the group's
 shape, otherwise a nest where broadcast axes index element 0. An anchored group is
-its anchor's own loop nest (`Op.lower`), given a prologue (input 0 computed on the
-fly) and an epilogue (applied as it stores) built from the other members.
+its anchor's own loop nest (`Op.lower`, or `Op.lower_gpu`), given a prologue (input 0
+computed on the fly) and an epilogue (applied as it stores) built from the other
+members. Rows kernels take each row through one pass per reduction.
+
+Each group kind is written once against `Loops`, which says how a kernel walks its
+space: on the CPU, parallel loops split across threads with vector loops inside; on
+a GPU, a grid of blocks of threads (elementwise: a grid-stride loop over the output,
+consecutive threads on consecutive elements; rows: a block per row, its threads
+striding over the row, each reduction combined across them by warp shuffles and
+shared memory).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
 
-from codegen import kir
+from codegen import gpu, kir
 from compiler.fusion import Group, GroupKind
 from ir.graph import Node, Value
-from ir.ops import Fusion
+from ir.ops import Fusion, Op
 
 #: below this much work (statements executed, see kir.estimate_work) a kernel is not
 #: worth waking the thread pool for
@@ -52,6 +61,108 @@ class KernelCall:
 
 def c_name(name: str) -> str:
     return re.sub(r"\W", "_", name)
+
+
+class RowWalk:
+    """One row of a rows kernel: its index, the passes over its columns, and how a
+    pass's partial result becomes the row's (see Loops.rows)."""
+
+    def __init__(self, index: kir.Expr):
+        self.index = index
+
+    @contextmanager
+    def columns(self, k: kir.KernelBuilder, n: int) -> Iterator[kir.Expr]:
+        with k.loop(n, kir.LoopKind.VECTOR, "j") as j:
+            yield j
+
+    def total(self, k: kir.KernelBuilder, acc: kir.Local, combine: Callable) -> None:
+        """After a pass, acc holds the whole row's reduction (here it already does)."""
+
+    @contextmanager
+    def once(self, k: kir.KernelBuilder) -> Iterator[None]:
+        """Statements for the row as a whole (storing its per-row results)."""
+        yield
+
+
+class Loops:
+    """The CPU's loops: parallel loops (blocks of `flat_block` elements, or rows) split
+    across threads, vector loops inside."""
+
+    gpu = False
+
+    def __init__(self, flat_block: int = 4096):
+        self.flat_block = flat_block
+
+    @contextmanager
+    def points(self, k: kir.KernelBuilder, shape: tuple[int, ...], full: bool) -> Iterator[Point]:
+        """Every point of `shape` (full: every operand has that shape, a flat loop does)."""
+        if full:
+            with k.flat(prod(shape)) as i:
+                yield Point(shape, flat=i)
+        else:
+            with k.nest(shape) as idx:
+                yield Point(shape, multi=idx)
+
+    @contextmanager
+    def rows(self, k: kir.KernelBuilder, rows: int, n: int) -> Iterator[RowWalk]:
+        with k.loop(rows, kir.LoopKind.PARALLEL, "row") as r:
+            yield RowWalk(r)
+
+    def lower_op(self, k: kir.KernelBuilder, op: Op, ins: list, out: kir.Buffer, epilogue=None) -> None:
+        op.lower(k, ins, out, epilogue)
+
+
+class GpuRowWalk(RowWalk):
+    """A GPU block per row: thread t takes columns t, t + T, ...; a pass's partial
+    results are combined across the block."""
+
+    def __init__(self, index: kir.Expr, thread: kir.Expr, threads: int):
+        super().__init__(index)
+        self.thread, self.threads = thread, threads
+
+    @contextmanager
+    def columns(self, k: kir.KernelBuilder, n: int) -> Iterator[kir.Expr]:
+        with k.loop(-(-n // self.threads), kir.LoopKind.SERIAL, "jj") as jj:
+            j = jj * self.threads + self.thread
+            with k.when(j.lt(n)):
+                yield j
+
+    def total(self, k: kir.KernelBuilder, acc: kir.Local, combine: Callable) -> None:
+        k.assign(acc, gpu.block_total(k, acc.ref, combine, self.threads, self.thread))
+
+    @contextmanager
+    def once(self, k: kir.KernelBuilder) -> Iterator[None]:
+        with k.when(self.thread.eq(0)):
+            yield
+
+
+class GpuLoops(Loops):
+    """A GPU's loops: grids of blocks of threads (see codegen.gpu)."""
+
+    gpu = True
+
+    def __init__(self) -> None:
+        super().__init__(flat_block=1)
+
+    @contextmanager
+    def points(self, k: kir.KernelBuilder, shape: tuple[int, ...], full: bool) -> Iterator[Point]:
+        """A grid-stride loop over the flat output: consecutive threads, consecutive
+        elements (coalesced), as many blocks as fill the GPU and no more."""
+        n = prod(shape)
+        blocks = gpu.blocks_for(n)
+        with gpu.grid(k, (blocks,), (gpu.THREADS,)) as ((b,), (t,)):
+            with gpu.stride_over(k, n, b, t, blocks) as i:
+                yield Point(shape, flat=i)
+
+    @contextmanager
+    def rows(self, k: kir.KernelBuilder, rows: int, n: int) -> Iterator[RowWalk]:
+        """A block per row: a warp for short rows, 256 threads for long ones."""
+        threads = gpu.THREADS if n >= gpu.THREADS else kir.WARP
+        with gpu.grid(k, (rows,), (threads,)) as ((b,), (t,)):
+            yield GpuRowWalk(b, t, threads)
+
+    def lower_op(self, k: kir.KernelBuilder, op: Op, ins: list, out: kir.Buffer, epilogue=None) -> None:
+        op.lower_gpu(k, ins, out, epilogue)
 
 
 class Point:
@@ -127,29 +238,22 @@ class Computed:
         return Values(self.nodes, Point(self.shape, flat=index), self.buffer_for)[self.value]
 
 
-def _elementwise(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: BufferFor) -> None:
+def _elementwise(
+    k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: BufferFor, loops: Loops
+) -> None:
     """Every value is computed into a local before the first store, so an output written
     in place over an input never feeds a later read."""
     shape = group.shape
     produced = group.produced()
     operands = {v for n in group.nodes for v in n.inputs if v not in produced} | set(writes)
-    full = all(v.type.shape == shape for v in operands)
-
-    def body(point: Point) -> None:
+    with loops.points(k, shape, all(v.type.shape == shape for v in operands)) as point:
         values = Values(group.nodes, point, buffer_for, bind=lambda v, e: k.local(v.type.dtype, e, "v").ref)
         exprs = [values[v] for v in writes]
         for v, expr in zip(writes, exprs):
             k.store(buffer_for(v), point.flat(), expr)
 
-    if full:
-        with k.flat(prod(shape)) as i:
-            body(Point(shape, flat=i))
-    else:
-        with k.nest(shape) as idx:
-            body(Point(shape, multi=idx))
 
-
-def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor) -> None:
+def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor, loops: Loops) -> None:
     anchor = group.anchor
     # the epilogue: every other member, including elementwise branches that do not
     # read the anchor (x → relu joining x → reduce → sub in `relu + sub`)
@@ -165,7 +269,7 @@ def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor) -> None
         def epilogue(value: kir.Expr, flat: kir.Expr, multi: list[kir.Expr] | None) -> kir.Expr:
             return Values(after, Point(shape, flat=flat, multi=multi), buffer_for, {raw: value})[group.tail]
 
-    anchor.op.lower(k, ins, buffer_for(group.tail), epilogue)
+    loops.lower_op(k, anchor.op, ins, buffer_for(group.tail), epilogue)
 
 
 def _row_stashes(group: Group, row_nodes: list[Node], writes: list[Value]) -> tuple[dict, list]:
@@ -203,7 +307,9 @@ def _row_stashes(group: Group, row_nodes: list[Node], writes: list[Value]) -> tu
     return stash, needs
 
 
-def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: BufferFor) -> None:
+def _rows(
+    k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: BufferFor, loops: Loops
+) -> None:
     """One parallel step per row. Per-row values (reductions, and elementwise ops on them)
     become locals in node order, a reduction being one pass over the row; values over the
     row are expressions, recomputed in each pass that reads them unless _row_stashes keeps
@@ -215,7 +321,8 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
     row_nodes = [node for node in group.nodes if node.outputs[0] in over_row]
     stash, needs = _row_stashes(group, row_nodes, writes)
     stored: set[Value] = set()
-    with k.loop(rows, kir.LoopKind.PARALLEL, "row") as r:
+    with loops.rows(k, rows, n) as row:
+        r = row.index
         per_row: dict[Value, kir.Expr] = {}
         row_point = Point(per_row_shape, flat=r)
 
@@ -239,8 +346,9 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
             if node.op.row_reduction:
                 x, need = node.inputs[0], needs[reduction_pass]
                 acc = k.local(out.type.dtype, node.op.init(out.type.dtype), "acc")
-                with k.loop(n, kir.LoopKind.VECTOR, "j") as j:
+                with row.columns(k, n) as j:
                     k.assign(acc, node.op.combine(acc.ref, row_pass(j, need)[x]), reduction=True)
+                row.total(k, acc, node.op.combine)
                 stored |= {v for v in need if v in stash}
                 reduction_pass += 1
                 result = node.op.finish(acc.ref, n)
@@ -248,12 +356,14 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
                 args = [per_row[v] if v in per_row else row_point.load(buffer_for(v)) for v in node.inputs]
                 result = node.op.scalar(_E, *args)
             per_row[out] = k.local(out.type.dtype, result, "row").ref
-        for v in writes:
-            if v in per_row:
-                k.store(buffer_for(v), r, per_row[v])
+        per_row_writes = [v for v in writes if v in per_row]
+        if per_row_writes:
+            with row.once(k):
+                for v in per_row_writes:
+                    k.store(buffer_for(v), r, per_row[v])
         row_writes = [v for v in writes if v in over_row and not (stash.get(v) is v and v in stored)]
         if row_writes:
-            with k.loop(n, kir.LoopKind.VECTOR, "j") as j:
+            with row.columns(k, n) as j:
                 values = row_pass(j, set())
                 # every value into a local before the first store: a value kept in the
                 # buffer of a written value is read before that buffer takes its own value
@@ -263,9 +373,11 @@ def _rows(k: kir.KernelBuilder, group: Group, writes: list[Value], buffer_for: B
 
 
 def lower_group(
-    group: Group, index: int, writes: list[Value], buffer_for: BufferFor, flat_block: int = 4096
+    group: Group, index: int, writes: list[Value], buffer_for: BufferFor, loops: Loops | None = None
 ) -> KernelCall:
-    """The kernel computing `group`, storing `writes` (the values read outside it)."""
+    """The kernel computing `group`, storing `writes` (the values read outside it), with
+    the CPU's loops unless `loops` says otherwise (GpuLoops: a GPU kernel)."""
+    loops = loops or Loops()
     params: dict[int, kir.Buffer] = {}
     roots: list[Value] = []
 
@@ -277,16 +389,16 @@ def lower_group(
         return buf
 
     label = "_".join(dict.fromkeys(n.op.name for n in group.nodes))
-    k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], flat_block)
+    k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], loops.flat_block)
     if group.anchor is not None:
-        _anchored(k, group, bound)
+        _anchored(k, group, bound, loops)
     elif group.kind is GroupKind.ROWS:
-        _rows(k, group, writes, bound)
+        _rows(k, group, writes, bound, loops)
     elif lowers_element_by_element(group):
-        _elementwise(k, group, writes, bound)
+        _elementwise(k, group, writes, bound, loops)
     else:
         (node,) = group.nodes
-        node.op.lower(k, [bound(v) for v in node.inputs], bound(node.outputs[0]))
+        loops.lower_op(k, node.op, [bound(v) for v in node.inputs], bound(node.outputs[0]))
     k.params = list(params.values())
     return KernelCall(k.finish(), roots, list(group.nodes), writes_in_place(group))
 
@@ -303,10 +415,13 @@ def writes_in_place(group: Group) -> bool:
     return lowers_element_by_element(group) and all(n.op.in_place for n in group.nodes)
 
 
-def copy_call(src: kir.Buffer, dst: kir.Buffer, values: list[Value], index: int) -> KernelCall:
+def copy_call(
+    src: kir.Buffer, dst: kir.Buffer, values: list[Value], index: int, loops: Loops | None = None
+) -> KernelCall:
     """A kernel that copies src into dst (a graph output that is an input, a param, a
     view or a repeat of another output)."""
-    k = kir.KernelBuilder(f"k{index}_copy", [src.root, dst.root])
-    with k.flat(dst.numel) as i:
-        k.store(dst, i, src.load_flat(i))
+    loops = loops or Loops()
+    k = kir.KernelBuilder(f"k{index}_copy", [src.root, dst.root], loops.flat_block)
+    with loops.points(k, dst.shape, True) as point:
+        k.store(dst, point.flat(), src.load_flat(point.flat()))
     return KernelCall(k.finish(), values, [], element_in_place=True)

@@ -21,7 +21,7 @@ def kernels_table(lowered: Lowered, with_ir: bool = False) -> str:
         f"{len(lowered.calls)} kernels ({ops} ops):",
         f"  {'kernel':<36} {'output':<22} {'MFLOP':>9} {'MB':>9}  launch",
     ]
-    for call, launch in zip(lowered.calls, lowered.library.launches):
+    for call, launch in zip(lowered.cpu_calls, lowered.library.launches):
         out = call.nodes[-1].outputs[0].type if call.nodes else None
         shape = str(out) if out is not None else "copy"
         mode = f"parallel x{launch.extent}" if launch.parallel else "serial"

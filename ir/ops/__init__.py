@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ir.errors import GraphError
+from codegen import gpu, kir
+from ir.errors import GraphError, UnsupportedError
 from ir.types import TensorType
 
 if TYPE_CHECKING:
@@ -103,6 +104,9 @@ class Op:
     #: written out of primitive ops)
     row_reduction: ClassVar[bool] = False
     differentiation: ClassVar[Gradient] = Gradient.RULE
+    #: the op's GPU kernel is its CPU loop nest with each iteration of the parallel loop
+    #: one GPU thread (independent, small iterations: a row of a pooling, a gather)
+    gpu_per_iteration: ClassVar[bool] = False
 
     def infer(self, *inputs: TensorType) -> TensorType:
         raise NotImplementedError
@@ -115,6 +119,17 @@ class Op:
     ) -> None:
         """Write this op's loop nest; only non-elementwise ops define it."""
         raise NotImplementedError(f"op {self.name} has no lowering")
+
+    def lower_gpu(
+        self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue: Epilogue | None = None
+    ) -> None:
+        """Write this op's GPU kernel (a grid of blocks of threads, see codegen.gpu); only
+        non-elementwise ops define it, or declare gpu_per_iteration."""
+        if not self.gpu_per_iteration:
+            raise UnsupportedError(f"op {self.name} has no GPU schedule")
+        cpu = kir.KernelBuilder(k.name, [], flat_block=1)
+        self.lower(cpu, ins, out, epilogue)
+        gpu.per_iteration(k, cpu.finish())
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         """Each input's gradient, given g (the output's), built with graph ops on `b`,

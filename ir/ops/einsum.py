@@ -80,6 +80,7 @@ def letter_sizes(equation: str, shapes: list[tuple[int, ...]]) -> dict[str, int]
 
 @register("einsum", Fusion.CONTRACTION)
 class Einsum(Op):
+    gpu_per_iteration = True
     arity = (1, 8)
     equation: str = ""
 

@@ -207,6 +207,7 @@ def k_const(buf: Buffer, value: float) -> Expr:
 
 @register("matmul", Fusion.CONTRACTION)
 class MatMul(Op):
+    gpu_per_iteration = True
     arity = (2, 2)
     accepts_epilogue = True
 
@@ -238,6 +239,8 @@ class MatMul(Op):
 @register("linear", Fusion.CONTRACTION)
 class Linear(Op):
     """x @ w + bias, w of shape (in, out) as in a Keras Dense kernel."""
+
+    gpu_per_iteration = True
 
     arity = (2, 3)
     accepts_epilogue = True
@@ -318,6 +321,8 @@ def _conv_weight_gradient(
 @register("conv2d", Fusion.CONTRACTION)
 class Conv2d(Op):
     """NCHW convolution; w is (out_channels, in_channels / groups, kh, kw)."""
+
+    gpu_per_iteration = True
 
     arity = (2, 3)
     accepts_epilogue = True
@@ -453,6 +458,8 @@ class ConvTranspose2d(Op):
     `strides` apart. w is (in_channels, out_channels / groups, kh, kw), as in ONNX and
     PyTorch; `pads` crop the full result, `output_padding` extends its end."""
 
+    gpu_per_iteration = True
+
     arity = (2, 3)
     strides: tuple[int, ...] = (1, 1)
     pads: tuple[int, ...] = (0, 0, 0, 0)  # top, left, bottom, right
@@ -565,6 +572,8 @@ class Im2Col(Op):
     """Every conv window as a column: out[n, (c, i, j), y, x] = x[n, c, y*s + i*d - p, x*s + j*d - p]
     (zero outside). Turns a convolution into one matrix product (see conv2d_gemm)."""
 
+    gpu_per_iteration = True
+
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     kernel: tuple[int, ...] = (3, 3)
     strides: tuple[int, ...] = (1, 1)
@@ -626,6 +635,8 @@ class Col2Im(Op):
     from, summed where windows overlap. With a matmul before it, the gradient of a
     convolution for its input (w^T @ g, then col2im) at any stride."""
 
+    gpu_per_iteration = True
+
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     input_shape: tuple[int, ...] = ()  # (N, C, H, W) of the image im2col read
     kernel: tuple[int, ...] = (3, 3)
@@ -686,6 +697,8 @@ class Col2Im(Op):
 class Conv2dGemm(Op):
     """A convolution as weights (O, C*KH*KW) @ im2col columns (N, C*KH*KW, OH*OW) + bias,
     writing NCHW directly: the fast matmul loops, with the conv's epilogue."""
+
+    gpu_per_iteration = True
 
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 3)
@@ -789,6 +802,8 @@ class MaxPool2d(Pool2d):
     x, row-major over (n, c, h, w), or with storage_order=1 column-major over (h, w);
     the first maximum in window order on ties, as onnxruntime picks."""
 
+    gpu_per_iteration = True
+
     output: str = "values"
     storage_order: int = 0
 
@@ -854,6 +869,8 @@ class MaxPool2dBackward(Op):
     output="indices"), summed where windows overlap. Written as a gather: each input
     element visits the few windows that can cover it, so rows run in parallel."""
 
+    gpu_per_iteration = True
+
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
     input_shape: tuple[int, ...] = ()  # (N, C, H, W) of the pooled input
@@ -918,6 +935,8 @@ class MaxPool2dTiledBackward(Op):
     max_pool2d(output="indices") names), every other element gets 0. One pass over the
     windows finds the maximum and writes all of its elements, so no index tensor is
     stored or read back."""
+
+    gpu_per_iteration = True
 
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
@@ -986,6 +1005,8 @@ class AvgPool2dBackward(Op):
     gradient, divided by the window's count, to every input element in the window.
     A gather, like max_pool2d_backward: each element visits the windows covering it."""
 
+    gpu_per_iteration = True
+
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     input_shape: tuple[int, ...] = ()  # (N, C, H, W)
     kernel: tuple[int, ...] = (2, 2)
@@ -1038,6 +1059,8 @@ class AvgPool2dBackward(Op):
 class AvgPool2d(Pool2d):
     """With count_include_pad the divisor counts padding too, but not `uncounted_end`:
     the end rows and columns ceil_mode adds, which ONNX never counts."""
+
+    gpu_per_iteration = True
 
     count_include_pad: bool = False
     uncounted_end: tuple[int, ...] = (0, 0)
@@ -1101,6 +1124,8 @@ class AvgPool2d(Pool2d):
 
 @register("global_avg_pool2d", Fusion.REDUCTION)
 class GlobalAvgPool2d(Op):
+    gpu_per_iteration = True
+
     def infer(self, x: TensorType) -> TensorType:
         _require_float("global_avg_pool2d", x)
         if x.rank != 4:
@@ -1128,6 +1153,8 @@ class GlobalAvgPool2d(Op):
 @register("batch_norm", Fusion.INJECTIVE)
 class BatchNorm(Op):
     """Inference batch norm over axis 1: (x - mean) / sqrt(var + eps) * scale + bias."""
+
+    gpu_per_iteration = True
 
     arity = (5, 5)
     epsilon: float = 1e-5

@@ -96,6 +96,7 @@ class Reduce(Op):
 
 @register("reduce_sum", Fusion.REDUCTION)
 class ReduceSum(Reduce):
+    gpu_per_iteration = True
     row_reduction = True
 
     def reference(self, x):
@@ -111,6 +112,7 @@ class ReduceSum(Reduce):
 
 @register("reduce_mean", Fusion.REDUCTION)
 class ReduceMean(Reduce):
+    gpu_per_iteration = True
     row_reduction = True
     accepts = ("float32", "float64")
 
@@ -142,6 +144,7 @@ class ReduceExtremum(Reduce):
 
 @register("reduce_max", Fusion.REDUCTION)
 class ReduceMax(ReduceExtremum):
+    gpu_per_iteration = True
     row_reduction = True
     accepts = (*Reduce.accepts, "bool")  # bool: any
 
@@ -159,6 +162,7 @@ class ReduceMax(ReduceExtremum):
 
 @register("reduce_min", Fusion.REDUCTION)
 class ReduceMin(ReduceExtremum):
+    gpu_per_iteration = True
     accepts = (*Reduce.accepts, "bool")  # bool: all
 
     def reference(self, x):
@@ -175,6 +179,8 @@ class ReduceMin(ReduceExtremum):
 
 @register("reduce_prod", Fusion.REDUCTION)
 class ReduceProd(Reduce):
+    gpu_per_iteration = True
+
     def reference(self, x):
         return np.prod(x, axis=self._axes(x.ndim), keepdims=self.keepdims, dtype=x.dtype)
 
@@ -195,6 +201,8 @@ class ReduceProd(Reduce):
 class ArgReduce(Op):
     """The index (int64) of the largest (`largest`) or smallest value along `axis`; ties
     go to the first index, or the last with select_last_index; NaN counts as largest."""
+
+    gpu_per_iteration = True
 
     differentiation = Gradient.ZERO
     axis: int = 0
@@ -251,6 +259,8 @@ class TopK(Op):
     """The k largest (or smallest) values along `axis`, in order, or (output="indices")
     their int64 indices. Equal values keep their order (the lower index first), as ONNX
     TopK defines; NaN is not ordered."""
+
+    gpu_per_iteration = True
 
     k: int = 1
     axis: int = -1
@@ -340,6 +350,7 @@ class AxisSoftmax(Op):
 
 @register("softmax", Fusion.REDUCTION)
 class Softmax(AxisSoftmax):
+    gpu_per_iteration = True
     stores_exp = True
 
     def reference(self, x):
@@ -360,6 +371,7 @@ class Softmax(AxisSoftmax):
 
 @register("log_softmax", Fusion.REDUCTION)
 class LogSoftmax(AxisSoftmax):
+    gpu_per_iteration = True
     stores_exp = False
 
     def reference(self, x):
@@ -381,6 +393,8 @@ class LogSoftmax(AxisSoftmax):
 @register("layer_norm", Fusion.REDUCTION)
 class LayerNorm(Op):
     """Normalize over axes [axis, rank): (x - mean) / sqrt(var + eps) * scale + bias."""
+
+    gpu_per_iteration = True
 
     arity = (2, 3)
     accepts_epilogue = True

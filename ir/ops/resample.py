@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 @register("resample", Fusion.OPAQUE)
 class Resample(Op):
+    gpu_per_iteration = True
     arity = (1, 1 + 2 * 8)
     axes: tuple[int, ...] = ()
     extrapolation_value: float = 0.0

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from codegen import gpu
 from codegen.kir import (
     Buffer,
     Expr,
@@ -20,6 +21,7 @@ from codegen.kir import (
     maximum,
     minimum,
     select,
+    unravel,
 )
 from ir.errors import GraphError
 from ir.graph import Node, Value
@@ -49,6 +51,7 @@ class View(Op):
 
 @register("reshape", INJ)
 class Reshape(View):
+    gpu_per_iteration = True
     shape: tuple[int, ...] = ()  # one entry may be -1: inferred
 
     def infer(self, x: TensorType) -> TensorType:
@@ -73,6 +76,7 @@ class Reshape(View):
 
 @register("flatten", INJ)
 class Flatten(View):
+    gpu_per_iteration = True
     axis: int = 1
 
     def infer(self, x: TensorType) -> TensorType:
@@ -90,6 +94,7 @@ class Flatten(View):
 
 @register("transpose", INJ)
 class Transpose(Op):
+    gpu_per_iteration = True
     perm: tuple[int, ...] | None = None  # None: reverse the axes
 
     def _perm(self, rank: int) -> tuple[int, ...]:
@@ -153,6 +158,20 @@ class Concat(Op):
                 k.store(out, dst, x[idx])
             start += x.shape[axis]
 
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """One grid; its threads stride over each input in turn, reading it in order."""
+        axis = normalize_axis("concat", self.axis, len(out.shape))
+        blocks = gpu.blocks_for(max(x.numel for x in ins))
+        with gpu.grid(k, (blocks,), (gpu.THREADS,)) as ((b,), (t,)):
+            start = 0
+            for x in ins:
+                with gpu.stride_over(k, x.numel, b, t, blocks) as i:
+                    idx = unravel(i, x.shape)
+                    dst = list(idx)
+                    dst[axis] = idx[axis] + start
+                    k.store(out, dst, x.load_flat(i))
+                start += x.shape[axis]
+
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         axis = normalize_axis("concat", self.axis, g.type.rank)
         grads: Grads = []
@@ -167,6 +186,8 @@ class Concat(Op):
 @register("slice", INJ)
 class Slice(Op):
     """ONNX Slice semantics: out-of-range starts/ends clamp; negative ones count from the end."""
+
+    gpu_per_iteration = True
 
     starts: tuple[int, ...] = ()
     ends: tuple[int, ...] = ()
@@ -226,6 +247,8 @@ class Pad(Op):
     """Padding; pads = begins of every axis, then ends (ONNX order). Negative crops.
     `mode`: constant (`value`), edge (repeat the border), reflect (mirror, border not
     repeated) or wrap (periodic), as in ONNX and numpy."""
+
+    gpu_per_iteration = True
 
     pads: tuple[int, ...] = ()
     value: float = 0.0
@@ -306,6 +329,8 @@ class Gather(Op):
     An index out of range fails the run with an error naming the node (the read is
     clamped meanwhile, so it never leaves the buffer); the reference raises too."""
 
+    gpu_per_iteration = True
+
     arity = (2, 2)
     axis: int = 0
 
@@ -341,6 +366,8 @@ class GatherBackward(Op):
     """The gradient of gather(data, indices) along axis 0 for data: row r sums the
     output gradient's rows whose index is r (negative indices count from the end).
     Written as a gather over the indices, so rows run in parallel without races."""
+
+    gpu_per_iteration = True
 
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
@@ -379,6 +406,8 @@ class GatherElementsBackward(Op):
     the output gradient's entries whose index names it (along `axis`, the other
     coordinates equal). Written as a gather over the axis, so elements run in parallel
     without races."""
+
+    gpu_per_iteration = True
 
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
@@ -428,6 +457,8 @@ class GatherElementsBackward(Op):
 class Tile(Op):
     """x repeated `repeats[i]` times along each axis i."""
 
+    gpu_per_iteration = True
+
     repeats: tuple[int, ...] = ()
 
     def infer(self, x: TensorType) -> TensorType:
@@ -457,6 +488,8 @@ class Tile(Op):
 class Trilu(Op):
     """The upper (or lower) triangle of the last two axes, from diagonal k; zeros elsewhere."""
 
+    gpu_per_iteration = True
+
     upper: bool = True
     k: int = 0
 
@@ -484,6 +517,8 @@ class Trilu(Op):
 class GatherElements(Op):
     """out[i, j, ...] = data[i, ..., indices[i, j, ...], ...] with the index on `axis`
     (ONNX GatherElements, numpy take_along_axis); negative indices count from the end."""
+
+    gpu_per_iteration = True
 
     arity = (2, 2)
     axis: int = 0
@@ -521,6 +556,8 @@ class GatherElements(Op):
 class CumSum(Op):
     """Running sums along `axis`; exclusive leaves each element out of its own sum,
     reverse runs from the end."""
+
+    gpu_per_iteration = True
 
     axis: int = 0
     exclusive: bool = False
