@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from codegen import gpu
 from codegen.kir import (
     Buffer,
     Expr,
@@ -89,23 +90,59 @@ MATMUL_MIN_STEPS = 4
 MATMUL_VECTOR = 16
 
 
-def lower_matmul(
-    k: KernelBuilder,
-    a: Buffer,
-    b: Buffer,
-    out: Buffer,
-    bias: Buffer | None,
-    epilogue: Epilogue | None,
-    bias_per_row: bool = False,
-    out_shape: tuple[int, ...] | None = None,
-) -> None:
-    """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a group of row blocks per parallel step.
+@dataclasses.dataclass
+class Product:
+    """out[p] = bias + a[p] @ b[p] for each matrix p of a batch (broadcast as numpy's
+    matmul): what a contraction op hands its CPU and GPU lowerings.
 
     The bias is one value per column (a Dense layer's), or with bias_per_row one per
     row (a convolution's, computed as weights @ im2col). out_shape is the shape the
     epilogue sees (out may be a view of it): out's rows span its leading axes and out's
     columns its trailing ones (a linear's (..., N) over rows of N; a convolution's
-    (N, C, H, W) over rows of H*W), and the epilogue gets its multi-index there.
+    (N, C, H, W) over rows of H*W), and the epilogue gets its multi-index there, unless
+    flat_epilogue (a matmul with a squeezed operand: flat indices only)."""
+
+    a: Buffer
+    b: Buffer
+    out: Buffer
+    bias: Buffer | None = None
+    bias_per_row: bool = False
+    out_shape: tuple[int, ...] | None = None
+    flat_epilogue: bool = False
+
+    def epilogue_index(self, row: Expr, col: Expr) -> list[Expr] | None:
+        """The multi-index the epilogue sees for out row `row` (counted over the whole
+        batch) and column `col`."""
+        if self.flat_epilogue:
+            return None
+        shape = self.out_shape or self.out.shape
+        col_axes = _trailing_axes(shape, self.out.shape[-1])
+        return [*unravel(row, shape[:-col_axes]), *unravel(col, shape[-col_axes:])]
+
+    def initial(self, row: Expr, col: Expr) -> Expr:
+        """What the sum of out[row, col] (row within its matrix) starts from: the bias."""
+        if self.bias is None:
+            return k_const(self.out, 0.0)
+        return self.bias.load_flat(row if self.bias_per_row else col)
+
+
+class ProductOp(Op):
+    """A contraction computed as a Product: its CPU and GPU lowerings are the product's."""
+
+    accepts_epilogue = True
+
+    def product(self, ins: list[Buffer], out: Buffer) -> Product:
+        raise NotImplementedError
+
+    def lower(self, k, ins, out, epilogue=None):
+        lower_matmul(k, self.product(ins, out), epilogue)
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        lower_matmul_gpu(k, self.product(ins, out), epilogue)
+
+
+def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> None:
+    """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a group of row blocks per parallel step.
 
     The output is computed in tiles of R rows x MATMUL_COL_TILE columns, small enough
     for LLVM to keep in vector registers over the whole k loop: per step of k, R
@@ -116,17 +153,16 @@ def lower_matmul(
     epilogue is applied in the last sweep, to the finished sums before they are
     stored: no extra pass over the output.
     """
+    a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
     rows_per_block = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
     blocks_per_matrix = m // rows_per_block
     group = _row_group(blocks_per_matrix, prod(batch))
     groups_per_matrix = blocks_per_matrix // group
-    shape = out_shape or out.shape
-    col_axes = _trailing_axes(shape, n)
     with k.loop(prod(batch) * groups_per_matrix, LoopKind.PARALLEL, "rows") as grp:
-        p = grp // groups_per_matrix
-        b_mat = _batch_offset(p, batch, b_batch, kk * n)
-        a_mat = _batch_offset(p, batch, a_batch, m * kk)
+        matrix = grp // groups_per_matrix
+        b_mat = _batch_offset(matrix, batch, b_batch, kk * n)
+        a_mat = _batch_offset(matrix, batch, a_batch, m * kk)
 
         def tile(first_col: Expr, cols: int) -> None:
             """out[rows, first_col : first_col + cols] of every block in the group, over all of k."""
@@ -136,27 +172,22 @@ def lower_matmul(
                 mi = (grp % groups_per_matrix * group + q) * rows_per_block
                 a_rows = [a_mat + (mi + i) * kk for i in range(rows_per_block)]
                 out_rows = [(blk * rows_per_block + i) * n for i in range(rows_per_block)]
-                leading = [
-                    unravel(blk * rows_per_block + i, shape[:-col_axes]) for i in range(rows_per_block)
-                ]
                 with k.loop(cols, kind, "n") as jj:
                     j = first_col + jj
                     for i, row in enumerate(out_rows):
-                        per_row = bias_per_row and bias is not None
-                        init = k_const(out, 0.0) if bias is None else bias.load_flat(mi + i if per_row else j)
-                        k.store(out, row + j, init)
+                        k.store(out, row + j, p.initial(mi + i, j))
 
                 def sweep(first_k: Expr, steps: int, last: bool) -> None:
                     coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
                     with k.loop(cols, kind, "n") as jj:
                         j = first_col + jj
                         bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
-                        for row, row_coeffs, lead in zip(out_rows, coeffs, leading):
+                        for i, (row, row_coeffs) in enumerate(zip(out_rows, coeffs)):
                             acc = out.load_flat(row + j)
                             for av, bv in zip(row_coeffs, bs):
                                 acc = muladd(av, bv, acc)
                             if last and epilogue is not None:  # on the finished sum, still in registers
-                                acc = epilogue(acc, row + j, [*lead, *unravel(j, shape[-col_axes:])])
+                                acc = epilogue(acc, row + j, p.epilogue_index(blk * rows_per_block + i, j))
                             k.store(out, row + j, acc)
 
                 # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
@@ -184,6 +215,88 @@ def lower_matmul(
                     tile(const(first, "int64"), cols)
 
 
+#: GPU product tiles (rows, columns, k step, rows per thread, columns per thread): large
+#: products, middling ones, and products of a few rows (a batch-1 Dense layer)
+GEMM_TILES = {"large": (128, 128, 8, 8, 8), "middle": (64, 64, 16, 4, 4), "few_rows": (16, 128, 16, 1, 8)}
+
+
+def _gemm_tile(m: int, n: int) -> tuple[int, int, int, int, int]:
+    if m <= 16:
+        return GEMM_TILES["few_rows"]
+    return GEMM_TILES["large" if m >= 128 and n >= 128 else "middle"]
+
+
+def lower_matmul_gpu(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> None:
+    """The product as a GPU kernel, tiled through shared memory with register blocking.
+
+    A block computes a BM x BN tile of one matrix of the batch (grid x: column tiles,
+    y: row tiles, z: the batch) with (BM/TM) x (BN/TN) threads. It steps over k in
+    slices of BK: the block copies the slice of a (BM x BK, stored transposed with a
+    padding column so the copy's writes and the reads below hit distinct banks) and of
+    b (BK x BN) into shared memory, consecutive threads reading consecutive elements
+    of a row (coalesced), waits, and each thread accumulates its TM x TN sums, in
+    registers, from them; it waits again before the next slice overwrites the tiles.
+    A thread owns rows ty + i·BM/TM and columns tx + j·BN/TN, so neighbouring threads
+    read neighbouring elements of the b tile and store neighbouring columns. Tiles at
+    the edges load zeros outside a and b and store only inside out. The bias is added
+    to the finished sums, then the epilogue, as they are stored."""
+    a, b, out = p.a, p.b, p.out
+    batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
+    bm, bn, bk, tm, tn = _gemm_tile(m, n)
+    rows_t, cols_t = bm // tm, bn // tn  # threads along the tile's rows and columns
+    threads = rows_t * cols_t
+    a_tile = k.shared("a_tile", a.dtype, (bk * (bm + 1),))  # [k][row], one column of padding
+    b_tile = k.shared("b_tile", b.dtype, (bk * bn,))  # [k][column]
+    grid = (-(-n // bn), -(-m // bm), prod(batch))
+    with gpu.grid(k, grid, (threads,)) as ((bx, by, bz), (t,)):
+        tx, ty = t % cols_t, t // cols_t
+        row0, col0 = by * bm, bx * bn
+        a_mat = _batch_offset(bz, batch, a_batch, m * kk)
+        b_mat = _batch_offset(bz, batch, b_batch, kk * n)
+        rows = [row0 + ty + i * rows_t for i in range(tm)]
+        cols = [col0 + tx + j * cols_t for j in range(tn)]
+        acc = [[k.local(out.dtype, 0.0, "acc") for _ in cols] for _ in rows]
+        with k.loop(-(-kk // bk), LoopKind.SERIAL, "kt") as kt:
+            k0 = kt * bk
+            for first in range(0, bm * bk, threads):  # the a slice, k fastest
+                e = t + first
+                r, q = e // bk, e % bk
+                inside = logical_and(logical_and(e.lt(bm * bk), (row0 + r).lt(m)), (k0 + q).lt(kk))
+                with k.when(e.lt(bm * bk)):
+                    k.store(a_tile, q * (bm + 1) + r, _masked(a, a_mat + (row0 + r) * kk + k0 + q, inside))
+            for first in range(0, bk * bn, threads):  # the b slice, columns fastest
+                e = t + first
+                q, c = e // bn, e % bn
+                inside = logical_and(logical_and(e.lt(bk * bn), (k0 + q).lt(kk)), (col0 + c).lt(n))
+                with k.when(e.lt(bk * bn)):
+                    k.store(b_tile, q * bn + c, _masked(b, b_mat + (k0 + q) * n + col0 + c, inside))
+            k.barrier()
+            with k.loop(bk, LoopKind.SERIAL, "kk") as q:
+                a_frag = [
+                    k.local(a.dtype, a_tile.load_flat(q * (bm + 1) + ty + i * rows_t), "a") for i in range(tm)
+                ]
+                b_frag = [
+                    k.local(b.dtype, b_tile.load_flat(q * bn + tx + j * cols_t), "b") for j in range(tn)
+                ]
+                for i in range(tm):
+                    for j in range(tn):
+                        k.assign(acc[i][j], muladd(a_frag[i].ref, b_frag[j].ref, acc[i][j].ref))
+            k.barrier()
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
+                with k.when(logical_and(r.lt(m), c.lt(n))):
+                    at = (bz * m + r) * n + c
+                    value = acc[i][j].ref + p.initial(r, c) if p.bias is not None else acc[i][j].ref
+                    if epilogue is not None:
+                        value = epilogue(value, at, p.epilogue_index(bz * m + r, c))
+                    k.store(out, at, value)
+
+
+def _masked(buf: Buffer, index: Expr, inside: Expr) -> Expr:
+    """buf at index where `inside` holds, else 0, never reading outside buf."""
+    return select(inside, buf.load_flat(select(inside, index, const(0, "int64"))), k_const(buf, 0.0))
+
+
 def _row_group(blocks: int, matrices: int) -> int:
     """Row blocks per parallel step: as many as share a column panel of b well (up to
     MATMUL_ROW_GROUP), while leaving at least MATMUL_MIN_STEPS parallel steps where the
@@ -206,10 +319,8 @@ def k_const(buf: Buffer, value: float) -> Expr:
 
 
 @register("matmul", Fusion.CONTRACTION)
-class MatMul(Op):
-    gpu_per_iteration = True
+class MatMul(ProductOp):
     arity = (2, 2)
-    accepts_epilogue = True
 
     def infer(self, a: TensorType, b: TensorType) -> TensorType:
         _require_float("matmul", a, b)
@@ -218,14 +329,12 @@ class MatMul(Op):
     def reference(self, a, b):
         return np.matmul(a, b)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def product(self, ins, out):
         a, b = ins[0], ins[1]
         if len(a.shape) >= 2 and len(b.shape) >= 2:
-            lower_matmul(k, a, b, out, None, epilogue)
-        else:  # a squeezed operand: the loops run over (..., m, n), the epilogue sees the flat index only
-            batch, m, _, n, _, _, _ = _matmul_shapes(a.shape, b.shape)
-            flat_only = epilogue and (lambda v, flat, _: epilogue(v, flat, None))
-            lower_matmul(k, a, b, out.view((*batch, m, n)), None, flat_only)
+            return Product(a, b, out)
+        batch, m, _, n, _, _, _ = _matmul_shapes(a.shape, b.shape)  # a squeezed operand
+        return Product(a, b, out.view((*batch, m, n)), flat_epilogue=True)
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         x, y = node.inputs
@@ -237,13 +346,10 @@ class MatMul(Op):
 
 
 @register("linear", Fusion.CONTRACTION)
-class Linear(Op):
+class Linear(ProductOp):
     """x @ w + bias, w of shape (in, out) as in a Keras Dense kernel."""
 
-    gpu_per_iteration = True
-
     arity = (2, 3)
-    accepts_epilogue = True
 
     def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("linear", x, w, *([bias] if bias else []))
@@ -257,12 +363,13 @@ class Linear(Op):
         y = np.matmul(x, w)
         return y + bias if bias is not None else y
 
-    def lower(self, k, ins, out, epilogue=None):
+    def product(self, ins, out):
         x, w = ins[0], ins[1]
         rows = prod(x.shape[:-1])
-        x2 = x.view((rows, x.shape[-1]))
         bias = ins[2] if len(ins) > 2 else None
-        lower_matmul(k, x2, w, out.view((rows, w.shape[1])), bias, epilogue, out_shape=out.shape)
+        return Product(
+            x.view((rows, x.shape[-1])), w, out.view((rows, w.shape[1])), bias, out_shape=out.shape
+        )
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         x, w = node.inputs[0], node.inputs[1]
@@ -694,15 +801,12 @@ class Col2Im(Op):
 
 
 @register("conv2d_gemm", Fusion.CONTRACTION)
-class Conv2dGemm(Op):
+class Conv2dGemm(ProductOp):
     """A convolution as weights (O, C*KH*KW) @ im2col columns (N, C*KH*KW, OH*OW) + bias,
     writing NCHW directly: the fast matmul loops, with the conv's epilogue."""
 
-    gpu_per_iteration = True
-
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 3)
-    accepts_epilogue = True
 
     def infer(self, cols: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("conv2d_gemm", cols, w, *([bias] if bias else []))
@@ -723,19 +827,13 @@ class Conv2dGemm(Op):
             y += bias.reshape(1, -1, 1)
         return y.reshape(n, w.shape[0], oh, ow).astype(cols.dtype)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def product(self, ins, out):
         cols, w = ins[0], ins[1]
         n, kk, oh, ow = cols.shape
         o = w.shape[0]
-        lower_matmul(
-            k,
-            w.view((o, kk)),
-            cols.view((n, kk, oh * ow)),
-            out.view((n, o, oh * ow)),
-            ins[2] if len(ins) > 2 else None,
-            epilogue,
-            bias_per_row=True,
-            out_shape=out.shape,
+        bias = ins[2] if len(ins) > 2 else None
+        return Product(
+            w.view((o, kk)), cols.view((n, kk, oh * ow)), out.view((n, o, oh * ow)), bias, True, out.shape
         )
 
 
