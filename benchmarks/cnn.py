@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
 from compiler import compile_model  # noqa: E402
-from frontends.onnx.zoo import mnist_cnn  # noqa: E402
+from frontends.zoo.onnx_models import mnist_cnn  # noqa: E402
 
 try:
     import onnxruntime

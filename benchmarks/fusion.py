@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler.bench import bench, table  # noqa: E402
-from frontends.onnx import import_onnx, zoo  # noqa: E402
+from frontends.onnx import import_onnx  # noqa: E402
+from frontends.zoo import onnx_models as zoo  # noqa: E402
 from ir.builder import GraphBuilder  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The five PyTorch-exported models (frontends/onnx/torch_zoo.py): Kiln against
+"""The five PyTorch-exported models (frontends/zoo/torch_models.py): Kiln against
 onnxruntime on the same ONNX file, at batch 1 and 32, side by side in one run.
 
     python benchmarks/torch_models.py            # all five
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_seconds  # noqa: E402
 
 from compiler import compile_model  # noqa: E402
-from frontends.onnx.torch_zoo import MODELS, export  # noqa: E402
+from frontends.zoo.torch_models import MODELS, export  # noqa: E402
 
 
 def main(names: list[str]) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from codegen.cabi import build_c_runner
 from compiler.driver import compile_model, to_graph
-from frontends.onnx.zoo import MNIST_CNN_PATH
+from frontends.zoo.onnx_models import MNIST_CNN_PATH
 from ir.interpreter import interpret
 
 RTOL, ATOL = 1e-4, 1e-6

@@ -15,7 +15,7 @@ from codegen.cabi import build_c_runner, c_compiler
 from compiler import compile_model
 from compiler.demo import demo_input
 from compiler.driver import to_graph
-from frontends.onnx.zoo import MNIST_CNN_PATH
+from frontends.zoo.onnx_models import MNIST_CNN_PATH
 from ir.interpreter import interpret
 from tests.helpers import mlp_graph
 

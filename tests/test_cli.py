@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from compiler.driver import to_graph
-from frontends.onnx.zoo import MNIST_CNN_PATH
+from frontends.zoo.onnx_models import MNIST_CNN_PATH
 from ir.interpreter import interpret
 
 

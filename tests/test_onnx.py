@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler import compile_model
 from frontends.onnx import OnnxImportError, import_onnx
-from frontends.onnx.zoo import MNIST_CNN_PATH, mnist_cnn
+from frontends.zoo.onnx_models import MNIST_CNN_PATH, mnist_cnn
 from ir.errors import UnsupportedError
 from ir.interpreter import interpret
 

@@ -13,7 +13,7 @@ from runtime import load
 torch = pytest.importorskip("torch")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-from frontends.onnx.torch_zoo import export  # noqa: E402
+from frontends.zoo.torch_models import export  # noqa: E402
 
 RTOL = 1e-4
 

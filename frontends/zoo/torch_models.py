@@ -22,7 +22,7 @@ def _torch():
     try:
         import torch
     except ImportError as e:
-        raise ImportError("torch_zoo needs PyTorch: pip install torch==2.13.0") from e
+        raise ImportError("frontends.zoo.torch_models needs PyTorch: pip install torch==2.13.0") from e
     return torch
 
 
