@@ -2,7 +2,7 @@
 
 Every case either passes or is reported unsupported with a reason (an op or a feature
 Kiln does not claim); none may fail. The count of passing cases only goes up: raise
-MIN_PASSED as ops are added. Run the report by hand: python -m frontends.onnx.conformance
+MIN_PASSED as ops are added. Run the report by hand: python -m frontends.conformance
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from frontends.onnx import conformance
+from frontends import conformance
 
 MIN_PASSED = 1152
 
@@ -33,5 +33,5 @@ def test_conformance_suite_has_no_failures():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme[readme.index(conformance.README_BEGIN) : readme.index(conformance.README_END)]
     assert table + conformance.README_END == conformance.op_table(results), (
-        "the README's ONNX op table is stale: python -m frontends.onnx.conformance --readme README.md"
+        "the README's ONNX op table is stale: python -m frontends.conformance --readme README.md"
     )
