@@ -17,6 +17,14 @@ are slots [1, seq] (forward) or [0, seq) (reverse), and the final state is slot 
 also its cell state c; a GRU's second plane holds r ⊙ h_{t-1} of each step, the
 scratch its linear_before_reset=0 form needs.
 
+Each op writes its cell, one step's arithmetic, once: as `phases`, each a product
+over Rᵀ (which gates, what each gate's sum starts from, which vector multiplies Rᵀ)
+and the elementwise arithmetic after it, written against `Cell`. Three backends
+implement Cell: numpy arrays for the reference, one element's kernel-IR expressions
+for the kernel, graph values for the unrolled steps autodiff goes back through
+(`decompose`). The products stay where each backend does them best: a numpy matmul,
+the tiled scratch-buffer sums in the kernel, a graph matmul.
+
 Gate activations are registered elementwise ops, named with their attributes
 (("sigmoid", ()), ("hard_sigmoid", (("alpha", 0.2), ("beta", 0.5)))); `clip` bounds
 the gates' inputs to [-clip, clip] as ONNX defines it.
@@ -25,12 +33,13 @@ the gates' inputs to [-clip, clip] as ONNX defines it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, Var, const, maximum, minimum, muladd
+from codegen.kir import Buffer, Expr, KernelBuilder, const, muladd
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.ops import REGISTRY, ElementwiseOp, Fusion, Gradient, Op, register
@@ -38,7 +47,8 @@ from ir.ops.nn import MATMUL_VECTOR
 from ir.types import TensorType
 
 if TYPE_CHECKING:
-    pass
+    from ir.builder import GraphBuilder
+    from ir.graph import Value
 
 Activation = tuple[str, tuple[tuple[str, float], ...]]
 
@@ -49,6 +59,7 @@ TANH: Activation = ("tanh", ())
 UNIT_TILE = 32
 
 
+@functools.cache
 def _activation(spec: Activation) -> ElementwiseOp:
     name, attrs = spec
     op = REGISTRY.get(name)
@@ -57,15 +68,98 @@ def _activation(spec: Activation) -> ElementwiseOp:
     return op(**dict(attrs))  # type: ignore[return-value]
 
 
+# --------------------------------------------------------------------------- the cell's terms
+
+
+class Cell:
+    """What a cell is written against, for one step. Its values (numpy arrays, kernel
+    expressions or graph values) take + - * with each other and with Python floats;
+    the rest is the reads and operations below."""
+
+    def __init__(self, op: Recurrence):
+        self.op = op
+        self.sums: dict[int, Any] = {}
+        self.fns = op.functions
+        self.clip_op = (
+            None if op.clip is None else _activation(("clip", (("min", -op.clip), ("max", op.clip))))
+        )
+
+    def sum(self, gate: int) -> Any:
+        """The gate's sum from the current phase: its start plus the product over Rᵀ."""
+        return self.sums[gate]
+
+    def act(self, n: int, x: Any) -> Any:
+        """The op's activation n (ONNX's order: f, g, h)."""
+        return self.apply(self.fns[n], x)
+
+    def clip(self, x: Any) -> Any:
+        return x if self.clip_op is None else self.apply(self.clip_op, x)
+
+    def apply(self, fn: ElementwiseOp, x: Any) -> Any:
+        raise NotImplementedError
+
+    def xw(self, gate: int) -> Any:
+        """The step's input projection, the gate's columns."""
+        raise NotImplementedError
+
+    def per_unit(self, input: int, part: int = 0) -> Any:
+        """Part `part` (hidden units long) of input `input`, a vector over the units."""
+        raise NotImplementedError
+
+    def prev(self, plane: int) -> Any:
+        """The state before the step."""
+        raise NotImplementedError
+
+    def new(self, plane: int) -> Any:
+        """The state after the step, as an earlier phase wrote it."""
+        raise NotImplementedError
+
+    def let(self, x: Any) -> Any:
+        """x, computed once where it is used several times."""
+        return x
+
+    def zero(self) -> Any:
+        raise NotImplementedError
+
+
+def _h_prev(c: Cell) -> Any:
+    return c.prev(0)
+
+
+def _reset_h(c: Cell) -> Any:
+    """r ⊙ h_{t-1}, which a GRU's first phase leaves in plane 1."""
+    return c.new(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One product over Rᵀ and the arithmetic after it. Gate g's sum is start(c, g) +
+    over(c)·Rᵀ[:, g·hidden : (g + 1)·hidden] for g in `gates` (start None: the step's xw
+    columns of the gate); cell(c) then gives the planes of the new state this phase
+    writes, {plane: value}, in the order they are stored."""
+
+    gates: range
+    cell: Callable[[Cell], dict[int, Any]]
+    over: Callable[[Cell], Any] = _h_prev
+    start: Callable[[Cell, int], Any] | None = None
+
+    def start_of(self, c: Cell, gate: int) -> Any:
+        return c.xw(gate) if self.start is None else self.start(c, gate)
+
+
+# --------------------------------------------------------------------------- the ops
+
+
 @dataclasses.dataclass(frozen=True)
 class Recurrence(Op):
-    """What RNN, GRU and LSTM share: the slots, the checks, the step loop. Inputs:
-    xw, rt, the initial state(s) and what else the cell takes (state_shapes)."""
+    """What RNN, GRU and LSTM share: the slots, the checks, the three backends of the
+    cell. Inputs: xw, rt, the initial state(s) and what else the cell takes (state_shapes)."""
 
     arity = (3, 3)
-    gates = 1
-    planes = 1
-    differentiation = Gradient.DECOMPOSE  # through the unrolled steps (see unroll)
+    gates: ClassVar[int] = 1
+    #: per plane of the state, the input that holds its initial value (None: zeros)
+    state_planes: ClassVar[tuple[int | None, ...]] = (2,)
+    differentiation = Gradient.DECOMPOSE  # through the unrolled steps
     hidden: int = 0
     reverse: bool = False
     activations: tuple[Activation, ...] = ()
@@ -74,8 +168,12 @@ class Recurrence(Op):
     def default_activations(self) -> tuple[Activation, ...]:
         raise NotImplementedError
 
-    def decompose(self, b, inputs):
-        return unroll(b, self, inputs)
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    @property
+    def planes(self) -> int:
+        return len(self.state_planes)
 
     @property
     def functions(self) -> list[ElementwiseOp]:
@@ -99,16 +197,9 @@ class Recurrence(Op):
         return TensorType(xw.dtype, (seq + 1, self.planes, batch, h))
 
     def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
-        """The shapes of the inputs after r: the initial states (and the LSTM's peepholes)."""
+        """The shapes of the inputs after rt: the initial states (and the GRU's n-gate
+        bias, the LSTM's peepholes)."""
         return [(batch, self.hidden)]
-
-    def _clip(self, x: Expr) -> Expr:
-        if self.clip is None:
-            return x
-        return minimum(maximum(x, -self.clip), self.clip)
-
-    def _clip_np(self, x: np.ndarray) -> np.ndarray:
-        return x if self.clip is None else np.clip(x, -self.clip, self.clip)
 
     def _order(self, seq: int) -> list[tuple[int, int, int]]:
         """(t, slot read, slot written) for each step in the order it runs."""
@@ -116,46 +207,48 @@ class Recurrence(Op):
             return [(t, t + 1, t) for t in reversed(range(seq))]
         return [(t, t, t + 1) for t in range(seq)]
 
+    def _columns(self, gates: range) -> tuple[int, int]:
+        """The columns of Rᵀ (and of xw) that `gates` span: (first, width)."""
+        return gates[0] * self.hidden, len(gates) * self.hidden
+
+    # ---------------------------------------------------------------- numpy
+
     def reference(self, xw, rt, *states):
         seq, batch, _ = xw.shape
+        ins = [xw, rt, *states]
         out = np.zeros((seq + 1, self.planes, batch, self.hidden), xw.dtype)
         first = seq if self.reverse else 0
-        out[first] = self.initial_np(states, batch, xw.dtype)
-        fns = [lambda x, op=op: np.asarray(op.reference(x), x.dtype) for op in self.functions]
+        for plane, source in enumerate(self.state_planes):
+            if source is not None:
+                out[first, plane] = ins[source]
         for t, read, write in self._order(seq):
-            out[write] = self.step_np(xw[t], rt, out[read], states, fns)
+            c = _NumpyCell(self, ins, xw[t], out[read], out[write])
+            for phase in self.phases():
+                for plane, value in c.run(phase).items():
+                    out[write, plane] = value
         return out
 
-    def initial_np(self, states, batch, dtype) -> np.ndarray:
-        init = np.zeros((self.planes, batch, self.hidden), dtype)
-        init[0] = states[0]
-        return init
-
-    def step_np(self, xw_t, rt, prev, states, fns) -> np.ndarray:
-        raise NotImplementedError
+    # ---------------------------------------------------------------- kernel
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
-        xw, rt, *states = ins
+        xw = ins[0]
         seq, batch, _ = xw.shape
-        h = self.hidden
         rows = 2 if batch % 2 == 0 else 1  # batch rows per block: each row of rt serves them all
-        fns = [lambda x, op=op: op.scalar(e, x) for op in self.functions]
         sums = k.scratch("gate_sums", xw.dtype, (rows, self.gates, UNIT_TILE))
         first = seq if self.reverse else 0
         with k.loop(batch // rows, "parallel", "b") as blk:
             block = [blk * rows + i for i in range(rows)]
-            with k.loop(h, "vector", "j") as j:
+            with k.loop(self.hidden, "vector", "j") as j:
                 for b in block:
-                    for plane, value in enumerate(self.initial(states, b, j, xw.dtype)):
+                    for plane, source in enumerate(self.state_planes):
+                        value = ins[source][b, j] if source is not None else e.const(0.0, xw.dtype)
                         k.store(out, (first, plane, b, j), value)
             with k.loop(seq, "serial", "n") as n:
                 t = (seq - 1 - n) if self.reverse else n
                 read, write = (t + 1, t) if self.reverse else (t, t + 1)
-                self.step(k, Step(xw, rt, states, out, block, t, read, write, fns, sums))
-
-    def initial(self, states: list[Buffer], b: Var, j: Var, dtype: str) -> list[Expr]:
-        """The values of slot `first`, plane by plane."""
-        return [states[0][b, j]] + [e.const(0.0, dtype)] * (self.planes - 1)
+                step = Step(k, ins, out, block, t, read, write, sums)
+                for phase in self.phases():
+                    self.unit_tiles(k, functools.partial(self._tile, step, phase))
 
     def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int, str], None]) -> None:
         """tile(first unit, units, loop kind) over the hidden units: whole tiles, then the
@@ -171,85 +264,67 @@ class Recurrence(Op):
                     const(first, "int64"), units, "vector" if units % MATMUL_VECTOR == 0 else "vector_masked"
                 )
 
-    def gate_sums(
-        self,
-        k: KernelBuilder,
-        s: Step,
-        first: Expr,
-        units: int,
-        kind: str,
-        columns: list[int],
-        start: Callable[[int, int, Expr], Expr],
-        vector: Callable[[int, Var], Expr],
-    ) -> None:
-        """For the tile's units j and each row r of the block and gate g:
-        s.sums[r, g, j - first] = start(r, g, j) + Σ_k vector(r, k) · rt[k, columns[g] + j]."""
+    def _tile(self, s: Step, phase: Phase, first: Expr, units: int, kind: str) -> None:
+        """One phase over a tile of units: the gate sums of the block's rows, accumulated
+        in the scratch buffer (sums[r, i, j - first] for the phase's i-th gate), then the
+        cell's arithmetic on them."""
+        k, h = s.k, self.hidden
         width = s.rt.shape[1]
         with k.loop(units, kind, "u") as jj:
             for r in range(len(s.block)):
-                for g in range(len(columns)):
-                    k.store(s.sums, s.at(r, g, jj), start(r, g, first + jj))
-        with k.loop(self.hidden, "serial", "k") as kk:
-            hs = [vector(r, kk) for r in range(len(s.block))]
+                c = _KernelCell(self, s, r, first + jj)
+                for i, g in enumerate(phase.gates):
+                    k.store(s.sums, s.at(r, i, jj), phase.start_of(c, g))
+        with k.loop(h, "serial", "k") as kk:
+            vectors = [phase.over(_KernelCell(self, s, r, kk)) for r in range(len(s.block))]
             with k.loop(units, kind, "u") as jj:
-                for g, column in enumerate(columns):
-                    w = s.rt.load_flat(kk * width + column + first + jj)
-                    for r, h_r in enumerate(hs):
-                        k.store(s.sums, s.at(r, g, jj), muladd(h_r, w, s.sums.load_flat(s.at(r, g, jj))))
+                for i, g in enumerate(phase.gates):
+                    w = s.rt.load_flat(kk * width + g * h + first + jj)
+                    for r, v in enumerate(vectors):
+                        k.store(s.sums, s.at(r, i, jj), muladd(v, w, s.sums.load_flat(s.at(r, i, jj))))
+        with k.loop(units, kind, "u") as jj:
+            for r, b in enumerate(s.block):
+                c = _KernelCell(self, s, r, first + jj)
+                c.sums = {g: s.sums.load_flat(s.at(r, i, jj)) for i, g in enumerate(phase.gates)}
+                for plane, value in phase.cell(c).items():
+                    k.store(s.out, (s.write, plane, b, first + jj), value)
 
-    def step(self, k: KernelBuilder, s: Step) -> None:
-        raise NotImplementedError
+    # ---------------------------------------------------------------- graph
 
-
-@dataclasses.dataclass
-class Step:
-    """What one step of a recurrence kernel works on: a block of batch rows at time t,
-    reading slot `read` and writing slot `write`; `sums` holds a tile's gate sums."""
-
-    xw: Buffer
-    rt: Buffer
-    states: list[Buffer]
-    out: Buffer
-    block: list[Expr]
-    t: Expr
-    read: Expr
-    write: Expr
-    fns: list[Callable[[Expr], Expr]]
-    sums: Buffer
-
-    def at(self, r: int, g: int, jj: Expr) -> Expr:
-        return (r * self.sums.shape[1] + g) * UNIT_TILE + jj
-
-    def gate(self, r: int, g: int, jj: Expr) -> Expr:
-        return self.sums.load_flat(self.at(r, g, jj))
-
-    def h_prev(self, r: int, j: Expr) -> Expr:
-        return self.out[[self.read, 0, self.block[r], j]]
-
-    def xw_at(self, r: int, column: Expr) -> Expr:
-        return self.xw[[self.t, self.block[r], column]]
+    def decompose(self, b: GraphBuilder, inputs: list[Value]) -> Value:
+        """The output computed with graph ops, step by step as the reference computes it."""
+        seq, batch, _ = inputs[0].type.shape
+        c = _GraphCell(self, b, inputs)
+        first = seq if self.reverse else 0
+        slots = {first: [c.zero() if i is None else c.ins[i] for i in self.state_planes]}
+        for t, read, write in self._order(seq):
+            c.begin(t, slots[read])
+            for phase in self.phases():
+                c.new_planes.update(c.run(phase))
+            slots[write] = [c.new_planes[p] for p in range(self.planes)]
+        stacked = [
+            b.concat(*(b.reshape(p.value, shape=(1, 1, batch, self.hidden)) for p in slots[s]), axis=1)
+            if self.planes > 1
+            else b.reshape(slots[s][0].value, shape=(1, 1, batch, self.hidden))
+            for s in range(seq + 1)
+        ]
+        return b.concat(*stacked, axis=0)
 
 
 @register("rnn", Fusion.OPAQUE)
 class Rnn(Recurrence):
     """h_t = f(xw_t + h_{t-1}·Rᵀ)."""
 
+    gpu_per_iteration = True
+
     def default_activations(self):
         return (TANH,)
 
-    def step_np(self, xw_t, rt, prev, states, fns):
-        return fns[0](self._clip_np(xw_t + prev[0] @ rt))[None]
+    def phases(self):
+        return [Phase(range(1), self.cell)]
 
-    def step(self, k, s):
-        (f,) = s.fns
-
-        def tile(first, units, kind):
-            self.gate_sums(k, s, first, units, kind, [0], lambda r, g, j: s.xw_at(r, j), s.h_prev)
-            with k.loop(units, kind, "u") as jj:
-                for r, b in enumerate(s.block):
-                    k.store(s.out, (s.write, 0, b, first + jj), f(self._clip(s.gate(r, 0, jj))))
-
-        self.unit_tiles(k, tile)
+    def cell(self, c: Cell) -> dict[int, Any]:
+        return {0: c.act(0, c.clip(c.sum(0)))}
 
 
 @register("gru", Fusion.OPAQUE)
@@ -259,9 +334,11 @@ class Gru(Recurrence):
     form: n = g(xw_n + r ⊙ (h·R_nᵀ + rb_n)); with 0, n = g(xw_n + (r ⊙ h)·R_nᵀ + rb_n).
     xw holds x·Wᵀ + Wb (+ Rb for z and r); the n gate's recurrent bias rb_n is input 3."""
 
+    gpu_per_iteration = True
+
     arity = (4, 4)
     gates = 3
-    planes = 2
+    state_planes = (2, None)
     linear_before_reset: bool = False
 
     def default_activations(self):
@@ -270,85 +347,47 @@ class Gru(Recurrence):
     def state_shapes(self, batch):
         return [(batch, self.hidden), (self.hidden,)]
 
-    def step_np(self, xw_t, rt, prev, states, fns):
-        h = self.hidden
-        f, g = fns
-        hp = prev[0]
-        rec = hp @ rt
-        z = f(self._clip_np(xw_t[:, :h] + rec[:, :h]))
-        reset = f(self._clip_np(xw_t[:, h : 2 * h] + rec[:, h : 2 * h]))
-        rb = states[1]
+    def phases(self):
         if self.linear_before_reset:
-            n = g(self._clip_np(xw_t[:, 2 * h :] + reset * (rec[:, 2 * h :] + rb)))
-            scratch = np.zeros_like(hp)
-        else:
-            scratch = reset * hp
-            n = g(self._clip_np(xw_t[:, 2 * h :] + scratch @ rt[:, 2 * h :] + rb))
-        return np.stack([(1 - z) * n + z * hp, scratch])
+            return [Phase(range(3), self.cell_after, start=self.start_after)]
+        # the n gate's product reads r ⊙ h_{t-1} of every unit: a phase of its own, after z
+        # and r (z waits in plane 0)
+        return [
+            Phase(range(2), self.cell_zr),
+            Phase(range(2, 3), self.cell_n, over=_reset_h, start=self.start_n),
+        ]
 
-    def step(self, k, s):
-        h = self.hidden
-        f, g = s.fns
-        rb = s.states[1]
-        if self.linear_before_reset:
+    @staticmethod
+    def start_after(c: Cell, gate: int) -> Any:
+        """The n gate's sum is h·R_nᵀ + rb_n alone: r multiplies it before xw_n is added."""
+        return c.per_unit(3) if gate == 2 else c.xw(gate)
 
-            def tile(first, units, kind):
-                def start(r, gate, j):
-                    return rb[j] if gate == 2 else s.xw_at(r, gate * h + j)
+    def cell_after(self, c: Cell) -> dict[int, Any]:
+        z = c.act(0, c.clip(c.sum(0)))
+        n = c.act(1, c.clip(c.xw(2) + c.act(0, c.clip(c.sum(1))) * c.sum(2)))
+        return {1: c.zero(), 0: (1.0 - z) * n + z * c.prev(0)}
 
-                self.gate_sums(k, s, first, units, kind, [0, h, 2 * h], start, s.h_prev)
-                with k.loop(units, kind, "u") as jj:
-                    j = first + jj
-                    for r, b in enumerate(s.block):
-                        z = f(self._clip(s.gate(r, 0, jj)))
-                        n = g(
-                            self._clip(
-                                s.xw_at(r, 2 * h + j) + f(self._clip(s.gate(r, 1, jj))) * s.gate(r, 2, jj)
-                            )
-                        )
-                        k.store(s.out, (s.write, 1, b, j), e.const(0.0, s.xw.dtype))
-                        k.store(s.out, (s.write, 0, b, j), (1.0 - z) * n + z * s.h_prev(r, j))
+    def cell_zr(self, c: Cell) -> dict[int, Any]:
+        return {1: c.act(0, c.clip(c.sum(1))) * c.prev(0), 0: c.act(0, c.clip(c.sum(0)))}
 
-            self.unit_tiles(k, tile)
-            return
+    @staticmethod
+    def start_n(c: Cell, gate: int) -> Any:
+        return c.xw(2) + c.per_unit(3)
 
-        # r ⊙ h_{t-1} for every unit first (into plane 1), z parked in plane 0: the n gate's
-        # product needs all of r ⊙ h
-        def gates_zr(first, units, kind):
-            self.gate_sums(
-                k, s, first, units, kind, [0, h], lambda r, gate, j: s.xw_at(r, gate * h + j), s.h_prev
-            )
-            with k.loop(units, kind, "u") as jj:
-                j = first + jj
-                for r, b in enumerate(s.block):
-                    k.store(s.out, (s.write, 1, b, j), f(self._clip(s.gate(r, 1, jj))) * s.h_prev(r, j))
-                    k.store(s.out, (s.write, 0, b, j), f(self._clip(s.gate(r, 0, jj))))
-
-        def gate_n(first, units, kind):
-            def reset_h(r, kk):
-                return s.out[[s.write, 1, s.block[r], kk]]
-
-            self.gate_sums(
-                k, s, first, units, kind, [2 * h], lambda r, gate, j: s.xw_at(r, 2 * h + j) + rb[j], reset_h
-            )
-            with k.loop(units, kind, "u") as jj:
-                j = first + jj
-                for r, b in enumerate(s.block):
-                    n = g(self._clip(s.gate(r, 0, jj)))
-                    z = s.out[[s.write, 0, b, j]]
-                    k.store(s.out, (s.write, 0, b, j), (1.0 - z) * n + z * s.h_prev(r, j))
-
-        self.unit_tiles(k, gates_zr)
-        self.unit_tiles(k, gate_n)
+    def cell_n(self, c: Cell) -> dict[int, Any]:
+        z = c.new(0)
+        return {0: (1.0 - z) * c.act(1, c.clip(c.sum(2))) + z * c.prev(0)}
 
 
 @register("lstm", Fusion.OPAQUE)
 class Lstm(Recurrence):
     """Gates i, o, f, c in ONNX's order; optional peepholes p = (p_i, p_o, p_f)."""
 
+    gpu_per_iteration = True
+
     arity = (5, 5)
     gates = 4
-    planes = 2
+    state_planes = (2, 3)
 
     def default_activations(self):
         return (SIGMOID, TANH, TANH)
@@ -356,102 +395,216 @@ class Lstm(Recurrence):
     def state_shapes(self, batch):
         return [(batch, self.hidden), (batch, self.hidden), (3 * self.hidden,)]
 
-    def initial_np(self, states, batch, dtype):
-        return np.stack([states[0], states[1]]).astype(dtype)
+    def phases(self):
+        return [Phase(range(4), self.cell)]
 
-    def step_np(self, xw_t, rt, prev, states, fns):
-        h = self.hidden
-        f, g, act_h = fns
-        hp, cp = prev
-        p = states[2]
-        pre = xw_t + hp @ rt
-        i = f(self._clip_np(pre[:, :h] + p[:h] * cp))
-        forget = f(self._clip_np(pre[:, 2 * h : 3 * h] + p[2 * h :] * cp))
-        c = forget * cp + i * g(self._clip_np(pre[:, 3 * h :]))
-        o = f(self._clip_np(pre[:, h : 2 * h] + p[h : 2 * h] * c))
-        return np.stack([o * act_h(c), c])
-
-    def initial(self, states, b, j, dtype):
-        return [states[0][b, j], states[1][b, j]]
-
-    def step(self, k, s):
-        h = self.hidden
-        f, g, act_h = s.fns
-        p = s.states[2]
-
-        def tile(first, units, kind):
-            columns = [0, h, 2 * h, 3 * h]
-            self.gate_sums(
-                k, s, first, units, kind, columns, lambda r, gate, j: s.xw_at(r, gate * h + j), s.h_prev
-            )
-            with k.loop(units, kind, "u") as jj:
-                j = first + jj
-                for r, b in enumerate(s.block):
-                    cp = s.out[[s.read, 1, b, j]]
-                    i = f(self._clip(s.gate(r, 0, jj) + p[j] * cp))
-                    forget = f(self._clip(s.gate(r, 2, jj) + p[2 * h + j] * cp))
-                    c = k.local(s.xw.dtype, forget * cp + i * g(self._clip(s.gate(r, 3, jj))), "c")
-                    o = f(self._clip(s.gate(r, 1, jj) + p[h + j] * c.ref))
-                    k.store(s.out, (s.write, 1, b, j), c.ref)
-                    k.store(s.out, (s.write, 0, b, j), o * act_h(c.ref))
-
-        self.unit_tiles(k, tile)
+    def cell(self, c: Cell) -> dict[int, Any]:
+        cp = c.prev(1)
+        i = c.act(0, c.clip(c.sum(0) + c.per_unit(4, 0) * cp))
+        forget = c.act(0, c.clip(c.sum(2) + c.per_unit(4, 2) * cp))
+        cell = c.let(forget * cp + i * c.act(1, c.clip(c.sum(3))))
+        o = c.act(0, c.clip(c.sum(1) + c.per_unit(4, 1) * cell))
+        return {1: cell, 0: o * c.act(2, cell)}
 
 
-def unroll(b, op: Recurrence, inputs) -> object:
-    """The op's output computed with ordinary graph ops on the builder `b`, step by step
-    as its reference does: what autodiff differentiates (ir/autodiff.py)."""
-    xw, r_t, *states = inputs
-    seq, batch, _ = xw.type.shape
-    h = op.hidden
-    specs = op.activations or op.default_activations()
+# --------------------------------------------------------------------------- backends
 
-    def act(n: int, x, clipped: bool = True):
-        name, attrs = specs[n]
-        x = x if op.clip is None or not clipped else b.clip(x, min=-op.clip, max=op.clip)
-        return b.op(name, x, **dict(attrs))
 
-    def peephole(k: int, c):
-        return b.mul(b.slice(states[2], starts=(k * h,), ends=((k + 1) * h,), axes=(0,)), c)
+class _BatchCell(Cell):
+    """A step over all batch rows at once (numpy, graph values): a phase's product is one
+    matrix product, to which gates that start from xw are added in one addition."""
 
-    def cols(x, first: int, width: int = h):
-        return b.slice(x, starts=(first,), ends=(first + width,), axes=(1,))
+    xw_t: Any  # the step's xw, (batch, gates·hidden)
+    ins: list[Any]
+    prev_planes: list[Any]
+    new_planes: Any  # indexed by plane
 
-    zero = b.param("zero_state", np.zeros((batch, h), xw.type.np_dtype))
-    one = b.param("one", np.ones((), xw.type.np_dtype)) if isinstance(op, Gru) else None
-    planes = [states[0], states[1] if isinstance(op, Lstm) else zero][: op.planes]
-    slots = {seq if op.reverse else 0: planes}
-    for t, read, write in op._order(seq):
-        xw_t = b.reshape(b.slice(xw, starts=(t,), ends=(t + 1,), axes=(0,)), shape=(batch, op.gates * h))
-        hp = slots[read][0]
-        if isinstance(op, Rnn):
-            slots[write] = [act(0, b.add(xw_t, b.matmul(hp, r_t)))]
-        elif isinstance(op, Gru):
-            rec = b.matmul(hp, b.slice(r_t, starts=(0,), ends=(2 * h,), axes=(1,)))
-            z = act(0, b.add(cols(xw_t, 0), cols(rec, 0)))
-            reset = act(0, b.add(cols(xw_t, h), cols(rec, h)))
-            r_n = b.slice(r_t, starts=(2 * h,), ends=(3 * h,), axes=(1,))
-            if op.linear_before_reset:
-                scratch = zero
-                n = act(1, b.add(cols(xw_t, 2 * h), b.mul(reset, b.add(b.matmul(hp, r_n), states[1]))))
-            else:
-                scratch = b.mul(reset, hp)
-                n = act(1, b.add(b.add(cols(xw_t, 2 * h), b.matmul(scratch, r_n)), states[1]))
-            slots[write] = [
-                b.add(b.mul(b.sub(one, z), n), b.mul(z, hp)),
-                scratch,
-            ]
-        else:
-            cp = slots[read][1]
-            pre = b.add(xw_t, b.matmul(hp, r_t))
-            i = act(0, b.add(cols(pre, 0), peephole(0, cp)))
-            forget = act(0, b.add(cols(pre, 2 * h), peephole(2, cp)))
-            c = b.add(b.mul(forget, cp), b.mul(i, act(1, cols(pre, 3 * h))))
-            o = act(0, b.add(cols(pre, h), peephole(1, c)))
-            slots[write] = [b.mul(o, act(2, c, clipped=False)), c]
-    stacked = [
-        b.concat(*(b.reshape(p, shape=(1, 1, batch, h)) for p in slots[s]), axis=1) if op.planes > 1
-        else b.reshape(slots[s][0], shape=(1, 1, batch, h))
-        for s in range(seq + 1)
-    ]  # fmt: skip
-    return b.concat(*stacked, axis=0)
+    def columns(self, x: Any, first: int, width: int) -> Any:
+        """x's columns [first, first + width) (its last axis)."""
+        raise NotImplementedError
+
+    def product(self, v: Any, first: int, width: int) -> Any:
+        """v · Rᵀ[:, first : first + width]."""
+        raise NotImplementedError
+
+    def run(self, phase: Phase) -> dict[int, Any]:
+        first, width = self.op._columns(phase.gates)
+        product = self.product(phase.over(self), first, width)
+        if phase.start is None:
+            product = self.columns(self.xw_t, first, width) + product
+        h = self.op.hidden
+        self.sums = {}
+        for i, g in enumerate(phase.gates):
+            part = self.columns(product, i * h, h)
+            self.sums[g] = part if phase.start is None else phase.start(self, g) + part
+        return phase.cell(self)
+
+    def xw(self, gate):
+        return self.columns(self.xw_t, gate * self.op.hidden, self.op.hidden)
+
+    def per_unit(self, input, part=0):
+        return self.columns(self.ins[input], part * self.op.hidden, self.op.hidden)
+
+    def prev(self, plane):
+        return self.prev_planes[plane]
+
+    def new(self, plane):
+        return self.new_planes[plane]
+
+
+class _NumpyCell(_BatchCell):
+    """The reference: numpy arrays; `new` is the slot the step writes."""
+
+    def __init__(self, op: Recurrence, ins: list[np.ndarray], xw_t: np.ndarray, prev, new):
+        super().__init__(op)
+        self.ins, self.xw_t, self.prev_planes, self.new_planes = ins, xw_t, prev, new
+
+    def columns(self, x, first, width):
+        return x[..., first : first + width]
+
+    def product(self, v, first, width):
+        return v @ self.ins[1][:, first : first + width]
+
+    def apply(self, fn, x):
+        return np.asarray(fn.reference(x), x.dtype)
+
+    def zero(self):
+        return np.zeros_like(self.prev_planes[0])
+
+
+@dataclasses.dataclass
+class Step:
+    """What one step of a recurrence kernel works on: a block of batch rows at time t,
+    reading slot `read` and writing slot `write`; `sums` holds a tile's gate sums."""
+
+    k: KernelBuilder
+    ins: list[Buffer]
+    out: Buffer
+    block: list[Expr]
+    t: Expr
+    read: Expr
+    write: Expr
+    sums: Buffer
+
+    @property
+    def rt(self) -> Buffer:
+        return self.ins[1]
+
+    def at(self, r: int, i: int, jj: Expr) -> Expr:
+        """The flat index of row r's sum for the phase's i-th gate, unit jj of the tile."""
+        return (r * self.sums.shape[1] + i) * UNIT_TILE + jj
+
+
+class _KernelCell(Cell):
+    """One element of a step in the kernel: block row r, unit j."""
+
+    def __init__(self, op: Recurrence, s: Step, r: int, j: Expr):
+        super().__init__(op)
+        self.s, self.r, self.j = s, r, j
+
+    def apply(self, fn, x):
+        return fn.scalar(e, x)
+
+    def xw(self, gate):
+        return self.s.ins[0][[self.s.t, self.s.block[self.r], gate * self.op.hidden + self.j]]
+
+    def per_unit(self, input, part=0):
+        return self.s.ins[input][part * self.op.hidden + self.j]
+
+    def prev(self, plane):
+        return self.s.out[[self.s.read, plane, self.s.block[self.r], self.j]]
+
+    def new(self, plane):
+        return self.s.out[[self.s.write, plane, self.s.block[self.r], self.j]]
+
+    def let(self, x):
+        return self.s.k.local(x.dtype, x, "v").ref
+
+    def zero(self):
+        return e.const(0.0, self.s.ins[0].dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Sym:
+    """A graph value whose + - * build graph ops, so the cell reads the same here."""
+
+    cell: _GraphCell
+    value: Value
+
+    def __add__(self, o):
+        return self.cell.binary("add", self, o)
+
+    def __radd__(self, o):
+        return self.cell.binary("add", o, self)
+
+    def __sub__(self, o):
+        return self.cell.binary("sub", self, o)
+
+    def __rsub__(self, o):
+        return self.cell.binary("sub", o, self)
+
+    def __mul__(self, o):
+        return self.cell.binary("mul", self, o)
+
+    def __rmul__(self, o):
+        return self.cell.binary("mul", o, self)
+
+
+class _GraphCell(_BatchCell):
+    """Steps as graph ops on a builder. Constants, Rᵀ's column blocks and the per-unit
+    inputs' parts are made once for all steps."""
+
+    def __init__(self, op: Recurrence, b: GraphBuilder, inputs: list[Value]):
+        super().__init__(op)
+        self.b = b
+        self.ins = [self.sym(v) for v in inputs]
+        self.dtype = inputs[0].type.np_dtype
+        self.batch = inputs[0].type.shape[1]
+        self._made: dict[tuple, _Sym] = {}
+
+    def _once(self, key: tuple, make: Callable[[], _Sym]) -> _Sym:
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def sym(self, v: Value) -> _Sym:
+        return _Sym(self, v)
+
+    def _value(self, x: _Sym | float) -> Value:
+        if isinstance(x, _Sym):
+            return x.value
+        return self._once(
+            ("const", float(x)), lambda: self.sym(self.b.param("k", np.array(x, self.dtype)))
+        ).value
+
+    def binary(self, name: str, x: _Sym | float, y: _Sym | float) -> _Sym:
+        return self.sym(self.b.op(name, self._value(x), self._value(y)))
+
+    def begin(self, t: int, prev: list[_Sym]) -> None:
+        """Step t, from the state `prev`."""
+        step = self.b.slice(self.ins[0].value, starts=(t,), ends=(t + 1,), axes=(0,))
+        self.xw_t = self.sym(self.b.reshape(step, shape=(self.batch, self.op.gates * self.op.hidden)))
+        self.prev_planes, self.new_planes = prev, {}
+
+    def columns(self, x, first, width):
+        axis = x.value.type.rank - 1
+        if first == 0 and width == x.value.type.shape[axis]:
+            return x
+        return self.sym(self.b.slice(x.value, starts=(first,), ends=(first + width,), axes=(axis,)))
+
+    def product(self, v, first, width):
+        rt = self._once(("rt", first, width), lambda: self.columns(self.ins[1], first, width))
+        return self.sym(self.b.matmul(v.value, rt.value))
+
+    def per_unit(self, input, part=0):
+        return self._once(("part", input, part), lambda: _BatchCell.per_unit(self, input, part))
+
+    def apply(self, fn, x):
+        attrs = {f.name: getattr(fn, f.name) for f in dataclasses.fields(fn)}
+        return self.sym(self.b.op(fn.name, x.value, **attrs))
+
+    def zero(self):
+        shape = (self.batch, self.op.hidden)
+        return self._once(
+            ("zero",), lambda: self.sym(self.b.param("zero_state", np.zeros(shape, self.dtype)))
+        )
