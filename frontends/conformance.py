@@ -110,7 +110,7 @@ def _compile(model, names: list[str], inputs: list):
     at compile time (a Reshape's shape fed as an input) are fixed to their values, as a
     user fixes them with constant_inputs=. Returns the model and the fixed names."""
     from compiler.driver import compile_model
-    from frontends.onnx.importer import ConstantInputNeeded
+    from frontends.onnx import ConstantInputNeeded
 
     values = {n: _normalize(x) for n, x in zip(names, inputs) if _is_tensor(x)}
     shapes = {n: v.shape for n, v in values.items()}
@@ -259,7 +259,7 @@ README_END = "<!-- onnx-op-table end -->"
 def op_table(results: list[Outcome]) -> str:
     """The README's table: every ONNX op with a passing case, how Kiln takes it, its
     counts, and why the rest of its cases are not supported."""
-    from frontends.onnx.converters import CONVERTERS
+    from frontends.onnx.ops import CONVERTERS
 
     by_op: dict[str, Counter] = defaultdict(Counter)
     reasons: dict[str, Counter] = defaultdict(Counter)

@@ -288,7 +288,7 @@ def test_lrn_and_unused_dropout_mask(rng):
 def test_constant_inputs_fix_a_shape_fed_as_input():
     """A Reshape whose shape is a model input: Kiln says which input to fix, and
     compiles once it is fixed with constant_inputs=."""
-    from frontends.onnx.importer import ConstantInputNeeded
+    from frontends.onnx import ConstantInputNeeded
 
     node = helper.make_node("Reshape", ["x", "shape"], ["y"])
     graph = helper.make_graph(

@@ -1,5 +1,6 @@
 """ONNX → Kiln graph. `import_onnx(path_or_model)` returns an ir.Graph."""
 
-from frontends.onnx.importer import OnnxImportError, import_onnx
+from frontends.onnx.context import ConstantInputNeeded, OnnxImportError, UnsupportedOnnxError
+from frontends.onnx.importer import import_onnx
 
-__all__ = ["OnnxImportError", "import_onnx"]
+__all__ = ["ConstantInputNeeded", "OnnxImportError", "UnsupportedOnnxError", "import_onnx"]

@@ -12,6 +12,8 @@ import onnx
 import onnx.inliner
 import onnx.shape_inference
 
+from frontends.onnx.context import UnsupportedOnnxError
+
 EXPANDED_DOMAIN = "kiln.expanded"
 
 #: a function body may itself use ops that are functions (rarely more than one level)
@@ -105,8 +107,6 @@ def expand_functions(model: onnx.ModelProto, supported: Callable[[str], bool]) -
 def _inline(model: onnx.ModelProto, ops: list[str]) -> onnx.ModelProto:
     """Inline the bodies; their opset is converted to the model's only where they differ
     (onnx's version converter cannot take every op, so it is the second try)."""
-    from frontends.onnx.importer import UnsupportedOnnxError
-
     reason = "a body's opset differs from the model's"
     for convert_version in (False, True):
         try:

@@ -9,95 +9,26 @@ unsupported model fails with one error that lists every node Kiln cannot take.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from frontends.onnx.context import (
+    ONNX_DTYPES,
+    Context,
+    OnnxImportError,
+    UnsupportedOnnxError,
+    attributes,
+    node_label,
+)
+from frontends.onnx.expand import expand_functions
+from frontends.onnx.ops import CONVERTERS
 from ir.builder import GraphBuilder
-from ir.errors import GraphError, KilnError, UnsupportedError
+from ir.errors import GraphError
 from ir.graph import Graph, Value
 from ir.types import DTYPES
-
-ONNX_DTYPES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.BOOL: "bool",
-}
-
-
-class OnnxImportError(KilnError, ValueError):
-    """The ONNX file is unreadable, malformed, or asks for something Kiln lacks."""
-
-
-class UnsupportedOnnxError(OnnxImportError, UnsupportedError):
-    pass
-
-
-class ConstantInputNeeded(UnsupportedOnnxError):
-    """A model input feeds a slot Kiln needs at compile time (a shape, axes, pads)."""
-
-    def __init__(self, message: str, input_name: str):
-        super().__init__(message)
-        self.input_name = input_name
-
-
-class Context:
-    """Import state: the builder, ONNX value names → Kiln values, and known constants."""
-
-    def __init__(self, builder: GraphBuilder, opset: int):
-        self.b = builder
-        self.opset = opset
-        self.values: dict[str, Value] = {}
-        self.constants: dict[str, np.ndarray] = {}
-        self.used: set[str] = set()  # every name some node or the graph's outputs read
-        self.graph_inputs: set[str] = set()
-
-    def value(self, name: str) -> Value:
-        if name not in self.values:
-            if name in self.constants:
-                self.values[name] = self.b.param(_param_name(name), self.constants[name])
-            else:
-                raise OnnxImportError(f"value {name!r} is used but never defined")
-        return self.values[name]
-
-    def constant(self, node: onnx.NodeProto, pos: int, what: str) -> np.ndarray | None:
-        """Input `pos` of node as a numpy array; it must be a constant. None if absent."""
-        if pos >= len(node.input) or not node.input[pos]:
-            return None
-        name = node.input[pos]
-        if name not in self.constants:
-            message = (
-                f"{_where(node, self.opset)}: input {pos} ({what}) must be a constant, "
-                f"but {name!r} is computed at run time"
-            )
-            if name in self.graph_inputs:
-                raise ConstantInputNeeded(
-                    f"{message} (it is a model input: fix its value with constant_inputs={{{name!r}: ...}})",
-                    name,
-                )
-            raise UnsupportedOnnxError(message)
-        return self.constants[name]
-
-
-def _param_name(name: str) -> str:
-    return name or "const"
-
-
-def _where(node: onnx.NodeProto, opset: int) -> str:
-    return f"node {node.name or '(unnamed)'} ({node.op_type}, opset {opset})"
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _ints(v: object) -> tuple[int, ...]:
-    return tuple(int(x) for x in v)  # type: ignore[union-attr]
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -143,7 +74,7 @@ def _check_defined(g: onnx.GraphProto, proto: onnx.ModelProto) -> None:
         for pos, name in enumerate(node.input):
             if name not in defined:
                 raise OnnxImportError(
-                    f"{_where(node, opset)}: input {pos} {name!r} is not an initializer, a model "
+                    f"{node_label(node, opset)}: input {pos} {name!r} is not an initializer, a model "
                     "input or an earlier node's output (a missing initializer?)"
                 )
         defined.update(node.output)
@@ -227,16 +158,13 @@ def import_onnx(
     """`input_shapes` binds symbolic dimensions; `constant_inputs` fixes the values of
     model inputs that Kiln needs at compile time (shapes, axes, pads, ...): the compiled
     model no longer takes them."""
-    from frontends.onnx.converters import CONVERTERS
-    from frontends.onnx.expand import expand_functions
-
     proto = expand_functions(load_model(model), lambda op: op in CONVERTERS)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     g = proto.graph
     unsupported = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in CONVERTERS]
     if unsupported:
         listing = "; ".join(
-            _where(n, opset) + (f" in domain {n.domain}" if n.domain else "") for n in unsupported
+            node_label(n, opset) + (f" in domain {n.domain}" if n.domain else "") for n in unsupported
         )
         raise UnsupportedOnnxError(f"{len(unsupported)} unsupported node(s): {listing}")
     bindings = dict(input_shapes or {})
@@ -263,12 +191,12 @@ def import_onnx(
         dtype, shape = _input_shape(vi, bindings)
         ctx.values[vi.name] = b.input(vi.name, shape, dtype)
     for node in g.node:
-        convert: Callable = CONVERTERS[node.op_type]
+        convert = CONVERTERS[node.op_type]
         first_new = len(b.nodes)
         try:
-            outs = convert(ctx, node, _attrs(node))
+            outs = convert(ctx, node, attributes(node))
         except GraphError as e:
-            raise OnnxImportError(f"{_where(node, opset)}: {e}") from None
+            raise OnnxImportError(f"{node_label(node, opset)}: {e}") from None
         if isinstance(outs, np.ndarray):
             ctx.constants[node.output[0]] = outs
             continue

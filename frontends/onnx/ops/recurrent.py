@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from frontends.onnx.converters import _ins, converter
-from frontends.onnx.importer import Context, UnsupportedOnnxError, _where
+from frontends.onnx.context import Context, UnsupportedOnnxError, converter, node_inputs, node_label, text
 from ir.graph import Value
 
 #: ONNX activation → (Kiln elementwise op, its attributes that take activation_alpha/beta)
@@ -48,7 +47,7 @@ def _activations(ctx: Context, node: onnx.NodeProto, attrs: dict, dirs: int) -> 
     for name in names:
         match = next((k for k in ACTIVATIONS if k.lower() == name.lower()), None)
         if match is None:
-            raise UnsupportedOnnxError(f"{_where(node, ctx.opset)}: activation {name!r} is not supported")
+            raise UnsupportedOnnxError(f"{node_label(node, ctx.opset)}: activation {name!r} is not supported")
         op, params = ACTIVATIONS[match]
         values = []
         for p in params:
@@ -59,7 +58,7 @@ def _activations(ctx: Context, node: onnx.NodeProto, attrs: dict, dirs: int) -> 
     per_dir = len(default)
     if len(specs) != per_dir * dirs:
         raise UnsupportedOnnxError(
-            f"{_where(node, ctx.opset)}: {len(specs)} activations given, expected {per_dir * dirs}"
+            f"{node_label(node, ctx.opset)}: {len(specs)} activations given, expected {per_dir * dirs}"
         )
     return [tuple(specs[d * per_dir : (d + 1) * per_dir]) for d in range(dirs)]
 
@@ -83,7 +82,7 @@ def _check_sequence_lens(ctx: Context, node: onnx.NodeProto, seq: int) -> None:
     lens = ctx.constant(node, 4, "sequence_lens")
     if lens is not None and np.any(lens != seq):
         raise UnsupportedOnnxError(
-            f"{_where(node, ctx.opset)}: sequences of different lengths (sequence_lens {lens.tolist()}) "
+            f"{node_label(node, ctx.opset)}: sequences of different lengths (sequence_lens {lens.tolist()}) "
             "are not supported; every sequence must have all steps"
         )
 
@@ -91,16 +90,15 @@ def _check_sequence_lens(ctx: Context, node: onnx.NodeProto, seq: int) -> None:
 @converter("RNN", "GRU", "LSTM")
 def _recurrent(ctx: Context, node: onnx.NodeProto, attrs: dict) -> list[Value]:
     op, gates, _ = CELLS[node.op_type]
-    where = _where(node, ctx.opset)
-    direction = attrs.get("direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
+    where = node_label(node, ctx.opset)
+    direction = text(attrs, "direction", "forward")
     reverses = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}.get(direction)
     if reverses is None:
         raise UnsupportedOnnxError(f"{where}: direction {direction!r} is not one ONNX defines")
     if attrs.get("input_forget", 0):
         raise UnsupportedOnnxError(f"{where}: input_forget=1 (coupled gates) is not supported")
     layout = int(attrs.get("layout", 0))
-    x, w, r = _ins(ctx, node)[:3]
+    x, w, r = node_inputs(ctx, node)[:3]
     if layout:
         x = ctx.b.transpose(x, perm=(1, 0, 2))  # (batch, seq, in) → (seq, batch, in)
     seq, batch, features = x.type.shape

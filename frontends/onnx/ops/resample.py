@@ -13,8 +13,7 @@ import math
 import numpy as np
 import onnx
 
-from frontends.onnx.converters import converter
-from frontends.onnx.importer import Context, UnsupportedOnnxError, _where
+from frontends.onnx.context import Context, UnsupportedOnnxError, converter, node_label, text
 from ir.graph import Value
 
 COORDINATE_MODES = (
@@ -144,18 +143,13 @@ def axis_taps(
     return indices, weights
 
 
-def _str(attrs: dict, name: str, default: str) -> str:
-    v = attrs.get(name, default)
-    return v.decode() if isinstance(v, bytes) else v
-
-
 @converter("Resize", "Upsample")
 def _resize(ctx: Context, node: onnx.NodeProto, attrs: dict) -> list[Value]:
-    where = _where(node, ctx.opset)
+    where = node_label(node, ctx.opset)
     x = ctx.value(node.input[0])
     shape = x.type.shape
     rank = len(shape)
-    mode = _str(attrs, "mode", "nearest")
+    mode = text(attrs, "mode", "nearest")
     if mode not in ("nearest", "linear", "cubic"):
         raise UnsupportedOnnxError(f"{where}: mode {mode!r} is not supported")
     mode = "linear" if mode == "bilinear" else mode
@@ -165,8 +159,8 @@ def _resize(ctx: Context, node: onnx.NodeProto, attrs: dict) -> list[Value]:
         coordinate_mode, rounding = "asymmetric", "floor"
         sizes_in, roi_in = None, None
     else:
-        coordinate_mode = _str(attrs, "coordinate_transformation_mode", "half_pixel")
-        rounding = _str(attrs, "nearest_mode", "round_prefer_floor")
+        coordinate_mode = text(attrs, "coordinate_transformation_mode", "half_pixel")
+        rounding = text(attrs, "nearest_mode", "round_prefer_floor")
         roi_in = ctx.constant(node, 1, "roi")
         scales_in = ctx.constant(node, 2, "scales")
         sizes_in = ctx.constant(node, 3, "sizes")
@@ -186,7 +180,7 @@ def _resize(ctx: Context, node: onnx.NodeProto, attrs: dict) -> list[Value]:
         for a, n in zip(axes, sizes_in.ravel()):
             sizes[a] = int(n)
         scales = [sizes[a] / shape[a] for a in range(rank)]
-        policy = _str(attrs, "keep_aspect_ratio_policy", "stretch")
+        policy = text(attrs, "keep_aspect_ratio_policy", "stretch")
         if policy != "stretch":
             kept = [scales[a] for a in axes]
             scale = min(kept) if policy == "not_larger" else max(kept)
