@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import llvmlite.binding as llvm
@@ -105,7 +106,7 @@ def _emit(module: ir.Module, kernel: kir.Kernel) -> None:
             return False
         return True
 
-    writer = FunctionWriter(fn, pointers, loop_hook, kernel.scratch, stmt_hook)
+    writer = FunctionWriter(fn, pointers, loop_hook, kernel.scratch, stmt_hook, libm=False)
     writer.stmts(kernel.body)
     writer.finish()
 
@@ -174,3 +175,38 @@ def ptxas(ptx: str, arch: str = DEFAULT_ARCH) -> str:
     if result.returncode != 0:
         raise CompileError(f"ptxas ({arch}) rejected the PTX:\n{result.stderr}")
     return result.stderr
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What ptxas reports of one kernel for one architecture."""
+
+    registers: int
+    shared_bytes: int
+    spill_bytes: int  # spill stores + spill loads
+    stack_bytes: int
+
+
+_ENTRY_REPORT = re.compile(r"Compiling entry function '([^']+)'")
+_NUMBERS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "shared_bytes": re.compile(r"(\d+) bytes smem"),
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def resources(report: str) -> dict[str, Resources]:
+    """Each kernel's registers, shared memory, spills and stack from a `ptxas -v` report."""
+    out = {}
+    pieces = _ENTRY_REPORT.split(report)
+    for name, text in zip(pieces[1::2], pieces[2::2]):
+        found = {key: int(m.group(1)) if (m := pat.search(text)) else 0 for key, pat in _NUMBERS.items()}
+        out[name] = Resources(
+            found["registers"],
+            found["shared_bytes"],
+            found["spill_stores"] + found["spill_loads"],
+            found["stack_bytes"],
+        )
+    return out

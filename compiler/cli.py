@@ -43,9 +43,16 @@ def _compile(args: argparse.Namespace) -> int:
         return _compile_keras(args)
     out = Path(args.output)
     name = args.name or out.stem
-    emit = tuple(args.emit or ())
+    emit = tuple(k for k in args.emit or () if k != "ptx")
+    written = _write_ptx(args, out, name) if "ptx" in (args.emit or ()) else []
+    if args.target == "cuda":
+        if not written:
+            raise ValueError("--target cuda writes PTX only so far: add --emit ptx")
+        print(f"wrote {', '.join(map(str, written))}")
+        return 0
     model = compile_model(
         args.model,
+        target=args.target,
         name=name,
         fuse=not args.no_fuse,
         input_shapes=dict(args.input_shape or []),
@@ -60,8 +67,25 @@ def _compile(args: argparse.Namespace) -> int:
     print(
         f"wrote {so} and {so.with_name(name + '.h')}"
         + "".join(f", {so.with_suffix({'llvm': '.ll', 'asm': '.s'}[k])}" for k in emit)
+        + "".join(f", {path}" for path in written)
     )
     return 0
+
+
+def _write_ptx(args: argparse.Namespace, out: Path, name: str) -> list[Path]:
+    """OUT.sm_80.ptx and OUT.sm_90.ptx: the model's GPU kernels, one module per architecture."""
+    from compiler.driver import gpu_modules, lower_graph, to_graph
+
+    if args.target == "cpu":
+        raise ValueError("--emit ptx needs a GPU target: --target cuda or cuda-sim")
+    graph = to_graph(args.model, dict(args.input_shape or []))
+    lowered = lower_graph(graph, name, fuse=not args.no_fuse, target=args.target)
+    written = []
+    for arch, ptx in gpu_modules(lowered).items():
+        path = out.with_suffix(f".{arch}.ptx")
+        path.write_text(ptx)
+        written.append(path)
+    return written
 
 
 def _compile_keras(args: argparse.Namespace) -> int:
@@ -110,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from compiler.driver import lower_graph, to_graph
     from compiler.passes import Pass
-    from compiler.report import dot_source, kernels_table, memory_table, render_dot
+    from compiler.report import dot_source, gpu_table, kernels_table, memory_table, render_dot
     from ir.graph import Graph
 
     graph = to_graph(args.model, dict(args.input_shape or []))
@@ -121,10 +145,13 @@ def _inspect(args: argparse.Namespace) -> int:
         def after_pass(p: Pass, g: Graph) -> None:
             print(f"// after {p.name}: {p.purpose}\n{g}\n")
 
-    lowered = lower_graph(graph, args.name, fuse=not args.no_fuse, after_pass=after_pass)
+    lowered = lower_graph(graph, args.name, fuse=not args.no_fuse, target=args.target, after_pass=after_pass)
     print(lowered.graph)
     print()
     print(kernels_table(lowered, with_ir=args.kernels))
+    if args.target != "cpu":
+        print()
+        print(gpu_table(lowered))
     print(f"\nmemory: {lowered.plan.report()}")
     if args.memory:
         print(memory_table(lowered))
@@ -181,10 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="C symbol prefix (default: OUT's stem)")
     c.add_argument("--no-fuse", action="store_true", help="one kernel per op (the unfused baseline)")
     c.add_argument(
+        "--target",
+        choices=["cpu", "cuda", "cuda-sim"],
+        default="cpu",
+        help="cpu (default); cuda: the GPU kernels as PTX (with --emit ptx); cuda-sim: a CPU library "
+        "that runs the GPU-scheduled kernels exactly, to check a GPU build without a GPU",
+    )
+    c.add_argument(
         "--emit",
         action="append",
-        choices=["llvm", "asm"],
-        help="also write the optimized LLVM IR (.ll) or assembly (.s)",
+        choices=["llvm", "asm", "ptx"],
+        help="also write the optimized LLVM IR (.ll), assembly (.s), or for a GPU target the PTX of "
+        "each architecture (OUT.sm_80.ptx, OUT.sm_90.ptx)",
     )
     c.add_argument(
         "--input-shape",
@@ -226,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-fuse", action="store_true", help="show the unfused program (one kernel per op)")
     i.add_argument(
         "--print-after-all", action="store_true", help="print the graph as imported and after every pass"
+    )
+    i.add_argument(
+        "--target",
+        choices=["cpu", "cuda", "cuda-sim"],
+        default="cpu",
+        help="show the kernels as scheduled for this target; for a GPU target also each kernel's "
+        "registers, shared memory and spills from ptxas",
     )
     i.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")
     i.set_defaults(func=_inspect)

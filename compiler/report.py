@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
+from codegen import nvptx
 from codegen.kir_print import kernel_text
 from compiler.driver import Lowered
+from ir.ops.nn import ProductOp
 
 
 def _mb(n: int) -> str:
@@ -94,3 +97,51 @@ def render_dot(path: Path) -> Path | None:
     svg = path.with_suffix(".svg")
     subprocess.run([dot, "-Tsvg", str(path), "-o", str(svg)], check=True, capture_output=True)
     return svg
+
+
+@dataclass(frozen=True)
+class GpuSummary:
+    """A GPU build at a glance: per architecture, the kernels' registers, shared memory
+    and spills as ptxas reports them, and the share of the FLOPs in tiled products."""
+
+    kernels: int
+    resources: dict[str, dict[str, nvptx.Resources]]  # arch → kernel → ptxas's report
+    product_flop_share: float
+
+    def totals(self, arch: str) -> tuple[int, int, int]:
+        """(registers, shared bytes, spill bytes) summed over the kernels."""
+        rs = self.resources[arch].values()
+        return sum(r.registers for r in rs), sum(r.shared_bytes for r in rs), sum(r.spill_bytes for r in rs)
+
+
+def gpu_summary(lowered: Lowered) -> GpuSummary:
+    """Assemble every architecture's PTX with ptxas (which must be installed) and gather
+    its report."""
+    from compiler.driver import gpu_modules
+
+    found = {arch: nvptx.resources(nvptx.ptxas(ptx, arch)) for arch, ptx in gpu_modules(lowered).items()}
+    flops = [c.kernel.flops for c in lowered.calls]
+    in_products = sum(
+        f for c, f in zip(lowered.calls, flops) if any(isinstance(n.op, ProductOp) for n in c.nodes)
+    )
+    return GpuSummary(len(lowered.calls), found, in_products / max(sum(flops), 1))
+
+
+def gpu_table(lowered: Lowered) -> str:
+    """Per kernel and architecture: registers, shared memory, spills (what `kiln inspect
+    --target cuda` prints, so a change that makes a kernel spill is seen)."""
+    summary = gpu_summary(lowered)
+    archs = list(summary.resources)
+    head = "".join(f" {arch + ' regs':>12} {'smem':>7} {'spill':>6}" for arch in archs)
+    lines = [f"GPU kernels ({summary.kernels}), as ptxas reports them:", f"  {'kernel':<44}{head}"]
+    for call in lowered.calls:
+        name = call.kernel.name
+        cells = "".join(
+            f" {r.registers:>12} {r.shared_bytes:>7} {r.spill_bytes:>6}"
+            for r in (summary.resources[arch][name] for arch in archs)
+        )
+        lines.append(f"  {name:<44}{cells}")
+    totals = "".join(" {:>12} {:>7} {:>6}".format(*summary.totals(arch)) for arch in archs)
+    lines.append(f"  {'total':<44}{totals}")
+    lines.append(f"  {summary.product_flop_share:.1%} of the FLOPs in tiled products")
+    return "\n".join(lines)

@@ -138,3 +138,42 @@ def test_ptxas_accepts_a_model(arch):
     report = nvptx.ptxas(ptx, arch)
     for call in lowered.calls:
         assert f"Compiling entry function '{call.kernel.name}'" in report
+
+
+def test_cli_writes_ptx_and_a_cuda_sim_library(tmp_path, rng):
+    from compiler.cli import main
+    from frontends.zoo.onnx_models import MNIST_CNN_PATH
+    from runtime import load
+
+    assert (
+        main(
+            [
+                "compile",
+                str(MNIST_CNN_PATH),
+                "--target",
+                "cuda",
+                "--emit",
+                "ptx",
+                "-o",
+                str(tmp_path / "g.so"),
+            ]
+        )
+        == 0
+    )
+    for arch in nvptx.ARCHS:
+        assert f".target {arch}" in (tmp_path / f"g.{arch}.ptx").read_text()
+    assert main(["compile", str(MNIST_CNN_PATH), "--target", "cuda-sim", "-o", str(tmp_path / "sim.so")]) == 0
+    x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
+    expected = compile_model(MNIST_CNN_PATH, name="cnn")(x)
+    np.testing.assert_allclose(load(tmp_path / "sim.so")(x), expected, rtol=1e-4, atol=1e-6)
+
+
+@needs_ptxas
+def test_inspect_shows_each_gpu_kernels_resources(capsys):
+    from compiler.cli import main
+    from frontends.zoo.onnx_models import MNIST_CNN_PATH
+
+    assert main(["inspect", str(MNIST_CNN_PATH), "--target", "cuda"]) == 0
+    text = capsys.readouterr().out
+    assert "sm_80 regs" in text and "sm_90 regs" in text
+    assert "k4_conv2d_gemm_relu" in text and "of the FLOPs in tiled products" in text
