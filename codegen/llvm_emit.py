@@ -78,8 +78,12 @@ class FunctionWriter:
         loop_hook: LoopHook | None = None,
         scratch: list[kir.Buffer] | None = None,
         stmt_hook: StmtHook | None = None,
+        libm: bool = True,
     ):
+        """libm=False: float64 exp/log/tanh/erf and pow of every dtype become inline code
+        (codegen.mathlib) instead of libm calls, for a target that has no libm (a GPU)."""
         self.fn = fn
+        self.libm = libm
         self.module: ir.Module = fn.module
         # allocas go in their own entry block, which branches to `start` once done
         self.entry = fn.append_basic_block("entry")
@@ -222,6 +226,8 @@ class FunctionWriter:
             if op in ("min", "max"):  # numpy semantics: NaN wins
                 return self._call_intrinsic(f"llvm.{op}imum", a, c)
             if op == "pow":
+                if not self.libm:
+                    return b.call(math_function(self.module, "pow", dtype), [a, c])
                 name = "powf" if dtype == "float32" else "pow"
                 return b.call(self._libm(name, a.type, 2), [a, c])
         elif dtype == "bool":
@@ -240,10 +246,19 @@ class FunctionWriter:
             if op == "trem":  # callers keep c away from 0 and MIN % -1 (see ops' guards)
                 return b.srem(a, c)
             if op == "pow":  # through double: exact while the result fits 53 bits
-                f64 = ir.DoubleType()
-                r = b.call(self._libm("pow", f64, 2), [b.sitofp(a, f64), b.sitofp(c, f64)])
-                return b.fptosi(r, a.type)
+                return self._integer_pow(a, c)
         raise TypeError(f"kernel IR: no {op} for {dtype}")
+
+    def _integer_pow(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        """libm's pow is exact where the result is; the inline one is within a few ulp of
+        it, so its result is rounded to the nearest integer first (a negative power's
+        fraction, below 1 in magnitude, still truncates to the same integer)."""
+        b, f64 = self.b, ir.DoubleType()
+        x, y = b.sitofp(a, f64), b.sitofp(c, f64)
+        if self.libm:
+            return b.fptosi(b.call(self._libm("pow", f64, 2), [x, y]), a.type)
+        r = b.call(math_function(self.module, "pow", "float64"), [x, y])
+        return b.fptosi(self._call_intrinsic("llvm.rint", r), a.type)
 
     def _truncating_div(self, a: ir.Value, c: ir.Value) -> ir.Value:
         """C's / (toward zero), as ONNX defines integer Div, without the two cases that
@@ -280,8 +295,8 @@ class FunctionWriter:
             if op in ("abs", "sqrt", "floor", "ceil", "roundeven"):
                 return self._call_intrinsic(f"llvm.{'fabs' if op == 'abs' else op}", a)
             if op in _LIBM64:
-                if dtype == "float32":
-                    return b.call(math_function(self.module, op), [a])
+                if dtype == "float32" or not self.libm:
+                    return b.call(math_function(self.module, op, dtype), [a])
                 return b.call(self._libm(_LIBM64[op], a.type, 1), [a])
         else:
             if op == "neg":
