@@ -130,6 +130,7 @@ class Val:
     scale: float  # the largest magnitude in its cone (it and all it depends on), at least 1
     const: bool = False  # known when compiling: the importer folds it
     special: bool = False  # holds inf or NaN on purpose: only IsInf/IsNaN and the outputs read it
+    op: str = ""  # the op that computes it ("" for inputs and initializers)
 
     @property
     def dtype(self) -> np.dtype:
@@ -264,12 +265,17 @@ class Builder:
     def consumers(self) -> Counter:
         return Counter(i for n in self.nodes for i in n.input)
 
+    def heavy_readers(self) -> set[str]:
+        """Values a reduction or a contraction reads."""
+        return {i for n in self.nodes if n.op_type in HEAVY for i in n.input}
+
     def pick(
         self, ok: Callable[[Val], bool] | None = None, dtype: object = F32, const: bool = False
     ) -> Val | None:
-        """An operand: recent values and values other nodes already read are likelier,
-        so values end up shared between consumers of different kinds."""
-        used = self.consumers()
+        """An operand: recent values, values other nodes already read, values a reduction
+        or contraction reads, and their results are likelier, so values end up shared
+        between consumers of different kinds (what fused kernels get wrong)."""
+        used, heavy = self.consumers(), self.heavy_readers()
         cands = [
             v
             for v in self.pool
@@ -283,7 +289,13 @@ class Builder:
             return None
         position = {v.name: i for i, v in enumerate(self.pool)}
         weights = np.array(
-            [(1 + 2 * position[v.name] / len(self.pool)) * (2.5 if used[v.name] else 1.0) for v in cands]
+            [
+                (1 + 2 * position[v.name] / len(self.pool))
+                * (2.5 if used[v.name] else 1.0)
+                * (2.0 if v.name in heavy else 1.0)
+                * (1.8 if v.op in HEAVY else 1.0)
+                for v in cands
+            ]
         )
         return cands[int(self.rng.choice(len(cands), p=weights / weights.sum()))]
 
@@ -336,6 +348,7 @@ class Builder:
                     scale=scale,
                     const=const,
                     special=special,
+                    op=op,
                 )
             )
         if not special and not all(_healthy(a) for a in arrays.values()):
@@ -471,11 +484,24 @@ def partner_shape(b: Builder, shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def second_operand(b: Builder, x: Val, dtype: object = None, ok: Callable[[Val], bool] | None = None) -> Val:
-    """The other operand of a binary op on x: another value that broadcasts with x, x
-    itself, or a constant of a shape that broadcasts."""
+    """The other operand of a binary op on x: a reduction of x kept broadcastable (x - max(x)),
+    a reduction's or contraction's result that broadcasts with x, another value that does,
+    x itself, or a constant of a shape that broadcasts."""
     dtype = np.dtype(dtype or x.dtype)
     r = b.rng.random()
-    if r < 0.5:
+    if r < 0.15 and x.dtype == dtype == F32 and x.rank and (ok is None or ok(x)):
+        op = b.choice(["ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin"])
+        back = reduce_node(b, op, x, (x.rank - 1,) if b.chance(0.6) else split_axes(b, x), 1)
+        if back is not None:
+            return back
+    if r < 0.3:
+        other = b.pick(
+            lambda v: v.op in HEAVY and broadcast(v.shape, x.shape) is not None and (ok is None or ok(v)),
+            dtype=dtype,
+        )
+        if other is not None:
+            return other
+    if r < 0.55:
         other = b.pick(
             lambda v: (
                 (shape := broadcast(v.shape, x.shape)) is not None
@@ -486,7 +512,7 @@ def second_operand(b: Builder, x: Val, dtype: object = None, ok: Callable[[Val],
         )
         if other is not None:
             return other
-    if r < 0.6 and (ok is None or ok(x)) and x.dtype == dtype:
+    if r < 0.65 and (ok is None or ok(x)) and x.dtype == dtype:
         return x
     shape = partner_shape(b, x.shape)
     if dtype.kind == "f":
@@ -911,6 +937,12 @@ def reduce_node(
     return first(b.node(op, inputs, keepdims=keepdims, **attrs))
 
 
+#: reductions and contractions: the ops fusion builds whole kernels around
+HEAVY = frozenset(
+    "ReduceSum ReduceMean ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSum "
+    "ReduceLogSumExp Softmax LogSoftmax LayerNormalization RMSNormalization MatMul Gemm Conv ConvTranspose "
+    "Einsum".split()
+)
 REDUCTIONS = (
     "ReduceSum",
     "ReduceMean",
@@ -2375,14 +2407,13 @@ def check_model_bytes(model: bytes, feeds: dict[str, np.ndarray], peer: bool) ->
     return check(proto, feeds, peer=peer)
 
 
-#: a task: (function name, arguments); run here or in a worker process
-Task = tuple[str, tuple]
-TASKS: dict[str, Callable] = {"batch": check_batch, "alone": check_alone, "model": check_model_bytes}
+#: a task: a module-level function (pickled by name) and its arguments
+Task = tuple[Callable, tuple]
 
 
 def execute(task: Task) -> object:
-    name, args = task
-    return TASKS[name](*args)
+    fn, args = task
+    return fn(*args)
 
 
 def _worker(conn, cache: str) -> None:  # type: ignore[no-untyped-def]
@@ -2396,14 +2427,17 @@ def _worker(conn, cache: str) -> None:  # type: ignore[no-untyped-def]
             return
         if task is None:
             return
-        result = execute(task)
+        try:
+            result = execute(task)
+        except Exception:
+            result = Broken(traceback.format_exc())
         shutil.rmtree(cache, ignore_errors=True)
         conn.send(result)
 
 
 def task_timeout(task: Task) -> float:
-    name, args = task
-    return 120.0 + (30.0 * len(args[1]) if name == "batch" else 0.0)
+    fn, args = task
+    return 120.0 + (30.0 * len(args[1]) if fn is check_batch else 0.0)
 
 
 class Crashed(Exception):
@@ -2412,6 +2446,10 @@ class Crashed(Exception):
 
 class Hung(Exception):
     """The task ran past its time limit; its worker was killed."""
+
+
+class Broken(Exception):
+    """The task raised outside Kiln's engines: a bug in this file."""
 
 
 class Workers:
@@ -2493,6 +2531,8 @@ def as_outcome(result: object) -> Outcome:
         return Outcome("crash", "worker", str(result))
     if isinstance(result, Hung):
         return Outcome("hang", "worker", str(result))
+    if isinstance(result, Broken):
+        return Outcome("generator", "fuzzer", str(result))
     assert isinstance(result, Outcome)
     return result
 
@@ -2758,7 +2798,7 @@ def fuzz(
     began = time.monotonic()
     summary = Summary()
     queue: deque[Task] = deque(
-        ("batch", (seed, b)) for b in batches(seed, range(start, start + graphs), batch)
+        (check_batch, (seed, b)) for b in batches(seed, range(start, start + graphs), batch)
     )
     retrials: dict[int, Retrial] = {}
     workers = Workers(jobs)
@@ -2806,10 +2846,10 @@ def _settle(task: Task, result: object, queue: deque[Task], retrials: dict[int, 
     """The graphs a finished task decides. A failed batch's suspects go back in the queue
     to run alone; one that passes alone but disagreed in the batch, or a batch error no
     graph shows alone, is a failure of the batch (its union is what shows it)."""
-    name, args = task
-    if name == "batch":
+    fn, args = task
+    if fn is check_batch:
         seed, indices = args
-        if isinstance(result, (Crashed, Hung)):  # which graph did it is unknown: each alone
+        if isinstance(result, Exception):  # which graph did it is unknown: each alone
             verdicts = [Verdict(seed, i, as_outcome(result), suspect=True) for i in indices]
         else:
             verdicts = result  # type: ignore[assignment]
@@ -2818,7 +2858,7 @@ def _settle(task: Task, result: object, queue: deque[Task], retrials: dict[int, 
             retrial = Retrial(seed, indices, suspects[0].outcome, {v.index for v in suspects})
             for v in suspects:
                 retrials[v.index] = retrial
-                queue.append(("alone", (seed, v.index)))
+                queue.append((check_alone, (seed, v.index)))
         return [v for v in verdicts if not v.suspect]
     seed, index = args
     retrial = retrials.pop(index)
@@ -2863,7 +2903,7 @@ def _shrink_failures(
         model.ParseFromString(v.model)
 
         def fails(m: onnx.ModelProto, f: dict[str, np.ndarray], sig=sig, peer=v.peer) -> bool:
-            task: Task = ("model", (m.SerializeToString(), f, peer))
+            task: Task = (check_model_bytes, (m.SerializeToString(), f, peer))
             _, result = next(iter(workers.run(deque([task]))))
             return as_outcome(result).signature == sig
 
@@ -2911,7 +2951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--shrink-max", type=int, default=8, help="failures to shrink and save, at most")
     args = parser.parse_args(argv)
-    os.environ.setdefault("KILN_CHECK_PLAN", "1")  # every compile replays its memory plan
+    os.environ.setdefault("KILN_CHECKS", "1")  # every compile verifies each pass and replays its memory plan
     if args.only is not None:
         verdict = check_alone(args.seed, args.only)
         if verdict.model:
