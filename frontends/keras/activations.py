@@ -31,6 +31,20 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+#: Keras activations that are one elementwise op of the registry (op, attributes): what
+#: the recurrent ops take
+OPS: dict[str, tuple[str, tuple[tuple[str, float], ...]]] = {
+    "linear": ("leaky_relu", (("alpha", 1.0),)),  # slope 1 on both sides: the identity
+    "relu": ("relu", ()),
+    "sigmoid": ("sigmoid", ()),
+    "tanh": ("tanh", ()),
+    "elu": ("elu", (("alpha", 1.0),)),
+    "selu": ("selu", (("alpha", 1.6732632423543772), ("gamma", 1.0507009873554805))),
+    "softplus": ("softplus", ()),
+    "gelu": ("gelu", ()),
+}
+
+
 def get(identifier: str | Callable | None) -> Activation:
     """An activation by Keras name (None is linear)."""
     if identifier is None:
@@ -51,3 +65,12 @@ def name_of(identifier: str | Callable | None) -> str:
         if isinstance(identifier, str)
         else "custom"
     )
+
+
+def op_spec(name: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """The registry op computing the activation `name` (a recurrent layer's)."""
+    if name not in OPS:
+        raise ValueError(
+            f"activation {name!r} is not supported in recurrent layers; they take {', '.join(OPS)}"
+        )
+    return OPS[name]

@@ -1,27 +1,38 @@
-"""Keras's SimpleRNN, LSTM and GRU layers (keras-behaviour.md §1), unrolled over the
-sequence into graph ops: each step is a matmul with the recurrent kernel and the gate
-arithmetic, so the backward pass comes from the ordinary gradient rules and the whole
-sequence is one fused, compiled train step. Weights, gate orders and formulas are
-Keras's, so weights carry over with get_weights / set_weights."""
+"""Keras's SimpleRNN, LSTM and GRU layers on the registry's `rnn`, `lstm` and `gru` ops.
+
+The input projection x·W + b of every step is one matmul; the recurrence is one op
+node, which runs as the tuned recurrent kernel (and trains through the op's unrolled
+decomposition). Keras's weights stay in Keras's layouts, so they carry over with
+get_weights / set_weights; the layer maps them onto the op's conventions in the graph:
+the op's gate order (LSTM: Keras i, f, c, o → i, o, f, c; GRU: z, r, h is the op's z,
+r, n), kernel (input, gates·units) as the projection's weight, recurrent_kernel
+(units, gates·units) as the op's Rᵀ, and GRU reset_after=True's recurrent bias split:
+its z and r parts join the projection's bias, its h part is the op's n-gate bias.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import numpy as np
 
 from frontends.keras import activations as activations_module
 from frontends.keras.layers import Layer
+from ir.builder import GraphBuilder
 from ir.graph import Value
 
 
 class _Recurrent(Layer):
-    gates = 1
-    n_states = 1  # h (LSTM: h and c)
+    op: ClassVar[str]
+    gates: ClassVar[int] = 1
+    #: the op's gates in Keras's order (the op's gate k is Keras's gate order[k]); None: the same
+    order: ClassVar[tuple[int, ...] | None] = None
+    n_states: ClassVar[int] = 1  # final states returned with return_state: h (LSTM: h and c)
 
     def __init__(
         self,
         units: int,
         activation="tanh",
-        recurrent_activation="sigmoid",
         use_bias: bool = True,
         kernel_initializer="glorot_uniform",
         recurrent_initializer="orthogonal",
@@ -33,12 +44,8 @@ class _Recurrent(Layer):
     ):
         super().__init__(**kwargs)
         self.units = int(units)
-        self.activation = activations_module.get(activation)
-        self.recurrent_activation = activations_module.get(recurrent_activation)
-        self.activation_names = (
-            activations_module.name_of(activation),
-            activations_module.name_of(recurrent_activation),
-        )
+        self.activation = activations_module.name_of(activation)
+        activations_module.op_spec(self.activation)  # one the recurrent ops can take
         self.use_bias = use_bias
         self.initializers = (kernel_initializer, recurrent_initializer, bias_initializer)
         self.return_sequences, self.go_backwards = return_sequences, go_backwards
@@ -73,48 +80,88 @@ class _Recurrent(Layer):
 
     def call(self, ctx, x, training):
         b = ctx.b
-        n, steps, _ = x.type.shape
-        state = self._initial_state(ctx, n)
-        outputs = []
-        order = range(steps - 1, -1, -1) if self.go_backwards else range(steps)
-        for t in order:
-            x_t = b.reshape(b.slice(x, starts=(t,), ends=(t + 1,), axes=(1,)), shape=(n, x.type.shape[2]))
-            state = self.step(ctx, x_t, state)
-            outputs.append(state[0])
-        if self.return_sequences:
-            output = b.concat(*(b.reshape(h, shape=(n, 1, self.units)) for h in outputs), axis=1)
-        else:
-            output = outputs[-1]
-        return [output, *state] if self.return_state else output
-
-    def _initial_state(self, ctx, n: int) -> tuple[Value, ...]:
-        zero = ctx.b.param("h0", np.zeros((n, self.units), np.float32))
-        return (zero,)
-
-    def _gate(self, ctx, z: Value, i: int) -> Value:
+        n, steps, features = x.type.shape
         u = self.units
-        return ctx.b.slice(z, starts=(i * u,), ends=((i + 1) * u,), axes=(1,))
+        sequence = b.transpose(x, perm=(1, 0, 2))  # (steps, batch, features): the op's layout
+        if self.go_backwards:
+            sequence = b.slice(sequence, starts=(steps - 1,), ends=(-steps - 1,), axes=(0,), steps=(-1,))
+        bias = self._input_bias(ctx)
+        projection = [self._op_order(b, ctx.weight(self.kernel))] + ([bias] if bias is not None else [])
+        xw = b.linear(b.reshape(sequence, shape=(steps * n, features)), *projection)
+        slots = b.op(
+            self.op,
+            b.reshape(xw, shape=(steps, n, self.gates * u)),
+            self._op_order(b, ctx.weight(self.recurrent_kernel)),
+            *self._cell_inputs(ctx, b.param("h0", np.zeros((n, u), np.float32))),
+            hidden=u,
+            activations=self._activations(),
+            **self._attributes(),
+        )
+        states = [self._slot(b, slots, steps, plane) for plane in range(self.n_states)]
+        if self.return_sequences:
+            outputs = b.slice(slots, starts=(1, 0), ends=(steps + 1, 1), axes=(0, 1))
+            output = b.transpose(b.reshape(outputs, shape=(steps, n, u)), perm=(1, 0, 2))
+        else:
+            output = states[0]
+        return [output, *states] if self.return_state else output
 
-    def _input_part(self, ctx, x_t: Value, bias: Value | None) -> Value:
-        args = [ctx.weight(self.kernel)] + ([bias] if bias is not None else [])
-        return ctx.b.linear(x_t, *args)
+    def _slot(self, b: GraphBuilder, slots: Value, slot: int, plane: int) -> Value:
+        """One plane of one slot of the op's output, (batch, units)."""
+        value = b.slice(slots, starts=(slot, plane), ends=(slot + 1, plane + 1), axes=(0, 1))
+        return b.reshape(value, shape=value.type.shape[2:])
 
-    def step(self, ctx, x_t: Value, state: tuple[Value, ...]) -> tuple[Value, ...]:
-        raise NotImplementedError
+    def _op_order(self, b: GraphBuilder, w: Value) -> Value:
+        """w's last axis, gates·units long in Keras's gate order, in the op's."""
+        if self.order is None:
+            return w
+        u, axis = self.units, w.type.rank - 1
+        blocks = [b.slice(w, starts=(k * u,), ends=((k + 1) * u,), axes=(axis,)) for k in self.order]
+        return b.concat(*blocks, axis=axis)
+
+    def _zeros(self, b: GraphBuilder, shape: tuple[int, ...]) -> Value:
+        return b.param("zeros", np.zeros(shape, np.float32))
+
+    def _input_bias(self, ctx) -> Value | None:
+        """The projection's bias, in the op's gate order."""
+        return self._op_order(ctx.b, ctx.weight(self.bias)) if self.use_bias else None
+
+    def _cell_inputs(self, ctx, h0: Value) -> list[Value]:
+        """The op's inputs after Rᵀ."""
+        return [h0]
+
+    def _activations(self) -> tuple:
+        """The op's activations, in ONNX's roles (f, and g, h where the cell has them)."""
+        return (activations_module.op_spec(self.activation),)
+
+    def _attributes(self) -> dict:
+        return {}
 
 
 class SimpleRNN(_Recurrent):
-    def step(self, ctx, x_t, state):
-        b = ctx.b
-        bias = ctx.weight(self.bias) if self.use_bias else None
-        z = b.add(self._input_part(ctx, x_t, bias), b.matmul(state[0], ctx.weight(self.recurrent_kernel)))
-        return (self.activation(b, z),)
+    op = "rnn"
 
 
-class LSTM(_Recurrent):
+class _Gated(_Recurrent):
+    """LSTM and GRU: their gates take recurrent_activation; the candidate and output, activation."""
+
+    def __init__(self, units: int, recurrent_activation="sigmoid", **kwargs):
+        super().__init__(units, **kwargs)
+        self.recurrent_activation = activations_module.name_of(recurrent_activation)
+        activations_module.op_spec(self.recurrent_activation)
+
+    def _specs(self) -> tuple:
+        """(the gates' activation, the candidate's): the op's f and g."""
+        return activations_module.op_spec(self.recurrent_activation), activations_module.op_spec(
+            self.activation
+        )
+
+
+class LSTM(_Gated):
     """Gates i, f, c, o; unit_forget_bias: the forget gate's bias starts at 1."""
 
+    op = "lstm"
     gates = 4
+    order = (0, 3, 1, 2)
     n_states = 2
 
     def __init__(self, units: int, unit_forget_bias: bool = True, **kwargs):
@@ -125,25 +172,21 @@ class LSTM(_Recurrent):
         if self.unit_forget_bias:
             self.bias.value[self.units : 2 * self.units] = 1.0
 
-    def _initial_state(self, ctx, n):
-        zero = ctx.b.param("h0", np.zeros((n, self.units), np.float32))
-        return (zero, zero)
+    def _cell_inputs(self, ctx, h0):
+        return [h0, h0, self._zeros(ctx.b, (3 * self.units,))]  # c starts at zero too; no peepholes
 
-    def step(self, ctx, x_t, state):
-        b = ctx.b
-        h, c = state
-        bias = ctx.weight(self.bias) if self.use_bias else None
-        z = b.add(self._input_part(ctx, x_t, bias), b.matmul(h, ctx.weight(self.recurrent_kernel)))
-        i, f, g, o = (self._gate(ctx, z, k) for k in range(4))
-        sig = self.recurrent_activation
-        c = b.add(b.mul(sig(b, f), c), b.mul(sig(b, i), self.activation(b, g)))
-        return (b.mul(sig(b, o), self.activation(b, c)), c)
+    def _activations(self):
+        f, g = self._specs()
+        return (f, g, g)  # the cell state's output activation (h) is Keras's activation too
 
 
-class GRU(_Recurrent):
-    """Gates z, r, h; reset_after=True (Keras 3's default): bias (2, 3u), the reset gate
-    applied after the recurrent matmul; reset_after=False: bias (3u,), applied before."""
+class GRU(_Gated):
+    """Gates z, r, h; reset_after=True (Keras 3's default): bias (2, 3u), input and
+    recurrent, the reset gate applied after the recurrent matmul (the op's
+    linear_before_reset); reset_after=False: bias (3u,), the reset gate applied to h
+    before it."""
 
+    op = "gru"
     gates = 3
 
     def __init__(self, units: int, reset_after: bool = True, **kwargs):
@@ -153,32 +196,25 @@ class GRU(_Recurrent):
     def _bias_shape(self):
         return (2, 3 * self.units) if self.reset_after else (3 * self.units,)
 
-    def step(self, ctx, x_t, state):
-        b = ctx.b
-        (h,) = state
-        u = self.units
-        rk = ctx.weight(self.recurrent_kernel)
-        sig = self.recurrent_activation
-        if self.reset_after:
-            bias = ctx.weight(self.bias) if self.use_bias else None
-            b_in = (
-                b.reshape(b.slice(bias, starts=(0,), ends=(1,), axes=(0,)), shape=(3 * u,)) if bias else None
-            )
-            b_rec = (
-                b.reshape(b.slice(bias, starts=(1,), ends=(2,), axes=(0,)), shape=(3 * u,)) if bias else None
-            )
-            xs = self._input_part(ctx, x_t, b_in)
-            hs = b.linear(h, rk, *([b_rec] if b_rec is not None else []))
-            z = sig(b, b.add(self._gate(ctx, xs, 0), self._gate(ctx, hs, 0)))
-            r = sig(b, b.add(self._gate(ctx, xs, 1), self._gate(ctx, hs, 1)))
-            candidate = self.activation(b, b.add(self._gate(ctx, xs, 2), b.mul(r, self._gate(ctx, hs, 2))))
-        else:
-            xs = self._input_part(ctx, x_t, ctx.weight(self.bias) if self.use_bias else None)
-            rk_zr = b.slice(rk, starts=(0,), ends=(2 * u,), axes=(1,))
-            rk_h = b.slice(rk, starts=(2 * u,), ends=(3 * u,), axes=(1,))
-            hs = b.matmul(h, rk_zr)
-            z = sig(b, b.add(self._gate(ctx, xs, 0), self._gate(ctx, hs, 0)))
-            r = sig(b, b.add(self._gate(ctx, xs, 1), self._gate(ctx, hs, 1)))
-            candidate = self.activation(b, b.add(self._gate(ctx, xs, 2), b.matmul(b.mul(r, h), rk_h)))
-        one = b.param("one", np.array(1.0, np.float32))
-        return (b.add(b.mul(z, h), b.mul(b.sub(one, z), candidate)),)
+    def _bias_row(self, b: GraphBuilder, bias: Value, row: int) -> Value:
+        return b.reshape(b.slice(bias, starts=(row,), ends=(row + 1,), axes=(0,)), shape=(3 * self.units,))
+
+    def _input_bias(self, ctx):
+        if not (self.use_bias and self.reset_after):
+            return super()._input_bias(ctx)
+        b, u = ctx.b, self.units
+        bias = ctx.weight(self.bias)
+        recurrent_zr = b.slice(self._bias_row(b, bias, 1), starts=(0,), ends=(2 * u,))
+        return b.add(self._bias_row(b, bias, 0), b.concat(recurrent_zr, self._zeros(b, (u,)), axis=0))
+
+    def _cell_inputs(self, ctx, h0):
+        b, u = ctx.b, self.units
+        if self.use_bias and self.reset_after:
+            return [h0, b.slice(self._bias_row(b, ctx.weight(self.bias), 1), starts=(2 * u,), ends=(3 * u,))]
+        return [h0, self._zeros(b, (u,))]
+
+    def _activations(self):
+        return self._specs()
+
+    def _attributes(self):
+        return {"linear_before_reset": self.reset_after}

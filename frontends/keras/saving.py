@@ -91,14 +91,14 @@ def layer_config(layer: Layer) -> dict:
     elif kind in ("SimpleRNN", "LSTM", "GRU"):
         base.update(
             units=layer.units,
-            activation=layer.activation_names[0],
+            activation=layer.activation,
             use_bias=layer.use_bias,
             return_sequences=layer.return_sequences,
             return_state=layer.return_state,
             go_backwards=layer.go_backwards,
         )
         if kind != "SimpleRNN":
-            base["recurrent_activation"] = layer.activation_names[1]
+            base["recurrent_activation"] = layer.recurrent_activation
         if kind == "LSTM":
             base["unit_forget_bias"] = layer.unit_forget_bias
         if kind == "GRU":
