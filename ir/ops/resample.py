@@ -8,7 +8,7 @@ input (tf_crop_and_resize): the output there is `extrapolation_value`.
 
 Frontends compute the tables at compile time, so every ONNX coordinate mode,
 nearest rounding, cubic coefficient and antialias filter is numpy in one place
-(frontends/onnx/resize.py), and the kernel is one loop nest for all of them.
+(frontends/onnx/ops/resample.py), and the kernel is one loop nest for all of them.
 """
 
 from __future__ import annotations
