@@ -10,50 +10,6 @@ import numpy as np
 from frontends.onnx.context import UnsupportedOnnxError, converter, emit, ints, node_inputs, node_label
 from ir.ops import make_op
 
-
-@converter("RMSNormalization")
-def _rms_norm(ctx, node, attrs):
-    """x / sqrt(mean(x², axes axis..end) + eps) * scale, in ops row fusion joins."""
-    x, scale = node_inputs(ctx, node)[:2]
-    b = ctx.b
-    axis = int(attrs.get("axis", -1)) % x.type.rank
-    rows = b.reshape(x, shape=(*x.type.shape[:axis], -1))
-    eps = b.param("epsilon", np.array(attrs.get("epsilon", 1e-5), x.type.np_dtype))
-    y = b.mul(rows, b.rsqrt(b.add(b.reduce_mean(b.mul(rows, rows), axes=(-1,)), eps)))
-    return [b.mul(b.reshape(y, shape=x.type.shape), scale, name=node.output[0])]
-
-
-@converter("LayerNormalization")
-def _layernorm(ctx, node, attrs):
-    x = ctx.value(node.input[0])
-    axis = int(attrs.get("axis", -1))
-    epsilon = float(attrs.get("epsilon", 1e-5))
-    y = emit(ctx, node, "layer_norm", *node_inputs(ctx, node), axis=axis, epsilon=epsilon)
-    if len(node.output) == 1:
-        return [y]
-    # the optional Mean and InvStdDev outputs: the statistics again, as graph ops
-    b = ctx.b
-    axes = tuple(range(axis % x.type.rank, x.type.rank))
-    mean = b.reduce_mean(x, axes=axes, name=node.output[1] or None)
-    centered = b.sub(x, mean)
-    eps = b.param("epsilon", np.array(epsilon, x.type.np_dtype))
-    inv_std = b.rsqrt(b.add(b.reduce_mean(b.mul(centered, centered), axes=axes), eps))
-    return [y, mean, inv_std]
-
-
-@converter("Softmax", "LogSoftmax")
-def _softmax(ctx, node, attrs):
-    """Opset 13 normalizes along one axis; older opsets over all axes from `axis` on."""
-    x = ctx.value(node.input[0])
-    op = "softmax" if node.op_type == "Softmax" else "log_softmax"
-    if ctx.opset >= 13:
-        return [emit(ctx, node, op, x, axis=int(attrs.get("axis", -1)))]
-    axis = int(attrs.get("axis", 1)) % max(x.type.rank, 1)
-    flat = ctx.b.flatten(x, axis=axis)
-    y = ctx.b.op(op, flat, axis=-1)
-    return [emit(ctx, node, "reshape", y, shape=x.type.shape)]
-
-
 _REDUCE_OPS = {
     "ReduceSum": "reduce_sum",
     "ReduceMean": "reduce_mean",
@@ -61,6 +17,7 @@ _REDUCE_OPS = {
     "ReduceMin": "reduce_min",
     "ReduceProd": "reduce_prod",
 }
+
 _COMPOSED_REDUCTIONS = ("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
 
 
@@ -98,19 +55,6 @@ def _reduce(ctx, node, attrs):
     return [b.reshape(lse, shape=shape, name=out)]
 
 
-@converter("TopK")
-def _topk(ctx, node, attrs):
-    """Values and indices are two nodes (Kiln ops have one output); sorted=0 leaves the
-    order to the implementation, and Kiln's is sorted."""
-    x = ctx.value(node.input[0])
-    k = int(ctx.constant(node, 1, "K").item()) if ctx.opset >= 10 else int(attrs["k"])
-    common = dict(k=k, axis=int(attrs.get("axis", -1)), largest=bool(attrs.get("largest", 1)))
-    return [
-        ctx.b.op("topk", x, name=name or None, output=output, **common)
-        for name, output in zip(node.output, ("values", "indices"))
-    ]
-
-
 @converter("ArgMax", "ArgMin")
 def _arg(ctx, node, attrs):
     return [
@@ -127,6 +71,32 @@ def _arg(ctx, node, attrs):
     ]
 
 
+@converter("TopK")
+def _topk(ctx, node, attrs):
+    """Values and indices are two nodes (Kiln ops have one output); sorted=0 leaves the
+    order to the implementation, and Kiln's is sorted."""
+    x = ctx.value(node.input[0])
+    k = int(ctx.constant(node, 1, "K").item()) if ctx.opset >= 10 else int(attrs["k"])
+    common = dict(k=k, axis=int(attrs.get("axis", -1)), largest=bool(attrs.get("largest", 1)))
+    return [
+        ctx.b.op("topk", x, name=name or None, output=output, **common)
+        for name, output in zip(node.output, ("values", "indices"))
+    ]
+
+
+@converter("Softmax", "LogSoftmax")
+def _softmax(ctx, node, attrs):
+    """Opset 13 normalizes along one axis; older opsets over all axes from `axis` on."""
+    x = ctx.value(node.input[0])
+    op = "softmax" if node.op_type == "Softmax" else "log_softmax"
+    if ctx.opset >= 13:
+        return [emit(ctx, node, op, x, axis=int(attrs.get("axis", -1)))]
+    axis = int(attrs.get("axis", 1)) % max(x.type.rank, 1)
+    flat = ctx.b.flatten(x, axis=axis)
+    y = ctx.b.op(op, flat, axis=-1)
+    return [emit(ctx, node, "reshape", y, shape=x.type.shape)]
+
+
 @converter("Hardmax")
 def _hardmax(ctx, node, attrs):
     """1 at the first largest value along the axis, 0 elsewhere: arg_reduce against an
@@ -141,6 +111,52 @@ def _hardmax(ctx, node, attrs):
     iota = np.arange(n, dtype=np.int64).reshape([n if i == axis else 1 for i in range(t.type.rank)])
     hit = b.equal(b.param("iota", iota), b.arg_reduce(t, axis=axis, keepdims=True))
     y = b.cast(hit, to=x.type.dtype)
+    return [b.reshape(y, shape=x.type.shape, name=node.output[0])]
+
+
+@converter("LayerNormalization")
+def _layernorm(ctx, node, attrs):
+    x = ctx.value(node.input[0])
+    axis = int(attrs.get("axis", -1))
+    epsilon = float(attrs.get("epsilon", 1e-5))
+    y = emit(ctx, node, "layer_norm", *node_inputs(ctx, node), axis=axis, epsilon=epsilon)
+    if len(node.output) == 1:
+        return [y]
+    # the optional Mean and InvStdDev outputs: the statistics again, as graph ops
+    b = ctx.b
+    axes = tuple(range(axis % x.type.rank, x.type.rank))
+    mean = b.reduce_mean(x, axes=axes, name=node.output[1] or None)
+    centered = b.sub(x, mean)
+    eps = b.param("epsilon", np.array(epsilon, x.type.np_dtype))
+    inv_std = b.rsqrt(b.add(b.reduce_mean(b.mul(centered, centered), axes=axes), eps))
+    return [y, mean, inv_std]
+
+
+@converter("RMSNormalization")
+def _rms_norm(ctx, node, attrs):
+    """x / sqrt(mean(x², axes axis..end) + eps) * scale, in ops row fusion joins."""
+    x, scale = node_inputs(ctx, node)[:2]
+    b = ctx.b
+    axis = int(attrs.get("axis", -1)) % x.type.rank
+    rows = b.reshape(x, shape=(*x.type.shape[:axis], -1))
+    eps = b.param("epsilon", np.array(attrs.get("epsilon", 1e-5), x.type.np_dtype))
+    y = b.mul(rows, b.rsqrt(b.add(b.reduce_mean(b.mul(rows, rows), axes=(-1,)), eps)))
+    return [b.mul(b.reshape(y, shape=x.type.shape), scale, name=node.output[0])]
+
+
+@converter("InstanceNormalization")
+def _instance_norm(ctx, node, attrs):
+    """Per (image, channel) normalization over the spatial axes, written with the ops
+    row fusion makes one kernel of."""
+    x, scale, bias = node_inputs(ctx, node)
+    b = ctx.b
+    n, c = x.type.shape[:2]
+    rows = b.reshape(x, shape=(n, c, -1))
+    d = b.sub(rows, b.reduce_mean(rows, axes=(-1,)))
+    var = b.reduce_mean(b.mul(d, d), axes=(-1,))
+    eps = b.param("epsilon", np.array(attrs.get("epsilon", 1e-5), x.type.np_dtype))
+    y = b.mul(d, b.rsqrt(b.add(var, eps)))
+    y = b.add(b.mul(y, b.reshape(scale, shape=(c, 1))), b.reshape(bias, shape=(c, 1)))
     return [b.reshape(y, shape=x.type.shape, name=node.output[0])]
 
 
@@ -161,19 +177,3 @@ def _lp_normalization(ctx, node, attrs):
 def _global_max(ctx, node, attrs):
     x = ctx.value(node.input[0])
     return [emit(ctx, node, "reduce_max", x, axes=tuple(range(2, x.type.rank)), keepdims=True)]
-
-
-@converter("InstanceNormalization")
-def _instance_norm(ctx, node, attrs):
-    """Per (image, channel) normalization over the spatial axes, written with the ops
-    row fusion makes one kernel of."""
-    x, scale, bias = node_inputs(ctx, node)
-    b = ctx.b
-    n, c = x.type.shape[:2]
-    rows = b.reshape(x, shape=(n, c, -1))
-    d = b.sub(rows, b.reduce_mean(rows, axes=(-1,)))
-    var = b.reduce_mean(b.mul(d, d), axes=(-1,))
-    eps = b.param("epsilon", np.array(attrs.get("epsilon", 1e-5), x.type.np_dtype))
-    y = b.mul(d, b.rsqrt(b.add(var, eps)))
-    y = b.add(b.mul(y, b.reshape(scale, shape=(c, 1))), b.reshape(bias, shape=(c, 1)))
-    return [b.reshape(y, shape=x.type.shape, name=node.output[0])]
