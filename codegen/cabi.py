@@ -92,7 +92,7 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def _c_string(s: str) -> str:
+def c_string(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -104,8 +104,8 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
         lines.append(f"static const int64_t {kind}_shape_{i}[] = {{{dims}}};")
     arr = lambda xs: "{" + ", ".join(xs) + "}" if xs else "{0}"  # noqa: E731
     lines += [
-        f"static const char *const {kind}_names[] = {arr([_c_string(s.name) for s in specs])};",
-        f"static const char *const {kind}_dtypes[] = {arr([_c_string(s.dtype) for s in specs])};",
+        f"static const char *const {kind}_names[] = {arr([c_string(s.name) for s in specs])};",
+        f"static const char *const {kind}_dtypes[] = {arr([c_string(s.dtype) for s in specs])};",
         f"static const int {kind}_ranks[] = {arr([str(len(s.shape)) for s in specs])};",
         f"static const int64_t *const {kind}_shapes[] = {arr([f'{kind}_shape_{i}' for i in range(n)])};",
         f"API int {{PREFIX}}_num_{kind}s(void) {{ return {n}; }}",
@@ -123,6 +123,91 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
     return "\n".join(lines)
 
 
+def null_checks(p: Library, inputs: str = "inputs", outputs: str = "outputs") -> str:
+    """The C that refuses NULL input and output arrays (and NULL entries) before a run."""
+    lines = [
+        f'    if (!{inputs} && {len(p.inputs)}) return fail(m, "{inputs} is NULL");',
+        f'    if (!{outputs}) return fail(m, "{outputs} is NULL");',
+    ]
+    lines += [
+        f'    if (!{inputs}[{i}]) return fail(m, "input {i} ({_c_escape(s.name)}) is NULL");'
+        for i, s in enumerate(p.inputs)
+    ]
+    lines += [
+        f'    if (!{outputs}[{i}]) return fail(m, "output {i} ({_c_escape(s.name)}) is NULL");'
+        for i, s in enumerate(p.outputs)
+    ]
+    return "\n".join(lines)
+
+
+def _c_escape(s: str) -> str:
+    return c_string(s)[1:-1].replace("%", "%%")
+
+
+def common_source(p: Library, kernel_symbols: list[str]) -> str:
+    """The C every Kiln library shares, after its `{PREFIX}_model` struct (which has
+    `char error[]` and `double kernel_seconds[]`): the API macro's users, the kernel
+    names and timings, errors (`fail`, `create_failed`, `last_error`) and metadata."""
+    n = len(kernel_symbols)
+    names = ", ".join(c_string(s) for s in kernel_symbols) or "0"
+    src = f"""static const char *const kernel_names[] = {{{names}}};
+
+/* Per-kernel timing: off by default (set_profiling starts it). */
+API int {{PREFIX}}_num_kernels(void) {{ return {n}; }}
+API const char *{{PREFIX}}_kernel_name(int i) {{
+    return i >= 0 && i < {n} ? kernel_names[i] : NULL;
+}}
+API const double *{{PREFIX}}_kernel_seconds(const {{PREFIX}}_model *m) {{
+    return m ? m->kernel_seconds : NULL;
+}}
+
+__attribute__((format(printf, 2, 3))) static int fail({{PREFIX}}_model *m, const char *format, ...) {{
+    va_list ap;
+    va_start(ap, format);
+    vsnprintf(m->error, sizeof m->error, format, ap);
+    va_end(ap);
+    return 1;
+}}
+
+/* Why the calling thread's last {{PREFIX}}_create failed: create has no instance to keep
+ * it in, so {{PREFIX}}_last_error(NULL) reads it here. Thread-specific data rather than
+ * __thread, which would make the library depend on the dynamic loader; the key's
+ * destructor is libc's free, so it stays valid after this library is unloaded. */
+static pthread_key_t create_error_key;
+static pthread_once_t create_error_once = PTHREAD_ONCE_INIT;
+static int create_error_ok;
+
+static void create_error_init(void) {{ create_error_ok = pthread_key_create(&create_error_key, free) == 0; }}
+
+__attribute__((format(printf, 1, 2))) static int create_failed(const char *format, ...) {{
+    pthread_once(&create_error_once, create_error_init);
+    char *buf = create_error_ok ? pthread_getspecific(create_error_key) : NULL;
+    if (create_error_ok && !buf && (buf = malloc(1024)) && pthread_setspecific(create_error_key, buf) != 0) {{
+        free(buf);
+        buf = NULL;
+    }}
+    if (buf) {{
+        va_list ap;
+        va_start(ap, format);
+        vsnprintf(buf, 1024, format, ap);
+        va_end(ap);
+    }}
+    return 1;
+}}
+
+API const char *{{PREFIX}}_last_error(const {{PREFIX}}_model *m) {{
+    if (m) return m->error;
+    pthread_once(&create_error_once, create_error_init);
+    const char *why = create_error_ok ? pthread_getspecific(create_error_key) : NULL;
+    return why ? why : "no model (NULL handle: did {{PREFIX}}_create fail?)";
+}}
+
+{_metadata("input", p.inputs)}
+{_metadata("output", p.outputs)}
+"""
+    return src.replace("{PREFIX}", p.prefix)
+
+
 def glue_source(p: Library) -> str:
     launches = []
     for i, launch in enumerate(p.launches):
@@ -135,20 +220,14 @@ def glue_source(p: Library) -> str:
         )
         if launch.errors:
             cases = " ".join(
-                f"case {c + 1}: return fail(m, {_c_string(msg)});" for c, msg in enumerate(launch.errors)
+                f'case {c + 1}: return fail(m, "%s", {c_string(msg)});' for c, msg in enumerate(launch.errors)
             )
             launches.append(f"    switch (m->status) {{ case 0: break; {cases} default: return 1; }}")
     n_launch = max(len(p.launches), 1)
-    kernel_names = ", ".join(_c_string(launch.symbol) for launch in p.launches) or "0"
     kernels = sorted({launch.symbol for launch in p.launches})
-    checks = [
-        f'    if (!inputs[{i}]) return fail(m, "input {i} ({s.name}) is NULL");'
-        for i, s in enumerate(p.inputs)
-    ] + [
-        f'    if (!outputs[{i}]) return fail(m, "output {i} ({s.name}) is NULL");'
-        for i, s in enumerate(p.outputs)
-    ]
     src = f"""/* Generated by Kiln: the C ABI around the model's kernels. */
+#include <stdarg.h>
+
 #include "kiln_runtime.h"
 
 #define API __attribute__((visibility("default")))
@@ -166,39 +245,23 @@ typedef struct {{PREFIX}}_model {{
     double kernel_seconds[{n_launch}];
 }} {{PREFIX}}_model;
 
-static const char *const kernel_names[] = {{{kernel_names}}};
-
-/* Per-kernel timing: off by default (it costs two clock reads per kernel). */
-API int {{PREFIX}}_num_kernels(void) {{ return {len(p.launches)}; }}
-API const char *{{PREFIX}}_kernel_name(int i) {{
-    return i >= 0 && i < {len(p.launches)} ? kernel_names[i] : NULL;
-}}
+{{COMMON}}
+/* Timing costs two clock reads per kernel. */
 API void {{PREFIX}}_set_profiling({{PREFIX}}_model *m, int on) {{
     if (!m) return;
     m->profiling = on;
     memset(m->kernel_seconds, 0, sizeof m->kernel_seconds);
 }}
-API const double *{{PREFIX}}_kernel_seconds(const {{PREFIX}}_model *m) {{
-    return m ? m->kernel_seconds : NULL;
-}}
-
-static int fail({{PREFIX}}_model *m, const char *message) {{
-    snprintf(m->error, sizeof m->error, "%s", message);
-    return 1;
-}}
-
-{_metadata("input", p.inputs)}
-{_metadata("output", p.outputs)}
 
 API int {{PREFIX}}_create({{PREFIX}}_model **out) {{
     if (!out) return 1;
     *out = NULL;
     {{PREFIX}}_model *m = calloc(1, sizeof *m);
-    if (!m) return 1;
+    if (!m) return create_failed("out of memory for the model instance");
     size_t arena = (ARENA_BYTES + {ALIGN - 1}) / {ALIGN} * {ALIGN};
     if (ARENA_BYTES && !(m->arena = aligned_alloc({ALIGN}, arena))) {{
         free(m);
-        return 1;
+        return create_failed("out of memory for the arena (%zu bytes)", arena);
     }}
     kiln_pool_init(&m->pool, kiln_default_threads());
     *out = m;
@@ -212,11 +275,6 @@ API void {{PREFIX}}_destroy({{PREFIX}}_model *m) {{
     free(m);
 }}
 
-API const char *{{PREFIX}}_last_error(const {{PREFIX}}_model *m) {{
-    if (!m) return "no model (NULL handle: did {{PREFIX}}_create fail?)";
-    return m->error;
-}}
-
 /* Threads used by this instance from now on (1 = the calling thread only). */
 API int {{PREFIX}}_set_num_threads({{PREFIX}}_model *m, int n) {{
     if (!m || n < 1) return 1;
@@ -228,19 +286,20 @@ API int {{PREFIX}}_num_threads(const {{PREFIX}}_model *m) {{ return m ? m->pool.
 
 API int {{PREFIX}}_run({{PREFIX}}_model *m, const void *const *inputs, void *const *outputs) {{
     if (!m) return 1;
-    if (!inputs && {len(p.inputs)}) return fail(m, "inputs is NULL");
-    if (!outputs) return fail(m, "outputs is NULL");
-{chr(10).join(checks)}
+{null_checks(p)}
     m->error[0] = 0;
     m->status = 0;
 {chr(10).join(launches)}
     return 0;
 }}
 """
-    return src.replace("{PREFIX}", p.prefix)
+    common = common_source(p, [launch.symbol for launch in p.launches])
+    return src.replace("{PREFIX}", p.prefix).replace("{COMMON}", common)
 
 
-def header_source(p: Library) -> str:
+def header_source(p: Library, about: str = "", api: str = "") -> str:
+    """NAME.h: the API every Kiln library has, with `about` (more of the opening comment)
+    and `api` (more declarations) for a library that has more."""
     guard = f"{p.prefix.upper()}_H"
     doc = "\n".join(
         f" *   {kind} {i}: {s.name}  {s.dtype}[{', '.join(map(str, s.shape))}]"
@@ -254,8 +313,9 @@ def header_source(p: Library) -> str:
  * Buffers are dense, row-major (C order) arrays of the dtype above. A model
  * instance owns its scratch memory and threads; separate instances may run at
  * the same time on separate threads. Functions returning int give 0 on success;
- * {p.prefix}_last_error then says what went wrong.
- */
+ * {p.prefix}_last_error then says what went wrong ({p.prefix}_last_error(NULL): why
+ * this thread's last {p.prefix}_create failed).
+{about} */
 #ifndef {guard}
 #define {guard}
 
@@ -273,7 +333,7 @@ void {p.prefix}_destroy({p.prefix}_model *m);
 const char *{p.prefix}_last_error(const {p.prefix}_model *m);
 int {p.prefix}_set_num_threads({p.prefix}_model *m, int n);
 int {p.prefix}_num_threads(const {p.prefix}_model *m);
-
+{api}
 /* profiling: seconds spent in each kernel since set_profiling(m, 1) */
 int {p.prefix}_num_kernels(void);
 const char *{p.prefix}_kernel_name(int i);
@@ -322,19 +382,24 @@ def c_compiler() -> str:
 
 def link(
     p: Library,
-    kernels_object: bytes,
+    kernels_object: bytes | None,
     workdir: Path,
     so_path: Path,
     extra_c: str | None = None,
     extra_blobs: dict[str, bytes] | None = None,
+    glue: str | None = None,
+    libs: tuple[str, ...] = (),
 ) -> None:
     """Write glue, header and weights beside the object, and link them into so_path.
     `extra_c` is more C compiled into the library (a wrapper API over NAME_run), and
-    `extra_blobs` more read-only data it refers to by symbol (embedded like the weights)."""
+    `extra_blobs` more read-only data it refers to by symbol (embedded like the weights).
+    `glue` replaces the CPU glue (a CUDA library's, which has no kernels object), and
+    `libs` are more linker flags."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "kernels.o").write_bytes(kernels_object)
-    (workdir / "glue.c").write_text(glue_source(p))
+    (workdir / "glue.c").write_text(glue_source(p) if glue is None else glue)
     sources = [workdir / "glue.c"]
+    if kernels_object is not None:
+        (workdir / "kernels.o").write_bytes(kernels_object)
     for symbol, blob in {f"{p.prefix}_weights": p.weights, **(extra_blobs or {})}.items():
         (workdir / f"{symbol}.bin").write_bytes(blob)
         (workdir / f"{symbol}.S").write_text(blob_asm(symbol, workdir / f"{symbol}.bin"))
@@ -351,11 +416,12 @@ def link(
         "-pthread",
         f"-I{C_SOURCES}",
         *map(str, sources),
-        str(workdir / "kernels.o"),
+        *([str(workdir / "kernels.o")] if kernels_object is not None else []),
         "-o",
         str(so_path),
         f"-Wl,-soname,{so_path.name}",
         "-lm",
+        *libs,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

@@ -55,7 +55,7 @@ int main(int argc, char **argv) {
         out_bytes[o] = tensor_bytes(API(output_dtype)(o), API(output_rank)(o), API(output_shape)(o));
         outs[o] = malloc(out_bytes[o] ? out_bytes[o] : 1);
     }
-    if (API(create)(&m) != 0) { fprintf(stderr, "create failed\n"); goto done; }
+    if (API(create)(&m) != 0) { fprintf(stderr, "create failed: %s\n", API(last_error)(m)); goto done; }
     if (API(run)(m, (const void *const *)ins, outs) != 0) {
         fprintf(stderr, "run failed: %s\n", API(last_error)(m));
         goto done;

@@ -56,10 +56,12 @@ def bench(
     threads: int | None = None,
     repeats: int = 50,
     min_seconds: float = 0.5,
+    target: str = "cpu",
 ) -> dict[bool, BenchResult]:
-    """Median and p90 latency of each mode (fuse=True/False), measured in alternation."""
+    """Median and p90 latency of each mode (fuse=True/False), measured in alternation.
+    For target cuda a run is what NAME_run does: copies in, kernels, copies out."""
     models = {
-        fuse: compile_model(graph, name=f"{name}_{'fused' if fuse else 'unfused'}", fuse=fuse)
+        fuse: compile_model(graph, name=f"{name}_{'fused' if fuse else 'unfused'}", fuse=fuse, target=target)
         for fuse in modes
     }
     if threads is not None:
@@ -80,7 +82,7 @@ def bench(
             break
     results = {}
     for fuse in modes:
-        lowered = lower_graph(graph, name, fuse)
+        lowered = lower_graph(graph, name, fuse, target)
         t = np.array(times[fuse]) * 1e3
         results[fuse] = BenchResult(
             float(np.median(t)),

@@ -44,12 +44,10 @@ def _compile(args: argparse.Namespace) -> int:
     out = Path(args.output)
     name = args.name or out.stem
     emit = tuple(k for k in args.emit or () if k != "ptx")
-    written = _write_ptx(args, out, name) if "ptx" in (args.emit or ()) else []
-    if args.target == "cuda":
-        if not written:
-            raise ValueError("--target cuda writes PTX only so far: add --emit ptx")
-        print(f"wrote {', '.join(map(str, written))}")
-        return 0
+    if args.target == "cuda" and emit:
+        raise ValueError(f"--target cuda has no CPU code to emit ({', '.join(emit)}); --emit ptx writes PTX")
+    ptx = "ptx" in (args.emit or ())
+    written = _write_ptx(args, out, name) if ptx and args.target != "cuda" else []
     model = compile_model(
         args.model,
         target=args.target,
@@ -64,6 +62,11 @@ def _compile(args: argparse.Namespace) -> int:
         ext = {"llvm": ".ll", "asm": ".s"}[kind]
         src = model.path.with_suffix(ext)
         so.with_suffix(ext).write_text(src.read_text())
+    if ptx and args.target == "cuda":
+        for image in sorted(model.path.parent.glob(f"{model.name}.sm_*.ptx")):  # written beside the build
+            path = so.with_suffix(image.name.removeprefix(model.name))
+            path.write_text(image.read_text())
+            written.append(path)
     print(
         f"wrote {so} and {so.with_name(name + '.h')}"
         + "".join(f", {so.with_suffix({'llvm': '.ll', 'asm': '.s'}[k])}" for k in emit)
@@ -111,6 +114,9 @@ def _run(args: argparse.Namespace) -> int:
     from runtime import load
 
     model = load(args.library, args.name)
+    if args.target is not None and (args.target == "cuda") != (model.target == "cuda"):
+        built = "for the GPU (cuda)" if model.target == "cuda" else "for the CPU (cpu or cuda-sim)"
+        raise KilnError(f"{args.library} was compiled {built}, not for --target {args.target}")
     feeds = {}
     for item in args.input or []:
         name, sep, path = item.partition("=")
@@ -179,7 +185,7 @@ def _bench(args: argparse.Namespace) -> int:
                 bindings[vi.name] = (args.batch, *dims[1:])
     graph = to_graph(args.model, bindings)
     modes = (True, False) if args.compare_fusion else (True,)
-    results = bench(graph, "bench", modes, args.threads, args.repeats)
+    results = bench(graph, "bench", modes, args.threads, args.repeats, target=args.target)
     if args.json:
         print(json.dumps({("fused" if f else "unfused"): r.as_dict() for f, r in results.items()}))
     else:
@@ -211,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=["cpu", "cuda", "cuda-sim"],
         default="cpu",
-        help="cpu (default); cuda: the GPU kernels as PTX (with --emit ptx); cuda-sim: a CPU library "
-        "that runs the GPU-scheduled kernels exactly, to check a GPU build without a GPU",
+        help="cpu (default); cuda: a library that runs on an NVIDIA GPU (it opens the CUDA driver at "
+        "run time; no GPU needed to compile); cuda-sim: a CPU library that runs the GPU-scheduled "
+        "kernels exactly, to check a GPU build without a GPU",
     )
     c.add_argument(
         "--emit",
@@ -246,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input (repeat per input)")
     r.add_argument("-o", "--output", help="write the outputs to this .npz (default: print them)")
     r.add_argument("--name", help="the model's C prefix (default: the library's file stem)")
+    r.add_argument(
+        "--target",
+        choices=["cpu", "cuda", "cuda-sim"],
+        help="the target the library must have been compiled for (a CUDA library runs on the GPU)",
+    )
     r.set_defaults(func=_run)
 
     i = sub.add_parser(
@@ -279,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bn.add_argument("model", help="the ONNX file")
     bn.add_argument("--compare-fusion", action="store_true", help="also time the unfused build, side by side")
-    bn.add_argument("--threads", type=int, help="threads per run (default: all cores)")
+    bn.add_argument("--threads", type=int, help="threads per run (default: all cores; not for cuda)")
+    bn.add_argument(
+        "--target",
+        choices=["cpu", "cuda", "cuda-sim"],
+        default="cpu",
+        help="compile for this target (cuda: timed on the GPU, host copies included)",
+    )
     bn.add_argument("--batch", type=int, help="bind every input's first dimension to this")
     bn.add_argument("--repeats", type=int, default=50, help="timed runs per build (at least)")
     bn.add_argument("--input-shape", action="append", type=_shape_binding, metavar="NAME=DxD...")

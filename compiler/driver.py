@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen import cabi, cpu, nvptx
+from codegen import cabi, cpu, cuda_lib, gpu, nvptx
 from codegen.gpu_sim import simulate
 from compiler.fusion import Group, partition
 from compiler.lowering import GpuLoops, KernelCall, Loops, copy_call, lower_group
@@ -191,6 +191,8 @@ def _sources_digest() -> str:
 def _cache_key(graph: Graph, name: str, target: str, fuse: bool, cpu_name: str | None) -> str:
     h = hashlib.sha256()
     h.update(f"{name}|{target}|{fuse}|{cpu.target_id(cpu_name)}|".encode())
+    if target == "cuda":  # the embedded cubins are ptxas's
+        h.update(cuda_lib.ptxas_version().encode())
     h.update(print_graph(graph).encode())
     for v, array in graph.params.items():
         h.update(v.name.encode())
@@ -239,6 +241,42 @@ def gpu_modules(lowered: Lowered, archs: tuple[str, ...] = nvptx.ARCHS) -> dict[
         return {arch: nvptx.ptx_module(kernels, arch, lowered.library.prefix) for arch in archs}
 
 
+def gpu_launches(lowered: Lowered) -> list[cuda_lib.GpuLaunch]:
+    """Each GPU kernel's launch: its name in the PTX, the arguments the CPU library's
+    launch of it takes (same memory plan), its grid and block, and what it computes."""
+    if lowered.target not in GPU_TARGETS:
+        raise UnsupportedError(f"GPU launches need a GPU target (cuda or cuda-sim), not {lowered.target!r}")
+    return [
+        cuda_lib.GpuLaunch(c.kernel.name, launch.args, *gpu.layout(c.kernel).launch, _where(c), launch.errors)
+        for c, launch in zip(lowered.calls, lowered.library.launches)
+    ]
+
+
+def build_cuda(lowered: Lowered, dest: Path, cubins: bool | None = None) -> Path:
+    """Link the --target cuda library dest/NAME.so (+ NAME.h) around the model's PTX for
+    every architecture and, where ptxas is installed (or `cubins` is True), their
+    cubins; each image is also written beside it (NAME.sm_80.ptx, NAME.sm_80.cubin, ...)."""
+    name = lowered.library.prefix
+    modules = gpu_modules(lowered)
+    cubins = bool(cuda_lib.ptxas_version()) if cubins is None else cubins
+    images = []
+    dest.mkdir(parents=True, exist_ok=True)
+    with internal_errors(f"assembling the GPU images of {name}"):
+        for arch, ptx in modules.items():
+            if cubins:
+                images.append(cuda_lib.Image(True, arch, cuda_lib.cubin(ptx, arch)))
+        images += [cuda_lib.Image(False, arch, ptx.encode()) for arch, ptx in modules.items()]
+    for image in images:
+        (dest / f"{name}.{image.arch}.{'cubin' if image.cubin else 'ptx'}").write_bytes(image.data)
+    glue = cuda_lib.glue_source(lowered.library, gpu_launches(lowered), images)
+    so = dest / f"{name}.so"
+    blobs = {f"{name}_{image.symbol}": image.data for image in images}
+    with tempfile.TemporaryDirectory(prefix="kiln-link-") as work:
+        cabi.link(lowered.library, None, Path(work), so, extra_blobs=blobs, glue=glue, libs=("-ldl",))
+    (dest / f"{name}.h").write_text(cuda_lib.header(lowered.library))
+    return so
+
+
 def compile_model(
     model: object,
     target: str = "cpu",
@@ -258,23 +296,39 @@ def compile_model(
     this host's own. `constant_inputs` fixes the values of ONNX model inputs that must
     be known at compile time (a Reshape's shape fed as an input); they are no longer
     inputs of the compiled model.
+
+    `target` "cuda" gives a library that runs on an NVIDIA GPU through the CUDA driver
+    (see codegen.cuda_lib), with its PTX (and cubins) beside it; its instance, which
+    needs the GPU, is made on first use, so compiling needs no GPU.
     """
     if target not in TARGETS:
         raise UnsupportedError(f"target {target!r} is not supported (supported: {', '.join(TARGETS)})")
     cabi.check_prefix(name)
     graph = to_graph(model, input_shapes, constant_inputs)
-    key = _cache_key(graph, name, target, fuse, cpu_name)
     if target == "cuda":
-        raise UnsupportedError("a --target cuda library is not built yet: emit its PTX with gpu_modules()")
+        if set(emit) - {"ptx"}:
+            raise UnsupportedError(
+                f"a cuda library emits its PTX only, not {', '.join(sorted(set(emit) - {'ptx'}))}"
+            )
+        emit, cpu_name = (), None  # the PTX is always written beside the library; no CPU code
+    key = _cache_key(graph, name, target, fuse, cpu_name)
+
+    def make(dest: Path, emit: tuple[str, ...]) -> None:
+        lowered = lower_graph(graph, name, fuse, target)
+        if target == "cuda":
+            build_cuda(lowered, dest)
+        else:
+            build(lowered, dest, emit, cpu_name)
+
     if emit:  # a build of its own, so the .ll / .s files are there
         dest = Path(tempfile.mkdtemp(prefix=f"{key}.emit.", dir=_ensure(cache_dir())))
-        build(lower_graph(graph, name, fuse, target), dest, emit, cpu_name)
+        make(dest, emit)
         return CompiledModel(dest / f"{name}.so", name)
     final = cache_dir() / key
     so = final / f"{name}.so"
     if not so.exists():
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(cache_dir())))
-        build(lower_graph(graph, name, fuse, target), staging, (), cpu_name)
+        make(staging, ())
         try:
             staging.rename(final)  # atomic: readers see all of a build or none
         except OSError:  # another process finished the same build first; it is identical

@@ -3,6 +3,8 @@
 Every input is checked against the library's own metadata (count, name, dtype,
 shape) before any native call, so a wrong input raises a Python error that names it,
 never a crash; a non-contiguous array is copied first, never passed to native code.
+A CUDA library (one with NAME_run_device) loads the same way and takes the same
+host arrays; it also runs on device buffers (`run_device`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ class CompiledModel:
 
     `model(x, ...)` returns one array for a one-output model, else a tuple;
     `model.run(...)` always returns a list. Calls on one CompiledModel are serialized;
-    separate instances (`model.instance()`) run concurrently.
+    separate instances (`model.instance()`) run concurrently. The native instance is
+    made on first use (`create()` makes it now): a CUDA library needs its GPU only then,
+    and a failure there (no driver, no device) raises KilnRuntimeError with the
+    library's own message.
     """
 
     def __init__(self, path: str | Path, name: str | None = None):
@@ -87,13 +92,31 @@ class CompiledModel:
                 f"{self.path} has no Kiln model named {self.name!r} "
                 f"(no {self.name}_create symbol); pass the name it was compiled with"
             ) from None
+        #: "cuda" for a library that runs on a GPU, else "cpu" (cuda-sim libraries included)
+        self.target = "cuda" if hasattr(self._lib, f"{self.name}_run_device") else "cpu"
+        if self.target == "cuda":
+            self._fn |= {s: getattr(self._lib, f"{self.name}_{s}") for s in ("run_device", "device")}
         self._declare()
         self.inputs = self._tensors("input")
         self.outputs = self._tensors("output")
         self._handle = ctypes.c_void_p()
-        if self._fn["create"](ctypes.byref(self._handle)) != 0:
-            raise KilnRuntimeError(f"{self.name}_create failed (out of memory?)")
         self._lock = threading.Lock()
+
+    def create(self) -> CompiledModel:
+        """Make the native instance now (else the first call that needs it does)."""
+        with self._lock:
+            self._instance()
+        return self
+
+    def _instance(self) -> ctypes.c_void_p:
+        """The native instance, made on first use (the caller holds the lock)."""
+        if not self._handle:
+            handle = ctypes.c_void_p()
+            if self._fn["create"](ctypes.byref(handle)) != 0:
+                why = (self._fn["last_error"](None) or b"").decode()
+                raise KilnRuntimeError(f"{self.name}_create failed: {why or 'out of memory?'}")
+            self._handle = handle
+        return self._handle
 
     def _declare(self) -> None:
         f, vp, cp, i = self._fn, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
@@ -108,6 +131,12 @@ class CompiledModel:
         f["set_profiling"].argtypes, f["set_profiling"].restype = [vp, i], None
         f["kernel_seconds"].argtypes = [vp]
         f["kernel_seconds"].restype = ctypes.POINTER(ctypes.c_double)
+        if self.target == "cuda":
+            f["run_device"].argtypes, f["run_device"].restype = (
+                [vp, ctypes.POINTER(vp), ctypes.POINTER(vp), vp],
+                i,
+            )
+            f["device"].argtypes, f["device"].restype = [vp], cp
         for kind in ("input", "output"):
             f[f"num_{kind}s"].argtypes, f[f"num_{kind}s"].restype = [], i
             for attr, res in (
@@ -205,8 +234,36 @@ class CompiledModel:
 
     def _run(self, ins_c: ctypes.Array, outs_c: ctypes.Array) -> None:
         with self._lock:
-            if self._fn["run"](self._handle, ins_c, outs_c) != 0:
+            if self._fn["run"](self._instance(), ins_c, outs_c) != 0:
                 raise KilnRuntimeError(f"{self.name}_run failed: {self.last_error()}")
+
+    def run_device(self, inputs: Sequence[int], outputs: Sequence[int], stream: int | None = None) -> None:
+        """Run a CUDA library on device buffers: `inputs` and `outputs` are device
+        addresses (CUdeviceptr, e.g. a torch tensor's data_ptr()), each holding its
+        tensor's bytes (dense, C order) in the instance's CUDA context (the device's
+        primary one); `stream` a CUstream handle (None: the instance's own). Returns
+        when the outputs are written."""
+        if self.target != "cuda":
+            raise KilnError(f"{self.path.name} is a CPU library: run_device needs one compiled for cuda")
+        if len(inputs) != len(self.inputs) or len(outputs) != len(self.outputs):
+            raise TypeError(
+                f"{self.name} takes {len(self.inputs)} input and {len(self.outputs)} output device "
+                f"buffers, given {len(inputs)} and {len(outputs)}"
+            )
+        ins_c = (ctypes.c_void_p * max(len(inputs), 1))(*[int(a) for a in inputs])
+        outs_c = (ctypes.c_void_p * max(len(outputs), 1))(*[int(a) for a in outputs])
+        with self._lock:
+            if self._fn["run_device"](self._instance(), ins_c, outs_c, stream) != 0:
+                raise KilnRuntimeError(f"{self.name}_run_device failed: {self.last_error()}")
+
+    @property
+    def device(self) -> str | None:
+        """For a CUDA library, the device, driver and image its instance runs (making
+        the instance); None for a CPU library."""
+        if self.target != "cuda":
+            return None
+        with self._lock:
+            return self._fn["device"](self._instance()).decode()
 
     def bind(self, outs: Sequence[np.ndarray], *args: object) -> Callable[[], None]:
         """A call of the library on these very arrays, checked once now (it does not run):
@@ -229,32 +286,39 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def last_error(self) -> str:
+        if not self._handle:
+            return ""
         return (self._fn["last_error"](self._handle) or b"").decode()
 
     @property
     def num_threads(self) -> int:
-        return self._fn["num_threads"](self._handle)
+        with self._lock:
+            return self._fn["num_threads"](self._instance())
 
     def set_num_threads(self, n: int) -> None:
         if n < 1:
             raise ValueError(f"thread count must be >= 1, got {n}")
         with self._lock:
-            self._fn["set_num_threads"](self._handle, int(n))
+            self._fn["set_num_threads"](self._instance(), int(n))
 
     def set_profiling(self, on: bool) -> None:
         """Start (and zero) or stop timing each kernel; see kernel_times()."""
         with self._lock:
-            self._fn["set_profiling"](self._handle, int(on))
+            handle = self._instance()
+            self._fn["set_profiling"](handle, int(on))
+            if on and self.target == "cuda" and self.last_error():
+                raise KilnRuntimeError(f"{self.name}_set_profiling failed: {self.last_error()}")
 
     def kernel_times(self) -> dict[str, float]:
         """Seconds spent in each kernel since set_profiling(True), by kernel name."""
         n = self._fn["num_kernels"]()
-        seconds = self._fn["kernel_seconds"](self._handle)
-        return {self._fn["kernel_name"](i).decode(): seconds[i] for i in range(n)}
+        with self._lock:
+            seconds = self._fn["kernel_seconds"](self._instance())
+            return {self._fn["kernel_name"](i).decode(): seconds[i] for i in range(n)}
 
     def instance(self) -> CompiledModel:
         """Another native instance of the same library, to run concurrently with this one."""
-        return CompiledModel(self.path, self.name)
+        return CompiledModel(self.path, self.name).create()
 
     def save(self, path: str | Path) -> Path:
         """Copy the library (and its header, if beside it) to path (a .so file or a folder)."""
