@@ -32,6 +32,7 @@ the gates' inputs to [-clip, clip] as ONNX defines it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -39,7 +40,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, const, muladd
+from codegen import gpu
+from codegen.kir import WARP, Buffer, Expr, KernelBuilder, LoopKind, const, muladd
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.ops import REGISTRY, ElementwiseOp, Fusion, Gradient, Op, register
@@ -250,6 +252,60 @@ class Recurrence(Op):
                 for phase in self.phases():
                     self.unit_tiles(k, functools.partial(self._tile, step, phase))
 
+    def lower_gpu(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
+        """One kernel for the whole sequence: a block per group of batch rows, which steps
+        through time in order; its threads take the hidden units (thread t: units t,
+        t + T, ...), each summing its gates' products over h_{t-1} and the column of Rᵀ
+        it reads (consecutive threads, consecutive columns) before the cell's arithmetic.
+        A barrier after every phase: the next one reads the state every unit wrote."""
+        xw = ins[0]
+        seq, batch, _ = xw.shape
+        rows = 2 if batch % 2 == 0 else 1
+        threads = min(-(-self.hidden // WARP) * WARP, gpu.THREADS)
+        first = seq if self.reverse else 0
+        with gpu.grid(k, (batch // rows,), (threads,)) as ((blk,), (t,)):
+            block = [blk * rows + i for i in range(rows)]
+            with self._units(k, t, threads) as j:
+                for b in block:
+                    for plane, source in enumerate(self.state_planes):
+                        value = ins[source][b, j] if source is not None else e.const(0.0, xw.dtype)
+                        k.store(out, (first, plane, b, j), value)
+            k.barrier()
+            with k.loop(seq, LoopKind.SERIAL, "n") as n:
+                t_ = (seq - 1 - n) if self.reverse else n
+                read, write = (t_ + 1, t_) if self.reverse else (t_, t_ + 1)
+                step = Step(k, ins, out, block, t_, read, write, None)
+                for phase in self.phases():
+                    with self._units(k, t, threads) as j:
+                        self._unit_gpu(step, phase, j)
+                    k.barrier()
+
+    @contextlib.contextmanager
+    def _units(self, k: KernelBuilder, thread: Expr, threads: int):
+        """The hidden units this thread takes: thread, thread + threads, ..."""
+        with k.loop(-(-self.hidden // threads), LoopKind.SERIAL, "units") as ub:
+            j = ub * threads + thread
+            with k.when(j.lt(self.hidden)):
+                yield j
+
+    def _unit_gpu(self, s: Step, phase: Phase, j: Expr) -> None:
+        """One phase at unit j for the block's rows: the gate sums in locals, then the cell."""
+        k, h, width = s.k, self.hidden, s.rt.shape[1]
+        cells = [_KernelCell(self, s, r, j) for r in range(len(s.block))]
+        sums = [[k.local(s.out.dtype, phase.start_of(c, g), "sum") for g in phase.gates] for c in cells]
+        with k.loop(h, LoopKind.SERIAL, "k") as kk:
+            vectors = [
+                k.local(s.out.dtype, phase.over(_KernelCell(self, s, r, kk)), "h") for r in range(len(cells))
+            ]
+            for i, g in enumerate(phase.gates):
+                w = k.local(s.out.dtype, s.rt.load_flat(kk * width + g * h + j), "w")
+                for r, v in enumerate(vectors):
+                    k.assign(sums[r][i], muladd(v.ref, w.ref, sums[r][i].ref))
+        for r, (c, b) in enumerate(zip(cells, s.block)):
+            c.sums = {g: sums[r][i].ref for i, g in enumerate(phase.gates)}
+            for plane, value in phase.cell(c).items():
+                k.store(s.out, (s.write, plane, b, j), value)
+
     def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int, str], None]) -> None:
         """tile(first unit, units, loop kind) over the hidden units: whole tiles, then the
         rest as whole vectors, then the last few units (masked)."""
@@ -315,8 +371,6 @@ class Recurrence(Op):
 class Rnn(Recurrence):
     """h_t = f(xw_t + h_{t-1}·Rᵀ)."""
 
-    gpu_per_iteration = True
-
     def default_activations(self):
         return (TANH,)
 
@@ -333,8 +387,6 @@ class Gru(Recurrence):
     frontends reorder). linear_before_reset=1 is Keras's reset_after=True and PyTorch's
     form: n = g(xw_n + r ⊙ (h·R_nᵀ + rb_n)); with 0, n = g(xw_n + (r ⊙ h)·R_nᵀ + rb_n).
     xw holds x·Wᵀ + Wb (+ Rb for z and r); the n gate's recurrent bias rb_n is input 3."""
-
-    gpu_per_iteration = True
 
     arity = (4, 4)
     gates = 3
@@ -382,8 +434,6 @@ class Gru(Recurrence):
 @register("lstm", Fusion.OPAQUE)
 class Lstm(Recurrence):
     """Gates i, o, f, c in ONNX's order; optional peepholes p = (p_i, p_o, p_f)."""
-
-    gpu_per_iteration = True
 
     arity = (5, 5)
     gates = 4
@@ -484,7 +534,7 @@ class Step:
     t: Expr
     read: Expr
     write: Expr
-    sums: Buffer
+    sums: Buffer | None  # the CPU kernel's tile of gate sums (the GPU's are locals)
 
     @property
     def rt(self) -> Buffer:
