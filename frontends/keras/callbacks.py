@@ -1,5 +1,5 @@
 """Keras callbacks: the hooks fit calls, History, the progress bar, and the usual
-training controls, with Keras 3's defaults and monitor rules (keras-behaviour.md §6)."""
+training controls, with Keras 3's defaults and monitor rules."""
 
 from __future__ import annotations
 

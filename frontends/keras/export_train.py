@@ -27,8 +27,6 @@ import numpy as np
 from compiler.driver import build, lower_graph
 from frontends.keras.trainer import train_graph
 
-C_TYPES = {"float32": "float", "int64": "int64_t"}
-
 
 def _scalar_expressions(optimizer) -> list[str]:
     """Each per-step scalar as a C expression of `lr` and `step` (= iterations + 1), in
