@@ -76,7 +76,7 @@ def test_mlp_adam_sparse_categorical_crossentropy(parity_rng):
 
     def build(k):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # input_shape= on the first layer, as the issue spells it
+            warnings.simplefilter("ignore")  # input_shape= on the first layer, as older tutorials write it
             model = k.Sequential(
                 [
                     k.layers.Dense(64, activation="relu", input_shape=(32,)),
@@ -421,10 +421,12 @@ def test_bad_arguments_are_named():
 
 
 def test_summary_matches_keras_layout():
-    """The reference model of keras-behaviour.md §7 after a fit, verbatim."""
+    """A small CNN's summary after a fit, verbatim as Keras prints it."""
+    from frontends.keras import base_layer
+
     k = keras
     for prefix in ("conv2d", "max_pooling2d", "dense", "flatten", "sequential"):
-        k.layers._counters.pop(prefix, None)  # names as in a fresh process
+        base_layer._counters.pop(prefix, None)  # names as in a fresh process
     model = k.Sequential(
         [
             k.Input((28, 28, 1)),
@@ -532,6 +534,107 @@ def test_weights_files_and_atomic_save(tmp_path, rng, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "w.weights.h5"]
     with pytest.raises(ValueError, match="must end in `.keras`"):
         model.save(tmp_path / "m.h5")
+
+
+def _configurable_layers(k) -> list:
+    """One of every Kiln layer, named, with arguments away from the defaults where Kiln has them."""
+    L = k.layers  # noqa: N806 - Keras's namespace
+    return [
+        L.Dense(3, name="dense_a"),
+        L.Dense(4, activation="relu", use_bias=False, kernel_initializer="he_normal", name="dense_b"),
+        L.Embedding(10, 4, embeddings_initializer="glorot_uniform", name="embedding"),
+        L.Flatten(name="flatten"),
+        L.Reshape((2, -1), name="reshape"),
+        L.Activation("tanh", name="activation"),
+        L.Dropout(0.3, seed=7, name="dropout"),
+        L.BatchNormalization(momentum=0.9, epsilon=1e-5, center=False, name="batch_norm"),
+        L.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="conv2d"),
+        L.MaxPooling2D(name="max_pool"),
+        L.AveragePooling2D(3, 2, padding="same", name="avg_pool"),
+        L.Conv1D(4, 3, padding="causal", dilation_rate=2, bias_initializer="ones", name="conv1d"),
+        L.GlobalAveragePooling2D(name="gap"),
+        L.LayerNormalization(epsilon=1e-5, scale=False, name="layer_norm"),
+        L.Add(name="add"),
+        L.Concatenate(axis=1, name="concatenate"),
+        L.SimpleRNN(4, activation="relu", return_sequences=True, name="simple_rnn"),
+        L.LSTM(
+            4, return_state=True, unit_forget_bias=False, recurrent_initializer="glorot_uniform", name="lstm"
+        ),
+        L.GRU(4, reset_after=False, go_backwards=True, recurrent_activation="tanh", name="gru"),
+        L.InputLayer(shape=(3, 4), name="input"),
+    ]
+
+
+def _as_json(config: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(config))
+
+
+def test_layers_describe_themselves_as_keras_does():
+    """get_config is Keras's config, key for key; from_config builds the layer back from
+    Kiln's config and from Keras's."""
+    real = _real_keras()
+    for ours, theirs in zip(_configurable_layers(keras), _configurable_layers(real), strict=True):
+        expected = _as_json(theirs.get_config())
+        assert _as_json(ours.get_config()) == expected, ours.name
+        assert _as_json(type(ours).from_config(ours.get_config()).get_config()) == expected, ours.name
+        assert _as_json(type(ours).from_config(expected).get_config()) == expected, ours.name
+
+
+def _described_models(k) -> list:
+    L = k.layers  # noqa: N806 - Keras's namespace
+    images = k.Sequential(
+        [k.Input((8, 8, 2), name="image"), L.Conv2D(2, 3, name="conv"), L.MaxPooling2D(name="pool"),
+         L.AveragePooling2D(1, name="avg"), L.Dropout(0.1, name="drop"), L.Activation("relu", name="act"),
+         L.BatchNormalization(name="bn"), L.LayerNormalization(name="ln"), L.Reshape((-1, 2), name="rows"),
+         L.Conv1D(2, 1, name="conv1d"), L.GRU(2, return_sequences=True, name="gru"), L.Flatten(name="flat"),
+         L.Dense(2, name="head")],
+        name="images",
+    )  # fmt: skip
+    words = k.Sequential([k.Input((7,), dtype="int64", name="words"), L.Embedding(9, 3, name="embed"),
+                          L.LSTM(4, name="lstm"), L.Dense(2, name="head")], name="words")  # fmt: skip
+    inputs = [k.Input((5, 3), name="left"), k.Input((4,), name="right")]
+    sequence, h, c = L.LSTM(4, return_sequences=True, return_state=True, name="rnn")(inputs[0])
+    shared = L.Dense(4, name="shared")
+    joined = L.Concatenate(name="join")([shared(h), shared(inputs[1]), c])
+    normalized = L.BatchNormalization(name="norm")(L.Dropout(0.5, name="drop")(joined))
+    outputs = [L.Dense(1, name="out")(normalized), L.Flatten(name="flat")(sequence)]
+    return [images, words, k.Model(inputs, outputs, name="functional_model")]
+
+
+def test_models_describe_themselves_as_keras_does():
+    real = _real_keras()
+    for ours, theirs in zip(_described_models(keras), _described_models(real), strict=True):
+        expected = _as_json(theirs.get_config())
+        assert _as_json(ours.get_config()) == expected, ours.name
+        assert _as_json(type(ours).from_config(expected).get_config()) == expected, ours.name
+
+
+def test_config_options_kiln_lacks():
+    """A Keras option Kiln has at one value only is refused at another; one only training
+    reads (a regularizer) is left unread, so the model still loads for inference."""
+    config = layers.Conv2D(4, 3, name="c").get_config()
+    with pytest.raises(ValueError, match="data_format='channels_first' is not supported"):
+        layers.Conv2D.from_config({**config, "data_format": "channels_first"})
+    regularized = {**config, "kernel_regularizer": {"class_name": "L2", "config": {"l2": 0.01}}}
+    assert layers.Conv2D.from_config(regularized).get_config() == config
+    with pytest.raises(ValueError, match="not supported in recurrent layers"):
+        layers.LSTM(4, activation="softmax")
+
+
+def test_models_and_saving_import_each_other_not():
+    """saving reads and writes the file format; models build themselves from configs."""
+    import ast
+    from pathlib import Path
+
+    package = Path(keras.__file__).parent
+    for module, other in (("models", "saving"), ("saving", "models")):
+        tree = ast.parse((package / f"{module}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert f"frontends.keras.{other}" not in imported and other not in names, module
 
 
 def test_export_gives_a_library_with_the_c_abi(tmp_path, rng):

@@ -18,6 +18,7 @@ from frontends.keras import (
     metrics,
     models,
     optimizers,
+    saving,
     utils,
 )
 from frontends.keras.layers import Input
@@ -35,5 +36,6 @@ __all__ = [
     "metrics",
     "models",
     "optimizers",
+    "saving",
     "utils",
 ]

@@ -45,26 +45,28 @@ OPS: dict[str, tuple[str, tuple[tuple[str, float], ...]]] = {
 }
 
 
-def get(identifier: str | Callable | None) -> Activation:
-    """An activation by Keras name (None is linear)."""
+def _name(identifier: str | dict) -> str:
+    """A Keras name, also from a config's serialized function ({"config": name, ...})."""
+    return str(identifier["config"] if isinstance(identifier, dict) else identifier).lower()
+
+
+def get(identifier: str | dict | Callable | None) -> Activation:
+    """An activation by Keras name (None is linear), or itself (a builder)."""
     if identifier is None:
         return ACTIVATIONS["linear"]
-    if callable(identifier) and not isinstance(identifier, str):
+    if callable(identifier):
         return identifier  # type: ignore[return-value]
-    name = str(identifier).lower()
+    name = _name(identifier)
     if name not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {identifier!r}; known: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
-def name_of(identifier: str | Callable | None) -> str:
-    return (
-        "linear"
-        if identifier is None
-        else str(identifier).lower()
-        if isinstance(identifier, str)
-        else "custom"
-    )
+def name_of(identifier: str | dict | Callable | None) -> str:
+    """The Keras name a config gives the activation ("custom" for a builder of one's own)."""
+    if identifier is None:
+        return "linear"
+    return "custom" if callable(identifier) else _name(identifier)
 
 
 def op_spec(name: str) -> tuple[str, tuple[tuple[str, float], ...]]:

@@ -1,180 +1,62 @@
-"""Keras layers: each holds its weights (numpy, Keras's layouts and order) and writes
-its computation into a graph. `call(ctx, x, training)` gets the graph context, which
-hands out the Values of the layer's weights and, in training, its dropout masks."""
+"""Keras's layers (the `keras.layers` namespace): each writes its computation into a
+graph and describes itself with Keras's config."""
 
 from __future__ import annotations
 
-import itertools
-import re
-import warnings
-from collections import defaultdict
 from math import prod
 
 import numpy as np
 
 from frontends.keras import activations as activations_module
 from frontends.keras import initializers
-from ir.graph import Value
+from frontends.keras.base_layer import Input, InputLayer, Layer
+from frontends.keras.recurrent import GRU, LSTM, SimpleRNN
+from frontends.keras.serialization import register
 
-_counters: dict[str, itertools.count] = defaultdict(itertools.count)
+__all__ = [
+    "GRU",
+    "LSTM",
+    "Activation",
+    "Add",
+    "AveragePooling2D",
+    "BatchNormalization",
+    "Concatenate",
+    "Conv1D",
+    "Conv2D",
+    "Dense",
+    "Dropout",
+    "Embedding",
+    "Flatten",
+    "GlobalAveragePooling2D",
+    "Input",
+    "InputLayer",
+    "Layer",
+    "LayerNormalization",
+    "MaxPooling2D",
+    "Reshape",
+    "SimpleRNN",
+]
 
-
-def _auto_name(prefix: str) -> str:
-    """dense, dense_1, dense_2, ...: Keras's process-wide naming."""
-    n = next(_counters[prefix])
-    return prefix if n == 0 else f"{prefix}_{n}"
-
-
-def _snake(name: str) -> str:
-    """Keras's snake_case of a class name: LSTM → lstm, SimpleRNN → simple_rnn, Conv2D → conv2d."""
-    words = re.sub(r"(.)([A-Z][a-z0-9]+)", r"\1_\2", name)
-    return re.sub(r"([a-z])([A-Z])", r"\1_\2", words).lower()
-
-
-class Weight:
-    """One variable: its name, value (float32) and whether training updates it."""
-
-    def __init__(self, name: str, value: np.ndarray, trainable: bool = True):
-        self.name, self.trainable = name, trainable
-        self.value = value
-
-    @property
-    def value(self) -> np.ndarray:
-        return self._value
-
-    @value.setter
-    def value(self, array) -> None:
-        """Always a float32, C-contiguous copy: the compiled programs read it as it lies."""
-        self._value = np.array(array, np.float32, order="C")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.value.shape
-
-
-class Layer:
-    def __init__(
-        self, name: str | None = None, input_shape=None, input_dim=None, trainable: bool = True, **kwargs
-    ):
-        if kwargs:
-            raise TypeError(f"Unrecognized keyword arguments passed to {type(self).__name__}: {kwargs}")
-        self.name = name or _auto_name(_snake(type(self).__name__))
-        self.trainable = trainable
-        self.weights: list[Weight] = []
-        self.built = False
-        self.input_shape_hint: tuple[int, ...] | None = None
-        self._calls = 0  # Functional API calls so far
-        if input_shape is not None or input_dim is not None:
-            warnings.warn(
-                "Do not pass an `input_shape`/`input_dim` argument to a layer. When using Sequential "
-                "models, prefer using an `Input(shape)` object as the first layer in the model instead.",
-                UserWarning,
-                stacklevel=3,
-            )
-            self.input_shape_hint = tuple(input_shape) if input_shape is not None else (int(input_dim),)
-
-    def __call__(self, inputs):
-        """Functional API: call the layer on KerasTensor(s); it is built on first use. A
-        layer with several outputs (an RNN with return_state) gives a list of tensors."""
-        many = isinstance(inputs, (list, tuple))
-        tensors = list(inputs) if many else [inputs]
-        if not all(isinstance(t, KerasTensor) for t in tensors):
-            raise TypeError(
-                f"{self.name}: call layers on keras.Input tensors (for arrays, use model.predict)"
-            )
-        shapes = [t.shape for t in tensors]
-        shape_in = shapes if many else shapes[0]
-        if not self.built:
-            self.build(shape_in)
-        shape_out = self.compute_output_shape(shape_in)
-        call = LayerCall(self, tensors, many)
-        if isinstance(shape_out, list):
-            call.outputs = [KerasTensor(s, call, i) for i, s in enumerate(shape_out)]
-            return list(call.outputs)
-        call.outputs = [KerasTensor(shape_out, call, 0)]
-        return call.outputs[0]
-
-    def add_weight(self, name: str, shape: tuple[int, ...], initializer, trainable: bool = True) -> Weight:
-        w = Weight(f"{self.name}/{name}", initializers.get(initializer)(tuple(shape)), trainable)
-        self.weights.append(w)
-        return w
-
-    def build(self, input_shape: tuple[int, ...]) -> None:
-        self.built = True
-
-    def compute_output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return input_shape
-
-    def call(self, ctx, x: Value, training: bool) -> Value:
-        raise NotImplementedError
-
-    def get_weights(self) -> list[np.ndarray]:
-        return [w.value.copy() for w in self.weights]
-
-    def set_weights(self, values) -> None:
-        if len(values) != len(self.weights):
-            raise ValueError(f"layer {self.name} has {len(self.weights)} weights, got {len(values)}")
-        for w, v in zip(self.weights, values):
-            v = np.asarray(v, np.float32)
-            if v.shape != w.shape:
-                raise ValueError(f"layer {self.name}: weight {w.name} has shape {w.shape}, got {v.shape}")
-            w.value = v
-
-    def count_params(self) -> int:
-        return sum(w.value.size for w in self.weights)
+#: options only training reads, for layers with a kernel and a bias
+_REGULARIZERS = dict.fromkeys(
+    ("kernel_regularizer", "bias_regularizer", "kernel_constraint", "bias_constraint")
+)
+_CONV_OPTIONS = {**_REGULARIZERS, "activity_regularizer": None}
+_CHANNELS_LAST = {"data_format": "channels_last"}
+#: a normalization's options only training reads: its initializers (Kiln's are Keras's
+#: defaults), regularizers and constraints
+_NORMALIZATION_OPTIONS = {
+    "beta_initializer": initializers.serialize(initializers.Zeros()),
+    "gamma_initializer": initializers.serialize(initializers.Ones()),
+    **dict.fromkeys(("beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint")),
+}
 
 
-class LayerCall:
-    """One call of a layer in the Functional API: its input tensors (`many`: given as a
-    list, as Add and Concatenate take them) and the output tensors it made. `index` counts
-    the layer's calls (Keras's node index, shown in summary's "Connected to")."""
-
-    def __init__(self, layer: Layer, inputs: list[KerasTensor], many: bool):
-        self.layer, self.inputs, self.many = layer, inputs, many
-        self.index = layer._calls
-        layer._calls += 1
-        self.outputs: list[KerasTensor] = []
-
-
-class KerasTensor:
-    """A symbolic value of the Functional API: a shape (without the batch axis), and the
-    layer call that makes it as its output number `index`."""
-
-    def __init__(self, shape: tuple[int, ...], call: LayerCall, index: int = 0):
-        self.shape, self.call, self.index = tuple(shape), call, index
-
-    @property
-    def layer(self) -> Layer:
-        return self.call.layer
-
-    @property
-    def inputs(self) -> list[KerasTensor]:
-        return self.call.inputs
-
-    def __repr__(self) -> str:
-        return f"<KerasTensor shape=(None, {', '.join(map(str, self.shape))}) from {self.layer.name}>"
-
-
-class InputLayer(Layer):
-    def __init__(self, shape=None, name: str | None = None, dtype: str | None = None, **kwargs):
-        super().__init__(name=name or _auto_name("input_layer"), **kwargs)
-        self.shape = tuple(shape)
-        self.dtype = dtype  # None: what the first layer reading it takes (indices for Embedding)
-
-    def call(self, ctx, x, training):
-        return x
-
-
-def Input(shape, name: str | None = None, dtype: str | None = None) -> KerasTensor:  # noqa: N802 - Keras's spelling
-    """A model input; without a dtype it follows from the first layer reading it."""
-    layer = InputLayer(shape=shape, name=name, dtype=dtype)
-    layer.built = True
-    call = LayerCall(layer, [], False)
-    call.outputs = [KerasTensor(layer.shape, call, 0)]
-    return call.outputs[0]
-
-
+@register
 class Dense(Layer):
+    fixed_options = {"quantization_config": None}
+    training_options = _REGULARIZERS
+
     def __init__(
         self,
         units: int,
@@ -188,7 +70,8 @@ class Dense(Layer):
         self.units, self.use_bias = int(units), use_bias
         self.activation = activations_module.get(activation)
         self.activation_name = activations_module.name_of(activation)
-        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
 
     def build(self, input_shape):
         self.kernel = self.add_weight("kernel", (input_shape[-1], self.units), self.kernel_initializer)
@@ -199,20 +82,29 @@ class Dense(Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
 
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "activation": self.activation_name,
+                "use_bias": self.use_bias, **self.initializer_config("kernel", "bias")}  # fmt: skip
+
     def call(self, ctx, x, training):
         args = [ctx.weight(self.kernel)] + ([ctx.weight(self.bias)] if self.use_bias else [])
         return self.activation(ctx.b, ctx.b.linear(x, *args))
 
 
+@register
 class Embedding(Layer):
     """Rows of a (input_dim, output_dim) table picked by integer indices: (N, ...) → (N, ..., output_dim)."""
 
     input_dtype = "int64"
+    fixed_options = {"mask_zero": False, "quantization_config": None}
+    training_options = dict.fromkeys(
+        ("embeddings_regularizer", "activity_regularizer", "embeddings_constraint")
+    )
 
     def __init__(self, input_dim: int, output_dim: int, embeddings_initializer="uniform", **kwargs):
         super().__init__(**kwargs)
         self.input_dim, self.output_dim = int(input_dim), int(output_dim)
-        self.embeddings_initializer = embeddings_initializer
+        self.embeddings_initializer = initializers.get(embeddings_initializer)
 
     def build(self, input_shape):
         self.embeddings = self.add_weight(
@@ -226,8 +118,15 @@ class Embedding(Layer):
     def call(self, ctx, x, training):
         return ctx.b.gather(ctx.weight(self.embeddings), x, axis=0)
 
+    def get_config(self):
+        return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim,
+                **self.initializer_config("embeddings")}  # fmt: skip
 
+
+@register
 class Flatten(Layer):
+    fixed_options = _CHANNELS_LAST
+
     def compute_output_shape(self, input_shape):
         return (prod(input_shape),)
 
@@ -235,7 +134,10 @@ class Flatten(Layer):
         return ctx.b.reshape(x, shape=(x.type.shape[0], prod(x.type.shape[1:])))
 
 
+@register
 class Reshape(Layer):
+    records_build = False
+
     def __init__(self, target_shape, **kwargs):
         super().__init__(**kwargs)
         self.target_shape = tuple(target_shape)
@@ -249,8 +151,14 @@ class Reshape(Layer):
     def call(self, ctx, x, training):
         return ctx.b.reshape(x, shape=(x.type.shape[0], *self.compute_output_shape(x.type.shape[1:])))
 
+    def get_config(self):
+        return {**super().get_config(), "target_shape": list(self.target_shape)}
 
+
+@register
 class Activation(Layer):
+    records_build = False
+
     def __init__(self, activation, **kwargs):
         super().__init__(**kwargs)
         self.activation = activations_module.get(activation)
@@ -259,11 +167,19 @@ class Activation(Layer):
     def call(self, ctx, x, training):
         return self.activation(ctx.b, x)
 
+    def get_config(self):
+        return {**super().get_config(), "activation": self.activation_name}
 
+
+@register
 class Dropout(Layer):
     """Inverted dropout: in training x · mask / (1 - rate), mask ~ Bernoulli(1 - rate)
     drawn per step on the host (keras.utils.set_random_seed makes it repeatable); in
-    inference the identity."""
+    inference the identity. `seed` is kept for the config only."""
+
+    training_options = {"noise_shape": None}
+    call_kwargs = {"training": False}
+    records_build = False
 
     def __init__(self, rate: float, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -272,7 +188,7 @@ class Dropout(Layer):
                 "Invalid value received for argument `rate`. Expected a float value "
                 f"between 0 and 1. Received: rate={rate}"
             )
-        self.rate = float(rate)
+        self.rate, self.seed = float(rate), seed
 
     def call(self, ctx, x, training):
         if not training or self.rate == 0:
@@ -285,11 +201,26 @@ class Dropout(Layer):
         keep = rng.random(shape) >= self.rate
         return (keep / np.float32(1 - self.rate)).astype(np.float32)
 
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
+
+@register
 class BatchNormalization(Layer):
     """Over the last axis. Training: the batch's statistics (biased variance, E[x²] - E[x]²
     as Keras computes it) normalize, and the moving ones move toward them, inside the
     compiled train step. Inference: the moving statistics."""
+
+    training_options = {
+        **_NORMALIZATION_OPTIONS,
+        "moving_mean_initializer": initializers.serialize(initializers.Zeros()),
+        "moving_variance_initializer": initializers.serialize(initializers.Ones()),
+        "synchronized": False,
+        "renorm": False,
+        "renorm_clipping": None,
+        "renorm_momentum": 0.99,
+    }
+    call_kwargs = {"mask": None}
 
     def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-3, center: bool = True,
                  scale: bool = True, **kwargs):  # fmt: skip
@@ -325,6 +256,10 @@ class BatchNormalization(Layer):
             y = b.add(y, ctx.weight(self.beta))
         return y
 
+    def get_config(self):
+        return {**super().get_config(), "axis": -1, "momentum": self.momentum, "epsilon": self.epsilon,
+                "center": self.center, "scale": self.scale}  # fmt: skip
+
 
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(d) for d in v)  # type: ignore[return-value]
@@ -344,10 +279,14 @@ def _window_size(n: int, k: int, s: int, d: int, pad: int) -> int:
     return (n + pad - (k - 1) * d - 1) // s + 1
 
 
+@register
 class Conv2D(Layer):
     """channels_last, as Keras: x (N, H, W, C), kernel (kh, kw, C, filters) (HWIO).
     Kiln's conv2d is NCHW/OIHW: the layer transposes around it (fusion folds the
     transposes into the neighbouring kernels where it can)."""
+
+    fixed_options = {**_CHANNELS_LAST, "groups": 1}
+    training_options = _CONV_OPTIONS
 
     def __init__(
         self,
@@ -373,7 +312,8 @@ class Conv2D(Layer):
         self.activation = activations_module.get(activation)
         self.activation_name = activations_module.name_of(activation)
         self.use_bias = use_bias
-        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
 
     def _pads(self, input_shape) -> tuple[int, int, int, int]:
         if self.padding == "valid":
@@ -410,9 +350,18 @@ class Conv2D(Layer):
         # the activation before the transpose back: a next layer's transpose then cancels it
         return b.transpose(self.activation(b, y), perm=(0, 2, 3, 1))
 
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": list(self.kernel_size),
+                "strides": list(self.strides), "padding": self.padding,
+                "dilation_rate": list(self.dilation_rate), "activation": self.activation_name,
+                "use_bias": self.use_bias, **self.initializer_config("kernel", "bias")}  # fmt: skip
 
+
+@register
 class MaxPooling2D(Layer):
     pool_op = "max_pool2d"
+    records_build = False
+    fixed_options = _CHANNELS_LAST
 
     def __init__(self, pool_size=(2, 2), strides=None, padding: str = "valid", **kwargs):
         super().__init__(**kwargs)
@@ -441,16 +390,19 @@ class MaxPooling2D(Layer):
         )
         return b.transpose(y, perm=(0, 2, 3, 1))
 
+    def get_config(self):
+        return {**super().get_config(), "pool_size": list(self.pool_size), "padding": self.padding,
+                "strides": list(self.strides)}  # fmt: skip
 
+
+@register
 class AveragePooling2D(MaxPooling2D):
     """The window mean; with padding "same" the padding is not counted, as Keras does."""
 
     pool_op = "avg_pool2d"
 
 
-from frontends.keras.recurrent import GRU, LSTM, SimpleRNN  # noqa: E402,F401 - Keras's layer namespace
-
-
+@register
 class Conv1D(Conv2D):
     """Over sequences (N, T, C), kernel (k, C, filters): a Conv2D over a height-1 image.
     padding "causal" pads only the start, so step t sees steps ≤ t."""
@@ -490,8 +442,18 @@ class Conv1D(Conv2D):
         y = b.transpose(self.activation(b, y), perm=(0, 2, 3, 1))
         return b.reshape(y, shape=(n, y.type.shape[2], self.filters))
 
+    def get_config(self):
+        config = super().get_config()
+        for key in ("kernel_size", "strides", "dilation_rate"):
+            config[key] = config[key][1:]  # the width of the height-1 image
+        return {**config, "padding": "causal" if self.causal else self.padding}
 
+
+@register
 class GlobalAveragePooling2D(Layer):
+    records_build = False
+    fixed_options = {**_CHANNELS_LAST, "keepdims": False}
+
     def compute_output_shape(self, input_shape):
         return (input_shape[-1],)
 
@@ -499,14 +461,18 @@ class GlobalAveragePooling2D(Layer):
         return ctx.b.reduce_mean(x, axes=(1, 2), keepdims=False)
 
 
+@register
 class LayerNormalization(Layer):
     """Over the last axis: (x - mean) / sqrt(var + epsilon) · gamma + beta."""
+
+    fixed_options = {"rms_scaling": False}
+    training_options = _NORMALIZATION_OPTIONS
 
     def __init__(
         self, axis: int = -1, epsilon: float = 1e-3, center: bool = True, scale: bool = True, **kwargs
     ):
         super().__init__(**kwargs)
-        if axis != -1:
+        if axis not in (-1, [-1], (-1,)):
             raise ValueError("LayerNormalization supports axis=-1 only")
         self.epsilon, self.center, self.scale = float(epsilon), center, scale
 
@@ -528,7 +494,13 @@ class LayerNormalization(Layer):
             y = b.add(y, ctx.weight(self.beta))
         return y
 
+    def get_config(self):
+        axis = [-1] if self.built else -1  # Keras makes it a list when it builds the layer
+        return {**super().get_config(), "axis": axis, "epsilon": self.epsilon, "center": self.center,
+                "scale": self.scale}  # fmt: skip
 
+
+@register
 class Add(Layer):
     """The sum of its inputs (Functional API)."""
 
@@ -542,6 +514,7 @@ class Add(Layer):
         return total
 
 
+@register
 class Concatenate(Layer):
     def __init__(self, axis: int = -1, **kwargs):
         super().__init__(**kwargs)
@@ -555,3 +528,6 @@ class Concatenate(Layer):
 
     def call(self, ctx, xs, training):
         return ctx.b.concat(*xs, axis=self.axis)
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}

@@ -1,10 +1,13 @@
-"""Keras models: Sequential, with compile / fit / evaluate / predict as Keras 3 defines
-them (keras-behaviour.md §5), running the programs of trainer.py."""
+"""Keras models: the Functional API's Model and Sequential, with compile / fit / evaluate
+/ predict as Keras 3 defines them, running the programs of trainer.py. A model describes
+itself as Keras does (get_config / from_config, get_compile_config / compile_from_config),
+and saves and loads through the file formats registered in serialization."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -12,8 +15,9 @@ from frontends.keras import callbacks as callbacks_module
 from frontends.keras import losses as losses_module
 from frontends.keras import metrics as metrics_module
 from frontends.keras import optimizers as optimizers_module
-from frontends.keras import utils
-from frontends.keras.layers import InputLayer, KerasTensor, Layer, LayerCall, Weight, _auto_name
+from frontends.keras import serialization, utils
+from frontends.keras.base_layer import InputLayer, KerasTensor, Layer, LayerCall, Weight, auto_name
+from frontends.keras.serialization import dtype_policy, file_format, register, serialize
 from frontends.keras.trainer import (
     BoundStep,
     Feed,
@@ -38,25 +42,30 @@ def _as_array(data, name: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+@register(name="Functional")
 class Model:
     """keras.Model(inputs, outputs): the Functional API. Inputs and outputs are one
     tensor or lists of them; layers in between may branch, join (Add, Concatenate) and
     give several outputs (an RNN's return_state). Sequential is the subclass for a chain
     of layers."""
 
+    keras_module: ClassVar[str] = "keras.src.models.functional"
+    registered_name: ClassVar[str | None] = "Functional"
+    keras_name: ClassVar[str]
+
     def __init__(self, inputs=None, outputs=None, name: str | None = None):
-        self.name = name or _auto_name("functional" if inputs is not None else "model")
+        self.name = name or auto_name("functional" if inputs is not None else "model")
         self.layers: list[Layer] = []
         self._calls: list[LayerCall] = []
         self._inputs: list[KerasTensor] = []
         self._outputs: list[KerasTensor] = []
         self.optimizer = None
         self.loss = None
-        self.compiled_metrics: list = []
         self.stop_training = False
         self.history = None
         self._programs: dict = {}
         self._state: TrainState | None = None
+        self._slots_kept: dict | None = None  # optimizer slots to start the next training from
         self._input_shapes: list[tuple[int, ...]] | None = None
         self._output_shapes: list[tuple[int, ...]] = []
         if inputs is not None or outputs is not None:
@@ -347,7 +356,7 @@ class Model:
 
     def _train_state(self) -> TrainState:
         if self._state is None:
-            self._state = TrainState(self.weights, self.optimizer, getattr(self, "_slots_kept", None))
+            self._state = TrainState(self.weights, self.optimizer, self._slots_kept)
             self._programs = {
                 k: v for k, v in self._programs.items() if k[0] != "train"
             }  # bound to old arrays
@@ -505,11 +514,13 @@ class Model:
 
     def save(self, filepath, overwrite: bool = True) -> None:
         """The .keras file real Keras 3 loads (written atomically)."""
-        from frontends.keras.saving import save_model
-
+        keras_file = file_format(".keras", filepath)
         if not overwrite and os.path.exists(filepath):
             raise FileExistsError(f"{filepath} exists and overwrite=False")
-        save_model(self, filepath)
+        if not self.built:
+            raise ValueError("the model has no weights yet: build it (or fit it) before saving")
+        self._sync()
+        keras_file.save(self, filepath)
 
     def export(self, filepath, batch_size: int = 1, cpu: str | None = None) -> Path:
         """The model for inference as a shared library with Kiln's C ABI (NAME_create,
@@ -538,18 +549,115 @@ class Model:
 
     def save_weights(self, filepath) -> None:
         """Keras's .weights.h5 (the weights part of a .keras file), written atomically."""
-        from frontends.keras.saving import write_weights_file
-
-        if not str(filepath).endswith(".weights.h5"):
-            raise ValueError(f"The filename must end in `.weights.h5`. Received: filepath={filepath}")
+        weights_file = file_format(".weights.h5", filepath)
         self._sync()
-        write_weights_file(self, filepath)
+        weights_file.save(self, filepath)
 
     def load_weights(self, filepath) -> None:
-        from frontends.keras.saving import read_weights_file
-
-        read_weights_file(self, filepath)
+        """The weights of a .weights.h5 file (and its optimizer state, once compiled)."""
         self._reset_state()
+        serialization.FILE_FORMATS[".weights.h5"].load(self, filepath)
+
+    # ------------------------------------------------------------------ config
+
+    def get_config(self) -> dict:
+        """Keras's Functional config: each layer with the calls that feed it (inbound_nodes),
+        in the model's layer order; inputs and outputs as [layer, call, output]."""
+        calls: dict[int, list[LayerCall]] = {}
+        for call in self._calls:
+            calls.setdefault(id(call.layer), []).append(call)
+        dtypes = dict(zip(map(id, self._inputs), self._input_dtypes))
+        entries = []
+        for layer in self.layers:
+            if isinstance(layer, InputLayer):
+                (t,) = [t for t in self._inputs if t.layer is layer]
+                entries.append(
+                    {**_input_entry(layer, dtypes[id(t)]), "name": layer.name, "inbound_nodes": []}
+                )
+                continue
+            first = calls[id(layer)][0]
+            shapes = [[None, *t.shape] for t in first.inputs]
+            nodes = [
+                {"args": [_arguments(call)], "kwargs": dict(layer.call_kwargs)} for call in calls[id(layer)]
+            ]
+            entry = _layer_entry(layer, shapes if first.many else shapes[0])
+            entries.append({**entry, "name": layer.name, "inbound_nodes": nodes})
+        return {"name": self.name, "trainable": True, "layers": entries, "input_layers": _ends(self._inputs),
+                "output_layers": _ends(self._outputs)}  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict) -> Model:
+        """Rebuild the layers and replay their calls (inbound_nodes) in the config's order."""
+        tensors: dict[tuple, KerasTensor] = {}
+
+        def tensor(arg):
+            if isinstance(arg, list):
+                return [tensor(a) for a in arg]
+            key = tuple(arg["config"]["keras_history"])
+            if key not in tensors:
+                raise ValueError(f"layer input {list(key)} is not made by an earlier layer in the config")
+            return tensors[key]
+
+        for entry in config["layers"]:
+            layer = serialization.deserialize(entry)
+            if isinstance(layer, InputLayer):
+                tensors[(layer.name, 0, 0)] = layer.tensor()
+            for index, node in enumerate(entry["inbound_nodes"]):
+                out = layer(tensor(node["args"][0]))
+                for i, t in enumerate(out if isinstance(out, list) else [out]):
+                    tensors[(layer.name, index, i)] = t
+
+        def ends(spec):
+            return [tensors[tuple(s)] for s in (spec if isinstance(spec[0], list) else [spec])]
+
+        return cls(ends(config["input_layers"]), ends(config["output_layers"]), name=config.get("name"))
+
+    def get_build_config(self) -> dict:
+        return {"input_shape": None}  # a Functional model is built by its inputs
+
+    def get_compile_config(self) -> dict | None:
+        """compile()'s arguments as Keras writes them (None before compile)."""
+        if self.optimizer is None or self.loss is None:
+            return None
+        return {"optimizer": serialize(self.optimizer), "loss": _names(self.loss),
+                "loss_weights": self._loss_weights_spec, "metrics": _names(self._metric_ids) or None,
+                "weighted_metrics": None, "run_eagerly": False, "steps_per_execution": 1,
+                "jit_compile": False}  # fmt: skip
+
+    def compile_from_config(self, config: dict) -> None:
+        self.compile(
+            optimizer=optimizers_module.get(config["optimizer"]),
+            loss=config["loss"],
+            metrics=config.get("metrics"),
+            loss_weights=config.get("loss_weights"),
+        )
+
+    def save_optimizer_variables(self, store) -> None:
+        """The optimizer's variables into a weights file's store, in Keras's order:
+        iterations, learning rate, then each trainable weight's slots."""
+        if self.optimizer is None:
+            return
+        store["0"] = np.array(self.optimizer.iterations, np.int32)
+        store["1"] = np.array(self.optimizer.learning_rate, np.float32)
+        slots = self._state.slot_values() if self._state is not None else self._slots_kept or {}
+        for i, (w, s) in enumerate(self._slot_order(), start=2):
+            store[str(i)] = slots.get((w.name, s), np.full(w.shape, self.optimizer.slots[s], np.float32))
+
+    def load_optimizer_variables(self, store) -> None:
+        """What save_optimizer_variables wrote (or Keras did); slots whose shape does not
+        fit are left to start afresh."""
+        if "0" not in store:
+            return
+        self.optimizer.iterations = int(store["0"][()])
+        self.optimizer.learning_rate = float(store["1"][()])
+        self._slots_kept = {
+            (w.name, s): np.asarray(store[str(i)], np.float32)
+            for i, (w, s) in enumerate(self._slot_order(), start=2)
+            if str(i) in store and store[str(i)].shape == w.shape
+        }
+
+    def _slot_order(self) -> list[tuple[Weight, str]]:
+        return [(w, s) for w in self.weights if w.trainable for s in self.optimizer.slots]
 
     def __call__(self, x, training: bool = False):
         xs = self._prepare_x(x)
@@ -617,10 +725,14 @@ class _Totals:
         return dict(sorted(logs.items()))
 
 
+@register
 class Sequential(Model):
+    keras_module = "keras"
+    registered_name = None
+
     def __init__(self, layers=None, name: str | None = None):
-        super().__init__(name=name or _auto_name("sequential"))
-        self._input_dtype: str | None = None
+        super().__init__(name=name or auto_name("sequential"))
+        self._input_layer: InputLayer | None = None
         for layer in layers or []:
             self.add(layer)
 
@@ -643,7 +755,8 @@ class Sequential(Model):
     @property
     def _input_dtypes(self) -> list[str]:
         first = self.layers[0] if self.layers else None
-        return [self._input_dtype or getattr(first, "input_dtype", "float32")]
+        given = self._input_layer.dtype if self._input_layer is not None else None
+        return [given or getattr(first, "input_dtype", "float32")]
 
     def build(self, input_shape) -> None:
         """input_shape with or without the batch axis (None or a number first)."""
@@ -652,6 +765,8 @@ class Sequential(Model):
             shape = shape[1:]
         s = tuple(int(d) for d in shape)
         self._input_shapes = [s]
+        if self._input_layer is None:
+            self._input_layer = InputLayer(shape=s)  # the input a config names, as Keras makes it
         for layer in self.layers:
             if not layer.built:
                 layer.build(s)
@@ -664,7 +779,7 @@ class Sequential(Model):
         if isinstance(layer, InputLayer):
             if self.layers:
                 raise ValueError("an Input must be the first layer of a Sequential model")
-            self._input_dtype = layer.dtype
+            self._input_layer = layer
             self.build(layer.shape)
             return
         if not isinstance(layer, Layer):
@@ -688,9 +803,74 @@ class Sequential(Model):
         self._programs = {}
         self._state = None
 
+    def get_config(self) -> dict:
+        """Keras's Sequential config: its input, then each layer with the shape it was built for."""
+        config = {"name": self.name, "trainable": True, "dtype": dtype_policy()}
+        if not self.built:
+            return {**config, "layers": [serialize(layer) for layer in self.layers]}
+        shape = self._input_shapes[0]
+        layers = [_input_entry(self._input_layer, self._input_dtypes[0])]
+        for layer in self.layers:
+            layers.append(_layer_entry(layer, [None, *shape]))
+            shape = layer.compute_output_shape(shape)
+        return {**config, "layers": layers, "build_input_shape": [None, *self._input_shapes[0]]}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Sequential:
+        model = cls(name=config.get("name"))
+        for entry in config["layers"]:
+            model.add(serialization.deserialize(entry))
+        if not model.built and config.get("build_input_shape"):
+            model.build(config["build_input_shape"])
+        return model
+
+    def get_build_config(self) -> dict | None:
+        return {"input_shape": [None, *self._input_shapes[0]]} if self.built else None
+
 
 def load_model(filepath, compile: bool = True) -> Model:
     """A .keras file written by real Keras 3 or by Kiln."""
-    from frontends.keras.saving import load_model as load
+    return serialization.FILE_FORMATS[".keras"].load(filepath, compile)
 
-    return load(filepath, compile=compile)
+
+def _input_entry(layer: InputLayer, dtype: str) -> dict:
+    """An InputLayer's entry, with the dtype the model takes there."""
+    entry = serialize(layer)
+    entry["config"]["dtype"] = dtype
+    return entry
+
+
+def _layer_entry(layer: Layer, input_shape) -> dict:
+    entry = serialize(layer)
+    if layer.records_build:
+        entry["build_config"] = {"input_shape": input_shape}
+    return entry
+
+
+def _history(t: KerasTensor) -> list:
+    """A tensor as Keras's config names it: [layer, call, output]."""
+    return [t.layer.name, t.call.index, t.index]
+
+
+def _arguments(call: LayerCall):
+    """A call's input tensors as Keras's config writes them (a list if given as one)."""
+    tensors = [
+        {"class_name": "__keras_tensor__",
+         "config": {"shape": [None, *t.shape], "dtype": "float32", "keras_history": _history(t)}}
+        for t in call.inputs
+    ]  # fmt: skip
+    return tensors if call.many else tensors[0]
+
+
+def _ends(tensors: list[KerasTensor]) -> list:
+    """A model's inputs or outputs in its config: one [layer, call, output], or a list of them."""
+    return _history(tensors[0]) if len(tensors) == 1 else [_history(t) for t in tensors]
+
+
+def _names(spec):
+    """compile()'s loss or metrics as Keras stores them: names, in the structure given."""
+    if isinstance(spec, (list, tuple)):
+        return [_names(s) for s in spec]
+    if isinstance(spec, dict):
+        return {k: _names(v) for k, v in spec.items()}
+    return spec if spec is None or isinstance(spec, str) else spec.name

@@ -6,11 +6,18 @@ that changing `learning_rate` never recompiles. Rules as in keras/src/optimizers
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import numpy as np
 
+from frontends.keras import serialization
+from frontends.keras.serialization import register
 from ir.builder import GraphBuilder
 from ir.graph import Value
+
+#: the hyperparameters of Keras's optimizer configs that Kiln's optimizers take
+HYPERPARAMETERS = ("learning_rate", "momentum", "nesterov", "beta_1", "beta_2", "epsilon", "rho", "centered",
+                   "initial_accumulator_value", "weight_decay")  # fmt: skip
 
 
 def _k(b: GraphBuilder, v: float) -> Value:
@@ -18,6 +25,9 @@ def _k(b: GraphBuilder, v: float) -> Value:
 
 
 class Optimizer:
+    keras_module: ClassVar[str] = "keras.optimizers"
+    registered_name: ClassVar[str | None] = None
+    keras_name: ClassVar[str]
     #: slot name → its initial value (a float fill)
     slots: dict[str, float] = {}
     #: the per-step scalar inputs the rule reads
@@ -48,7 +58,14 @@ class Optimizer:
                 config[key] = getattr(self, key)
         return config
 
+    @classmethod
+    def from_config(cls, config: dict) -> Optimizer:
+        """The optimizer of a Keras config, from its hyperparameters (the options Kiln does
+        not have, like gradient clipping, are not read)."""
+        return cls(**{k: v for k, v in config.items() if k in HYPERPARAMETERS and v is not None})
 
+
+@register
 class SGD(Optimizer):
     def __init__(self, learning_rate: float = 0.01, momentum: float = 0.0, nesterov: bool = False, **kwargs):
         super().__init__(learning_rate, **kwargs)
@@ -65,6 +82,7 @@ class SGD(Optimizer):
         return b.add(p, step), {"momentum": v}
 
 
+@register
 class Adam(Optimizer):
     scalars = ("learning_rate", "alpha")
     slots = {"m": 0.0, "v": 0.0}
@@ -98,11 +116,13 @@ class Adam(Optimizer):
         return b.sub(p, step), {"m": m, "v": v}
 
 
+@register
 class AdamW(Adam):
     def __init__(self, learning_rate: float = 0.001, weight_decay: float = 0.004, **kwargs):
         super().__init__(learning_rate, weight_decay=weight_decay, **kwargs)
 
 
+@register
 class RMSprop(Optimizer):
     def __init__(
         self,
@@ -171,6 +191,7 @@ class RMSpropOptimizer(RMSprop):
         return b.sub(p, mom), {"velocity": ms, "momentum": mom}
 
 
+@register
 class Adagrad(Optimizer):
     def __init__(
         self,
@@ -194,8 +215,11 @@ BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagra
 
 
 def get(identifier) -> Optimizer:
+    """An optimizer by Keras name or config entry, or itself."""
     if isinstance(identifier, Optimizer):
         return identifier
+    if isinstance(identifier, dict):
+        return serialization.deserialize(identifier)
     key = str(identifier).lower()
     if key not in BY_NAME:
         raise ValueError(f"Unknown optimizer {identifier!r}; known: {', '.join(BY_NAME)}")

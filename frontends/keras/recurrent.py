@@ -17,7 +17,9 @@ from typing import ClassVar
 import numpy as np
 
 from frontends.keras import activations as activations_module
-from frontends.keras.layers import Layer
+from frontends.keras import initializers
+from frontends.keras.base_layer import Layer
+from frontends.keras.serialization import register
 from ir.builder import GraphBuilder
 from ir.graph import Value
 
@@ -28,6 +30,19 @@ class _Recurrent(Layer):
     #: the op's gates in Keras's order (the op's gate k is Keras's gate order[k]); None: the same
     order: ClassVar[tuple[int, ...] | None] = None
     n_states: ClassVar[int] = 1  # final states returned with return_state: h (LSTM: h and c)
+    variables_path = "cell/vars"  # Keras keeps the weights in the layer's cell
+    fixed_options = {"stateful": False}
+    call_kwargs = {"training": False, "mask": None}
+    training_options = {
+        "unroll": False,
+        "zero_output_for_mask": False,
+        **dict.fromkeys(
+            ("kernel_regularizer", "recurrent_regularizer", "bias_regularizer", "activity_regularizer")
+        ),
+        **dict.fromkeys(("kernel_constraint", "recurrent_constraint", "bias_constraint")),
+        "dropout": 0.0,
+        "recurrent_dropout": 0.0,
+    }
 
     def __init__(
         self,
@@ -47,7 +62,9 @@ class _Recurrent(Layer):
         self.activation = activations_module.name_of(activation)
         activations_module.op_spec(self.activation)  # one the recurrent ops can take
         self.use_bias = use_bias
-        self.initializers = (kernel_initializer, recurrent_initializer, bias_initializer)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.recurrent_initializer = initializers.get(recurrent_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
         self.return_sequences, self.go_backwards = return_sequences, go_backwards
         self.return_state = return_state
 
@@ -59,12 +76,11 @@ class _Recurrent(Layer):
             raise ValueError(
                 f"{self.name} expects input (batch, timesteps, features), got (batch, {input_shape})"
             )
-        k_init, r_init, b_init = self.initializers
         g, u = self.gates, self.units
-        self.kernel = self.add_weight("kernel", (input_shape[-1], g * u), k_init)
-        self.recurrent_kernel = self.add_weight("recurrent_kernel", (u, g * u), r_init)
+        self.kernel = self.add_weight("kernel", (input_shape[-1], g * u), self.kernel_initializer)
+        self.recurrent_kernel = self.add_weight("recurrent_kernel", (u, g * u), self.recurrent_initializer)
         if self.use_bias:
-            self.bias = self.add_weight("bias", self._bias_shape(), b_init)
+            self.bias = self.add_weight("bias", self._bias_shape(), self.bias_initializer)
             self._init_bias()
         self.built = True
 
@@ -105,6 +121,18 @@ class _Recurrent(Layer):
             output = states[0]
         return [output, *states] if self.return_state else output
 
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "return_sequences": self.return_sequences,
+            "return_state": self.return_state,
+            "go_backwards": self.go_backwards,
+            "units": self.units,
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            **self.initializer_config("kernel", "recurrent", "bias"),
+        }
+
     def _slot(self, b: GraphBuilder, slots: Value, slot: int, plane: int) -> Value:
         """One plane of one slot of the op's output, (batch, units)."""
         value = b.slice(slots, starts=(slot, plane), ends=(slot + 1, plane + 1), axes=(0, 1))
@@ -137,6 +165,7 @@ class _Recurrent(Layer):
         return {}
 
 
+@register
 class SimpleRNN(_Recurrent):
     op = "rnn"
 
@@ -144,18 +173,22 @@ class SimpleRNN(_Recurrent):
 class _Gated(_Recurrent):
     """LSTM and GRU: their gates take recurrent_activation; the candidate and output, activation."""
 
+    training_options = {**_Recurrent.training_options, "seed": None}
+
     def __init__(self, units: int, recurrent_activation="sigmoid", **kwargs):
         super().__init__(units, **kwargs)
         self.recurrent_activation = activations_module.name_of(recurrent_activation)
         activations_module.op_spec(self.recurrent_activation)
 
+    def get_config(self):
+        return {**super().get_config(), "recurrent_activation": self.recurrent_activation}
+
     def _specs(self) -> tuple:
-        """(the gates' activation, the candidate's): the op's f and g."""
-        return activations_module.op_spec(self.recurrent_activation), activations_module.op_spec(
-            self.activation
-        )
+        """The op's f (the gates': Keras's recurrent_activation) and g (Keras's activation)."""
+        return tuple(map(activations_module.op_spec, (self.recurrent_activation, self.activation)))
 
 
+@register
 class LSTM(_Gated):
     """Gates i, f, c, o; unit_forget_bias: the forget gate's bias starts at 1."""
 
@@ -172,6 +205,9 @@ class LSTM(_Gated):
         if self.unit_forget_bias:
             self.bias.value[self.units : 2 * self.units] = 1.0
 
+    def get_config(self):
+        return {**super().get_config(), "unit_forget_bias": self.unit_forget_bias}
+
     def _cell_inputs(self, ctx, h0):
         return [h0, h0, self._zeros(ctx.b, (3 * self.units,))]  # c starts at zero too; no peepholes
 
@@ -180,6 +216,7 @@ class LSTM(_Gated):
         return (f, g, g)  # the cell state's output activation (h) is Keras's activation too
 
 
+@register
 class GRU(_Gated):
     """Gates z, r, h; reset_after=True (Keras 3's default): bias (2, 3u), input and
     recurrent, the reset gate applied after the recurrent matmul (the op's
@@ -195,6 +232,9 @@ class GRU(_Gated):
 
     def _bias_shape(self):
         return (2, 3 * self.units) if self.reset_after else (3 * self.units,)
+
+    def get_config(self):
+        return {**super().get_config(), "reset_after": self.reset_after}
 
     def _bias_row(self, b: GraphBuilder, bias: Value, row: int) -> Value:
         return b.reshape(b.slice(bias, starts=(row,), ends=(row + 1,), axes=(0,)), shape=(3 * self.units,))

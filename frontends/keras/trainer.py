@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler import compile_model
-from frontends.keras.layers import Layer, Weight
+from frontends.keras.base_layer import Layer, Weight
 from ir.autodiff import gradients
 from ir.builder import GraphBuilder
 from ir.graph import Value
