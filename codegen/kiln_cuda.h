@@ -160,7 +160,8 @@ static void kiln_cuda_list_images(const kiln_cuda_image *images, int n, char *bu
 
 /* Loads the first candidate image the driver accepts into *module, keeping each
  * rejection (and a PTX's JIT error log) for the message. Returns the index loaded, or
- * -1 with err saying what the device is, what the library embeds and why each failed. */
+ * -1 with err saying what the device is (`device` describes it, with its compute
+ * capability), what the library embeds and why each image failed. */
 static int kiln_cuda_load_module(const kiln_cuda *cu, const kiln_cuda_image *images, int n, int major,
                                  int minor, const char *device, CUmodule *module, char *err, size_t size) {
     int order[16];
@@ -169,9 +170,8 @@ static int kiln_cuda_load_module(const kiln_cuda *cu, const kiln_cuda_image *ima
     int count = kiln_cuda_candidates(images, n < 16 ? n : 16, major, minor, order);
     if (count == 0) {
         const char *only = getenv("KILN_CUDA_IMAGE");
-        snprintf(err, size,
-                 "device %s (compute capability %d.%d) can run none of this library's images (%s%s%s%s)",
-                 device, major, minor, embedded, only && *only ? "; KILN_CUDA_IMAGE=" : "",
+        snprintf(err, size, "%s can run none of this library's images (%s%s%s%s)", device, embedded,
+                 only && *only ? "; KILN_CUDA_IMAGE=" : "",
                  only && *only ? only : "", "; a cubin runs on its own major architecture, PTX on any "
                  "device at or above its own");
         return -1;
@@ -193,8 +193,7 @@ static int kiln_cuda_load_module(const kiln_cuda *cu, const kiln_cuda_image *ima
                                      kiln_cuda_describe(cu, r, reason, sizeof reason), log[0] ? "; JIT log: " : "",
                                      log);
     }
-    snprintf(err, size, "device %s (compute capability %d.%d) could not load any of this library's images (%s)%s",
-             device, major, minor, embedded, why);
+    snprintf(err, size, "%s could not load any of this library's images (%s)%s", device, embedded, why);
     return -1;
 }
 
