@@ -1139,10 +1139,14 @@ def window(b: Builder, spatial: Sequence[int], max_kernel: int = 5, dilate: bool
         attrs["strides"] = strides
     if any(d != 1 for d in dilations):
         attrs["dilations"] = dilations
+    autos = []  # onnxruntime pads SAME windows only undilated, and no wider than the stride
+    if all(d == 1 for d in dilations) and all(s <= k for s, k in zip(strides, kernel)):
+        autos += ["SAME_UPPER", "SAME_LOWER"]
+    if all(d >= e * (k - 1) + 1 for d, e, k in zip(spatial, dilations, kernel)):
+        autos.append("VALID")  # (unpadded, the window must fit)
     r = b.rng.random()
-    same_ok = all(d == 1 for d in dilations) and all(s <= k for s, k in zip(strides, kernel))
-    if r < 0.15:  # onnxruntime pads SAME windows only undilated, and no wider than the stride
-        attrs["auto_pad"] = b.choice(["SAME_UPPER", "SAME_LOWER", "VALID"] if same_ok else ["VALID"])
+    if r < 0.15 and autos:
+        attrs["auto_pad"] = b.choice(autos)
     elif r < 0.75 or any(pads):
         attrs["pads"] = pads
     return attrs
@@ -2236,7 +2240,8 @@ def _run(
     from ir.errors import UnsupportedError
 
     try:
-        return [np.asarray(a) for a in engine(model, feeds)]
+        with np.errstate(all="ignore"):  # inf and NaN on purpose (IsInf, IsNaN)
+            return [np.asarray(a) for a in engine(model, feeds)]
     except UnsupportedError as e:
         raise EngineError("unsupported", _error_where(stage, e), f"{stage}: {e}") from e
     except Exception as e:
