@@ -582,6 +582,14 @@ def test_layers_describe_themselves_as_keras_does():
         assert _as_json(type(ours).from_config(expected).get_config()) == expected, ours.name
 
 
+def test_initializers_describe_themselves_as_keras_does():
+    real = _real_keras()
+    for name in keras.initializers.NAMES:
+        expected = _as_json(real.saving.serialize_keras_object(real.initializers.get(name)))
+        assert _as_json(keras.initializers.serialize(keras.initializers.get(name))) == expected, name
+        assert keras.initializers.get(expected).get_config() == expected["config"], name
+
+
 def _described_models(k) -> list:
     L = k.layers  # noqa: N806 - Keras's namespace
     images = k.Sequential(

@@ -133,6 +133,10 @@ class VarianceScaling(_Random):
         super().__init__(seed)
         if input_axes is not None or output_axes is not None:
             raise ValueError("initializers: input_axes and output_axes are not supported")
+        if mode not in ("fan_in", "fan_out", "fan_avg"):
+            raise ValueError(f"VarianceScaling: mode {mode!r} is not fan_in, fan_out or fan_avg")
+        if distribution not in ("truncated_normal", "untruncated_normal", "uniform"):
+            raise ValueError(f"VarianceScaling: unknown distribution {distribution!r}")
         self.scale, self.mode, self.distribution = scale, mode, distribution
 
     def __call__(self, shape):
