@@ -225,7 +225,6 @@ class Orthogonal(_Random):
 NAMES = {
     "zeros": Zeros,
     "ones": Ones,
-    "constant": Constant,
     "uniform": RandomUniform,
     "random_uniform": RandomUniform,
     "normal": RandomNormal,
