@@ -3,19 +3,28 @@
 CASES holds each op's input shapes and attributes: sizes 1, 7 and 33 exercise the
 vector loops' tails, a large size the parallel path, and mixed shapes broadcasting.
 A registered op with no cases fails `test_every_op_has_cases`, so a new op is
-tested the moment it is added.
+tested the moment it is added. Each case runs on the CPU and as its GPU schedule
+(the cuda-sim target: the GPU kernels run on the CPU exactly), at the same
+tolerances, and the GPU kernels of all the cases go through ptxas together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
+from codegen import nvptx
 from compiler import compile_model
+from compiler.driver import lower_graph
 from ir.builder import GraphBuilder
+from ir.graph import Graph
 from ir.interpreter import interpret
 from ir.ops import REGISTRY, Fusion
 
@@ -350,6 +359,7 @@ CASES: dict[str, list[Case]] = {
         Case([In((7, 33))], {"axes": (1,), "keepdims": False}),
         Case([In((5, 7, 33))], {"axes": (0, 2)}),
         Case([In((300, 200))], {"axes": (0,)}),
+        Case([In((3, 1000, 5))], {"axes": (1,)}),
         Case([In((7, 5), "normal", "int64")], {"axes": (-1,)}),
     ],
     "reduce_mean": [
@@ -371,6 +381,7 @@ CASES: dict[str, list[Case]] = {
         Case([In((7, 33))]),
         Case([In((2, 3, 7, 5))], {"perm": (0, 2, 3, 1)}),
         Case([In((300, 200))], {"perm": (1, 0)}),
+        Case([In((2, 40, 3, 50))], {"perm": (0, 3, 2, 1)}),  # GPU: partial tiles, other axes
     ],
     "concat": [
         Case([In((7, 3)), In((7, 33)), In((7, 1))], {"axis": 1}),
@@ -413,11 +424,13 @@ CASES.update(
         "gather_elements": [
             Case([In((4, 5)), In((3, 5), "index:4", "int64")]),
             Case([In((2, 6, 3)), In((2, 4, 3), "index:6", "int64")], {"axis": 1}),
+            Case([In((7, 1, 4, 2)), In((3, 1, 2, 2), "index:7", "int64")]),  # indices narrower off the axis
         ],
         "cumsum": [
             Case([In((7, 33))], {"axis": 1}),
             Case([In((5, 4), dtype="int64")], {"axis": 0, "exclusive": True}),
             Case([In((3, 9, 2))], {"axis": -2, "reverse": True, "exclusive": True}),
+            Case([In((3, 700))], {"axis": 1, "reverse": True}),  # GPU: a scan in chunks
         ],
         "mod": [
             Case([In((7, 33), dtype="int64"), In((33,), dtype="int64")]),
@@ -438,6 +451,8 @@ CASES.update(
             Case([In((7, 33))], {"axis": 1}),
             Case([In((7, 33))], {"axis": 0, "largest": False}),
             Case([In((6, 5), "count:3", "int64")], {"axis": 1, "select_last_index": True, "keepdims": False}),
+            Case([In((6, 40), "specials")], {"axis": 1, "select_last_index": True}),  # NaNs tie, ±inf
+            Case([In((6, 40), "specials")], {"axis": 1, "largest": False}),
         ],
         "expand": [Case([In((3, 1))], {"shape": (2, 3, 7)}), Case([In((40000,))], {"shape": (1, 40000)})],
         "tile": [Case([In((3, 4))], {"repeats": (2, 3)}), Case([In((2, 1, 5))], {"repeats": (1, 4, 1)})],
@@ -478,24 +493,35 @@ def test_every_op_has_cases():
     assert sorted(REGISTRY) == sorted(CASES), "every registered op needs test cases here"
 
 
+def _case_id(name: str, i: int, case: Case) -> str:
+    return f"{name}-{i}-" + "_".join("x".join(map(str, c.shape)) or "scalar" for c in case.inputs)
+
+
 def _params():
     for name, cases in sorted(CASES.items()):
         for i, case in enumerate(cases):
-            shapes = "_".join("x".join(map(str, c.shape)) or "scalar" for c in case.inputs)
-            yield pytest.param(name, case, id=f"{name}-{i}-{shapes}")
+            case_id = _case_id(name, i, case)
+            yield pytest.param(name, case, "cpu", id=case_id)
+            yield pytest.param(name, case, "cuda-sim", id=f"{case_id}-cuda-sim")
 
 
-@pytest.mark.parametrize("op_name,case", list(_params()))
-def test_op_compiled_matches_reference(op_name: str, case: Case, rng: np.random.Generator, capfd):
-    arrays = [spec.draw(rng) for spec in case.inputs]
+def _graph(op_name: str, case: Case, arrays: list[np.ndarray]) -> Graph:
     b = GraphBuilder(op_name)
     values = []
     for i, a in enumerate(arrays):
         values.append(b.param(f"p{i}", a) if i in case.params else b.input(f"x{i}", a.shape, a.dtype.name))
-    graph = b.build(b.op(op_name, *values, **case.attrs))
+    return b.build(b.op(op_name, *values, **case.attrs))
+
+
+@pytest.mark.parametrize("op_name,case,target", list(_params()))
+def test_op_compiled_matches_reference(
+    op_name: str, case: Case, target: str, rng: np.random.Generator, capfd
+):
+    arrays = [spec.draw(rng) for spec in case.inputs]
+    graph = _graph(op_name, case, arrays)
     feeds = [a for i, a in enumerate(arrays) if i not in case.params]
     expected = interpret(graph, feeds)[0]
-    got = compile_model(graph, name=f"op_{op_name}")(*feeds)
+    got = compile_model(graph, name=f"op_{op_name}", target=target)(*feeds)
     assert "warning" not in capfd.readouterr().err  # e.g. LLVM's "loop not vectorized"
     assert got.dtype == expected.dtype and got.shape == expected.shape
     rtol, atol = TOLERANCE.get(REGISTRY[op_name].fusion, DEFAULT_TOLERANCE)
@@ -503,6 +529,24 @@ def test_op_compiled_matches_reference(op_name: str, case: Case, rng: np.random.
         assert_close(got, expected, rtol, atol)
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.skipif(
+    shutil.which("ptxas") is None and not os.environ.get("CI"), reason="ptxas is not installed"
+)
+def test_ptxas_accepts_every_op_case():
+    """Every case lowered for the GPU, all the kernels in one module per architecture
+    (names made unique per case), assembled by one ptxas call each."""
+    kernels = []
+    for name, cases in sorted(CASES.items()):
+        for i, case in enumerate(cases):
+            arrays = [spec.draw(np.random.default_rng(0)) for spec in case.inputs]
+            prefix = re.sub(r"\W", "_", _case_id(name, i, case))
+            for call in lower_graph(_graph(name, case, arrays), "ops", target="cuda", checks=False).calls:
+                kernels.append(dataclasses.replace(call.kernel, name=f"{prefix}_{call.kernel.name}"))
+    for arch in nvptx.ARCHS:
+        report = nvptx.ptxas(nvptx.ptx_module(kernels, arch, "ops"), arch)
+        assert report.count("Compiling entry function") == len(kernels)
 
 
 @pytest.mark.parametrize("op_name", ["exp", "log", "tanh", "sigmoid", "erf", "relu", "sqrt", "maximum"])

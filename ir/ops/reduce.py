@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
+import functools
+import operator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from math import prod
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from codegen import gpu
 from codegen.kir import (
+    WARP,
     Expr,
     KernelBuilder,
     LoopKind,
+    ShuffleMode,
     const,
     logical_and,
     logical_or,
     maximum,
     minimum,
     select,
+    unravel,
 )
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
@@ -40,6 +47,179 @@ def _split(shape: tuple[int, ...], axis: int, end: int | None = None) -> tuple[i
     """(outer, n, inner): the elements before, along [axis, end), and after."""
     end = axis + 1 if end is None else end
     return prod(shape[:axis]), prod(shape[axis:end]), prod(shape[end:])
+
+
+def _along(line: Expr, n: int, inner: int) -> Callable[[Expr], Expr]:
+    """The flat index of element j of a line of n elements `inner` apart (lines numbered
+    with the inner index fastest, as (outer, inner) pairs)."""
+    base = line // inner * (n * inner) + line % inner
+    return lambda j: base + j * inner
+
+
+# --------------------------------------------------------------------------- lines
+# The ops here walk lines: the reduced elements behind one output, a softmax's row.
+# A line's passes are written once against a walk that says how its elements are
+# visited and how a pass's partial result becomes the line's: CpuLine (a vector loop,
+# the result whole already) or GpuLines (threads sharing the line, combined).
+
+Combine = Callable[[Expr, Expr], Expr]
+
+
+def _pow2(n: int) -> int:
+    """The least power of two at or above n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class CpuLine:
+    """A line on the CPU: one vector loop over its n elements."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    @contextmanager
+    def elements(self, k: KernelBuilder) -> Iterator[Expr]:
+        with k.loop(self.n, LoopKind.VECTOR, "j") as j:
+            yield j
+
+    def total(self, k: KernelBuilder, value: Expr, combine: Combine) -> Expr:
+        """The line's result of a pass (one thread ran the pass: it has it)."""
+        return value
+
+
+class GpuLines:
+    """`count` lines of `n` elements over a GPU grid: `per_line` threads share a line,
+    thread `lane` taking its elements lane, lane + per_line, ..., and a block holds
+    `per_block` lines. `line` is the thread's line; past `count` (in the last block)
+    a thread loads and stores nothing but joins the block's shuffles and barriers.
+
+    The layout keeps a warp's reads consecutive. Contiguous lines (elements adjacent
+    in memory) put a line's threads on consecutive lanes: 256 threads for lines of 256
+    elements and more, else a warp, or for lines shorter than a warp fewer lanes and
+    more lines a block. Strided lines (elements `inner` apart, so `inner` consecutive
+    lines adjacent) put consecutive lines on consecutive lanes, up to a warp of them,
+    and the block's other threads along the lines."""
+
+    def __init__(self, count: int, n: int, inner: int):
+        self.count, self.n = count, n
+        self.contiguous = inner == 1 and n > 1
+        if self.contiguous:
+            self.per_line = gpu.THREADS if n >= gpu.THREADS else min(_pow2(n), WARP)
+        else:
+            self.per_line = min(gpu.THREADS // min(_pow2(inner), WARP), _pow2(n))
+        self.per_block = gpu.THREADS // self.per_line
+        self.blocks = max(1, -(-count // self.per_block))
+
+    @property
+    def _dims(self) -> tuple[int, int]:
+        """(x, y) of the block: a line's threads along x when contiguous, else along y."""
+        return (self.per_line, self.per_block) if self.contiguous else (self.per_block, self.per_line)
+
+    @property
+    def threads(self) -> tuple[int, ...]:
+        return tuple(d for d in self._dims if d > 1)
+
+    def bind(self, block: Expr, threads: list[Expr]) -> None:
+        """Name the thread's lane, slot (its line within the block) and line."""
+        given = iter(threads)
+        x, y = (next(given) if d > 1 else const(0, "int64") for d in self._dims)
+        self.lane, self.slot = (x, y) if self.contiguous else (y, x)
+        self.line = block * self.per_block + self.slot
+        self.valid = self.line.lt(self.count) if self.count % self.per_block else None
+
+    @contextmanager
+    def elements(self, k: KernelBuilder) -> Iterator[Expr]:
+        with k.loop(-(-self.n // self.per_line), LoopKind.SERIAL, "jj") as jj:
+            j = jj * self.per_line + self.lane
+            with _when(k, _all(j.lt(self.n) if self.n % self.per_line else None, self.valid)):
+                yield j
+
+    @contextmanager
+    def once(self, k: KernelBuilder) -> Iterator[None]:
+        """Statements for the line as a whole (storing its result): its first thread's."""
+        with _when(k, _all(self.lane.eq(0) if self.per_line > 1 else None, self.valid)):
+            yield
+
+    def total(self, k: KernelBuilder, value: Expr, combine: Combine) -> Expr:
+        """value combined over the line's threads; every one of them gets it. All the
+        block's threads must call it together."""
+        if self.per_line == 1:
+            return value
+        if self.contiguous:
+            return gpu.block_total(k, value, combine, self.per_line, self.lane)
+        return self._strided_total(k, value, combine)
+
+    def _strided_total(self, k: KernelBuilder, value: Expr, combine: Combine) -> Expr:
+        """A line's threads are `per_block` lanes apart: butterfly shuffles over the lane
+        bits above the line's (those inside a warp), then one slot per warp (or per
+        thread, for a warp of lines) through shared memory."""
+        lines = self.per_block
+        total = k.local(value.dtype, value, "part")
+        offset = lines
+        while offset < min(WARP, lines * self.per_line):
+            k.assign(total, combine(total.ref, k.shuffle(total.ref, ShuffleMode.XOR, offset)))
+            offset *= 2
+        members = max(WARP // lines, 1)  # a line's threads in one warp
+        slots = self.per_line // members
+        if slots == 1:
+            return total.ref
+        partial = k.shared("line_totals", value.dtype, (slots * lines,))
+        with _when(k, (self.lane % members).eq(0) if members > 1 else None):
+            k.store(partial, self.lane // members * lines + self.slot, total.ref)
+        k.barrier()
+        k.assign(total, partial.load_flat(self.slot))
+        for s in range(1, slots):
+            k.assign(total, combine(total.ref, partial.load_flat(self.slot + s * lines)))
+        k.barrier()  # every thread has read the totals before any reuses the buffer
+        return total.ref
+
+
+def _all(*conds: Expr | None) -> Expr | None:
+    """The conjunction of the conditions given (None: no condition)."""
+    given = [c for c in conds if c is not None]
+    return functools.reduce(logical_and, given) if given else None
+
+
+@contextmanager
+def _when(k: KernelBuilder, cond: Expr | None) -> Iterator[None]:
+    """Statements that run where cond holds (everywhere for None)."""
+    if cond is None:
+        yield
+    else:
+        with k.when(cond):
+            yield
+
+
+@contextmanager
+def gpu_lines(k: KernelBuilder, count: int, n: int, inner: int) -> Iterator[GpuLines]:
+    """A GPU grid over `count` lines of n elements `inner` apart (see GpuLines); the body
+    written inside is one thread's."""
+    lines = GpuLines(count, n, inner)
+    with gpu.grid(k, (lines.blocks,), lines.threads) as ((b,), threads):
+        lines.bind(b, threads)
+        yield lines
+
+
+def _runs(shape: tuple[int, ...], axes: tuple[int, ...]) -> list[tuple[int, int, bool]]:
+    """shape's axes merged into runs of adjacent kept or reduced axes, size-1 axes
+    dropped: (size, stride, reduced), outermost first."""
+    runs: list[list] = []
+    for i, d in enumerate(shape):
+        if d == 1:
+            continue
+        if runs and runs[-1][1] == (i in axes):
+            runs[-1][0] *= d
+        else:
+            runs.append([d, i in axes])
+    sizes = [size for size, _ in runs]
+    return [(size, prod(sizes[i + 1 :]), red) for i, (size, red) in enumerate(runs)]
+
+
+def _offset(flat: Expr, runs: list[tuple[int, int, bool]]) -> Expr:
+    """The offset of the flat index over these runs' sizes, at their strides."""
+    offset: Expr = const(0, "int64")
+    for i, (_, stride, _) in zip(unravel(flat, [size for size, _, _ in runs]), runs):
+        offset = i * stride + offset
+    return offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +267,27 @@ class Reduce(Op):
                 result = epilogue(result, kept_view.offset(idx), None)
             k.store(kept_view, idx, result)
 
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """A line of threads per output element over the elements it reduces (GpuLines:
+        with the innermost axis reduced, a warp or a block per output, or several
+        outputs a warp when few elements each; with it kept, consecutive outputs on
+        consecutive lanes and the reduced elements down the block, so that reads stay
+        coalesced either way), combined by shuffles and shared memory."""
+        x = ins[0]
+        runs = _runs(x.shape, self._axes(len(x.shape)))
+        kept = [r for r in runs if not r[2]]
+        reduced = [r for r in runs if r[2]]
+        n = prod(size for size, _, _ in reduced)
+        inner = kept[-1][0] if runs and not runs[-1][2] else 1
+        with gpu_lines(k, prod(size for size, _, _ in kept), n, inner) as lines:
+            base = _offset(lines.line, kept)
+            acc = k.local(x.dtype, self.init(x.dtype))
+            with lines.elements(k) as j:
+                k.assign(acc, self.combine(acc.ref, x.load_flat(base + _offset(j, reduced))), reduction=True)
+            result = self.finish(lines.total(k, acc.ref, self.combine), n)
+            with lines.once(k):
+                k.store(out, lines.line, result if epilogue is None else epilogue(result, lines.line, None))
+
     def init(self, dtype: str) -> float:
         return 0.0
 
@@ -96,7 +297,6 @@ class Reduce(Op):
 
 @register("reduce_sum", Fusion.REDUCTION)
 class ReduceSum(Reduce):
-    gpu_per_iteration = True
     row_reduction = True
 
     def reference(self, x):
@@ -112,7 +312,6 @@ class ReduceSum(Reduce):
 
 @register("reduce_mean", Fusion.REDUCTION)
 class ReduceMean(Reduce):
-    gpu_per_iteration = True
     row_reduction = True
     accepts = ("float32", "float64")
 
@@ -144,7 +343,6 @@ class ReduceExtremum(Reduce):
 
 @register("reduce_max", Fusion.REDUCTION)
 class ReduceMax(ReduceExtremum):
-    gpu_per_iteration = True
     row_reduction = True
     accepts = (*Reduce.accepts, "bool")  # bool: any
 
@@ -162,7 +360,6 @@ class ReduceMax(ReduceExtremum):
 
 @register("reduce_min", Fusion.REDUCTION)
 class ReduceMin(ReduceExtremum):
-    gpu_per_iteration = True
     accepts = (*Reduce.accepts, "bool")  # bool: all
 
     def reference(self, x):
@@ -179,8 +376,6 @@ class ReduceMin(ReduceExtremum):
 
 @register("reduce_prod", Fusion.REDUCTION)
 class ReduceProd(Reduce):
-    gpu_per_iteration = True
-
     def reference(self, x):
         return np.prod(x, axis=self._axes(x.ndim), keepdims=self.keepdims, dtype=x.dtype)
 
@@ -201,8 +396,6 @@ class ReduceProd(Reduce):
 class ArgReduce(Op):
     """The index (int64) of the largest (`largest`) or smallest value along `axis`; ties
     go to the first index, or the last with select_last_index; NaN counts as largest."""
-
-    gpu_per_iteration = True
 
     differentiation = Gradient.ZERO
     axis: int = 0
@@ -226,32 +419,65 @@ class ArgReduce(Op):
             idx = np.argmax(y, axis=a)
         return np.expand_dims(idx, a).astype(np.int64) if self.keepdims else idx.astype(np.int64)
 
+    def _better(self, v: Expr, best: Expr) -> Expr:
+        """Whether v, met after best along the axis, takes its place: larger (smaller), or
+        equal with select_last_index; a NaN beats any number, and a later NaN an earlier
+        one with select_last_index (NaNs tie)."""
+        wins = v.ge(best) if self.select_last_index else v.gt(best)
+        loses = v.le(best) if self.select_last_index else v.lt(best)
+        better = wins if self.largest else loses
+        if not v.dtype.startswith("float"):
+            return better
+        nan = v.ne(v) if self.select_last_index else logical_and(v.ne(v), best.eq(best))
+        return logical_or(better, nan)
+
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         a = normalize_axis("arg_reduce", self.axis, len(x.shape))
         outer, n, inner = _split(x.shape, a)
         with k.loop(outer * inner, LoopKind.PARALLEL, "r") as r:
-            base = r // inner * (n * inner) + r % inner
-            best = k.local(x.dtype, x.load_flat(base), "best")
+            at = _along(r, n, inner)
+            best = k.local(x.dtype, x.load_flat(at(0)), "best")
             where = k.local("int64", 0, "at")
             with k.loop(n, LoopKind.SERIAL, "j") as j:
-                v = x.load_flat(base + j * inner)
-                if x.dtype.startswith("float"):
-                    wins = v.ge(best.ref) if self.select_last_index else v.gt(best.ref)
-                    loses = v.le(best.ref) if self.select_last_index else v.lt(best.ref)
-                    nan_first = logical_and(v.ne(v), best.ref.eq(best.ref))
-                    better = logical_or(wins if self.largest else loses, nan_first)
-                else:
-                    op = (
-                        ("ge" if self.select_last_index else "gt")
-                        if self.largest
-                        else ("le" if self.select_last_index else "lt")
-                    )
-                    better = getattr(v, op)(best.ref)
-                wins = k.local("bool", better, "wins")  # decided before best changes
+                v = x.load_flat(at(j))
+                wins = k.local("bool", self._better(v, best.ref), "wins")  # decided before best changes
                 k.assign(best, select(wins.ref, v, best.ref))
                 k.assign(where, select(wins.ref, j, where.ref))
             k.store(out.view((outer * inner,)), [r], where.ref)
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """Threads sharing a line (GpuLines), each picking among its own elements; then
+        the line's best value (max or min, a NaN winning either way) and, among the
+        threads holding it, the first (or last) index: two combines, no pairs."""
+        x = ins[0]
+        outer, n, inner = _split(x.shape, normalize_axis("arg_reduce", self.axis, len(x.shape)))
+        unset = -1 if self.select_last_index else n  # an index that loses to any other
+        pick = maximum if self.largest else minimum
+        with gpu_lines(k, outer * inner, n, inner) as lines:
+            at = _along(lines.line, n, inner)
+            best = k.local(x.dtype, self._worst(x.dtype), "best")
+            where = k.local("int64", unset, "at")
+            with lines.elements(k) as j:
+                v = x.load_flat(at(j))
+                wins = k.local("bool", logical_or(where.ref.eq(unset), self._better(v, best.ref)), "wins")
+                k.assign(best, select(wins.ref, v, best.ref))
+                k.assign(where, select(wins.ref, j, where.ref))
+            top = lines.total(k, best.ref, pick)
+            holds = best.ref.eq(top)
+            if x.dtype.startswith("float"):
+                holds = logical_or(holds, logical_and(best.ref.ne(best.ref), top.ne(top)))
+            first = maximum if self.select_last_index else minimum
+            index = lines.total(k, select(holds, where.ref, unset), first)
+            with lines.once(k):
+                k.store(out, lines.line, index)
+
+    def _worst(self, dtype: str) -> float | int:
+        """A value every element beats or ties (the start of a thread with no elements)."""
+        if dtype.startswith("float"):
+            return -np.inf if self.largest else np.inf
+        info = np.iinfo(dtype)
+        return int(info.min if self.largest else info.max)
 
 
 @register("topk", Fusion.REDUCTION)
@@ -259,8 +485,6 @@ class TopK(Op):
     """The k largest (or smallest) values along `axis`, in order, or (output="indices")
     their int64 indices. Equal values keep their order (the lower index first), as ONNX
     TopK defines; NaN is not ordered."""
-
-    gpu_per_iteration = True
 
     k: int = 1
     axis: int = -1
@@ -282,25 +506,36 @@ class TopK(Op):
         order = np.take(np.argsort(key, axis=a, kind="stable"), np.arange(self.k), axis=a)
         return np.take_along_axis(x, order, axis=a) if self.output == "values" else order.astype(np.int64)
 
+    def _place(self, k: KernelBuilder, x, out, n: int, at, out_at, j: Expr) -> None:
+        """Element j's rank is the number of elements that come before it; the k ranked
+        first are stored at their rank. O(n) per element, branch-free inner loop."""
+        v = k.local(x.dtype, x.load_flat(at(j)), "v")
+        rank = k.local("int64", 0, "rank")
+        with k.loop(n, LoopKind.VECTOR, "m") as m:
+            other = x.load_flat(at(m))
+            ahead = other.gt(v.ref) if self.largest else other.lt(v.ref)
+            before = logical_or(ahead, logical_and(other.eq(v.ref), m.lt(j)))
+            k.assign(rank, rank.ref + select(before, const(1, "int64"), 0), reduction=True)
+        with k.when(rank.ref.lt(self.k)):
+            k.store(out, out_at(rank.ref), v.ref if self.output == "values" else j)
+
     def lower(self, k, ins, out, epilogue=None):
-        """Each element's rank is the number of elements that come before it; the k
-        ranked first are stored at their rank. O(n²) per row, branch-free inner loop."""
         x = ins[0]
-        a = normalize_axis("topk", self.axis, len(x.shape))
-        outer, n, inner = _split(x.shape, a)
+        outer, n, inner = _split(x.shape, normalize_axis("topk", self.axis, len(x.shape)))
         with k.loop(outer * inner, LoopKind.PARALLEL, "r") as r:
-            base = r // inner * (n * inner) + r % inner
-            out_base = r // inner * (self.k * inner) + r % inner
+            at, out_at = _along(r, n, inner), _along(r, self.k, inner)
             with k.loop(n, LoopKind.SERIAL, "j") as j:
-                v = k.local(x.dtype, x.load_flat(base + j * inner), "v")
-                rank = k.local("int64", 0, "rank")
-                with k.loop(n, LoopKind.VECTOR, "m") as m:
-                    other = x.load_flat(base + m * inner)
-                    ahead = other.gt(v.ref) if self.largest else other.lt(v.ref)
-                    before = logical_or(ahead, logical_and(other.eq(v.ref), m.lt(j)))
-                    k.assign(rank, rank.ref + select(before, const(1, "int64"), 0), reduction=True)
-                with k.when(rank.ref.lt(self.k)):
-                    k.store(out, out_base + rank.ref * inner, v.ref if self.output == "values" else j)
+                self._place(k, x, out, n, at, out_at, j)
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """Threads sharing a line (GpuLines), each placing its own elements: no thread
+        waits on another, and a warp's reads of the line are broadcasts."""
+        x = ins[0]
+        outer, n, inner = _split(x.shape, normalize_axis("topk", self.axis, len(x.shape)))
+        with gpu_lines(k, outer * inner, n, inner) as lines:
+            at, out_at = _along(lines.line, n, inner), _along(lines.line, self.k, inner)
+            with lines.elements(k) as j:
+                self._place(k, x, out, n, at, out_at, j)
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         """The values are x gathered at the indices: their gradient goes back to those places."""
@@ -322,44 +557,49 @@ class AxisSoftmax(Op):
         normalize_axis(self.name, self.axis, x.rank)
         return x
 
-    def _max_and_sum(self, k: KernelBuilder, x, out, n: int, at) -> tuple[Expr, Expr]:
-        """Row max, then sum of exp(x - max), writing exp(x - max) to out on the way."""
+    def _line(self, k: KernelBuilder, x, out, at, line: CpuLine | GpuLines, epilogue) -> None:
+        """Row max, then the sum of exp(x - max) (written to out on the way where the
+        output is made of them), then the output."""
         m = k.local(x.dtype, -np.inf, "max")
-        with k.loop(n, LoopKind.VECTOR, "j") as j:
+        with line.elements(k) as j:
             k.assign(m, maximum(m.ref, x.load_flat(at(j))), reduction=True)
+        row_max = line.total(k, m.ref, maximum)
         s = k.local(x.dtype, 0.0, "sum")
-        with k.loop(n, LoopKind.VECTOR, "j") as j:
-            ex = k.local(x.dtype, e.exp(x.load_flat(at(j)) - m.ref), "exp")
+        with line.elements(k) as j:
+            ex = k.local(x.dtype, e.exp(x.load_flat(at(j)) - row_max), "exp")
             if self.stores_exp:
                 k.store(out, at(j), ex.ref)
             k.assign(s, s.ref + ex.ref, reduction=True)
-        return m.ref, s.ref
+        row_sum = line.total(k, s.ref, operator.add)
+        self.normalize(k, x, out, at, line, row_max, row_sum, epilogue or (lambda v, _flat, _multi: v))
 
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
         outer, n, inner = _split(x.shape, normalize_axis(self.name, self.axis, len(x.shape)))
         with k.loop(outer * inner, LoopKind.PARALLEL, "row") as r:
-            base = r // inner * (n * inner) + r % inner
+            self._line(k, x, out, _along(r, n, inner), CpuLine(n), epilogue)
 
-            def at(j, base=base):
-                return base + j * inner
-
-            m, s = self._max_and_sum(k, x, out, n, at)
-            self.normalize(k, x, out, n, at, m, s, epilogue or (lambda v, _flat, _multi: v))
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """Threads sharing a row (GpuLines: a warp or a block per row along the last axis;
+        along another, consecutive rows on consecutive lanes), each pass's max and sum
+        combined across them."""
+        x = ins[0]
+        outer, n, inner = _split(x.shape, normalize_axis(self.name, self.axis, len(x.shape)))
+        with gpu_lines(k, outer * inner, n, inner) as lines:
+            self._line(k, x, out, _along(lines.line, n, inner), lines, epilogue)
 
 
 @register("softmax", Fusion.REDUCTION)
 class Softmax(AxisSoftmax):
-    gpu_per_iteration = True
     stores_exp = True
 
     def reference(self, x):
         ex = np.exp(x - x.max(axis=self.axis, keepdims=True))
         return ex / ex.sum(axis=self.axis, keepdims=True)
 
-    def normalize(self, k, x, out, n, at, m, s, epilogue):
+    def normalize(self, k, x, out, at, line, m, s, epilogue):
         inv = 1.0 / s
-        with k.loop(n, LoopKind.VECTOR, "j") as j:
+        with line.elements(k) as j:
             k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j), None))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
@@ -371,16 +611,15 @@ class Softmax(AxisSoftmax):
 
 @register("log_softmax", Fusion.REDUCTION)
 class LogSoftmax(AxisSoftmax):
-    gpu_per_iteration = True
     stores_exp = False
 
     def reference(self, x):
         shifted = x - x.max(axis=self.axis, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=self.axis, keepdims=True))
 
-    def normalize(self, k, x, out, n, at, m, s, epilogue):
+    def normalize(self, k, x, out, at, line, m, s, epilogue):
         lse = m + e.log(s)
-        with k.loop(n, LoopKind.VECTOR, "j") as j:
+        with line.elements(k) as j:
             k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j), None))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
@@ -393,8 +632,6 @@ class LogSoftmax(AxisSoftmax):
 @register("layer_norm", Fusion.REDUCTION)
 class LayerNorm(Op):
     """Normalize over axes [axis, rank): (x - mean) / sqrt(var + eps) * scale + bias."""
-
-    gpu_per_iteration = True
 
     arity = (2, 3)
     accepts_epilogue = True
@@ -417,24 +654,37 @@ class LayerNorm(Op):
         y = (x - mean) / np.sqrt(var + x.dtype.type(self.epsilon)) * scale
         return y + bias if bias is not None else y
 
-    def lower(self, k, ins, out, epilogue=None):
+    def _line(self, k: KernelBuilder, ins, out, r: Expr, n: int, line: CpuLine | GpuLines, epilogue) -> None:
+        """Mean, then variance (a second pass over x - mean, as the reference), then the output."""
         x, scale = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
+        s = k.local(x.dtype, 0.0, "sum")
+        with line.elements(k) as j:
+            k.assign(s, s.ref + x.load_flat(r * n + j), reduction=True)
+        mean = k.local(x.dtype, line.total(k, s.ref, operator.add) / float(n), "mean")
+        v = k.local(x.dtype, 0.0, "var")
+        with line.elements(k) as j:
+            d = x.load_flat(r * n + j) - mean.ref
+            k.assign(v, v.ref + d * d, reduction=True)
+        var = line.total(k, v.ref, operator.add)
+        rstd = k.local(x.dtype, 1.0 / e.sqrt(var / float(n) + self.epsilon), "rstd")
+        with line.elements(k) as j:
+            y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
+            y = y + bias.load_flat(j) if bias is not None else y
+            k.store(out, r * n + j, epilogue(y, r * n + j, None) if epilogue is not None else y)
+
+    def lower(self, k, ins, out, epilogue=None):
+        x = ins[0]
         outer, n, _ = _split(x.shape, normalize_axis("layer_norm", self.axis, len(x.shape)), len(x.shape))
         with k.loop(outer, LoopKind.PARALLEL, "row") as r:
-            s = k.local(x.dtype, 0.0, "sum")
-            with k.loop(n, LoopKind.VECTOR, "j") as j:
-                k.assign(s, s.ref + x.load_flat(r * n + j), reduction=True)
-            mean = k.local(x.dtype, s.ref / float(n), "mean")
-            v = k.local(x.dtype, 0.0, "var")
-            with k.loop(n, LoopKind.VECTOR, "j") as j:
-                d = x.load_flat(r * n + j) - mean.ref
-                k.assign(v, v.ref + d * d, reduction=True)
-            rstd = k.local(x.dtype, 1.0 / e.sqrt(v.ref / float(n) + self.epsilon), "rstd")
-            with k.loop(n, LoopKind.VECTOR, "j") as j:
-                y = (x.load_flat(r * n + j) - mean.ref) * rstd.ref * scale.load_flat(j)
-                y = y + bias.load_flat(j) if bias is not None else y
-                k.store(out, r * n + j, epilogue(y, r * n + j, None) if epilogue is not None else y)
+            self._line(k, ins, out, r, n, CpuLine(n), epilogue)
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """A warp or a block per row (GpuLines), each pass's sum combined across it."""
+        x = ins[0]
+        outer, n, _ = _split(x.shape, normalize_axis("layer_norm", self.axis, len(x.shape)), len(x.shape))
+        with gpu_lines(k, outer, n, 1) as lines:
+            self._line(k, ins, out, lines.line, n, lines, epilogue)
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         """With x̂ = (x - mean)·rstd over axes [axis, rank): dx = rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from math import prod
 from typing import TYPE_CHECKING
 
@@ -9,6 +11,7 @@ import numpy as np
 
 from codegen import gpu
 from codegen.kir import (
+    WARP,
     Buffer,
     Expr,
     KernelBuilder,
@@ -39,11 +42,50 @@ def copy_flat(k: KernelBuilder, src: Buffer, dst: Buffer) -> None:
         k.store(dst, i, src.load_flat(i))
 
 
+@contextmanager
+def grid_stride(k: KernelBuilder, shape: tuple[int, ...]) -> Iterator[tuple[Expr, list[Expr]]]:
+    """A GPU grid over the elements of `shape`, one thread each by a grid-stride loop
+    (consecutive threads on consecutive elements: their stores coalesce); yields the
+    flat index and the multi-index of the thread's element."""
+    n = prod(shape)
+    blocks = gpu.blocks_for(n)
+    with gpu.grid(k, (blocks,), (gpu.THREADS,)) as ((b,), (t,)):
+        with gpu.stride_over(k, n, b, t, blocks) as i:
+            yield i, unravel(i, shape)
+
+
+class PerElement(Op):
+    """An op whose output elements each come from their own multi-index (`element`): on
+    the CPU a nest over the output (rows in parallel, the last axis a vector loop), on
+    a GPU one element per thread (grid_stride), which writes coalesced and reads as
+    coalesced as the op's indexing allows."""
+
+    def element(self, k: KernelBuilder, ins: list[Buffer], idx: list[Expr]) -> Expr:
+        """The output element at idx (statements it needs, such as a check, go to k)."""
+        raise NotImplementedError
+
+    def lower(self, k, ins, out, epilogue=None):
+        with k.nest(out.shape) as idx:
+            k.store(out, idx, self.element(k, ins, idx))
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        with grid_stride(k, out.shape) as (i, idx):
+            k.store(out, i, self.element(k, ins, idx))
+
+
 class View(Op):
     """An op whose output is its input's bytes under another shape: no kernel, the
-    memory plan gives the output its input's storage."""
+    memory plan gives the output its input's storage (a copy where the output is a
+    graph output)."""
 
     view = True
+
+    def lower(self, k, ins, out, epilogue=None):
+        copy_flat(k, ins[0], out)
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        with grid_stride(k, (out.numel,)) as (i, _):
+            k.store(out, i, ins[0].load_flat(i))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         return [b.reshape(g, shape=node.inputs[0].type.shape)]
@@ -51,7 +93,6 @@ class View(Op):
 
 @register("reshape", INJ)
 class Reshape(View):
-    gpu_per_iteration = True
     shape: tuple[int, ...] = ()  # one entry may be -1: inferred
 
     def infer(self, x: TensorType) -> TensorType:
@@ -70,13 +111,9 @@ class Reshape(View):
     def reference(self, x):
         return x.reshape(self.shape)
 
-    def lower(self, k, ins, out, epilogue=None):
-        copy_flat(k, ins[0], out)
-
 
 @register("flatten", INJ)
 class Flatten(View):
-    gpu_per_iteration = True
     axis: int = 1
 
     def infer(self, x: TensorType) -> TensorType:
@@ -88,13 +125,15 @@ class Flatten(View):
     def reference(self, x):
         return x.reshape(self.infer(TensorType.of(x)).shape)
 
-    def lower(self, k, ins, out, epilogue=None):
-        copy_flat(k, ins[0], out)
+
+#: the tile of a transpose through shared memory (TILE x TILE elements, a block of
+#: TILE x TILE_ROWS threads, each moving TILE / TILE_ROWS of them each way)
+TILE = 32
+TILE_ROWS = 8
 
 
 @register("transpose", INJ)
-class Transpose(Op):
-    gpu_per_iteration = True
+class Transpose(PerElement):
     perm: tuple[int, ...] | None = None  # None: reverse the axes
 
     def _perm(self, rank: int) -> tuple[int, ...]:
@@ -109,14 +148,56 @@ class Transpose(Op):
     def reference(self, x):
         return np.asarray(np.transpose(x, self._perm(x.ndim)), order="C")
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
+        perm = self._perm(len(idx))
+        src = [0] * len(perm)
+        for out_axis, in_axis in enumerate(perm):
+            src[in_axis] = idx[out_axis]
+        return ins[0][src]
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """Where the transpose moves the input's last axis and both last axes are long,
+        tiles through shared memory (_tiled: reads and writes both coalesced); else each
+        output element from its input element, where the reads coalesce too (the last
+        axis stays) or little would (a short axis)."""
         x = ins[0]
         perm = self._perm(len(x.shape))
-        with k.nest(out.shape) as idx:
-            src = [0] * len(perm)
-            for out_axis, in_axis in enumerate(perm):
-                src[in_axis] = idx[out_axis]
-            k.store(out, idx, x[src])
+        last = len(perm) - 1
+        if perm and perm[-1] != last and min(x.shape[perm[-1]], x.shape[last]) >= TILE // 2:
+            self._tiled(k, x, out, perm)
+        else:
+            super().lower_gpu(k, ins, out)
+
+    def _tiled(self, k: KernelBuilder, x: Buffer, out: Buffer, perm: tuple[int, ...]) -> None:
+        """A block per TILE x TILE tile of (r, c): r the input axis that becomes the
+        output's last, c the input's last, at one point of the other axes. The block
+        reads the tile row by row along c (a warp on consecutive input elements) into
+        shared memory, then writes it column by column along r (a warp on consecutive
+        output elements); a tile row holds TILE + 1 elements, so a warp reading a tile
+        column touches 32 banks."""
+        r, c = perm[-1], len(perm) - 1
+        rest = [a for a in range(len(perm)) if a not in (r, c)]
+        in_stride = [prod(x.shape[a + 1 :]) for a in range(len(perm))]
+        out_stride = [0] * len(perm)
+        for q, a in enumerate(perm):
+            out_stride[a] = prod(out.shape[q + 1 :])
+        tiles_r, tiles_c = -(-x.shape[r] // TILE), -(-x.shape[c] // TILE)
+        blocks = tiles_r * tiles_c * prod(x.shape[a] for a in rest)
+        tile = k.shared("tile", x.dtype, (TILE, TILE + 1))
+        with gpu.grid(k, (blocks,), (TILE, TILE_ROWS)) as ((b,), (tx, ty)):
+            at = unravel(b // (tiles_r * tiles_c), [x.shape[a] for a in rest])
+            in_base = sum((i * in_stride[a] for i, a in zip(at, rest)), const(0, "int64"))
+            out_base = sum((i * out_stride[a] for i, a in zip(at, rest)), const(0, "int64"))
+            r0, c0 = b // tiles_c % tiles_r * TILE, b % tiles_c * TILE
+            with k.loop(TILE // TILE_ROWS, LoopKind.SERIAL, "row") as row:
+                i, j = r0 + ty + row * TILE_ROWS, c0 + tx
+                with k.when(logical_and(i.lt(x.shape[r]), j.lt(x.shape[c]))):
+                    k.store(tile, [ty + row * TILE_ROWS, tx], x.load_flat(in_base + i * in_stride[r] + j))
+            k.barrier()
+            with k.loop(TILE // TILE_ROWS, LoopKind.SERIAL, "row") as row:
+                i, j = r0 + tx, c0 + ty + row * TILE_ROWS
+                with k.when(logical_and(i.lt(x.shape[r]), j.lt(x.shape[c]))):
+                    k.store(out, out_base + j * out_stride[c] + i, tile[[tx, ty + row * TILE_ROWS]])
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         rank = g.type.rank
@@ -184,10 +265,8 @@ class Concat(Op):
 
 
 @register("slice", INJ)
-class Slice(Op):
+class Slice(PerElement):
     """ONNX Slice semantics: out-of-range starts/ends clamp; negative ones count from the end."""
-
-    gpu_per_iteration = True
 
     starts: tuple[int, ...] = ()
     ends: tuple[int, ...] = ()
@@ -225,11 +304,9 @@ class Slice(Op):
         picks = [s + st * np.arange(c) for s, st, c in self.ranges(x.shape)]
         return np.ascontiguousarray(x[np.ix_(*picks)]) if picks else x.copy()
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         x = ins[0]
-        rs = self.ranges(x.shape)
-        with k.nest(out.shape) as idx:
-            k.store(out, idx, x[[i * st + s for i, (s, st, _) in zip(idx, rs)]])
+        return x[[i * st + s for i, (s, st, _) in zip(idx, self.ranges(x.shape))]]
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         """The gradient of a slice is g placed back where it was read, zeros elsewhere."""
@@ -243,12 +320,10 @@ class Slice(Op):
 
 
 @register("pad", INJ)
-class Pad(Op):
+class Pad(PerElement):
     """Padding; pads = begins of every axis, then ends (ONNX order). Negative crops.
     `mode`: constant (`value`), edge (repeat the border), reflect (mirror, border not
     repeated) or wrap (periodic), as in ONNX and numpy."""
-
-    gpu_per_iteration = True
 
     pads: tuple[int, ...] = ()
     value: float = 0.0
@@ -288,24 +363,22 @@ class Pad(Op):
         m = i % period
         return select(m.lt(d), m, period - m)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         x = ins[0]
         r = len(x.shape)
         begins, ends = self.pads[:r], self.pads[r:]
-        with k.nest(out.shape) as idx:
-            if self.mode == "constant":
-                src = [i - b for i, b in zip(idx, begins)]
-                inside: Expr = const(True, "bool")
-                for s, d in zip(src, x.shape):
-                    inside = logical_and(inside, in_range(s, 0, d))
-                value = self.value if x.dtype.startswith("float") else int(self.value)
-                k.store(out, idx, guarded_load(x, src, inside, value))
-            else:  # index into the input as cropped by negative pads, then mapped back
-                src = []
-                for i, d, b, e in zip(idx, x.shape, begins, ends):
-                    lo, kept = max(-b, 0), d - max(-b, 0) - max(-e, 0)
-                    src.append(self._source(i - max(b, 0), kept) + lo)
-                k.store(out, idx, x[src])
+        if self.mode == "constant":
+            src = [i - b for i, b in zip(idx, begins)]
+            inside: Expr = const(True, "bool")
+            for s, d in zip(src, x.shape):
+                inside = logical_and(inside, in_range(s, 0, d))
+            value = self.value if x.dtype.startswith("float") else int(self.value)
+            return guarded_load(x, src, inside, value)
+        src = []  # index into the input as cropped by negative pads, then mapped back
+        for i, d, b, e in zip(idx, x.shape, begins, ends):
+            lo, kept = max(-b, 0), d - max(-b, 0) - max(-e, 0)
+            src.append(self._source(i - max(b, 0), kept) + lo)
+        return x[src]
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         x = node.inputs[0]
@@ -323,13 +396,11 @@ class Pad(Op):
 
 
 @register("gather", INJ)
-class Gather(Op):
+class Gather(PerElement):
     """data[..., indices, ...] along `axis`; negative indices count from the end.
 
     An index out of range fails the run with an error naming the node (the read is
     clamped meanwhile, so it never leaves the buffer); the reference raises too."""
-
-    gpu_per_iteration = True
 
     arity = (2, 2)
     axis: int = 0
@@ -343,16 +414,15 @@ class Gather(Op):
     def reference(self, data, indices):
         return np.take(data, indices, axis=self.axis)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         data, indices = ins
         a = normalize_axis("gather", self.axis, len(data.shape))
         d, r = data.shape[a], len(indices.shape)
-        with k.nest(out.shape) as idx:
-            raw = cast(indices[idx[a : a + r]] if r else indices.load_flat(const(0, "int64")), "int64")
-            wrapped = select(raw.lt(0), raw + d, raw)
-            k.check(in_range(wrapped, 0, d), f"gather: an index is outside [-{d}, {d})")
-            safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))  # never read outside
-            k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + r :])])
+        raw = cast(indices[idx[a : a + r]] if r else indices.load_flat(const(0, "int64")), "int64")
+        wrapped = select(raw.lt(0), raw + d, raw)
+        k.check(in_range(wrapped, 0, d), f"gather: an index is outside [-{d}, {d})")
+        safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))  # never read outside
+        return data[list(idx[:a]) + [safe] + list(idx[a + r :])]
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         data, indices = node.inputs
@@ -362,12 +432,10 @@ class Gather(Op):
 
 
 @register("gather_backward", Fusion.OPAQUE)
-class GatherBackward(Op):
+class GatherBackward(PerElement):
     """The gradient of gather(data, indices) along axis 0 for data: row r sums the
     output gradient's rows whose index is r (negative indices count from the end).
-    Written as a gather over the indices, so rows run in parallel without races."""
-
-    gpu_per_iteration = True
+    Written as a gather over the indices, so elements run in parallel without races."""
 
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
@@ -386,28 +454,24 @@ class GatherBackward(Op):
         np.add.at(out, np.where(indices < 0, indices + rows, indices).ravel(), g.reshape(-1, *self.shape[1:]))
         return out.astype(g.dtype)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         indices, g = ins
         rows, inner = self.shape[0], prod(self.shape[1:])
-        count = indices.numel
-        with k.loop(rows, LoopKind.PARALLEL, "row") as r:
-            with k.loop(inner, LoopKind.VECTOR, "j") as j:
-                acc = k.local(out.dtype, 0.0, "acc")
-                with k.loop(count, LoopKind.SERIAL, "p") as p:
-                    raw = cast(indices.load_flat(p), "int64")
-                    hit = select(raw.lt(0), raw + rows, raw).eq(r)
-                    k.assign(acc, acc.ref + select(hit, g.load_flat(p * inner + j), const(0.0, out.dtype)))
-                k.store(out, r * inner + j, acc.ref)
+        r, j = idx[0], Buffer("_", "int64", tuple(self.shape[1:])).offset(idx[1:])
+        acc = k.local(g.dtype, 0.0, "acc")
+        with k.loop(indices.numel, LoopKind.SERIAL, "p") as p:
+            raw = cast(indices.load_flat(p), "int64")
+            hit = select(raw.lt(0), raw + rows, raw).eq(r)
+            k.assign(acc, acc.ref + select(hit, g.load_flat(p * inner + j), const(0.0, g.dtype)))
+        return acc.ref
 
 
 @register("gather_elements_backward", Fusion.OPAQUE)
-class GatherElementsBackward(Op):
+class GatherElementsBackward(PerElement):
     """The gradient of gather_elements(data, indices, axis) for data: each element sums
     the output gradient's entries whose index names it (along `axis`, the other
     coordinates equal). Written as a gather over the axis, so elements run in parallel
     without races."""
-
-    gpu_per_iteration = True
 
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
@@ -434,30 +498,27 @@ class GatherElementsBackward(Op):
         np.add.at(out, tuple(coords), g)
         return out.astype(g.dtype)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         indices, g = ins
         a = normalize_axis("gather_elements_backward", self.axis, len(self.shape))
         d, count = self.shape[a], indices.shape[a]
-        with k.nest(self.shape) as idx:
-            inside = None  # where the indices reach (they may be shorter than data off the axis)
-            for n, (i, size) in enumerate(zip(idx, indices.shape)):
-                if n != a and size < self.shape[n]:
-                    inside = i.lt(size) if inside is None else logical_and(inside, i.lt(size))
-            acc = k.local(out.dtype, 0.0, "acc")
-            with k.loop(count, LoopKind.SERIAL, "p") as p:
-                at = [p if n == a else i for n, i in enumerate(idx)]
-                raw = cast(indices[at] if inside is None else guarded_load(indices, at, inside, 0), "int64")
-                hit = select(raw.lt(0), raw + d, raw).eq(idx[a])
-                hit = hit if inside is None else logical_and(inside, hit)
-                k.assign(acc, acc.ref + guarded_load(g, at, hit, 0.0))
-            k.store(out, idx, acc.ref)
+        inside = None  # where the indices reach (they may be shorter than data off the axis)
+        for n, (i, size) in enumerate(zip(idx, indices.shape)):
+            if n != a and size < self.shape[n]:
+                inside = i.lt(size) if inside is None else logical_and(inside, i.lt(size))
+        acc = k.local(g.dtype, 0.0, "acc")
+        with k.loop(count, LoopKind.SERIAL, "p") as p:
+            at = [p if n == a else i for n, i in enumerate(idx)]
+            raw = cast(indices[at] if inside is None else guarded_load(indices, at, inside, 0), "int64")
+            hit = select(raw.lt(0), raw + d, raw).eq(idx[a])
+            hit = hit if inside is None else logical_and(inside, hit)
+            k.assign(acc, acc.ref + guarded_load(g, at, hit, 0.0))
+        return acc.ref
 
 
 @register("tile", INJ)
-class Tile(Op):
+class Tile(PerElement):
     """x repeated `repeats[i]` times along each axis i."""
-
-    gpu_per_iteration = True
 
     repeats: tuple[int, ...] = ()
 
@@ -469,10 +530,9 @@ class Tile(Op):
     def reference(self, x):
         return np.tile(x, self.repeats)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         x = ins[0]
-        with k.nest(out.shape) as idx:
-            k.store(out, idx, x[[i % d if r != 1 else i for i, d, r in zip(idx, x.shape, self.repeats)]])
+        return x[[i % d if r != 1 else i for i, d, r in zip(idx, x.shape, self.repeats)]]
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         """Each copy's gradient, summed: g seen as (repeats, size) per axis, the repeats summed."""
@@ -485,10 +545,8 @@ class Tile(Op):
 
 
 @register("trilu", INJ)
-class Trilu(Op):
+class Trilu(PerElement):
     """The upper (or lower) triangle of the last two axes, from diagonal k; zeros elsewhere."""
-
-    gpu_per_iteration = True
 
     upper: bool = True
     k: int = 0
@@ -501,24 +559,20 @@ class Trilu(Op):
     def reference(self, x):
         return np.triu(x, self.k) if self.upper else np.tril(x, self.k)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         x = ins[0]
-        with k.nest(out.shape) as idx:
-            i, j = idx[-2], idx[-1]
-            keep = (j - i).ge(self.k) if self.upper else (j - i).le(self.k)
-            zero = const(0.0 if x.dtype.startswith("float") else 0, x.dtype)
-            k.store(out, idx, select(keep, x[idx], zero))
+        i, j = idx[-2], idx[-1]
+        keep = (j - i).ge(self.k) if self.upper else (j - i).le(self.k)
+        return select(keep, x[idx], const(0.0 if x.dtype.startswith("float") else 0, x.dtype))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         return [b.trilu(g, upper=self.upper, k=self.k)]
 
 
 @register("gather_elements", INJ)
-class GatherElements(Op):
+class GatherElements(PerElement):
     """out[i, j, ...] = data[i, ..., indices[i, j, ...], ...] with the index on `axis`
     (ONNX GatherElements, numpy take_along_axis); negative indices count from the end."""
-
-    gpu_per_iteration = True
 
     arity = (2, 2)
     axis: int = 0
@@ -528,24 +582,27 @@ class GatherElements(Op):
             raise GraphError(
                 f"gather_elements: indices must be int64/int32 of rank {data.rank}, got {indices}"
             )
-        normalize_axis("gather_elements", self.axis, data.rank)
+        a = normalize_axis("gather_elements", self.axis, data.rank)
+        if any(i > d for n, (i, d) in enumerate(zip(indices.shape, data.shape)) if n != a):
+            raise GraphError(f"gather_elements: indices {indices.shape} exceed data {data.shape}")
         return data.with_shape(indices.shape)
 
     def reference(self, data, indices):
+        """Off the axis, indices may be shorter than data: they read its leading part."""
         a = normalize_axis("gather_elements", self.axis, data.ndim)
         idx = np.where(indices < 0, indices + data.shape[a], indices)
-        return np.take_along_axis(data, idx, axis=a)
+        window = tuple(slice(None) if n == a else slice(0, size) for n, size in enumerate(indices.shape))
+        return np.take_along_axis(data[window], idx, axis=a)
 
-    def lower(self, k, ins, out, epilogue=None):
+    def element(self, k, ins, idx):
         data, indices = ins
         a = normalize_axis("gather_elements", self.axis, len(data.shape))
         d = data.shape[a]
-        with k.nest(out.shape) as idx:
-            raw = cast(indices[idx], "int64")
-            wrapped = select(raw.lt(0), raw + d, raw)
-            k.check(in_range(wrapped, 0, d), f"gather_elements: an index is outside [-{d}, {d})")
-            safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))
-            k.store(out, idx, data[list(idx[:a]) + [safe] + list(idx[a + 1 :])])
+        raw = cast(indices[idx], "int64")
+        wrapped = select(raw.lt(0), raw + d, raw)
+        k.check(in_range(wrapped, 0, d), f"gather_elements: an index is outside [-{d}, {d})")
+        safe = select(wrapped.lt(0), 0, select(wrapped.ge(d), d - 1, wrapped))
+        return data[list(idx[:a]) + [safe] + list(idx[a + 1 :])]
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         data, indices = node.inputs
@@ -556,8 +613,6 @@ class GatherElements(Op):
 class CumSum(Op):
     """Running sums along `axis`; exclusive leaves each element out of its own sum,
     reverse runs from the end."""
-
-    gpu_per_iteration = True
 
     axis: int = 0
     exclusive: bool = False
@@ -594,6 +649,57 @@ class CumSum(Op):
                 else:
                     k.assign(acc, acc.ref + v)
                     k.store(out, at, acc.ref)
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """Along the last axis, a block per line scanning it in chunks (_block_scan).
+        Along another, a thread per line, as on the CPU (per_iteration): consecutive
+        threads take consecutive lines, adjacent in memory, so every step's reads and
+        writes coalesce, and a serial scan does no more additions than the sums."""
+        x = ins[0]
+        a = normalize_axis("cumsum", self.axis, len(x.shape))
+        if a == len(x.shape) - 1 and x.shape[a] > 1:
+            self._block_scan(k, x, out, prod(x.shape[:a]), x.shape[a])
+            return
+        cpu = KernelBuilder(k.name, [], flat_block=1)
+        self.lower(cpu, ins, out)
+        gpu.per_iteration(k, cpu.finish())
+
+    def _block_scan(self, k: KernelBuilder, x: Buffer, out: Buffer, lines: int, n: int) -> None:
+        """A block per line of n contiguous elements; each chunk of the block's width is
+        scanned in shared memory (Hillis-Steele: at step d every thread adds the partial
+        sum d places back, a barrier between the reads and the writes), and the chunk's
+        total carried into the next. Consecutive threads take consecutive elements."""
+        width = min(gpu.THREADS, max(WARP, 1 << (n - 1).bit_length()))
+        zero = const(0.0 if x.dtype.startswith("float") else 0, x.dtype)
+        scan = k.shared("scan", x.dtype, (width,))
+        with gpu.grid(k, (lines,), (width,)) as ((line,), (t,)):
+            carry = k.local(x.dtype, zero, "carry")
+            with k.loop(-(-n // width), LoopKind.SERIAL, "chunk") as chunk:
+                j = chunk * width + t
+                at = line * n + ((n - 1) - j if self.reverse else j)
+                v = k.local(x.dtype, zero, "v")
+                with k.when(j.lt(n)):
+                    k.assign(v, x.load_flat(at))
+                acc = k.local(x.dtype, v.ref, "acc")
+                k.store(scan, t, acc.ref)
+                d = 1
+                while d < width:
+                    k.barrier()
+                    back = k.local(x.dtype, zero, "back")
+                    with k.when(t.ge(d)):
+                        k.assign(back, scan.load_flat(t - d))
+                    k.barrier()
+                    k.assign(acc, acc.ref + back.ref)
+                    k.store(scan, t, acc.ref)
+                    d *= 2
+                k.barrier()
+                before = k.local(x.dtype, zero, "before")  # the chunk's sum before element j
+                with k.when(t.gt(0)):
+                    k.assign(before, scan.load_flat(t - 1))
+                with k.when(j.lt(n)):
+                    k.store(out, at, carry.ref + (before.ref if self.exclusive else acc.ref))
+                k.assign(carry, carry.ref + scan.load_flat(const(width - 1, "int64")))
+                k.barrier()  # every thread has read the chunk before the next one is written
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         return [b.cumsum(g, axis=self.axis, exclusive=self.exclusive, reverse=not self.reverse)]
