@@ -19,12 +19,17 @@ the disjoint union of K graphs of one opset (names prefixed) is one model, so on
 compile and one link serve K graphs and the memory planner shares one arena among them;
 a graph whose outputs disagree in a batch is re-run alone to attribute and shrink it.
 
-Values are generated with their actual contents (onnx's reference evaluator runs each new
-node on the graph's inputs), so the generator keeps every op where it is defined and
-well conditioned: logs and roots of values bounded away from 0, exponentials of bounded
-values, and discontinuous ops (Floor, comparisons, ArgMax, TopK, casts to integers, Mod)
-only on values that every correct engine computes bit for bit, or that lie far from the
-discontinuity compared with float32 rounding.
+Values are generated with their actual contents (onnxruntime, or onnx's reference
+evaluator where it is not installed, runs each new node on the graph's inputs), so the
+generator keeps every op where it is defined and well conditioned: logs and roots of
+values bounded away from 0, exponentials of bounded values, and discontinuous ops (Floor,
+comparisons, ArgMax, TopK, casts to integers, Mod) only on values that every correct
+engine computes bit for bit, or that lie far from the discontinuity compared with float32
+rounding. Where the spec leaves room (Resize's align_corners with a fractional length,
+ConvTranspose's SAME padding past the kernel) and engines read it apart, it keeps out.
+A few forms Kiln claims and onnxruntime lacks (an LRN of even size, batch-first
+recurrences) are compared among Kiln's engines only. Kiln bugs it has found stay out of
+new graphs until fixed (KNOWN_BUGS), each kept as a regression graph.
 """
 
 from __future__ import annotations
@@ -225,9 +230,6 @@ class Builder:
     def normal(self, shape: Sequence[int], scale: float = 1.0) -> np.ndarray:
         return np.asarray(self.rng.standard_normal(tuple(shape)) * scale, dtype=np.float32)
 
-    def has(self, op: str) -> bool:
-        return schema(op, self.opset) is not None
-
     def since(self, op: str) -> int:
         return since(op, self.opset)
 
@@ -367,7 +369,7 @@ class Builder:
     ) -> dict[str, np.ndarray] | str:
         """The node's outputs on the current values, typed and shaped as ONNX's shape
         inference says, or why it cannot be added (attributes the op refuses for these
-        shapes, or a node onnx's reference evaluator cannot run)."""
+        shapes, or a node the evaluator cannot run)."""
         s = schema(node.op_type, self.opset)
         if s is None:
             raise GeneratorError(f"{node.op_type} does not exist at opset {self.opset}")
@@ -388,7 +390,7 @@ class Builder:
                 continue
             t = inferred[name].tensor_type
             a = np.asarray(arrays[name])
-            dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else a.dtype
+            dtype = oh.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else a.dtype
             if t.HasField("shape"):  # (ops defined as functions get no shape here)
                 shape = tuple(d.dim_value for d in t.shape.dim)
                 if a.shape != shape or any(not d.HasField("dim_value") for d in t.shape.dim):
@@ -400,10 +402,6 @@ class Builder:
 def first(made: list[Val | None] | None) -> Val | None:
     """A node's first output, or None when it was rejected."""
     return made[0] if made else None
-
-
-def _describe(node: onnx.NodeProto) -> str:
-    return " ".join(str(node).split())[:300]
 
 
 def _node_run(
@@ -600,7 +598,7 @@ def as_rank(b: Builder, x: Val, rank: int) -> Val | None:
     shape = list(x.shape)
     while len(shape) > rank:
         shape[0:2] = [shape[0] * shape[1]]
-    if len(shape) < rank and shape and b.chance(0.5) and rank - len(shape) >= 1 and shape[0] > 1:
+    if len(shape) < rank and shape and shape[0] > 1 and b.chance(0.5):
         lead = _divisor(b, shape[0])  # split the first dim: more than one image or channel
         shape[0:1] = [lead, shape[0] // lead]
     shape = [1] * (rank - len(shape)) + shape
@@ -615,18 +613,14 @@ def random_dim(b: Builder) -> int:
     return int(b.choice(BIG_DIMS)) if b.chance(0.1) else int(b.rng.integers(1, 10))
 
 
-def spatial_value(b: Builder, low_rank: int = 3, high_rank: int = 4, min_spatial: int = 1) -> Val | None:
-    """A float value shaped (N, C, spatial...) with rank in [low_rank, high_rank]."""
-    x = b.pick(lambda v: low_rank <= v.rank <= high_rank and min(v.shape[2:], default=0) >= min_spatial)
+def spatial_value(b: Builder, low_rank: int = 3, high_rank: int = 4) -> Val | None:
+    """A float value shaped (N, C, spatial...) with rank in [low_rank, high_rank]: one
+    there is, or one reshaped to it."""
+    x = b.pick(lambda v: low_rank <= v.rank <= high_rank)
     if x is not None and b.chance(0.8):
         return x
     x = b.pick(lambda v: v.rank >= 1 and v.array.size >= 2)
-    if x is None:
-        return None
-    x = as_rank(b, x, int(b.rng.integers(low_rank, high_rank + 1)))
-    if x is None or min(x.shape[2:], default=0) < min_spatial:
-        return None
-    return x
+    return x and as_rank(b, x, int(b.rng.integers(low_rank, high_rank + 1)))
 
 
 def split_axes(b: Builder, v: Val) -> tuple[int, ...]:
@@ -1796,7 +1790,7 @@ def _cast(b: Builder, op: str) -> bool:
         ]
     to = int(b.choice(targets))
     if op == "CastLike":
-        dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(to)
+        dtype = oh.tensor_dtype_to_np_dtype(to)
         like = b.pick(dtype=dtype, const=True) if b.chance(0.5) else None
         like = like or b.const(np.zeros((1,), dtype))
         return added(b.node(op, [x, like], exact=x.exact))
