@@ -87,44 +87,20 @@ class CpuLine:
 
 
 class GpuLines:
-    """`count` lines of `n` elements over a GPU grid: `per_line` threads share a line,
-    thread `lane` taking its elements lane, lane + per_line, ..., and a block holds
-    `per_block` lines. `line` is the thread's line; past `count` (in the last block)
-    a thread loads and stores nothing but joins the block's shuffles and barriers.
+    """`count` lines of `n` elements over a GPU grid (laid out by gpu_lines): `per_line`
+    threads share a line, thread `lane` taking its elements lane, lane + per_line, ...,
+    and a block holds `per_block` lines, `slot` being the thread's. `line` is the
+    thread's line; past `count` (in the last block) a thread loads and stores nothing
+    but joins the block's shuffles and barriers."""
 
-    The layout keeps a warp's reads consecutive. Contiguous lines (elements adjacent
-    in memory) put a line's threads on consecutive lanes: 256 threads for lines of 256
-    elements and more, else a warp, or for lines shorter than a warp fewer lanes and
-    more lines a block. Strided lines (elements `inner` apart, so `inner` consecutive
-    lines adjacent) put consecutive lines on consecutive lanes, up to a warp of them,
-    and the block's other threads along the lines."""
-
-    def __init__(self, count: int, n: int, inner: int):
-        self.count, self.n = count, n
-        self.contiguous = inner == 1 and n > 1
-        if self.contiguous:
-            self.per_line = gpu.THREADS if n >= gpu.THREADS else min(_pow2(n), WARP)
-        else:
-            self.per_line = min(gpu.THREADS // min(_pow2(inner), WARP), _pow2(n))
-        self.per_block = gpu.THREADS // self.per_line
-        self.blocks = max(1, -(-count // self.per_block))
-
-    @property
-    def _dims(self) -> tuple[int, int]:
-        """(x, y) of the block: a line's threads along x when contiguous, else along y."""
-        return (self.per_line, self.per_block) if self.contiguous else (self.per_block, self.per_line)
-
-    @property
-    def threads(self) -> tuple[int, ...]:
-        return tuple(d for d in self._dims if d > 1)
-
-    def bind(self, block: Expr, threads: list[Expr]) -> None:
-        """Name the thread's lane, slot (its line within the block) and line."""
+    def __init__(self, count: int, n: int, contiguous: bool, per_line: int, block: Expr, threads: list[Expr]):
+        self.count, self.n, self.contiguous, self.per_line = count, n, contiguous, per_line
+        self.per_block = gpu.THREADS // per_line
         given = iter(threads)
-        x, y = (next(given) if d > 1 else const(0, "int64") for d in self._dims)
-        self.lane, self.slot = (x, y) if self.contiguous else (y, x)
+        x, y = (next(given) if d > 1 else const(0, "int64") for d in _block_dims(contiguous, per_line))
+        self.lane, self.slot = (x, y) if contiguous else (y, x)
         self.line = block * self.per_block + self.slot
-        self.valid = self.line.lt(self.count) if self.count % self.per_block else None
+        self.valid = self.line.lt(count) if count % self.per_block else None
 
     @contextmanager
     def elements(self, k: KernelBuilder) -> Iterator[Expr]:
@@ -189,14 +165,32 @@ def _when(k: KernelBuilder, cond: Expr | None) -> Iterator[None]:
             yield
 
 
+def _block_dims(contiguous: bool, per_line: int) -> tuple[int, int]:
+    """(x, y) of a block of lines: a line's threads along x when contiguous, else along y."""
+    per_block = gpu.THREADS // per_line
+    return (per_line, per_block) if contiguous else (per_block, per_line)
+
+
 @contextmanager
 def gpu_lines(k: KernelBuilder, count: int, n: int, inner: int) -> Iterator[GpuLines]:
-    """A GPU grid over `count` lines of n elements `inner` apart (see GpuLines); the body
-    written inside is one thread's."""
-    lines = GpuLines(count, n, inner)
-    with gpu.grid(k, (lines.blocks,), lines.threads) as ((b,), threads):
-        lines.bind(b, threads)
-        yield lines
+    """A GPU grid over `count` lines of n elements `inner` apart (lines numbered with
+    the inner index fastest); the body written inside is one thread's.
+
+    The layout keeps a warp's reads consecutive. Contiguous lines (inner 1) put a
+    line's threads on consecutive lanes: 256 threads for lines of 256 elements and
+    more, else a warp, or for lines shorter than a warp fewer lanes and more lines a
+    block. Strided lines (`inner` consecutive lines adjacent in memory) put consecutive
+    lines on consecutive lanes, up to a warp of them, and the block's other threads
+    along the lines (no more than a line has elements)."""
+    contiguous = inner == 1 and n > 1
+    if contiguous:
+        per_line = gpu.THREADS if n >= gpu.THREADS else min(_pow2(n), WARP)
+    else:
+        per_line = min(gpu.THREADS // min(_pow2(inner), WARP), _pow2(n))
+    blocks = max(1, -(-count // (gpu.THREADS // per_line)))
+    dims = _block_dims(contiguous, per_line)
+    with gpu.grid(k, (blocks,), tuple(d for d in dims if d > 1)) as ((b,), threads):
+        yield GpuLines(count, n, contiguous, per_line, b, threads)
 
 
 def _runs(shape: tuple[int, ...], axes: tuple[int, ...]) -> list[tuple[int, int, bool]]:
