@@ -454,10 +454,19 @@ class GatherBackward(PerElement):
         np.add.at(out, np.where(indices < 0, indices + rows, indices).ravel(), g.reshape(-1, *self.shape[1:]))
         return out.astype(g.dtype)
 
+    def lower(self, k, ins, out, epilogue=None):
+        """As rows of the data's other axes flattened: rows in parallel even when data is 1-D."""
+        rows = out.view((self.shape[0], prod(self.shape[1:])))
+        with k.nest(rows.shape) as (r, j):
+            k.store(rows, [r, j], self._sum(k, ins, r, j))
+
     def element(self, k, ins, idx):
+        return self._sum(k, ins, idx[0], Buffer("_", "int64", tuple(self.shape[1:])).offset(idx[1:]))
+
+    def _sum(self, k: KernelBuilder, ins: list[Buffer], r: Expr, j: Expr) -> Expr:
+        """Element j of data row r: the sum of g's rows whose index names r."""
         indices, g = ins
         rows, inner = self.shape[0], prod(self.shape[1:])
-        r, j = idx[0], Buffer("_", "int64", tuple(self.shape[1:])).offset(idx[1:])
         acc = k.local(g.dtype, 0.0, "acc")
         with k.loop(indices.numel, LoopKind.SERIAL, "p") as p:
             raw = cast(indices.load_flat(p), "int64")
