@@ -1,19 +1,27 @@
 """Training speed: Kiln's compiled train step vs real Keras 3 (torch backend) vs a plain
-PyTorch loop, on the issue's two models, 1 and 2 threads, side by side in one run.
+PyTorch loop, on four models, 1 and 2 threads, side by side in one run.
 
-    python benchmarks/training.py                 # 60,000 samples per epoch
-    python benchmarks/training.py --samples 6000  # a quicker look
+    python benchmarks/training.py                      # 60,000 samples per epoch (3,200 sequences)
+    python benchmarks/training.py --samples 6000       # a quicker look
+    python benchmarks/training.py --models lstm,gru --frameworks kiln   # some of them
 
 Per (model, threads, framework), in a fresh process: the median time of one train step
-(batch 32, after warm-up) and the time of one `fit` epoch (batch 32, shuffled, verbose
-0; PyTorch: the usual zero_grad / forward / backward / step loop over a permutation).
+(batch 32, after warm-up), the time of one `fit` epoch (batch 32, shuffled, verbose 0;
+PyTorch: the usual zero_grad / forward / backward / step loop over a permutation) and,
+for the sequence models, of `predict` over the same data (batch 32; PyTorch: the model
+under no_grad, batch by batch).
 Models: an MLP Dense(64, relu) on 32 inputs → Dense(64, relu) → Dense(10, softmax) with
 Adam and sparse categorical cross-entropy; the Keras MNIST CNN (Conv2D 32 → pool →
-Conv2D 64 → pool → Dense 10, Dropout left out) with Adam, on 28x28x1 images.
+Conv2D 64 → pool → Dense 10, Dropout left out) with Adam, on 28x28x1 images; sequence
+classifiers LSTM(128) and GRU(128) (Keras's defaults: GRU reset_after=True) over 64
+steps of 32 features → Dense(10, softmax), with Adam.
 Needs torch==2.13.0 and keras for the two references (they are skipped without them).
 
 Work per CNN step (batch 32): forward 2 x 0.66 + 2 x 4.5 ... ≈ 0.37 GFLOP, backward about
 twice that: ~1.1 GFLOP, so ~6-10 ms per step at this machine's 100-200 GFLOP/s per core.
+Per LSTM step (batch 32): 64 steps x 2 x 32 x (32 + 128) x 512 ≈ 0.34 GFLOP forward; the
+recurrence's h·Rᵀ (0.27 of it) runs step after step on 32 rows, so it is bound by the
+per-step latency more than by the FLOPs. GRU: 3/4 of that.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from timing import median_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 32
+MODELS = ("mlp", "cnn", "lstm", "gru")
+SEQUENCE_MODELS = ("lstm", "gru")
+STEPS, FEATURES, UNITS = 64, 32, 128
 
 
 def data(model: str, n: int):
@@ -41,6 +52,9 @@ def data(model: str, n: int):
     if model == "mlp":
         x = rng.standard_normal((n, 32)).astype(np.float32)
         return x, x[:, :10].argmax(axis=1).astype(np.int64)
+    if model in SEQUENCE_MODELS:
+        x = rng.standard_normal((n, STEPS, FEATURES)).astype(np.float32)
+        return x, x[:, :, :10].sum(axis=1).argmax(axis=1).astype(np.int64)
     x = rng.random((n, 28, 28, 1)).astype(np.float32)
     return x, (x[:, :14, :14, 0].mean(axis=(1, 2)) * 40).astype(np.int64) % 10
 
@@ -52,6 +66,8 @@ def keras_model(k, model: str):
             k.layers.Dense(64, activation="relu"),
             k.layers.Dense(64, activation="relu"),
         ]
+    elif model in SEQUENCE_MODELS:
+        layers = [k.Input((STEPS, FEATURES)), getattr(k.layers, model.upper())(UNITS)]
     else:
         layers = [
             k.Input((28, 28, 1)),
@@ -80,7 +96,13 @@ def run_keras_like(framework: str, model: str, n: int) -> dict:
     step = median_seconds(lambda: m.train_on_batch(xb, yb)) if hasattr(m, "train_on_batch") else None
     t0 = time.perf_counter()
     m.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    return {"step": step, "epoch": time.perf_counter() - t0}
+    result = {"step": step, "epoch": time.perf_counter() - t0}
+    if model in SEQUENCE_MODELS:
+        m.predict(x[:warm], batch_size=BATCH, verbose=0)
+        t0 = time.perf_counter()
+        m.predict(x, batch_size=BATCH, verbose=0)
+        result["predict"] = time.perf_counter() - t0
+    return result
 
 
 def run_torch(model: str, n: int) -> dict:
@@ -89,6 +111,8 @@ def run_torch(model: str, n: int) -> dict:
 
     if model == "mlp":
         net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    elif model in SEQUENCE_MODELS:
+        net = sequence_classifier(getattr(nn, model.upper())(FEATURES, UNITS, batch_first=True))
     else:
         net = nn.Sequential(
             nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
@@ -97,7 +121,7 @@ def run_torch(model: str, n: int) -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
     loss_fn = nn.CrossEntropyLoss()
     x, y = data(model, n)
-    if model != "mlp":
+    if model == "cnn":
         x = x.transpose(0, 3, 1, 2).copy()
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
 
@@ -113,7 +137,29 @@ def run_torch(model: str, n: int) -> dict:
     for i in range(0, n, BATCH):
         idx = order[i : i + BATCH]
         step(xt[idx], yt[idx])
-    return {"step": step_time, "epoch": time.perf_counter() - t0}
+    result = {"step": step_time, "epoch": time.perf_counter() - t0}
+    if model in SEQUENCE_MODELS:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, n, BATCH):
+                net(xt[i : i + BATCH])
+        result["predict"] = time.perf_counter() - t0
+    return result
+
+
+def sequence_classifier(rnn):
+    """rnn's last output → Linear(UNITS, 10), as the Keras models' Dense head."""
+    from torch import nn
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = rnn, nn.Linear(UNITS, 10)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    return Classifier()
 
 
 def worker(args) -> None:
@@ -135,7 +181,10 @@ def worker(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=60000)
+    p.add_argument("--samples", type=int, default=60000, help="samples per epoch (MLP, CNN)")
+    p.add_argument("--sequences", type=int, default=3200, help="samples per epoch (LSTM, GRU)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, of " + ", ".join(MODELS))
+    p.add_argument("--frameworks", default="kiln,keras,torch", help="comma-separated, of kiln, keras, torch")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
     p.add_argument("--framework", default="kiln", help=argparse.SUPPRESS)
@@ -143,15 +192,16 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    print(f"{args.samples} samples per epoch, batch {BATCH}")
-    header = f"{'model':<5} {'thr':>3} {'framework':<10} {'step ms':>8} {'epoch s':>8}"
-    print(f"{header}  {'Kiln is faster by (epoch)':>24}")
-    for model in ("mlp", "cnn"):
+    print(f"{args.samples} samples per epoch ({args.sequences} sequences of {STEPS} steps), batch {BATCH}")
+    header = f"{'model':<5} {'thr':>3} {'framework':<10} {'step ms':>8} {'epoch s':>8} {'predict s':>9}"
+    print(f"{header}  {'Kiln is faster by (epoch, predict)':>34}")
+    for model in args.models.split(","):
+        samples = args.sequences if model in SEQUENCE_MODELS else args.samples
         for threads in (1, 2):
             results = {}
-            for framework in ("kiln", "keras", "torch"):
+            for framework in args.frameworks.split(","):
                 cmd = [sys.executable, __file__, "--worker", "--model", model, "--framework", framework]
-                cmd += ["--threads", str(threads), "--samples", str(args.samples)]
+                cmd += ["--threads", str(threads), "--samples", str(samples)]
                 out = subprocess.run(
                     cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
                 )
@@ -163,14 +213,19 @@ def main() -> None:
                 if "skipped" in r:
                     print(f"{model:<5} {threads:>3} {framework:<10} skipped: {r['skipped']}")
                     continue
-                ratio = ""
-                if framework != "kiln" and "epoch" in results.get("kiln", {}):
-                    ratio = f"{r['epoch'] / results['kiln']['epoch']:.1f}x"
-                step = f"{r['step'] * 1e3:8.2f}" if r.get("step") else f"{'-':>8}"
                 print(
-                    f"{model:<5} {threads:>3} {framework:<10} {step} {r['epoch']:8.2f}  {ratio:>24}",
-                    flush=True,
+                    f"{model:<5} {threads:>3} {framework:<10} {_row(r, results.get('kiln', {}), framework)}"
                 )
+
+
+def _row(r: dict, kiln: dict, framework: str) -> str:
+    """A framework's times, and how many times Kiln's are faster."""
+    step = f"{r['step'] * 1e3:8.2f}" if r.get("step") else f"{'-':>8}"
+    predict = f"{r['predict']:9.2f}" if "predict" in r else f"{'-':>9}"
+    ratios = []
+    if framework != "kiln":
+        ratios = [f"{r[k] / kiln[k]:.1f}x" for k in ("epoch", "predict") if k in r and k in kiln]
+    return f"{step} {r['epoch']:8.2f} {predict}  {', '.join(ratios):>34}"
 
 
 if __name__ == "__main__":
