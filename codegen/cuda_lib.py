@@ -454,8 +454,8 @@ API int {{PREFIX}}_run({{PREFIX}}_model *m, const void *const *inputs, void *con
 
 /* Device buffers in and out (CUdeviceptr values, as pointers), on `stream` (a CUstream;
  * NULL: the instance's own); returns once the stream has finished the outputs. */
-API int {{PREFIX}}_run_device({{PREFIX}}_model *m, const void *const *dev_inputs, void *const *dev_outputs,
-                              void *stream) {{
+API int {{PREFIX}}_run_device(
+    {{PREFIX}}_model *m, const void *const *dev_inputs, void *const *dev_outputs, void *stream) {{
     if (!m) return 1;
 {null_checks(p, "dev_inputs", "dev_outputs")}
     m->error[0] = 0;
@@ -492,8 +492,8 @@ def header(p: Library) -> str:
 int {p.prefix}_create_device({p.prefix}_model **out, int ordinal);
 /* inputs and outputs in device memory (CUdeviceptr values), run on `stream` (a CUstream;
  * NULL: the instance's own stream); returns when the outputs are written */
-int {p.prefix}_run_device({p.prefix}_model *m, const void *const *dev_inputs, void *const *dev_outputs,
-                         void *stream);
+int {p.prefix}_run_device(
+    {p.prefix}_model *m, const void *const *dev_inputs, void *const *dev_outputs, void *stream);
 /* the device, driver and image the instance runs, e.g. "device 0, NVIDIA H200 (compute
  * capability 9.0, driver 12.8), running cubin sm_90" */
 const char *{p.prefix}_device(const {p.prefix}_model *m);

@@ -68,7 +68,7 @@ typedef struct CUevent_st *CUevent;
 
 typedef struct kiln_cuda {
     void *lib; /* the driver, from dlopen */
-    const char *path;
+    char path[256];
 #define KILN_CUDA_FIELD(symbol, params) CUresult(*symbol) params;
     KILN_CUDA_API(KILN_CUDA_FIELD)
 #undef KILN_CUDA_FIELD
@@ -80,7 +80,7 @@ typedef struct kiln_cuda {
 static int kiln_cuda_open(kiln_cuda *cu, char *err, size_t n) {
     memset(cu, 0, sizeof *cu);
     const char *path = getenv("KILN_LIBCUDA");
-    cu->path = path && *path ? path : "libcuda.so.1";
+    snprintf(cu->path, sizeof cu->path, "%s", path && *path ? path : "libcuda.so.1");
     dlerror();
     cu->lib = dlopen(cu->path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
     if (!cu->lib) {

@@ -551,9 +551,10 @@ def test_torch_models_on_the_mock_match_the_interpreter(name, batch, tmp_path, m
     expected = interpret(build.graph, feeds)
     on_mock(build)
     assert_matches(load(build.so).run(*feeds), expected)
-    proc, got = run_c(build, feeds, tmp_path, build.env(mock, KILN_MOCK_CHECK_EXIT="1"))
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert_matches(got, expected)
+    if batch == 1:  # the C program runs the same host code; once per model is enough
+        proc, got = run_c(build, feeds, tmp_path, build.env(mock, KILN_MOCK_CHECK_EXIT="1"))
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert_matches(got, expected)
 
 
 # ---------------------------------------------------------------------------- benchmarks/gpu.py

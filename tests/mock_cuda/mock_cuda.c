@@ -18,6 +18,7 @@
  *   KILN_MOCK_FAIL      calls to fail: NAME (every call), NAME@N (the Nth call of NAME since
  *                       the mock was loaded), either with =CODE (the CUresult; else a
  *                       typical one for NAME); several, separated by commas
+ *   KILN_MOCK_THREADS   threads a launch splits its blocks across (default: the CPUs)
  *   KILN_MOCK_CHECK_EXIT=1  report driver objects still live when the process exits
  * kiln_mock_calls(NAME) counts calls; kiln_mock_live() counts the allocations, modules,
  * streams, events and primary-context references still live.
@@ -30,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "mock_cuda.h"
 
@@ -646,6 +648,39 @@ API CUresult cuEventDestroy_v2(CUevent e) {
 }
 
 /* ------------------------------------------------------------------ launches */
+typedef struct slice {
+    const kiln_mock_kernel *k;
+    void *const *bufs;
+    int64_t begin, end;
+} slice;
+
+static void *run_slice(void *arg) {
+    slice *s = arg;
+    if (s->begin < s->end) s->k->fn(s->bufs, s->begin, s->end);
+    return NULL;
+}
+
+/* Every block of the grid, split across KILN_MOCK_THREADS threads (default: the CPUs):
+ * a GPU runs blocks in any order and at once, and the simulated kernel runs any range
+ * of blocks, so the split changes nothing but the time. */
+static void run_blocks(const kiln_mock_kernel *k, void *const *bufs, int64_t blocks) {
+    enum { MAX_THREADS = 64 };
+    int n = env_int("KILN_MOCK_THREADS", (int)sysconf(_SC_NPROCESSORS_ONLN));
+    n = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
+    if (n > blocks) n = (int)blocks;
+    slice slices[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < n; t++) {
+        slices[t] = (slice){k, bufs, blocks * t / n, blocks * (t + 1) / n};
+        if (t > 0) started[t] = pthread_create(&threads[t], NULL, run_slice, &slices[t]) == 0;
+        if (t > 0 && !started[t]) run_slice(&slices[t]);
+    }
+    if (n > 0) run_slice(&slices[0]);
+    for (int t = 1; t < n; t++)
+        if (started[t]) pthread_join(threads[t], NULL);
+}
+
 API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                             unsigned bz, unsigned shared, CUstream s, void **params, void **extra) {
     NEED_CONTEXT("cuLaunchKernel");
@@ -676,6 +711,6 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
         }
         bufs[i] = (void *)(uintptr_t)p;
     }
-    k->fn(bufs, 0, (int64_t)gx * gy * gz);
+    run_blocks(k, bufs, (int64_t)gx * gy * gz);
     return SUCCESS;
 }
