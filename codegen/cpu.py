@@ -46,7 +46,7 @@ def target_id(cpu_name: str | None = None) -> str:
     return f"{llvm.get_default_triple()}|{llvm.get_host_cpu_name()}|{llvm.get_host_cpu_features().flatten()}"
 
 
-def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Function:
+def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool = True) -> ir.Function:
     """The kernel body takes each buffer as its own `noalias` pointer (a kernel's buffers
     are distinct values, which the memory plan keeps apart while they are live), so
     LLVM may keep loaded values in registers across stores; the exported entry point
@@ -65,7 +65,8 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Functi
         w.counted_loop(loop.var, begin, end, loop.body, loop.kind)
         return True
 
-    writer = FunctionWriter(body_fn, dict(zip(kernel.params, body_fn.args[:n])), loop_hook, kernel.scratch)
+    pointers = dict(zip(kernel.params, body_fn.args[:n]))
+    writer = FunctionWriter(body_fn, pointers, loop_hook, kernel.scratch, libm=libm)
     if parallel is None:
         # run once, on the call with begin == 0
         with writer.b.if_then(writer.b.icmp_signed("==", begin, ir.Constant(I64, 0))):
@@ -87,13 +88,17 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str) -> ir.Functi
     return fn
 
 
-def build_module(kernels: list[kir.Kernel], prefix: str, cpu_name: str | None = None) -> ir.Module:
+def build_module(
+    kernels: list[kir.Kernel], prefix: str, cpu_name: str | None = None, libm: bool = True
+) -> ir.Module:
+    """One module of the kernels' entry points. libm=False computes float64 math inline
+    as a GPU does (codegen.mathlib), so a simulated GPU kernel rounds as the real one."""
     module = ir.Module(name=prefix)
     tm = target_machine(cpu_name)
     module.triple = tm.triple
     module.data_layout = str(tm.target_data)
     for kernel in kernels:
-        emit_kernel(module, kernel, f"{prefix}_{kernel.name}")
+        emit_kernel(module, kernel, f"{prefix}_{kernel.name}", libm)
     return module
 
 

@@ -218,7 +218,8 @@ def build(
     extra_c / extra_blobs: a wrapper API linked in (see cabi.link)."""
     name = lowered.library.prefix
     with internal_errors(f"generating LLVM code for {name}"):
-        module = cpu.build_module([c.kernel for c in lowered.cpu_calls], name, cpu_name)
+        kernels = [c.kernel for c in lowered.cpu_calls]
+        module = cpu.build_module(kernels, name, cpu_name, libm=lowered.target != "cuda-sim")
         optimized = cpu.optimize(module, cpu_name)
     dest.mkdir(parents=True, exist_ok=True)
     if "llvm" in emit:
