@@ -110,14 +110,20 @@ def _as_2d(convert):
                 v = ctx.value(name)
                 ctx.values[new] = ctx.b.reshape(v, shape=v.type.shape[:2] + (1,) + v.type.shape[2:])
             lifted.input[pos] = new
-        lifted.output[0] = f"{node.output[0]}.as2d"
+        named = [name for name in node.output if name]  # a MaxPool's Indices too
+        for pos, name in enumerate(node.output):
+            if name:
+                lifted.output[pos] = f"{name}.as2d"
         ones = {"kernel_shape": 1, "strides": 1, "dilations": 1, "output_shape": 1, "output_padding": 0}
         attrs2d = {
             k: ([ones[k], *v] if k in ones else [0, v[0], 0, v[1]] if k == "pads" else v)
             for k, v in attrs.items()
         }
-        (y,) = convert(ctx, lifted, attrs2d)[:1]
-        return [ctx.b.reshape(y, shape=y.type.shape[:2] + y.type.shape[3:], name=node.output[0])]
+        # with a height of 1, a flat index into (N, C, 1, W) is the same number in (N, C, W)
+        return [
+            ctx.b.reshape(y, shape=y.type.shape[:2] + y.type.shape[3:], name=name)
+            for y, name in zip(convert(ctx, lifted, attrs2d), named)
+        ]
 
     return wrapped
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from frontends.onnx.context import UnsupportedOnnxError, converter, emit, ints, node_inputs, node_label
+from ir.graph import Value
 from ir.ops import make_op
 
 _REDUCE_OPS = {
@@ -33,20 +34,28 @@ def _reduce_axes(ctx, node, attrs):
 def _reduce(ctx, node, attrs):
     x = ctx.value(node.input[0])
     axes = _reduce_axes(ctx, node, attrs)
-    if axes is None and attrs.get("noop_with_empty_axes", 0):
-        return [x]
+    # no axes with noop_with_empty_axes: nothing is summed, but the composed reductions
+    # still apply their elementwise parts (ReduceL1 gives |x|, ReduceLogSum log x), as
+    # the ONNX reference and onnxruntime do
+    noop = axes is None and bool(attrs.get("noop_with_empty_axes", 0))
     keep = bool(attrs.get("keepdims", 1))
     b, out = ctx.b, node.output[0]
     if node.op_type in _REDUCE_OPS:
-        return [emit(ctx, node, _REDUCE_OPS[node.op_type], x, axes=axes, keepdims=keep)]
+        return [x if noop else emit(ctx, node, _REDUCE_OPS[node.op_type], x, axes=axes, keepdims=keep)]
+
+    def total(v: Value) -> Value:
+        return v if noop else b.reduce_sum(v, axes=axes, keepdims=keep)
+
     if node.op_type == "ReduceL1":
-        return [b.reduce_sum(b.abs(x), axes=axes, keepdims=keep, name=out)]
+        return [b.rename(total(b.abs(x)), out)]
     if node.op_type == "ReduceSumSquare":
-        return [b.reduce_sum(b.mul(x, x), axes=axes, keepdims=keep, name=out)]
+        return [b.rename(total(b.mul(x, x)), out)]
     if node.op_type == "ReduceL2":
-        return [b.sqrt(b.reduce_sum(b.mul(x, x), axes=axes, keepdims=keep), name=out)]
+        return [b.sqrt(total(b.mul(x, x)), name=out)]
     if node.op_type == "ReduceLogSum":
-        return [b.log(b.reduce_sum(x, axes=axes, keepdims=keep), name=out)]
+        return [b.log(total(x), name=out)]
+    if noop:  # log(exp(x))
+        return [x]
     # ReduceLogSumExp, stable: max + log(sum(exp(x - max)))
     m = b.reduce_max(x, axes=axes, keepdims=True)
     m_finite = b.where(b.isinf(m), b.param("zero", np.zeros((), x.type.np_dtype)), m)

@@ -48,7 +48,7 @@ def source_coordinates(
         x = x + start * (in_len - 1)
         outside = (x < 0) | (x > in_len - 1)
     elif mode == "pytorch_half_pixel":
-        x = np.full_like(y, -0.5) if width == 1 else (y + 0.5) / scale - 0.5
+        x = np.zeros_like(y) if out_len == 1 else (y + 0.5) / scale - 0.5  # the spec: 0 for length 1
     elif mode == "half_pixel":
         x = (y + 0.5) / scale - 0.5
     elif mode == "half_pixel_symmetric":
