@@ -207,7 +207,9 @@ def test_gru_sgd_momentum_categorical_crossentropy(parity_rng):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["simple_rnn_sequences", "gru_reset_before", "lstm_backwards"])
+@pytest.mark.parametrize(
+    "variant", ["simple_rnn_sequences", "gru_reset_before", "lstm_backwards", "gru_backwards_sequences"]
+)
 def test_recurrent_variants(variant, parity_rng):
     x = parity_rng.standard_normal((64, 6, 3)).astype(np.float32)
     y = x[:, :, :2].mean(axis=1)
@@ -217,8 +219,11 @@ def test_recurrent_variants(variant, parity_rng):
             body = [k.layers.SimpleRNN(8, return_sequences=True), k.layers.Flatten()]
         elif variant == "gru_reset_before":
             body = [k.layers.GRU(8, reset_after=False)]
-        else:
+        elif variant == "lstm_backwards":
             body = [k.layers.LSTM(8, go_backwards=True)]
+        else:  # a layer before it trains through the reversed steps
+            body = [k.layers.Conv1D(4, 1), k.layers.GRU(8, go_backwards=True, return_sequences=True),
+                    k.layers.Flatten()]  # fmt: skip
         model = k.Sequential([k.Input((6, 3)), *body, k.layers.Dense(2)])
         model.compile(optimizer="adam", loss="mae")
         return model

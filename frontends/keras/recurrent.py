@@ -99,8 +99,6 @@ class _Recurrent(Layer):
         n, steps, features = x.type.shape
         u = self.units
         sequence = b.transpose(x, perm=(1, 0, 2))  # (steps, batch, features): the op's layout
-        if self.go_backwards:
-            sequence = b.slice(sequence, starts=(steps - 1,), ends=(-steps - 1,), axes=(0,), steps=(-1,))
         bias = self._input_bias(ctx)
         projection = [self._op_order(b, ctx.weight(self.kernel))] + ([bias] if bias is not None else [])
         xw = b.linear(b.reshape(sequence, shape=(steps * n, features)), *projection)
@@ -110,15 +108,13 @@ class _Recurrent(Layer):
             self._op_order(b, ctx.weight(self.recurrent_kernel)),
             *self._cell_inputs(ctx, b.param("h0", np.zeros((n, u), np.float32))),
             hidden=u,
+            reverse=self.go_backwards,
             activations=self._activations(),
             **self._attributes(),
         )
-        states = [self._slot(b, slots, steps, plane) for plane in range(self.n_states)]
-        if self.return_sequences:
-            outputs = b.slice(slots, starts=(1, 0), ends=(steps + 1, 1), axes=(0, 1))
-            output = b.transpose(b.reshape(outputs, shape=(steps, n, u)), perm=(1, 0, 2))
-        else:
-            output = states[0]
+        last = 0 if self.go_backwards else steps  # the slot of the final state
+        states = [self._slot(b, slots, last, plane) for plane in range(self.n_states)]
+        output = self._sequence(b, slots) if self.return_sequences else states[0]
         return [output, *states] if self.return_state else output
 
     def get_config(self):
@@ -132,6 +128,18 @@ class _Recurrent(Layer):
             "use_bias": self.use_bias,
             **self.initializer_config("kernel", "recurrent", "bias"),
         }
+
+    def _sequence(self, b: GraphBuilder, slots: Value) -> Value:
+        """h after each step, (batch, steps, units), in the order the steps ran (which is
+        Keras's order with go_backwards too)."""
+        slot_count, _, n, u = slots.type.shape
+        steps = slot_count - 1
+        h = b.reshape(b.slice(slots, starts=(0,), ends=(1,), axes=(1,)), shape=(slot_count, n, u))
+        if self.go_backwards:  # step t wrote slot t, and ran after step t + 1
+            ran = b.gather(h, b.param("order", np.arange(steps - 1, -1, -1, dtype=np.int64)), axis=0)
+        else:
+            ran = b.slice(h, starts=(1,), ends=(steps + 1,), axes=(0,))
+        return b.transpose(ran, perm=(1, 0, 2))
 
     def _slot(self, b: GraphBuilder, slots: Value, slot: int, plane: int) -> Value:
         """One plane of one slot of the op's output, (batch, units)."""
