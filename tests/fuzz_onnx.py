@@ -211,6 +211,7 @@ class Builder:
         self.count = 0
         self.rejected: Counter = Counter()
         self.peer = True  # onnxruntime runs every node
+        self.hidden: set[str] = set()  # values no other node and no output may read
 
     # -- names and randomness
     def fresh(self, stem: str) -> str:
@@ -262,6 +263,11 @@ class Builder:
         )
         self.pool.append(v)
         return v
+
+    def hide(self, values: Sequence[Val]) -> None:
+        """Keep values from every other reader (and from the outputs)."""
+        self.hidden.update(v.name for v in values)
+        self.pool = [v for v in self.pool if v.name not in self.hidden]
 
     def ints(self, values: Sequence[int] | int) -> Val:
         """An int64 constant operand (a shape, axes, pads, K)."""
@@ -1317,6 +1323,7 @@ def _batchnorm(b: Builder, op: str) -> bool:
         attrs["training_mode"] = 1
         attrs["momentum"] = b.uniform(0.5, 0.99)
         outputs = 3
+        b.hide(stats)  # onnxruntime updates them in place: another reader would see the new ones
     return added(b.node(op, [x, *channel_params(b, c), *stats], outputs, **attrs))
 
 
@@ -2074,7 +2081,7 @@ def choose_outputs(b: Builder) -> list[str]:
     outputs += [v.name for v in made if used[v.name] and b.chance(0.2)]
     if b.chance(0.1):
         outputs.append(b.choice(b.inputs).name)
-    constants = [t.name for t in b.inits]
+    constants = [t.name for t in b.inits if t.name not in b.hidden]
     if constants and b.chance(0.05):
         outputs.append(b.choice(constants))
     if outputs and b.chance(0.15):
@@ -2280,7 +2287,8 @@ def intermediates(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> di
     fails: an output is then its own scale)."""
     every = exposed(model)
     try:
-        return dict(zip([o.name for o in every.graph.output], interpreter_engine(every, feeds)))
+        with np.errstate(all="ignore"):
+            return dict(zip([o.name for o in every.graph.output], interpreter_engine(every, feeds)))
     except Exception:
         return {}
 
