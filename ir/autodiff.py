@@ -3,10 +3,11 @@
 `gradients(b, loss, wrt)` appends to the GraphBuilder `b` the nodes that compute
 d loss / d v for each v in `wrt`, and returns those values. What each op contributes
 is declared on its class (ir.ops): its `gradient` rule, written with ordinary graph
-ops, or a decomposition into simpler ops to go back through, or that nothing flows
-back through it; so the backward pass is fused, memory-planned and compiled like any
-graph. An op with no rule on the path from `wrt` to the loss is an error naming the
-node.
+ops, or a decomposition into simpler ops (which replaces the op in the graph being
+differentiated, so its forward pass runs once, and the sweep goes back through it),
+or that nothing flows back through it; so the backward pass is fused, memory-planned
+and compiled like any graph. An op with no rule on the path from `wrt` to the loss
+is an error naming the node.
 """
 
 from __future__ import annotations
@@ -32,20 +33,42 @@ def _pullback(b: GraphBuilder, nodes: list[Node], seeds: dict[Value, Value], wrt
         out = node.outputs[0]
         if out not in grads:
             continue
-        for v, gv in zip(node.inputs, _node_gradient(b, node, grads[out])):
+        if node.op.differentiation is Gradient.DECOMPOSE:
+            raise GraphError(f"node {node.name} ({node.op.name}): its decomposition was not expanded")
+        for v, gv in zip(node.inputs, node.op.gradient(b, node, grads[out])):
             if gv is None or v not in needed:
                 continue
             grads[v] = b.add(grads[v], gv) if v in grads else gv
     return [grads.get(v) for v in wrt]
 
 
-def _node_gradient(b: GraphBuilder, node: Node, g: Value) -> Grads:
-    """The gradient of each of node's inputs, given g, its output's."""
-    if node.op.differentiation is Gradient.DECOMPOSE:
-        start = len(b.nodes)
-        out = node.op.decompose(b, list(node.inputs))
-        return _pullback(b, b.nodes[start:], {out: g}, list(node.inputs))
-    return node.op.gradient(b, node, g)
+def _expand_decompositions(b: GraphBuilder, wrt: list[Value]) -> None:
+    """Replace each DECOMPOSE node that a gradient must go back through by its
+    decomposition, in place: the decomposition's last node computes the op's own output
+    value, so every reader, and the forward pass, now use it, and the forward runs once
+    (the reverse sweep then goes back through ordinary ops)."""
+    needed: set[Value] = set(wrt)
+    i = 0
+    while i < len(b.nodes):
+        node = b.nodes[i]
+        if not any(v in needed for v in node.inputs):
+            i += 1
+            continue
+        if node.op.differentiation is Gradient.DECOMPOSE:
+            start = len(b.nodes)
+            out = node.op.decompose(b, list(node.inputs))
+            expansion = b.nodes[start:]
+            del b.nodes[start:]
+            if out.type != node.outputs[0].type:
+                raise GraphError(f"node {node.name} ({node.op.name}): its decomposition gives {out.type}")
+            last = next((n for n in expansion if n.outputs[0] is out), None)
+            if last is None:
+                raise GraphError(f"node {node.name} ({node.op.name}): its decomposition adds no node")
+            last.outputs[0] = node.outputs[0]
+            b.nodes[i : i + 1] = expansion
+            continue  # the expansion's nodes are visited next
+        needed.add(node.outputs[0])
+        i += 1
 
 
 def gradients(b: GraphBuilder, loss: Value, wrt: list[Value], unreached: str = "zeros") -> list[Value | None]:
@@ -53,6 +76,7 @@ def gradients(b: GraphBuilder, loss: Value, wrt: list[Value], unreached: str = "
     None with unreached="none" (a trainer then leaves v alone)."""
     if loss.type.numel != 1:
         raise GraphError(f"gradients: the loss must be a scalar, got {loss.type}")
+    _expand_decompositions(b, wrt)
     one = b.param("one", np.ones(loss.type.shape, loss.type.np_dtype))
     grads = dict(zip(wrt, _pullback(b, list(b.nodes), {loss: one}, wrt)))
     if unreached == "none":
