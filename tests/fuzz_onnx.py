@@ -28,8 +28,8 @@ engine computes bit for bit, or that lie far from the discontinuity compared wit
 rounding. Where the spec leaves room (Resize's align_corners with a fractional length,
 ConvTranspose's SAME padding past the kernel) and engines read it apart, it keeps out.
 A few forms Kiln claims and onnxruntime lacks (an LRN of even size, batch-first
-recurrences) are compared among Kiln's engines only. Kiln bugs it has found stay out of
-new graphs until fixed (KNOWN_BUGS), each kept as a regression graph.
+recurrences) are compared among Kiln's engines only. Each Kiln bug it has found is kept
+as a regression graph (tests/data/regressions, run by tests/test_regressions.py).
 """
 
 from __future__ import annotations
@@ -100,25 +100,6 @@ EXACT_OPS = frozenset(
     "Pad Gather GatherElements Expand Tile DepthToSpace SpaceToDepth Trilu Where ReduceMax ReduceMin MaxPool "
     "GlobalMaxPool TopK Floor Ceil Round Sign Cast CastLike Clip Hardmax Constant ConstantOfShape".split()
 )
-
-
-#: Kiln bugs this fuzzer found (each saved as a regression graph), kept out of the graphs it
-#: makes until they are fixed: name → what fails. KILN_FUZZ_KNOWN_BUGS=1 makes them anyway.
-KNOWN_BUGS = {
-    "gather_elements_narrow_indices": "GatherElements with indices smaller than the data on another axis "
-    "(which ONNX allows): the interpreter raises IndexError",
-    "max_pool_1d_indices": "MaxPool over (N, C, W) with its Indices output: the importer drops that output "
-    "(OnnxImportError: value ... is used but never defined)",
-    "reduce_noop_composed": "ReduceL1/L2/SumSquare/LogSum with noop_with_empty_axes=1 and no axes: Kiln "
-    "returns x, where the ONNX reference and onnxruntime return |x|, |x|, x², log(x)",
-    "resize_pytorch_half_pixel_to_one": "Resize (linear, cubic) with pytorch_half_pixel to a length of 1: "
-    "Kiln samples at -0.5, the spec and onnxruntime at 0",
-}
-
-
-def avoid(bug: str) -> bool:
-    """Whether to keep clear of a known Kiln bug."""
-    return bug in KNOWN_BUGS and os.environ.get("KILN_FUZZ_KNOWN_BUGS") != "1"
 
 
 class GeneratorError(Exception):
@@ -975,9 +956,8 @@ def _reduce(b: Builder, op: str) -> bool:
     keepdims = int(b.chance(0.6))
     attrs = {}
     as_input = b.since(op) >= 18 or (op == "ReduceSum" and b.since(op) >= 13)
-    composed = op in ("ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum")
     if axes is None and as_input and b.chance(0.25):
-        if b.chance(0.5) and not (composed and avoid("reduce_noop_composed")):
+        if b.chance(0.5):
             attrs["noop_with_empty_axes"] = 1
         else:
             return added(b.node(op, [x, b.ints(np.zeros(0, np.int64))], keepdims=keepdims))
@@ -1275,8 +1255,7 @@ def _pool(b: Builder, op: str) -> bool:
         attrs["count_include_pad"] = int(b.chance(0.6))
     outputs = 1
     distinct = x.exact and np.unique(x.array).size == x.array.size  # which of equal maxima is unspecified
-    indices_ok = x.rank == 4 or not avoid("max_pool_1d_indices")
-    if op == "MaxPool" and distinct and indices_ok and b.chance(0.4) and "auto_pad" not in attrs:
+    if op == "MaxPool" and distinct and b.chance(0.4) and "auto_pad" not in attrs:
         outputs = 2
         if b.chance(0.3):
             attrs["storage_order"] = 1
@@ -1629,9 +1608,8 @@ def _gather_elements(b: Builder, op: str) -> bool:
         return False
     axis = int(b.rng.integers(data.rank))
     d = data.shape[axis]
-    narrow = not avoid("gather_elements_narrow_indices")
     shape = [
-        int(b.rng.integers(1, 5)) if i == axis else (int(b.rng.integers(1, n + 1)) if narrow else n)
+        int(b.rng.integers(1, 5)) if i == axis else int(b.rng.integers(1, n + 1))
         for i, n in enumerate(data.shape)
     ]
     idx = b.const(b.rng.integers(-d, d, shape), dtype=np.int64)
@@ -1973,9 +1951,6 @@ def _resize(b: Builder, op: str) -> bool:
         if mode != "nearest":
             return False  # opset 10 resizes asymmetrically: onnxruntime and the spec differ there
         return added(b.node(op, [x, b.const(np.asarray(full_scales, np.float32))], **attrs))
-    if coordinate == "pytorch_half_pixel" and mode != "nearest" and min(sizes) == 1:
-        if avoid("resize_pytorch_half_pixel_to_one"):
-            return False
     if coordinate != "half_pixel" or b.chance(0.3):
         attrs["coordinate_transformation_mode"] = coordinate
     listed = axes if use_axes else list(range(x.rank))
