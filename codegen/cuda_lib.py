@@ -7,11 +7,16 @@ metadata, errors, kernel names, the header) and runs the same memory plan on a G
   takes the device's primary context, loads the best image it embeds for the device
   (a cubin of its architecture, else PTX compiled by the driver), looks up every
   kernel, makes a stream, allocates the arena, the weights, one status word per kernel
-  with checks, and a staging buffer per input and output, and uploads the weights;
-- run copies the host inputs in, launches every kernel in order on the instance's
+  with checks, and uploads the weights;
+- run copies the host inputs in (to a device buffer per input and output, made by the
+  first run: an instance driven by run_device alone, a train step whose weights
+  stay on the GPU, spends no device memory on them), launches every kernel in order on the instance's
   stream with the grid and block it was scheduled for, copies the outputs out,
   synchronizes, and reads back the status words; run_device does the same on the
   caller's device buffers and stream, without the copies;
+- alloc / free / upload / download give a host program device memory in the
+  instance's context (state kept on the GPU between runs: a train step's weights and
+  optimizer slots) without a CUDA library of its own; destroy frees what is left;
 - every driver call is checked; a failure becomes last_error, naming the kernel
   (with its graph nodes), the input or output, or the step of create that failed.
 """
@@ -186,8 +191,10 @@ typedef struct {{PREFIX}}_model {{
     CUstream stream;
     CUfunction fn[NUM_KERNELS + 1];
     CUdeviceptr arena, weights, status; /* device memory */
-    CUdeviceptr in[{max(ni, 1)}], out[{max(no, 1)}]; /* staging for run's host buffers */
+    CUdeviceptr in[{max(ni, 1)}], out[{max(no, 1)}]; /* staging for run's host buffers (its first call) */
     int32_t status_host[NUM_STATUS + 1];
+    CUdeviceptr *owned; /* the caller's buffers ({{PREFIX}}_alloc), freed by {{PREFIX}}_free or destroy */
+    int n_owned, cap_owned;
     CUevent events[NUM_KERNELS + 1]; /* made by the first set_profiling(m, 1) */
     int profiling, threads;
     char description[384];
@@ -214,9 +221,9 @@ static void pop({{PREFIX}}_model *m) {{
 }}
 
 static void release({{PREFIX}}_model *m) {{
-    if (!m->cu.lib) return;
-    if (m->context && m->cu.cuCtxPushCurrent_v2(m->context) == 0) {{
+    if (m->cu.lib && m->context && m->cu.cuCtxPushCurrent_v2(m->context) == 0) {{
         if (m->stream) m->cu.cuStreamSynchronize(m->stream);
+        for (int i = 0; i < m->n_owned; i++) m->cu.cuMemFree_v2(m->owned[i]);
         for (int i = 0; i < NUM_KERNELS + 1; i++)
             if (m->events[i]) m->cu.cuEventDestroy_v2(m->events[i]);
         CUdeviceptr *bufs[] = {{&m->arena, &m->weights, &m->status}};
@@ -231,6 +238,9 @@ static void release({{PREFIX}}_model *m) {{
         pop(m);
         m->cu.cuDevicePrimaryCtxRelease_v2(m->device);
     }}
+    free(m->owned);
+    m->owned = NULL;
+    m->n_owned = 0;
     kiln_cuda_close(&m->cu);
 }}
 
@@ -302,10 +312,6 @@ static int setup({{PREFIX}}_model *m, int ordinal) {{
         (WEIGHT_BYTES && alloc(m, &m->weights, WEIGHT_BYTES, "the weights")) ||
         (NUM_STATUS && alloc(m, &m->status, 4 * NUM_STATUS, "the status words")))
         goto done;
-    for (int i = 0; i < {ni}; i++)
-        if (alloc(m, &m->in[i], input_bytes[i], {p.prefix}_input_name(i))) goto done;
-    for (int i = 0; i < {no}; i++)
-        if (alloc(m, &m->out[i], output_bytes[i], {p.prefix}_output_name(i))) goto done;
     if (WEIGHT_BYTES && (r = m->cu.cuMemcpyHtoD_v2(m->weights, {{PREFIX}}_weights, WEIGHT_BYTES))) {{
         fail(m, "uploading the weights (%llu bytes): cuMemcpyHtoD: %s", WEIGHT_BYTES, describe(m, r));
         goto done;
@@ -420,6 +426,15 @@ static int finish({{PREFIX}}_model *m, CUstream s, int rc) {{
     return 0;
 }}
 
+/* run's device buffers for its host inputs and outputs, made by its first call. */
+static int stage({{PREFIX}}_model *m) {{
+    for (int i = 0; i < {ni}; i++)
+        if (!m->in[i] && alloc(m, &m->in[i], input_bytes[i], {p.prefix}_input_name(i))) return 1;
+    for (int i = 0; i < {no}; i++)
+        if (!m->out[i] && alloc(m, &m->out[i], output_bytes[i], {p.prefix}_output_name(i))) return 1;
+    return 0;
+}}
+
 static int copy_in({{PREFIX}}_model *m, const void *const *inputs) {{
     for (int i = 0; i < {ni}; i++) {{
         CUresult r = m->cu.cuMemcpyHtoDAsync_v2(m->in[i], inputs[i], input_bytes[i], m->stream);
@@ -446,6 +461,10 @@ API int {{PREFIX}}_run({{PREFIX}}_model *m, const void *const *inputs, void *con
 {null_checks(p)}
     m->error[0] = 0;
     if (push(m)) return 1;
+    if (stage(m)) {{
+        pop(m);
+        return 1;
+    }}
     int rc = copy_in(m, inputs) || enqueue(m, m->in, m->out, m->stream) || copy_out(m, outputs);
     rc = finish(m, m->stream, rc);
     pop(m);
@@ -467,6 +486,84 @@ API int {{PREFIX}}_run_device(
     int rc = finish(m, s, enqueue(m, in, out, s));
     pop(m);
     return rc;
+}}
+
+/* Device memory for the caller, in the instance's context (valid for every instance on
+ * the same device: they share its primary context); freed by {{PREFIX}}_free, or by
+ * destroy. */
+API int {{PREFIX}}_alloc({{PREFIX}}_model *m, size_t bytes, void **dev) {{
+    if (!m) return 1;
+    if (!dev) return fail(m, "alloc: dev is NULL");
+    *dev = NULL;
+    m->error[0] = 0;
+    if (m->n_owned == m->cap_owned) {{
+        int cap = m->cap_owned ? 2 * m->cap_owned : 16;
+        CUdeviceptr *more = realloc(m->owned, (size_t)cap * sizeof *more);
+        if (!more) return fail(m, "alloc: out of host memory for the list of device buffers");
+        m->owned = more;
+        m->cap_owned = cap;
+    }}
+    if (push(m)) return 1;
+    CUdeviceptr ptr = 0;
+    int rc = alloc(m, &ptr, bytes, "a device buffer");
+    pop(m);
+    if (rc) return 1;
+    m->owned[m->n_owned++] = ptr;
+    *dev = (void *)(uintptr_t)ptr;
+    return 0;
+}}
+
+/* Frees a buffer from {{PREFIX}}_alloc of this instance (NULL: nothing to do). */
+API int {{PREFIX}}_free({{PREFIX}}_model *m, void *dev) {{
+    if (!m) return 1;
+    m->error[0] = 0;
+    if (!dev) return 0;
+    CUdeviceptr ptr = (CUdeviceptr)(uintptr_t)dev;
+    int i = 0;
+    while (i < m->n_owned && m->owned[i] != ptr) i++;
+    if (i == m->n_owned)
+        return fail(m, "free: 0x%llx is not a live buffer of this instance ({{PREFIX}}_alloc's)", ptr);
+    m->owned[i] = m->owned[--m->n_owned]; /* gone from the list, whatever the driver says */
+    if (push(m)) return 1;
+    CUresult r = m->cu.cuMemFree_v2(ptr);
+    pop(m);
+    return r ? fail(m, "freeing device buffer 0x%llx: cuMemFree: %s", ptr, describe(m, r)) : 0;
+}}
+
+/* Copies `bytes` between host and device memory on the instance's stream, after what it
+ * has queued; they return once the bytes have arrived. */
+API int {{PREFIX}}_upload({{PREFIX}}_model *m, void *dev, const void *host, size_t bytes) {{
+    if (!m) return 1;
+    m->error[0] = 0;
+    if (!dev || !host) return fail(m, "upload: %s is NULL", dev ? "host" : "dev");
+    if (!bytes) return 0;
+    if (push(m)) return 1;
+    CUresult r = m->cu.cuMemcpyHtoDAsync_v2((CUdeviceptr)(uintptr_t)dev, host, bytes, m->stream);
+    CUresult s = m->cu.cuStreamSynchronize(m->stream);
+    pop(m);
+    if (r)
+        return fail(m, "copying %zu bytes to the device (at %p): cuMemcpyHtoDAsync: %s", bytes, dev,
+                    describe(m, r));
+    if (s)
+        return fail(m, "copying %zu bytes to the device: cuStreamSynchronize: %s", bytes, describe(m, s));
+    return 0;
+}}
+
+API int {{PREFIX}}_download({{PREFIX}}_model *m, void *host, const void *dev, size_t bytes) {{
+    if (!m) return 1;
+    m->error[0] = 0;
+    if (!dev || !host) return fail(m, "download: %s is NULL", dev ? "host" : "dev");
+    if (!bytes) return 0;
+    if (push(m)) return 1;
+    CUresult r = m->cu.cuMemcpyDtoHAsync_v2(host, (CUdeviceptr)(uintptr_t)dev, bytes, m->stream);
+    CUresult s = m->cu.cuStreamSynchronize(m->stream);
+    pop(m);
+    if (r)
+        return fail(m, "copying %zu bytes from the device (at %p): cuMemcpyDtoHAsync: %s", bytes, dev,
+                    describe(m, r));
+    if (s)
+        return fail(m, "copying %zu bytes from the device: cuStreamSynchronize: %s", bytes, describe(m, s));
+    return 0;
 }}
 """
     common = common_source(p, symbols)
@@ -497,5 +594,13 @@ int {p.prefix}_run_device(
 /* the device, driver and image the instance runs, e.g. "device 0, NVIDIA H200 (compute
  * capability 9.0, driver 12.8), running cubin sm_90" */
 const char *{p.prefix}_device(const {p.prefix}_model *m);
+/* device memory in the instance's context, for state kept on the GPU between runs (a
+ * train step's weights): *dev receives its address; {p.prefix}_free frees it, destroy
+ * frees what is left */
+int {p.prefix}_alloc({p.prefix}_model *m, size_t bytes, void **dev);
+int {p.prefix}_free({p.prefix}_model *m, void *dev);
+/* copies between host and device memory on the instance's stream; they return when done */
+int {p.prefix}_upload({p.prefix}_model *m, void *dev, const void *host, size_t bytes);
+int {p.prefix}_download({p.prefix}_model *m, void *host, const void *dev, size_t bytes);
 """
     return header_source(p, about, api)

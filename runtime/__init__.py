@@ -4,7 +4,8 @@ Every input is checked against the library's own metadata (count, name, dtype,
 shape) before any native call, so a wrong input raises a Python error that names it,
 never a crash; a non-contiguous array is copied first, never passed to native code.
 A CUDA library (one with NAME_run_device) loads the same way and takes the same
-host arrays; it also runs on device buffers (`run_device`).
+host arrays; it also runs on device buffers (`run_device`), which it can allocate
+itself (`alloc`: a DeviceBuffer, for state kept on the GPU between runs).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from ir.errors import KilnError
 
-__all__ = ["CompiledModel", "TensorInfo", "load", "KilnRuntimeError"]
+__all__ = ["CompiledModel", "DeviceBuffer", "TensorInfo", "load", "KilnRuntimeError"]
 
 
 class KilnRuntimeError(KilnError, RuntimeError):
@@ -49,11 +50,12 @@ class CompiledModel:
     separate instances (`model.instance()`) run concurrently. The native instance is
     made on first use (`create()` makes it now): a CUDA library needs its GPU only then,
     and a failure there (no driver, no device) raises KilnRuntimeError with the
-    library's own message.
+    library's own message. `ordinal` picks the GPU a CUDA library's instance runs on.
     """
 
-    def __init__(self, path: str | Path, name: str | None = None):
+    def __init__(self, path: str | Path, name: str | None = None, ordinal: int = 0):
         self.path = Path(path)
+        self.ordinal = int(ordinal)
         if not self.path.is_file():
             raise FileNotFoundError(f"no model library at {self.path}")
         self.name = name or self.path.stem
@@ -95,12 +97,13 @@ class CompiledModel:
         #: "cuda" for a library that runs on a GPU, else "cpu" (cuda-sim libraries included)
         self.target = "cuda" if hasattr(self._lib, f"{self.name}_run_device") else "cpu"
         if self.target == "cuda":
-            self._fn |= {s: getattr(self._lib, f"{self.name}_{s}") for s in ("run_device", "device")}
+            cuda_only = ("create_device", "run_device", "device", "alloc", "free", "upload", "download")
+            self._fn |= {s: getattr(self._lib, f"{self.name}_{s}") for s in cuda_only}
         self._declare()
         self.inputs = self._tensors("input")
         self.outputs = self._tensors("output")
         self._handle = ctypes.c_void_p()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a DeviceBuffer may be freed by GC inside a call
 
     def create(self) -> CompiledModel:
         """Make the native instance now (else the first call that needs it does)."""
@@ -112,7 +115,12 @@ class CompiledModel:
         """The native instance, made on first use (the caller holds the lock)."""
         if not self._handle:
             handle = ctypes.c_void_p()
-            if self._fn["create"](ctypes.byref(handle)) != 0:
+            made = (
+                self._fn["create_device"](ctypes.byref(handle), self.ordinal)
+                if self.target == "cuda"
+                else self._fn["create"](ctypes.byref(handle))
+            )
+            if made != 0:
                 why = (self._fn["last_error"](None) or b"").decode()
                 raise KilnRuntimeError(f"{self.name}_create failed: {why or 'out of memory?'}")
             self._handle = handle
@@ -137,6 +145,11 @@ class CompiledModel:
                 i,
             )
             f["device"].argtypes, f["device"].restype = [vp], cp
+            f["create_device"].argtypes, f["create_device"].restype = [ctypes.POINTER(vp), i], i
+            f["alloc"].argtypes, f["alloc"].restype = [vp, ctypes.c_size_t, ctypes.POINTER(vp)], i
+            f["free"].argtypes, f["free"].restype = [vp, vp], i
+            for copy in ("upload", "download"):
+                f[copy].argtypes, f[copy].restype = [vp, vp, vp, ctypes.c_size_t], i
         for kind in ("input", "output"):
             f[f"num_{kind}s"].argtypes, f[f"num_{kind}s"].restype = [], i
             for attr, res in (
@@ -256,6 +269,27 @@ class CompiledModel:
             if self._fn["run_device"](self._instance(), ins_c, outs_c, stream) != 0:
                 raise KilnRuntimeError(f"{self.name}_run_device failed: {self.last_error()}")
 
+    def alloc(self, nbytes: int, what: str = "a device buffer") -> DeviceBuffer:
+        """`nbytes` of device memory in this instance's context (shared by every instance
+        on the same GPU), freed when the DeviceBuffer is garbage (or by its free()), and
+        at the latest with the instance. `what` names it in error messages."""
+        if self.target != "cuda":
+            raise KilnError(f"{self.path.name} is a CPU library: device memory needs one compiled for cuda")
+        address = ctypes.c_void_p()
+        with self._lock:
+            if self._fn["alloc"](self._instance(), int(nbytes), ctypes.byref(address)) != 0:
+                raise KilnRuntimeError(f"{self.name}_alloc failed for {what}: {self.last_error()}")
+        return DeviceBuffer(self, int(address.value or 0), int(nbytes), what)
+
+    def _copy(self, direction: str, dev: int, host: int, nbytes: int, what: str) -> None:
+        with self._lock:
+            handle = self._handle
+            if not handle:
+                raise KilnError(f"{what} is gone: its instance of {self.name} was destroyed")
+            args = (handle, dev, host, nbytes) if direction == "upload" else (handle, host, dev, nbytes)
+            if self._fn[direction](*args) != 0:
+                raise KilnRuntimeError(f"{self.name}_{direction} of {what} failed: {self.last_error()}")
+
     @property
     def device(self) -> str | None:
         """For a CUDA library, the device, driver and image its instance runs (making
@@ -318,7 +352,7 @@ class CompiledModel:
 
     def instance(self) -> CompiledModel:
         """Another native instance of the same library, to run concurrently with this one."""
-        return CompiledModel(self.path, self.name).create()
+        return CompiledModel(self.path, self.name, self.ordinal).create()
 
     def save(self, path: str | Path) -> Path:
         """Copy the library (and its header, if beside it) to path (a .so file or a folder)."""
@@ -345,6 +379,58 @@ class CompiledModel:
         return f"<CompiledModel {self.name} ({ins}) -> ({outs}) at {self.path}>"
 
 
-def load(path: str | Path, name: str | None = None) -> CompiledModel:
-    """Load a Kiln model library; its name defaults to the file's stem (NAME.so)."""
-    return CompiledModel(path, name)
+class DeviceBuffer:
+    """Device memory from a CUDA library's instance (CompiledModel.alloc): its address
+    (a CUdeviceptr, for run_device) and size, with copies from and to numpy arrays.
+    It keeps its instance alive; garbage, it is freed (or with the instance, whichever
+    goes first)."""
+
+    def __init__(self, owner: CompiledModel, address: int, nbytes: int, what: str):
+        self.owner, self.address, self.nbytes, self.what = owner, address, nbytes, what
+
+    def _host(self, array: np.ndarray, offset: int, writing: bool) -> int:
+        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+            raise TypeError(f"{self.what}: copies take a C-contiguous numpy array")
+        if writing and not array.flags.writeable:
+            raise ValueError(f"{self.what}: the array to download into is read-only")
+        if offset < 0 or offset + array.nbytes > self.nbytes:
+            raise ValueError(
+                f"{self.what} has {self.nbytes} bytes: {array.nbytes} bytes at offset {offset} do not fit"
+            )
+        if not self.address:
+            raise KilnError(f"{self.what} was freed")
+        return array.ctypes.data
+
+    def upload(self, array: np.ndarray, offset: int = 0) -> None:
+        """array's bytes to the device, at `offset` bytes into the buffer; returns when done."""
+        host = self._host(array, offset, writing=False)
+        self.owner._copy("upload", self.address + offset, host, array.nbytes, self.what)
+
+    def download(self, out: np.ndarray, offset: int = 0) -> np.ndarray:
+        """The device bytes at `offset` into `out` (its size of them); returns out."""
+        host = self._host(out, offset, writing=True)
+        self.owner._copy("download", self.address + offset, host, out.nbytes, self.what)
+        return out
+
+    def free(self) -> None:
+        address, self.address = self.address, 0
+        owner = self.owner
+        with owner._lock:
+            if address and owner._handle and owner._fn["free"](owner._handle, address) != 0:
+                raise KilnRuntimeError(f"{owner.name}_free of {self.what} failed: {owner.last_error()}")
+
+    def __del__(self) -> None:
+        if getattr(self, "address", 0):
+            try:
+                self.free()
+            except KilnError:  # a driver failure on the way out: destroy frees it anyway
+                pass
+
+    def __repr__(self) -> str:
+        return f"<DeviceBuffer {self.what}: {self.nbytes} bytes at 0x{self.address:x} of {self.owner.name}>"
+
+
+def load(path: str | Path, name: str | None = None, ordinal: int = 0) -> CompiledModel:
+    """Load a Kiln model library; its name defaults to the file's stem (NAME.so);
+    `ordinal`: the GPU a CUDA library runs on."""
+    return CompiledModel(path, name, ordinal)

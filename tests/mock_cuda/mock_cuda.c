@@ -14,7 +14,9 @@
  * Configured by the environment, read at each call:
  *   KILN_MOCK_DEVICES   devices the driver sees (default 1; 0: cuInit fails as with none)
  *   KILN_MOCK_CC        the devices' compute capability as major*10+minor (default 80)
- *   KILN_MOCK_KERNELS   the cuda-sim library holding the kernel table
+ *   KILN_MOCK_KERNELS   the cuda-sim library holding the kernel table; or, for a process
+ *                       running several CUDA libraries, LIB=TABLE pairs separated by ':'
+ *                       (each image's table is that of the library holding the image)
  *   KILN_MOCK_FAIL      calls to fail: NAME (every call), NAME@N (the Nth call of NAME since
  *                       the mock was loaded), either with =CODE (the CUresult; else a
  *                       typical one for NAME); several, separated by commas
@@ -23,7 +25,9 @@
  * kiln_mock_calls(NAME) counts calls; kiln_mock_live() counts the allocations, modules,
  * streams, events and primary-context references still live.
  */
+#define _GNU_SOURCE /* dladdr */
 #include <dlfcn.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -362,6 +366,36 @@ static int cubin_sm(const unsigned char *elf) {
     return elf[8] >= 8 ? (int)(flags >> 8 & 0xff) : (int)(flags & 0xff);
 }
 
+/* The kernel table for an image, into `table` ("" for none): KILN_MOCK_KERNELS itself,
+ * or from its LIB=TABLE pairs the one whose LIB holds the image (found with dladdr). */
+static int kernels_for(const void *image, char *table, size_t n) {
+    const char *spec = getenv("KILN_MOCK_KERNELS");
+    table[0] = 0;
+    if (!spec || !*spec) return 0;
+    if (!strchr(spec, '=')) {
+        snprintf(table, n, "%s", spec);
+        return 0;
+    }
+    Dl_info info;
+    char lib[PATH_MAX], entry[PATH_MAX], wanted[PATH_MAX];
+    if (!dladdr(image, &info) || !info.dli_fname || !realpath(info.dli_fname, lib)) {
+        complain("cannot tell which library holds the image at %p (dladdr)", image);
+        return 1;
+    }
+    for (const char *p = spec; p && *p; p = strchr(p, ':') ? strchr(p, ':') + 1 : NULL) {
+        size_t len = strchr(p, ':') ? (size_t)(strchr(p, ':') - p) : strlen(p);
+        const char *eq = memchr(p, '=', len);
+        if (!eq || len >= sizeof entry) continue;
+        snprintf(entry, (size_t)(eq - p) + 1, "%s", p);
+        if (realpath(entry, wanted) && !strcmp(wanted, lib)) {
+            snprintf(table, n, "%.*s", (int)(len - (size_t)(eq + 1 - p)), eq + 1);
+            return 0;
+        }
+    }
+    complain("KILN_MOCK_KERNELS names no kernel table for %s", lib);
+    return 1;
+}
+
 API CUresult cuModuleLoadDataEx(CUmodule *module, const void *image, unsigned n, int *options, void **values) {
     NEED_CONTEXT("cuModuleLoadDataEx");
     CUresult r = injected("cuModuleLoadDataEx");
@@ -392,8 +426,11 @@ API CUresult cuModuleLoadDataEx(CUmodule *module, const void *image, unsigned n,
         m.image_size = strlen(text);
     }
     m.image = image;
-    const char *path = getenv("KILN_MOCK_KERNELS");
-    if (path && *path) {
+    char table[PATH_MAX];
+    const char *path = NULL;
+    if (kernels_for(image, table, sizeof table)) return INVALID_IMAGE;
+    if (table[0]) path = table;
+    if (path) {
         if (!(m.kernels_lib = dlopen(path, RTLD_NOW | RTLD_LOCAL))) {
             complain("cannot load KILN_MOCK_KERNELS=%s: %s", path, dlerror());
             return INVALID_IMAGE;
