@@ -101,11 +101,13 @@ def _compile_keras(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: no such file")
     model = load_model(args.model)
     out = Path(args.output)
+    if args.target == "cuda" and args.cpu:
+        raise ValueError("--target cuda has no CPU code: --cpu is for the CPU targets")
     if args.train:
-        so = model.export_train(out, batch_size=args.batch_size, cpu=args.cpu)
+        so = model.export_train(out, batch_size=args.batch_size, cpu=args.cpu, target=args.target)
         print(f"wrote {so} and {so.with_name(so.stem + '.h')} (training step, batch {args.batch_size})")
     else:
-        so = model.export(out, batch_size=args.batch_size, cpu=args.cpu)
+        so = model.export(out, batch_size=args.batch_size, cpu=args.cpu, target=args.target)
         print(f"wrote {so} and {so.with_name(so.stem + '.h')}")
     return 0
 

@@ -253,10 +253,17 @@ def gpu_launches(lowered: Lowered) -> list[cuda_lib.GpuLaunch]:
     ]
 
 
-def build_cuda(lowered: Lowered, dest: Path, cubins: bool | None = None) -> Path:
+def build_cuda(
+    lowered: Lowered,
+    dest: Path,
+    cubins: bool | None = None,
+    extra_c: str | None = None,
+    extra_blobs: dict[str, bytes] | None = None,
+) -> Path:
     """Link the --target cuda library dest/NAME.so (+ NAME.h) around the model's PTX for
     every architecture and, where ptxas is installed (or `cubins` is True), their
-    cubins; each image is also written beside it (NAME.sm_80.ptx, NAME.sm_80.cubin, ...)."""
+    cubins; each image is also written beside it (NAME.sm_80.ptx, NAME.sm_80.cubin, ...).
+    extra_c / extra_blobs: a wrapper API linked in, as for build."""
     name = lowered.library.prefix
     modules = gpu_modules(lowered)
     cubins = bool(cuda_lib.ptxas_version()) if cubins is None else cubins
@@ -271,9 +278,9 @@ def build_cuda(lowered: Lowered, dest: Path, cubins: bool | None = None) -> Path
         (dest / f"{name}.{image.arch}.{'cubin' if image.cubin else 'ptx'}").write_bytes(image.data)
     glue = cuda_lib.glue_source(lowered.library, gpu_launches(lowered), images)
     so = dest / f"{name}.so"
-    blobs = {f"{name}_{image.symbol}": image.data for image in images}
+    blobs = {f"{name}_{image.symbol}": image.data for image in images} | (extra_blobs or {})
     with tempfile.TemporaryDirectory(prefix="kiln-link-") as work:
-        cabi.link(lowered.library, None, Path(work), so, extra_blobs=blobs, glue=glue, libs=("-ldl",))
+        cabi.link(lowered.library, None, Path(work), so, extra_c, blobs, glue=glue, libs=("-ldl",))
     (dest / f"{name}.h").write_text(cuda_lib.header(lowered.library))
     return so
 

@@ -10,10 +10,12 @@ sets, swapped each step, as in Python) and computes the optimizer's per-step sca
     NAME_trainer_destroy(t);
 
 The step's own API (NAME_run, NAME_create, ...) is in the same library. The header
-NAME.h beside it documents the buffers. Dropout masks are drawn by the wrapper each
-step from a splitmix64 stream (NAME_set_seed; seed 0 at creation): a mask element
-keeps its unit when the draw's top 24 bits, as a fraction of 2^24, are at least the
-rate (then it is 1 / (1 - rate), as in Python's training).
+NAME.h beside it documents the buffers. `target="cuda"` gives the same API over a
+--target cuda step: the two sets live in GPU memory (NAME_alloc), and a step copies
+one block up (x, y, masks, scalars) and one down (loss, metric sums). Dropout masks
+are drawn by the wrapper each step from a splitmix64 stream (NAME_set_seed; seed 0 at
+creation): a mask element keeps its unit when the draw's top 24 bits, as a fraction of
+2^24, are at least the rate (then it is 1 / (1 - rate), as in Python's training).
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.driver import build, lower_graph
+from compiler.driver import TARGETS, build, build_cuda, lower_graph
 from frontends.keras.trainer import train_graph
+from ir.errors import UnsupportedError
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def _scalar_expressions(optimizer) -> list[str]:
@@ -36,6 +43,45 @@ def _scalar_expressions(optimizer) -> list[str]:
         b1, b2 = optimizer.beta_1, optimizer.beta_2
         known["alpha"] = f"lr * sqrtf(1.0f - powf({b2!r}f, step)) / (1.0f - powf({b1!r}f, step))"
     return [known[s] for s in optimizer.scalars]
+
+
+ALIGN = 256  # where each array of the CUDA trainer's batch block starts (cuMemAlloc's alignment)
+
+_TRAINER_ERRORS = """
+/* Why the calling thread's last {name}_trainer_create failed ({name}_trainer_last_error(NULL)):
+ * thread-specific data, as the step's own create error. */
+static pthread_key_t trainer_error_key;
+static pthread_once_t trainer_error_once = PTHREAD_ONCE_INIT;
+static int trainer_error_ok;
+
+static void trainer_error_init(void) {{
+    trainer_error_ok = pthread_key_create(&trainer_error_key, free) == 0;
+}}
+
+__attribute__((format(printf, 1, 2))) static int trainer_failed(const char *format, ...) {{
+    pthread_once(&trainer_error_once, trainer_error_init);
+    char *buf = trainer_error_ok ? pthread_getspecific(trainer_error_key) : NULL;
+    if (trainer_error_ok && !buf && (buf = malloc(1024)) &&
+        pthread_setspecific(trainer_error_key, buf) != 0) {{
+        free(buf);
+        buf = NULL;
+    }}
+    if (buf) {{
+        va_list ap;
+        va_start(ap, format);
+        vsnprintf(buf, 1024, format, ap);
+        va_end(ap);
+    }}
+    return 1;
+}}
+
+API const char *{name}_trainer_last_error(const {name}_trainer *t) {{
+    if (t) return {core}_last_error(t->m);
+    pthread_once(&trainer_error_once, trainer_error_init);
+    const char *why = trainer_error_ok ? pthread_getspecific(trainer_error_key) : NULL;
+    return why ? why : "no trainer (NULL handle: did {name}_trainer_create fail?)";
+}}
+"""
 
 
 def _wrapper(
@@ -50,7 +96,13 @@ def _wrapper(
     lr: float,
     iterations: int,
     masks: list[tuple[float, int]],
+    io_bytes: tuple[int, int],
+    cuda: bool = False,
 ) -> str:
+    """The trainer's C. On the CPU it owns the two sets of weights and slots in host
+    memory and passes pointers to {core}_run; for CUDA the sets are device memory
+    ({core}_alloc) and a step uploads one block (x, y, masks, scalars), runs
+    {core}_run_device and downloads one block (the loss, the metric sums)."""
     n_state = len(state_sizes)
     n_masks = len(masks)
     mask_rates = ", ".join(f"{rate!r}" for rate, _ in masks) or "0"
@@ -60,42 +112,157 @@ def _wrapper(
     sizes = ", ".join(f"{n}L" for n in state_sizes)
     names = ", ".join(f'"{p}"' for p in param_names)
     scalar_lines = "\n".join(f"    t->scalars[{i}] = {e};" for i, e in enumerate(scalars))
-    return f"""/* {name}: training of a Keras model compiled by Kiln (wrapper over {core}_run). */
+    # the CUDA trainer's batch block: x, y, each mask, then the scalars side by side
+    offsets, end = [], 0
+    for nbytes in [*io_bytes, *(4 * size for _, size in masks), 4 * max(len(scalars), 1)]:
+        offsets.append(-(-end // ALIGN) * ALIGN)
+        end = offsets[-1] + nbytes
+    x_off, y_off, *mask_offs, scalar_off = offsets
+    if cuda:
+        api = f"""int {core}_create({core}_model **out);
+int {core}_run_device({core}_model *m, const void *const *dev_inputs, void *const *dev_outputs, void *stream);
+int {core}_alloc({core}_model *m, size_t bytes, void **dev);
+int {core}_upload({core}_model *m, void *dev, const void *host, size_t bytes);
+int {core}_download({core}_model *m, void *host, const void *dev, size_t bytes);"""
+        fields = f"""    void *state[2][N_STATE]; /* device memory, from {core}_alloc */
+    void *batch_dev, *results_dev;
+    unsigned char *batch; /* the host side of batch_dev: x, y, masks, scalars */
+    float *scalars;       /* in batch */
+    float results[1 + {n_metrics}]; /* loss, metric sums */
+    const void *ins[2][N_IN];  /* device addresses */
+    void *outs[2][N_OUT];"""
+        setup = f"""    if (!(t->batch = calloc(1, BATCH_BYTES))) {{
+        {name}_trainer_destroy(t);
+        return trainer_failed("out of memory for the batch's staging (%d bytes)", BATCH_BYTES);
+    }}
+    if ({core}_alloc(t->m, BATCH_BYTES, &t->batch_dev) ||
+        {core}_alloc(t->m, sizeof t->results, &t->results_dev))
+        return give_up(t);
+    const unsigned char *init = {name}_initial_state;
+    for (int i = 0; i < N_STATE; i++) {{
+        size_t bytes = sizeof(float) * (size_t)state_size[i];
+        for (int s = 0; s < 2; s++)
+            if ({core}_alloc(t->m, bytes, &t->state[s][i])) return give_up(t);
+        if ({core}_upload(t->m, t->state[0][i], init, bytes)) return give_up(t);
+        init += bytes;
+    }}
+    unsigned char *dev = t->batch_dev;
+    for (int i = 0; i < N_MASKS; i++) t->masks[i] = (float *)(t->batch + mask_offset[i]);
+    t->scalars = (float *)(t->batch + SCALAR_OFFSET);
+    for (int s = 0; s < 2; s++) {{
+        t->ins[s][0] = dev + X_OFFSET;
+        t->ins[s][1] = dev + Y_OFFSET;
+        for (int i = 0; i < N_MASKS; i++) t->ins[s][2 + i] = dev + mask_offset[i];
+        for (int i = 0; i < N_STATE; i++) {{
+            t->ins[s][{n_ins_head} + i] = t->state[s][i];
+            t->outs[s][1 + {n_metrics} + i] = t->state[1 - s][i];
+        }}
+        for (int i = 0; i < N_SCALARS; i++)
+            t->ins[s][{n_ins_head} + N_STATE + i] = dev + SCALAR_OFFSET + 4 * i;
+        for (int i = 0; i < 1 + {n_metrics}; i++) t->outs[s][i] = (unsigned char *)t->results_dev + 4 * i;
+    }}"""
+        run = f"""    memcpy(t->batch + X_OFFSET, x, X_BYTES);
+    memcpy(t->batch + Y_OFFSET, y, Y_BYTES);
+    if ({core}_upload(t->m, t->batch_dev, t->batch, BATCH_BYTES) ||
+        {core}_run_device(t->m, t->ins[t->current], t->outs[t->current], NULL) ||
+        {core}_download(t->m, t->results, t->results_dev, sizeof t->results))
+        return 1;
+    t->current ^= 1;
+    t->iterations++;
+    if (loss) *loss = t->results[0];"""
+        release = f"""    if (t->m) {core}_destroy(t->m); /* frees the device memory of {core}_alloc */
+    free(t->batch);"""
+        get_param = f"return {core}_download(t->m, dst, t->state[t->current][i], PARAM_BYTES(i));"
+        set_param = f"return {core}_upload(t->m, t->state[t->current][i], src, PARAM_BYTES(i));"
+    else:
+        api = f"""int {core}_create({core}_model **out);
+int {core}_run({core}_model *m, const void *const *inputs, void *const *outputs);"""
+        fields = f"""    float *state[2][N_STATE];
+    float scalars[N_SCALARS > 0 ? N_SCALARS : 1];
+    float loss;
+    float metric_sums[{max(n_metrics, 1)}];
+    const void *ins[2][N_IN];
+    void *outs[2][N_OUT];"""
+        setup = f"""    const float *init = (const float *){name}_initial_state;
+    for (int i = 0; i < N_STATE; i++) {{
+        for (int s = 0; s < 2; s++) {{
+            t->state[s][i] = malloc(sizeof(float) * (size_t)(state_size[i] > 0 ? state_size[i] : 1));
+            if (!t->state[s][i]) {{
+                {name}_trainer_destroy(t);
+                return trainer_failed("out of memory for the weights and slots");
+            }}
+            memcpy(t->state[s][i], init, sizeof(float) * (size_t)state_size[i]);
+        }}
+        init += state_size[i];
+    }}
+    for (int i = 0; i < N_MASKS; i++) {{
+        t->masks[i] = malloc(sizeof(float) * (size_t)mask_size[i]);
+        if (!t->masks[i]) {{
+            {name}_trainer_destroy(t);
+            return trainer_failed("out of memory for the dropout masks");
+        }}
+    }}
+    for (int s = 0; s < 2; s++) {{
+        for (int i = 0; i < N_MASKS; i++) t->ins[s][2 + i] = t->masks[i];
+        for (int i = 0; i < N_STATE; i++) {{
+            t->ins[s][{n_ins_head} + i] = t->state[s][i];
+            t->outs[s][1 + {n_metrics} + i] = t->state[1 - s][i];
+        }}
+        for (int i = 0; i < N_SCALARS; i++) t->ins[s][{n_ins_head} + N_STATE + i] = &t->scalars[i];
+        t->outs[s][0] = &t->loss;
+        for (int i = 0; i < {n_metrics}; i++) t->outs[s][1 + i] = &t->metric_sums[i];
+    }}"""
+        run = f"""    t->ins[t->current][0] = x;
+    t->ins[t->current][1] = y;
+    if ({core}_run(t->m, t->ins[t->current], t->outs[t->current]) != 0) return 1;
+    t->current ^= 1;
+    t->iterations++;
+    if (loss) *loss = t->loss;"""
+        release = f"""    if (t->m) {core}_destroy(t->m);
+    for (int s = 0; s < 2; s++)
+        for (int i = 0; i < N_STATE; i++) free(t->state[s][i]);
+    for (int i = 0; i < N_MASKS; i++) free(t->masks[i]);"""
+        get_param = "memcpy(dst, t->state[t->current][i], PARAM_BYTES(i));\n    return 0;"
+        set_param = "memcpy(t->state[t->current][i], src, PARAM_BYTES(i));\n    return 0;"
+    offsets_c = ", ".join(str(o) for o in mask_offs) or "0"
+    run_fn = f"{core}_run_device" if cuda else f"{core}_run"
+    return f"""/* {name}: training of a Keras model compiled by Kiln (wrapper over {run_fn}). */
 #include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define API __attribute__((visibility("default")))
 typedef struct {core}_model {core}_model;
-int {core}_create({core}_model **out);
-int {core}_run({core}_model *m, const void *const *inputs, void *const *outputs);
+{api}
 void {core}_destroy({core}_model *m);
 const char *{core}_last_error(const {core}_model *m);
 extern const unsigned char {name}_initial_state[];
 
 enum {{ N_STATE = {n_state}, N_PARAMS = {n_weights}, N_IN = {n_in}, N_OUT = {n_out} }};
 enum {{ N_SCALARS = {len(scalars)}, N_MASKS = {n_masks} }};
+enum {{ X_BYTES = {io_bytes[0]}, Y_BYTES = {io_bytes[1]}, X_OFFSET = {x_off}, Y_OFFSET = {y_off} }};
+enum {{ SCALAR_OFFSET = {scalar_off}, BATCH_BYTES = {end} }};
 static const double mask_rate[N_MASKS > 0 ? N_MASKS : 1] = {{{mask_rates}}};
 static const long mask_size[N_MASKS > 0 ? N_MASKS : 1] = {{{mask_sizes}}};
+static const long mask_offset[N_MASKS > 0 ? N_MASKS : 1] = {{{offsets_c}}};
 static const long state_size[N_STATE] = {{{sizes}}};
 static const char *const param_names[N_PARAMS] = {{{names}}};
+#define PARAM_BYTES(i) (sizeof(float) * (size_t)state_size[i])
 
 typedef struct {name}_trainer {{
     {core}_model *m;
-    float *state[2][N_STATE];
-    float scalars[N_SCALARS > 0 ? N_SCALARS : 1];
-    float loss;
-    float metric_sums[{max(n_metrics, 1)}];
-    const void *ins[2][N_IN];
-    void *outs[2][N_OUT];
+{fields}
     float *masks[N_MASKS > 0 ? N_MASKS : 1];
     uint64_t rng;
     int current;
     long iterations;
     float learning_rate;
 }} {name}_trainer;
-
+{_TRAINER_ERRORS.format(name=name, core=core)}
 static uint64_t splitmix64(uint64_t *state) {{
     uint64_t z = (*state += 0x9E3779B97F4A7C15ULL);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -115,39 +282,28 @@ static void draw_masks({name}_trainer *t) {{
 
 API void {name}_trainer_destroy({name}_trainer *t) {{
     if (!t) return;
-    if (t->m) {core}_destroy(t->m);
-    for (int s = 0; s < 2; s++)
-        for (int i = 0; i < N_STATE; i++) free(t->state[s][i]);
-    for (int i = 0; i < N_MASKS; i++) free(t->masks[i]);
+{release}
     free(t);
 }}
 
+/* A failure of the step's library while creating: its message kept, the trainer gone. */
+__attribute__((unused)) static int give_up({name}_trainer *t) {{
+    trainer_failed("%s", {core}_last_error(t->m));
+    {name}_trainer_destroy(t);
+    return 1;
+}}
+
 API int {name}_trainer_create({name}_trainer **out) {{
+    if (!out) return trainer_failed("out is NULL");
+    *out = NULL;
     {name}_trainer *t = calloc(1, sizeof *t);
-    if (!t || {core}_create(&t->m) != 0) {{ {name}_trainer_destroy(t); return 1; }}
-    const float *init = (const float *){name}_initial_state;
-    for (int i = 0; i < N_STATE; i++) {{
-        for (int s = 0; s < 2; s++) {{
-            t->state[s][i] = malloc(sizeof(float) * (size_t)(state_size[i] > 0 ? state_size[i] : 1));
-            if (!t->state[s][i]) {{ {name}_trainer_destroy(t); return 1; }}
-            memcpy(t->state[s][i], init, sizeof(float) * (size_t)state_size[i]);
-        }}
-        init += state_size[i];
+    if (!t) return trainer_failed("out of memory for the trainer");
+    if ({core}_create(&t->m) != 0) {{
+        trainer_failed("%s", {core}_last_error(NULL));
+        free(t);
+        return 1;
     }}
-    for (int i = 0; i < N_MASKS; i++) {{
-        t->masks[i] = malloc(sizeof(float) * (size_t)mask_size[i]);
-        if (!t->masks[i]) {{ {name}_trainer_destroy(t); return 1; }}
-    }}
-    for (int s = 0; s < 2; s++) {{
-        for (int i = 0; i < N_MASKS; i++) t->ins[s][2 + i] = t->masks[i];
-        for (int i = 0; i < N_STATE; i++) {{
-            t->ins[s][{n_ins_head} + i] = t->state[s][i];
-            t->outs[s][1 + {n_metrics} + i] = t->state[1 - s][i];
-        }}
-        for (int i = 0; i < N_SCALARS; i++) t->ins[s][{n_ins_head} + N_STATE + i] = &t->scalars[i];
-        t->outs[s][0] = &t->loss;
-        for (int i = 0; i < {n_metrics}; i++) t->outs[s][1 + i] = &t->metric_sums[i];
-    }}
+{setup}
     t->learning_rate = {lr!r}f;
     t->iterations = {iterations};
     *out = t;
@@ -155,20 +311,15 @@ API int {name}_trainer_create({name}_trainer **out) {{
 }}
 
 API int {name}_train_step({name}_trainer *t, const void *x, const void *y, float *loss) {{
+    if (!t) return 1;
     const float lr = t->learning_rate, step = (float)(t->iterations + 1);
     (void)lr; (void)step;
 {scalar_lines}
     draw_masks(t);
-    t->ins[t->current][0] = x;
-    t->ins[t->current][1] = y;
-    if ({core}_run(t->m, t->ins[t->current], t->outs[t->current]) != 0) return 1;
-    t->current ^= 1;
-    t->iterations++;
-    if (loss) *loss = t->loss;
+{run}
     return 0;
 }}
 
-API const char *{name}_trainer_last_error(const {name}_trainer *t) {{ return {core}_last_error(t->m); }}
 API void {name}_set_learning_rate({name}_trainer *t, float lr) {{ t->learning_rate = lr; }}
 API void {name}_set_seed({name}_trainer *t, uint64_t seed) {{ t->rng = seed; }}
 API long {name}_iterations(const {name}_trainer *t) {{ return t->iterations; }}
@@ -178,27 +329,37 @@ API long {name}_param_size(int i) {{ return i >= 0 && i < N_PARAMS ? state_size[
 
 API int {name}_get_param(const {name}_trainer *t, int i, float *dst) {{
     if (i < 0 || i >= N_PARAMS) return 1;
-    memcpy(dst, t->state[t->current][i], sizeof(float) * (size_t)state_size[i]);
-    return 0;
+    {get_param}
 }}
 
 API int {name}_set_param({name}_trainer *t, int i, const float *src) {{
     if (i < 0 || i >= N_PARAMS) return 1;
-    memcpy(t->state[t->current][i], src, sizeof(float) * (size_t)state_size[i]);
-    return 0;
+    {set_param}
 }}
 """
 
 
-def _header(name: str, x_shape, x_dtype, y_shape, y_dtype, param_names, sizes) -> str:
+def _header(name: str, x_shape, x_dtype, y_shape, y_dtype, param_names, sizes, cuda: bool = False) -> str:
     params = "\n".join(f" *   param {i}: {p}  float[{n}]" for i, (p, n) in enumerate(zip(param_names, sizes)))
+    gpu = (
+        f"""
+ * It trains on an NVIDIA GPU (CUDA device 0; CUDA_VISIBLE_DEVICES picks another)
+ * through the CUDA driver, which {name}_trainer_create opens (libcuda.so.1, with
+ * dlopen; KILN_LIBCUDA names another driver library). The weights and optimizer
+ * slots stay on the GPU: a step copies x, y and its dropout masks there and the loss
+ * back; {name}_get_param / {name}_set_param copy one parameter.
+ *"""
+        if cuda
+        else ""
+    )
     return f"""/* {name}: a Keras model's training step, compiled by Kiln.
  *
  *   x: {x_dtype}[{", ".join(map(str, x_shape))}]   y: {y_dtype}[{", ".join(map(str, y_shape))}]
  *   (one batch each, dense row-major)
 {params}
- *
- * Functions returning int give 0 on success ({name}_trainer_last_error says why not).
+ *{gpu}
+ * Functions returning int give 0 on success ({name}_trainer_last_error says why not;
+ * {name}_trainer_last_error(NULL): why the calling thread's last create failed).
  */
 #ifndef {name.upper()}_H
 #define {name.upper()}_H
@@ -229,44 +390,51 @@ void {name}_trainer_destroy({name}_trainer *t);
 """
 
 
-def export_train(model, filepath, batch_size: int, cpu: str | None = None) -> Path:
+def export_train(model, filepath, batch_size: int, cpu: str | None = None, target: str = "cpu") -> Path:
+    """The library; `target` "cuda" builds the step for an NVIDIA GPU (the same C API;
+    the weights and slots on the GPU), "cuda-sim" the GPU's kernels run on the CPU."""
     path = Path(filepath)
     name = path.stem
     if path.suffix != ".so":
         raise ValueError(
             f"export_train writes a shared library: the filename must end in .so, got {filepath}"
         )
+    if target not in TARGETS:
+        raise UnsupportedError(f"target {target!r} is not supported (supported: {', '.join(TARGETS)})")
+    if target == "cuda" and cpu is not None:
+        raise ValueError("a cuda training library has no CPU code: cpu= is for target cpu or cuda-sim")
     targets = model._check_compiled()
     if len(model._input_shapes or []) != 1 or len(targets) != 1 or model._several_outputs:
         raise ValueError(
             "export_train takes a model with one input and one output (the C step takes one x and one y)"
         )
     model._sync()
-    state = model._train_state()
+    state = model._state if model._state is not None else model._train_state()
     weights = model.weights
     (feed,) = model._feeds(batch_size)
-    (target,) = model._targets(batch_size)
+    (trained,) = model._targets(batch_size)
     core = name  # the step's own API (NAME_run, ...) sits beside the trainer's in one library
-    graph, masks = train_graph(model._forward, weights, [feed], [target], False, model.optimizer, name=core)
-    arrays = state.sets[state.current]
+    graph, masks = train_graph(model._forward, weights, [feed], [trained], False, model.optimizer, name=core)
+    arrays = state.arrays()
     blob = b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in arrays)
     opt = model.optimizer
     wrapper = _wrapper(
         name, core, 2 + len(masks), [a.size for a in arrays], len(weights), [w.name for w in weights],
-        len(target.metrics), _scalar_expressions(opt), opt.learning_rate, opt.iterations,
+        len(trained.metrics), _scalar_expressions(opt), opt.learning_rate, opt.iterations,
         [(layer.rate, int(np.prod(shape))) for layer, shape in masks],
+        (_nbytes(feed.shape, feed.dtype), _nbytes(trained.y.shape, trained.y.dtype)), target == "cuda",
     )  # fmt: skip
+    blobs = {f"{name}_initial_state": blob}
     with tempfile.TemporaryDirectory(prefix="kiln-train-") as work:
-        so = build(
-            lower_graph(graph, core),
-            Path(work),
-            cpu_name=cpu,
-            extra_c=wrapper,
-            extra_blobs={f"{name}_initial_state": blob},
-        )
+        lowered = lower_graph(graph, core, target=target)
+        if target == "cuda":
+            so = build_cuda(lowered, Path(work), extra_c=wrapper, extra_blobs=blobs)
+        else:
+            so = build(lowered, Path(work), cpu_name=cpu, extra_c=wrapper, extra_blobs=blobs)
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(so, path)
-    header = _header(name, feed.shape, feed.dtype, target.y.shape, target.y.dtype, [w.name for w in weights],
-                     [w.value.size for w in weights])  # fmt: skip
+    y = trained.y
+    header = _header(name, feed.shape, feed.dtype, y.shape, y.dtype, [w.name for w in weights],
+                     [w.value.size for w in weights], target == "cuda")  # fmt: skip
     path.with_name(f"{name}.h").write_text(header)
     return path

@@ -1,7 +1,8 @@
 """Keras models: the Functional API's Model and Sequential, with compile / fit / evaluate
 / predict as Keras 3 defines them, running the programs of trainer.py. A model describes
 itself as Keras does (get_config / from_config, get_compile_config / compile_from_config),
-and saves and loads through the file formats registered in serialization."""
+and saves and loads through the file formats registered in serialization. The programs
+run on the CPU, or on a GPU inside `keras.device("gpu:0")` (see devices.py)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from typing import ClassVar
 import numpy as np
 
 from frontends.keras import callbacks as callbacks_module
+from frontends.keras import devices, serialization, utils
 from frontends.keras import losses as losses_module
 from frontends.keras import metrics as metrics_module
 from frontends.keras import optimizers as optimizers_module
-from frontends.keras import serialization, utils
 from frontends.keras.base_layer import InputLayer, KerasTensor, Layer, LayerCall, Weight, auto_name
 from frontends.keras.serialization import dtype_policy, file_format, register, serialize
 from frontends.keras.trainer import (
     BoundStep,
+    DeviceStep,
+    DeviceTrainState,
     Feed,
+    Staging,
     Target,
     TrainState,
     build_evaluate,
@@ -64,7 +68,8 @@ class Model:
         self.stop_training = False
         self.history = None
         self._programs: dict = {}
-        self._state: TrainState | None = None
+        self._state: TrainState | DeviceTrainState | None = None
+        self._compile_device: str | None = None  # the keras.device scope around compile()
         self._slots_kept: dict | None = None  # optimizer slots to start the next training from
         self._input_shapes: list[tuple[int, ...]] | None = None
         self._output_shapes: list[tuple[int, ...]] = []
@@ -216,6 +221,12 @@ class Model:
         self._programs = {}
         self._state = None
         self._slots_kept = None
+        self._compile_device = devices.current()
+
+    def _device(self) -> str:
+        """Where the programs run now: the keras.device scope around this call, else
+        the one that was around compile(), else the CPU (see devices.py)."""
+        return devices.current() or self._compile_device or devices.CPU
 
     def _per_output(self, spec, what: str, listed: bool = False) -> list:
         """compile()'s loss / loss_weights / metrics, one entry per output: given once
@@ -337,30 +348,58 @@ class Model:
 
     # ------------------------------------------------------------------ programs
 
-    def _program(self, kind: str, batch: int):
-        key = (kind, batch)
+    def _program(self, kind: str, batch: int, device: str = devices.CPU):
+        key = (kind, batch, device)
         if key not in self._programs:
-            weights, feeds = self.weights, self._feeds(batch)
+            forward, weights, feeds = self._forward, self.weights, self._feeds(batch)
             if kind == "predict":
-                self._programs[key] = build_predict(self._forward, weights, feeds)
+                self._programs[key] = build_predict(forward, weights, feeds, device)
             else:
                 targets = self._targets(batch)
                 several = len(targets) > 1  # each output's own loss is logged when several have one
                 if kind == "evaluate":
-                    self._programs[key] = build_evaluate(self._forward, weights, feeds, targets, several)
+                    self._programs[key] = build_evaluate(forward, weights, feeds, targets, several, device)
                 else:
-                    program = build_train(self._forward, weights, feeds, targets, several, self.optimizer)
-                    state = self._train_state()
-                    self._programs[key] = BoundStep(program, state, feeds, targets, self.optimizer)
+                    program = build_train(forward, weights, feeds, targets, several, self.optimizer, device)
+                    state = self._train_state(device)
+                    step = BoundStep if device == devices.CPU else DeviceStep
+                    self._programs[key] = step(program, state, feeds, targets, self.optimizer)
         return self._programs[key]
 
-    def _train_state(self) -> TrainState:
+    def _train_state(self, device: str = devices.CPU) -> TrainState | DeviceTrainState:
+        """The training state on `device`; a state on another device hands its weights
+        and slots over (the weights through the layers)."""
+        if self._state is not None and self._state.device != device:
+            self._sync()
+            self._reset_state()
         if self._state is None:
-            self._state = TrainState(self.weights, self.optimizer, self._slots_kept)
+            if device == devices.CPU:
+                self._state = TrainState(self.weights, self.optimizer, self._slots_kept)
+            else:
+                self._state = DeviceTrainState(self.weights, self.optimizer, self._slots_kept, device)
             self._programs = {
                 k: v for k, v in self._programs.items() if k[0] != "train"
             }  # bound to old arrays
         return self._state
+
+    def _weights_for(self, program) -> tuple[list, object]:
+        """The weights as `program.run` takes them, and what must stay alive meanwhile:
+        on the CPU the layers' arrays; on a GPU the device addresses where training
+        left them, else the layers' values uploaded (one copy) for this call."""
+        state = self._state
+        if isinstance(state, DeviceTrainState) and state.device == program.device:
+            addresses = state.weight_addresses()
+            if addresses is not None:
+                return addresses, state
+        self._sync()
+        values = [w.value for w in self.weights]
+        if program.device == devices.CPU:
+            return values, None
+        staging = Staging(program.compiled, [(v.shape, "float32") for v in values], "the weights")
+        for dst, src in zip(staging.arrays, values):
+            dst[...] = src
+        staging.upload()
+        return staging.addresses, staging
 
     # ------------------------------------------------------------------ fit / evaluate / predict
 
@@ -407,7 +446,8 @@ class Model:
             [*(callbacks or []), history], self, verbose=verbose, epochs=epochs, steps=steps
         )
         self.stop_training = False
-        self._train_state()
+        device = self._device()
+        self._train_state(device)
         cbs.on_train_begin()
         for epoch in range(initial_epoch, epochs):
             cbs.on_epoch_begin(epoch)
@@ -416,11 +456,11 @@ class Model:
             for step in range(steps):
                 idx = order[step * batch : (step + 1) * batch]
                 cbs.on_train_batch_begin(step)
-                logs = self._train_batch(xs, ys, idx, totals)
+                logs = self._train_batch(xs, ys, idx, totals, device)
                 cbs.on_train_batch_end(step, logs)
             logs = totals.logs()
             if validation is not None:
-                val = self._evaluate(*validation, batch).logs()
+                val = self._evaluate(*validation, batch, device).logs()
                 logs.update({f"val_{k}": v for k, v in val.items()})
             self._sync()
             cbs.on_epoch_end(epoch, logs)
@@ -431,9 +471,9 @@ class Model:
         self.history = history
         return history
 
-    def _train_batch(self, xs, ys, idx, totals: _Totals) -> dict:
+    def _train_batch(self, xs, ys, idx, totals: _Totals, device: str) -> dict:
         size = len(idx)
-        step = self._program("train", size)
+        step = self._program("train", size, device)
         for src, dst in zip([*xs, *ys], [*step.xs, *step.ys]):
             np.take(src, idx, axis=0, out=dst)
         for mask, (layer, shape) in zip(step.masks, step.program.masks):
@@ -442,7 +482,7 @@ class Model:
             step.scalars[name][...] = value
         state = self._state
         step.calls[state.current]()
-        state.current ^= 1
+        state.advance()
         self.optimizer.iterations += 1
         totals.add(step.program, float(step.loss), [float(v) for v in step.losses], size,
                    [float(s) for s in step.metric_sums])  # fmt: skip
@@ -453,9 +493,10 @@ class Model:
         targets = self._check_compiled()
         xs = self._prepare_x(x)
         ys = self._prepare_y(y, len(xs[0]), targets)
-        self._train_state()
+        device = self._device()
+        self._train_state(device)
         totals = _Totals()
-        logs = self._train_batch(xs, ys, np.arange(len(xs[0])), totals)
+        logs = self._train_batch(xs, ys, np.arange(len(xs[0])), totals, device)
         self._sync()
         return logs if return_dict else self._as_list(totals)
 
@@ -474,18 +515,19 @@ class Model:
         targets = self._targets(0)
         xs = self._prepare_x(x)
         ys = self._prepare_y(y, len(xs[0]), targets)
-        totals = self._evaluate(xs, ys, int(batch_size or DEFAULT_BATCH_SIZE))
+        totals = self._evaluate(xs, ys, int(batch_size or DEFAULT_BATCH_SIZE), self._device())
         return totals.logs() if return_dict else self._as_list(totals)
 
-    def _evaluate(self, xs: list[np.ndarray], ys: list[np.ndarray], batch: int) -> _Totals:
-        self._sync()
-        weights = [w.value for w in self.weights]
+    def _evaluate(self, xs: list[np.ndarray], ys: list[np.ndarray], batch: int, device: str) -> _Totals:
         totals = _Totals()
+        weights = None
         for start in range(0, len(xs[0]), batch):
             parts = [np.ascontiguousarray(a[start : start + batch]) for a in [*xs, *ys]]
             size = len(parts[0])
-            program = self._program("evaluate", size)
-            loss, *rest = program.compiled.run(*parts, *weights)
+            program = self._program("evaluate", size, device)
+            if weights is None:
+                weights, _alive = self._weights_for(program)
+            loss, *rest = program.run(parts, weights)
             n_losses = len(program.loss_names)
             totals.add(program, float(loss), [float(v) for v in rest[:n_losses]], size,
                        [float(s) for s in rest[n_losses:]])  # fmt: skip
@@ -498,12 +540,15 @@ class Model:
         return self._predict(self._prepare_x(x), int(batch_size or DEFAULT_BATCH_SIZE))
 
     def _predict(self, xs: list[np.ndarray], batch: int):
-        self._sync()
-        weights = [w.value for w in self.weights]
+        device = self._device()
+        weights = None
         parts: list[list[np.ndarray]] = [[] for _ in self._output_shapes]
         for start in range(0, len(xs[0]), batch):
             inputs = [np.ascontiguousarray(a[start : start + batch]) for a in xs]
-            outputs = self._program("predict", len(inputs[0])).compiled.run(*inputs, *weights)
+            program = self._program("predict", len(inputs[0]), device)
+            if weights is None:
+                weights, _alive = self._weights_for(program)
+            outputs = program.run(inputs, weights)
             for part, y in zip(parts, outputs):
                 part.append(y)
         ys = [
@@ -522,11 +567,12 @@ class Model:
         self._sync()
         keras_file.save(self, filepath)
 
-    def export(self, filepath, batch_size: int = 1, cpu: str | None = None) -> Path:
+    def export(self, filepath, batch_size: int = 1, cpu: str | None = None, target: str = "cpu") -> Path:
         """The model for inference as a shared library with Kiln's C ABI (NAME_create,
         NAME_run, ... with NAME the file's stem) and its header beside it, the current
         weights inside. Inputs have a fixed batch size; `cpu` targets an LLVM CPU
-        (e.g. "x86-64-v3") instead of this machine's."""
+        (e.g. "x86-64-v3") instead of this machine's; `target` "cuda" gives a library
+        that runs on an NVIDIA GPU (compile_model's targets)."""
         from compiler import compile_model
         from frontends.keras.trainer import inference_graph
 
@@ -538,14 +584,17 @@ class Model:
         self._sync()
         feeds = self._feeds(batch_size)
         graph = inference_graph(self._forward, self.weights, feeds, self.output_names, path.stem)
-        return compile_model(graph, name=path.stem, cpu_name=cpu).save(path)
+        return compile_model(graph, target=target, name=path.stem, cpu_name=cpu).save(path)
 
-    def export_train(self, filepath, batch_size: int = 32, cpu: str | None = None) -> Path:
+    def export_train(
+        self, filepath, batch_size: int = 32, cpu: str | None = None, target: str = "cpu"
+    ) -> Path:
         """The training step as a C library: NAME_trainer_create, NAME_train_step,
-        NAME_get_param / NAME_set_param ... (see frontends/keras/export_train.py)."""
+        NAME_get_param / NAME_set_param ... (see frontends/keras/export_train.py);
+        target="cuda": the same API, training on an NVIDIA GPU."""
         from frontends.keras.export_train import export_train
 
-        return export_train(self, filepath, batch_size, cpu)
+        return export_train(self, filepath, batch_size, cpu, target)
 
     def save_weights(self, filepath) -> None:
         """Keras's .weights.h5 (the weights part of a .keras file), written atomically."""

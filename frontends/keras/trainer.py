@@ -11,10 +11,17 @@ are one graph: fused and memory-planned as a whole, one native call per step.
 
 Weights and slots live in two sets of arrays; each step reads one set and writes the
 other (`bind` fixes the pointers once), so nothing is copied between steps.
+
+On a GPU (keras.device("gpu:N"): the programs are --target cuda libraries) the two
+sets are device memory (DeviceTrainState): a step uploads only the batch (inputs,
+labels, dropout masks, step scalars: one copy) and downloads only the loss and metric
+sums (one copy); the host sees the weights when it asks for them (one download, kept
+until the next step). evaluate and predict read the weights where they lie.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler import compile_model
+from frontends.keras import devices
 from frontends.keras.base_layer import Layer, Weight
 from ir.autodiff import gradients
 from ir.builder import GraphBuilder
@@ -85,6 +93,27 @@ class Program:
     masks: list[tuple[Layer, tuple[int, ...]]] = field(default_factory=list)
     loss_names: list[str] = field(default_factory=list)
     metric_names: list[str] = field(default_factory=list)
+    device: str = devices.CPU
+    _io: DeviceIO | None = field(default=None, repr=False)  # a GPU program's staging, made by run
+
+    def run(self, arrays: list[np.ndarray], weights: list) -> list[np.ndarray]:
+        """An evaluate or predict call on one batch (`arrays`: inputs, then labels): on
+        the CPU `weights` are the weights' arrays, on a GPU their device addresses."""
+        if self.device == devices.CPU:
+            return self.compiled.run(*arrays, *weights)
+        if self._io is None:
+            self._io = DeviceIO(self.compiled, len(arrays))
+        return self._io.run(arrays, weights)
+
+
+def _compile(graph, name: str, device: str):
+    """The graph's library for the device: a CPU library, or a --target cuda one for
+    GPU N (its instance, made on first use, runs there)."""
+    if device == devices.CPU:
+        return compile_model(graph, name=name)
+    compiled = compile_model(graph, name=name, target="cuda")
+    compiled.ordinal = devices.ordinal(device)
+    return compiled
 
 
 def _start(name: str, weights: list[Weight], feeds: list[Feed]):
@@ -94,10 +123,12 @@ def _start(name: str, weights: list[Weight], feeds: list[Feed]):
     return b, xs, values
 
 
-def build_predict(forward: Forward, weights: list[Weight], feeds: list[Feed]) -> Program:
+def build_predict(
+    forward: Forward, weights: list[Weight], feeds: list[Feed], device: str = devices.CPU
+) -> Program:
     b, xs, values = _start("predict", weights, feeds)
     ys = forward(GraphContext(b, values), xs, False)
-    return Program(compile_model(b.build(*ys), name="predict"))
+    return Program(_compile(b.build(*ys), "predict", device), device=device)
 
 
 def inference_graph(
@@ -135,14 +166,15 @@ def _names(targets: list[Target], several: bool) -> tuple[list[str], list[str]]:
     return loss_names, [f"{t.prefix}{m.name}" for t in targets for m in t.metrics]
 
 
-def build_evaluate(forward, weights, feeds: list[Feed], targets: list[Target], several: bool) -> Program:
+def build_evaluate(forward, weights, feeds: list[Feed], targets: list[Target], several: bool,
+                   device: str = devices.CPU) -> Program:  # fmt: skip
     b, xs, values = _start("evaluate", weights, feeds)
     y_trues = [b.input(t.y.name, t.y.shape, t.y.dtype) for t in targets]
     y_preds = forward(GraphContext(b, values), xs, False)
     total, parts, sums = _loss_and_metrics(b, targets, y_trues, y_preds, several)
     b.inputs = [*xs, *y_trues, *values.values()]
     graph = b.build(total, *parts, *sums)
-    return Program(compile_model(graph, name="evaluate"), [], *_names(targets, several))
+    return Program(_compile(graph, "evaluate", device), [], *_names(targets, several), device=device)
 
 
 def train_graph(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer,
@@ -194,33 +226,124 @@ def train_graph(forward, weights, feeds: list[Feed], targets: list[Target], seve
     return b.build(*outputs), [(layer, m.type.shape) for layer, m in ctx.masks]
 
 
-def build_train(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer):
+def build_train(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer,
+                device: str = devices.CPU):  # fmt: skip
     graph, masks = train_graph(forward, weights, feeds, targets, several, optimizer)
-    return Program(compile_model(graph, name="train_step"), masks, *_names(targets, several))
+    return Program(_compile(graph, "train_step", device), masks, *_names(targets, several), device=device)
+
+
+def _initial_state(weights: list[Weight], optimizer, slot_values: dict | None):
+    """The weights and slots a training starts from (slots not given start at the
+    optimizer's initial value), and the slots' keys (weight name, slot name)."""
+    trainable = [w for w in weights if w.trainable]
+    keys = [(w.name, s) for w in trainable for s in optimizer.slots]
+    slots = [
+        (slot_values or {}).get((w.name, s), np.full(w.shape, optimizer.slots[s], np.float32))
+        for w in trainable
+        for s in optimizer.slots
+    ]
+    return [w.value.copy() for w in weights] + [np.array(s, np.float32) for s in slots], keys
 
 
 class TrainState:
     """Weights and optimizer slots in two sets of arrays that steps alternate between."""
 
+    device = devices.CPU
+
     def __init__(self, weights: list[Weight], optimizer, slot_values: dict | None = None):
-        trainable = [w for w in weights if w.trainable]
-        slots = [
-            (slot_values or {}).get((w.name, s), np.full(w.shape, optimizer.slots[s], np.float32))
-            for w in trainable
-            for s in optimizer.slots
-        ]
-        first = [w.value.copy() for w in weights] + [np.array(s, np.float32) for s in slots]
+        first, self.slot_keys = _initial_state(weights, optimizer, slot_values)
         self.sets = [first, [a.copy() for a in first]]
         self.current = 0
         self.n_weights = len(weights)
-        self.slot_keys = [(w.name, s) for w in trainable for s in optimizer.slots]
+
+    def advance(self) -> None:
+        """A step wrote the other set: it is the current one now."""
+        self.current ^= 1
+
+    def arrays(self) -> list[np.ndarray]:
+        """The current weights, then slots."""
+        return self.sets[self.current]
 
     @property
     def weights(self) -> list[np.ndarray]:
-        return self.sets[self.current][: self.n_weights]
+        return self.arrays()[: self.n_weights]
 
     def slot_values(self) -> dict:
-        return dict(zip(self.slot_keys, self.sets[self.current][self.n_weights :]))
+        return dict(zip(self.slot_keys, self.arrays()[self.n_weights :]))
+
+
+ALIGN = 256  # cuMemAlloc's alignment: each array of a Staging block starts at a multiple
+
+
+class Staging:
+    """Arrays that cross between host and GPU together, laid out in one host buffer and
+    one device buffer of the same layout: one copy moves them all (a copy costs a
+    driver call and a synchronization however small it is). `arrays` are views into
+    the host buffer; `addresses` where each lies on the device."""
+
+    def __init__(self, lib, specs: list[tuple[tuple[int, ...], str]], what: str):
+        offsets, end = [], 0
+        for shape, dtype in specs:
+            start = -(-end // ALIGN) * ALIGN
+            offsets.append(start)
+            end = start + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.host = np.zeros(max(end, 1), np.uint8)
+        self.arrays = [
+            self.host[o : o + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize]
+            .view(dtype)
+            .reshape(shape)
+            for o, (shape, dtype) in zip(offsets, specs)
+        ]
+        self.device = lib.alloc(max(end, 1), what)
+        self.addresses = [self.device.address + o for o in offsets]
+
+    def upload(self) -> None:
+        self.device.upload(self.host)
+
+    def download(self) -> None:
+        self.device.download(self.host)
+
+
+class DeviceTrainState:
+    """TrainState on a GPU: each set of weights and slots is one device block (Staging),
+    allocated with the first train program's instance (`attach`). The host reads the
+    current set by downloading it (`arrays`), and keeps that copy until the next step."""
+
+    def __init__(self, weights: list[Weight], optimizer, slot_values: dict | None, device: str):
+        self.device = device
+        self._host, self.slot_keys = _initial_state(weights, optimizer, slot_values)
+        self.n_weights = len(weights)
+        self.sets: list[Staging] | None = None
+        self.current = 0
+
+    def attach(self, lib) -> list[Staging]:
+        """The two sets on the device, the first holding the state so far."""
+        if self.sets is None:
+            specs = [(a.shape, "float32") for a in self._host]
+            sets = [Staging(lib, specs, f"the weights and optimizer slots (set {k})") for k in (0, 1)]
+            for dst, src in zip(sets[self.current].arrays, self._host):
+                dst[...] = src
+            sets[self.current].upload()
+            self.sets = sets
+        return self.sets
+
+    def advance(self) -> None:
+        self.current ^= 1
+        self._host = None
+
+    def arrays(self) -> list[np.ndarray]:
+        if self._host is None:
+            current = self.sets[self.current]
+            current.download()
+            self._host = [a.copy() for a in current.arrays]
+        return self._host
+
+    weights = TrainState.weights
+    slot_values = TrainState.slot_values
+
+    def weight_addresses(self) -> list[int] | None:
+        """Where the current weights lie on the device (None before the first step)."""
+        return None if self.sets is None else self.sets[self.current].addresses[: self.n_weights]
 
 
 class BoundStep:
@@ -244,3 +367,64 @@ class BoundStep:
         for read, write in ((0, 1), (1, 0)):
             outs = [self.loss, *self.losses, *self.metric_sums, *state.sets[write]]
             self.calls.append(program.compiled.bind(outs, *head, *state.sets[read], *tail))
+
+
+class DeviceStep:
+    """BoundStep on a GPU, with the same arrays for the host to fill and read: they are
+    views into two Staging blocks, the batch (inputs, labels, masks, scalars) that each
+    step uploads and the results (loss, per-output losses, metric sums) it downloads;
+    the weights and slots stay in the state's device sets."""
+
+    def __init__(
+        self, program: Program, state: DeviceTrainState, feeds: list[Feed], targets: list[Target], optimizer
+    ):
+        self.program = program
+        lib = program.compiled
+        sets = state.attach(lib)
+        specs = [(f.shape, f.dtype) for f in feeds] + [(t.y.shape, t.y.dtype) for t in targets]
+        specs += [(shape, "float32") for _, shape in program.masks]
+        specs += [((), "float32") for _ in optimizer.scalars]
+        self.batch = Staging(lib, specs, "the batch (inputs, labels, dropout masks, step scalars)")
+        arrays = iter(self.batch.arrays)
+        self.xs = [next(arrays) for _ in feeds]
+        self.ys = [next(arrays) for _ in targets]
+        self.masks = [next(arrays) for _ in program.masks]
+        for mask in self.masks:
+            mask[...] = 1
+        self.scalars = {s: next(arrays) for s in optimizer.scalars}
+        n_results = 1 + len(program.loss_names) + len(program.metric_names)
+        self.results = Staging(lib, [((), "float32")] * n_results, "the loss and metric sums")
+        self.loss, *rest = self.results.arrays
+        self.losses = rest[: len(program.loss_names)]
+        self.metric_sums = rest[len(program.loss_names) :]
+        n_head = len(feeds) + len(targets) + len(self.masks)
+        head, tail = self.batch.addresses[:n_head], self.batch.addresses[n_head:]
+        self.calls = []
+        for read, write in ((0, 1), (1, 0)):
+            ins = [*head, *sets[read].addresses, *tail]
+            outs = [*self.results.addresses, *sets[write].addresses]
+            self.calls.append(functools.partial(self._step, ins, outs))
+
+    def _step(self, ins: list[int], outs: list[int]) -> None:
+        self.batch.upload()
+        self.program.compiled.run_device(ins, outs)
+        self.results.download()
+
+
+class DeviceIO:
+    """The staging of an evaluate or predict program on a GPU: the batch goes up in one
+    copy, the outputs come down in one; the weights are device addresses the caller
+    gives (where training left them, or uploaded for the call)."""
+
+    def __init__(self, lib, n_arrays: int):
+        self.lib = lib
+        self.inputs = Staging(lib, [(t.shape, t.dtype) for t in lib.inputs[:n_arrays]], "the batch")
+        self.outputs = Staging(lib, [(t.shape, t.dtype) for t in lib.outputs], "the outputs")
+
+    def run(self, arrays: list[np.ndarray], weights: list[int]) -> list[np.ndarray]:
+        for dst, src in zip(self.inputs.arrays, arrays):
+            dst[...] = src
+        self.inputs.upload()
+        self.lib.run_device([*self.inputs.addresses, *weights], self.outputs.addresses)
+        self.outputs.download()
+        return [a.copy() for a in self.outputs.arrays]
