@@ -164,6 +164,37 @@ def test_mnist_cnn_trains_on_the_gpu_as_on_the_cpu(gpu):
     np.testing.assert_allclose(predicted, cpu.predict(x[:32]), rtol=1e-4, atol=1e-4)
 
 
+def test_dropout_batch_norm_and_shuffling_on_the_gpu(gpu):
+    """What else a step feeds or updates: Dropout masks (drawn on the host, uploaded with
+    the batch), BatchNormalization's moving statistics (non-trainable weights the step
+    rewrites), shuffled batches, RMSprop's slot; the same seed gives the CPU's training."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    y = x[:, :3].argmax(axis=1)
+
+    def build():
+        model = keras.Sequential(
+            [
+                keras.Input((12,)),
+                keras.layers.Dense(16, name="dense"),
+                keras.layers.BatchNormalization(name="norm"),
+                keras.layers.Activation("relu", name="relu"),
+                keras.layers.Dropout(0.3, name="dropout"),
+                keras.layers.Dense(3, activation="softmax", name="probabilities"),
+            ]
+        )
+        model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    cpu, model = _pair(build)
+    keras.utils.set_random_seed(1)
+    expected = cpu.fit(x, y, epochs=3, batch_size=16, verbose=0).history
+    keras.utils.set_random_seed(1)
+    with keras.device("gpu:0"):
+        got = model.fit(x, y, epochs=3, batch_size=16, verbose=0).history
+    _assert_same_training(got, expected, cpu, model)
+
+
 def test_a_model_compiled_in_the_scope_trains_on_the_gpu(gpu, mock, tmp_path):
     """As Keras keeps variables where they were made: compile() inside the scope, fit
     after it; a "cpu" scope at the call wins. What the model saves is what the GPU
