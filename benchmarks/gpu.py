@@ -8,8 +8,10 @@ In one run: the device, driver and compute capability; each image the libraries 
 compiled for cuda, checked against onnxruntime (else the interpreter) and timed (median
 after warm-up, synchronized host timing: `run` with its host copies, `run_device` on
 device buffers), beside onnxruntime's CUDA provider and PyTorch eager on the GPU where
-installed; a 4096³ float32 product against torch.matmul (TF32 off); the device-to-device
-copy bandwidth. Writes a JSON report and prints a table. Without a GPU (no driver, no
+installed; one train step (batch 32) of each Keras parity model
+(frontends/zoo/keras_models.py) against the interpreter, timed the same two ways; a
+4096³ float32 product against torch.matmul (TF32 off); the device-to-device copy
+bandwidth. Writes a JSON report and prints a table. Without a GPU (no driver, no
 device) it says so and exits 0. KILN_LIBCUDA names another driver library, as for
 Kiln's CUDA libraries.
 """
@@ -33,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compiler import compile_model  # noqa: E402
 from compiler.driver import to_graph  # noqa: E402
+from frontends.zoo.keras_models import PARITY_MODELS, train_step  # noqa: E402
 from ir.builder import GraphBuilder  # noqa: E402
 from ir.interpreter import interpret  # noqa: E402
 from runtime import CompiledModel, KilnRuntimeError  # noqa: E402
 
 MODELS = ["mlp", "mnist_cnn", "lstm", "transformer", "resnet18"]
+TRAIN_BATCH = 32
 MATMUL_N = 4096
 
 
@@ -149,14 +153,24 @@ def median_time(fn, warmup: int, runs: int, min_seconds: float) -> float:
     return statistics.median(times)
 
 
+def library_name(job: tuple[str, int]) -> str:
+    """The name a job's library is compiled under (its symbols' prefix)."""
+    name, batch = job
+    return name if name == "matmul" or name.startswith("train_") else f"{name}_b{batch}"
+
+
 def _compile(job: tuple[str, int]) -> str:
     """A worker's compile (into the shared cache): the models build side by side."""
     from frontends.zoo.torch_models import export
 
     name, batch = job
     if name == "matmul":
-        return str(compile_model(matmul_graph(batch), name="matmul", target="cuda").path)
-    return str(compile_model(export(name, batch), name=f"{name}_b{batch}", target="cuda").path)
+        graph = matmul_graph(batch)
+    elif name.startswith("train_"):
+        graph, _ = train_step(name.removeprefix("train_"), batch, np.random.default_rng(0))
+    else:
+        graph = export(name, batch)
+    return str(compile_model(graph, name=library_name(job), target="cuda").path)
 
 
 def matmul_graph(n: int):
@@ -247,21 +261,43 @@ def run_model(cuda: Cuda, name: str, batch: int, timing: dict) -> dict:
     scale = max(float(np.abs(e).max()) for e in expected)
     error = max(float(np.abs(g - e).max()) for g, e in zip(got, expected)) / max(scale, 1e-30)
     row = {"model": name, "batch": batch, "oracle": oracle, "max_err_over_max": error}
-    outs = [np.empty(t.shape, t.dtype) for t in model.outputs]
-    row["run_ms"] = 1e3 * median_time(lambda: model.run_into(outs, *feeds), **timing)
-    d_in = [cuda.upload(x) for x in feeds]
-    d_out = [cuda.alloc(o.nbytes) for o in outs]
-    try:
-        row["run_device_ms"] = 1e3 * median_time(lambda: model.run_device(d_in, d_out), **timing)
-    finally:
-        for p in d_in + d_out:
-            cuda.free(p)
+    row |= time_both_ways(cuda, model, feeds, timing)
     for key, seconds in (
         ("ort_cuda_ms", ort_cuda_seconds(onnx_model, feeds, timing)),
         ("torch_eager_ms", torch_eager_seconds(name, feeds, timing)),
     ):
         row[key] = None if seconds is None else 1e3 * seconds
     return row
+
+
+def time_both_ways(cuda: Cuda, model: CompiledModel, feeds: list[np.ndarray], timing: dict) -> dict:
+    """Milliseconds of `run` (host buffers, copies included) and of `run_device`."""
+    outs = [np.empty(t.shape, t.dtype) for t in model.outputs]
+    times = {"run_ms": 1e3 * median_time(lambda: model.run_into(outs, *feeds), **timing)}
+    d_in = [cuda.upload(x) for x in feeds]
+    d_out = [cuda.alloc(o.nbytes) for o in outs]
+    try:
+        times["run_device_ms"] = 1e3 * median_time(lambda: model.run_device(d_in, d_out), **timing)
+    finally:
+        for p in d_in + d_out:
+            cuda.free(p)
+    return times
+
+
+def run_train_step(cuda: Cuda, name: str, timing: dict) -> dict:
+    """A Keras parity model's train step (forward, loss, backward, optimizer update) on
+    the GPU against the interpreter: the largest error of any output (loss, metrics, new
+    weights and slots) relative to that output's largest magnitude (at least 1)."""
+    graph, feeds = train_step(name, TRAIN_BATCH, np.random.default_rng(0))
+    model = compile_model(graph, name=f"train_{name}", target="cuda")  # cached by the workers
+    got = model.run(*feeds)
+    error = max(
+        float(np.abs(g - e).max()) / max(float(np.abs(e).max()), 1.0)
+        for g, e in zip(got, interpret(graph, feeds))
+    )
+    return {"model": name, "batch": TRAIN_BATCH, "max_err_over_max": error} | time_both_ways(
+        cuda, model, feeds, timing
+    )
 
 
 def run_matmul(cuda: Cuda, n: int, timing: dict) -> dict:
@@ -316,6 +352,13 @@ def table(report: dict) -> str:
             f"{fmt(r['ort_cuda_ms']):>12} {fmt(r['torch_eager_ms']):>9} {r['max_err_over_max']:>9.1e}  "
             f"{r['oracle']}"
         )
+    if report.get("train_steps"):
+        lines.append(f"\n{'train step':<12} {'batch':>5} {'run ms':>9} {'device ms':>10} {'err/max':>9}")
+        for r in report["train_steps"]:
+            lines.append(
+                f"{r['model']:<12} {r['batch']:>5} {r['run_ms']:>9.3f} {r['run_device_ms']:>10.3f} "
+                f"{r['max_err_over_max']:>9.1e}"
+            )
     if report.get("matmul"):
         m = report["matmul"]
         vs = (
@@ -336,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "gpu.json"), help="the report")
     p.add_argument("--models", nargs="*", default=MODELS, choices=MODELS)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    p.add_argument(
+        "--train-models", nargs="*", default=list(PARITY_MODELS), choices=list(PARITY_MODELS),
+        help="the Keras parity models whose train step runs (none: skip them)",
+    )  # fmt: skip
     p.add_argument("--no-matmul", action="store_true", help="skip the 4096³ product")
     p.add_argument("--matmul-size", type=int, default=MATMUL_N, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="few runs and small copies (a smoke test)")
@@ -351,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         dict(warmup=1, runs=3, min_seconds=0.0) if args.quick else dict(warmup=3, runs=20, min_seconds=0.5)
     )
     jobs = [(m, b) for m in args.models for b in args.batches]
+    jobs += [(f"train_{m}", TRAIN_BATCH) for m in args.train_models]
     jobs += [] if args.no_matmul else [("matmul", args.matmul_size)]
     t0 = time.perf_counter()
     # spawned workers (this process has the driver open) write the shared build cache
@@ -366,15 +414,16 @@ def main(argv: list[str] | None = None) -> int:
             "driver": cuda.driver,
             "memory_gib": cuda.memory_gib,
         },  # fmt: skip
-        "images": check_images(
-            Path(paths[first]), "matmul" if first[0] == "matmul" else f"{first[0]}_b{first[1]}"
-        ),
+        "images": check_images(Path(paths[first]), library_name(first)),
         "models": [],
+        "train_steps": [],
     }
     for name, batch in jobs:
-        if name != "matmul":
+        if name.startswith("train_"):
+            report["train_steps"].append(run_train_step(cuda, name.removeprefix("train_"), timing))
+        elif name != "matmul":
             report["models"].append(run_model(cuda, name, batch, timing))
-            print(f"  {name} batch {batch}: done", flush=True)
+        print(f"  {name} batch {batch}: done", flush=True)
     report["matmul"] = None if args.no_matmul else run_matmul(cuda, args.matmul_size, timing)
     report["copy_gb_s"] = cuda.copy_bandwidth(
         (1 << 20) if args.quick else (256 << 20), 3 if args.quick else 20

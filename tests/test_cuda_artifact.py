@@ -623,8 +623,9 @@ def test_gpu_benchmark_says_there_is_no_gpu(tmp_path):
 @pytest.mark.parametrize(
     "args,kernels",
     [
-        (["--models", "mlp", "--batches", "1", "--no-matmul"], "mlp"),
-        (["--models", "--matmul-size", "64"], "matmul"),
+        (["--models", "mlp", "--batches", "1", "--no-matmul", "--train-models"], "mlp"),
+        (["--models", "--train-models", "mlp", "--no-matmul"], "train_mlp"),
+        (["--models", "--train-models", "--matmul-size", "64"], "matmul"),
     ],
 )
 def test_gpu_benchmark_runs_on_the_mock(tmp_path, mock, args, kernels):
@@ -634,12 +635,16 @@ def test_gpu_benchmark_runs_on_the_mock(tmp_path, mock, args, kernels):
         from gpu import matmul_graph
     finally:
         sys.path.pop(0)
+    from frontends.zoo.keras_models import train_step
     from frontends.zoo.torch_models import export
 
     pytest.importorskip("torch")
-    graph, name = (
-        (matmul_graph(64), "matmul") if kernels == "matmul" else (to_graph(export("mlp", 1)), "mlp_b1")
-    )
+    if kernels == "matmul":
+        graph, name = matmul_graph(64), "matmul"
+    elif kernels == "train_mlp":
+        graph, name = train_step("mlp", 32, np.random.default_rng(0))[0], "train_mlp"
+    else:
+        graph, name = to_graph(export("mlp", 1)), "mlp_b1"
     env = {k: v for k, v in os.environ.items() if k not in DRIVER_VARS}
     env |= {"KILN_LIBCUDA": str(mock), "KILN_MOCK_KERNELS": str(mock_cuda.kernels(graph, name))}
     report = tmp_path / "gpu.json"
@@ -664,8 +669,9 @@ def test_gpu_benchmark_runs_on_the_mock(tmp_path, mock, args, kernels):
     assert "device: Kiln mock GPU, compute capability 8.0, driver 12.8" in proc.stdout
     result = json.loads(report.read_text())
     assert [im["ok"] for im in result["images"]] == [True, True]
-    for row in result["models"]:
+    for row in result["models"] + result["train_steps"]:
         assert row["max_err_over_max"] < 1e-4 and row["run_ms"] > 0 and row["run_device_ms"] > 0
+    assert len(result["train_steps"]) == (kernels == "train_mlp")
     if result["matmul"]:
         assert result["matmul"]["max_err_over_max"] < 1e-4
     assert result["copy_gb_s"] > 0
