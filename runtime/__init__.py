@@ -28,6 +28,34 @@ class KilnRuntimeError(KilnError, RuntimeError):
     """The native library reported a failure."""
 
 
+Specs = list[tuple[np.dtype, tuple[int, ...]]]
+
+
+def _all_match(arrays: Sequence[object], specs: Specs, writeable: bool) -> bool:
+    """Whether `arrays` are exactly the tensors `specs` describe, each a dense, aligned
+    numpy array (and writeable, for outputs): the common call's whole check, done
+    first so that it costs little; any other call goes through the checks that name
+    what is wrong."""
+    if len(arrays) != len(specs):
+        return False
+    for a, (dtype, shape) in zip(arrays, specs):
+        if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape:
+            return False
+        flags = a.flags
+        if not (flags.c_contiguous and flags.aligned) or (writeable and not flags.writeable):
+            return False
+    return True
+
+
+def _overlap(a: int, a_bytes: int, b: int, b_bytes: int) -> bool:
+    """Whether the byte ranges [a, a + a_bytes) and [b, b + b_bytes) meet."""
+    return a_bytes > 0 and b_bytes > 0 and a < b + b_bytes and b < a + a_bytes
+
+
+def _addresses(arrays: Sequence[np.ndarray]) -> list[int]:
+    return [a.__array_interface__["data"][0] for a in arrays]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -102,6 +130,11 @@ class CompiledModel:
         self._declare()
         self.inputs = self._tensors("input")
         self.outputs = self._tensors("output")
+        # what every call checks against, made once: (dtype, shape) per tensor
+        self._input_specs = [(np.dtype(t.dtype), t.shape) for t in self.inputs]
+        self._output_specs = [(np.dtype(t.dtype), t.shape) for t in self.outputs]
+        self._pointers_in = ctypes.c_void_p * max(len(self.inputs), 1)
+        self._pointers_out = ctypes.c_void_p * max(len(self.outputs), 1)
         self._handle = ctypes.c_void_p()
         self._lock = threading.RLock()  # reentrant: a DeviceBuffer may be freed by GC inside a call
 
@@ -182,6 +215,8 @@ class CompiledModel:
         """The inputs in the library's order, each checked against its metadata. A
         non-contiguous (or misaligned) array is copied when `copy`, as onnxruntime does;
         a wrong dtype, shape or count is refused."""
+        if not kwargs and _all_match(args, self._input_specs, writeable=False):
+            return list(args)  # type: ignore[arg-type]  # the common call: every check passed
         names = [t.name for t in self.inputs]
         if len(args) > len(names):
             raise TypeError(f"{self.name} takes {len(names)} input(s) {names}, got {len(args)}")
@@ -221,29 +256,47 @@ class CompiledModel:
 
     def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
         """The outputs, in new arrays."""
-        return self.run_into([np.empty(t.shape, dtype=t.dtype) for t in self.outputs], *args, **kwargs)
+        outs = [np.empty(shape, dtype) for dtype, shape in self._output_specs]
+        arrays = self._arrange(args, kwargs)
+        self._run(self._pointers_in(*_addresses(arrays)), self._pointers_out(*_addresses(outs)))
+        return outs
 
     def run_into(self, outs: Sequence[np.ndarray], *args: object, **kwargs: object) -> list[np.ndarray]:
         """Like run, writing into `outs` (preallocated, as a C caller would): no allocation
         per call. They must match the outputs exactly and not overlap any input."""
         arrays = self._arrange(args, kwargs)
-        self._check_outs(outs, arrays)
-        ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
-        outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
-        self._run(ins_c, outs_c)
+        ins = _addresses(arrays)
+        self._run(self._pointers_in(*ins), self._pointers_out(*self._output_addresses(outs, arrays, ins)))
         return list(outs)
 
-    def _check_outs(self, outs: Sequence[np.ndarray], arrays: list[np.ndarray]) -> None:
+    def _output_addresses(
+        self, outs: Sequence[np.ndarray], arrays: list[np.ndarray], ins: list[int]
+    ) -> list[int]:
+        """The outputs' addresses, once each is checked to be the buffer the library
+        writes and to share no byte with an input (both are dense, so their byte
+        ranges say whether they meet)."""
+        if not _all_match(outs, self._output_specs, writeable=True):
+            self._refuse_outputs(outs)
+        at = _addresses(outs)
+        for info, out, o in zip(self.outputs, outs, at):
+            if any(
+                a.nbytes and out.nbytes and o < i + a.nbytes and i < o + out.nbytes
+                for a, i in zip(arrays, ins)
+            ):
+                raise ValueError(f"output {info.name!r} overlaps an input")
+        return at
+
+    def _refuse_outputs(self, outs: Sequence[object]) -> None:
+        """Raise the error that names what is wrong with output buffers that do not match."""
         if len(outs) != len(self.outputs):
             raise TypeError(f"{self.name} has {len(self.outputs)} output(s), given {len(outs)} buffers")
         for info, o in zip(self.outputs, outs):
             if not isinstance(o, np.ndarray) or o.dtype != np.dtype(info.dtype) or o.shape != info.shape:
                 got = f"{o.dtype}{list(o.shape)}" if isinstance(o, np.ndarray) else type(o).__name__
                 raise TypeError(f"output {info.name!r}: expected {info.dtype}{list(info.shape)}, got {got}")
-            if not (o.flags.c_contiguous and o.flags.writeable):
-                raise ValueError(f"output {info.name!r} must be C-contiguous and writeable")
-            if any(np.shares_memory(o, a) for a in arrays):
-                raise ValueError(f"output {info.name!r} overlaps an input")
+            if not (o.flags.c_contiguous and o.flags.aligned and o.flags.writeable):
+                raise ValueError(f"output {info.name!r} must be C-contiguous, aligned and writeable")
+        raise AssertionError("unreachable: the outputs matched")
 
     def _run(self, ins_c: ctypes.Array, outs_c: ctypes.Array) -> None:
         with self._lock:
@@ -305,9 +358,11 @@ class CompiledModel:
         training loop needs (it changes the arrays' contents between steps, never the
         arrays). The arrays must stay alive and in place while the function is used."""
         arrays = self._arrange(args, {}, copy=False)
-        self._check_outs(outs, arrays)
-        ins_c = (ctypes.c_void_p * max(len(arrays), 1))(*[a.ctypes.data for a in arrays])
-        outs_c = (ctypes.c_void_p * max(len(outs), 1))(*[o.ctypes.data for o in outs])
+        ins = _addresses(arrays)
+        ins_c, outs_c = (
+            self._pointers_in(*ins),
+            self._pointers_out(*self._output_addresses(outs, arrays, ins)),
+        )
 
         def call() -> None:
             self._run(ins_c, outs_c)

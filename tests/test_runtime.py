@@ -155,6 +155,15 @@ def test_run_into_preallocated_outputs(rng):
         m.run_into([np.empty((2, 3))], a, b)
     with pytest.raises(ValueError, match="overlaps an input"):
         m.run_into([a], a, b)
+    shared = rng.standard_normal(12).astype(np.float32)  # an input; outputs over its last bytes, beside it
+    with pytest.raises(ValueError, match="overlaps an input"):
+        m.run_into([shared[3:9].reshape(2, 3)], shared[:6].reshape(2, 3), b)
+    m.run_into([shared[6:].reshape(2, 3)], shared[:6].reshape(2, 3), b)
+    np.testing.assert_array_equal(shared[6:], (shared[:6].reshape(2, 3) + b).ravel())
+    read_only = np.empty((2, 3), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="output 'add' must be C-contiguous, aligned and writeable"):
+        m.run_into([read_only], a, b)
     with pytest.raises(TypeError, match="has 1 output"):
         m.run_into([], a, b)
 
