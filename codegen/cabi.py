@@ -147,7 +147,8 @@ def _c_escape(s: str) -> str:
 def common_source(p: Library, kernel_symbols: list[str]) -> str:
     """The C every Kiln library shares, after its `{PREFIX}_model` struct (which has
     `char error[]` and `double kernel_seconds[]`): the API macro's users, the kernel
-    names and timings, errors (`fail`, `create_failed`, `last_error`) and metadata."""
+    names and timings, errors (`fail`, `create_failed`, `last_error`) and metadata; the
+    file includes kiln_thread_error.h."""
     n = len(kernel_symbols)
     names = ", ".join(c_string(s) for s in kernel_symbols) or "0"
     src = f"""static const char *const kernel_names[] = {{{names}}};
@@ -169,36 +170,12 @@ __attribute__((format(printf, 2, 3))) static int fail({{PREFIX}}_model *m, const
     return 1;
 }}
 
-/* Why the calling thread's last {{PREFIX}}_create failed: create has no instance to keep
- * it in, so {{PREFIX}}_last_error(NULL) reads it here. Thread-specific data rather than
- * __thread, which would make the library depend on the dynamic loader; the key's
- * destructor is libc's free, so it stays valid after this library is unloaded. */
-static pthread_key_t create_error_key;
-static pthread_once_t create_error_once = PTHREAD_ONCE_INIT;
-static int create_error_ok;
-
-static void create_error_init(void) {{ create_error_ok = pthread_key_create(&create_error_key, free) == 0; }}
-
-__attribute__((format(printf, 1, 2))) static int create_failed(const char *format, ...) {{
-    pthread_once(&create_error_once, create_error_init);
-    char *buf = create_error_ok ? pthread_getspecific(create_error_key) : NULL;
-    if (create_error_ok && !buf && (buf = malloc(1024)) && pthread_setspecific(create_error_key, buf) != 0) {{
-        free(buf);
-        buf = NULL;
-    }}
-    if (buf) {{
-        va_list ap;
-        va_start(ap, format);
-        vsnprintf(buf, 1024, format, ap);
-        va_end(ap);
-    }}
-    return 1;
-}}
+/* create has no instance to keep its message in: it is the thread's (kiln_thread_error.h) */
+#define create_failed kiln_thread_failed
 
 API const char *{{PREFIX}}_last_error(const {{PREFIX}}_model *m) {{
     if (m) return m->error;
-    pthread_once(&create_error_once, create_error_init);
-    const char *why = create_error_ok ? pthread_getspecific(create_error_key) : NULL;
+    const char *why = kiln_thread_error();
     return why ? why : "no model (NULL handle: did {{PREFIX}}_create fail?)";
 }}
 
@@ -229,6 +206,7 @@ def glue_source(p: Library) -> str:
 #include <stdarg.h>
 
 #include "kiln_runtime.h"
+#include "kiln_thread_error.h"
 
 #define API __attribute__((visibility("default")))
 #define ARENA_BYTES {p.arena_bytes}ULL

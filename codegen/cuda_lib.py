@@ -156,6 +156,7 @@ def glue_source(p: Library, launches: list[GpuLaunch], images: list[Image]) -> s
 #include <pthread.h>
 
 #include "kiln_cuda.h"
+#include "kiln_thread_error.h"
 
 #define API __attribute__((visibility("default")))
 #define ARENA_BYTES {p.arena_bytes}ULL

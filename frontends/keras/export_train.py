@@ -48,37 +48,12 @@ def _scalar_expressions(optimizer) -> list[str]:
 ALIGN = 256  # where each array of the CUDA trainer's batch block starts (cuMemAlloc's alignment)
 
 _TRAINER_ERRORS = """
-/* Why the calling thread's last {name}_trainer_create failed ({name}_trainer_last_error(NULL)):
- * thread-specific data, as the step's own create error. */
-static pthread_key_t trainer_error_key;
-static pthread_once_t trainer_error_once = PTHREAD_ONCE_INIT;
-static int trainer_error_ok;
-
-static void trainer_error_init(void) {{
-    trainer_error_ok = pthread_key_create(&trainer_error_key, free) == 0;
-}}
-
-__attribute__((format(printf, 1, 2))) static int trainer_failed(const char *format, ...) {{
-    pthread_once(&trainer_error_once, trainer_error_init);
-    char *buf = trainer_error_ok ? pthread_getspecific(trainer_error_key) : NULL;
-    if (trainer_error_ok && !buf && (buf = malloc(1024)) &&
-        pthread_setspecific(trainer_error_key, buf) != 0) {{
-        free(buf);
-        buf = NULL;
-    }}
-    if (buf) {{
-        va_list ap;
-        va_start(ap, format);
-        vsnprintf(buf, 1024, format, ap);
-        va_end(ap);
-    }}
-    return 1;
-}}
+/* trainer_create has no trainer to keep its message in: it is the thread's. */
+#define trainer_failed kiln_thread_failed
 
 API const char *{name}_trainer_last_error(const {name}_trainer *t) {{
     if (t) return {core}_last_error(t->m);
-    pthread_once(&trainer_error_once, trainer_error_init);
-    const char *why = trainer_error_ok ? pthread_getspecific(trainer_error_key) : NULL;
+    const char *why = kiln_thread_error();
     return why ? why : "no trainer (NULL handle: did {name}_trainer_create fail?)";
 }}
 """
@@ -234,6 +209,8 @@ int {core}_run({core}_model *m, const void *const *inputs, void *const *outputs)
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kiln_thread_error.h"
 
 #define API __attribute__((visibility("default")))
 typedef struct {core}_model {core}_model;
