@@ -91,7 +91,7 @@ def lower_graph(
     checks = self_checks() if checks is None else checks
     verify(graph)
     with internal_errors("simplifying the graph"):
-        graph = simplify(graph, verify_each=checks, after=after_pass)
+        graph = simplify(graph, verify_each=checks, after=after_pass, target=target)
     with internal_errors("partitioning the graph into kernels"):
         groups = partition(graph, fuse)
         schedule = schedule_kernels(graph, groups)

@@ -2,7 +2,8 @@
 tests run the interpreter before and after every one.
 
 `simplify` runs PIPELINE, in the order that lets each feed the next: batch norm
-folds into a conv's weights, convs become products, constants fold (a transposed
+folds into a conv's weights, convs become products (on the CPU, a conv of constant
+weights one implicit GEMM over its input; elsewhere im2col and a product), constants fold (a transposed
 constant weight becomes a stored weight), equal nodes merge, and what no output
 needs is dropped. Dropout and Identity never reach the graph: the ONNX importer
 removes them as it reads.
@@ -18,7 +19,7 @@ import numpy as np
 from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
-from ir.ops.nn import MATMUL_VECTOR
+from ir.ops.nn import MATMUL_VECTOR, pack_conv_weights, packed_conv_panel
 from ir.verify import verify
 
 #: constants are folded only up to this many elements, so weights do not balloon
@@ -98,6 +99,40 @@ def fold_batchnorm(graph: Graph) -> Graph:
         replaced[bn] = Node(conv.op, [conv.inputs[0], w_v, b_v], bn.outputs, conv.name)
         dropped.add(conv)
     nodes = [replaced.get(n, n) for n in graph.nodes if n not in dropped]
+    return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
+
+
+def conv_packed(graph: Graph) -> Graph:
+    """conv2d (one group) of constant weights becomes pad + conv2d_packed: an implicit
+    GEMM that reads the windows of the (padded) input where they lie, against weights
+    packed now into the kernel's panel layout (pack_conv_weights). No im2col: its
+    columns were KH*KW times the input, written out and read back for every conv.
+
+    CPU only (the GPU schedules keep im2col + conv2d_gemm). Left alone: grouped convs,
+    and weights that are not params (a train step's, which change every step): those
+    go on to conv_to_gemm."""
+    nodes = []
+    params = dict(graph.params)
+    for node in graph.nodes:
+        if node.op.name != "conv2d" or node.op.groups != 1 or node.inputs[1] not in params:
+            nodes.append(node)
+            continue
+        x, w, *bias = node.inputs
+        op = node.op
+        o, kh, kw = w.type.shape[0], *w.type.shape[2:]
+        pt, pl, pb, pr = op.pads
+        if any(op.pads):
+            pad = make_op("pad", pads=(0, 0, pt, pl, 0, 0, pb, pr))
+            padded = Value(f"{node.name}.padded", pad.infer(x.type))
+            nodes.append(Node(pad, [x], [padded], f"{node.name}.pad"))
+            x = padded
+        packed = pack_conv_weights(params[w], packed_conv_panel(o))
+        w_v = Value(f"{w.name}.packed", w.type.with_shape(packed.shape))
+        params[w_v] = packed
+        conv = make_op(
+            "conv2d_packed", kernel=(kh, kw), strides=op.strides, dilations=op.dilations, out_channels=o
+        )
+        nodes.append(Node(conv, [x, w_v, *bias], node.outputs, node.name))
     return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
 
 
@@ -222,11 +257,14 @@ class Pass:
     name: str
     run: Callable[[Graph], Graph]
     purpose: str
+    #: the targets it runs for (None: every target)
+    targets: tuple[str, ...] | None = None
 
 
 #: the passes in the order that lets each feed the next
 PIPELINE = (
     Pass("fold_batchnorm", fold_batchnorm, "batch norm after a conv or linear folds into its weights"),
+    Pass("conv_packed", conv_packed, "a conv of constant weights reads its windows in place", ("cpu",)),
     Pass("conv_to_gemm", conv_to_gemm, "each conv becomes im2col windows and one product"),
     Pass("fold_constants", fold_constants, "nodes whose inputs are all constants are evaluated now"),
     Pass("cancel_transposes", cancel_transposes, "a transpose undone by the next one goes"),
@@ -236,11 +274,17 @@ PIPELINE = (
 
 
 def simplify(
-    graph: Graph, verify_each: bool = False, after: Callable[[Pass, Graph], None] | None = None
+    graph: Graph,
+    verify_each: bool = False,
+    after: Callable[[Pass, Graph], None] | None = None,
+    target: str = "cpu",
 ) -> Graph:
-    """Run PIPELINE; `verify_each` runs the graph verifier after every pass (the tests do),
-    `after` sees the graph each pass leaves (`kiln inspect --print-after-all`)."""
+    """Run PIPELINE's passes for `target`; `verify_each` runs the graph verifier after
+    every pass (the tests do), `after` sees the graph each pass leaves (`kiln inspect
+    --print-after-all`)."""
     for p in PIPELINE:
+        if p.targets is not None and target not in p.targets:
+            continue
         graph = p.run(graph)
         if verify_each:
             try:

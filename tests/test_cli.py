@@ -34,7 +34,7 @@ def test_compile_then_run(tmp_path, rng):
     assert out.exists() and (tmp_path / "cnn.h").exists()
     assert (
         "define" in (tmp_path / "cnn.ll").read_text()
-        and "cnn_k1_conv2d_gemm_relu" in (tmp_path / "cnn.s").read_text()
+        and "cnn_k0_conv2d_packed_relu" in (tmp_path / "cnn.s").read_text()
     )
     assert "int cnn_run(cnn_model *m" in (tmp_path / "cnn.h").read_text()
     x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
@@ -49,17 +49,18 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     result = kiln("inspect", str(MNIST_CNN_PATH), "--kernels", "--memory", "--dot", str(tmp_path / "g.dot"))
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "conv2d_gemm(%conv1.out.cols, %conv1.weight, %conv1.bias)" in text
-    # conv → im2col + gemm; relu in the gemm's epilogue; flatten a view; the last conv
-    # (3x3 positions) a linear over its windows. MFLOP as run: 7 of 121 columns twice
-    assert "14 kernels (17 ops):" in text and "k4_conv2d_gemm_relu" in text and "4.727" in text
-    assert "k8_linear " in text
-    assert "memory: arena 170,368 B (lower bound 170,368 B, 1.00x" in text
-    assert "kernel k1_conv2d_gemm_relu(" in text and "conv3.relu, flat" in text
+    assert "conv2d_packed(%input, %conv1.weight.packed, %conv1.bias) {out_channels=32}" in text
+    # each conv (constant weights, on the CPU) one conv2d_packed reading its windows in
+    # place, relu in its epilogue; flatten a view. MFLOP as run: conv2's 121 positions
+    # in blocks of 6, the last block starting 5 early (126 computed)
+    assert "8 kernels (12 ops):" in text and "k2_conv2d_packed_relu" in text and "4.661" in text
+    assert "k6_linear " in text
+    assert "memory: arena 108,160 B (lower bound 108,160 B, 1.00x" in text
+    assert "kernel k0_conv2d_packed_relu(" in text and "conv3.relu, flat" in text
     dot = (tmp_path / "g.dot").read_text()
     assert "subgraph cluster_0" in dot and "flatten (view)" in dot
     unfused = kiln("inspect", str(MNIST_CNN_PATH), "--no-fuse").stdout
-    assert "17 kernels (17 ops):" in unfused
+    assert "12 kernels (12 ops):" in unfused
 
 
 def test_inspect_prints_the_graph_after_every_pass():
@@ -69,9 +70,9 @@ def test_inspect_prints_the_graph_after_every_pass():
     headings = [line for line in text.splitlines() if line.startswith("// ")]
     assert headings == ["// as imported"] + [f"// after {p.name}: {p.purpose}" for p in PIPELINE]
     imported = text.split("// after fold_batchnorm")[0]
-    after_gemm = text.split("// after conv_to_gemm")[1].split("// after fold_constants")[0]
-    assert "conv2d(" in imported and "im2col(" not in imported
-    assert "im2col(" in after_gemm and "conv2d_gemm(" in after_gemm
+    after_packed = text.split("// after conv_packed")[1].split("// after conv_to_gemm")[0]
+    assert "conv2d(" in imported and "conv2d_packed(" not in imported
+    assert "conv2d_packed(" in after_packed and "conv2d(" not in after_packed and "im2col(" not in text
 
 
 def test_demo_runs_python_and_c():
@@ -243,5 +244,5 @@ def test_internal_error_is_one_line_naming_the_kernel(tmp_path, monkeypatch, cap
     assert main(["compile", str(MNIST_CNN_PATH), "-o", str(tmp_path / "cnn.so")]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("kiln: internal compiler error while lowering kernel 1 (node ")
+    assert err.startswith("kiln: internal compiler error while lowering kernel 0 (node ")
     assert "(relu)" in err and "IndexError: list index out of range (a bug in Kiln, not in the model)" in err

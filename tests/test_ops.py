@@ -179,6 +179,17 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 9, 5, 5)), In((4, 1, 3, 3)), In((4,))], params=(1, 2)),
         Case([In((2, 32, 7, 33)), In((5, 8, 2, 2))], params=(1,)),
     ],
+    "conv2d_packed": [  # packed weights (panels, C*KH*KW, NR); filters past out_channels ignored
+        Case([In((1, 3, 9, 9)), In((1, 27, 16)), In((5,))], {"out_channels": 5}, params=(1, 2)),
+        Case([In((2, 8, 11, 12)), In((2, 72, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
+        Case(
+            [In((1, 4, 13, 12)), In((1, 24, 48))],
+            {"kernel": (3, 2), "strides": (2, 1), "dilations": (1, 2), "out_channels": 40},
+            params=(1,),
+        ),
+        Case([In((1, 16, 4, 4)), In((2, 144, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
+        Case([In((1, 7, 7, 7)), In((1, 63, 16))], {"out_channels": 3}, params=(1,)),
+    ],
     "avg_pool2d_backward": [
         Case(
             [In((2, 3, 4, 4))],
