@@ -17,7 +17,7 @@ import numpy as np
 from ir.builder import GraphBuilder
 from ir.errors import GraphError
 from ir.graph import Node, Value
-from ir.ops import Gradient, Grads
+from ir.ops import Gradient, Grads, make_op, normalize_axis
 
 
 def _pullback(b: GraphBuilder, nodes: list[Node], seeds: dict[Value, Value], wrt: list[Value]) -> Grads:
@@ -71,12 +71,46 @@ def _expand_decompositions(b: GraphBuilder, wrt: list[Value]) -> None:
         i += 1
 
 
+def _slice_through_concats(nodes: list[Node]) -> None:
+    """A slice that reads within one input of a concat reads that input instead (its
+    range moved along the concat's axis). An unrolled recurrence stacks every step's
+    state into its output; a reader that takes one step's state then depends on that
+    step alone, not on the whole stack, so the gradient flows to that step directly
+    instead of through a slice of every other step, all zeros."""
+    producer = {v: n for n in nodes for v in n.outputs}
+    for node in nodes:
+        while node.op.name == "slice" and (src := producer.get(node.inputs[0])) and src.op.name == "concat":
+            shape = node.inputs[0].type.shape
+            ranges = node.op.ranges(shape)
+            axis = normalize_axis("concat", src.op.axis, len(shape))
+            start, _, count = ranges[axis]
+            if count == 0 or any(step < 0 for _, step, _ in ranges):
+                break
+            offset = 0
+            for part in src.inputs:
+                if offset <= start and start + ranges[axis][1] * (count - 1) < offset + part.type.shape[axis]:
+                    break
+                offset += part.type.shape[axis]
+            else:
+                break  # it reads across inputs
+            ranges[axis] = (start - offset, ranges[axis][1], count)
+            node.op = make_op(
+                "slice",
+                starts=tuple(s for s, _, _ in ranges),
+                ends=tuple(s + step * (n - 1) + 1 for s, step, n in ranges),
+                axes=tuple(range(len(shape))),
+                steps=tuple(step for _, step, _ in ranges),
+            )
+            node.inputs[0] = part
+
+
 def gradients(b: GraphBuilder, loss: Value, wrt: list[Value], unreached: str = "zeros") -> list[Value | None]:
     """d loss / d v for each v in wrt; where the loss does not depend on v, zeros, or
     None with unreached="none" (a trainer then leaves v alone)."""
     if loss.type.numel != 1:
         raise GraphError(f"gradients: the loss must be a scalar, got {loss.type}")
     _expand_decompositions(b, wrt)
+    _slice_through_concats(b.nodes)
     one = b.param("one", np.ones(loss.type.shape, loss.type.np_dtype))
     grads = dict(zip(wrt, _pullback(b, list(b.nodes), {loss: one}, wrt)))
     if unreached == "none":
