@@ -19,6 +19,10 @@ from ir.errors import GraphError
 from ir.graph import Node, Value
 from ir.ops import Gradient, Grads, make_op, normalize_axis
 
+#: where a zero pad a gradient rule made (a slice's gradient) places its input:
+#: (axis, begin, the input), by the pad's value
+Windows = dict[Value, tuple[int, int, Value]]
+
 
 def _pullback(b: GraphBuilder, nodes: list[Node], seeds: dict[Value, Value], wrt: list[Value]) -> Grads:
     """Σ seed · d value / d v for each v in wrt, through `nodes` only (None where no path)."""
@@ -29,7 +33,7 @@ def _pullback(b: GraphBuilder, nodes: list[Node], seeds: dict[Value, Value], wrt
             needed.add(node.outputs[0])
             on_path.append(node)
     parts: dict[Value, list[Value]] = {v: [g] for v, g in seeds.items()}
-    pads: dict[Value, Node] = {}  # the zero pads the rules made (a slice's gradient), by value
+    windows: Windows = {}
     for node in reversed(on_path):
         out = node.outputs[0]
         if out not in parts:
@@ -37,65 +41,61 @@ def _pullback(b: GraphBuilder, nodes: list[Node], seeds: dict[Value, Value], wrt
         if node.op.differentiation is Gradient.DECOMPOSE:
             raise GraphError(f"node {node.name} ({node.op.name}): its decomposition was not expanded")
         start = len(b.nodes)
-        input_grads = node.op.gradient(b, node, _total(b, parts[out], pads))
-        pads |= {n.outputs[0]: n for n in b.nodes[start:] if _zero_pad_axis(n) is not None}
+        input_grads = node.op.gradient(b, node, _total(b, parts[out], windows))
+        windows |= {n.outputs[0]: w for n in b.nodes[start:] if (w := _zero_pad_window(n))}
         for v, gv in zip(node.inputs, input_grads):
             if gv is not None and v in needed:
                 parts.setdefault(v, []).append(gv)
-    return [_total(b, parts[v], pads) if v in parts else None for v in wrt]
+    return [_total(b, parts[v], windows) if v in parts else None for v in wrt]
 
 
-def _zero_pad_axis(node: Node) -> int | None:
-    """The one axis a zero pad widens (a slice's gradient), else None."""
+def _zero_pad_window(node: Node) -> tuple[int, int, Value] | None:
+    """(axis, begin, input) of a zero pad that widens one axis, else None."""
     op = node.op
     if op.name != "pad" or op.mode != "constant" or op.value != 0 or min(op.pads, default=0) < 0:
         return None
     rank = len(op.pads) // 2
     axes = [a for a in range(rank) if op.pads[a] or op.pads[rank + a]]
-    return axes[0] if len(axes) == 1 else None
+    return (axes[0], op.pads[axes[0]], node.inputs[0]) if len(axes) == 1 else None
 
 
-def _total(b: GraphBuilder, parts: list[Value], pads: dict[Value, Node]) -> Value:
-    """The sum of a value's gradient parts. Parts that are zero pads of disjoint windows
-    along one axis (the gradients of slices that split the value: a recurrence's gates
-    and steps) are joined by one concat of what they pad, zeros between, instead of
-    summing full-size pads."""
-    if len(parts) == 1:
-        return parts[0]
-    by_axis: dict[int, list[tuple[int, Value]]] = {}
-    for p in parts:
-        if p in pads:
-            axis = _zero_pad_axis(pads[p])
-            by_axis.setdefault(axis, []).append((pads[p].op.pads[axis], p))  # type: ignore[index]
-    axis, windows = max(by_axis.items(), key=lambda kv: len(kv[1]), default=(0, []))
-    windows.sort(key=lambda w: w[0])
-    shape = parts[0].type.shape
-    inner = [pads[p].inputs[0] for _, p in windows]
-    ends = [begin + v.type.shape[axis] for (begin, _), v in zip(windows, inner)]
-    if len(windows) < 2 or any(e > next_begin for e, (next_begin, _) in zip(ends, windows[1:])):
-        total = parts[0]
-        for p in parts[1:]:
-            total = b.add(total, p)
-        return total
-    pieces, at = [], 0
-    for (begin, _), v, end in zip(windows, inner, ends):
-        if begin > at:
-            pieces.append(_zeros(b, shape, axis, begin - at, v))
-        pieces.append(v)
-        at = end
-    if at < shape[axis]:
-        pieces.append(_zeros(b, shape, axis, shape[axis] - at, inner[0]))
-    total = b.concat(*pieces, axis=axis)
-    for p in parts:
-        if p not in {w for _, w in windows}:
-            total = b.add(total, p)
+def _total(b: GraphBuilder, parts: list[Value], windows: Windows) -> Value:
+    """The sum of a value's gradient parts."""
+    joined = _join_windows(b, parts, windows) if len(parts) > 1 else None
+    rest = parts if joined is None else [joined[0], *(p for p in parts if p not in joined[1])]
+    total = rest[0]
+    for p in rest[1:]:
+        total = b.add(total, p)
     return total
 
 
-def _zeros(b: GraphBuilder, shape: tuple[int, ...], axis: int, length: int, like: Value) -> Value:
-    """Zeros of `shape` but `length` along `axis`, in like's dtype."""
-    block = tuple(length if a == axis else d for a, d in enumerate(shape))
-    return b.param("zeros", np.zeros(block, like.type.np_dtype))
+def _join_windows(b: GraphBuilder, parts: list[Value], windows: Windows) -> tuple[Value, set[Value]] | None:
+    """The parts that are zero pads of disjoint windows along one axis (the gradients of
+    slices that split the value: a recurrence's gate columns and steps), joined by one
+    concat of what they pad with zeros between, instead of summed as full-size pads;
+    with the parts it stands for. None where fewer than two such parts are disjoint."""
+    by_axis: dict[int, list[Value]] = {}
+    for p in parts:
+        if p in windows:
+            by_axis.setdefault(windows[p][0], []).append(p)
+    axis, padded = max(by_axis.items(), key=lambda kv: len(kv[1]), default=(0, []))
+    placed = sorted((windows[p][1], windows[p][2]) for p in padded)
+    ends = [begin + inner.type.shape[axis] for begin, inner in placed]
+    if len(placed) < 2 or any(end > begin for end, (begin, _) in zip(ends, placed[1:])):
+        return None
+    length, pieces, at = parts[0].type.shape[axis], [], 0
+    for (begin, inner), end in zip(placed, ends):
+        pieces += [_zeros(b, inner, axis, begin - at)] if begin > at else []
+        pieces.append(inner)
+        at = end
+    pieces += [_zeros(b, placed[0][1], axis, length - at)] if at < length else []
+    return b.concat(*pieces, axis=axis), set(padded)
+
+
+def _zeros(b: GraphBuilder, like: Value, axis: int, length: int) -> Value:
+    """Zeros shaped as `like` but `length` long along `axis`."""
+    shape = tuple(length if a == axis else d for a, d in enumerate(like.type.shape))
+    return b.param("zeros", np.zeros(shape, like.type.np_dtype))
 
 
 def _expand_decompositions(b: GraphBuilder, wrt: list[Value]) -> None:

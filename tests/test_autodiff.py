@@ -211,3 +211,37 @@ def test_compiled_gradients_match_the_interpreter(rng):
     got = compile_model(graph, name="mlp_grad").run(*feeds)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "windows,joined",
+    [
+        ([(0, 2), (2, 5), (5, 6)], True),  # slices that tile the axis
+        ([(1, 2), (3, 5)], True),  # with gaps before, between and after
+        ([(0, 3), (2, 6)], False),  # overlapping: summed as pads
+    ],
+)
+def test_gradients_of_slices_that_split_a_value(windows, joined, rng):
+    """The gradient parts of slices of one value along one axis, joined by one concat
+    (zeros in the gaps) where their windows are disjoint, else summed; both exact."""
+    b = GraphBuilder("split")
+    x = b.input("x", (3, 6), "float64")
+    y = b.mul(x, x)  # read once more, elsewhere, so the concat is added to another part
+    loss = b.reduce_sum(y, keepdims=False)
+    for i, (start, end) in enumerate(windows):
+        part = b.slice(x, starts=(start,), ends=(end,), axes=(1,))
+        w = b.param(f"w{i}", rng.standard_normal(part.type.shape))
+        loss = b.add(loss, b.reduce_sum(b.mul(part, w), keepdims=False))
+    start = len(b.nodes)
+    (grad,) = gradients(b, loss, [x])
+    assert any(n.op.name == "concat" for n in b.nodes[start:]) == joined
+    graph = b.build(grad)
+    xv = rng.standard_normal((3, 6))
+    expected = 2 * xv
+    for i, (s, e) in enumerate(windows):
+        expected[:, s:e] += _param(graph, f"w{i}")
+    np.testing.assert_allclose(interpret(graph, [xv])[0], expected, rtol=1e-12)
+
+
+def _param(graph, name: str) -> np.ndarray:
+    return next(a for v, a in graph.params.items() if v.name == name)
