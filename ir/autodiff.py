@@ -79,7 +79,7 @@ def _join_windows(b: GraphBuilder, parts: list[Value], windows: Windows) -> tupl
         if p in windows:
             by_axis.setdefault(windows[p][0], []).append(p)
     axis, padded = max(by_axis.items(), key=lambda kv: len(kv[1]), default=(0, []))
-    placed = sorted((windows[p][1], windows[p][2]) for p in padded)
+    placed = sorted(((windows[p][1], windows[p][2]) for p in padded), key=lambda w: w[0])
     ends = [begin + inner.type.shape[axis] for begin, inner in placed]
     if len(placed) < 2 or any(end > begin for end, (begin, _) in zip(ends, placed[1:])):
         return None

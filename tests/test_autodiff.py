@@ -219,6 +219,7 @@ def test_compiled_gradients_match_the_interpreter(rng):
         ([(0, 2), (2, 5), (5, 6)], True),  # slices that tile the axis
         ([(1, 2), (3, 5)], True),  # with gaps before, between and after
         ([(0, 3), (2, 6)], False),  # overlapping: summed as pads
+        ([(2, 4), (2, 5)], False),  # overlapping from one start
     ],
 )
 def test_gradients_of_slices_that_split_a_value(windows, joined, rng):
