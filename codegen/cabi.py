@@ -147,8 +147,8 @@ def _c_escape(s: str) -> str:
 def common_source(p: Library, kernel_symbols: list[str]) -> str:
     """The C every Kiln library shares, after its `{PREFIX}_model` struct (which has
     `char error[]` and `double kernel_seconds[]`): the API macro's users, the kernel
-    names and timings, errors (`fail`, `create_failed`, `last_error`) and metadata; the
-    file includes kiln_thread_error.h."""
+    names and timings, errors (`fail`, `last_error`; a failed create's message is the
+    thread's: kiln_thread_error.h) and metadata."""
     n = len(kernel_symbols)
     names = ", ".join(c_string(s) for s in kernel_symbols) or "0"
     src = f"""static const char *const kernel_names[] = {{{names}}};
@@ -169,9 +169,6 @@ __attribute__((format(printf, 2, 3))) static int fail({{PREFIX}}_model *m, const
     va_end(ap);
     return 1;
 }}
-
-/* create has no instance to keep its message in: it is the thread's (kiln_thread_error.h) */
-#define create_failed kiln_thread_failed
 
 API const char *{{PREFIX}}_last_error(const {{PREFIX}}_model *m) {{
     if (m) return m->error;
@@ -235,11 +232,11 @@ API int {{PREFIX}}_create({{PREFIX}}_model **out) {{
     if (!out) return 1;
     *out = NULL;
     {{PREFIX}}_model *m = calloc(1, sizeof *m);
-    if (!m) return create_failed("out of memory for the model instance");
+    if (!m) return kiln_thread_failed("out of memory for the model instance");
     size_t arena = (ARENA_BYTES + {ALIGN - 1}) / {ALIGN} * {ALIGN};
     if (ARENA_BYTES && !(m->arena = aligned_alloc({ALIGN}, arena))) {{
         free(m);
-        return create_failed("out of memory for the arena (%zu bytes)", arena);
+        return kiln_thread_failed("out of memory for the arena (%zu bytes)", arena);
     }}
     kiln_pool_init(&m->pool, kiln_default_threads());
     *out = m;

@@ -325,13 +325,13 @@ done:
 
 /* An instance on CUDA device `ordinal`. */
 API int {{PREFIX}}_create_device({{PREFIX}}_model **out, int ordinal) {{
-    if (!out) return create_failed("out is NULL");
+    if (!out) return kiln_thread_failed("out is NULL");
     *out = NULL;
     {{PREFIX}}_model *m = calloc(1, sizeof *m);
-    if (!m) return create_failed("out of memory for the model instance");
+    if (!m) return kiln_thread_failed("out of memory for the model instance");
     m->threads = 1;
     if (kiln_cuda_open(&m->cu, m->error, sizeof m->error) || setup(m, ordinal)) {{
-        create_failed("%s", m->error);
+        kiln_thread_failed("%s", m->error);
         release(m);
         free(m);
         return 1;

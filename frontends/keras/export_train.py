@@ -48,9 +48,6 @@ def _scalar_expressions(optimizer) -> list[str]:
 ALIGN = 256  # where each array of the CUDA trainer's batch block starts (cuMemAlloc's alignment)
 
 _TRAINER_ERRORS = """
-/* trainer_create has no trainer to keep its message in: it is the thread's. */
-#define trainer_failed kiln_thread_failed
-
 API const char *{name}_trainer_last_error(const {name}_trainer *t) {{
     if (t) return {core}_last_error(t->m);
     const char *why = kiln_thread_error();
@@ -108,7 +105,7 @@ int {core}_download({core}_model *m, void *host, const void *dev, size_t bytes);
     void *outs[2][N_OUT];"""
         setup = f"""    if (!(t->batch = calloc(1, BATCH_BYTES))) {{
         {name}_trainer_destroy(t);
-        return trainer_failed("out of memory for the batch's staging (%d bytes)", BATCH_BYTES);
+        return kiln_thread_failed("out of memory for the batch's staging (%d bytes)", BATCH_BYTES);
     }}
     if ({core}_alloc(t->m, BATCH_BYTES, &t->batch_dev) ||
         {core}_alloc(t->m, sizeof t->results, &t->results_dev))
@@ -164,7 +161,7 @@ int {core}_run({core}_model *m, const void *const *inputs, void *const *outputs)
             t->state[s][i] = malloc(sizeof(float) * (size_t)(state_size[i] > 0 ? state_size[i] : 1));
             if (!t->state[s][i]) {{
                 {name}_trainer_destroy(t);
-                return trainer_failed("out of memory for the weights and slots");
+                return kiln_thread_failed("out of memory for the weights and slots");
             }}
             memcpy(t->state[s][i], init, sizeof(float) * (size_t)state_size[i]);
         }}
@@ -174,7 +171,7 @@ int {core}_run({core}_model *m, const void *const *inputs, void *const *outputs)
         t->masks[i] = malloc(sizeof(float) * (size_t)mask_size[i]);
         if (!t->masks[i]) {{
             {name}_trainer_destroy(t);
-            return trainer_failed("out of memory for the dropout masks");
+            return kiln_thread_failed("out of memory for the dropout masks");
         }}
     }}
     for (int s = 0; s < 2; s++) {{
@@ -265,18 +262,18 @@ API void {name}_trainer_destroy({name}_trainer *t) {{
 
 /* A failure of the step's library while creating: its message kept, the trainer gone. */
 __attribute__((unused)) static int give_up({name}_trainer *t) {{
-    trainer_failed("%s", {core}_last_error(t->m));
+    kiln_thread_failed("%s", {core}_last_error(t->m));
     {name}_trainer_destroy(t);
     return 1;
 }}
 
 API int {name}_trainer_create({name}_trainer **out) {{
-    if (!out) return trainer_failed("out is NULL");
+    if (!out) return kiln_thread_failed("out is NULL");
     *out = NULL;
     {name}_trainer *t = calloc(1, sizeof *t);
-    if (!t) return trainer_failed("out of memory for the trainer");
+    if (!t) return kiln_thread_failed("out of memory for the trainer");
     if ({core}_create(&t->m) != 0) {{
-        trainer_failed("%s", {core}_last_error(NULL));
+        kiln_thread_failed("%s", {core}_last_error(NULL));
         free(t);
         return 1;
     }}
