@@ -463,13 +463,15 @@ class Shuffle:
 Stmt = Loop | Store | DeclareLocal | Assign | If | Check | Barrier | Shuffle
 
 
-def _extent_estimate(e: Expr) -> int:
-    """A loop extent's value, or for a clamped one like min(n - i, block), its bound."""
+def _extent_bound(e: Expr) -> int | None:
+    """A loop extent's value, or for a clamped one like min(n - i, block) its constant
+    bound; None where neither is known at compile time."""
     if isinstance(e, Const):
         return int(e.value)
     if isinstance(e, Binary) and e.op == "min":
-        return min(_extent_estimate(e.a), _extent_estimate(e.b))
-    return 1
+        bounds = [b for b in (_extent_bound(e.a), _extent_bound(e.b)) if b is not None]
+        return min(bounds) if bounds else None
+    return None
 
 
 def _per_run(body: list[Stmt], cost: Callable[[Stmt], int]) -> int:
@@ -477,7 +479,8 @@ def _per_run(body: list[Stmt], cost: Callable[[Stmt], int]) -> int:
     total = 0
     for s in body:
         if isinstance(s, Loop):
-            total += max(_extent_estimate(s.extent), 0) * _per_run(s.body, cost)
+            bound = _extent_bound(s.extent)
+            total += max(1 if bound is None else bound, 0) * _per_run(s.body, cost)
         elif isinstance(s, If):
             total += _per_run(s.body, cost)
         else:

@@ -91,3 +91,16 @@ def test_linear_with_relu_epilogue():
     w = b.param("w", rng.standard_normal((2, 16)).astype(np.float32))
     bias = b.param("bias", rng.standard_normal(16).astype(np.float32))
     assert _kernels(b.build(b.relu(b.linear(x, w, bias)))) == EXPECTED_DENSE_RELU
+
+
+def test_work_estimate_counts_a_clamped_loop_at_its_bound():
+    """A loop of min(n - i, 16) iterations (a block's last, shorter run) counts as 16 per
+    run of its parent, not 1: the estimate decides a kernel's parallel launch."""
+    from codegen import kir
+
+    out = kir.Buffer("out", "float32", (100,))
+    k = kir.KernelBuilder("clamped", [out])
+    with k.loop(7) as i:
+        with k.loop(kir.Binary("min", kir.lift(100, "int64") - i * 16, kir.lift(16, "int64"))):
+            k.store(out, 0, kir.lift(1.0, "float32"))
+    assert kir.estimate_work(k.finish().body) == 7 * 16
