@@ -489,3 +489,6 @@ def load(path: str | Path, name: str | None = None, ordinal: int = 0) -> Compile
     """Load a Kiln model library; its name defaults to the file's stem (NAME.so);
     `ordinal`: the GPU a CUDA library runs on."""
     return CompiledModel(path, name, ordinal)
+
+
+from runtime.predictor import Predictor as Predictor  # noqa: E402  (it builds on CompiledModel, above)
