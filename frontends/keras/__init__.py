@@ -14,6 +14,7 @@ train step per batch shape; defaults and formulas follow Keras 3.
 from frontends.keras import (
     activations,
     callbacks,
+    distribution,
     initializers,
     layers,
     losses,
@@ -34,6 +35,7 @@ __all__ = [
     "activations",
     "device",
     "callbacks",
+    "distribution",
     "initializers",
     "layers",
     "losses",

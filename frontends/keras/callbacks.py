@@ -11,6 +11,9 @@ import numpy as np
 
 
 class Callback:
+    #: whether it writes files: in data-parallel training only process 0 runs it
+    writes_files = False
+
     def __init__(self):
         self.model = None
         self.params: dict = {}
@@ -105,9 +108,11 @@ class ProgbarLogger(Callback):
 class CallbackList:
     """User callbacks in order, then History, then the progress bar (as Keras orders them)."""
 
-    def __init__(self, callbacks: list[Callback], model, verbose: int, epochs: int, steps: int):
-        self.callbacks = list(callbacks)
-        if verbose:
+    def __init__(self, callbacks: list[Callback], model, verbose: int, epochs: int, steps: int,
+                 chief: bool = True):  # fmt: skip
+        # in data-parallel training only the chief process (rank 0) writes files and prints
+        self.callbacks = [c for c in callbacks if chief or not c.writes_files]
+        if verbose and chief:
             self.callbacks.append(ProgbarLogger(verbose))
         params = {"verbose": verbose, "epochs": epochs, "steps": steps}
         for c in self.callbacks:
@@ -267,6 +272,8 @@ class ReduceLROnPlateau(_Monitor):
 
 
 class CSVLogger(Callback):
+    writes_files = True
+
     def __init__(self, filename: str, separator: str = ",", append: bool = False):
         super().__init__()
         self.filename, self.separator, self.append = filename, separator, append
@@ -290,6 +297,8 @@ class CSVLogger(Callback):
 
 class ModelCheckpoint(_Monitor):
     """Save the model (or its weights) after each epoch, or only when `monitor` improves."""
+
+    writes_files = True
 
     def __init__(
         self,

@@ -6,6 +6,8 @@ run on the CPU, or on a GPU inside `keras.device("gpu:0")` (see devices.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -13,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from frontends.keras import callbacks as callbacks_module
-from frontends.keras import devices, serialization, utils
+from frontends.keras import data_parallel, devices, distribution, serialization, utils
 from frontends.keras import losses as losses_module
 from frontends.keras import metrics as metrics_module
 from frontends.keras import optimizers as optimizers_module
@@ -441,38 +443,65 @@ class Model:
         batch = int(batch_size or DEFAULT_BATCH_SIZE)
         steps = -(-n // batch)
         verbose = 1 if verbose == "auto" else int(verbose)
+        device = self._device()
+        group = self._process_group(device)
+        chief = group is None or group.rank == 0
         history = callbacks_module.History()
         cbs = callbacks_module.CallbackList(
-            [*(callbacks or []), history], self, verbose=verbose, epochs=epochs, steps=steps
+            [*(callbacks or []), history], self, verbose=verbose, epochs=epochs, steps=steps, chief=chief
         )
         self.stop_training = False
-        device = self._device()
         self._train_state(device)
-        cbs.on_train_begin()
-        for epoch in range(initial_epoch, epochs):
-            cbs.on_epoch_begin(epoch)
-            order = utils.rng().permutation(n) if shuffle else np.arange(n)
-            totals = _Totals()
-            for step in range(steps):
-                idx = order[step * batch : (step + 1) * batch]
-                cbs.on_train_batch_begin(step)
-                logs = self._train_batch(xs, ys, idx, totals, device)
-                cbs.on_train_batch_end(step, logs)
-            logs = totals.logs()
-            if validation is not None:
-                val = self._evaluate(*validation, batch, device).logs()
-                logs.update({f"val_{k}": v for k, v in val.items()})
-            self._sync()
-            cbs.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
-        cbs.on_train_end()
+        if group is not None:
+            val_rows = len(validation[0][0]) if validation is not None else 0
+            fit_args = {"batch_size": batch, "samples": n, "epochs": epochs, "initial_epoch": initial_epoch,
+                        "shuffle": bool(shuffle), "validation_samples": val_rows}  # fmt: skip
+            data_parallel.start(self, group, fit_args)
+        with contextlib.nullcontext() if chief else contextlib.redirect_stdout(io.StringIO()):
+            cbs.on_train_begin()
+            for epoch in range(initial_epoch, epochs):
+                cbs.on_epoch_begin(epoch)
+                order = utils.rng().permutation(n) if shuffle else np.arange(n)
+                totals = _Totals()
+                for step in range(steps):
+                    idx = order[step * batch : (step + 1) * batch]
+                    cbs.on_train_batch_begin(step)
+                    logs = self._train_batch(xs, ys, idx, totals, device, group)
+                    cbs.on_train_batch_end(step, logs)
+                logs = totals.logs()
+                if validation is not None:
+                    val = self._evaluate(*validation, batch, device).logs()
+                    logs.update({f"val_{k}": v for k, v in val.items()})
+                self._sync()
+                cbs.on_epoch_end(epoch, logs)
+                if self.stop_training:
+                    break
+            cbs.on_train_end()
         self._sync()
         self.history = history
         return history
 
-    def _train_batch(self, xs, ys, idx, totals: _Totals, device: str) -> dict:
+    def _process_group(self, device: str) -> distribution.ProcessGroup | None:
+        """The processes this model trains with (keras.distribution.DataParallel), or None."""
+        group = distribution.process_group()
+        if group is not None and device != devices.CPU:
+            raise distribution.DistributedError(
+                f"DataParallel trains on the CPU; this fit runs on {device} (keras.device)"
+            )
+        return group
+
+    def _train_batch(self, xs, ys, idx, totals: _Totals, device: str, group=None) -> dict:
         size = len(idx)
+        if group is not None:
+            key = ("train", "data_parallel", device)
+            if key not in self._programs:
+                self._programs[key] = data_parallel.DataParallelStep(self, self._state, group)
+            step = self._programs[key]
+            step.run(xs, ys, idx, self.optimizer.iterations)
+            self.optimizer.iterations += 1
+            totals.add(step, float(step.loss), [float(v) for v in step.losses], size,
+                       [float(s) for s in step.metric_sums])  # fmt: skip
+            return totals.logs()
         step = self._program("train", size, device)
         for src, dst in zip([*xs, *ys], [*step.xs, *step.ys]):
             np.take(src, idx, axis=0, out=dst)
@@ -494,9 +523,12 @@ class Model:
         xs = self._prepare_x(x)
         ys = self._prepare_y(y, len(xs[0]), targets)
         device = self._device()
+        group = self._process_group(device)
         self._train_state(device)
+        if group is not None:
+            data_parallel.start(self, group, {"batch_size": len(xs[0])})
         totals = _Totals()
-        logs = self._train_batch(xs, ys, np.arange(len(xs[0])), totals, device)
+        logs = self._train_batch(xs, ys, np.arange(len(xs[0])), totals, device, group)
         self._sync()
         return logs if return_dict else self._as_list(totals)
 

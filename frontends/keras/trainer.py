@@ -177,53 +177,154 @@ def build_evaluate(forward, weights, feeds: list[Feed], targets: list[Target], s
     return Program(_compile(graph, "evaluate", device), [], *_names(targets, several), device=device)
 
 
-def train_graph(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer,
-                name="train_step"):  # fmt: skip
-    """The train step as a graph, with its dropout masks (layer, mask shape) in input order.
-    Inputs: model inputs, labels, masks, weights, slots (per trainable weight,
-    optimizer.slots order), scalars. Outputs: loss, per-output losses, metric sums, new
-    weights, new slots."""
+@dataclass
+class LossGraph:
+    """A training graph's common start: the model on its inputs and labels with its
+    dropout masks, the total loss, each output's own loss and the metric sums."""
+
+    b: GraphBuilder
+    xs: list[Value]
+    y_trues: list[Value]
+    values: dict[int, Value]  # each weight's graph input, by id(weight)
+    ctx: GraphContext
+    total: Value
+    parts: list[Value]
+    sums: list[Value]
+
+    @property
+    def masks(self) -> list[tuple[Layer, tuple[int, ...]]]:
+        """The dropout masks (layer, mask shape), in input order."""
+        return [(layer, m.type.shape) for layer, m in self.ctx.masks]
+
+
+def _loss_graph(name: str, forward, weights, feeds: list[Feed], targets: list[Target], several: bool):
     b, xs, values = _start(name, weights, feeds)
     y_trues = [b.input(t.y.name, t.y.shape, t.y.dtype) for t in targets]
     ctx = GraphContext(b, values)
     y_preds = forward(ctx, xs, True)
     total, parts, sums = _loss_and_metrics(b, targets, y_trues, y_preds, several)
-    trainable = [w for w in weights if w.trainable]
-    slot_inputs = {
-        (id(w), s): b.input(f"{w.name.replace('/', '_')}_{s}", w.shape)
-        for w in trainable
-        for s in optimizer.slots
-    }
-    scalars = {s: b.input(s, ()) for s in optimizer.scalars}
-    grads = gradients(b, total, [values[id(w)] for w in trainable], unreached="none")
+    return LossGraph(b, xs, y_trues, values, ctx, total, parts, sums)
+
+
+def _gradients(b: GraphBuilder, loss: Value, values: dict[int, Value], trainable: list[Weight]) -> list:
+    """d loss / d w for each trainable weight, None where the loss does not reach it
+    (with Keras's warning naming those weights)."""
+    grads = gradients(b, loss, [values[id(w)] for w in trainable], unreached="none")
     unreached = [w.name for w, g in zip(trainable, grads) if g is None]
     if unreached:
         warnings.warn(
             f"Gradients do not exist for variables {unreached} when minimizing the loss. If using "
             "`model.compile()`, did you forget to provide a `loss` argument?",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
+    return grads
+
+
+def _slot_inputs(b: GraphBuilder, trainable: list[Weight], optimizer) -> dict[tuple[int, str], Value]:
+    """Each trainable weight's optimizer slots as graph inputs, in optimizer.slots order."""
+    return {
+        (id(w), s): b.input(f"{w.name.replace('/', '_')}_{s}", w.shape)
+        for w in trainable
+        for s in optimizer.slots
+    }
+
+
+def _apply(b: GraphBuilder, optimizer, trainable, values, grads, slot_inputs, scalars):
+    """The optimizer's rule on every trainable weight: ({id(w): new weight}, new slots in
+    slot input order). A weight without a gradient is left alone, slots and all, as
+    Keras leaves it."""
     new_weights, new_slots = {}, []
     for w, g in zip(trainable, grads):
         slots = {s: slot_inputs[(id(w), s)] for s in optimizer.slots}
-        if g is None:  # no loss reaches it: left alone, slots and all, as Keras leaves it
+        if g is None:
             new_slots += list(slots.values())
             continue
         new_weights[id(w)], updated = optimizer.update(b, values[id(w)], g, slots, scalars)
         new_slots += [updated[s] for s in optimizer.slots]
-    new_weights.update(ctx.updates)
-    outputs = [total, *parts, *sums, *(new_weights.get(id(w), values[id(w)]) for w in weights), *new_slots]
-    masks = [m for _, m in ctx.masks]
+    return new_weights, new_slots
+
+
+def train_graph(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer,
+                name="train_step"):  # fmt: skip
+    """The train step as a graph, with its dropout masks (layer, mask shape) in input order.
+    Inputs: model inputs, labels, masks, weights, slots (per trainable weight,
+    optimizer.slots order), scalars. Outputs: loss, per-output losses, metric sums, new
+    weights, new slots."""
+    g = _loss_graph(name, forward, weights, feeds, targets, several)
+    b, values = g.b, g.values
+    trainable = [w for w in weights if w.trainable]
+    slot_inputs = _slot_inputs(b, trainable, optimizer)
+    scalars = {s: b.input(s, ()) for s in optimizer.scalars}
+    grads = _gradients(b, g.total, values, trainable)
+    new_weights, new_slots = _apply(b, optimizer, trainable, values, grads, slot_inputs, scalars)
+    new_weights.update(g.ctx.updates)
+    new_values = [new_weights.get(id(w), values[id(w)]) for w in weights]
+    outputs = [g.total, *g.parts, *g.sums, *new_values, *new_slots]
     b.inputs = [
-        *xs,
-        *y_trues,
-        *masks,
+        *g.xs,
+        *g.y_trues,
+        *(m for _, m in g.ctx.masks),
         *(values[id(w)] for w in weights),
         *slot_inputs.values(),
         *scalars.values(),
     ]
-    return b.build(*outputs), [(layer, m.type.shape) for layer, m in ctx.masks]
+    return b.build(*outputs), g.masks
+
+
+@dataclass(frozen=True)
+class GradientLayout:
+    """What a gradient program writes after the loss and metric sums, in order: the
+    gradient of each trainable weight the loss reaches (`reached`) and the new value of
+    each weight the step updates without a gradient (`updated`: BatchNormalization's
+    moving statistics). The update program reads them in the same order."""
+
+    reached: list[Weight]
+    updated: list[Weight]
+
+
+def gradient_graph(forward, weights, feeds: list[Feed], targets: list[Target], several: bool,
+                   name="gradients"):  # fmt: skip
+    """The first half of a split train step, for data parallelism: inputs as train_graph's
+    up to the weights, then `share` (this process's rows / the global batch's rows).
+    Outputs: share · loss, share · each output's loss, the metric sums, share · each
+    reached weight's gradient, share · each updated weight's new value. Every output is
+    this process's part of a sum over processes: summed (all-reduced), they are the
+    global batch's loss and gradients, and the updates averaged with the shares as
+    weights. Returns the graph, its masks and its GradientLayout."""
+    g = _loss_graph(name, forward, weights, feeds, targets, several)
+    b, values = g.b, g.values
+    share = b.input("share", ())
+    trainable = [w for w in weights if w.trainable]
+    loss = b.mul(g.total, share)
+    grads = _gradients(b, loss, values, trainable)
+    reached = [(w, d) for w, d in zip(trainable, grads) if d is not None]
+    by_id = {id(w): w for w in weights}
+    updated = [(by_id[key], b.mul(v, share)) for key, v in g.ctx.updates.items()]
+    outputs = [loss, *(b.mul(p, share) for p in g.parts), *g.sums]
+    outputs += [d for _, d in reached] + [v for _, v in updated]
+    b.inputs = [*g.xs, *g.y_trues, *(m for _, m in g.ctx.masks), *(values[id(w)] for w in weights), share]
+    layout = GradientLayout([w for w, _ in reached], [w for w, _ in updated])
+    return b.build(*outputs), g.masks, layout
+
+
+def update_graph(weights: list[Weight], optimizer, layout: GradientLayout, name="apply_gradients"):
+    """The second half of a split train step: inputs the weights, the slots (as
+    train_graph's), the summed gradients and updates (GradientLayout order), the step
+    scalars; outputs the new weights and slots (as train_graph's)."""
+    b = GraphBuilder(name)
+    values = {id(w): b.input(w.name.replace("/", "_"), w.shape) for w in weights}
+    trainable = [w for w in weights if w.trainable]
+    slot_inputs = _slot_inputs(b, trainable, optimizer)
+    grads_in = {id(w): b.input(f"{w.name.replace('/', '_')}_grad", w.shape) for w in layout.reached}
+    updates_in = {id(w): b.input(f"{w.name.replace('/', '_')}_new", w.shape) for w in layout.updated}
+    scalars = {s: b.input(s, ()) for s in optimizer.scalars}
+    grads = [grads_in.get(id(w)) for w in trainable]
+    new_weights, new_slots = _apply(b, optimizer, trainable, values, grads, slot_inputs, scalars)
+    new_weights.update(updates_in)
+    b.inputs = [*values.values(), *slot_inputs.values(), *grads_in.values(), *updates_in.values(),
+                *scalars.values()]  # fmt: skip
+    return b.build(*(new_weights.get(id(w), values[id(w)]) for w in weights), *new_slots)
 
 
 def build_train(forward, weights, feeds: list[Feed], targets: list[Target], several: bool, optimizer,

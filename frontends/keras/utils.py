@@ -20,3 +20,9 @@ def set_random_seed(seed: int) -> None:
 
 def rng() -> np.random.Generator:
     return _rng
+
+
+def set_rng_state(state: dict) -> None:
+    """Continue Kiln's generator from `state` (a bit_generator.state): processes
+    training together share one stream of shuffles and dropout masks."""
+    _rng.bit_generator.state = state
