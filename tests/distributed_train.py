@@ -5,9 +5,11 @@ with the global batch), and compare what each run saved.
     torchrun --standalone --nproc-per-node 2 tests/distributed_train.py mlp OUT_DIR
     python tests/distributed_train.py mlp OUT_DIR          # one process, the reference
 
-Each process saves OUT_DIR/rank{R}.npz: its final weights and its history.
-`--die-at-step S` makes process 1 exit at step S, `--rank1-batch-size B` makes it call
-fit with another batch size (the failure tests).
+Each process saves OUT_DIR/rank{R}.npz: its final weights and its history; fit logs
+to OUT_DIR/log{R}.csv with a CSVLogger (which only process 0 runs) and prints a line
+per epoch (only process 0 prints). `--die-at-step S` makes process 1 exit at step S,
+`--hang-at-step S` stop answering there, `--rank1-batch-size B` call fit with another
+batch size (the failure tests).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +60,17 @@ def model(kind: str) -> keras.Model:
     return keras.Sequential(stack)
 
 
-class DieAt(keras.callbacks.Callback):
-    """Process 1 exits mid-training, as a crashed worker does."""
+class FailAt(keras.callbacks.Callback):
+    """Process 1 exits (as a crashed worker does) or stops answering at a step."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, hang: bool):
         super().__init__()
-        self.step = step
+        self.step, self.hang = step, hang
 
     def on_train_batch_begin(self, batch, logs=None):
         if os.environ.get("RANK") == "1" and batch == self.step:
+            if self.hang:
+                time.sleep(3600)
             os._exit(17)
 
 
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--die-at-step", type=int)
+    parser.add_argument("--hang-at-step", type=int)
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--no-shuffle", action="store_true")
     parser.add_argument("--rank1-batch-size", type=int, help="process 1 disagrees on the batch size")
@@ -86,19 +92,22 @@ def main() -> None:
     x, y = data(args.kind)
     m = model(args.kind)
     m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    callbacks = [DieAt(args.die_at_step)] if args.die_at_step is not None else []
     rank = os.environ.get("RANK", "0")
+    args.out.mkdir(parents=True, exist_ok=True)
+    callbacks = [keras.callbacks.CSVLogger(str(args.out / f"log{rank}.csv"))]
+    if args.die_at_step is not None or args.hang_at_step is not None:
+        hang = args.hang_at_step is not None
+        callbacks.append(FailAt(args.hang_at_step if hang else args.die_at_step, hang))
     batch = args.rank1_batch_size if rank == "1" and args.rank1_batch_size else 32
     history = m.fit(
         x,
         y,
         batch_size=batch,
         epochs=args.epochs,
-        verbose=0,
+        verbose=2,
         callbacks=callbacks,
         shuffle=not args.no_shuffle,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     logs = {f"history_{k}": np.array(v) for k, v in history.history.items()}
     weights = {f"weight_{i}": w for i, w in enumerate(m.get_weights())}
     np.savez(args.out / f"rank{rank}.npz", **logs, **weights)

@@ -53,7 +53,10 @@ def test_mlp_with_dropout_matches_one_process(tmp_path, nproc):
     """97 rows in batches of 32: the last batch has one row, so with 2 or 3 processes
     some take none and still join the step."""
     _ok(_alone("mlp", str(tmp_path / "alone")))
-    _ok(_torchrun(nproc, "mlp", str(tmp_path / "dp")))
+    run = _torchrun(nproc, "mlp", str(tmp_path / "dp"))
+    _ok(run)
+    assert run.stdout.count("loss:") == 2, run.stdout  # 2 epochs, printed by process 0 alone
+    assert sorted(p.name for p in (tmp_path / "dp").glob("log*.csv")) == ["log0.csv"]
     results = _results(tmp_path / "dp", nproc)
     _assert_replicas_identical(results)
     (alone,) = _results(tmp_path / "alone", 1)
@@ -135,6 +138,17 @@ def test_a_dying_process_fails_the_others_with_a_clear_error(tmp_path):
             p.kill()
     assert procs[0].returncode != 0
     assert "DistributedError" in err and "another process died" in err, err[-3000:]
+
+
+def test_a_hanging_process_fails_the_others_after_the_timeout(tmp_path):
+    procs = _processes(2, "mlp", str(tmp_path), "--hang-at-step", "1", "--timeout", "5")
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert "did not answer within 5 s" in err, err[-3000:]
 
 
 def test_processes_that_disagree_are_named(tmp_path):
