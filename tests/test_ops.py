@@ -281,8 +281,9 @@ CASES: dict[str, list[Case]] = {
     ],
     "log_softmax": [Case([In((7, 33))]), Case([In((3, 33, 5))], {"axis": 0})],
     # recurrences: (xw, rt, initial states...); hidden 33 and 1 exercise the vector tails,
-    # odd batches the one-row blocks
+    # odd batches the one-row blocks, batches 6, 12, 36 and 40 chunks of several row groups
     "rnn": [
+        Case([In((3, 12, 70)), In((70, 70), "small"), In((12, 70))], {"hidden": 70, "reverse": True}),
         Case([In((5, 3, 33)), In((33, 33), "small"), In((3, 33))], {"hidden": 33}, params=(1,)),
         Case(
             [In((4, 2, 1)), In((1, 1), "small"), In((2, 1))],
@@ -290,6 +291,7 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     "gru": [
+        Case([In((3, 40, 3 * 37)), In((37, 111), "small"), In((40, 37)), In((37,))], {"hidden": 37}),
         Case(
             [In((5, 3, 3 * 33)), In((33, 99), "small"), In((3, 33)), In((33,))], {"hidden": 33}, params=(1, 3)
         ),
@@ -299,6 +301,14 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     "lstm": [
+        Case(
+            [In((3, 6, 4 * 50)), In((50, 200), "small"), In((6, 50)), In((6, 50)), In((150,))],
+            {"hidden": 50, "reverse": True},
+        ),
+        Case(
+            [In((2, 36, 4 * 20)), In((20, 80), "small"), In((36, 20)), In((36, 20)), In((60,))],
+            {"hidden": 20},
+        ),
         Case(
             [In((5, 3, 4 * 33)), In((33, 132), "small"), In((3, 33)), In((3, 33)), In((99,))],
             {"hidden": 33},

@@ -4,10 +4,13 @@ The input projection x·Wᵀ (+ biases) has no recurrence, so it is not here: fr
 compute it for every step at once with one matmul, and these ops take its result
 `xw` (seq, batch, gates·hidden), and `rt` = Rᵀ (hidden, gates·hidden), the layout the
 per-step product reads row by row. What remains is the recurrence, h_{t-1}·Rᵀ and the
-gates, one kernel per layer and direction: blocks of batch rows run in parallel, steps
-in order. Each step runs over tiles of UNIT_TILE hidden units: the tile's gate sums for
-the block's rows are accumulated over h_{t-1} in a small scratch buffer (which LLVM
-keeps in vector registers), then turned into the new state right away.
+gates, one kernel per layer and direction: chunks of batch rows run in parallel, steps
+in order. Each step runs over tiles of hidden units, and each tile over the chunk's
+groups of up to 4 rows (ROW_BLOCKS): a group's gate sums for the tile are accumulated over
+h_{t-1} in a small scratch buffer of TILE_SUMS x gates floats (which LLVM keeps in
+vector registers), then turned into the new state right away. The tile's columns of
+Rᵀ stay in cache while every group of the chunk reads them, so a step streams Rᵀ once
+per chunk, not once per group.
 
 The output holds the state before and after every step, in seq + 1 slots (axis 0).
 A forward pass starts in slot 0 and writes step t's state to slot t + 1; a reverse
@@ -57,8 +60,23 @@ Activation = tuple[str, tuple[tuple[str, float], ...]]
 SIGMOID: Activation = ("sigmoid", ())
 TANH: Activation = ("tanh", ())
 
-#: hidden units whose gate sums are accumulated together (per batch row: gates x 32)
-UNIT_TILE = 32
+#: batch rows x hidden units whose gate sums are accumulated together, per gate (an
+#: LSTM's 4 gates x 64: 16 AVX-512 registers)
+TILE_SUMS = 64
+#: batch rows whose gate sums are accumulated together, the first that divides the batch
+#: (a tile then spans TILE_SUMS / rows units: whole vectors)
+ROW_BLOCKS = (4, 2, 1)
+#: batch rows that share one pass over Rᵀ per step (a chunk; chunks run in parallel)
+CHUNK_ROWS = 16
+
+
+def _row_blocking(batch: int) -> tuple[int, int]:
+    """(rows per group, groups per chunk): the first of ROW_BLOCKS that divides the batch,
+    and the most groups per chunk, up to CHUNK_ROWS rows, that divide the batch's groups."""
+    rows = next(r for r in ROW_BLOCKS if batch % r == 0)
+    total = batch // rows
+    groups = next(g for g in range(max(CHUNK_ROWS // rows, 1), 0, -1) if total % g == 0)
+    return rows, groups
 
 
 @functools.cache
@@ -235,22 +253,36 @@ class Recurrence(Op):
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
         xw = ins[0]
         seq, batch, _ = xw.shape
-        rows = 2 if batch % 2 == 0 else 1  # batch rows per block: each row of rt serves them all
-        sums = k.scratch("gate_sums", xw.dtype, (rows, self.gates, UNIT_TILE))
+        rows, groups = _row_blocking(batch)
+        sums = k.scratch("gate_sums", xw.dtype, (rows, self.gates, TILE_SUMS // rows))
         first = seq if self.reverse else 0
-        with k.loop(batch // rows, "parallel", "b") as blk:
-            block = [blk * rows + i for i in range(rows)]
+
+        def each_group(chunk: Expr, body: Callable[[list[Expr]], None]) -> None:
+            with k.loop(groups, "serial", "g") as g:
+                body([(chunk * groups + g) * rows + i for i in range(rows)])
+
+        def start(block: list[Expr]) -> None:
             with k.loop(self.hidden, "vector", "j") as j:
                 for b in block:
                     for plane, source in enumerate(self.state_planes):
                         value = ins[source][b, j] if source is not None else e.const(0.0, xw.dtype)
                         k.store(out, (first, plane, b, j), value)
+
+        with k.loop(batch // (rows * groups), "parallel", "chunk") as chunk:
+            each_group(chunk, start)
             with k.loop(seq, "serial", "n") as n:
                 t = (seq - 1 - n) if self.reverse else n
                 read, write = (t + 1, t) if self.reverse else (t, t + 1)
-                step = Step(k, ins, out, block, t, read, write, sums)
                 for phase in self.phases():
-                    self.unit_tiles(k, functools.partial(self._tile, step, phase))
+
+                    def tile(first_unit: Expr, units: int, kind: str, phase: Phase = phase) -> None:
+                        def body(block: list[Expr]) -> None:
+                            step = Step(k, ins, out, block, t, read, write, sums)
+                            self._tile(step, phase, first_unit, units, kind)
+
+                        each_group(chunk, body)
+
+                    self.unit_tiles(k, tile, TILE_SUMS // rows)
 
     def lower_gpu(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
         """One kernel for the whole sequence: a block per group of batch rows, which steps
@@ -306,15 +338,15 @@ class Recurrence(Op):
             for plane, value in phase.cell(c).items():
                 k.store(s.out, (s.write, plane, b, j), value)
 
-    def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int, str], None]) -> None:
-        """tile(first unit, units, loop kind) over the hidden units: whole tiles, then the
-        rest as whole vectors, then the last few units (masked)."""
-        tiles, tail = divmod(self.hidden, UNIT_TILE)
+    def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int, str], None], size: int) -> None:
+        """tile(first unit, units, loop kind) over the hidden units: whole tiles of `size`
+        units, then the rest as whole vectors, then the last few units (masked)."""
+        tiles, tail = divmod(self.hidden, size)
         if tiles:
             with k.loop(tiles, "serial", "units") as u:
-                tile(u * UNIT_TILE, UNIT_TILE, "vector")
+                tile(u * size, size, "vector")
         whole = tail - tail % MATMUL_VECTOR
-        for first, units in ((tiles * UNIT_TILE, whole), (tiles * UNIT_TILE + whole, tail - whole)):
+        for first, units in ((tiles * size, whole), (tiles * size + whole, tail - whole)):
             if units:
                 tile(
                     const(first, "int64"), units, "vector" if units % MATMUL_VECTOR == 0 else "vector_masked"
@@ -542,7 +574,7 @@ class Step:
 
     def at(self, r: int, i: int, jj: Expr) -> Expr:
         """The flat index of row r's sum for the phase's i-th gate, unit jj of the tile."""
-        return (r * self.sums.shape[1] + i) * UNIT_TILE + jj
+        return (r * self.sums.shape[1] + i) * self.sums.shape[2] + jj
 
 
 class _KernelCell(Cell):
