@@ -56,6 +56,7 @@ def _compile(args: argparse.Namespace) -> int:
         input_shapes=dict(args.input_shape or []),
         emit=emit,
         cpu_name=args.cpu,
+        specialize=False,  # a library has fixed shapes: say what to bind
     )
     so = model.save(out)
     for kind in emit:

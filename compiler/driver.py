@@ -28,6 +28,7 @@ from compiler.memory import MemoryPlan, plan_memory
 from compiler.passes import Pass, simplify
 from compiler.plan_check import Location, Step, check_plan
 from compiler.schedule import Schedule, Storage, in_place_candidates, pack_weights, pins, schedule_kernels
+from compiler.specialize import SpecializingModel
 from ir.errors import UnsupportedError, internal_errors
 from ir.graph import Graph, Value
 from ir.printer import print_graph
@@ -364,7 +365,8 @@ def compile_model(
     emit: tuple[str, ...] = (),
     cpu_name: str | None = None,
     constant_inputs: dict[str, object] | None = None,
-) -> CompiledModel:
+    specialize: bool = True,
+) -> CompiledModel | SpecializingModel:
     """Compile an ONNX file / ModelProto / ir Graph into a native library and load it.
 
     `name` prefixes every C symbol (NAME_create, NAME_run, ...). `fuse=False` keeps
@@ -375,6 +377,12 @@ def compile_model(
     be known at compile time (a Reshape's shape fed as an input); they are no longer
     inputs of the compiled model.
 
+    An ONNX model with named dimensions left unbound, or inputs needed at compile time
+    and not fixed, gives a SpecializingModel when `specialize` (and no `emit`): it
+    compiles one library per distinct input shapes and such values as calls bring them
+    (see compiler.specialize). Without `specialize`, such a model is an error that says
+    what to bind.
+
     `target` "cuda" gives a library that runs on an NVIDIA GPU through the CUDA driver
     (see codegen.cuda_lib), with its PTX (and cubins) beside it; its instance, which
     needs the GPU, is made on first use, so compiling needs no GPU.
@@ -382,7 +390,17 @@ def compile_model(
     if target not in TARGETS:
         raise UnsupportedError(f"target {target!r} is not supported (supported: {', '.join(TARGETS)})")
     cabi.check_prefix(name)
-    graph = to_graph(model, input_shapes, constant_inputs)
+    from frontends.onnx import ConstantInputNeeded, SymbolicDimension
+
+    try:
+        graph = to_graph(model, input_shapes, constant_inputs)
+    except (SymbolicDimension, ConstantInputNeeded):
+        if not specialize or emit:
+            raise
+        return SpecializingModel(
+            model, compile_model, target=target, name=name, fuse=fuse, cpu_name=cpu_name,
+            input_shapes=input_shapes, constant_inputs=constant_inputs, specialize=False,
+        )  # fmt: skip
     if target == "cuda":
         if set(emit) - {"ptx"}:
             raise UnsupportedError(

@@ -5,7 +5,9 @@
 
 Each case is compiled with `compile_model` and run on the suite's own inputs (inputs
 that Kiln needs at compile time, like a Reshape's shape, are fixed to the suite's
-values with constant_inputs=, and compiled again if a data set changes them); its
+values with constant_inputs=, and compiled again if a data set changes them); with
+--plain, as a plain backend runs them (compile_model(model), then run(inputs), with
+nothing bound or fixed: the model specializes on each call's shapes and values). The
 outputs must match the suite's in shape, dtype and value (at the case's rtol/atol).
 Cases run in worker processes: a crash or hang ends only that case (the worker is
 replaced). A case of an op Kiln does not import is reported unsupported, with the
@@ -125,7 +127,11 @@ def _compile(model, names: list[str], inputs: list):
             fixed[e.input_name] = values[e.input_name]
 
 
-def run_case(case) -> Outcome:
+def run_case(case, plain: bool = False) -> Outcome:
+    """One case. `plain`: as a plain backend runs it (prepare(model), then run(inputs)):
+    compile_model with no shapes bound and no inputs fixed, one object for every data
+    set, which specializes on what each call brings (compiler.specialize)."""
+    from compiler.driver import compile_model
     from ir.errors import UnsupportedError
 
     op = _op_of(case, _op_names())
@@ -133,7 +139,10 @@ def run_case(case) -> Outcome:
         model, data_sets = _light_model(case) if case.model is None else (case.model, case.data_sets)
         inits = {t.name for t in model.graph.initializer}
         names = [vi.name for vi in model.graph.input if vi.name not in inits]
-        compiled, fixed = _compile(model, names, data_sets[0][0])
+        if plain:
+            compiled, fixed = compile_model(model, name="case"), {}
+        else:
+            compiled, fixed = _compile(model, names, data_sets[0][0])
     except UnsupportedError as e:
         return Outcome(case.name, op, "unsupported", str(e).splitlines()[-1].strip())
     except Exception as e:  # a claimed op that does not import or compile
@@ -175,11 +184,12 @@ def _worker(conn) -> None:
     warnings.simplefilter("ignore")
     cases = _cases()
     while True:
-        name = conn.recv()
-        if name is None:
+        message = conn.recv()
+        if message is None:
             return
+        name, plain = message
         try:
-            conn.send(run_case(cases[name]))
+            conn.send(run_case(cases[name], plain))
         except Exception:
             conn.send(Outcome(name, "?", "failed", traceback.format_exc().splitlines()[-1]))
 
@@ -195,7 +205,8 @@ def _receive(conn) -> Outcome | None:
 class _Pool:
     """Worker processes that survive their cases: a dead or stuck worker is replaced."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, plain: bool = False):
+        self.plain = plain
         self.ctx = mp.get_context("spawn")
         self.workers = [self._start() for _ in range(size)]
 
@@ -212,7 +223,7 @@ class _Pool:
             for i, (_, conn) in enumerate(self.workers):
                 if i not in busy and pending:
                     name = pending.pop(0)
-                    conn.send(name)
+                    conn.send((name, self.plain))
                     busy[i] = (name, time.monotonic())
             for i, (name, started) in list(busy.items()):
                 proc, conn = self.workers[i]
@@ -334,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-j", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--failures", action="store_true", help="list every failed case with its reason")
     p.add_argument("--readme", type=Path, help="rewrite the op table in this README with this run's counts")
+    p.add_argument(
+        "--plain", action="store_true", help="as a plain backend: prepare(model) then run(inputs), no hints"
+    )
     args = p.parse_args(argv)
     cases = _cases()
     names = sorted(n for n in cases if args.k in n)
@@ -346,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         if done[0] % 100 == 0:
             print(f"  {done[0]}/{len(names)}", file=sys.stderr)
 
-    results = _Pool(max(1, args.j)).run(names, ops, progress)
+    results = _Pool(max(1, args.j), args.plain).run(names, ops, progress)
     print(report(results))
     if args.readme:
         update_readme(args.readme, results)

@@ -34,6 +34,14 @@ class UnsupportedOnnxError(OnnxImportError, UnsupportedError):
     pass
 
 
+class SymbolicDimension(OnnxImportError):
+    """A model input has a dimension named, not numbered, and no shape was bound to it."""
+
+    def __init__(self, message: str, input_name: str):
+        super().__init__(message)
+        self.input_name = input_name
+
+
 class ConstantInputNeeded(UnsupportedOnnxError):
     """A model input feeds a slot Kiln needs at compile time (a shape, axes, pads)."""
 

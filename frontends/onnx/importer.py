@@ -19,6 +19,7 @@ from frontends.onnx.context import (
     ONNX_DTYPES,
     Context,
     OnnxImportError,
+    SymbolicDimension,
     UnsupportedOnnxError,
     attributes,
     node_label,
@@ -109,14 +110,15 @@ def _input_shape(
             shape.append(d.dim_value)
         else:
             label = d.dim_param or "?"
-            raise OnnxImportError(
+            raise SymbolicDimension(
                 f"input {vi.name!r}: dimension {i} is symbolic ({label!r}); bind it with "
                 f"--input-shape {vi.name}="
                 + "x".join(
                     str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N"
                     for x in tt.shape.dim
                 )
-                + " (or input_shapes= in Python)"
+                + " (or input_shapes= in Python)",
+                vi.name,
             )
     return dtype, tuple(shape)
 

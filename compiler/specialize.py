@@ -1,0 +1,160 @@
+"""An ONNX model that takes what it needs at compile time from each call's inputs.
+
+A native Kiln library has fixed input shapes, and takes as constants the inputs that
+fill a slot Kiln needs at compile time (a Reshape's shape, TopK's K, ReduceSum's
+axes). A model whose inputs have named dimensions (`batch_size`, `N`) or feed such
+slots cannot be one library until those are bound. From Python it need not be:
+`compile_model(path)` returns a SpecializingModel, which compiles a library on first
+sight of each distinct (input shapes, values of the inputs needed as constants), keeps
+it, and reuses it; the build cache makes a repeated compile cheap across processes too.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from ir.errors import UnsupportedError
+from runtime import CompiledModel, TensorInfo
+
+#: how many specializations one model keeps loaded (the least recently used goes first)
+MAX_SPECIALIZATIONS = 32
+
+Dim = int | str  # a dimension: a number, or the name of a dimension the calls choose
+
+
+def _declared(value_infos, onnx) -> list[TensorInfo]:
+    """The names, dtypes and shapes an ONNX graph declares (named dims as their names)."""
+    from frontends.onnx.context import ONNX_DTYPES
+
+    infos = []
+    for vi in value_infos:
+        tt = vi.type.tensor_type
+        dims: list[Dim] = [
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+            for d in tt.shape.dim
+        ]
+        dtype = ONNX_DTYPES.get(tt.elem_type, onnx.TensorProto.DataType.Name(tt.elem_type).lower())
+        infos.append(TensorInfo(vi.name, dtype, tuple(dims)))
+    return infos
+
+
+class SpecializingModel:
+    """Called like a CompiledModel (`model(x)`, `model.run(...)`), on any inputs that fit
+    the declared shapes: a named dimension takes any size, the same in every input
+    that names it. `.inputs` / `.outputs` show the names (`x: float32[N, 3, 224, 224]`)."""
+
+    def __init__(self, model: object, compile: Callable[..., CompiledModel], **options):
+        import onnx
+
+        from frontends.onnx import load_model
+
+        self._proto = load_model(model)
+        self._compile = compile
+        self._options = options
+        self._bound = dict(options.pop("input_shapes", None) or {})
+        self._fixed = dict(options.pop("constant_inputs", None) or {})
+        inits = {t.name for t in self._proto.graph.initializer}
+        inputs = [vi for vi in self._proto.graph.input if vi.name not in inits and vi.name not in self._fixed]
+        self.inputs = _declared(inputs, onnx)
+        self.outputs = _declared(self._proto.graph.output, onnx)
+        self.name = options.get("name", "model")
+        self._needed: set[str] = set()  # inputs found to be needed at compile time
+        self._libraries: OrderedDict[tuple, CompiledModel] = OrderedDict()
+
+    @property
+    def specializations(self) -> int:
+        """How many libraries are loaded now, one per distinct shapes and constants."""
+        return len(self._libraries)
+
+    def _arrange(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
+        names = [t.name for t in self.inputs]
+        if len(args) > len(names):
+            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}, got {len(args)}")
+        given = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in names:
+                raise TypeError(f"{self.name} has no input named {key!r}; inputs are {names}")
+            if key in given:
+                raise TypeError(f"input {key!r} given twice (by position and by name)")
+            given[key] = value
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}; missing {missing}")
+        arrays = [np.asarray(given[n]) for n in names]
+        self._check(arrays)
+        return arrays
+
+    def _check(self, arrays: list[np.ndarray]) -> None:
+        """Each input's dtype and rank as declared, its numbered dims as declared, and
+        every named dim one size across the inputs."""
+        sizes: dict[str, tuple[int, str]] = {}
+        for info, a in zip(self.inputs, arrays):
+            if a.dtype != np.dtype(info.dtype):
+                raise TypeError(f"input {info.name!r}: expected dtype {info.dtype}, got {a.dtype}")
+            declared = self._bound.get(info.name, info.shape)
+            if a.ndim != len(declared):
+                raise ValueError(f"input {info.name!r}: expected shape {info}, got {list(a.shape)}")
+            for axis, (want, got) in enumerate(zip(declared, a.shape)):
+                if isinstance(want, int) and want != got:
+                    raise ValueError(
+                        f"input {info.name!r}: dimension {axis} must be {want}, got {got} (shape {a.shape})"
+                    )
+                if isinstance(want, str) and want != "?":
+                    first = sizes.setdefault(want, (got, info.name))
+                    if first[0] != got:
+                        raise ValueError(
+                            f"dimension {want!r} is {first[0]} in input {first[1]!r} but {got} in input "
+                            f"{info.name!r}"
+                        )
+
+    def _library(self, arrays: list[np.ndarray]) -> tuple[CompiledModel, list[int]]:
+        """The library for these inputs (compiled on first sight) and the positions of
+        the inputs it takes (the others are compiled in as constants)."""
+        from frontends.onnx import ConstantInputNeeded
+
+        names = [t.name for t in self.inputs]
+        while True:
+            key = tuple((a.shape, a.tobytes() if n in self._needed else None) for n, a in zip(names, arrays))
+            if key in self._libraries:
+                self._libraries.move_to_end(key)
+                break
+            shapes = {n: a.shape for n, a in zip(names, arrays) if n not in self._needed}
+            constants = {n: a for n, a in zip(names, arrays) if n in self._needed}
+            try:
+                library = self._compile(
+                    self._proto, input_shapes=shapes, constant_inputs={**self._fixed, **constants},
+                    **self._options,
+                )  # fmt: skip
+            except ConstantInputNeeded as e:
+                if e.input_name in self._needed or e.input_name not in names:
+                    raise
+                self._needed.add(e.input_name)
+                continue
+            self._libraries[key] = library
+            if len(self._libraries) > MAX_SPECIALIZATIONS:
+                self._libraries.popitem(last=False)
+            break
+        return self._libraries[key], [i for i, n in enumerate(names) if n not in self._needed]
+
+    def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
+        arrays = self._arrange(args, kwargs)
+        library, taken = self._library(arrays)
+        return library.run(*(arrays[i] for i in taken))
+
+    def __call__(self, *args: object, **kwargs: object) -> np.ndarray | tuple[np.ndarray, ...]:
+        outs = self.run(*args, **kwargs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def save(self, path) -> None:
+        named = sorted({d for t in self.inputs for d in t.shape if isinstance(d, str)})
+        raise UnsupportedError(
+            f"{self.name} has named dimensions {named} or inputs needed at compile time; a "
+            "library has fixed shapes: compile with input_shapes= (and constant_inputs=) to save one"
+        )
+
+    def __repr__(self) -> str:
+        ins = ", ".join(map(str, self.inputs))
+        return f"<SpecializingModel {self.name}({ins}), {self.specializations} specialization(s)>"
