@@ -146,8 +146,12 @@ CASES: dict[str, list[Case]] = {
         Case([In((33,)), In((33, 7))]),
         Case([In((4, 7, 33)), In((33,))]),
         Case([In((128, 96)), In((96, 300))]),
+        # one or two rows: the column tiles split between parallel steps (4 of 1, 2 of 2)
+        Case([In((100,)), In((100, 256))]),
+        Case([In((2, 30)), In((30, 128))]),
     ],
     "linear": [
+        Case([In((1, 40)), In((40, 192)), In((192,))], params=(1, 2)),  # 3 steps of one tile
         Case([In((1, 7)), In((7, 1)), In((1,))], params=(1, 2)),
         Case([In((33, 70)), In((70, 40)), In((40,))], params=(1, 2)),
         Case([In((2, 5, 33)), In((33, 7))], params=(1,)),

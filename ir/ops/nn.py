@@ -152,7 +152,8 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     the group over it, so the tile's panel of b (k x 64) is read from cache by all of
     them rather than streamed from memory once per block. Sums run in k order. The
     epilogue is applied in the last sweep, to the finished sums before they are
-    stored: no extra pass over the output.
+    stored: no extra pass over the output. When the rows give the threads too few
+    steps (a batch-1 Dense layer), the column tiles are split between steps as well.
     """
     a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
@@ -160,7 +161,10 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     blocks_per_matrix = m // rows_per_block
     group = _row_group(blocks_per_matrix, prod(batch))
     groups_per_matrix = blocks_per_matrix // group
-    with k.loop(prod(batch) * groups_per_matrix, LoopKind.PARALLEL, "rows") as grp:
+    row_steps = prod(batch) * groups_per_matrix
+    chunks = _column_chunks(row_steps, n)
+    with k.loop(row_steps * chunks, LoopKind.PARALLEL, "rows") as step:
+        grp, chunk = (step // chunks, step % chunks) if chunks > 1 else (step, None)
         matrix = grp // groups_per_matrix
         b_mat = _batch_offset(matrix, batch, b_batch, kk * n)
         a_mat = _batch_offset(matrix, batch, a_batch, m * kk)
@@ -202,6 +206,10 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                 sweep(const(full * unroll, "int64"), rest, True)
 
         tiles, tail = divmod(n, MATMUL_COL_TILE)
+        if chunk is not None:  # this step's share of the column tiles (n is whole tiles)
+            with k.loop(tiles // chunks, LoopKind.SERIAL, "cols") as t:
+                tile((chunk * (tiles // chunks) + t) * MATMUL_COL_TILE, MATMUL_COL_TILE)
+            return
         if tiles:
             with k.loop(tiles, LoopKind.SERIAL, "cols") as t:
                 tile(t * MATMUL_COL_TILE, MATMUL_COL_TILE)
@@ -296,6 +304,18 @@ def lower_matmul_gpu(k: KernelBuilder, p: Product, epilogue: Epilogue | None) ->
 def _masked(buf: Buffer, index: Expr, inside: Expr) -> Expr:
     """buf at index where `inside` holds, else 0, never reading outside buf."""
     return select(inside, buf.load_flat(select(inside, index, const(0, "int64"))), k_const(buf, 0.0))
+
+
+def _column_chunks(row_steps: int, n: int) -> int:
+    """How many parts the column tiles are split into, each a parallel step of its own:
+    1, unless the rows give fewer than MATMUL_MIN_STEPS steps (a batch-1 Dense layer:
+    one row) and the columns are whole tiles; then the fewest equal parts that make
+    MATMUL_MIN_STEPS steps, so every thread streams its own columns of b once."""
+    tiles, tail = divmod(n, MATMUL_COL_TILE)
+    if row_steps >= MATMUL_MIN_STEPS or tail or tiles < 2:
+        return 1
+    divisors = [d for d in range(2, tiles + 1) if tiles % d == 0]
+    return next((d for d in divisors if row_steps * d >= MATMUL_MIN_STEPS), tiles)
 
 
 def _row_group(blocks: int, matrices: int) -> int:
