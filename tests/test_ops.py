@@ -166,6 +166,12 @@ CASES: dict[str, list[Case]] = {
             params=(1, 2),
         ),
         Case([In((2, 8, 9, 9)), In((8, 1, 3, 3))], {"groups": 8, "pads": (1, 1, 1, 1)}, params=(1,)),
+        # few taps (3 x 3 x 3), constant weights: by output rows, 20 filters in groups of 10
+        Case(
+            [In((2, 3, 11, 37)), In((20, 3, 3, 3)), In((20,))],
+            {"strides": (2, 1), "pads": (1, 0, 1, 2), "dilations": (1, 2)},
+            params=(1, 2),
+        ),
         Case(
             [In((1, 32, 33, 33)), In((16, 32, 5, 5)), In((16,))],
             {"strides": (2, 2), "pads": (2, 2, 2, 2)},

@@ -865,6 +865,10 @@ class Conv2dGemm(ProductOp):
 PACKED_CONV_ROWS = {64: 6, 48: 7, 32: 10, 16: 14}
 #: output channels per panel of packed weights, by preference (a multiple of 16 lanes)
 PACKED_CONV_PANELS = (64, 48, 32, 16)
+#: taps (C*KH*KW) up to which conv2d_packed runs by output rows, not register tiles
+PACKED_CONV_SMALL_K = 32
+#: filters whose sums a row step keeps in registers (one vector of positions each)
+PACKED_CONV_ROW_FILTERS = 16
 
 
 def packed_conv_panel(out_channels: int) -> int:
@@ -929,6 +933,48 @@ class Conv2dPacked(Op):
         return conv.reference(x, unpacked, bias)
 
     def lower(self, k, ins, out, epilogue=None):
+        kk = ins[1].shape[1]
+        if kk <= PACKED_CONV_SMALL_K and self.strides[1] == 1:
+            self._lower_rows(k, ins, out, epilogue)
+        else:
+            self._lower_tiles(k, ins, out, epilogue)
+
+    def _lower_rows(self, k, ins, out, epilogue=None):
+        """A convolution with few taps (C*KH*KW up to PACKED_CONV_SMALL_K: a first layer
+        on one or three channels) and stride 1 along the width, by output rows: per
+        parallel step one image, one output row and a group of up to 16 filters. The
+        positions of the row are the vector lanes: per tap, one contiguous run of the
+        input row, times each filter's weight (broadcast), into the filter's sums, which
+        stay in registers over all the taps; the finished sums are stored as they lie in
+        NCHW (a contiguous run per filter). The tiled schedule, whose sums per filter
+        are stored one position at a time, spends most of its time storing when there
+        are this few taps."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        n, c, hp, wp = x.shape
+        _, kk, nr = w.shape
+        o, (kh, kw), (sh, _), (dh, dw) = self.out_channels, self.kernel, self.strides, self.dilations
+        _, _, oh, ow = out.shape
+        group = next(f for f in range(min(o, PACKED_CONV_ROW_FILTERS), 0, -1) if o % f == 0)
+        groups = o // group
+        kind = LoopKind.VECTOR if ow % MATMUL_VECTOR == 0 else LoopKind.VECTOR_MASKED
+        with k.loop(n * oh * groups, LoopKind.PARALLEL, "row") as step:
+            ni, y, g = step // (oh * groups), step // groups % oh, step % groups
+            filters = [g * group + f for f in range(group)]
+            with k.loop(ow, kind, "x") as xx:
+                sums = [bias.load_flat(oi) if bias is not None else k_const(out, 0.0) for oi in filters]
+                for tap in range(kk):
+                    ci, i, j = tap // (kh * kw), tap // kw % kh, tap % kw
+                    xv = x.load_flat(((ni * c + ci) * hp + y * sh + i * dh) * wp + xx + j * dw)
+                    for f, oi in enumerate(filters):
+                        wv = w.load_flat((oi // nr * kk + tap) * nr + oi % nr)
+                        sums[f] = muladd(xv, wv, sums[f])
+                for f, oi in enumerate(filters):
+                    at = ((ni * o + oi) * oh + y) * ow + xx
+                    value = sums[f] if epilogue is None else epilogue(sums[f], at, [ni, oi, y, xx])
+                    k.store(out, at, value)
+
+    def _lower_tiles(self, k, ins, out, epilogue=None):
         """Per parallel step: one image, one panel of NR filters, a block of MR
         consecutive output positions. A block's MR x NR sums live in registers (a
         scratch tile LLVM promotes) over all of k = (c, i, j): per tap, NR/16 vectors of
