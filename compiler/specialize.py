@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ir.errors import UnsupportedError
-from runtime import CompiledModel, TensorInfo
+from runtime import CompiledModel, TensorInfo, inputs_by_name
 
 #: how many specializations one model keeps loaded (the least recently used goes first)
 MAX_SPECIALIZATIONS = 32
@@ -71,18 +71,7 @@ class SpecializingModel:
 
     def _arrange(self, args: tuple, kwargs: dict) -> list[np.ndarray]:
         names = [t.name for t in self.inputs]
-        if len(args) > len(names):
-            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}, got {len(args)}")
-        given = dict(zip(names, args))
-        for key, value in kwargs.items():
-            if key not in names:
-                raise TypeError(f"{self.name} has no input named {key!r}; inputs are {names}")
-            if key in given:
-                raise TypeError(f"input {key!r} given twice (by position and by name)")
-            given[key] = value
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}; missing {missing}")
+        given = inputs_by_name(self.name, names, args, kwargs)
         arrays = [np.asarray(given[n]) for n in names]
         self._check(arrays)
         return arrays

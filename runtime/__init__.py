@@ -56,6 +56,24 @@ def _addresses(arrays: Sequence[np.ndarray]) -> list[int]:
     return [a.__array_interface__["data"][0] for a in arrays]
 
 
+def inputs_by_name(model: str, names: list[str], args: Sequence[object], kwargs: dict[str, object]) -> dict:
+    """A call's inputs by name, given by position and/or by name: every one of `names`
+    exactly once, else a TypeError that says which."""
+    if len(args) > len(names):
+        raise TypeError(f"{model} takes {len(names)} input(s) {names}, got {len(args)}")
+    given: dict[str, object] = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(f"{model} has no input named {key!r}; inputs are {names}")
+        if key in given:
+            raise TypeError(f"input {key!r} given twice (by position and by name)")
+        given[key] = value
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise TypeError(f"{model} takes {len(names)} input(s) {names}; missing {missing}")
+    return given
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -217,19 +235,7 @@ class CompiledModel:
         a wrong dtype, shape or count is refused."""
         if not kwargs and _all_match(args, self._input_specs, writeable=False):
             return list(args)  # type: ignore[arg-type]  # the common call: every check passed
-        names = [t.name for t in self.inputs]
-        if len(args) > len(names):
-            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}, got {len(args)}")
-        given: dict[str, object] = dict(zip(names, args))
-        for key, value in kwargs.items():
-            if key not in names:
-                raise TypeError(f"{self.name} has no input named {key!r}; inputs are {names}")
-            if key in given:
-                raise TypeError(f"input {key!r} given twice (by position and by name)")
-            given[key] = value
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise TypeError(f"{self.name} takes {len(names)} input(s) {names}; missing {missing}")
+        given = inputs_by_name(self.name, [t.name for t in self.inputs], args, kwargs)
         arrays = []
         for info in self.inputs:
             a = given[info.name]

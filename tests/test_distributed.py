@@ -129,26 +129,25 @@ def _processes(nproc: int, *args: str) -> list[subprocess.Popen]:
     return procs
 
 
-def test_a_dying_process_fails_the_others_with_a_clear_error(tmp_path):
-    procs = _processes(2, "mlp", str(tmp_path), "--die-at-step", "2", "--timeout", "30")
+@pytest.mark.parametrize(
+    "failure, expected",
+    [
+        (["--die-at-step", "2", "--timeout", "30"], "another process died"),
+        (["--hang-at-step", "1", "--timeout", "5"], "did not answer within 5 s"),
+    ],
+    ids=["dies", "hangs"],
+)
+def test_a_failed_process_fails_the_others_with_a_clear_error(tmp_path, failure, expected):
+    """Process 1 exits or stops answering mid-training: process 0 fails with a
+    DistributedError, at once or after the timeout, instead of waiting forever."""
+    procs = _processes(2, "mlp", str(tmp_path), *failure)
     try:
         _, err = procs[0].communicate(timeout=120)
     finally:
         for p in procs:
             p.kill()
     assert procs[0].returncode != 0
-    assert "DistributedError" in err and "another process died" in err, err[-3000:]
-
-
-def test_a_hanging_process_fails_the_others_after_the_timeout(tmp_path):
-    procs = _processes(2, "mlp", str(tmp_path), "--hang-at-step", "1", "--timeout", "5")
-    try:
-        _, err = procs[0].communicate(timeout=120)
-    finally:
-        for p in procs:
-            p.kill()
-    assert procs[0].returncode != 0
-    assert "did not answer within 5 s" in err, err[-3000:]
+    assert "DistributedError" in err and expected in err, err[-3000:]
 
 
 def test_processes_that_disagree_are_named(tmp_path):
