@@ -24,6 +24,7 @@ from frontends.keras.trainer import (
     Target,
     TrainState,
     _compile,
+    _names,
     gradient_graph,
     update_graph,
 )
@@ -45,7 +46,7 @@ def _buffer(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, list[np.ndarray]
 
 class DataParallelStep:
     """The split train step of one model, bound to the training state and a gradient
-    buffer: `run(rows, ...)` trains on this process's rows of one global batch."""
+    buffer: `run` trains on this process's rows of one global batch."""
 
     def __init__(self, model, state: TrainState, group: ProcessGroup):
         self.model, self.state, self.group = model, state, group
@@ -55,8 +56,7 @@ class DataParallelStep:
         # the layout and the masks do not depend on the batch size: read them off batch 1
         _, masks, self.layout = gradient_graph(model._forward, weights, model._feeds(1), targets, several)
         self.mask_rows = [(layer, shape[1:]) for layer, shape in masks]
-        self.loss_names = [f"{t.prefix}loss" for t in targets] if several else []
-        self.metric_names = [f"{t.prefix}{m.name}" for t in targets for m in t.metrics]
+        self.loss_names, self.metric_names = _names(targets, several)
         n_parts, n_sums = len(self.loss_names), len(self.metric_names)
         summed_weights = [*self.layout.reached, *self.layout.updated]
         shapes = [()] * (1 + n_parts + n_sums) + [w.shape for w in summed_weights]
