@@ -362,17 +362,21 @@ def link(
     so_path: Path,
     extra_c: str | None = None,
     extra_blobs: dict[str, bytes] | None = None,
-    glue: str | None = None,
+    glue: str | list[str] | None = None,
     libs: tuple[str, ...] = (),
 ) -> None:
     """Write glue, header and weights beside the object, and link them into so_path.
     `extra_c` is more C compiled into the library (a wrapper API over NAME_run), and
     `extra_blobs` more read-only data it refers to by symbol (embedded like the weights).
-    `glue` replaces the CPU glue (a CUDA library's, which has no kernels object), and
-    `libs` are more linker flags."""
+    `glue` replaces the CPU glue (a CUDA library's, which has no kernels object), or is
+    several programs' glue, one C file each (their statics, the runtime's among them,
+    stay each file's own), and `libs` are more linker flags."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "glue.c").write_text(glue_source(p) if glue is None else glue)
-    sources = [workdir / "glue.c"]
+    glues = [glue_source(p)] if glue is None else [glue] if isinstance(glue, str) else glue
+    sources = []
+    for i, text in enumerate(glues):
+        (workdir / f"glue{i}.c").write_text(text)
+        sources.append(workdir / f"glue{i}.c")
     if kernels_object is not None:
         (workdir / "kernels.o").write_bytes(kernels_object)
     for symbol, blob in {f"{p.prefix}_weights": p.weights, **(extra_blobs or {})}.items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -245,10 +244,11 @@ def build_several(
 ) -> Path:
     """Link several lowered graphs into one library dest/NAME.so (+ each program's
     PREFIX.h): each keeps the API build gives it under its own prefix (the prefixes must
-    differ), and the library holds one LLVM module of all their kernels and one glue
-    file, so one copy of the runtime (kiln_runtime.h: the thread pool;
-    kiln_thread_error.h) and of the math helpers serves them all. extra_c / extra_blobs:
-    a wrapper API over the programs, as for build. CPU targets (cpu, cuda-sim) only."""
+    differ), and the library holds one LLVM module of all their kernels (one copy of
+    the math helpers) and each program's glue as its own C file (the runtime's statics
+    are each file's own, as each instance has its own thread pool). extra_c /
+    extra_blobs: a wrapper API over the programs, as for build. CPU targets (cpu,
+    cuda-sim) only."""
     prefixes = [p.library.prefix for p in programs]
     if not programs or len(set(prefixes)) != len(prefixes):
         raise ValueError(f"build_several takes programs with distinct prefixes, got {prefixes}")
@@ -266,42 +266,13 @@ def build_several(
     dest.mkdir(parents=True, exist_ok=True)
     so = dest / f"{name}.so"
     blobs = {f"{p.library.prefix}_weights": p.library.weights for p in rest} | (extra_blobs or {})
-    glue = _one_glue([cabi.glue_source(p.library) for p in programs], prefixes)
+    glue = [cabi.glue_source(p.library) for p in programs]
     with tempfile.TemporaryDirectory(prefix="kiln-link-") as work:
         kernels = cpu.object_code(optimized, cpu_name)
         cabi.link(first.library, kernels, Path(work), so, extra_c, blobs, glue=glue)
     for p in programs:
         (dest / f"{p.library.prefix}.h").write_text(cabi.header_source(p.library))
     return so
-
-
-#: a file-scope static's name in a glue file (`static const int x[] = ...`, `static int f(...)`)
-_STATIC = re.compile(
-    r"^(?:__attribute__\(\(.*?\)\)\s+)?static\s[^=;{(]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*[=(;]", re.M
-)
-
-
-def _one_glue(glues: list[str], prefixes: list[str]) -> str:
-    """Several programs' glue files (cabi.glue_source) as one C file: their #includes
-    once at the top (so one copy of the static runtime), then each file's body with its
-    file-scope statics renamed PREFIX__NAME by #define (the names every glue file
-    shares: kernel_names, fail, input_names, ...) and its own macros #undef'd after it."""
-    includes: list[str] = []
-    parts = []
-    for glue, prefix in zip(glues, prefixes):
-        lines = glue.splitlines()
-        includes += [line for line in lines if line.startswith("#include") and line not in includes]
-        body = "\n".join(line for line in lines if not line.startswith("#include"))
-        statics = sorted(set(_STATIC.findall(body)))
-        macros = sorted(set(re.findall(r"^#define (\w+)", body, re.M)) | set(statics))
-        parts.append(
-            f"/* ---- {prefix} ---- */\n"
-            + "".join(f"#define {s} {prefix}__{s}\n" for s in statics)
-            + body
-            + "\n"
-            + "".join(f"#undef {m}\n" for m in macros)
-        )
-    return "\n".join(includes) + "\n\n" + "\n".join(parts)
 
 
 def gpu_modules(lowered: Lowered, archs: tuple[str, ...] = nvptx.ARCHS) -> dict[str, str]:
