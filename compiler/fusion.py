@@ -97,13 +97,37 @@ class _Partitioner:
         return [v for n in g.nodes for v in n.inputs if v not in inside]
 
     def independent(self, a: Group, b: Group) -> bool:
-        """No path from a to b through another group, nor from b to a: they may merge."""
+        """No path from a to b through another group, nor from b to a: they may merge.
+        A path between nodes is one between their groups; but a group that already
+        holds unrelated nodes (x → p and y → q merged) also joins paths its nodes do
+        not, so the groups' own paths are followed too."""
         inside = a.produced() | b.produced()
         for src, dst in ((a, b), (b, a)):
             for v in self.external_inputs(dst):
                 if v not in inside and self.ancestors[v] & src.bits:
                     return False
-        return True
+        return not self._reaches_through_others(a, b) and not self._reaches_through_others(b, a)
+
+    def _reaches_through_others(self, src: Group, dst: Group) -> bool:
+        """Whether dst reads, through at least one other group, from src."""
+        stack = [g for g in self._sources_of(dst) if g is not src and g is not dst]
+        seen: set[int] = set()
+        while stack:
+            g = stack.pop()
+            if id(g) in seen:
+                continue
+            seen.add(id(g))
+            for p in self._sources_of(g):
+                if p is src:
+                    return True
+                if p is not dst and id(p) not in seen:
+                    stack.append(p)
+        return False
+
+    def _sources_of(self, g: Group) -> list[Group]:
+        """The groups g reads values from (other than itself)."""
+        groups = (self._group_producing(v) for v in self.external_inputs(g))
+        return list({id(p): p for p in groups if p is not None and p is not g}.values())
 
     def merge(self, into: Group, other: Group) -> None:
         order = sorted(into.nodes + other.nodes, key=self.position.__getitem__)
