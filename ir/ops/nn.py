@@ -1371,7 +1371,9 @@ class AvgPool2dBackward(Op):
 @register("avg_pool2d", Fusion.REDUCTION)
 class AvgPool2d(Pool2d):
     """With count_include_pad the divisor counts padding too, but not `uncounted_end`:
-    the end rows and columns ceil_mode adds, which ONNX never counts."""
+    the end rows and columns ceil_mode adds, which ONNX never counts. A window with
+    nothing counted (wholly in padding, which dilation allows) averages to 0, as
+    onnxruntime gives."""
 
     gpu_per_iteration = True
 
@@ -1399,7 +1401,8 @@ class AvgPool2d(Pool2d):
             for i in range(kh)
             for j in range(kw)
         )
-        return (total / count).astype(x.dtype)
+        # a window wholly in uncounted padding averages to 0
+        return np.where(count > 0, total / np.maximum(count, 1), 0.0).astype(x.dtype)
 
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
@@ -1416,7 +1419,7 @@ class AvgPool2d(Pool2d):
                 else:
                     counted = inside
                 count = count + select(counted, k_const(out, 1.0), k_const(out, 0.0))
-            return total / count
+            return select(count.gt(0.0), total / maximum(count, k_const(out, 1.0)), k_const(out, 0.0))
 
         self._taps(k, x, out, visit)
 
