@@ -25,22 +25,29 @@ from frontends.keras.trainer import (
     TrainState,
     _compile,
     _names,
+    aligned_offsets,
     gradient_graph,
     update_graph,
 )
 
-ALIGN = 64  # bytes: each array of the gradient buffer starts at a multiple (a cache line)
+#: floats (64 bytes, a cache line): where each array of the gradient buffer starts
+GRADIENT_ALIGN = 16
+
+
+def gradient_layout(sizes: list[int]) -> tuple[list[int], int]:
+    """The gradient buffer of arrays of these sizes (floats): each one's offset, and the
+    buffer's length (a whole number of GRADIENT_ALIGN). The C training library's split
+    step lays its buffer out the same way."""
+    offsets, end = aligned_offsets(sizes, GRADIENT_ALIGN)
+    return offsets, -(-end // GRADIENT_ALIGN) * GRADIENT_ALIGN
 
 
 def _buffer(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, list[np.ndarray]]:
     """One float32 buffer holding arrays of these shapes, and a view of each."""
-    step = ALIGN // 4
-    offsets, end = [], 0
-    for shape in shapes:
-        offsets.append(end)
-        end += -(-int(np.prod(shape, dtype=np.int64)) // step) * step
-    flat = np.zeros(max(end, 1), np.float32)
-    views = [flat[o : o + int(np.prod(s, dtype=np.int64))].reshape(s) for o, s in zip(offsets, shapes)]
+    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+    offsets, length = gradient_layout(sizes)
+    flat = np.zeros(max(length, 1), np.float32)
+    views = [flat[o : o + n].reshape(s) for o, n, s in zip(offsets, sizes, shapes)]
     return flat, views
 
 

@@ -53,7 +53,8 @@ from pathlib import Path
 import numpy as np
 
 from compiler.driver import TARGETS, build, build_cuda, build_several, lower_graph
-from frontends.keras.trainer import gradient_graph, train_graph, update_graph
+from frontends.keras.data_parallel import gradient_layout
+from frontends.keras.trainer import ALIGN, aligned_offsets, gradient_graph, train_graph, update_graph
 from ir.errors import UnsupportedError
 
 
@@ -71,10 +72,6 @@ def _scalar_expressions(optimizer) -> list[str]:
     return [known[s] for s in optimizer.scalars]
 
 
-ALIGN = 256  # where each array of the CUDA trainer's batch block starts (cuMemAlloc's alignment)
-GRADIENT_ALIGN = 16  # floats (64 bytes): where each array of the gradient buffer starts, as in data_parallel
-
-
 @dataclass(frozen=True)
 class _Split:
     """The split step in a CPU library: the prefixes of its gradient and update programs,
@@ -89,12 +86,9 @@ class _Split:
 
 
 def _split(name: str, outputs: list[tuple[str, int]]) -> _Split:
-    """The buffer of the gradient program's outputs (what, elements), each at a multiple
-    of GRADIENT_ALIGN floats."""
-    offsets, end = [], 0
-    for _, size in outputs:
-        offsets.append(end)
-        end += -(-size // GRADIENT_ALIGN) * GRADIENT_ALIGN
+    """The buffer of the gradient program's outputs (what, elements), laid out as
+    data-parallel fit lays it out."""
+    offsets, end = gradient_layout([size for _, size in outputs])
     entries = [f"[{o}] {what}" for o, (what, _) in zip(offsets, outputs)]
     return _Split(f"{name}_split_gradients", f"{name}_split_apply", offsets, entries, end)
 
@@ -143,10 +137,8 @@ def _wrapper(
     names = ", ".join(f'"{p}"' for p in param_names)
     scalar_lines = "\n".join(f"    t->scalars[{i}] = {e};" for i, e in enumerate(scalars))
     # the CUDA trainer's batch block: x, y, each mask, then the scalars side by side
-    offsets, end = [], 0
-    for nbytes in [*io_bytes, *(4 * size for _, size in masks), 4 * max(len(scalars), 1)]:
-        offsets.append(-(-end // ALIGN) * ALIGN)
-        end = offsets[-1] + nbytes
+    block = [*io_bytes, *(4 * size for _, size in masks), 4 * max(len(scalars), 1)]
+    offsets, end = aligned_offsets(block, ALIGN)
     x_off, y_off, *mask_offs, scalar_off = offsets
     if cuda:
         api = f"""int {core}_create({core}_model **out);

@@ -376,6 +376,16 @@ class TrainState:
 ALIGN = 256  # cuMemAlloc's alignment: each array of a Staging block starts at a multiple
 
 
+def aligned_offsets(sizes: list[int], align: int) -> tuple[list[int], int]:
+    """Where each of consecutive arrays of these sizes starts when each starts at a
+    multiple of `align` (in the sizes' unit), and where the last one ends."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(-(-end // align) * align)
+        end = offsets[-1] + size
+    return offsets, end
+
+
 class Staging:
     """Arrays that cross between host and GPU together, laid out in one host buffer and
     one device buffer of the same layout: one copy moves them all (a copy costs a
@@ -383,11 +393,8 @@ class Staging:
     the host buffer; `addresses` where each lies on the device."""
 
     def __init__(self, lib, specs: list[tuple[tuple[int, ...], str]], what: str):
-        offsets, end = [], 0
-        for shape, dtype in specs:
-            start = -(-end // ALIGN) * ALIGN
-            offsets.append(start)
-            end = start + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in specs]
+        offsets, end = aligned_offsets(sizes, ALIGN)
         self.host = np.zeros(max(end, 1), np.uint8)
         self.arrays = [
             self.host[o : o + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize]
