@@ -25,7 +25,9 @@ generator keeps every op where it is defined and well conditioned: logs and root
 values bounded away from 0, exponentials of bounded values, and discontinuous ops (Floor,
 comparisons, ArgMax, TopK, casts to integers, Mod) only on values that every correct
 engine computes bit for bit, or that lie far from the discontinuity compared with float32
-rounding. Where the spec leaves room (Resize's align_corners with a fractional length,
+rounding; recurrences only where moving their operands by about float32 rounding moves
+their results within tolerance (unbounded activations can amplify it step after step,
+and then summation order, which every engine picks its own way, decides). Where the spec leaves room (Resize's align_corners with a fractional length,
 ConvTranspose's SAME padding past the kernel) and engines read it apart, it keeps out.
 A few forms Kiln claims and onnxruntime lacks (an LRN of even size, batch-first
 recurrences) are compared among Kiln's engines only. Each Kiln bug it has found is kept
@@ -46,7 +48,7 @@ import time
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,7 @@ MAX_NUMEL = 40_000  # per value: keeps a graph's run in milliseconds
 MAX_MAGNITUDE = 1e4  # larger values are rejected: float32 rounding would swamp the comparison
 NOISE = 1e-4  # relative rounding a computed value may carry, against its cone's largest magnitude
 RTOL, ATOL = 1e-4, 1e-5
+PERTURBATION = 1e-6  # relative: about the rounding a long float32 dot product gathers
 BIG_DIMS = (17, 33, 64, 130)  # vector loops and their tails
 
 ELEM = {
@@ -301,12 +304,14 @@ class Builder:
         special: bool = False,
         exact: bool | None = None,
         peerless: bool = False,
+        sensitive: bool = False,
         **attrs: object,
     ) -> list[Val | None] | None:
         """Add op's node if it is valid and its results are well behaved; its outputs
         (None where `outputs` leaves one out), or None when it is rejected. A `peerless`
         node uses what Kiln claims but onnxruntime lacks: its graph is compared among
-        Kiln's engines only."""
+        Kiln's engines only. A `sensitive` node must also be well conditioned
+        (`_well_conditioned`)."""
         wanted = [True] * outputs if isinstance(outputs, int) else list(outputs)
         names = [self.fresh("v") if w else "" for w in wanted]
         while names and not names[-1]:
@@ -346,10 +351,40 @@ class Builder:
         if not special and not all(_healthy(a) for a in arrays.values()):
             self.rejected[f"{op}: unhealthy values"] += 1
             return None
+        if sensitive and not self._well_conditioned(node, inputs, arrays, scale, peerless):
+            self.rejected[f"{op}: ill-conditioned"] += 1
+            return None
         self.nodes.append(node)
         self.pool.extend(v for v in made if v is not None)
         self.peer = self.peer and not peerless
         return made
+
+    def _well_conditioned(
+        self,
+        node: onnx.NodeProto,
+        inputs: Sequence[Val | None],
+        arrays: Mapping[str, np.ndarray],
+        scale: float,
+        peerless: bool,
+    ) -> bool:
+        """The node's results stay within tolerance when each float operand moves by
+        PERTURBATION of its size (of its cone's largest magnitude where it is computed:
+        rounding there is absolute). A recurrence whose unbounded activations amplify
+        rounding step after step gives results that hang on summation order, which
+        every engine picks its own way, so its differences are not wrong answers."""
+        rng = np.random.default_rng(len(self.nodes))
+
+        def nudge(v: Val) -> Val:
+            size = np.abs(v.array) if v.exact else np.maximum(np.abs(v.array), v.scale)
+            step = PERTURBATION * size * rng.uniform(-1, 1, v.shape)
+            return replace(v, array=(v.array + step).astype(v.dtype))
+
+        nudged = [v if v is None or v.dtype.kind != "f" else nudge(v) for v in inputs]
+        try:
+            again = _node_run(node, nudged, self.opset, reference=peerless)
+        except Exception:
+            return False
+        return all(disagreement(np.asarray(again[k]), a, scale) is None for k, a in arrays.items())
 
     def _evaluate(
         self, node: onnx.NodeProto, inputs: Sequence[Val | None], peerless: bool
@@ -734,6 +769,8 @@ def _special(b: Builder, op: str) -> bool:
         if kind == "sqrt":
             x = first(b.node("Sqrt", [x], special=True))
         else:
+            if kind == "reciprocal" and np.any(np.signbit(x.array) & (x.array == 0)):
+                return False  # relu(-0) is -0 or +0 (engines differ), and 1/relu(-0) ±inf
             r = first(b.node("Relu", [x]))
             x = r and first(b.node("Reciprocal" if kind == "reciprocal" else "Log", [r], special=True))
         if x is None:
@@ -1878,7 +1915,7 @@ def _recurrent(b: Builder, op: str) -> bool:
     attrs: dict[str, object] = {"hidden_size": hidden, "layout": layout or None}
     if direction != "forward" or b.chance(0.3):
         attrs["direction"] = direction
-    if b.chance(0.3):
+    if not layout and b.chance(0.3):  # (onnx's evaluator, which runs layout 1, keeps the defaults)
         names = [b.choice(list(RNN_ACTIVATIONS)) for _ in range(PER_DIRECTION[op] * dirs)]
         attrs["activations"] = names
         alphas = [b.uniform(0.1, 0.5) for n in names if RNN_ACTIVATIONS[n] >= 1]
@@ -1893,7 +1930,7 @@ def _recurrent(b: Builder, op: str) -> bool:
     if not any(wanted):
         wanted[0] = True
     return added(
-        b.node(op, [x, w, r, *optional], wanted, peerless=bool(layout), **attrs)
+        b.node(op, [x, w, r, *optional], wanted, peerless=bool(layout), sensitive=True, **attrs)
     )  # onnxruntime: layout 0
 
 
@@ -1971,7 +2008,9 @@ def _resize(b: Builder, op: str) -> bool:
         sizes_in = b.ints([full_sizes[a] for a in listed])
         if version < 13:
             scales_in = b.const(np.zeros(0, np.float32))
-        if version >= 18 and mode != "nearest" and b.chance(0.3):
+        if version >= 18 and mode != "nearest" and coordinate != "tf_crop_and_resize" and b.chance(0.3):
+            # (not with a crop: where the policy's sizes come back to the input's,
+            # onnxruntime returns the input and ignores the ROI the spec applies)
             attrs["keep_aspect_ratio_policy"] = b.choice(["not_larger", "not_smaller"])
     else:
         scales_in = b.const(np.asarray([full_scales[a] for a in listed], np.float32))
