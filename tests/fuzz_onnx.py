@@ -27,8 +27,9 @@ comparisons, ArgMax, TopK, casts to integers, Mod) only on values that every cor
 engine computes bit for bit, or that lie far from the discontinuity compared with float32
 rounding; recurrences only where moving their operands by about float32 rounding moves
 their results within tolerance (unbounded activations can amplify it step after step,
-and then summation order, which every engine picks its own way, decides). Where the spec leaves room (Resize's align_corners with a fractional length,
-ConvTranspose's SAME padding past the kernel) and engines read it apart, it keeps out.
+and then summation order, which every engine picks its own way, decides). Where the
+spec leaves room (Resize's align_corners with a fractional length, ConvTranspose's SAME
+padding past the kernel, the sign of relu(-0)) and engines read it apart, it keeps out.
 A few forms Kiln claims and onnxruntime lacks (an LRN of even size, batch-first
 recurrences) are compared among Kiln's engines only. Each Kiln bug it has found is kept
 as a regression graph (tests/data/regressions, run by tests/test_regressions.py).
