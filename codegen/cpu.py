@@ -39,6 +39,28 @@ def target_machine(cpu_name: str | None = None) -> llvm.TargetMachine:
     )
 
 
+@functools.cache
+def vector_unit(cpu_name: str | None = None) -> kir.VectorUnit:
+    """The vector registers LLVM uses for float32 on `cpu_name` (None: this CPU), found
+    by compiling one 16-lane add and reading which registers it took: zmm (AVX-512: 16
+    lanes, 32 registers), ymm (AVX2: 8 lanes, 16 registers), else 128-bit vectors (4
+    lanes; 32 registers on AArch64, 16 on x86-64). LLVM's own tuning decides, so a CPU
+    where it prefers 256-bit vectors despite AVX-512 gets the AVX2 unit."""
+    module = llvm.parse_assembly(
+        "define void @probe(<16 x float>* %p) {\n"
+        "  %v = load <16 x float>, <16 x float>* %p\n"
+        "  %s = fadd <16 x float> %v, %v\n"
+        "  store <16 x float> %s, <16 x float>* %p\n"
+        "  ret void\n}\n"
+    )
+    asm = target_machine(cpu_name).emit_assembly(module)
+    if "zmm" in asm:
+        return kir.AVX512
+    if "ymm" in asm:
+        return kir.AVX2
+    return kir.VectorUnit(4, 32 if llvm.get_default_triple().startswith("aarch64") else 16)
+
+
 def target_id(cpu_name: str | None = None) -> str:
     """What the generated code depends on: the triple, the CPU and its features."""
     if cpu_name is not None:

@@ -550,13 +550,31 @@ class Kernel:
         return None
 
 
-class KernelBuilder:
-    """Builds a Kernel with nested `with` blocks, in the order the code reads."""
+@dataclass(frozen=True)
+class VectorUnit:
+    """The vector registers a CPU schedule sizes its register tiles for: float32 lanes
+    per register and how many registers there are. A tile of sums that needs more
+    registers than there are spills to the stack, and each step of its loop then
+    stores and reloads them; the default is AVX-512's (16 lanes, 32 registers)."""
 
-    def __init__(self, name: str, params: list[Buffer], flat_block: int = 4096):
+    lanes: int = 16
+    registers: int = 32
+
+
+AVX512 = VectorUnit(16, 32)
+AVX2 = VectorUnit(8, 16)
+
+
+class KernelBuilder:
+    """Builds a Kernel with nested `with` blocks, in the order the code reads.
+    `flat_block` and `unit` are what the schedules size themselves by: the elements of
+    a flat loop's parallel step, and the target's vector registers."""
+
+    def __init__(self, name: str, params: list[Buffer], flat_block: int = 4096, unit: VectorUnit = AVX512):
         self.name = name
         self.params = params
         self.flat_block = flat_block
+        self.unit = unit
         self.status: Buffer | None = None
         self.checks: list[str] = []
         self._stack: list[list[Stmt]] = [[]]

@@ -79,6 +79,7 @@ def lower_graph(
     target: str = "cpu",
     checks: bool | None = None,
     after_pass: Callable[[Pass, Graph], None] | None = None,
+    cpu_name: str | None = None,
 ) -> Lowered:
     """Simplify, partition into kernels, schedule, plan memory, lower, and describe the
     library's ABI.
@@ -88,7 +89,8 @@ def lower_graph(
     same groups and memory plan; for cuda-sim, the CPU library runs them simulated.
     `checks` (default: self_checks()) verifies the graph after every pass and replays
     the schedule over the planned bytes (compiler.plan_check). `after_pass` sees the
-    graph each pass leaves."""
+    graph each pass leaves. `cpu_name` is the LLVM CPU the library is built for (None:
+    this one): the CPU schedules size their register tiles for its vector registers."""
     checks = self_checks() if checks is None else checks
     verify(graph)
     with internal_errors("simplifying the graph"):
@@ -103,7 +105,7 @@ def lower_graph(
             schedule.steps(), set(pinned), schedule.views, in_place_candidates(schedule), len(weights)
         )
     storage = Storage(plan, pinned)
-    loops = GpuLoops() if target in GPU_TARGETS else Loops()
+    loops = GpuLoops() if target in GPU_TARGETS else Loops(unit=cpu.vector_unit(cpu_name))
     calls = [_lower(g, i, schedule.writes[i], storage.buffer, loops) for i, g in enumerate(schedule.kernels)]
     for src, slot in schedule.copies:
         calls.append(copy_call(storage.buffer(src), storage.buffer(slot), [src, slot], len(calls), loops))
@@ -381,7 +383,7 @@ def compile_model(
     key = _cache_key(graph, name, target, fuse, cpu_name)
 
     def make(dest: Path, emit: tuple[str, ...]) -> None:
-        lowered = lower_graph(graph, name, fuse, target)
+        lowered = lower_graph(graph, name, fuse, target, cpu_name=cpu_name)
         if target == "cuda":
             build_cuda(lowered, dest)
         else:

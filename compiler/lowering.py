@@ -90,8 +90,9 @@ class Loops:
 
     gpu = False
 
-    def __init__(self, flat_block: int = 4096):
+    def __init__(self, flat_block: int = 4096, unit: kir.VectorUnit = kir.AVX512):
         self.flat_block = flat_block
+        self.unit = unit
 
     @contextmanager
     def points(self, k: kir.KernelBuilder, shape: tuple[int, ...], full: bool) -> Iterator[Point]:
@@ -389,7 +390,7 @@ def lower_group(
         return buf
 
     label = "_".join(dict.fromkeys(n.op.name for n in group.nodes))
-    k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], loops.flat_block)
+    k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], loops.flat_block, loops.unit)
     if group.anchor is not None:
         _anchored(k, group, bound, loops)
     elif group.kind is GroupKind.ROWS:
@@ -421,7 +422,7 @@ def copy_call(
     """A kernel that copies src into dst (a graph output that is an input, a param, a
     view or a repeat of another output)."""
     loops = loops or Loops()
-    k = kir.KernelBuilder(f"k{index}_copy", [src.root, dst.root], loops.flat_block)
+    k = kir.KernelBuilder(f"k{index}_copy", [src.root, dst.root], loops.flat_block, loops.unit)
     with loops.points(k, dst.shape, True) as point:
         k.store(dst, point.flat(), src.load_flat(point.flat()))
     return KernelCall(k.finish(), values, [], element_in_place=True)

@@ -11,11 +11,13 @@ import numpy as np
 
 from codegen import gpu
 from codegen.kir import (
+    AVX512,
     Buffer,
     Expr,
     ExprBuilder,
     KernelBuilder,
     LoopKind,
+    VectorUnit,
     cast,
     const,
     guarded_load,
@@ -77,17 +79,20 @@ def _batch_offset(p: Expr, batch: tuple[int, ...], operand: tuple[int, ...], per
 
 #: k steps per pass over an output row: each pass loads and stores the row once
 MATMUL_K_UNROLL = 8
+#: output columns computed together: a tile of rows x columns small enough for LLVM to
+#: keep in vector registers over the whole k loop on AVX-512 (loaded and stored once).
+#: On AVX2 its 4 x 64 sums take twice its 16 registers, yet narrower tiles measured
+#: slower there (2x at batch 1: more passes over a, more loop overhead per FMA)
+MATMUL_COL_TILE = 64
 #: output rows computed together, so each loaded vector of b serves that many rows
 MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
-#: output columns computed together: a tile of rows x columns small enough for LLVM to
-#: keep in vector registers over the whole k loop (loaded and stored once)
-MATMUL_COL_TILE = 64
 #: row blocks per parallel step, sharing each column panel of b from cache
 MATMUL_ROW_GROUP = 16
 #: parallel steps a matmul keeps (for the threads) before it groups row blocks
 MATMUL_MIN_STEPS = 4
-#: lanes of the widest float32 vector (AVX-512): a column run that is not a multiple of
-#: it is masked, and LLVM keeps masked accumulators in memory rather than registers
+#: lanes of AVX-512's float32 vector, the widest: the unit graph passes size for (a
+#: column run that is not a multiple of the target's lanes is masked, and LLVM keeps
+#: masked accumulators in memory rather than registers)
 MATMUL_VECTOR = 16
 
 
@@ -157,12 +162,13 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     """
     a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
+    lanes, col_tile = k.unit.lanes, MATMUL_COL_TILE
     rows_per_block = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
     blocks_per_matrix = m // rows_per_block
     group = _row_group(blocks_per_matrix, prod(batch))
     groups_per_matrix = blocks_per_matrix // group
     row_steps = prod(batch) * groups_per_matrix
-    chunks = _column_chunks(row_steps, n)
+    chunks = _column_chunks(row_steps, n, col_tile)
     with k.loop(row_steps * chunks, LoopKind.PARALLEL, "rows") as step:
         grp, chunk = (step // chunks, step % chunks) if chunks > 1 else (step, None)
         matrix = grp // groups_per_matrix
@@ -171,7 +177,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
 
         def tile(first_col: Expr, cols: int) -> None:
             """out[rows, first_col : first_col + cols] of every block in the group, over all of k."""
-            kind = LoopKind.VECTOR if cols % MATMUL_VECTOR == 0 else LoopKind.VECTOR_MASKED
+            kind = LoopKind.VECTOR if cols % lanes == 0 else LoopKind.VECTOR_MASKED
             with k.loop(group, LoopKind.SERIAL, "block") as q:
                 blk = grp * group + q  # the block's index among all (batch x m / R) blocks
                 mi = (grp % groups_per_matrix * group + q) * rows_per_block
@@ -205,20 +211,20 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                         sweep(step * unroll, unroll, False)
                 sweep(const(full * unroll, "int64"), rest, True)
 
-        tiles, tail = divmod(n, MATMUL_COL_TILE)
+        tiles, tail = divmod(n, col_tile)
         if chunk is not None:  # this step's share of the column tiles (n is whole tiles)
             with k.loop(tiles // chunks, LoopKind.SERIAL, "cols") as t:
-                tile((chunk * (tiles // chunks) + t) * MATMUL_COL_TILE, MATMUL_COL_TILE)
+                tile((chunk * (tiles // chunks) + t) * col_tile, col_tile)
             return
         if tiles:
             with k.loop(tiles, LoopKind.SERIAL, "cols") as t:
-                tile(t * MATMUL_COL_TILE, MATMUL_COL_TILE)
+                tile(t * col_tile, col_tile)
         if tiles and tail:
             # one more whole tile, ending at the last column: it computes a few columns
             # again (the same sums, the same values), which costs less than a masked tile
-            tile(const(n - MATMUL_COL_TILE, "int64"), MATMUL_COL_TILE)
+            tile(const(n - col_tile, "int64"), col_tile)
         elif tail:  # narrower than a tile: whole vectors (in registers), then the rest masked
-            whole = tail - tail % MATMUL_VECTOR
+            whole = tail - tail % lanes
             for first, cols in ((0, whole), (whole, tail - whole)):
                 if cols:
                     tile(const(first, "int64"), cols)
@@ -306,12 +312,12 @@ def _masked(buf: Buffer, index: Expr, inside: Expr) -> Expr:
     return select(inside, buf.load_flat(select(inside, index, const(0, "int64"))), k_const(buf, 0.0))
 
 
-def _column_chunks(row_steps: int, n: int) -> int:
+def _column_chunks(row_steps: int, n: int, col_tile: int) -> int:
     """How many parts the column tiles are split into, each a parallel step of its own:
     1, unless the rows give fewer than MATMUL_MIN_STEPS steps (a batch-1 Dense layer:
     one row) and the columns are whole tiles; then the fewest equal parts that make
     MATMUL_MIN_STEPS steps, so every thread streams its own columns of b once."""
-    tiles, tail = divmod(n, MATMUL_COL_TILE)
+    tiles, tail = divmod(n, col_tile)
     if row_steps >= MATMUL_MIN_STEPS or tail or tiles < 2:
         return 1
     divisors = [d for d in range(2, tiles + 1) if tiles % d == 0]
@@ -858,17 +864,28 @@ class Conv2dGemm(ProductOp):
         )
 
 
-#: output positions per register tile of conv2d_packed, by panel width NR: MR x NR/16
-#: accumulators, MR broadcast inputs and a weight vector fit AVX-512's 32 registers
+#: output positions per register tile of conv2d_packed on AVX-512, by panel width NR:
+#: MR x NR/16 accumulators, MR broadcast inputs and a weight vector fit its 32 registers
 #: (measured at ResNet-18's shapes: 7 x 64 spills, 6 x 64 and 4 x 64 run at 88-95%
 #: of the FMA peak, 12 x 32 spills)
 PACKED_CONV_ROWS = {64: 6, 48: 7, 32: 10, 16: 14}
-#: output channels per panel of packed weights, by preference (a multiple of 16 lanes)
+#: output channels per panel of packed weights, by preference (a multiple of 16 lanes,
+#: so that the panels suit every vector unit up to AVX-512)
 PACKED_CONV_PANELS = (64, 48, 32, 16)
 #: taps (C*KH*KW) up to which conv2d_packed runs by output rows, not register tiles
 PACKED_CONV_SMALL_K = 32
-#: filters whose sums a row step keeps in registers (one vector of positions each)
-PACKED_CONV_ROW_FILTERS = 16
+
+
+def packed_conv_tile(nr: int, unit: VectorUnit) -> tuple[int, int]:
+    """(filters, positions) of conv2d_packed's register tile for panels of nr filters:
+    on AVX-512 the whole panel, PACKED_CONV_ROWS positions; on a smaller unit (AVX2's
+    16 registers of 8 lanes) two vectors of a panel's filters and as many positions as
+    make their sums three quarters of the registers (6 x 16 on AVX2: 12 accumulators,
+    2 weight vectors and a broadcast), the panel taken a part at a time."""
+    if unit == AVX512:
+        return nr, PACKED_CONV_ROWS[nr]
+    filters = min(nr, 2 * unit.lanes)
+    return filters, max(1, unit.registers * 3 // 4 // (filters // unit.lanes))
 
 
 def packed_conv_panel(out_channels: int) -> int:
@@ -942,7 +959,8 @@ class Conv2dPacked(Op):
     def _lower_rows(self, k, ins, out, epilogue=None):
         """A convolution with few taps (C*KH*KW up to PACKED_CONV_SMALL_K: a first layer
         on one or three channels) and stride 1 along the width, by output rows: per
-        parallel step one image, one output row and a group of up to 16 filters. The
+        parallel step one image, one output row and a group of filters (up to half the
+        vector registers: 16 on AVX-512). The
         positions of the row are the vector lanes: per tap, one contiguous run of the
         input row, times each filter's weight (broadcast), into the filter's sums, which
         stay in registers over all the taps; the finished sums are stored as they lie in
@@ -955,9 +973,10 @@ class Conv2dPacked(Op):
         _, kk, nr = w.shape
         o, (kh, kw), (sh, _), (dh, dw) = self.out_channels, self.kernel, self.strides, self.dilations
         _, _, oh, ow = out.shape
-        group = next(f for f in range(min(o, PACKED_CONV_ROW_FILTERS), 0, -1) if o % f == 0)
+        most = k.unit.registers // 2  # filters whose sums stay in registers (a vector each)
+        group = next(f for f in range(min(o, most), 0, -1) if o % f == 0)
         groups = o // group
-        kind = LoopKind.VECTOR if ow % MATMUL_VECTOR == 0 else LoopKind.VECTOR_MASKED
+        kind = LoopKind.VECTOR if ow % k.unit.lanes == 0 else LoopKind.VECTOR_MASKED
         with k.loop(n * oh * groups, LoopKind.PARALLEL, "row") as step:
             ni, y, g = step // (oh * groups), step // groups % oh, step % groups
             filters = [g * group + f for f in range(group)]
@@ -975,11 +994,12 @@ class Conv2dPacked(Op):
                     k.store(out, at, value)
 
     def _lower_tiles(self, k, ins, out, epilogue=None):
-        """Per parallel step: one image, one panel of NR filters, a block of MR
-        consecutive output positions. A block's MR x NR sums live in registers (a
-        scratch tile LLVM promotes) over all of k = (c, i, j): per tap, NR/16 vectors of
-        packed weights and, per position, one input value broadcast, MR x NR/16 FMAs.
-        The panel's weights (K x NR floats) stay in L2 across a thread's blocks; the
+        """Per parallel step: one image, TC filters of a panel of NR (packed_conv_tile:
+        the whole panel on AVX-512), a block of MR consecutive output positions. A
+        block's MR x TC sums live in registers (a scratch tile LLVM promotes) over all of
+        k = (c, i, j): per tap, TC/lanes vectors of packed weights and, per position, one
+        input value broadcast, MR x TC/lanes FMAs. The panel's weights (K x NR floats)
+        stay in L2 across a thread's blocks; the
         input windows are read where they lie (no im2col). A last block that would run
         past the positions starts earlier instead (its overlap computed twice, the same
         sums). The finished tile gets the bias and the epilogue and is stored NCHW."""
@@ -990,42 +1010,45 @@ class Conv2dPacked(Op):
         o, (kh, kw), (sh, sw), (dh, dw) = self.out_channels, self.kernel, self.strides, self.dilations
         _, _, oh, ow = out.shape
         positions = oh * ow
-        mr = min(PACKED_CONV_ROWS.get(nr, 4), positions)
+        tc, mr = packed_conv_tile(nr, k.unit)
+        mr = min(mr, positions)
+        parts = nr // tc  # register tiles across a panel
         blocks = -(-positions // mr)
         plane = hp * wp
         # one block a parallel step, the blocks of a panel consecutive: a thread's range
         # of steps shares the panel's weights from its cache
-        with k.loop(n * panels * blocks, LoopKind.PARALLEL, "block") as step:
-            ni = step // (panels * blocks)
-            panel = step // blocks % panels
-            acc = k.scratch("tile", out.dtype, (mr * nr,))
+        with k.loop(n * panels * parts * blocks, LoopKind.PARALLEL, "block") as step:
+            ni = step // (panels * parts * blocks)
+            panel = step // (parts * blocks) % panels
+            part = step // blocks % parts
+            acc = k.scratch("tile", out.dtype, (mr * tc,))
             first = minimum(step % blocks * mr, positions - mr)
             bases = []
             for r in range(mr):
                 pos = first + r
                 at = ni * (c * plane) + pos // ow * (sh * wp) + pos % ow * sw
                 bases.append(k.local("int64", at, "win"))
-            with k.loop(nr, LoopKind.VECTOR, "o") as jj:
+            with k.loop(tc, LoopKind.VECTOR, "o") as jj:
                 for r in range(mr):
-                    k.store(acc, r * nr + jj, k_const(out, 0.0))
+                    k.store(acc, r * tc + jj, k_const(out, 0.0))
             with k.loop(kk, LoopKind.SERIAL, "k") as tap:
                 ci, i, j = tap // (kh * kw), tap // kw % kh, tap % kw
                 shift = ci * plane + i * (dh * wp) + j * dw
-                with k.loop(nr, LoopKind.VECTOR, "o") as jj:
-                    wv = w.load_flat((panel * kk + tap) * nr + jj)
+                with k.loop(tc, LoopKind.VECTOR, "o") as jj:
+                    wv = w.load_flat((panel * kk + tap) * nr + part * tc + jj)
                     for r in range(mr):
                         xv = x.load_flat(bases[r].ref + shift)
-                        k.store(acc, r * nr + jj, muladd(xv, wv, acc.load_flat(r * nr + jj)))
+                        k.store(acc, r * tc + jj, muladd(xv, wv, acc.load_flat(r * tc + jj)))
             # the finished sums to out, NCHW: per filter, a run of mr positions
-            with k.loop(nr, LoopKind.SERIAL, "o") as jj:
-                oi = panel * nr + jj
+            with k.loop(tc, LoopKind.SERIAL, "o") as jj:
+                oi = panel * nr + part * tc + jj
                 guard = None if o % nr == 0 else oi.lt(o)
                 with k.when(guard) if guard is not None else nullcontext():
                     start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
                     for r in range(mr):
                         pos = first + r
                         at = (ni * o + oi) * positions + pos
-                        value = acc.load_flat(r * nr + jj) + start
+                        value = acc.load_flat(r * tc + jj) + start
                         if epilogue is not None:
                             value = epilogue(value, at, [ni, oi, pos // ow, pos % ow])
                         k.store(out, at, value)
