@@ -725,6 +725,8 @@ def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: ob
     always legal and the whole thing stays branch-free (vectorizable).
     """
     flat = buf.offset(idx)
+    if isinstance(inside, Const) and inside.value:
+        return Load(buf, flat)
     safe = Select(inside, flat, Const(0, "int64"))
     return select(inside, Load(buf, safe), lift(other, buf.dtype))
 

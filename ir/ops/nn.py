@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from math import prod
 from typing import TYPE_CHECKING
 
@@ -305,6 +307,24 @@ def lower_matmul_gpu(k: KernelBuilder, p: Product, epilogue: Epilogue | None) ->
                     if epilogue is not None:
                         value = epilogue(value, at, p.epilogue_index(bz * m + r, c))
                     k.store(out, at, value)
+
+
+@contextmanager
+def whole_vectors(k: KernelBuilder, n: int, name: str) -> Iterator[Expr]:
+    """Indices 0 .. n-1 in vector loops of whole registers, for a body whose stores may
+    be repeated (it computes each index from operands it does not write): n longer
+    than a vector and not a multiple of its lanes ends with one more vector that ends
+    at n - 1 (a few indices computed twice, the same values) instead of a masked loop,
+    whose masked stores are slow on AVX2; n shorter than a vector is masked."""
+    lanes = k.unit.lanes
+    if n % lanes == 0 or n < lanes:
+        with k.loop(n, LoopKind.VECTOR if n % lanes == 0 else LoopKind.VECTOR_MASKED, name) as i:
+            yield i
+        return
+    with k.loop(-(-n // lanes), LoopKind.SERIAL, f"{name}_run") as run:
+        first = minimum(run * lanes, const(n - lanes, "int64"))
+        with k.loop(lanes, LoopKind.VECTOR, name) as lane:
+            yield first + lane
 
 
 def _masked(buf: Buffer, index: Expr, inside: Expr) -> Expr:
@@ -976,11 +996,10 @@ class Conv2dPacked(Op):
         most = k.unit.registers // 2  # filters whose sums stay in registers (a vector each)
         group = next(f for f in range(min(o, most), 0, -1) if o % f == 0)
         groups = o // group
-        kind = LoopKind.VECTOR if ow % k.unit.lanes == 0 else LoopKind.VECTOR_MASKED
         with k.loop(n * oh * groups, LoopKind.PARALLEL, "row") as step:
             ni, y, g = step // (oh * groups), step // groups % oh, step % groups
             filters = [g * group + f for f in range(group)]
-            with k.loop(ow, kind, "x") as xx:
+            with whole_vectors(k, ow, "x") as xx:
                 sums = [bias.load_flat(oi) if bias is not None else k_const(out, 0.0) for oi in filters]
                 for tap in range(kk):
                     ci, i, j = tap // (kh * kw), tap // kw % kh, tap % kw
@@ -1123,12 +1142,18 @@ class Pool2d(Op):
                 for i in range(kh):
                     for j in range(kw):
                         iy, ix = y * sh + (i * dh - pt), xx * sw + (j * dw - pl)
-                        taps.append(
-                            (
-                                logical_and(in_range(iy, 0, h), in_range(ix, 0, w)),
-                                (plane // c, plane % c, iy, ix),
+                        # only the bounds a window of this tap can cross are checked: a tap
+                        # that stays inside in every window loads plainly (vectorizable)
+                        checks = [
+                            in_range(at, 0, size)
+                            for at, first, stride, last, size in (
+                                (iy, i * dh - pt, sh, oh, h),
+                                (ix, j * dw - pl, sw, ow, w),
                             )
-                        )
+                            if first < 0 or first + stride * (last - 1) >= size
+                        ]
+                        inside = const(True, "bool") if not checks else functools.reduce(logical_and, checks)
+                        taps.append((inside, (plane // c, plane % c, iy, ix)))
                 k.store(out, r * ow + xx, visit(taps))
 
 
