@@ -601,7 +601,7 @@ def test_vector_units_of_known_cpus():
     assert cpu.vector_unit("x86-64-v3") == AVX2
     assert cpu.vector_unit("x86-64") == VectorUnit(4, 16)
     assert packed_conv_tile(64, AVX512) == (64, 6)  # as measured at ResNet-18's shapes
-    assert packed_conv_tile(64, AVX2) == (16, 6)  # 12 accumulators of AVX2's 16 registers
+    assert packed_conv_tile(64, AVX2) == (16, 4)  # 8 sums, 4 broadcasts, 2 weight vectors
 
 
 @pytest.mark.skipif(

@@ -899,13 +899,16 @@ PACKED_CONV_SMALL_K = 32
 def packed_conv_tile(nr: int, unit: VectorUnit) -> tuple[int, int]:
     """(filters, positions) of conv2d_packed's register tile for panels of nr filters:
     on AVX-512 the whole panel, PACKED_CONV_ROWS positions; on a smaller unit (AVX2's
-    16 registers of 8 lanes) two vectors of a panel's filters and as many positions as
-    make their sums three quarters of the registers (6 x 16 on AVX2: 12 accumulators,
-    2 weight vectors and a broadcast), the panel taken a part at a time."""
+    16 registers of 8 lanes) two vectors of a panel's filters (the panel taken a part
+    at a time) and as many positions as leave every value of a tap in registers: per
+    position its sums and its broadcast input, which meets every weight vector (AVX2
+    has no broadcast operand, as AVX-512 has), and the weight vectors (4 x 16 on AVX2:
+    8 sums, 4 broadcasts, 2 weight vectors; 6 x 16 spilled its broadcasts)."""
     if unit == AVX512:
         return nr, PACKED_CONV_ROWS[nr]
     filters = min(nr, 2 * unit.lanes)
-    return filters, max(1, unit.registers * 3 // 4 // (filters // unit.lanes))
+    vectors = filters // unit.lanes
+    return filters, max(1, (unit.registers - 1 - vectors) // (vectors + 1))
 
 
 def packed_conv_panel(out_channels: int) -> int:
@@ -1050,14 +1053,17 @@ class Conv2dPacked(Op):
             with k.loop(tc, LoopKind.VECTOR, "o") as jj:
                 for r in range(mr):
                     k.store(acc, r * tc + jj, k_const(out, 0.0))
-            with k.loop(kk, LoopKind.SERIAL, "k") as tap:
-                ci, i, j = tap // (kh * kw), tap // kw % kh, tap % kw
-                shift = ci * plane + i * (dh * wp) + j * dw
+            # taps in (c, i, j) order, a window row's kw taps in one loop body: their
+            # addresses are constant offsets from the row's (no per-tap index arithmetic)
+            with k.loop(c, LoopKind.SERIAL, "c") as ci, k.loop(kh, LoopKind.SERIAL, "i") as i:
+                row = ci * plane + i * (dh * wp)
+                taps = (ci * kh + i) * kw
                 with k.loop(tc, LoopKind.VECTOR, "o") as jj:
-                    wv = w.load_flat((panel * kk + tap) * nr + part * tc + jj)
-                    for r in range(mr):
-                        xv = x.load_flat(bases[r].ref + shift)
-                        k.store(acc, r * tc + jj, muladd(xv, wv, acc.load_flat(r * tc + jj)))
+                    for j in range(kw):
+                        wv = w.load_flat((panel * kk + taps + j) * nr + part * tc + jj)
+                        for r in range(mr):
+                            xv = x.load_flat(bases[r].ref + row + j * dw)
+                            k.store(acc, r * tc + jj, muladd(xv, wv, acc.load_flat(r * tc + jj)))
             # the finished sums to out, NCHW: per filter, a run of mr positions
             with k.loop(tc, LoopKind.SERIAL, "o") as jj:
                 oi = panel * nr + part * tc + jj
