@@ -29,7 +29,7 @@ from ir.builder import GraphBuilder
 from ir.graph import Graph
 from ir.interpreter import interpret
 from ir.ops import REGISTRY, Fusion
-from ir.ops.nn import packed_conv_tile
+from ir.ops.nn import matmul_col_tile, packed_conv_tile
 
 
 @dataclass
@@ -602,6 +602,8 @@ def test_vector_units_of_known_cpus():
     assert cpu.vector_unit("x86-64") == VectorUnit(4, 16)
     assert packed_conv_tile(64, AVX512) == (64, 6)  # as measured at ResNet-18's shapes
     assert packed_conv_tile(64, AVX2) == (16, 4)  # 8 sums, 4 broadcasts, 2 weight vectors
+    assert [matmul_col_tile(AVX2, rows) for rows in (4, 2, 1)] == [16, 32, 64]
+    assert matmul_col_tile(AVX512, 4) == matmul_col_tile(AVX512, 1) == 64
 
 
 @pytest.mark.skipif(

@@ -81,10 +81,7 @@ def _batch_offset(p: Expr, batch: tuple[int, ...], operand: tuple[int, ...], per
 
 #: k steps per pass over an output row: each pass loads and stores the row once
 MATMUL_K_UNROLL = 8
-#: output columns computed together: a tile of rows x columns small enough for LLVM to
-#: keep in vector registers over the whole k loop on AVX-512 (loaded and stored once).
-#: On AVX2 its 4 x 64 sums take twice its 16 registers, yet narrower tiles measured
-#: slower there (2x at batch 1: more passes over a, more loop overhead per FMA)
+#: output columns computed together on AVX-512 (see matmul_col_tile)
 MATMUL_COL_TILE = 64
 #: output rows computed together, so each loaded vector of b serves that many rows
 MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
@@ -152,7 +149,7 @@ class ProductOp(Op):
 def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> None:
     """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a group of row blocks per parallel step.
 
-    The output is computed in tiles of R rows x MATMUL_COL_TILE columns, small enough
+    The output is computed in tiles of R rows x matmul_col_tile columns, small enough
     for LLVM to keep in vector registers over the whole k loop: per step of k, R
     broadcasts of a and a few vectors of b feed R times as many FMAs. A parallel step
     takes a group of row blocks and, column tile by column tile, runs every block of
@@ -164,8 +161,8 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     """
     a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
-    lanes, col_tile = k.unit.lanes, MATMUL_COL_TILE
     rows_per_block = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
+    lanes, col_tile = k.unit.lanes, matmul_col_tile(k.unit, rows_per_block)
     blocks_per_matrix = m // rows_per_block
     group = _row_group(blocks_per_matrix, prod(batch))
     groups_per_matrix = blocks_per_matrix // group
@@ -325,6 +322,18 @@ def whole_vectors(k: KernelBuilder, n: int, name: str) -> Iterator[Expr]:
         first = minimum(run * lanes, const(n - lanes, "int64"))
         with k.loop(lanes, LoopKind.VECTOR, name) as lane:
             yield first + lane
+
+
+def matmul_col_tile(unit: VectorUnit, rows: int) -> int:
+    """Output columns a block of `rows` rows computes together: a tile small enough for
+    LLVM to keep in vector registers over the whole k loop (loaded and stored once).
+    On AVX-512, MATMUL_COL_TILE (4 x 64 sums in 16 of its 32 registers; a's broadcasts
+    are FMA operands there). On a smaller unit the sums take half the registers, as
+    each row's broadcast of a takes one too: on AVX2 4 x 16, 2 x 32, 1 x 64 (a batch-1
+    row needs 8 sums in flight to hide the FMA latency; 1 x 16 ran 2x slower)."""
+    if unit == AVX512:
+        return MATMUL_COL_TILE
+    return unit.lanes * max(1, unit.registers // 2 // rows)
 
 
 def _masked(buf: Buffer, index: Expr, inside: Expr) -> Expr:
