@@ -89,9 +89,8 @@ MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
 MATMUL_ROW_GROUP = 16
 #: parallel steps a matmul keeps (for the threads) before it groups row blocks
 MATMUL_MIN_STEPS = 4
-#: lanes of AVX-512's float32 vector, the widest: the unit graph passes size for (a
-#: column run that is not a multiple of the target's lanes is masked, and LLVM keeps
-#: masked accumulators in memory rather than registers)
+#: lanes of the widest float32 vector (AVX-512), which graph passes size for (packed
+#: conv panels are multiples of it); kernels use their target's (KernelBuilder.unit)
 MATMUL_VECTOR = 16
 
 
@@ -992,13 +991,12 @@ class Conv2dPacked(Op):
         """A convolution with few taps (C*KH*KW up to PACKED_CONV_SMALL_K: a first layer
         on one or three channels) and stride 1 along the width, by output rows: per
         parallel step one image, one output row and a group of filters (up to half the
-        vector registers: 16 on AVX-512). The
-        positions of the row are the vector lanes: per tap, one contiguous run of the
-        input row, times each filter's weight (broadcast), into the filter's sums, which
-        stay in registers over all the taps; the finished sums are stored as they lie in
-        NCHW (a contiguous run per filter). The tiled schedule, whose sums per filter
-        are stored one position at a time, spends most of its time storing when there
-        are this few taps."""
+        vector registers: 16 on AVX-512). The positions of the row are the vector lanes
+        (whole_vectors): per tap, one contiguous run of the input row, times each
+        filter's weight (broadcast), into the filter's sums, which stay in registers over
+        all the taps; the finished sums are stored as they lie in NCHW (a contiguous run
+        per filter). The tiled schedule, whose sums per filter are stored one position
+        at a time, spends most of its time storing when there are this few taps."""
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         n, c, hp, wp = x.shape
@@ -1030,10 +1028,10 @@ class Conv2dPacked(Op):
         block's MR x TC sums live in registers (a scratch tile LLVM promotes) over all of
         k = (c, i, j): per tap, TC/lanes vectors of packed weights and, per position, one
         input value broadcast, MR x TC/lanes FMAs. The panel's weights (K x NR floats)
-        stay in L2 across a thread's blocks; the
-        input windows are read where they lie (no im2col). A last block that would run
-        past the positions starts earlier instead (its overlap computed twice, the same
-        sums). The finished tile gets the bias and the epilogue and is stored NCHW."""
+        stay in L2 across a thread's blocks; the input windows are read where they lie
+        (no im2col). A last block that would run past the positions starts earlier
+        instead (its overlap computed twice, the same sums). The finished tile gets the
+        bias and the epilogue and is stored NCHW."""
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         n, c, hp, wp = x.shape
