@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pytest
 
+from codegen import cpu
 from compiler.driver import to_graph
 from frontends.zoo.onnx_models import MNIST_CNN_PATH
 from ir.interpreter import interpret
+from ir.ops.nn import packed_conv_tile
 
 
 def kiln(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -52,8 +54,12 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     assert "conv2d_packed(%input, %conv1.weight.packed, %conv1.bias) {out_channels=32}" in text
     # each conv (constant weights, on the CPU) one conv2d_packed reading its windows in
     # place, relu in its epilogue; flatten a view. MFLOP as run: conv2's 121 positions
-    # in blocks of 6, the last block starting 5 early (126 computed)
-    assert "8 kernels (12 ops):" in text and "k2_conv2d_packed_relu" in text and "4.661" in text
+    # in blocks of this CPU's tile (6 on AVX-512: the last block starts 5 early, 126
+    # computed), each 64 filters x 288 taps, and the bias and relu
+    _, rows = packed_conv_tile(64, cpu.vector_unit())
+    computed = -(-121 // rows) * rows
+    mflop = computed * 64 * (2 * 288 + 2) / 1e6
+    assert "8 kernels (12 ops):" in text and "k2_conv2d_packed_relu" in text and f"{mflop:.3f}" in text
     assert "k6_linear " in text
     assert "memory: arena 108,160 B (lower bound 108,160 B, 1.00x" in text
     assert "kernel k0_conv2d_packed_relu(" in text and "conv3.relu, flat" in text
