@@ -555,10 +555,10 @@ class VectorUnit:
     """The vector registers a CPU schedule sizes its register tiles for: float32 lanes
     per register and how many registers there are. A tile of sums that needs more
     registers than there are spills to the stack, and each step of its loop then
-    stores and reloads them; the default is AVX-512's (16 lanes, 32 registers)."""
+    stores and reloads them."""
 
-    lanes: int = 16
-    registers: int = 32
+    lanes: int
+    registers: int
 
 
 AVX512 = VectorUnit(16, 32)
