@@ -5,7 +5,10 @@ carry a kind that tells a backend how to run them: `serial`, `parallel` (split
 across threads on the CPU), `vector` (the innermost, contiguous loop: the CPU
 backend leaves it in the shape LLVM's vectorizer wants), `vector_masked` (the same,
 with its tail run as masked vector operations rather than a scalar loop: for short
-runs such as a matrix tile's last columns), `gpu_block` and
+runs such as a matrix tile's last columns), `tile` (a register tile's row, a whole
+number of vectors of a constant extent: vectorized at that full extent, which the
+backend splits into registers side by side, so each operation of the body runs on the
+whole row before the next one starts), `gpu_block` and
 `gpu_thread` (bound to CUDA's block and thread indices; the CPU runs them as
 plain loops, which is how GPU kernels are tested on machines with no GPU).
 
@@ -31,12 +34,13 @@ class LoopKind(enum.Enum):
     PARALLEL = "parallel"
     VECTOR = "vector"
     VECTOR_MASKED = "vector_masked"
+    TILE = "tile"
     GPU_BLOCK = "gpu_block"
     GPU_THREAD = "gpu_thread"
 
     @property
     def vector(self) -> bool:
-        return self in (LoopKind.VECTOR, LoopKind.VECTOR_MASKED)
+        return self in (LoopKind.VECTOR, LoopKind.VECTOR_MASKED, LoopKind.TILE)
 
 
 ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
@@ -227,6 +231,14 @@ def binary(op: str, a: Expr, b: Expr) -> Expr:
         if isinstance(a, Const) and isinstance(b, Const) and op in ("add", "sub", "mul"):
             va, vb = int(a.value), int(b.value)
             return Const({"add": va + vb, "sub": va - vb, "mul": va * vb}[op], a.dtype)
+        if (
+            isinstance(a, Const)
+            and isinstance(b, Const)
+            and op in ("floordiv", "rem")
+            and a.value >= 0 < b.value
+        ):
+            va, vb = int(a.value), int(b.value)  # non-negative: C's truncation is Python's floor
+            return Const(va // vb if op == "floordiv" else va % vb, a.dtype)
         if op == "add" and _is(a, 0):
             return b
         if op in ("add", "sub") and _is(b, 0):

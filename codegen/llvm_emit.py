@@ -50,24 +50,41 @@ def loop_metadata(llvm_ir: str) -> str:
     declined (strided float reductions, 33-element loops), and measured no faster.
     `vector_masked` loops also ask for their tail to be folded into masked vector
     operations (a matmul tile's last columns: 1.2-1.5x on odd widths); asked of every
-    loop, it slowed the row kernels' reductions by 15%.
+    loop, it slowed the row kernels' reductions by 15%. `tile` loops are vectorized at
+    their whole extent (their tag carries it): the row of a register tile becomes one
+    wide vector that codegen splits into registers side by side, so a product's
+    broadcast meets all of the row's vectors at once and dies. Left to the cost model
+    (8 lanes, interleaved twice on AVX2), the first half of every row was computed
+    before the second, and the rows' broadcasts, live across the halves, spilled.
 
     llvmlite cannot write the self-referencing `distinct` node a loop ID must be, so
     the tags are rewritten in the module's text."""
     extra = len(re.findall(r"^!\d+ = ", llvm_ir, re.MULTILINE)) + 1000
     vector, masked = kir.LoopKind.VECTOR.value, kir.LoopKind.VECTOR_MASKED.value
-    nodes = {vector: f"!{extra}", masked: f"!{extra + 1}"}
-    off = f"!{extra + 2}"  # loops that must not vectorize
+    nodes = {
+        vector: (f"!{extra}", '!{!"llvm.loop.mustprogress"}'),
+        masked: (f"!{extra + 1}", '!{!"llvm.loop.vectorize.predicate.enable", i1 true}'),
+    }
+    off = (f"!{extra + 2}", '!{!"llvm.loop.vectorize.enable", i1 false}')  # loops that must not vectorize
 
     def rewrite(m: re.Match) -> str:
-        return f"{m[1]} = distinct !{{{m[1]}, {nodes.get(m[2], off)}}}"
+        kind = m[2]
+        if kind.startswith(kir.LoopKind.TILE.value) and kind not in nodes:
+            width = int(kind[len(kir.LoopKind.TILE.value) :])
+            nodes[kind] = (f"!{extra + 3 + len(nodes)}", f'!{{!"llvm.loop.vectorize.width", i32 {width}}}')
+        return f"{m[1]} = distinct !{{{m[1]}, {nodes.get(kind, off)[0]}}}"
 
     text = _LOOP_TAG_LINE.sub(rewrite, llvm_ir)
-    return (
-        text + f'\n{nodes[vector]} = !{{!"llvm.loop.mustprogress"}}\n'
-        f'{nodes[masked]} = !{{!"llvm.loop.vectorize.predicate.enable", i1 true}}\n'
-        f'{off} = !{{!"llvm.loop.vectorize.enable", i1 false}}\n'
-    )
+    return text + "\n" + "".join(f"{node} = {value}\n" for node, value in [*nodes.values(), off])
+
+
+def _tag_kind(kind: kir.LoopKind, stop: ir.Value) -> str:
+    """A loop's kind as its tag names it: a tile loop's with its extent (its vector width)."""
+    if kind is not kir.LoopKind.TILE:
+        return kind.value
+    if not isinstance(stop, ir.Constant):
+        raise ValueError("a tile loop needs a constant extent")
+    return f"{kind.value}{stop.constant}"
 
 
 class FunctionWriter:
@@ -160,7 +177,7 @@ class FunctionWriter:
         self.stmts(body)
         self.b.store(self.b.add(self.b.load(slot, typ=I64), ir.Constant(I64, 1), flags=["nsw"]), slot)
         back_edge = self.b.branch(head)
-        tag = ir.MetaDataString(self.module, f"{LOOP_TAG}{kind.value}.{self.fn.name}.{var.name}")
+        tag = ir.MetaDataString(self.module, f"{LOOP_TAG}{_tag_kind(kind, stop)}.{self.fn.name}.{var.name}")
         back_edge.set_metadata("llvm.loop", self.module.add_metadata([tag]))
         self.b.position_at_end(done)
 

@@ -19,7 +19,7 @@ import numpy as np
 from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
-from ir.ops.nn import MATMUL_VECTOR, pack_conv_weights, packed_conv_panel
+from ir.ops.nn import MATMUL_VECTOR, pack_panels, packed_conv_panel
 from ir.verify import verify
 
 #: constants are folded only up to this many elements, so weights do not balloon
@@ -105,7 +105,7 @@ def fold_batchnorm(graph: Graph) -> Graph:
 def conv_packed(graph: Graph) -> Graph:
     """conv2d (one group) of constant weights becomes pad + conv2d_packed: an implicit
     GEMM that reads the windows of the (padded) input where they lie, against weights
-    packed now into the kernel's panel layout (pack_conv_weights). No im2col: its
+    packed now into the kernel's panel layout (pack_panels). No im2col: its
     columns were KH*KW times the input, written out and read back for every conv.
 
     CPU only (the GPU schedules keep im2col + conv2d_gemm). Left alone: grouped convs,
@@ -126,13 +126,42 @@ def conv_packed(graph: Graph) -> Graph:
             padded = Value(f"{node.name}.padded", pad.infer(x.type))
             nodes.append(Node(pad, [x], [padded], f"{node.name}.pad"))
             x = padded
-        packed = pack_conv_weights(params[w], packed_conv_panel(o))
+        packed = pack_panels(params[w], packed_conv_panel(o))
         w_v = Value(f"{w.name}.packed", w.type.with_shape(packed.shape))
         params[w_v] = packed
         conv = make_op(
             "conv2d_packed", kernel=(kh, kw), strides=op.strides, dilations=op.dilations, out_channels=o
         )
         nodes.append(Node(conv, [x, w_v, *bias], node.outputs, node.name))
+    return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
+
+
+def linear_packed(graph: Graph) -> Graph:
+    """A linear, or a matmul by a matrix, of constant weights becomes linear_packed, its
+    weights packed now into panels of MATMUL_VECTOR columns (pack_panels): each column
+    tile of the product then streams contiguous memory instead of a column block of
+    the weights, whose rows lie N floats apart (at N = 512 or 1024, 2 or 4 KiB: the
+    same few L1 sets, which evict one another). CPU only, after fold_constants (an
+    ONNX Gemm's transposed weights are folded by then)."""
+    nodes = []
+    params = dict(graph.params)
+    packed: dict[Value, Value] = {}  # each weight packed once, however many products read it
+    for node in graph.nodes:
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        if not (
+            node.op.name in ("linear", "matmul")
+            and w in params
+            and w.type.rank == 2
+            and node.inputs[0].type.rank >= 1
+        ):
+            nodes.append(node)
+            continue
+        if w not in packed:
+            panels = pack_panels(params[w].T, MATMUL_VECTOR)
+            packed[w] = Value(f"{w.name}.packed", w.type.with_shape(panels.shape))
+            params[packed[w]] = panels
+        op = make_op("linear_packed", out_features=w.type.shape[1])
+        nodes.append(Node(op, [node.inputs[0], packed[w], *node.inputs[2:]], node.outputs, node.name))
     return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
 
 
@@ -267,6 +296,7 @@ PIPELINE = (
     Pass("conv_packed", conv_packed, "a conv of constant weights reads its windows in place", ("cpu",)),
     Pass("conv_to_gemm", conv_to_gemm, "each conv becomes im2col windows and one product"),
     Pass("fold_constants", fold_constants, "nodes whose inputs are all constants are evaluated now"),
+    Pass("linear_packed", linear_packed, "a product by constant weights reads them in panels", ("cpu",)),
     Pass("cancel_transposes", cancel_transposes, "a transpose undone by the next one goes"),
     Pass("merge_common", merge_common, "equal nodes on equal inputs become one"),
     Pass("dead_code", dead_code, "nodes and params no output needs are dropped"),

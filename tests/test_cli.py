@@ -60,7 +60,7 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     computed = -(-121 // rows) * rows
     mflop = computed * 64 * (2 * 288 + 2) / 1e6
     assert "8 kernels (12 ops):" in text and "k2_conv2d_packed_relu" in text and f"{mflop:.3f}" in text
-    assert "k6_linear " in text
+    assert "k6_linear_packed " in text
     assert "memory: arena 108,160 B (lower bound 108,160 B, 1.00x" in text
     assert "kernel k0_conv2d_packed_relu(" in text and "conv3.relu, flat" in text
     dot = (tmp_path / "g.dot").read_text()

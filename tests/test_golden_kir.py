@@ -69,25 +69,45 @@ def test_softmax_from_primitives_is_one_rows_kernel():
 
 
 EXPECTED_DENSE_RELU = """\
-kernel k0_linear_relu(float32[4,2] x, float32[2,16] w, float32[16] bias, float32[4,16] relu):
+kernel k0_linear_packed_relu(float32[4,2] x, float32[1,2,16] w_packed, float32[16] bias, float32[4,16] relu):
   for rows0 in parallel(0, 1):
     for block1 in serial(0, 1):
-      for n2 in vector(0, 16):
-        relu[((((rows0 + block1) * 4) * 16) + n2)] = bias[n2]
-        relu[(((((rows0 + block1) * 4) + 1) * 16) + n2)] = bias[n2]
-        relu[(((((rows0 + block1) * 4) + 2) * 16) + n2)] = bias[n2]
-        relu[(((((rows0 + block1) * 4) + 3) * 16) + n2)] = bias[n2]
-      for n3 in vector(0, 16):
-        relu[((((rows0 + block1) * 4) * 16) + n3)] = max(muladd(x[(((block1 * 4) * 2) + 1)], w[(16 + n3)], muladd(x[((block1 * 4) * 2)], w[n3], relu[((((rows0 + block1) * 4) * 16) + n3)])), 0.0f)
-        relu[(((((rows0 + block1) * 4) + 1) * 16) + n3)] = max(muladd(x[((((block1 * 4) + 1) * 2) + 1)], w[(16 + n3)], muladd(x[(((block1 * 4) + 1) * 2)], w[n3], relu[(((((rows0 + block1) * 4) + 1) * 16) + n3)])), 0.0f)
-        relu[(((((rows0 + block1) * 4) + 2) * 16) + n3)] = max(muladd(x[((((block1 * 4) + 2) * 2) + 1)], w[(16 + n3)], muladd(x[(((block1 * 4) + 2) * 2)], w[n3], relu[(((((rows0 + block1) * 4) + 2) * 16) + n3)])), 0.0f)
-        relu[(((((rows0 + block1) * 4) + 3) * 16) + n3)] = max(muladd(x[((((block1 * 4) + 3) * 2) + 1)], w[(16 + n3)], muladd(x[(((block1 * 4) + 3) * 2)], w[n3], relu[(((((rows0 + block1) * 4) + 3) * 16) + n3)])), 0.0f)
+      for n2 in tile(0, 16):
+        relu[((((rows0 * 4) + (block1 * 4)) * 16) + n2)] = bias[n2]
+        relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n2)] = bias[n2]
+        relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n2)] = bias[n2]
+        relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n2)] = bias[n2]
+      for n3 in tile(0, 16):
+        float32 sum4 = relu[((((rows0 * 4) + (block1 * 4)) * 16) + n3)]
+        float32 sum5 = relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n3)]
+        float32 sum6 = relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n3)]
+        float32 sum7 = relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n3)]
+        float32 b8 = w_packed[n3]
+        sum4 = muladd(x[((block1 * 4) * 2)], b8, sum4)
+        sum5 = muladd(x[(((block1 * 4) + 1) * 2)], b8, sum5)
+        sum6 = muladd(x[(((block1 * 4) + 2) * 2)], b8, sum6)
+        sum7 = muladd(x[(((block1 * 4) + 3) * 2)], b8, sum7)
+        float32 b9 = w_packed[(16 + n3)]
+        sum4 = muladd(x[(((block1 * 4) * 2) + 1)], b9, sum4)
+        sum5 = muladd(x[((((block1 * 4) + 1) * 2) + 1)], b9, sum5)
+        sum6 = muladd(x[((((block1 * 4) + 2) * 2) + 1)], b9, sum6)
+        sum7 = muladd(x[((((block1 * 4) + 3) * 2) + 1)], b9, sum7)
+        relu[((((rows0 * 4) + (block1 * 4)) * 16) + n3)] = sum4
+        relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n3)] = sum5
+        relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n3)] = sum6
+        relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n3)] = sum7
+      for n10 in tile(0, 16):
+        relu[((((rows0 * 4) + (block1 * 4)) * 16) + n10)] = max(relu[((((rows0 * 4) + (block1 * 4)) * 16) + n10)], 0.0f)
+        relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n10)] = max(relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n10)], 0.0f)
+        relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n10)] = max(relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n10)], 0.0f)
+        relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n10)] = max(relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n10)], 0.0f)
 """
 
 
 def test_linear_with_relu_epilogue():
-    """The bias starts each tile of 4 rows, the k sweep accumulates with muladd, and the
-    relu is applied to the finished sums in the last sweep, before they are stored."""
+    """The weights are packed in panels of 16 columns; the bias starts each tile of 4
+    rows, the sums are locals over each sweep of k, each k step meeting every row's
+    broadcast with the panel's row (muladd), and the relu runs over the finished tile."""
     rng = np.random.default_rng(0)
     b = GraphBuilder("dense")
     x = b.input("x", (4, 2))

@@ -29,7 +29,7 @@ from ir.builder import GraphBuilder
 from ir.graph import Graph
 from ir.interpreter import interpret
 from ir.ops import REGISTRY, Fusion
-from ir.ops.nn import matmul_col_tile, packed_conv_tile
+from ir.ops.nn import matmul_col_tile, matmul_rows, packed_conv_tile
 
 
 @dataclass
@@ -149,6 +149,8 @@ CASES: dict[str, list[Case]] = {
         Case([In((33,)), In((33, 7))]),
         Case([In((4, 7, 33)), In((33,))]),
         Case([In((128, 96)), In((96, 300))]),
+        # 50 rows: 8 blocks of 6 and 2 more on AVX2, in the last of each matrix's groups
+        Case([In((3, 50, 120)), In((3, 120, 200))]),
         # one or two rows: the column tiles split between parallel steps (4 of 1, 2 of 2)
         Case([In((100,)), In((100, 256))]),
         Case([In((2, 30)), In((30, 128))]),
@@ -159,6 +161,13 @@ CASES: dict[str, list[Case]] = {
         Case([In((33, 70)), In((70, 40)), In((40,))], params=(1, 2)),
         Case([In((2, 5, 33)), In((33, 7))], params=(1,)),
         Case([In((256, 128)), In((128, 200)), In((200,))], params=(1, 2)),
+    ],
+    "linear_packed": [  # packed weights (panels, K, 16); columns past out_features ignored
+        Case([In((33, 70)), In((5, 70, 16)), In((70,))], {"out_features": 70}, params=(1, 2)),
+        Case([In((1, 40)), In((12, 40, 16)), In((192,))], {"out_features": 192}, params=(1, 2)),
+        Case([In((2, 5, 33)), In((1, 33, 16))], {"out_features": 7}, params=(1,)),
+        Case([In((96, 64)), In((8, 64, 16)), In((128,))], {"out_features": 128}, params=(1, 2)),
+        Case([In((6, 300)), In((3, 300, 16))], {"out_features": 48}, params=(1,)),
     ],
     "conv2d": [
         Case([In((1, 1, 7, 7)), In((4, 1, 3, 3)), In((4,))], params=(1, 2)),
@@ -535,7 +544,7 @@ def _case_id(name: str, i: int, case: Case) -> str:
 #: (codegen.kir.VectorUnit; conv2d through the products it becomes): their cases also
 #: run as scheduled for AVX2 (x86-64-v3), which an AVX-512 host runs too, so both
 #: schedules are checked wherever AVX-512 is
-UNIT_SIZED = {"matmul", "linear", "conv2d", "conv2d_gemm", "conv2d_packed"}
+UNIT_SIZED = {"matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed"}
 AVX2_CPU = "x86-64-v3"
 
 
@@ -602,7 +611,10 @@ def test_vector_units_of_known_cpus():
     assert cpu.vector_unit("x86-64") == VectorUnit(4, 16)
     assert packed_conv_tile(64, AVX512) == (64, 6)  # as measured at ResNet-18's shapes
     assert packed_conv_tile(64, AVX2) == (16, 4)  # 8 sums, 4 broadcasts, 2 weight vectors
-    assert [matmul_col_tile(AVX2, rows) for rows in (4, 2, 1)] == [16, 32, 64]
+    assert [matmul_col_tile(AVX2, rows) for rows in (6, 4, 2, 1)] == [16, 16, 32, 64]
+    assert matmul_rows(AVX2, 50, 1 << 20) == (6, 2) and matmul_rows(AVX2, 5, 1 << 20) == (5, 0)
+    assert matmul_rows(AVX2, 32, 1 << 19) == (4, 0)  # small: no block for the rest
+    assert matmul_rows(AVX512, 50, 1 << 20) == (2, 0)
     assert matmul_col_tile(AVX512, 4) == matmul_col_tile(AVX512, 1) == 64
 
 

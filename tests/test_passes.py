@@ -10,6 +10,7 @@ from compiler.passes import (
     dead_code,
     fold_batchnorm,
     fold_constants,
+    linear_packed,
     merge_common,
     simplify,
 )
@@ -72,6 +73,25 @@ def test_fold_constants_folds_transposed_weight(rng):
     after = fold_constants(before)
     assert _body(after) == ["%matmul = matmul(%x, %transpose) : f32[3,5]", "return %matmul"]
     assert after.params[w].flags.c_contiguous
+    _same_results(before, after, rng)
+
+
+def test_linear_packed_packs_constant_weights_once(rng):
+    b = GraphBuilder("g")
+    w = b.param("w", rng.standard_normal((20, 37)).astype(np.float32))
+    x = b.input("x", (3, 20))
+    y = b.linear(x, w, b.param("bias", rng.standard_normal(37).astype(np.float32)))
+    before = b.build(b.add(y, b.matmul(x, w)), b.matmul(b.input("v", (5, 3)), x))
+    after = linear_packed(before)
+    assert _body(after) == [
+        "%linear = linear_packed(%x, %w.packed, %bias) {out_features=37} : f32[3,37]",
+        "%matmul = linear_packed(%x, %w.packed) {out_features=37} : f32[3,37]",
+        "%add = add(%linear, %matmul) : f32[3,37]",
+        "%matmul_0 = matmul(%v, %x) : f32[5,20]",  # b is an input: left alone
+        "return %add, %matmul_0",
+    ]
+    assert [v.name for v in after.params] == ["bias", "w.packed"]
+    assert after.params[next(v for v in after.params if v.name == "w.packed")].shape == (3, 20, 16)
     _same_results(before, after, rng)
 
 

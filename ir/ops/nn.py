@@ -85,6 +85,10 @@ MATMUL_K_UNROLL = 8
 MATMUL_COL_TILE = 64
 #: output rows computed together, so each loaded vector of b serves that many rows
 MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
+#: output rows computed together on a smaller unit than AVX-512's (see matmul_rows)
+AVX2_MATMUL_ROWS = 6
+#: multiply-adds from which a product's rows past its last whole block get their own block
+MATMUL_REST_MACS = 1 << 20
 #: row blocks per parallel step, sharing each column panel of b from cache
 MATMUL_ROW_GROUP = 16
 #: parallel steps a matmul keeps (for the threads) before it groups row blocks
@@ -104,7 +108,11 @@ class Product:
     epilogue sees (out may be a view of it): out's rows span its leading axes and out's
     columns its trailing ones (a linear's (..., N) over rows of N; a convolution's
     (N, C, H, W) over rows of H*W), and the epilogue gets its multi-index there, unless
-    flat_epilogue (a matmul with a squeezed operand: flat indices only)."""
+    flat_epilogue (a matmul with a squeezed operand: flat indices only).
+
+    With b_panel, b is a constant packed by pack_panels, (panels, K, b_panel): a column
+    tile reads its panels' contiguous rows rather than a strided column block of b
+    (whose rows, 2 or 4 KiB apart, meet in the same few L1 sets)."""
 
     a: Buffer
     b: Buffer
@@ -113,6 +121,20 @@ class Product:
     bias_per_row: bool = False
     out_shape: tuple[int, ...] | None = None
     flat_epilogue: bool = False
+    b_panel: int | None = None
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        """b's shape as a matrix (K, N), whichever way it is stored."""
+        if self.b_panel is None:
+            return self.b.shape
+        return (self.b.shape[1], self.out.shape[-1])
+
+    def b_index(self, matrix: Expr, k: Expr, col: Expr) -> Expr:
+        """Where b[k, col] of the matrix starting at `matrix` is stored."""
+        if self.b_panel is None:
+            return matrix + k * self.out.shape[-1] + col
+        return (col // self.b_panel * self.b.shape[1] + k) * self.b_panel + col % self.b_panel
 
     def epilogue_index(self, row: Expr, col: Expr) -> list[Expr] | None:
         """The multi-index the epilogue sees for out row `row` (counted over the whole
@@ -149,18 +171,22 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     """out[p, m, :] = bias + sum_k a[p, m, k] * b[p, k, :], a group of row blocks per parallel step.
 
     The output is computed in tiles of R rows x matmul_col_tile columns, small enough
-    for LLVM to keep in vector registers over the whole k loop: per step of k, R
-    broadcasts of a and a few vectors of b feed R times as many FMAs. A parallel step
-    takes a group of row blocks and, column tile by column tile, runs every block of
-    the group over it, so the tile's panel of b (k x 64) is read from cache by all of
-    them rather than streamed from memory once per block. Sums run in k order. The
-    epilogue is applied in the last sweep, to the finished sums before they are
-    stored: no extra pass over the output. When the rows give the threads too few
-    steps (a batch-1 Dense layer), the column tiles are split between steps as well.
+    for LLVM to keep in vector registers over the whole k loop: per step of k, the
+    tile's vectors of b are loaded once and each row's broadcast of a meets all of them
+    (the BLIS order: a broadcast dies after its row, so the registers hold the sums,
+    b's vectors and one broadcast). A parallel step takes a group of row blocks and,
+    column tile by column tile, runs every block of the group over it, so the tile's
+    panel of b (k x 64) is read from cache by all of them rather than streamed from
+    memory once per block; rows that do not fill a block (matmul_rows) are one more,
+    shorter block in the last group of their matrix. Sums run in k order. The epilogue
+    is applied to each finished tile while it is in L1 (one more loop over the tile,
+    rather than a copy of the k sweep's code: compile time). When the rows give the
+    threads too few steps (a batch-1 Dense layer), the column tiles are split between
+    steps as well.
     """
     a, b, out = p.a, p.b, p.out
-    batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
-    rows_per_block = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
+    batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, p.b_shape)
+    rows_per_block, tail_rows = matmul_rows(k.unit, m, prod(batch) * m * kk * n)
     lanes, col_tile = k.unit.lanes, matmul_col_tile(k.unit, rows_per_block)
     blocks_per_matrix = m // rows_per_block
     group = _row_group(blocks_per_matrix, prod(batch))
@@ -173,41 +199,60 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
         b_mat = _batch_offset(matrix, batch, b_batch, kk * n)
         a_mat = _batch_offset(matrix, batch, a_batch, m * kk)
 
-        def tile(first_col: Expr, cols: int) -> None:
-            """out[rows, first_col : first_col + cols] of every block in the group, over all of k."""
-            kind = LoopKind.VECTOR if cols % lanes == 0 else LoopKind.VECTOR_MASKED
-            with k.loop(group, LoopKind.SERIAL, "block") as q:
-                blk = grp * group + q  # the block's index among all (batch x m / R) blocks
-                mi = (grp % groups_per_matrix * group + q) * rows_per_block
-                a_rows = [a_mat + (mi + i) * kk for i in range(rows_per_block)]
-                out_rows = [(blk * rows_per_block + i) * n for i in range(rows_per_block)]
-                with k.loop(cols, kind, "n") as jj:
-                    j = first_col + jj
+        def block(first_row: Expr, rows: int, first_col: Expr, cols: int) -> None:
+            """out[first_row : first_row + rows, first_col : first_col + cols] of this
+            step's matrix (rows counted within it), over all of k."""
+            parts = _column_parts(cols, p.b_panel)
+            a_rows = [a_mat + (first_row + i) * kk for i in range(rows)]
+            out_rows = [matrix * m + first_row + i for i in range(rows)]  # among all matrices' rows
+            for first, width in parts:
+                with k.loop(width, _vector_kind(width, lanes), "n") as jj:
+                    j = first_col + first + jj
                     for i, row in enumerate(out_rows):
-                        k.store(out, row + j, p.initial(mi + i, j))
+                        k.store(out, row * n + j, p.initial(first_row + i, j))
 
-                def sweep(first_k: Expr, steps: int, last: bool) -> None:
-                    coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
-                    with k.loop(cols, kind, "n") as jj:
-                        j = first_col + jj
-                        bs = [b.load_flat(b_mat + (first_k + u) * n + j) for u in range(steps)]
-                        for i, (row, row_coeffs) in enumerate(zip(out_rows, coeffs)):
-                            acc = out.load_flat(row + j)
-                            for av, bv in zip(row_coeffs, bs):
-                                acc = muladd(av, bv, acc)
-                            if last and epilogue is not None:  # on the finished sum, still in registers
-                                acc = epilogue(acc, row + j, p.epilogue_index(blk * rows_per_block + i, j))
-                            k.store(out, row + j, acc)
+            def sweep(first_k: Expr, steps: int) -> None:
+                coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
+                for first, width in parts:
+                    b_rows = [p.b_index(b_mat, first_k + u, first_col + first) for u in range(steps)]
+                    with k.loop(width, _vector_kind(width, lanes), "n") as jj:
+                        j = first_col + first + jj
+                        sums = [k.local(out.dtype, out.load_flat(row * n + j), "sum") for row in out_rows]
+                        for u, b_row in enumerate(b_rows):  # per k step, b's vector meets every row
+                            bv = k.local(b.dtype, b.load_flat(b_row + jj), "b").ref
+                            for row_coeffs, acc in zip(coeffs, sums):
+                                k.assign(acc, muladd(row_coeffs[u], bv, acc.ref))
+                        for row, acc in zip(out_rows, sums):
+                            k.store(out, row * n + j, acc.ref)
 
-                # full sweeps of `unroll` steps, then a last one (full or the remainder) with the epilogue
-                unroll = MATMUL_K_UNROLL
-                full, rest = divmod(kk, unroll)
-                if rest == 0:
-                    full, rest = full - 1, unroll
-                if full:
-                    with k.loop(full, LoopKind.SERIAL, "k") as step:
-                        sweep(step * unroll, unroll, False)
-                sweep(const(full * unroll, "int64"), rest, True)
+            # sweeps of `unroll` steps, then the rest; the epilogue on the finished tile
+            full, rest = divmod(kk, MATMUL_K_UNROLL)
+            if full:
+                with k.loop(full, LoopKind.SERIAL, "k") as ks:
+                    sweep(ks * MATMUL_K_UNROLL, MATMUL_K_UNROLL)
+            if rest:
+                sweep(const(full * MATMUL_K_UNROLL, "int64"), rest)
+            if epilogue is not None:
+                for first, width in parts:
+                    with k.loop(width, _vector_kind(width, lanes), "n") as jj:
+                        j = first_col + first + jj
+                        for row in out_rows:
+                            at = row * n + j
+                            k.store(out, at, epilogue(out.load_flat(at), at, p.epilogue_index(row, j)))
+
+        def tile(first_col: Expr, cols: int) -> None:
+            """Columns first_col : first_col + cols of every block in the group (and of
+            the rows past the last whole block, in the matrix's last group)."""
+            with k.loop(group, LoopKind.SERIAL, "block") as q:
+                block((grp % groups_per_matrix * group + q) * rows_per_block, rows_per_block, first_col, cols)
+            if tail_rows:
+                last_group = (
+                    nullcontext()
+                    if groups_per_matrix == 1
+                    else k.when((grp % groups_per_matrix).eq(groups_per_matrix - 1))
+                )
+                with last_group:
+                    block(const(blocks_per_matrix * rows_per_block, "int64"), tail_rows, first_col, cols)
 
         tiles, tail = divmod(n, col_tile)
         if chunk is not None:  # this step's share of the column tiles (n is whole tiles)
@@ -217,7 +262,9 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
         if tiles:
             with k.loop(tiles, LoopKind.SERIAL, "cols") as t:
                 tile(t * col_tile, col_tile)
-        if tiles and tail:
+        if tail and p.b_panel is not None:  # the last panels' columns, in their own parts
+            tile(const(tiles * col_tile, "int64"), tail)
+        elif tiles and tail:
             # one more whole tile, ending at the last column: it computes a few columns
             # again (the same sums, the same values), which costs less than a masked tile
             tile(const(n - col_tile, "int64"), col_tile)
@@ -254,7 +301,7 @@ def lower_matmul_gpu(k: KernelBuilder, p: Product, epilogue: Epilogue | None) ->
     the edges load zeros outside a and b and store only inside out. The bias is added
     to the finished sums, then the epilogue, as they are stored."""
     a, b, out = p.a, p.b, p.out
-    batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, b.shape)
+    batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, p.b_shape)
     bm, bn, bk, tm, tn = _gemm_tile(m, n)
     rows_t, cols_t = bm // tm, bn // tn  # threads along the tile's rows and columns
     threads = rows_t * cols_t
@@ -282,7 +329,7 @@ def lower_matmul_gpu(k: KernelBuilder, p: Product, epilogue: Epilogue | None) ->
                 q, c = e // bn, e % bn
                 inside = logical_and(logical_and(e.lt(bk * bn), (k0 + q).lt(kk)), (col0 + c).lt(n))
                 with k.when(e.lt(bk * bn)):
-                    k.store(b_tile, q * bn + c, _masked(b, b_mat + (k0 + q) * n + col0 + c, inside))
+                    k.store(b_tile, q * bn + c, _masked(b, p.b_index(b_mat, k0 + q, col0 + c), inside))
             k.barrier()
             with k.loop(bk, LoopKind.SERIAL, "kk") as q:
                 a_frag = [
@@ -323,16 +370,51 @@ def whole_vectors(k: KernelBuilder, n: int, name: str) -> Iterator[Expr]:
             yield first + lane
 
 
+def matmul_rows(unit: VectorUnit, m: int, macs: int) -> tuple[int, int]:
+    """(R, rest): a product's m rows as blocks of R rows and `rest` more. On AVX-512 the
+    largest of MATMUL_ROW_BLOCKS that divides m (4 x 64 sums: 16 registers of 32). On a
+    smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16 registers, two of
+    b's vectors and a broadcast the rest, and 12 chains of FMAs hide the FMA's latency
+    (4 x 16, 8 chains, ran at 55% of the peak: the latency bound). The rows past the
+    last block of 6 are a block of their own, whose code costs compile time (a third
+    more LLVM time in a small model's training step), so a product of fewer than
+    MATMUL_REST_MACS multiply-adds takes the largest block that divides its rows."""
+    if unit == AVX512:
+        return next(r for r in MATMUL_ROW_BLOCKS if m % r == 0), 0
+    if m < AVX2_MATMUL_ROWS:
+        return m, 0
+    if macs < MATMUL_REST_MACS:
+        return next(r for r in (AVX2_MATMUL_ROWS, *MATMUL_ROW_BLOCKS) if m % r == 0), 0
+    return AVX2_MATMUL_ROWS, m % AVX2_MATMUL_ROWS
+
+
 def matmul_col_tile(unit: VectorUnit, rows: int) -> int:
     """Output columns a block of `rows` rows computes together: a tile small enough for
     LLVM to keep in vector registers over the whole k loop (loaded and stored once).
     On AVX-512, MATMUL_COL_TILE (4 x 64 sums in 16 of its 32 registers; a's broadcasts
     are FMA operands there). On a smaller unit the sums take half the registers, as
-    each row's broadcast of a takes one too: on AVX2 4 x 16, 2 x 32, 1 x 64 (a batch-1
-    row needs 8 sums in flight to hide the FMA latency; 1 x 16 ran 2x slower)."""
+    b's vectors and a broadcast take the rest, and at least a panel (MATMUL_VECTOR
+    columns): on AVX2 6 x 16 (and 5, 4, 3 rows), 2 x 32, 1 x 64 (a batch-1 row needs
+    8 sums in flight to hide the FMA latency; 1 x 16 ran 2x slower)."""
     if unit == AVX512:
         return MATMUL_COL_TILE
-    return unit.lanes * max(1, unit.registers // 2 // rows)
+    return max(MATMUL_VECTOR, unit.lanes * (unit.registers // 2 // rows))
+
+
+def _vector_kind(width: int, lanes: int) -> LoopKind:
+    """A product tile's column loop: whole vectors are a `tile` loop (one wide vector,
+    its registers side by side) where LLVM takes the width (a power of two)."""
+    if width % lanes:
+        return LoopKind.VECTOR_MASKED
+    return LoopKind.TILE if width & (width - 1) == 0 else LoopKind.VECTOR
+
+
+def _column_parts(cols: int, panel: int | None) -> list[tuple[int, int]]:
+    """(first, width) of each vector loop a column tile of `cols` columns runs: one, or
+    one per panel of a packed b (each reads its panel's contiguous row)."""
+    if panel is None:
+        return [(0, cols)]
+    return [(first, min(panel, cols - first)) for first in range(0, cols, panel)]
 
 
 def _masked(buf: Buffer, index: Expr, inside: Expr) -> Expr:
@@ -437,6 +519,45 @@ class Linear(ProductOp):
         if len(node.inputs) > 2:
             grads.append(b.reduce_sum(g2, axes=(0,), keepdims=False))
         return grads
+
+
+@register("linear_packed", Fusion.CONTRACTION)
+class LinearPacked(ProductOp):
+    """x @ w + bias for a constant w packed by pack_panels into panels of MATMUL_VECTOR
+    columns, (panels, in, MATMUL_VECTOR): the CPU's linear of constant weights (a
+    compiler pass makes it), whose column tiles stream contiguous panel rows."""
+
+    differentiation = Gradient.NONE  # made by a compiler pass, for constant weights only
+    arity = (2, 3)
+    out_features: int = 1
+
+    def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
+        _require_float("linear_packed", x, w, *([bias] if bias else []))
+        n = self.out_features
+        if w.rank != 3 or x.rank < 1 or x.shape[-1] != w.shape[1] or w.shape[2] != MATMUL_VECTOR:
+            raise GraphError(
+                f"linear_packed: x {x.shape} against packed w {w.shape}: "
+                f"w must be (panels, {x.shape[-1:]}, {MATMUL_VECTOR})"
+            )
+        if not (w.shape[0] - 1) * MATMUL_VECTOR < n <= w.shape[0] * MATMUL_VECTOR:
+            raise GraphError(f"linear_packed: panels {w.shape} do not hold {n} columns")
+        if bias is not None and bias.shape != (n,):
+            raise GraphError(f"linear_packed: bias shape {bias.shape}, expected ({n},)")
+        return TensorType(x.dtype, x.shape[:-1] + (n,))
+
+    def reference(self, x, w, bias=None):
+        panels, kk, nr = w.shape
+        unpacked = w.transpose(1, 0, 2).reshape(kk, panels * nr)[:, : self.out_features]
+        return Linear().reference(x, unpacked, bias)
+
+    def product(self, ins, out):
+        x, w = ins[0], ins[1]
+        rows = prod(x.shape[:-1])
+        bias = ins[2] if len(ins) > 2 else None
+        out_rows = out.view((rows, self.out_features))
+        return Product(
+            x.view((rows, x.shape[-1])), w, out_rows, bias, out_shape=out.shape, b_panel=MATMUL_VECTOR
+        )
 
 
 # --------------------------------------------------------------------------- conv and pooling
@@ -925,10 +1046,11 @@ def packed_conv_panel(out_channels: int) -> int:
     return next((nr for nr in PACKED_CONV_PANELS if out_channels % nr == 0), 16)
 
 
-def pack_conv_weights(w: np.ndarray, nr: int) -> np.ndarray:
-    """OIHW weights as conv2d_packed reads them: (panels, C*KH*KW, nr), panel p holding
-    filters p*nr .. p*nr + nr - 1 for each tap, so one k step reads nr contiguous
-    floats; filters past O are zero."""
+def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
+    """Weights as a packed product reads them: w holds one output column per row (a
+    conv's OIHW filters, a linear's transposed kernel), packed as (panels, K, nr), panel p
+    holding columns p*nr .. p*nr + nr - 1 for each k, so one k step reads nr contiguous
+    floats; columns past w's are zero."""
     o = w.shape[0]
     panels = -(-o // nr)
     flat = np.zeros((panels * nr, w[0].size), w.dtype)
@@ -940,7 +1062,7 @@ def pack_conv_weights(w: np.ndarray, nr: int) -> np.ndarray:
 class Conv2dPacked(Op):
     """A convolution of constant weights on the CPU, with no im2col: out[n, o, y, x] =
     bias[o] + sum over (c, i, j) of x[n, c, y*sh + i*dh, x*sw + j*dw] * w[o, c, i, j],
-    x already padded, w packed by pack_conv_weights into panels of `panel` filters.
+    x already padded, w packed by pack_panels into panels of `panel` filters.
 
     An implicit GEMM: positions (y, x) are the rows, filters the columns (vector
     lanes), the windows of x are read in place as the broadcast operand and the packed
