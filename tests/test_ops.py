@@ -610,7 +610,7 @@ def test_vector_units_of_known_cpus():
     assert cpu.vector_unit("x86-64-v3") == AVX2
     assert cpu.vector_unit("x86-64") == VectorUnit(4, 16)
     assert packed_conv_tile(64, AVX512) == (64, 6)  # as measured at ResNet-18's shapes
-    assert packed_conv_tile(64, AVX2) == (16, 4)  # 8 sums, 4 broadcasts, 2 weight vectors
+    assert packed_conv_tile(64, AVX2) == (16, 6)  # 12 sums, 2 weight vectors, a broadcast
     assert [matmul_col_tile(AVX2, rows) for rows in (6, 4, 2, 1)] == [16, 16, 32, 64]
     assert matmul_rows(AVX2, 50, 1 << 20) == (6, 2) and matmul_rows(AVX2, 5, 1 << 20) == (5, 0)
     assert matmul_rows(AVX2, 32, 1 << 19) == (4, 0)  # small: no block for the rest

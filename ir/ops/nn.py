@@ -1029,15 +1029,15 @@ def packed_conv_tile(nr: int, unit: VectorUnit) -> tuple[int, int]:
     """(filters, positions) of conv2d_packed's register tile for panels of nr filters:
     on AVX-512 the whole panel, PACKED_CONV_ROWS positions; on a smaller unit (AVX2's
     16 registers of 8 lanes) two vectors of a panel's filters (the panel taken a part
-    at a time) and as many positions as leave every value of a tap in registers: per
-    position its sums and its broadcast input, which meets every weight vector (AVX2
-    has no broadcast operand, as AVX-512 has), and the weight vectors (4 x 16 on AVX2:
-    8 sums, 4 broadcasts, 2 weight vectors; 6 x 16 spilled its broadcasts)."""
+    at a time) and as many positions as leave every value of a tap in registers: the
+    sums, the tap's weight vectors, and one broadcast input at a time (a `tile` loop
+    meets it with all the weight vectors at once; AVX2 has no broadcast operand, as
+    AVX-512 has): 6 x 16 on AVX2, 12 sums, as a product's tile (matmul_rows)."""
     if unit == AVX512:
         return nr, PACKED_CONV_ROWS[nr]
     filters = min(nr, 2 * unit.lanes)
     vectors = filters // unit.lanes
-    return filters, max(1, (unit.registers - 1 - vectors) // (vectors + 1))
+    return filters, max(1, (unit.registers - 1 - vectors) // vectors)
 
 
 def packed_conv_panel(out_channels: int) -> int:
@@ -1187,7 +1187,7 @@ class Conv2dPacked(Op):
             with k.loop(c, LoopKind.SERIAL, "c") as ci, k.loop(kh, LoopKind.SERIAL, "i") as i:
                 row = ci * plane + i * (dh * wp)
                 taps = (ci * kh + i) * kw
-                with k.loop(tc, LoopKind.VECTOR, "o") as jj:
+                with k.loop(tc, _vector_kind(tc, k.unit.lanes), "o") as jj:
                     for j in range(kw):
                         wv = w.load_flat((panel * kk + taps + j) * nr + part * tc + jj)
                         for r in range(mr):
