@@ -14,6 +14,8 @@ in the same child process, just before the kernels).
 
 The floors (FLOPs and the fewest bytes each kernel must move):
   matmul 512^3        268 MFLOP, 3 MiB      → compute bound
+  dense 32x784→512    25.7 MFLOP, 1.6 MiB of weights (in L3) → compute bound
+  dense 4096x256→1024 2.1 GFLOP, 1 MiB of weights, 20 MiB of activations → compute bound
   conv 32x32x13x13 →  64 filters 3x3, 143 MFLOP (direct), 1.4 MiB → compute bound
   chain of 4 ops 1M   4 MFLOP, 12 MiB fused (read 2, write 1), 36 MiB unfused (4 passes)
   ResNet-18's 3x3 stride-1 convolutions at batch 1, each 231 MFLOP:
@@ -77,6 +79,24 @@ def cases(rng: np.random.Generator) -> list[dict]:
             numpy=lambda: a @ b,
         )
     )
+
+    # Dense layers of constant weights (packed at compile time): the MLP's at batch 32,
+    # the transformer's feed-forward at batch 32 x seq 128
+    for m, k, n in ((32, 784, 512), (4096, 256, 1024)):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        g = GraphBuilder(f"bench_dense{m}")
+        out.append(
+            dict(
+                kernel=f"dense {m}x{k}→{n}",
+                unit="GFLOP/s",
+                amount=2 * m * k * n / 1e9,
+                graph=g.build(g.linear(g.input("x", x.shape), g.param("w", w), g.param("b", bias))),
+                inputs=(x,),
+                numpy=lambda x=x, w=w, bias=bias: x @ w + bias,
+            )
+        )
 
     x = rng.standard_normal((32, 32, 13, 13)).astype(np.float32)
     w = (rng.standard_normal((64, 32, 3, 3)) * 0.1).astype(np.float32)
