@@ -148,12 +148,7 @@ def linear_packed(graph: Graph) -> Graph:
     packed: dict[Value, Value] = {}  # each weight packed once, however many products read it
     for node in graph.nodes:
         w = node.inputs[1] if len(node.inputs) > 1 else None
-        if not (
-            node.op.name in ("linear", "matmul")
-            and w in params
-            and w.type.rank == 2
-            and node.inputs[0].type.rank >= 1
-        ):
+        if not (node.op.name in ("linear", "matmul") and w in params and w.type.rank == 2):
             nodes.append(node)
             continue
         if w not in packed:

@@ -505,7 +505,7 @@ class Linear(ProductOp):
         rows = prod(x.shape[:-1])
         bias = ins[2] if len(ins) > 2 else None
         return Product(
-            x.view((rows, x.shape[-1])), w, out.view((rows, w.shape[1])), bias, out_shape=out.shape
+            x.view((rows, x.shape[-1])), w, out.view((rows, out.shape[-1])), bias, out_shape=out.shape
         )
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
@@ -546,18 +546,10 @@ class LinearPacked(ProductOp):
         return TensorType(x.dtype, x.shape[:-1] + (n,))
 
     def reference(self, x, w, bias=None):
-        panels, kk, nr = w.shape
-        unpacked = w.transpose(1, 0, 2).reshape(kk, panels * nr)[:, : self.out_features]
-        return Linear().reference(x, unpacked, bias)
+        return Linear().reference(x, unpack_panels(w, self.out_features).T, bias)
 
     def product(self, ins, out):
-        x, w = ins[0], ins[1]
-        rows = prod(x.shape[:-1])
-        bias = ins[2] if len(ins) > 2 else None
-        out_rows = out.view((rows, self.out_features))
-        return Product(
-            x.view((rows, x.shape[-1])), w, out_rows, bias, out_shape=out.shape, b_panel=MATMUL_VECTOR
-        )
+        return dataclasses.replace(Linear().product(ins, out), b_panel=MATMUL_VECTOR)
 
 
 # --------------------------------------------------------------------------- conv and pooling
@@ -1058,6 +1050,12 @@ def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(panels, nr, -1).transpose(0, 2, 1))
 
 
+def unpack_panels(w: np.ndarray, columns: int) -> np.ndarray:
+    """pack_panels undone: the first `columns` columns, one per row, (columns, K)."""
+    panels, kk, nr = w.shape
+    return w.transpose(0, 2, 1).reshape(panels * nr, kk)[:columns]
+
+
 @register("conv2d_packed", Fusion.CONTRACTION)
 class Conv2dPacked(Op):
     """A convolution of constant weights on the CPU, with no im2col: out[n, o, y, x] =
@@ -1097,8 +1095,7 @@ class Conv2dPacked(Op):
 
     def reference(self, x, w, bias=None):
         o, (kh, kw) = self.out_channels, self.kernel
-        panels, kk, nr = w.shape
-        unpacked = w.transpose(0, 2, 1).reshape(panels * nr, kk)[:o].reshape(o, x.shape[1], kh, kw)
+        unpacked = unpack_panels(w, o).reshape(o, x.shape[1], kh, kw)
         conv = Conv2d(strides=self.strides, dilations=self.dilations)
         return conv.reference(x, unpacked, bias)
 
