@@ -12,7 +12,7 @@ removes them as it reads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
 from ir.ops.nn import MATMUL_VECTOR, pack_panels, packed_conv_panel
+from ir.ops.recurrent import Recurrence
 from ir.verify import verify
 
 #: constants are folded only up to this many elements, so weights do not balloon
@@ -160,6 +161,29 @@ def linear_packed(graph: Graph) -> Graph:
     return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
 
 
+def recurrence_packed(graph: Graph) -> Graph:
+    """An RNN, GRU or LSTM of constant recurrent weights reads Rᵀ packed into panels of
+    MATMUL_VECTOR columns (the op's rt_panel): a tile of a gate's units then sweeps
+    contiguous rows instead of a column block of Rᵀ whose rows lie gates·hidden floats
+    apart (4 KiB for an LSTM of 256 units: one L1 set). Units must fill whole panels
+    (hidden a multiple of MATMUL_VECTOR), so that no panel spans two gates."""
+    nodes = []
+    params = dict(graph.params)
+    for node in graph.nodes:
+        rt = node.inputs[1] if len(node.inputs) > 1 else None
+        op = node.op
+        packable = isinstance(op, Recurrence) and op.rt_panel is None and op.hidden % MATMUL_VECTOR == 0
+        if not (packable and rt in params):
+            nodes.append(node)
+            continue
+        panels = pack_panels(params[rt].T, MATMUL_VECTOR)
+        packed = Value(f"{rt.name}.packed", rt.type.with_shape(panels.shape))
+        params[packed] = panels
+        inputs = [node.inputs[0], packed, *node.inputs[2:]]
+        nodes.append(Node(replace(op, rt_panel=MATMUL_VECTOR), inputs, node.outputs, node.name))
+    return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
+
+
 def conv_to_gemm(graph: Graph) -> Graph:
     """conv2d (one group) becomes im2col + conv2d_gemm: a matrix product over the
     windows, which runs at matmul speed (weights reused across a block of output
@@ -292,6 +316,7 @@ PIPELINE = (
     Pass("conv_to_gemm", conv_to_gemm, "each conv becomes im2col windows and one product"),
     Pass("fold_constants", fold_constants, "nodes whose inputs are all constants are evaluated now"),
     Pass("linear_packed", linear_packed, "a product by constant weights reads them in panels", ("cpu",)),
+    Pass("recurrence_packed", recurrence_packed, "a recurrence reads constant Rᵀ in panels", ("cpu",)),
     Pass("cancel_transposes", cancel_transposes, "a transpose undone by the next one goes"),
     Pass("merge_common", merge_common, "equal nodes on equal inputs become one"),
     Pass("dead_code", dead_code, "nodes and params no output needs are dropped"),

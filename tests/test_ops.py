@@ -306,6 +306,8 @@ CASES: dict[str, list[Case]] = {
     # odd batches the one-row blocks, batches 6, 12, 36 and 40 chunks of several row groups
     "rnn": [
         Case([In((3, 12, 70)), In((70, 70), "small"), In((12, 70))], {"hidden": 70, "reverse": True}),
+        # constant Rᵀ of whole panels: packed by the pass (a batch of one odd chunk)
+        Case([In((6, 7, 48)), In((48, 48), "small"), In((7, 48))], {"hidden": 48}, params=(1,)),
         Case([In((5, 3, 33)), In((33, 33), "small"), In((3, 33))], {"hidden": 33}, params=(1,)),
         Case(
             [In((4, 2, 1)), In((1, 1), "small"), In((2, 1))],
@@ -313,6 +315,10 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     "gru": [
+        Case(  # Rᵀ packed in panels of 16
+            [In((4, 5, 3 * 32)), In((6, 32, 16), "small"), In((5, 32)), In((32,))],
+            {"hidden": 32, "rt_panel": 16, "reverse": True},
+        ),
         Case([In((3, 40, 3 * 37)), In((37, 111), "small"), In((40, 37)), In((37,))], {"hidden": 37}),
         Case(
             [In((5, 3, 3 * 33)), In((33, 99), "small"), In((3, 33)), In((33,))], {"hidden": 33}, params=(1, 3)
@@ -323,6 +329,15 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     "lstm": [
+        Case(  # packed Rᵀ; on AVX2 a block of 6 rows and one of the 2 left (8·8·64·256 MACs)
+            [In((8, 8, 4 * 64)), In((16, 64, 16), "small"), In((8, 64)), In((8, 64)), In((192,))],
+            {"hidden": 64, "rt_panel": 16},
+        ),
+        Case(  # batch 1: a tile of one row spans several panels
+            [In((3, 1, 4 * 64)), In((64, 256), "small"), In((1, 64)), In((1, 64)), In((192,))],
+            {"hidden": 64},
+            params=(1,),
+        ),
         Case(
             [In((3, 6, 4 * 50)), In((50, 200), "small"), In((6, 50)), In((6, 50)), In((150,))],
             {"hidden": 50, "reverse": True},
@@ -544,7 +559,9 @@ def _case_id(name: str, i: int, case: Case) -> str:
 #: (codegen.kir.VectorUnit; conv2d through the products it becomes): their cases also
 #: run as scheduled for AVX2 (x86-64-v3), which an AVX-512 host runs too, so both
 #: schedules are checked wherever AVX-512 is
-UNIT_SIZED = {"matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed"}
+UNIT_SIZED = {
+    "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "rnn", "gru", "lstm"
+}  # fmt: skip
 AVX2_CPU = "x86-64-v3"
 
 

@@ -12,6 +12,7 @@ from compiler.passes import (
     fold_constants,
     linear_packed,
     merge_common,
+    recurrence_packed,
     simplify,
 )
 from ir.builder import GraphBuilder
@@ -92,6 +93,25 @@ def test_linear_packed_packs_constant_weights_once(rng):
     ]
     assert [v.name for v in after.params] == ["bias", "w.packed"]
     assert after.params[next(v for v in after.params if v.name == "w.packed")].shape == (3, 20, 16)
+    _same_results(before, after, rng)
+
+
+def test_recurrence_packed_packs_constant_rt_of_whole_panels(rng):
+    b = GraphBuilder("g")
+    xw = b.input("xw", (3, 2, 4 * 32))
+    states = [b.input(n, (2, 32)) for n in ("h", "c")]
+    peep = b.input("p", (96,))
+    rt = b.param("rt", (0.1 * rng.standard_normal((32, 128))).astype(np.float32))
+    narrow = b.param("rt7", (0.1 * rng.standard_normal((7, 28))).astype(np.float32))
+    xw7 = b.input("xw7", (3, 2, 28))
+    states7 = [b.input(n, (2, 7)) for n in ("h7", "c7")]
+    packed = b.op("lstm", xw, rt, *states, peep, hidden=32)
+    left = b.op("lstm", xw7, narrow, *states7, b.input("p7", (21,)), hidden=7)  # 7 units: no panels
+    before = b.build(packed, left)
+    after = recurrence_packed(before)
+    assert [n.op.rt_panel for n in after.nodes] == [16, None]
+    assert [v.name for v in after.params] == ["rt7", "rt.packed"]
+    assert after.params[next(v for v in after.params if v.name == "rt.packed")].shape == (8, 32, 16)
     _same_results(before, after, rng)
 
 

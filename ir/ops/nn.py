@@ -206,7 +206,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             a_rows = [a_mat + (first_row + i) * kk for i in range(rows)]
             out_rows = [matrix * m + first_row + i for i in range(rows)]  # among all matrices' rows
             for first, width in parts:
-                with k.loop(width, _vector_kind(width, lanes), "n") as jj:
+                with k.loop(width, vector_kind(width, lanes), "n") as jj:
                     j = first_col + first + jj
                     for i, row in enumerate(out_rows):
                         k.store(out, row * n + j, p.initial(first_row + i, j))
@@ -215,7 +215,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                 coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
                 for first, width in parts:
                     b_rows = [p.b_index(b_mat, first_k + u, first_col + first) for u in range(steps)]
-                    with k.loop(width, _vector_kind(width, lanes), "n") as jj:
+                    with k.loop(width, vector_kind(width, lanes), "n") as jj:
                         j = first_col + first + jj
                         sums = [k.local(out.dtype, out.load_flat(row * n + j), "sum") for row in out_rows]
                         for u, b_row in enumerate(b_rows):  # per k step, b's vector meets every row
@@ -234,7 +234,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                 sweep(const(full * MATMUL_K_UNROLL, "int64"), rest)
             if epilogue is not None:
                 for first, width in parts:
-                    with k.loop(width, _vector_kind(width, lanes), "n") as jj:
+                    with k.loop(width, vector_kind(width, lanes), "n") as jj:
                         j = first_col + first + jj
                         for row in out_rows:
                             at = row * n + j
@@ -401,7 +401,7 @@ def matmul_col_tile(unit: VectorUnit, rows: int) -> int:
     return max(MATMUL_VECTOR, unit.lanes * (unit.registers // 2 // rows))
 
 
-def _vector_kind(width: int, lanes: int) -> LoopKind:
+def vector_kind(width: int, lanes: int) -> LoopKind:
     """A product tile's column loop: whole vectors are a `tile` loop (one wide vector,
     its registers side by side) where LLVM takes the width (a power of two)."""
     if width % lanes:
@@ -1184,7 +1184,7 @@ class Conv2dPacked(Op):
             with k.loop(c, LoopKind.SERIAL, "c") as ci, k.loop(kh, LoopKind.SERIAL, "i") as i:
                 row = ci * plane + i * (dh * wp)
                 taps = (ci * kh + i) * kw
-                with k.loop(tc, _vector_kind(tc, k.unit.lanes), "o") as jj:
+                with k.loop(tc, vector_kind(tc, k.unit.lanes), "o") as jj:
                     for j in range(kw):
                         wv = w.load_flat((panel * kk + taps + j) * nr + part * tc + jj)
                         for r in range(mr):

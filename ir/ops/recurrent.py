@@ -5,12 +5,12 @@ compute it for every step at once with one matmul, and these ops take its result
 `xw` (seq, batch, gates·hidden), and `rt` = Rᵀ (hidden, gates·hidden), the layout the
 per-step product reads row by row. What remains is the recurrence, h_{t-1}·Rᵀ and the
 gates, one kernel per layer and direction: chunks of batch rows run in parallel, steps
-in order. Each step runs over tiles of hidden units, and each tile over the chunk's
-groups of up to 4 rows (ROW_BLOCKS): a group's gate sums for the tile are accumulated over
-h_{t-1} in a small scratch buffer of TILE_SUMS x gates floats (which LLVM keeps in
-vector registers), then turned into the new state right away. The tile's columns of
-Rᵀ stay in cache while every group of the chunk reads them, so a step streams Rᵀ once
-per chunk, not once per group.
+in order. Each step runs over tiles of hidden units; for each gate, the chunk's blocks
+of rows sum the tile over h_{t-1} as a matmul's register tile does (the sums in vector
+registers, each vector of Rᵀ loaded once for the block's rows), into a small scratch
+buffer, and each row's cell then turns the tile's gate sums into its new state. A
+gate's columns of Rᵀ for the tile stay in L1 while every block of the chunk reads
+them, so a step streams Rᵀ once per chunk, not once per block.
 
 The output holds the state before and after every step, in seq + 1 slots (axis 0).
 A forward pass starts in slot 0 and writes step t's state to slot t + 1; a reverse
@@ -48,7 +48,14 @@ from codegen.kir import WARP, Buffer, Expr, KernelBuilder, LoopKind, const, mula
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.ops import REGISTRY, ElementwiseOp, Fusion, Gradient, Op, register
-from ir.ops.nn import MATMUL_VECTOR
+from ir.ops.nn import (
+    MATMUL_K_UNROLL,
+    MATMUL_VECTOR,
+    matmul_col_tile,
+    matmul_rows,
+    unpack_panels,
+    vector_kind,
+)
 from ir.types import TensorType
 
 if TYPE_CHECKING:
@@ -60,23 +67,14 @@ Activation = tuple[str, tuple[tuple[str, float], ...]]
 SIGMOID: Activation = ("sigmoid", ())
 TANH: Activation = ("tanh", ())
 
-#: batch rows x hidden units whose gate sums are accumulated together, per gate (an
-#: LSTM's 4 gates x 64: 16 AVX-512 registers)
-TILE_SUMS = 64
-#: batch rows whose gate sums are accumulated together, the first that divides the batch
-#: (a tile then spans TILE_SUMS / rows units: whole vectors)
-ROW_BLOCKS = (4, 2, 1)
 #: batch rows that share one pass over Rᵀ per step (a chunk; chunks run in parallel)
 CHUNK_ROWS = 16
 
 
-def _row_blocking(batch: int) -> tuple[int, int]:
-    """(rows per group, groups per chunk): the first of ROW_BLOCKS that divides the batch,
-    and the most groups per chunk, up to CHUNK_ROWS rows, that divide the batch's groups."""
-    rows = next(r for r in ROW_BLOCKS if batch % r == 0)
-    total = batch // rows
-    groups = next(g for g in range(max(CHUNK_ROWS // rows, 1), 0, -1) if total % g == 0)
-    return rows, groups
+def _chunk_rows(batch: int) -> int:
+    """Batch rows that step through time together (a parallel step): the most, up to
+    CHUNK_ROWS, that divide the batch."""
+    return next(r for r in range(min(batch, CHUNK_ROWS), 0, -1) if batch % r == 0)
 
 
 @functools.cache
@@ -184,6 +182,10 @@ class Recurrence(Op):
     reverse: bool = False
     activations: tuple[Activation, ...] = ()
     clip: float | None = None
+    #: Rᵀ packed by pack_panels in panels of this many columns, (gates·hidden / panel,
+    #: hidden, panel), so that a tile reads each gate's columns as contiguous rows
+    #: (compiler.passes.recurrence_packed); None: Rᵀ as a matrix
+    rt_panel: int | None = None
 
     def default_activations(self) -> tuple[Activation, ...]:
         raise NotImplementedError
@@ -209,12 +211,16 @@ class Recurrence(Op):
         seq, batch, _ = xw.shape
         if xw.dtype not in ("float32", "float64"):
             raise GraphError(f"{self.name}: dtype {xw.dtype} is not float")
-        expected = [(h, self.gates * h)] + self.state_shapes(batch)
+        expected = [self._rt_shape()] + self.state_shapes(batch)
         for pos, (t, shape) in enumerate(zip([rt, *states], expected), start=1):
             if t.shape != shape or t.dtype != xw.dtype:
                 raise GraphError(f"{self.name}: input {pos} is {t}, expected {xw.dtype}{list(shape)}")
         self.functions  # noqa: B018 - validates the activations
         return TensorType(xw.dtype, (seq + 1, self.planes, batch, h))
+
+    def _rt_shape(self) -> tuple[int, ...]:
+        h, width = self.hidden, self.gates * self.hidden
+        return (h, width) if self.rt_panel is None else (width // self.rt_panel, h, self.rt_panel)
 
     def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
         """The shapes of the inputs after rt: the initial states (and the GRU's n-gate
@@ -235,6 +241,8 @@ class Recurrence(Op):
 
     def reference(self, xw, rt, *states):
         seq, batch, _ = xw.shape
+        if self.rt_panel is not None:
+            rt = unpack_panels(rt, self.gates * self.hidden).T
         ins = [xw, rt, *states]
         out = np.zeros((seq + 1, self.planes, batch, self.hidden), xw.dtype)
         first = seq if self.reverse else 0
@@ -251,38 +259,58 @@ class Recurrence(Op):
     # ---------------------------------------------------------------- kernel
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
+        """Chunks of batch rows in parallel, each stepping through time. A step's product
+        runs per phase over tiles of hidden units: for each gate, the chunk's blocks of
+        rows sum the tile (a matmul register tile: rows x units, sized by matmul_rows and
+        matmul_col_tile) over h_{t-1} into the scratch `sums`; then each row's cell turns
+        the tile's gate sums into its new state. One gate's columns of Rᵀ for the tile
+        (hidden x units) stay in L1 while every block of the chunk reads them."""
         xw = ins[0]
         seq, batch, _ = xw.shape
-        rows, groups = _row_blocking(batch)
-        sums = k.scratch("gate_sums", xw.dtype, (rows, self.gates, TILE_SUMS // rows))
+        chunk = _chunk_rows(batch)
+        macs = seq * batch * self.hidden * self.gates * self.hidden
+        rows, rest = matmul_rows(k.unit, chunk, macs)
+        units = matmul_col_tile(k.unit, rows)
+        sums = k.scratch("gate_sums", xw.dtype, (chunk, self.gates, units))
         first = seq if self.reverse else 0
 
-        def each_group(chunk: Expr, body: Callable[[list[Expr]], None]) -> None:
-            with k.loop(groups, "serial", "g") as g:
-                body([(chunk * groups + g) * rows + i for i in range(rows)])
+        def each_block(body: Callable[[Expr, int], None]) -> None:
+            """body(first row within the chunk, rows) for each block of the chunk."""
+            full = chunk // rows
+            with k.loop(full, LoopKind.SERIAL, "block") as q:
+                body(q * rows, rows)
+            if rest:
+                body(const(full * rows, "int64"), rest)
 
-        def start(block: list[Expr]) -> None:
-            with k.loop(self.hidden, "vector", "j") as j:
-                for b in block:
+        with k.loop(batch // chunk, LoopKind.PARALLEL, "chunk") as c:
+            with k.loop(chunk, LoopKind.SERIAL, "r") as r:
+                with k.loop(self.hidden, LoopKind.VECTOR, "j") as j:
                     for plane, source in enumerate(self.state_planes):
-                        value = ins[source][b, j] if source is not None else e.const(0.0, xw.dtype)
-                        k.store(out, (first, plane, b, j), value)
-
-        with k.loop(batch // (rows * groups), "parallel", "chunk") as chunk:
-            each_group(chunk, start)
-            with k.loop(seq, "serial", "n") as n:
+                        value = (
+                            ins[source][c * chunk + r, j] if source is not None else e.const(0.0, xw.dtype)
+                        )
+                        k.store(out, (first, plane, c * chunk + r, j), value)
+            with k.loop(seq, LoopKind.SERIAL, "n") as n:
                 t = (seq - 1 - n) if self.reverse else n
                 read, write = (t + 1, t) if self.reverse else (t, t + 1)
+
+                def step(first_row: Expr, count: int) -> Step:
+                    block = [c * chunk + first_row + i for i in range(count)]
+                    return Step(k, ins, out, block, t, read, write, sums, first_row)
+
                 for phase in self.phases():
 
-                    def tile(first_unit: Expr, units: int, kind: str, phase: Phase = phase) -> None:
-                        def body(block: list[Expr]) -> None:
-                            step = Step(k, ins, out, block, t, read, write, sums)
-                            self._tile(step, phase, first_unit, units, kind)
+                    def tile(first_unit: Expr, width: int, phase: Phase = phase) -> None:
+                        for i, g in enumerate(phase.gates):
 
-                        each_group(chunk, body)
+                            def gate_sums(row: Expr, count: int, i: int = i, g: int = g) -> None:
+                                self._gate_sums(step(row, count), phase, i, g, first_unit, width)
 
-                    self.unit_tiles(k, tile, TILE_SUMS // rows)
+                            each_block(gate_sums)
+                        with k.loop(chunk, LoopKind.SERIAL, "r") as row:
+                            self._cell(step(row, 1), phase, first_unit, width)
+
+                    self.unit_tiles(k, tile, units)
 
     def lower_gpu(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
         """One kernel for the whole sequence: a block per group of batch rows, which steps
@@ -322,7 +350,7 @@ class Recurrence(Op):
 
     def _unit_gpu(self, s: Step, phase: Phase, j: Expr) -> None:
         """One phase at unit j for the block's rows: the gate sums in locals, then the cell."""
-        k, h, width = s.k, self.hidden, s.rt.shape[1]
+        k, h = s.k, self.hidden
         cells = [_KernelCell(self, s, r, j) for r in range(len(s.block))]
         sums = [[k.local(s.out.dtype, phase.start_of(c, g), "sum") for g in phase.gates] for c in cells]
         with k.loop(h, LoopKind.SERIAL, "k") as kk:
@@ -330,7 +358,7 @@ class Recurrence(Op):
                 k.local(s.out.dtype, phase.over(_KernelCell(self, s, r, kk)), "h") for r in range(len(cells))
             ]
             for i, g in enumerate(phase.gates):
-                w = k.local(s.out.dtype, s.rt.load_flat(kk * width + g * h + j), "w")
+                w = k.local(s.out.dtype, s.rt.load_flat(self._rt_at(s.rt, kk, g * h + j)), "w")
                 for r, v in enumerate(vectors):
                     k.assign(sums[r][i], muladd(v.ref, w.ref, sums[r][i].ref))
         for r, (c, b) in enumerate(zip(cells, s.block)):
@@ -338,44 +366,74 @@ class Recurrence(Op):
             for plane, value in phase.cell(c).items():
                 k.store(s.out, (s.write, plane, b, j), value)
 
-    def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int, str], None], size: int) -> None:
-        """tile(first unit, units, loop kind) over the hidden units: whole tiles of `size`
-        units, then the rest as whole vectors, then the last few units (masked)."""
+    def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int], None], size: int) -> None:
+        """tile(first unit, units) over the hidden units: whole tiles of `size` units, then
+        the rest as whole vectors, then the last few units."""
         tiles, tail = divmod(self.hidden, size)
         if tiles:
-            with k.loop(tiles, "serial", "units") as u:
-                tile(u * size, size, "vector")
-        whole = tail - tail % MATMUL_VECTOR
+            with k.loop(tiles, LoopKind.SERIAL, "units") as u:
+                tile(u * size, size)
+        whole = tail - tail % k.unit.lanes
         for first, units in ((tiles * size, whole), (tiles * size + whole, tail - whole)):
             if units:
-                tile(
-                    const(first, "int64"), units, "vector" if units % MATMUL_VECTOR == 0 else "vector_masked"
-                )
+                tile(const(first, "int64"), units)
 
-    def _tile(self, s: Step, phase: Phase, first: Expr, units: int, kind: str) -> None:
-        """One phase over a tile of units: the gate sums of the block's rows, accumulated
-        in the scratch buffer (sums[r, i, j - first] for the phase's i-th gate), then the
-        cell's arithmetic on them."""
+    def _gate_sums(self, s: Step, phase: Phase, i: int, gate: int, first: Expr, units: int) -> None:
+        """The sums of the phase's i-th gate over units [first, first + units) for the
+        step's block of rows, into s.sums. Each sweep of MATMUL_K_UNROLL steps of h_{t-1}
+        holds them in registers and loads each vector of Rᵀ once for all the rows; the
+        tile's units run as parts of MATMUL_VECTOR (a panel of a packed Rᵀ) side by side
+        in one loop, so a block of one row still has sums enough to hide the FMA's latency."""
         k, h = s.k, self.hidden
-        width = s.rt.shape[1]
+        rows = range(len(s.block))
+        parts = [(p, min(MATMUL_VECTOR, units - p)) for p in range(0, units, MATMUL_VECTOR)]
+        with k.loop(units, vector_kind(units, k.unit.lanes), "u") as jj:
+            for r in rows:
+                k.store(s.sums, s.at(r, i, jj), phase.start_of(_KernelCell(self, s, r, first + jj), gate))
+
+        def sweep(first_k: Expr, steps: int) -> None:
+            coeffs = [[phase.over(_KernelCell(self, s, r, first_k + u)) for u in range(steps)] for r in rows]
+            for width in sorted({w for _, w in parts}, reverse=True):
+                starts = [p for p, w in parts if w == width]
+                with k.loop(width, vector_kind(width, k.unit.lanes), "u") as jj:
+                    accs = [
+                        [k.local(s.out.dtype, s.sums.load_flat(s.at(r, i, p + jj)), "sum") for r in rows]
+                        for p in starts
+                    ]
+                    for u in range(steps):
+                        for p, part in zip(starts, accs):
+                            at = self._rt_at(s.rt, first_k + u, gate * h + first + p) + jj
+                            w = k.local(s.out.dtype, s.rt.load_flat(at), "w")
+                            for r, acc in zip(rows, part):
+                                k.assign(acc, muladd(coeffs[r][u], w.ref, acc.ref))
+                    for p, part in zip(starts, accs):
+                        for r, acc in zip(rows, part):
+                            k.store(s.sums, s.at(r, i, p + jj), acc.ref)
+
+        full, rest = divmod(h, MATMUL_K_UNROLL)
+        with k.loop(full, LoopKind.SERIAL, "k") as ks:
+            sweep(ks * MATMUL_K_UNROLL, MATMUL_K_UNROLL)
+        if rest:
+            sweep(const(full * MATMUL_K_UNROLL, "int64"), rest)
+
+    def _cell(self, s: Step, phase: Phase, first: Expr, units: int) -> None:
+        """The cell's arithmetic for the step's row over units [first, first + units),
+        from the gate sums of the tile."""
+        k = s.k
+        kind = LoopKind.VECTOR if units % k.unit.lanes == 0 else LoopKind.VECTOR_MASKED
         with k.loop(units, kind, "u") as jj:
-            for r in range(len(s.block)):
-                c = _KernelCell(self, s, r, first + jj)
-                for i, g in enumerate(phase.gates):
-                    k.store(s.sums, s.at(r, i, jj), phase.start_of(c, g))
-        with k.loop(h, "serial", "k") as kk:
-            vectors = [phase.over(_KernelCell(self, s, r, kk)) for r in range(len(s.block))]
-            with k.loop(units, kind, "u") as jj:
-                for i, g in enumerate(phase.gates):
-                    w = s.rt.load_flat(kk * width + g * h + first + jj)
-                    for r, v in enumerate(vectors):
-                        k.store(s.sums, s.at(r, i, jj), muladd(v, w, s.sums.load_flat(s.at(r, i, jj))))
-        with k.loop(units, kind, "u") as jj:
-            for r, b in enumerate(s.block):
-                c = _KernelCell(self, s, r, first + jj)
-                c.sums = {g: s.sums.load_flat(s.at(r, i, jj)) for i, g in enumerate(phase.gates)}
-                for plane, value in phase.cell(c).items():
-                    k.store(s.out, (s.write, plane, b, first + jj), value)
+            c = _KernelCell(self, s, 0, first + jj)
+            c.sums = {g: s.sums.load_flat(s.at(0, i, jj)) for i, g in enumerate(phase.gates)}
+            for plane, value in phase.cell(c).items():
+                k.store(s.out, (s.write, plane, s.block[0], first + jj), value)
+
+    def _rt_at(self, rt: Buffer, row: Expr, column: Expr | int) -> Expr:
+        """Where Rᵀ[row, column] is stored; the columns after it, to the end of its panel
+        when Rᵀ is packed, follow it."""
+        if self.rt_panel is None:
+            return row * rt.shape[1] + column
+        panel = self.rt_panel
+        return (column // panel * self.hidden + row) * panel + column % panel
 
     # ---------------------------------------------------------------- graph
 
@@ -567,14 +625,15 @@ class Step:
     read: Expr
     write: Expr
     sums: Buffer | None  # the CPU kernel's tile of gate sums (the GPU's are locals)
+    first_row: Expr | int = 0  # the block's first row among the rows of `sums`
 
     @property
     def rt(self) -> Buffer:
         return self.ins[1]
 
     def at(self, r: int, i: int, jj: Expr) -> Expr:
-        """The flat index of row r's sum for the phase's i-th gate, unit jj of the tile."""
-        return (r * self.sums.shape[1] + i) * self.sums.shape[2] + jj
+        """The flat index of block row r's sum for the phase's i-th gate, unit jj of the tile."""
+        return ((self.first_row + r) * self.sums.shape[1] + i) * self.sums.shape[2] + jj
 
 
 class _KernelCell(Cell):
