@@ -212,6 +212,19 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 16, 4, 4)), In((2, 144, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
         Case([In((1, 7, 7, 7)), In((1, 63, 16))], {"out_channels": 3}, params=(1,)),
     ],
+    # Winograd F(2x2, 3x3): tile rows of 5 (one by one), 10 (vectors on AVX2, one by one
+    # on AVX-512) and 28 (whole vectors, the last one overlapping); padding columns
+    "winograd_input": [
+        Case([In((2, 3, 10, 12))]),
+        Case([In((1, 4, 22, 22))]),
+        Case([In((1, 5, 58, 58))]),
+    ],
+    "winograd_output": [  # M (16, O + 1, T); odd heights and widths end mid-tile
+        Case([In((16, 6, 48)), In((5,))], {"out_shape": (2, 8, 9)}, params=(1,)),
+        Case([In((16, 4, 16))], {"out_shape": (1, 7, 7)}),
+        Case([In((16, 3, 112))], {"out_shape": (1, 19, 20)}),
+        Case([In((16, 3, 784)), In((2,))], {"out_shape": (1, 56, 56)}),
+    ],
     "avg_pool2d_backward": [
         Case(
             [In((2, 3, 4, 4))],
@@ -560,7 +573,8 @@ def _case_id(name: str, i: int, case: Case) -> str:
 #: run as scheduled for AVX2 (x86-64-v3), which an AVX-512 host runs too, so both
 #: schedules are checked wherever AVX-512 is
 UNIT_SIZED = {
-    "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "rnn", "gru", "lstm"
+    "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "rnn", "gru", "lstm",
+    "winograd_input", "winograd_output",
 }  # fmt: skip
 AVX2_CPU = "x86-64-v3"
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from compiler.passes import (
     cancel_transposes,
+    conv_winograd,
     dead_code,
     fold_batchnorm,
     fold_constants,
@@ -113,6 +114,30 @@ def test_recurrence_packed_packs_constant_rt_of_whole_panels(rng):
     assert [v.name for v in after.params] == ["rt7", "rt.packed"]
     assert after.params[next(v for v in after.params if v.name == "rt.packed")].shape == (8, 32, 16)
     _same_results(before, after, rng)
+
+
+def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels(rng):
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 16, 9, 7))
+
+    def weights(o, c, k=3):
+        return b.param("w", (0.1 * rng.standard_normal((o, c, k, k))).astype(np.float32))
+
+    y = b.conv2d(
+        x, weights(20, 16), b.param("bias", rng.standard_normal(20).astype(np.float32)), pads=(1, 1, 1, 1)
+    )
+    narrow = b.conv2d(x, weights(8, 16))  # 8 filters: direct
+    strided = b.conv2d(x, weights(16, 16), strides=(2, 2))
+    before = b.build(b.relu(y), narrow, strided)
+    after = conv_winograd(before)
+    assert [n.op.name for n in after.nodes] == [
+        "pad", "winograd_input", "matmul", "winograd_output", "conv2d", "conv2d", "relu"
+    ]  # fmt: skip
+    pad, tiles, product, out = after.nodes[:4]
+    assert pad.op.pads == (0, 0, 1, 1, 0, 0, 2, 2)  # to 12 x 10: 5 x 4 tiles of the 9 x 7 output
+    assert tiles.outputs[0].type.shape == (16, 17, 48)  # 40 tiles, 48 columns; a zero row
+    assert product.inputs[0].type.shape == (16, 21, 17) and out.op.out_shape == (2, 9, 7)
+    _same_results(before, after, rng, rtol=1e-4)
 
 
 def test_merge_common_and_dead_code(rng):

@@ -1,0 +1,230 @@
+"""Winograd's F(2x2, 3x3): a 3x3 stride-1 convolution in 16 multiplications per 2x2
+outputs and channel pair, where the direct one takes 36.
+
+The pass compiler.passes.conv_winograd writes such a convolution as three nodes:
+
+    V = winograd_input(x)          (16, C, T): each 4x4 input tile d, per channel, as Bᵀ d B
+    M = matmul(U, V)               (16, O, T): U = G w Gᵀ (16, O, C), the weights, transformed
+    y = winograd_output(M, bias)   (N, O, OH, OW): each tile's 2x2 outputs, Aᵀ m A + bias
+
+Tile t = (n, ty, tx) covers outputs [2ty, 2ty + 2) x [2tx, 2tx + 2) and reads rows
+2ty .. 2ty + 3 and columns likewise of the input padded (the conv's padding, and more
+zeros to end on whole tiles); plane ξ = 4i + j holds element (i, j) of the transformed tiles. The 16
+products are one batched matmul, at the product kernels' speed; the transforms are
+additions only.
+
+Strides are kept off powers of two, whose addresses share L1 sets (8 ways each): T
+counts the tiles padded to whole vectors (tile_columns), and past a multiple of 256 by
+one more vector, so that V's rows, read 16 columns at a time by the product, do not lie
+a multiple of 1 KiB apart; and V and M have one more row per plane than channels
+(C + 1, O + 1: a zero row of V and a zero row and column of U), so that a tile's 16
+values, stored to or loaded from 16 planes, do not lie a multiple of 4 KiB apart (at 64
+or more channels they would, and each store missed L1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import numpy as np
+
+from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, logical_and
+from ir.errors import GraphError
+from ir.ops import Fusion, Gradient, Op, register
+from ir.ops.nn import MATMUL_VECTOR, k_const, whole_vectors
+from ir.types import TensorType
+
+#: Bᵀ, G and Aᵀ of F(2x2, 3x3)
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64)
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+
+
+def tiles(out_hw: tuple[int, int]) -> tuple[int, int]:
+    """Tile rows and columns covering an output of out_hw."""
+    return -(-out_hw[0] // 2), -(-out_hw[1] // 2)
+
+
+def tile_columns(count: int) -> int:
+    """The columns of V and M for `count` tiles (see the module docstring)."""
+    columns = -(-count // MATMUL_VECTOR) * MATMUL_VECTOR
+    return columns + MATMUL_VECTOR if columns % 256 == 0 else columns
+
+
+def transform_weights(w: np.ndarray) -> np.ndarray:
+    """U = G w Gᵀ of (O, C, 3, 3) weights, as (16, O + 1, C + 1), the last row and column
+    zero (see the module docstring)."""
+    o, c = w.shape[:2]
+    u = np.zeros((16, o + 1, c + 1), w.dtype)
+    u[:, :o, :c] = np.einsum("ia,ocab,jb->ijoc", G, w.astype(np.float64), G).reshape(16, o, c)
+    return u
+
+
+def _input_column(d: list) -> list:
+    """Bᵀ d for a column d of 4 (B_T's rows as additions)."""
+    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _output_column(m: list) -> list:
+    """Aᵀ m for a column m of 4."""
+    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+def _two_sided(tile: list, column: Callable[[list], list]) -> list:
+    """X t Xᵀ of a 4x4 tile t (row-major, 16 values) where column(c) = X c: X applied to
+    each column of t, then to each row of the result; row-major again."""
+    left = [column([tile[4 * i + j] for i in range(4)]) for j in range(4)]  # left[j][a] = (X t)[a, j]
+    return [value for a in range(len(left[0])) for value in column([left[j][a] for j in range(4)])]
+
+
+@register("winograd_input", Fusion.INJECTIVE)
+class WinogradInput(Op):
+    """x (N, C, 2·TH + 2, 2·TW + 2) → V (16, C + 1, T): the TH x TW tiles of each image and
+    channel, transformed (see the module docstring). x is the convolution's input padded
+    (by the pass) to exactly the tiles' windows, so no load needs a guard."""
+
+    differentiation = Gradient.NONE  # made by a compiler pass, for inference
+    gpu_per_iteration = True
+
+    def infer(self, x: TensorType) -> TensorType:
+        if x.rank != 4 or x.dtype not in ("float32", "float64"):
+            raise GraphError(f"winograd_input: expects a float (N, C, H, W) input, got {x}")
+        h, w = x.shape[2:]
+        if h < 4 or w < 4 or h % 2 or w % 2:
+            raise GraphError(f"winograd_input: height and width must be even and at least 4, got {x.shape}")
+        th, tw = _tiles_of(x.shape)
+        return x.with_shape((16, x.shape[1] + 1, tile_columns(x.shape[0] * th * tw)))
+
+    def reference(self, x):
+        n, c = x.shape[:2]
+        th, tw = _tiles_of(x.shape)
+        windows = np.lib.stride_tricks.sliding_window_view(x, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
+        v = np.einsum("ia,ncyxab,jb->ijcnyx", B_T, windows.astype(np.float64), B_T)
+        out = np.zeros((16, c + 1, tile_columns(n * th * tw)), x.dtype)
+        out[:, :c, : n * th * tw] = v.reshape(16, c, n * th * tw)
+        return out
+
+    def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
+        """Per parallel step one tile row of one channel of one image, its tiles the vector
+        lanes (the input read at stride 2). The last tile row of the last image also
+        zeroes the channel's padding columns, and the last channel's the zero row; the
+        product reads them."""
+        (x,) = ins
+        n, c, h, w = x.shape
+        th, tw = _tiles_of(x.shape)
+        count, columns = n * th * tw, out.shape[2]
+        zero = k_const(out, 0.0)
+        with k.loop(n * c * th, LoopKind.PARALLEL, "tile_row") as step:
+            ni, ci, ty = step // (c * th), step // th % c, step % th
+            rows = [((ni * c + ci) * h + ty * 2 + i) * w for i in range(4)]
+            with _tile_loop(k, tw) as tx:
+                tile = [
+                    k.local(x.dtype, x.load_flat(rows[i] + tx * 2 + j), "d").ref
+                    for i in range(4)
+                    for j in range(4)
+                ]
+                t = (ni * th + ty) * tw + tx
+                for xi, value in enumerate(_two_sided(tile, _input_column)):
+                    k.store(out, (xi * (c + 1) + ci) * columns + t, value)
+            with k.when(logical_and(ni.eq(n - 1), ty.eq(th - 1))):
+                for xi in range(16):
+                    if columns > count:
+                        with k.loop(columns - count, LoopKind.VECTOR, "pad") as p:
+                            k.store(out, (xi * (c + 1) + ci) * columns + count + p, zero)
+                    with k.when(ci.eq(c - 1)):
+                        with k.loop(columns, LoopKind.VECTOR, "zero_row") as p:
+                            k.store(out, (xi * (c + 1) + c) * columns + p, zero)
+
+
+def _tile_loop(k: KernelBuilder, count: int) -> AbstractContextManager[Expr]:
+    """A loop over `count` tiles of a row as vector lanes (whole vectors, the last one
+    ending at the last tile), or one by one when they fill less than a vector: masked
+    loads and stores at stride 2 ran 6x slower than scalar code."""
+    if count < k.unit.lanes:
+        return k.loop(count, LoopKind.SERIAL, "tx")
+    return whole_vectors(k, count, "tx")
+
+
+def _tiles_of(padded: tuple[int, ...]) -> tuple[int, int]:
+    """Tile rows and columns of a padded input (N, C, 2·TH + 2, 2·TW + 2)."""
+    return (padded[2] - 2) // 2, (padded[3] - 2) // 2
+
+
+@register("winograd_output", Fusion.INJECTIVE)
+class WinogradOutput(Op):
+    """M (16, O + 1, T) [, bias (O,)] → y (N, O, OH, OW) = out_shape: each tile's 2x2 outputs,
+    Aᵀ m A, plus the bias (see the module docstring)."""
+
+    differentiation = Gradient.NONE  # made by a compiler pass, for inference
+    gpu_per_iteration = True
+    arity = (1, 2)
+    accepts_epilogue = True
+    out_shape: tuple[int, int, int] = (1, 1, 1)  # N, OH, OW
+
+    def infer(self, m: TensorType, bias: TensorType | None = None) -> TensorType:
+        n, oh, ow = self.out_shape
+        th, tw = tiles((oh, ow))
+        if m.rank != 3 or m.shape[0] != 16 or m.shape[1] < 2 or m.shape[2] != tile_columns(n * th * tw):
+            raise GraphError(
+                f"winograd_output: expects (16, O + 1, {tile_columns(n * th * tw)}) for output "
+                f"{self.out_shape}, got {m.shape}"
+            )
+        o = m.shape[1] - 1
+        if bias is not None and (bias.shape != (o,) or bias.dtype != m.dtype):
+            raise GraphError(f"winograd_output: bias {bias}, expected {m.dtype}[{o}]")
+        return m.with_shape((n, o, oh, ow))
+
+    def reference(self, m, bias=None):
+        n, oh, ow = self.out_shape
+        th, tw = tiles((oh, ow))
+        o = m.shape[1] - 1
+        tiles_m = m[:, :o, : n * th * tw].reshape(4, 4, o, n, th, tw).astype(np.float64)
+        y = np.einsum("ia,abonyx,jb->noyixj", A_T, tiles_m, A_T).reshape(n, o, 2 * th, 2 * tw)
+        y = y[:, :, :oh, :ow]
+        if bias is not None:
+            y = y + bias.reshape(1, o, 1, 1)
+        return y.astype(m.dtype)
+
+    def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
+        """Per parallel step one tile row of one filter of one image, its tiles the vector
+        lanes (contiguous in M; the outputs stored at stride 2). An odd output height
+        leaves the last tile row's second row out; an odd width, the last tile's second
+        column."""
+        m = ins[0]
+        bias = ins[1] if len(ins) > 1 else None
+        n, oh, ow = self.out_shape
+        o, columns = m.shape[1] - 1, m.shape[2]
+        th, tw = tiles((oh, ow))
+        with k.loop(n * o * th, LoopKind.PARALLEL, "tile_row") as step:
+            ni, oi, ty = step // (o * th), step // th % o, step % th
+            start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
+
+            def run(first: int, count: int, height: int, width: int) -> None:
+                with _tile_loop(k, count) as dx:
+                    tx = dx + first
+                    t = (ni * th + ty) * tw + tx
+                    y = _two_sided(
+                        [m.load_flat((xi * (o + 1) + oi) * columns + t) for xi in range(16)], _output_column
+                    )
+                    for i in range(height):
+                        for j in range(width):
+                            yy, xx = ty * 2 + i, tx * 2 + j
+                            at = ((ni * o + oi) * oh + yy) * ow + xx
+                            value = y[2 * i + j] + start
+                            if epilogue is not None:
+                                value = epilogue(value, at, [ni, oi, yy, xx])
+                            k.store(out, at, value)
+
+            def row(height: int) -> None:
+                run(0, ow // 2, height, 2)
+                if ow % 2:
+                    run(ow // 2, 1, height, 1)
+
+            if oh % 2 == 0:
+                row(2)
+            else:
+                with k.when(ty.lt(th - 1)):
+                    row(2)
+                with k.when(ty.eq(th - 1)):
+                    row(1)
