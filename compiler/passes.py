@@ -21,8 +21,8 @@ from ir.graph import Graph, Node, Value
 from ir.ops import make_op
 from ir.ops.nn import MATMUL_VECTOR, pack_panels, packed_conv_panel
 from ir.ops.recurrent import Recurrence
+from ir.ops.winograd import tile_columns, transform_weights
 from ir.ops.winograd import tiles as winograd_tiles
-from ir.ops.winograd import transform_weights
 from ir.verify import verify
 
 #: constants are folded only up to this many elements, so weights do not balloon
@@ -105,14 +105,21 @@ def fold_batchnorm(graph: Graph) -> Graph:
     return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
 
 
-#: input and output channels a conv needs for Winograd: fewer, and the transforms cost
-#: more than the multiplications they save
-WINOGRAD_MIN_CHANNELS = 16
+#: input and output channels a conv needs for Winograd: with fewer, the transforms (per
+#: tile and channel) cost more than the multiplications save (32 -> 64 channels, the MNIST
+#: CNN's conv2 at batch 32, ran 10% slower than direct)
+WINOGRAD_MIN_CHANNELS = 64
+#: the most multiply-adds Winograd may take, as a share of the direct conv's: its product
+#: computes whole 2x2 tiles, padded columns and the zero rows too (a 3x3 output of 4
+#: tiles padded to 16 columns takes 3x the direct conv's), and its transforms cost
+#: memory traffic besides; ResNet-18's layer4 at batch 1 (0.58) ran 1.3x faster
+WINOGRAD_MAX_WORK = 0.65
 
 
 def conv_winograd(graph: Graph) -> Graph:
     """A 3x3 conv2d of stride 1 (one group, no dilation) of constant weights, with at least
-    WINOGRAD_MIN_CHANNELS input and output channels, becomes Winograd's F(2x2, 3x3)
+    WINOGRAD_MIN_CHANNELS input and output channels and an output large enough for
+    whole tiles to pay (WINOGRAD_MAX_WORK), becomes Winograd's F(2x2, 3x3)
     (ir.ops.winograd): winograd_input, a batched matmul by the transformed weights, and
     winograd_output with the bias (which takes the conv's epilogue). 16 multiplications
     per 2x2 outputs instead of 36. CPU only, before conv_packed."""
@@ -134,8 +141,12 @@ def conv_winograd(graph: Graph) -> Graph:
             continue
         x, _, *bias = node.inputs
         out = node.outputs[0]
-        n, _, oh, ow = out.type.shape
+        n, o, oh, ow = out.type.shape
+        c = x.type.shape[1]
         th, tw = winograd_tiles((oh, ow))
+        if 16 * (o + 1) * (c + 1) * tile_columns(n * th * tw) > WINOGRAD_MAX_WORK * o * c * 9 * n * oh * ow:
+            nodes.append(node)
+            continue
         pt, pl = op.pads[:2]
         pads = (pt, pl, 2 * th + 2 - pt - x.type.shape[2], 2 * tw + 2 - pl - x.type.shape[3])
         if any(pads):  # the conv's padding, and the bottom and right to whole tiles

@@ -212,7 +212,7 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 16, 4, 4)), In((2, 144, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
         Case([In((1, 7, 7, 7)), In((1, 63, 16))], {"out_channels": 3}, params=(1,)),
     ],
-    # Winograd F(2x2, 3x3): tile rows of 5 (one by one), 10 (vectors on AVX2, one by one
+    # Winograd F(2x2, 3x3): tile rows of 5 (a masked vector), 10 (vectors on AVX2, masked
     # on AVX-512) and 28 (whole vectors, the last one overlapping); padding columns
     "winograd_input": [
         Case([In((2, 3, 10, 12))]),

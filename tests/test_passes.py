@@ -116,27 +116,27 @@ def test_recurrence_packed_packs_constant_rt_of_whole_panels(rng):
     _same_results(before, after, rng)
 
 
-def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels(rng):
+def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng):
     b = GraphBuilder("g")
-    x = b.input("x", (2, 16, 9, 7))
+    x = b.input("x", (2, 64, 11, 13))
 
     def weights(o, c, k=3):
-        return b.param("w", (0.1 * rng.standard_normal((o, c, k, k))).astype(np.float32))
+        return b.param("w", (0.05 * rng.standard_normal((o, c, k, k))).astype(np.float32))
 
-    y = b.conv2d(
-        x, weights(20, 16), b.param("bias", rng.standard_normal(20).astype(np.float32)), pads=(1, 1, 1, 1)
-    )
-    narrow = b.conv2d(x, weights(8, 16))  # 8 filters: direct
-    strided = b.conv2d(x, weights(16, 16), strides=(2, 2))
-    before = b.build(b.relu(y), narrow, strided)
+    bias = b.param("bias", rng.standard_normal(70).astype(np.float32))
+    y = b.conv2d(x, weights(70, 64), bias, pads=(1, 1, 1, 1))
+    narrow = b.conv2d(x, weights(32, 64))  # 32 filters: direct
+    strided = b.conv2d(x, weights(64, 64), strides=(2, 2))
+    small = b.conv2d(b.input("s", (1, 64, 5, 5)), weights(64, 64))  # 3x3 output: 4 tiles, 16 columns
+    before = b.build(b.relu(y), narrow, strided, small)
     after = conv_winograd(before)
     assert [n.op.name for n in after.nodes] == [
-        "pad", "winograd_input", "matmul", "winograd_output", "conv2d", "conv2d", "relu"
+        "pad", "winograd_input", "matmul", "winograd_output", "conv2d", "conv2d", "conv2d", "relu"
     ]  # fmt: skip
     pad, tiles, product, out = after.nodes[:4]
-    assert pad.op.pads == (0, 0, 1, 1, 0, 0, 2, 2)  # to 12 x 10: 5 x 4 tiles of the 9 x 7 output
-    assert tiles.outputs[0].type.shape == (16, 17, 48)  # 40 tiles, 48 columns; a zero row
-    assert product.inputs[0].type.shape == (16, 21, 17) and out.op.out_shape == (2, 9, 7)
+    assert pad.op.pads == (0, 0, 1, 1, 0, 0, 2, 2)  # to 14 x 16: 6 x 7 tiles of the 11 x 13 output
+    assert tiles.outputs[0].type.shape == (16, 65, 96)  # 84 tiles, 96 columns; a zero row
+    assert product.inputs[0].type.shape == (16, 71, 65) and out.op.out_shape == (2, 11, 13)
     _same_results(before, after, rng, rtol=1e-4)
 
 

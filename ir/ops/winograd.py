@@ -3,21 +3,21 @@ outputs and channel pair, where the direct one takes 36.
 
 The pass compiler.passes.conv_winograd writes such a convolution as three nodes:
 
-    V = winograd_input(x)          (16, C, T): each 4x4 input tile d, per channel, as Bᵀ d B
-    M = matmul(U, V)               (16, O, T): U = G w Gᵀ (16, O, C), the weights, transformed
-    y = winograd_output(M, bias)   (N, O, OH, OW): each tile's 2x2 outputs, Aᵀ m A + bias
+    V = winograd_input(x)        (16, C + 1, T): each 4x4 input tile d, per channel, Bᵀ d B
+    M = matmul(U, V)             (16, O + 1, T): U = G w Gᵀ (16, O + 1, C + 1), the weights
+    y = winograd_output(M, bias) (N, O, OH, OW): each tile's 2x2 outputs, Aᵀ m A + bias
 
 Tile t = (n, ty, tx) covers outputs [2ty, 2ty + 2) x [2tx, 2tx + 2) and reads rows
 2ty .. 2ty + 3 and columns likewise of the input padded (the conv's padding, and more
-zeros to end on whole tiles); plane ξ = 4i + j holds element (i, j) of the transformed tiles. The 16
-products are one batched matmul, at the product kernels' speed; the transforms are
-additions only.
+zeros to end on whole tiles); plane ξ = 4i + j holds element (i, j) of the transformed
+tiles. The 16 products are one batched matmul, at the product kernels' speed; the
+transforms are additions only.
 
 Strides are kept off powers of two, whose addresses share L1 sets (8 ways each): T
 counts the tiles padded to whole vectors (tile_columns), and past a multiple of 256 by
 one more vector, so that V's rows, read 16 columns at a time by the product, do not lie
 a multiple of 1 KiB apart; and V and M have one more row per plane than channels
-(C + 1, O + 1: a zero row of V and a zero row and column of U), so that a tile's 16
+(a zero row of V, a zero row and column of U), so that a tile's 16
 values, stored to or loaded from 16 planes, do not lie a multiple of 4 KiB apart (at 64
 or more channels they would, and each store missed L1).
 """
@@ -25,11 +25,10 @@ or more channels they would, and each store missed L1).
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, logical_and
+from codegen.kir import Buffer, KernelBuilder, LoopKind, logical_and
 from ir.errors import GraphError
 from ir.ops import Fusion, Gradient, Op, register
 from ir.ops.nn import MATMUL_VECTOR, k_const, whole_vectors
@@ -118,7 +117,7 @@ class WinogradInput(Op):
         with k.loop(n * c * th, LoopKind.PARALLEL, "tile_row") as step:
             ni, ci, ty = step // (c * th), step // th % c, step % th
             rows = [((ni * c + ci) * h + ty * 2 + i) * w for i in range(4)]
-            with _tile_loop(k, tw) as tx:
+            with whole_vectors(k, tw, "tx") as tx:
                 tile = [
                     k.local(x.dtype, x.load_flat(rows[i] + tx * 2 + j), "d").ref
                     for i in range(4)
@@ -135,15 +134,6 @@ class WinogradInput(Op):
                     with k.when(ci.eq(c - 1)):
                         with k.loop(columns, LoopKind.VECTOR, "zero_row") as p:
                             k.store(out, (xi * (c + 1) + c) * columns + p, zero)
-
-
-def _tile_loop(k: KernelBuilder, count: int) -> AbstractContextManager[Expr]:
-    """A loop over `count` tiles of a row as vector lanes (whole vectors, the last one
-    ending at the last tile), or one by one when they fill less than a vector: masked
-    loads and stores at stride 2 ran 6x slower than scalar code."""
-    if count < k.unit.lanes:
-        return k.loop(count, LoopKind.SERIAL, "tx")
-    return whole_vectors(k, count, "tx")
 
 
 def _tiles_of(padded: tuple[int, ...]) -> tuple[int, int]:
@@ -201,7 +191,7 @@ class WinogradOutput(Op):
             start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
 
             def run(first: int, count: int, height: int, width: int) -> None:
-                with _tile_loop(k, count) as dx:
+                with whole_vectors(k, count, "tx") as dx:
                     tx = dx + first
                     t = (ni * th + ty) * tw + tx
                     y = _two_sided(
