@@ -116,6 +116,21 @@ WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MAX_WORK = 0.65
 
 
+def _winograd_pays(conv: Node) -> bool:
+    """A conv2d Winograd's F(2x2, 3x3) computes, in less work (see WINOGRAD_MIN_CHANNELS
+    and WINOGRAD_MAX_WORK)."""
+    op, (n, o, oh, ow), c = conv.op, conv.outputs[0].type.shape, conv.inputs[0].type.shape[1]
+    if conv.inputs[1].type.shape[2:] != (3, 3) or (op.groups, op.strides, op.dilations) != (
+        1,
+        (1, 1),
+        (1, 1),
+    ):
+        return False
+    th, tw = winograd_tiles((oh, ow))
+    work = 16 * (o + 1) * (c + 1) * tile_columns(n * th * tw)
+    return min(o, c) >= WINOGRAD_MIN_CHANNELS and work <= WINOGRAD_MAX_WORK * o * c * 9 * n * oh * ow
+
+
 def conv_winograd(graph: Graph) -> Graph:
     """A 3x3 conv2d of stride 1 (one group, no dilation) of constant weights, with at least
     WINOGRAD_MIN_CHANNELS input and output channels and an output large enough for
@@ -128,25 +143,12 @@ def conv_winograd(graph: Graph) -> Graph:
     for node in graph.nodes:
         op = node.op
         w = node.inputs[1] if len(node.inputs) > 1 else None
-        if not (
-            op.name == "conv2d"
-            and op.groups == 1
-            and w in params
-            and w.type.shape[2:] == (3, 3)
-            and op.strides == (1, 1)
-            and op.dilations == (1, 1)
-            and min(w.type.shape[:2]) >= WINOGRAD_MIN_CHANNELS
-        ):
+        if not (op.name == "conv2d" and w in params and _winograd_pays(node)):
             nodes.append(node)
             continue
         x, _, *bias = node.inputs
-        out = node.outputs[0]
-        n, o, oh, ow = out.type.shape
-        c = x.type.shape[1]
+        n, _, oh, ow = node.outputs[0].type.shape
         th, tw = winograd_tiles((oh, ow))
-        if 16 * (o + 1) * (c + 1) * tile_columns(n * th * tw) > WINOGRAD_MAX_WORK * o * c * 9 * n * oh * ow:
-            nodes.append(node)
-            continue
         pt, pl = op.pads[:2]
         pads = (pt, pl, 2 * th + 2 - pt - x.type.shape[2], 2 * tw + 2 - pl - x.type.shape[3])
         if any(pads):  # the conv's padding, and the bottom and right to whole tiles
