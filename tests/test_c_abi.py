@@ -16,6 +16,8 @@ from compiler import compile_model
 from compiler.demo import demo_input
 from compiler.driver import to_graph
 from frontends.zoo.onnx_models import MNIST_CNN_PATH
+from ir.builder import GraphBuilder
+from ir.graph import Graph
 from ir.interpreter import interpret
 from tests.helpers import mlp_graph
 
@@ -88,6 +90,54 @@ def test_valgrind_memcheck_reports_no_errors(cnn_avx2, tmp_path, threads, monkey
     got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float32).reshape(1, 10)
     expected = interpret(to_graph(MNIST_CNN_PATH), [demo_input()])[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def _winograd_graph(rng: np.random.Generator) -> Graph:
+    """A 64-channel 3x3 conv that runs as Winograd (odd output: tiles end mid-row), its
+    residual add and ReLU fused into the output transform."""
+    b = GraphBuilder("winograd")
+    x = b.input("x", (1, 64, 9, 11))
+    w = b.param("w", (0.05 * rng.standard_normal((64, 64, 3, 3))).astype(np.float32))
+    y = b.conv2d(x, w, b.param("bias", rng.standard_normal(64).astype(np.float32)), pads=(1, 1, 1, 1))
+    return b.build(b.relu(b.add(y, x)))
+
+
+def _lstm_graph(rng: np.random.Generator) -> Graph:
+    """An LSTM of constant Rᵀ (packed in panels), 8 rows: a 6-row block and the rest."""
+    b = GraphBuilder("lstm")
+    hidden, batch = 64, 8  # 8 steps: 2^20 multiply-adds, enough for a block of rest rows
+    constants = {
+        "rt": 0.2 * rng.standard_normal((hidden, 4 * hidden)),
+        "h0": rng.standard_normal((batch, hidden)),
+        "c0": rng.standard_normal((batch, hidden)),
+        "peep": rng.standard_normal(3 * hidden),
+    }
+    xw = b.input("xw", (8, batch, 4 * hidden))
+    params = [b.param(n, a.astype(np.float32)) for n, a in constants.items()]
+    return b.build(b.op("lstm", xw, *params, hidden=hidden))
+
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None and not os.environ.get("CI"),
+    reason="valgrind is not installed (.ci/run installs it; under CI its absence fails)",
+)
+@pytest.mark.parametrize("make", [_winograd_graph, _lstm_graph], ids=["winograd", "lstm"])
+def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
+    """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
+    transforms) or on a block of rest rows (a recurrence's), under memcheck, 2 threads."""
+    graph = make(rng)
+    name = graph.name
+    so = compile_model(graph, name=name, cpu_name="x86-64-v3").save(tmp_path / f"{name}.so")
+    runner = build_c_runner(so, name, tmp_path / "runner")
+    x = rng.standard_normal(graph.inputs[0].type.shape).astype(np.float32)
+    monkeypatch.setenv("KILN_NUM_THREADS", "2")
+    valgrind = ["valgrind", "--tool=memcheck", "--error-exitcode=99"]
+    result = _run_c(valgrind, runner, x, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ERROR SUMMARY: 0 errors" in result.stderr
+    expected = interpret(graph, [x])[0]
+    got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float32).reshape(expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_two_models_link_into_one_program(tmp_path, rng):
