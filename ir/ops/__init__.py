@@ -46,6 +46,29 @@ class Gradient(enum.Enum):
 
 REGISTRY: dict[str, type[Op]] = {}
 
+
+@dataclasses.dataclass(frozen=True)
+class BatchAxis:
+    """Where a tensor holds the batch: along `axis`, index x belongs to batch element
+    (x // block) % count. The axis runs through the batch `repeats` times, each element
+    owning `block` consecutive indices each time: (N, C) has the batch on axis 0, block
+    1; its reshape (N·C,) block C; (S, N, E) reshaped to (S·N, E) has it on axis 0,
+    block 1, repeats S."""
+
+    axis: int
+    block: int = 1
+    repeats: int = 1
+
+
+#: where a value holds the batch; None: it is the same for every batch element
+Batch = BatchAxis | None
+
+
+class BatchMixing(UnsupportedError):
+    """An op whose output for one batch element reads other elements (or that has no
+    rule saying it does not): the model cannot run its batch in pieces."""
+
+
 #: one gradient per input of a node, None where nothing flows back
 Grads = list["Value | None"]
 
@@ -131,6 +154,15 @@ class Op:
         self.lower(cpu, ins, out, epilogue)
         gpu.per_iteration(k, cpu.finish())
 
+    def batch_axis(self, ins: list[TensorType], out: TensorType, batch: list[Batch]) -> Batch:
+        """Where the output holds the batch, given where each input does, when every
+        batch element's slice of the output is computed from its own slices of the
+        inputs alone, so that a batch may run in pieces (see compiler.batching); else
+        BatchMixing. An input with no batch (None) must not span the batch axis."""
+        if any(batch):
+            raise BatchMixing(f"{self.name} has no rule for running batch elements apart")
+        return None
+
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         """Each input's gradient, given g (the output's), built with graph ops on `b`,
         so the backward pass is fused and compiled like any graph; None where nothing
@@ -168,6 +200,38 @@ class ElementwiseOp(Op):
 
     def scalar(self, e: ExprBuilder, *xs: Expr) -> Expr:
         raise NotImplementedError
+
+    def batch_axis(self, ins, out, batch):
+        return broadcast_batch(ins, out, batch)
+
+
+def broadcast_batch(ins: list[TensorType], out: TensorType, batch: list[Batch]) -> Batch:
+    """The batch of a numpy-broadcasting op: the batched inputs' batch axes, aligned from
+    the right, must meet on one axis of the output, which the other inputs do not span."""
+    found: Batch = None
+    for t, b in zip(ins, batch):
+        if b is not None:
+            at = BatchAxis(b.axis + out.rank - t.rank, b.block, b.repeats)
+            if found not in (None, at):
+                raise BatchMixing(f"inputs put the batch on output axes {found.axis} and {at.axis}")
+            found = at
+    if found is not None:
+        for pos, (t, b) in enumerate(zip(ins, batch)):
+            axis = found.axis - (out.rank - t.rank)
+            if b is None and axis >= 0 and t.shape[axis] != 1:
+                raise BatchMixing(f"input {pos} ({t}) has no batch but spans the batch axis {axis}")
+    return found
+
+
+def batch_of_first(batch: list[Batch], ok: Callable[[int], bool], why: str) -> Batch:
+    """The batch of an op whose output has input 0's layout and whose other inputs are
+    weights (a conv, a norm): it stays where it is, on an axis the op keeps apart."""
+    if any(batch[1:]):
+        raise BatchMixing(f"input {next(i for i, b in enumerate(batch) if i and b)} holds the batch")
+    first = batch[0]
+    if first is not None and not ok(first.axis):
+        raise BatchMixing(f"the batch is on axis {first.axis}, which {why}")
+    return first
 
 
 def broadcast_shapes(op: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:

@@ -33,7 +33,19 @@ from codegen.kir import (
 )
 from ir.errors import GraphError
 from ir.graph import Node, Value
-from ir.ops import Epilogue, Fusion, Gradient, Grads, Op, broadcast_shapes, register
+from ir.ops import (
+    Batch,
+    BatchMixing,
+    Epilogue,
+    Fusion,
+    Gradient,
+    Grads,
+    Op,
+    batch_of_first,
+    broadcast_batch,
+    broadcast_shapes,
+    register,
+)
 from ir.ops.grad import constant, swap_last, unbroadcast
 from ir.types import TensorType
 
@@ -64,6 +76,28 @@ def _matmul_shapes(a: tuple[int, ...], b: tuple[int, ...]):
     batch = broadcast_shapes("matmul", [a2[:-2], b2[:-2]])
     out = batch + ((m,) if len(a) > 1 else ()) + ((n,) if len(b) > 1 else ())
     return batch, m, k, n, out, a2[:-2], b2[:-2]
+
+
+def matmul_batch(a: TensorType, b: TensorType, out: TensorType, ba: Batch, bb: Batch) -> Batch:
+    """The batch of a (batched) matrix product: in a's rows, in b's columns, or in the
+    broadcast batch dims (where it follows numpy broadcasting); never contracted."""
+    if (ba and a.rank < 2) or (bb and b.rank < 2):
+        raise BatchMixing("a 1-D operand of matmul holds the batch: it is contracted")
+    if (ba and ba.axis == a.rank - 1) or (bb and bb.axis == b.rank - 2):
+        raise BatchMixing("matmul contracts the batch axis")
+    rows = ba is not None and ba.axis == a.rank - 2
+    cols = bb is not None and bb.axis == b.rank - 1
+    if rows or cols:
+        if (rows and bb) or (cols and ba):
+            raise BatchMixing("both matmul operands hold the batch, one of them in its matrix")
+        at = out.rank - 1 if cols or b.rank == 1 else out.rank - 2
+        return dataclasses.replace(bb if cols else ba, axis=at)  # type: ignore[arg-type]
+    if not (ba or bb):
+        return None
+    dims = max(a.rank, b.rank) - 2
+    return broadcast_batch(
+        [a.with_shape(a.shape[:-2]), b.with_shape(b.shape[:-2])], out.with_shape(out.shape[:dims]), [ba, bb]
+    )
 
 
 def _batch_offset(p: Expr, batch: tuple[int, ...], operand: tuple[int, ...], per: int) -> Expr:
@@ -459,6 +493,9 @@ def k_const(buf: Buffer, value: float) -> Expr:
 class MatMul(ProductOp):
     arity = (2, 2)
 
+    def batch_axis(self, ins, out, batch):
+        return matmul_batch(ins[0], ins[1], out, batch[0], batch[1])
+
     def infer(self, a: TensorType, b: TensorType) -> TensorType:
         _require_float("matmul", a, b)
         return TensorType(a.dtype, _matmul_shapes(a.shape, b.shape)[4])
@@ -487,6 +524,9 @@ class Linear(ProductOp):
     """x @ w + bias, w of shape (in, out) as in a Keras Dense kernel."""
 
     arity = (2, 3)
+
+    def batch_axis(self, ins, out, batch):
+        return batch_of_first(batch, lambda axis: axis != ins[0].rank - 1, "the product contracts")
 
     def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("linear", x, w, *([bias] if bias else []))
@@ -605,6 +645,9 @@ class Conv2d(Op):
     pads: tuple[int, ...] = (0, 0, 0, 0)  # top, left, bottom, right
     dilations: tuple[int, ...] = (1, 1)
     groups: int = 1
+
+    def batch_axis(self, ins, out, batch):
+        return batch_of_first(batch, lambda axis: axis == 0, "is not N of NCHW")
 
     def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("conv2d", x, w, *([bias] if bias else []))
@@ -1233,6 +1276,9 @@ class Pool2d(Op):
     pads: tuple[int, ...] = (0, 0, 0, 0)
     dilations: tuple[int, ...] = (1, 1)
 
+    def batch_axis(self, ins, out, batch):
+        return batch_of_first(batch, lambda axis: axis == 0, "is not N of NCHW")
+
     def infer(self, x: TensorType) -> TensorType:
         _require_float(self.name, x)
         if x.rank != 4:
@@ -1622,6 +1668,9 @@ class AvgPool2d(Pool2d):
 class GlobalAvgPool2d(Op):
     gpu_per_iteration = True
 
+    def batch_axis(self, ins, out, batch):
+        return batch_of_first(batch, lambda axis: axis == 0, "is not N of NCHW")
+
     def infer(self, x: TensorType) -> TensorType:
         _require_float("global_avg_pool2d", x)
         if x.rank != 4:
@@ -1654,6 +1703,9 @@ class BatchNorm(Op):
 
     arity = (5, 5)
     epsilon: float = 1e-5
+
+    def batch_axis(self, ins, out, batch):
+        return batch_of_first(batch, lambda axis: axis != 1, "is the channels'")
 
     def infer(self, x, scale, bias, mean, var) -> TensorType:
         _require_float("batch_norm", x, scale, bias, mean, var)

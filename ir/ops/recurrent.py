@@ -47,7 +47,7 @@ from codegen import gpu
 from codegen.kir import WARP, Buffer, Expr, KernelBuilder, LoopKind, const, muladd
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
-from ir.ops import REGISTRY, ElementwiseOp, Fusion, Gradient, Op, register
+from ir.ops import REGISTRY, BatchMixing, ElementwiseOp, Fusion, Gradient, Op, register
 from ir.ops.nn import (
     MATMUL_K_UNROLL,
     MATMUL_VECTOR,
@@ -203,6 +203,17 @@ class Recurrence(Op):
         if len(specs) != len(self.default_activations()):
             raise GraphError(f"{self.name}: expects {len(self.default_activations())} activations")
         return [_activation(s) for s in specs]
+
+    def batch_axis(self, ins, out, batch):
+        """The batch is xw's axis 1, the states' axis 0 (those with a batch) and the
+        output's axis 2: the recurrence runs each batch row apart."""
+        xw, states = batch[0], batch[2:]
+        row = xw and dataclasses.replace(xw, axis=0)
+        batched = [len(t.shape) == 2 for t in ins[2:]]  # (batch, hidden), not a peephole
+        wrong_state = any(b != (row if has else None) for b, has in zip(states, batched))
+        if batch[1] or (xw and xw.axis != 1) or wrong_state:
+            raise BatchMixing(f"{self.name} takes the batch on xw's axis 1, the states' axis 0: got {batch}")
+        return xw and dataclasses.replace(xw, axis=2)
 
     def infer(self, xw: TensorType, rt: TensorType, *states: TensorType) -> TensorType:
         h = self.hidden

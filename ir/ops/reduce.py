@@ -30,7 +30,7 @@ from codegen.kir import (
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.graph import Node, Value
-from ir.ops import Fusion, Gradient, Grads, Op, normalize_axis, register
+from ir.ops import Fusion, Gradient, Grads, Op, batch_of_first, normalize_axis, register
 from ir.ops.grad import constant, expand_back
 from ir.types import TensorType
 
@@ -546,6 +546,10 @@ class AxisSoftmax(Op):
     accepts_epilogue = True
     accepts_prologue = True
 
+    def batch_axis(self, ins, out, batch):
+        axis = normalize_axis(self.name, self.axis, out.rank)
+        return batch_of_first(batch, lambda a: a != axis, "the softmax normalizes")
+
     def infer(self, x: TensorType) -> TensorType:
         _float(self.name, x)
         normalize_axis(self.name, self.axis, x.rank)
@@ -632,6 +636,10 @@ class LayerNorm(Op):
     accepts_prologue = True
     axis: int = -1
     epsilon: float = 1e-5
+
+    def batch_axis(self, ins, out, batch):
+        axis = normalize_axis("layer_norm", self.axis, out.rank)
+        return batch_of_first(batch, lambda a: a < axis, "the norm normalizes")
 
     def infer(self, x: TensorType, scale: TensorType, bias: TensorType | None = None):
         _float("layer_norm", x)

@@ -28,13 +28,30 @@ from codegen.kir import (
 )
 from ir.errors import GraphError
 from ir.graph import Node, Value
-from ir.ops import Fusion, Gradient, Grads, Op, normalize_axis, register
+from ir.ops import Batch, BatchAxis, BatchMixing, Fusion, Gradient, Grads, Op, normalize_axis, register
 from ir.types import TensorType
 
 if TYPE_CHECKING:
     from ir.builder import GraphBuilder
 
 INJ = Fusion.INJECTIVE
+
+
+def regroup_batch(src: TensorType, dst: TensorType, b: Batch) -> Batch:
+    """The batch of a reshape. In row-major order, batch element i owns runs of L
+    consecutive elements, one run in every count·L; a reshape keeps the runs, so the
+    output's batch is on any axis whose inner elements divide L and that holds whole
+    cycles of count runs (all such axes describe the same runs)."""
+    if b is None:
+        return None
+    count = src.shape[b.axis] // (b.block * b.repeats)
+    run = b.block * prod(src.shape[b.axis + 1 :])
+    for axis, d in enumerate(dst.shape):
+        inner = prod(dst.shape[axis + 1 :])
+        if inner and run % inner == 0 and d % (run // inner * count) == 0:
+            block = run // inner
+            return BatchAxis(axis, block, d // (block * count))
+    raise BatchMixing(f"reshaping {src.shape} to {dst.shape} splits the batch axis {b.axis} across axes")
 
 
 def copy_flat(k: KernelBuilder, src: Buffer, dst: Buffer) -> None:
@@ -79,6 +96,9 @@ class View(Op):
     graph output)."""
 
     view = True
+
+    def batch_axis(self, ins, out, batch):
+        return regroup_batch(ins[0], out, batch[0])
 
     def lower(self, k, ins, out, epilogue=None):
         copy_flat(k, ins[0], out)
@@ -135,6 +155,10 @@ TILE_ROWS = 8
 @register("transpose", INJ)
 class Transpose(PerElement):
     perm: tuple[int, ...] | None = None  # None: reverse the axes
+
+    def batch_axis(self, ins, out, batch):
+        b = batch[0]
+        return b and BatchAxis(self._perm(ins[0].rank).index(b.axis), b.block, b.repeats)
 
     def _perm(self, rank: int) -> tuple[int, ...]:
         perm = tuple(reversed(range(rank))) if self.perm is None else tuple(self.perm)
@@ -210,6 +234,12 @@ class Concat(Op):
     arity = (1, 1 << 20)
     axis: int = 0
 
+    def batch_axis(self, ins, out, batch):
+        axis = normalize_axis("concat", self.axis, out.rank)
+        if len(set(batch)) != 1 or (batch[0] and batch[0].axis == axis):
+            raise BatchMixing(f"concat along axis {axis} of inputs holding the batch at {batch}")
+        return batch[0]
+
     def infer(self, *xs: TensorType) -> TensorType:
         first = xs[0]
         axis = normalize_axis("concat", self.axis, first.rank)
@@ -272,6 +302,12 @@ class Slice(PerElement):
     ends: tuple[int, ...] = ()
     axes: tuple[int, ...] | None = None
     steps: tuple[int, ...] | None = None
+
+    def batch_axis(self, ins, out, batch):
+        b = batch[0]
+        if b and self.ranges(ins[0].shape)[b.axis] != (0, 1, ins[0].shape[b.axis]):
+            raise BatchMixing(f"slice cuts the batch axis {b.axis}")
+        return b
 
     def ranges(self, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
         """(start, step, count) for every axis."""
@@ -404,6 +440,16 @@ class Gather(PerElement):
 
     arity = (2, 2)
     axis: int = 0
+
+    def batch_axis(self, ins, out, batch):
+        data, indices = batch
+        axis = normalize_axis("gather", self.axis, ins[0].rank)
+        if data and indices or (data and data.axis == axis):
+            raise BatchMixing("gather picks along the batch axis")
+        if indices:
+            return BatchAxis(axis + indices.axis, indices.block, indices.repeats)
+        at = data.axis if data.axis < axis else data.axis + ins[1].rank - 1  # type: ignore[union-attr]
+        return data and BatchAxis(at, data.block, data.repeats)
 
     def infer(self, data: TensorType, indices: TensorType) -> TensorType:
         if indices.dtype not in ("int64", "int32"):
