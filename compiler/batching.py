@@ -16,9 +16,11 @@ batch, a reshape that folds the batch into another axis) is refused, naming the 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +42,7 @@ class BatchedTensor:
 
     name: str
     dtype: str
-    shape: tuple[int, ...]  # the batch axis holds `block`: its size for one element
+    shape: tuple[int, ...]  # its shape for a batch of one
     batch: Batch
 
     def shape_for(self, count: int) -> tuple[int, ...]:
@@ -48,19 +50,23 @@ class BatchedTensor:
         if self.batch is None:
             return self.shape
         axis = self.batch.axis
-        return self.shape[:axis] + (self.batch.block * count,) + self.shape[axis + 1 :]
+        return self.shape[:axis] + (self.shape[axis] * count,) + self.shape[axis + 1 :]
 
     @property
     def outer(self) -> int:
-        """How many runs of batch elements the tensor holds (the product of the dims
-        before the batch axis): 1 when a batch slice is one contiguous range."""
-        return prod(self.shape[: self.batch.axis]) if self.batch else 1
+        """How many runs of consecutive batch elements the tensor holds (one for each
+        index before the batch axis and each time the axis runs through the batch): 1
+        when a slice of the batch is one contiguous range of bytes."""
+        return prod(self.shape[: self.batch.axis]) * self.batch.repeats if self.batch else 1
 
     @property
     def element_bytes(self) -> int:
         """The bytes one batch element owns in each run."""
-        itemsize = TensorType(self.dtype, ()).itemsize
-        return prod(self.shape[self.batch.axis :]) * itemsize if self.batch else 0
+        if self.batch is None:
+            return 0
+        return (
+            self.batch.block * prod(self.shape[self.batch.axis + 1 :]) * TensorType(self.dtype, ()).itemsize
+        )
 
 
 def _uniform(array: np.ndarray) -> bool:
@@ -114,3 +120,75 @@ def _node_batch(node, given: list[Batch], known: dict[Value, np.ndarray], count:
         except BatchMixing as e:
             first = first or e
     raise BatchMixing(f"node {node.name} ({node.op.name}): {first}")
+
+
+def batch_dim(inputs: list) -> str | None:
+    """The one named dimension of these declared inputs (TensorInfo, a named dim as
+    its name), at most once in each: the batch a library may take in slices; None
+    when the inputs name no dimension, or several."""
+    names = [[d for d in info.shape if isinstance(d, str)] for info in inputs]
+    found = {d for dims in names for d in dims}
+    if len(found) != 1 or any(len(dims) > 1 for dims in names) or "?" in found:
+        return None
+    return found.pop()
+
+
+def compile_batched(
+    model: object,
+    dim: str,
+    name: str = "model",
+    tiles: tuple[int, ...] = DEFAULT_TILES,
+    max_batch: int = 0,
+    fuse: bool = True,
+    cpu_name: str | None = None,
+    constant_inputs: dict[str, object] | None = None,
+):
+    """Compile an ONNX model whose inputs name the batch dimension `dim` into one CPU
+    library for every batch size (a BatchedModel): a program for each tile (those up to
+    `max_batch` when it is set, and 1), proved to run batch elements apart, and the C
+    API that runs a call's batch through them. BatchMixing where the model mixes batch
+    elements."""
+    import onnx
+    from runtime.batched import BatchedModel
+
+    from codegen import batched_abi
+    from compiler.driver import _cache_key, build_several, cached_build, lower_graph, to_graph
+    from compiler.specialize import _declared
+    from frontends.onnx import load_model
+
+    proto = load_model(model)
+    fixed = set(constant_inputs or ())
+    inits = {t.name for t in proto.graph.initializer}
+    declared = [i for i in _declared(proto.graph.input, onnx) if i.name not in inits | fixed]
+    if not any(dim in info.shape for info in declared):
+        raise ValueError(f"no input of {name} has the dimension {dim!r}")
+    sizes = sorted({t for t in tiles if t >= 1 and (not max_batch or t <= max_batch)} | {1}, reverse=True)
+    axes = {i.name: BatchAxis(i.shape.index(dim)) if dim in i.shape else None for i in declared}
+
+    def graph_for(count: int) -> Graph:
+        shapes = {i.name: tuple(count if d == dim else d for d in i.shape) for i in declared}
+        return to_graph(proto, shapes, constant_inputs)
+
+    graphs = {t: graph_for(t) for t in sizes}
+    layouts = {t: batch_layout(graphs[t], axes, t) for t in [t for t in sizes if t > 1] or [2]}
+    layout = next(iter(layouts.values()))
+    if any(other != layout for other in layouts.values()):
+        raise BatchMixing(f"the outputs hold the batch differently at different batch sizes: {layouts}")
+    one = graphs[1]
+    inputs = [BatchedTensor(v.name, v.type.dtype, v.type.shape, axes[v.name]) for v in one.inputs]
+    outputs = [BatchedTensor(v.name, v.type.dtype, v.type.shape, b) for v, b in zip(one.outputs, layout)]
+    for t, g in graphs.items():
+        for tensor, v in zip(inputs + outputs, g.inputs + g.outputs):
+            if v.type.shape != tensor.shape_for(t):
+                raise BatchMixing(f"{v.name} is {v.type.shape} at batch {t}, expected {tensor.shape_for(t)}")
+    prefixes = [(t, f"{name}_b{t}") for t in sizes]
+    wrapper = batched_abi.source(name, prefixes, inputs, outputs, dim, max_batch)
+    keys = "".join(_cache_key(graphs[t], p, "cpu", fuse, cpu_name) for t, p in prefixes)
+    key = hashlib.sha256((keys + wrapper).encode()).hexdigest()[:32]
+
+    def make(dest: Path) -> None:
+        programs = [lower_graph(graphs[t], p, fuse, "cpu", cpu_name=cpu_name) for t, p in prefixes]
+        build_several(programs, dest, name, cpu_name, extra_c=wrapper)
+        (dest / f"{name}.h").write_text(batched_abi.header(name, inputs, outputs, dim, max_batch))
+
+    return BatchedModel(cached_build(key, name, make), name)

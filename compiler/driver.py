@@ -393,16 +393,22 @@ def compile_model(
         dest = Path(tempfile.mkdtemp(prefix=f"{key}.emit.", dir=_ensure(cache_dir())))
         make(dest, emit)
         return CompiledModel(dest / f"{name}.so", name)
+    return CompiledModel(cached_build(key, name, lambda dest: make(dest, ())), name)
+
+
+def cached_build(key: str, name: str, make: Callable[[Path], None]) -> Path:
+    """The library NAME.so the build cache holds under `key`, made by make(dest) into a
+    fresh folder the first time."""
     final = cache_dir() / key
     so = final / f"{name}.so"
     if not so.exists():
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(cache_dir())))
-        make(staging, ())
+        make(staging)
         try:
             staging.rename(final)  # atomic: readers see all of a build or none
         except OSError:  # another process finished the same build first; it is identical
             shutil.rmtree(staging, ignore_errors=True)
-    return CompiledModel(so, name)
+    return so
 
 
 def _ensure(path: Path) -> Path:
