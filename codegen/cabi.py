@@ -334,15 +334,14 @@ const int64_t *{p.prefix}_output_shape(int i);
 """
 
 
-def blob_asm(symbol: str, blob: Path) -> str:
-    """Embed a file's bytes in the library as read-only data named `symbol` (64-byte aligned)."""
+def blob_asm(symbols: list[str], blob: Path) -> str:
+    """Embed a file's bytes in the library as read-only data named by each of `symbols`
+    (64-byte aligned)."""
     path = str(blob).replace("\\", "\\\\").replace('"', '\\"')
+    labels = "".join(f"    .globl {s}\n    .hidden {s}\n{s}:\n" for s in symbols)
     return f"""    .section .rodata
     .balign 64
-    .globl {symbol}
-    .hidden {symbol}
-{symbol}:
-    .incbin "{path}"
+{labels}    .incbin "{path}"
     .byte 0
     .section .note.GNU-stack,"",@progbits
 """
@@ -379,10 +378,13 @@ def link(
         sources.append(workdir / f"glue{i}.c")
     if kernels_object is not None:
         (workdir / "kernels.o").write_bytes(kernels_object)
+    named: dict[bytes, list[str]] = {}  # equal blobs (a weight set linked twice) are embedded once
     for symbol, blob in {f"{p.prefix}_weights": p.weights, **(extra_blobs or {})}.items():
-        (workdir / f"{symbol}.bin").write_bytes(blob)
-        (workdir / f"{symbol}.S").write_text(blob_asm(symbol, workdir / f"{symbol}.bin"))
-        sources.append(workdir / f"{symbol}.S")
+        named.setdefault(blob, []).append(symbol)
+    for blob, symbols in named.items():
+        (workdir / f"{symbols[0]}.bin").write_bytes(blob)
+        (workdir / f"{symbols[0]}.S").write_text(blob_asm(symbols, workdir / f"{symbols[0]}.bin"))
+        sources.append(workdir / f"{symbols[0]}.S")
     if extra_c is not None:
         (workdir / "extra.c").write_text(extra_c)
         sources.append(workdir / "extra.c")
