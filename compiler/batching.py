@@ -149,17 +149,17 @@ def compile_batched(
     API that runs a call's batch through them. BatchMixing where the model mixes batch
     elements."""
     import onnx
-    from runtime.batched import BatchedModel
 
     from codegen import batched_abi
     from compiler.driver import _cache_key, build_several, cached_build, lower_graph, to_graph
-    from compiler.specialize import _declared
+    from compiler.specialize import declared_inputs
     from frontends.onnx import load_model
+    from runtime.batched import BatchedModel
 
     proto = load_model(model)
     fixed = set(constant_inputs or ())
     inits = {t.name for t in proto.graph.initializer}
-    declared = [i for i in _declared(proto.graph.input, onnx) if i.name not in inits | fixed]
+    declared = [i for i in declared_inputs(proto.graph.input, onnx) if i.name not in inits | fixed]
     if not any(dim in info.shape for info in declared):
         raise ValueError(f"no input of {name} has the dimension {dim!r}")
     sizes = sorted({t for t in tiles if t >= 1 and (not max_batch or t <= max_batch)} | {1}, reverse=True)

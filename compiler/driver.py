@@ -21,18 +21,21 @@ import numpy as np
 
 from codegen import cabi, cpu, cuda_lib, gpu, nvptx
 from codegen.gpu_sim import simulate
+from compiler.batching import batch_dim, compile_batched
 from compiler.fusion import Group, partition
 from compiler.lowering import GpuLoops, KernelCall, Loops, copy_call, lower_group
 from compiler.memory import MemoryPlan, plan_memory
 from compiler.passes import Pass, simplify
 from compiler.plan_check import Location, Step, check_plan
 from compiler.schedule import Schedule, Storage, in_place_candidates, pack_weights, pins, schedule_kernels
-from compiler.specialize import SpecializingModel
+from compiler.specialize import SpecializingModel, declared_inputs
 from ir.errors import UnsupportedError, internal_errors
 from ir.graph import Graph, Value
+from ir.ops import BatchMixing
 from ir.printer import print_graph
 from ir.verify import verify
 from runtime import CompiledModel
+from runtime.batched import BatchedModel
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 #: cpu: a library of CPU kernels; cuda: GPU-scheduled kernels as PTX; cuda-sim: a CPU
@@ -339,7 +342,8 @@ def compile_model(
     cpu_name: str | None = None,
     constant_inputs: dict[str, object] | None = None,
     specialize: bool = True,
-) -> CompiledModel | SpecializingModel:
+    max_batch: int = 0,
+) -> CompiledModel | BatchedModel | SpecializingModel:
     """Compile an ONNX file / ModelProto / ir Graph into a native library and load it.
 
     `name` prefixes every C symbol (NAME_create, NAME_run, ...). `fuse=False` keeps
@@ -350,11 +354,14 @@ def compile_model(
     be known at compile time (a Reshape's shape fed as an input); they are no longer
     inputs of the compiled model.
 
-    An ONNX model with named dimensions left unbound, or inputs needed at compile time
-    and not fixed, gives a SpecializingModel when `specialize` (and no `emit`): it
-    compiles one library per distinct input shapes and such values as calls bring them
-    (see compiler.specialize). Without `specialize`, such a model is an error that says
-    what to bind.
+    An ONNX model whose inputs name one dimension, left unbound, that each batch
+    element runs apart along (a batch `N`) gives one library for every size of it, a
+    BatchedModel (see compiler.batching; `max_batch` bounds it, 0: no bound). Other
+    models with named dimensions left unbound, or inputs needed at compile time and
+    not fixed, give a SpecializingModel when `specialize` (and no `emit`): it compiles
+    one library per distinct input shapes and such values as calls bring them (see
+    compiler.specialize). Without `specialize`, such a model is an error that says what
+    to bind.
 
     `target` "cuda" gives a library that runs on an NVIDIA GPU through the CUDA driver
     (see codegen.cuda_lib), with its PTX (and cubins) beside it; its instance, which
@@ -367,7 +374,14 @@ def compile_model(
 
     try:
         graph = to_graph(model, input_shapes, constant_inputs)
-    except (SymbolicDimension, ConstantInputNeeded):
+    except (SymbolicDimension, ConstantInputNeeded) as e:
+        if isinstance(e, SymbolicDimension) and target == "cpu" and not emit and not input_shapes:
+            try:
+                return dynamic_batch(model, name, fuse, cpu_name, constant_inputs, max_batch)
+            except (BatchMixing, SymbolicDimension, ConstantInputNeeded) as why:
+                if not specialize:
+                    message = f"{e} (one library for every size is not possible: {why})"
+                    raise SymbolicDimension(message, e.input_name) from None
         if not specialize or emit:
             raise
         return SpecializingModel(
@@ -409,6 +423,30 @@ def cached_build(key: str, name: str, make: Callable[[Path], None]) -> Path:
         except OSError:  # another process finished the same build first; it is identical
             shutil.rmtree(staging, ignore_errors=True)
     return so
+
+
+def dynamic_batch(
+    model: object,
+    name: str,
+    fuse: bool = True,
+    cpu_name: str | None = None,
+    constant_inputs: dict[str, object] | None = None,
+    max_batch: int = 0,
+) -> BatchedModel:
+    """The dynamic-batch library of an ONNX model whose inputs name one dimension (see
+    compiler.batching); BatchMixing when there is no such dimension, or the model mixes
+    batch elements."""
+    import onnx
+
+    from frontends.onnx import load_model
+
+    proto = load_model(model)
+    fixed = set(constant_inputs or ()) | {t.name for t in proto.graph.initializer}
+    dim = batch_dim([i for i in declared_inputs(proto.graph.input, onnx) if i.name not in fixed])
+    if dim is None:
+        raise BatchMixing("the inputs do not name exactly one dimension, at most once each")
+    return compile_batched(proto, dim, name, max_batch=max_batch, fuse=fuse, cpu_name=cpu_name,
+                           constant_inputs=constant_inputs)  # fmt: skip
 
 
 def _ensure(path: Path) -> Path:

@@ -25,7 +25,7 @@ MAX_SPECIALIZATIONS = 32
 Dim = int | str  # a dimension: a number, or the name of a dimension the calls choose
 
 
-def _declared(value_infos, onnx) -> list[TensorInfo]:
+def declared_inputs(value_infos, onnx) -> list[TensorInfo]:
     """The names, dtypes and shapes an ONNX graph declares (named dims as their names)."""
     from frontends.onnx.context import ONNX_DTYPES
 
@@ -58,8 +58,8 @@ class SpecializingModel:
         self._fixed = dict(options.pop("constant_inputs", None) or {})
         inits = {t.name for t in self._proto.graph.initializer}
         inputs = [vi for vi in self._proto.graph.input if vi.name not in inits and vi.name not in self._fixed]
-        self.inputs = _declared(inputs, onnx)
-        self.outputs = _declared(self._proto.graph.output, onnx)
+        self.inputs = declared_inputs(inputs, onnx)
+        self.outputs = declared_inputs(self._proto.graph.output, onnx)
         self.name = options.get("name", "model")
         self._needed: set[str] = set()  # inputs found to be needed at compile time
         self._libraries: OrderedDict[tuple, CompiledModel] = OrderedDict()

@@ -177,9 +177,9 @@ def _broken_models(tmp_path):
         ),
         "symbolic.onnx": (
             _model(
-                [helper.make_node("Relu", ["x"], ["y"])], [vi("x", shape=("N", 3))], [vi("y", shape=("N", 3))]
+                [helper.make_node("Relu", ["x"], ["y"])], [vi("x", shape=("N", "C"))], [vi("y", shape=("N", "C"))]
             ),
-            "input 'x': dimension 0 is symbolic ('N'); bind it with --input-shape x=Nx3",
+            "input 'x': dimension 0 is symbolic ('N'); bind it with --input-shape x=NxN",
         ),
         "missing_init.onnx": (
             _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x")], [vi("y")]),

@@ -160,7 +160,7 @@ class Op:
         inputs alone, so that a batch may run in pieces (see compiler.batching); else
         BatchMixing. An input with no batch (None) must not span the batch axis."""
         if any(batch):
-            raise BatchMixing(f"{self.name} has no rule for running batch elements apart")
+            raise BatchMixing("the op has no rule for running batch elements apart")
         return None
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:

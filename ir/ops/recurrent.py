@@ -212,7 +212,7 @@ class Recurrence(Op):
         batched = [len(t.shape) == 2 for t in ins[2:]]  # (batch, hidden), not a peephole
         wrong_state = any(b != (row if has else None) for b, has in zip(states, batched))
         if batch[1] or (xw and xw.axis != 1) or wrong_state:
-            raise BatchMixing(f"{self.name} takes the batch on xw's axis 1, the states' axis 0: got {batch}")
+            raise BatchMixing(f"it takes the batch on xw's axis 1, the states' axis 0: got {batch}")
         return xw and dataclasses.replace(xw, axis=2)
 
     def infer(self, xw: TensorType, rt: TensorType, *states: TensorType) -> TensorType:

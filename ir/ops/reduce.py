@@ -30,7 +30,7 @@ from codegen.kir import (
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.graph import Node, Value
-from ir.ops import Fusion, Gradient, Grads, Op, batch_of_first, normalize_axis, register
+from ir.ops import BatchMixing, Fusion, Gradient, Grads, Op, batch_of_first, normalize_axis, register
 from ir.ops.grad import constant, expand_back
 from ir.types import TensorType
 
@@ -231,6 +231,14 @@ class Reduce(Op):
         if len(axes) != len(self.axes):
             raise GraphError(f"{self.name}: repeated axis in {self.axes}")
         return axes
+
+    def batch_axis(self, ins, out, batch):
+        b, axes = batch[0], self._axes(ins[0].rank)
+        if b is None:
+            return None
+        if b.axis in axes:
+            raise BatchMixing(f"it reduces the batch axis {b.axis}")
+        return dataclasses.replace(b, axis=b.axis - (0 if self.keepdims else sum(a < b.axis for a in axes)))
 
     def infer(self, x: TensorType) -> TensorType:
         if x.dtype not in self.accepts:
