@@ -36,6 +36,18 @@ def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
         ) from None
 
 
+def _dim_bound(text: str) -> tuple[str, int]:
+    """NAME or NAME=1..MAX: the batch dimension a library takes at run time, and its bound."""
+    name, sep, bounds = text.partition("=")
+    low, dots, high = bounds.partition("..")
+    try:
+        if not name or (sep and (not dots or int(low) != 1 or int(high) < 1)):
+            raise ValueError
+        return name, int(high) if sep else 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME=1..MAX (N=1..256), got {text!r}") from None
+
+
 def _compile(args: argparse.Namespace) -> int:
     from compiler.driver import compile_model
 
@@ -57,7 +69,11 @@ def _compile(args: argparse.Namespace) -> int:
         emit=emit,
         cpu_name=args.cpu,
         specialize=False,  # a library has fixed shapes: say what to bind
+        max_batch=args.dim[1] if args.dim else 0,
     )
+    if args.dim and getattr(model, "batch_dim", None) != args.dim[0]:
+        found = getattr(model, "batch_dim", None)
+        raise ValueError(f"--dim {args.dim[0]}: the model's dimension for any size is {found or 'none'}")
     so = model.save(out)
     for kind in emit:
         ext = {"llvm": ".ll", "asm": ".s"}[kind]
@@ -237,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_shape_binding,
         metavar="NAME=DxD...",
         help="bind an input's shape (for symbolic dimensions)",
+    )
+    c.add_argument(
+        "--dim",
+        type=_dim_bound,
+        metavar="NAME[=1..MAX]",
+        help="the batch dimension the library takes in any size, bounded by MAX (without --dim, a model "
+        "whose inputs name one dimension gets one library for every size of it, where it can)",
     )
     c.add_argument("--cpu", help="target this LLVM CPU (e.g. x86-64-v3) instead of the host's")
     c.add_argument(

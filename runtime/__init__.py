@@ -491,9 +491,16 @@ class DeviceBuffer:
         return f"<DeviceBuffer {self.what}: {self.nbytes} bytes at 0x{self.address:x} of {self.owner.name}>"
 
 
-def load(path: str | Path, name: str | None = None, ordinal: int = 0) -> CompiledModel:
-    """Load a Kiln model library; its name defaults to the file's stem (NAME.so);
-    `ordinal`: the GPU a CUDA library runs on."""
+def load(path: str | Path, name: str | None = None, ordinal: int = 0):
+    """Load a Kiln model library (a CompiledModel, or a BatchedModel for a library that
+    takes any batch size); its name defaults to the file's stem (NAME.so); `ordinal`:
+    the GPU a CUDA library runs on."""
+    from runtime.batched import BatchedModel
+
+    path = Path(path)
+    name = name or path.stem
+    if path.is_file() and hasattr(ctypes.CDLL(str(path.resolve())), f"{name}_run_shaped"):
+        return BatchedModel(path, name)
     return CompiledModel(path, name, ordinal)
 
 

@@ -28,6 +28,8 @@ class BatchedModel:
     Called like a CompiledModel (`model(x)`, `model.run(x)`, `model.run_into(outs, x)`)
     with inputs of any batch size; calls on one BatchedModel are serialized."""
 
+    target = "cpu"
+
     def __init__(self, path: str | Path, name: str | None = None):
         self.path = Path(path)
         self.name = name or self.path.stem

@@ -177,7 +177,9 @@ def _broken_models(tmp_path):
         ),
         "symbolic.onnx": (
             _model(
-                [helper.make_node("Relu", ["x"], ["y"])], [vi("x", shape=("N", "C"))], [vi("y", shape=("N", "C"))]
+                [helper.make_node("Relu", ["x"], ["y"])],
+                [vi("x", shape=("N", "C"))],
+                [vi("y", shape=("N", "C"))],
             ),
             "input 'x': dimension 0 is symbolic ('N'); bind it with --input-shape x=NxN",
         ),

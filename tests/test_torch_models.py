@@ -44,3 +44,22 @@ def test_pytorch_export_matches_onnxruntime(name, batch, tmp_path, rng, capsys):
     # rtol on every element, with an absolute floor at RTOL of the output's scale for
     # the elements that are (nearly) zero, where a relative error means nothing
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dynamic_batch_export_is_one_library_for_every_batch(name, tmp_path, rng, capsys):
+    """Exported with the batch axis named N: one `kiln compile`, one library, any batch."""
+    model = export(name, 2, dynamic=True)
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert kiln(["compile", str(path), "-o", str(tmp_path / f"{name}.so"), "--dim", "N=1..256"]) == 0
+    compiled = load(tmp_path / f"{name}.so")
+    assert str(compiled.inputs[0]).startswith("input: float32[N, ")
+    session = onnxruntime.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    unit = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    for batch in (1, 7, 32, 100):
+        x = rng.standard_normal([batch, *unit]).astype(np.float32)
+        expected = session.run(None, {"input": x})[0]
+        got = compiled(x)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())

@@ -5,6 +5,7 @@ TorchScript exporter (`dynamo=False`) is used: it needs nothing beyond torch, an
 writes the Shape → Gather → Concat → Reshape chains that Kiln folds at import.
 
     export(name, batch) -> onnx.ModelProto     # name in MODELS
+    export(name, 2, dynamic=True)              # the batch axis named N
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ def _randomize_batchnorm(model) -> None:
             m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
 
 
-def export(name: str, batch: int, seed: int = 0) -> onnx.ModelProto:
+def export(name: str, batch: int, seed: int = 0, dynamic: bool = False) -> onnx.ModelProto:
     """Build model `name` with seeded weights, in inference mode, and export it for
-    inputs of shape (batch, *input_shape)."""
+    inputs of shape (batch, *input_shape); `dynamic`: with the batch axis of the input
+    and the output named N (any size)."""
     torch = _torch()
     torch.manual_seed(seed)
     model, input_shape = MODELS[name]()
@@ -153,5 +155,6 @@ def export(name: str, batch: int, seed: int = 0) -> onnx.ModelProto:
             output_names=["output"],
             opset_version=OPSET,
             dynamo=False,
+            dynamic_axes={"input": {0: "N"}, "output": {0: "N"}} if dynamic else None,
         )
     return onnx.load_from_string(buffer.getvalue())
