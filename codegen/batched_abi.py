@@ -74,9 +74,12 @@ def source(
     outputs: list[BatchedTensor],
     dim: str,
     max_batch: int,
+    next_tile: list[int],
 ) -> str:
     """The wrapper's C: `tiles` are (batch size, program prefix), largest first, the
-    last of batch 1; `max_batch` bounds the batch (0: no bound)."""
+    last of batch 1; `max_batch` bounds the batch (0: no bound); next_tile[r], for a
+    rest of r elements fewer than the largest tile, the index of the tile to run next
+    (padded when larger than r; next_tile[0] is not read)."""
     n_in, n_out, n_tiles = len(inputs), len(outputs), len(tiles)
     programs = "\n".join(
         f"int {p}_create(void **m);\n"
@@ -112,6 +115,8 @@ def source(
 {programs}
 
 static const int64_t tile_sizes[] = {{{sizes}}};
+/* for a rest of r elements (fewer than the largest tile), the tile to run next */
+static const int next_tile[] = {{{", ".join(map(str, next_tile))}}};
 static int (*const tile_create[])(void **) = {{{creates}}};
 static void (*const tile_destroy[])(void *) = {{{destroys}}};
 static int (*const tile_run[])(void *, const void *const *, void *const *) = {{{runs}}};
@@ -123,7 +128,7 @@ static const char *(*const tile_error[])(const void *) = {{{errors}}};
 
 typedef struct {{PREFIX}}_model {{
     void *tile[N_TILES];
-    unsigned char *scratch_in[N_IN + 1];   /* a slice of an input whose batch is not outermost */
+    unsigned char *scratch_in[N_IN + 1];   /* a tile's slice of an input, where it is copied */
     unsigned char *scratch_out[N_OUT + 1];
     char error[512];
 }} {{PREFIX}}_model;
@@ -168,14 +173,14 @@ API int {{PREFIX}}_create({{PREFIX}}_model **out) {{
     }}
     for (int i = 0; i < N_IN; i++) {{
         size_t bytes = input_outer[i] * input_element_bytes[i] * tile_sizes[0];
-        if (input_outer[i] > 1 && !(m->scratch_in[i] = malloc(bytes))) {{
+        if (input_axes[i] >= 0 && !(m->scratch_in[i] = malloc(bytes))) {{
             {{PREFIX}}_destroy(m);
             return kiln_thread_failed("out of memory for the batch slices of input %d", i);
         }}
     }}
     for (int i = 0; i < N_OUT; i++) {{
         size_t bytes = output_outer[i] * output_element_bytes[i] * tile_sizes[0];
-        if (output_outer[i] > 1 && !(m->scratch_out[i] = malloc(bytes))) {{
+        if (!(m->scratch_out[i] = malloc(bytes))) {{
             {{PREFIX}}_destroy(m);
             return kiln_thread_failed("out of memory for the batch slices of output %d", i);
         }}
@@ -236,14 +241,50 @@ static int64_t batch_of({{PREFIX}}_model *m, const int64_t *const *input_shapes)
 }}
 
 /* Copy `count` elements of the batch from `start` between a tensor of `batch` elements
- * and a slice of `count` (to the slice when `gather`). */
+ * and a tile's slice of `tile` elements (to the slice when `gather`, its pad zeroed). */
 static void copy_slice(unsigned char *whole, unsigned char *slice, int64_t outer, int64_t bytes,
-                       int64_t batch, int64_t start, int64_t count, int gather) {{
+                       int64_t batch, int64_t start, int64_t count, int64_t tile, int gather) {{
     for (int64_t o = 0; o < outer; o++) {{
-        unsigned char *w = whole + (o * batch + start) * bytes, *s = slice + o * count * bytes;
-        if (gather) memcpy(s, w, count * bytes);
-        else memcpy(w, s, count * bytes);
+        unsigned char *w = whole + (o * batch + start) * bytes, *s = slice + o * tile * bytes;
+        if (gather) {{
+            memcpy(s, w, count * bytes);
+            memset(s + count * bytes, 0, (tile - count) * bytes);
+        }} else {{
+            memcpy(w, s, count * bytes);
+        }}
     }}
+}}
+
+/* Run batch elements start .. start + count - 1 through tile t's program (count of
+ * them at most: fewer run padded with zeros, their outputs dropped). */
+static int run_slice({{PREFIX}}_model *m, int t, const void *const *inputs, void *const *outputs,
+                     int64_t batch, int64_t start, int64_t count) {{
+    const void *ins[N_IN + 1];
+    void *outs[N_OUT + 1];
+    int64_t tile = tile_sizes[t];
+    for (int i = 0; i < N_IN; i++) {{
+        unsigned char *whole = (unsigned char *)inputs[i];
+        if (input_axes[i] < 0) ins[i] = whole;
+        else if (input_outer[i] == 1 && count == tile) ins[i] = whole + start * input_element_bytes[i];
+        else {{
+            copy_slice(whole, m->scratch_in[i], input_outer[i], input_element_bytes[i], batch, start, count,
+                       tile, 1);
+            ins[i] = m->scratch_in[i];
+        }}
+    }}
+    for (int i = 0; i < N_OUT; i++) {{
+        unsigned char *whole = (unsigned char *)outputs[i];
+        int direct = output_outer[i] == 1 && count == tile;
+        outs[i] = direct ? whole + start * output_element_bytes[i] : m->scratch_out[i];
+    }}
+    if (tile_run[t](m->tile[t], ins, outs) != 0)
+        return fail(m, "batch elements %lld..%lld (the program for %lld): %s", (long long)start,
+                    (long long)(start + count - 1), (long long)tile, tile_error[t](m->tile[t]));
+    for (int i = 0; i < N_OUT; i++)
+        if (!(output_outer[i] == 1 && count == tile))
+            copy_slice((unsigned char *)outputs[i], m->scratch_out[i], output_outer[i],
+                       output_element_bytes[i], batch, start, count, tile, 0);
+    return 0;
 }}
 
 /* The output shapes for these input shapes: output i's in output_shapes[i] (its rank
@@ -278,34 +319,14 @@ API int {{PREFIX}}_run_shaped({{PREFIX}}_model *m, const void *const *inputs,
     int64_t batch = batch_of(m, input_shapes);
     if (batch < 0) return 1;
     if (output_shapes && {{PREFIX}}_output_shapes(m, input_shapes, output_shapes) != 0) return 1;
-    const void *ins[N_IN + 1];
-    void *outs[N_OUT + 1];
-    int64_t start = 0;
-    for (int t = 0; t < N_TILES; t++) {{
-        int64_t count = tile_sizes[t];
-        for (; batch - start >= count; start += count) {{
-            for (int i = 0; i < N_IN; i++) {{
-                unsigned char *whole = (unsigned char *)inputs[i];
-                if (input_axes[i] < 0) ins[i] = whole;
-                else if (input_outer[i] == 1) ins[i] = whole + start * input_element_bytes[i];
-                else {{
-                    copy_slice(whole, m->scratch_in[i], input_outer[i], input_element_bytes[i], batch, start,
-                               count, 1);
-                    ins[i] = m->scratch_in[i];
-                }}
-            }}
-            for (int i = 0; i < N_OUT; i++) {{
-                unsigned char *whole = (unsigned char *)outputs[i];
-                outs[i] = output_outer[i] == 1 ? whole + start * output_element_bytes[i] : m->scratch_out[i];
-            }}
-            if (tile_run[t](m->tile[t], ins, outs) != 0)
-                return fail(m, "batch elements %lld..%lld (the program for %lld): %s", (long long)start,
-                            (long long)(start + count - 1), (long long)count, tile_error[t](m->tile[t]));
-            for (int i = 0; i < N_OUT; i++)
-                if (output_outer[i] > 1)
-                    copy_slice((unsigned char *)outputs[i], m->scratch_out[i], output_outer[i],
-                               output_element_bytes[i], batch, start, count, 0);
-        }}
+    /* Whole runs of the largest tile, then the rest as the cost table says: tile
+     * next_tile[rest] next, padded when it is larger than the rest. */
+    for (int64_t start = 0; start < batch;) {{
+        int64_t rest = batch - start;
+        int t = rest >= tile_sizes[0] ? 0 : next_tile[rest];
+        int64_t count = rest < tile_sizes[t] ? rest : tile_sizes[t];
+        if (run_slice(m, t, inputs, outputs, batch, start, count) != 0) return 1;
+        start += count;
     }}
     return 0;
 }}

@@ -33,6 +33,10 @@ from ir.types import TensorType
 DEFAULT_TILES = (32, 8, 1)
 #: constants folded while proving a graph batch-separable are at most this many elements
 FOLD_LIMIT = 1 << 22
+#: the cost estimate of a tile's program (program_seconds): a kernel runs at this many
+#: FLOP/s or moves this many bytes a second, whichever takes longer, and costs this
+#: much more to start. Rough, as only the ratios between tiles matter.
+FLOP_RATE, BANDWIDTH, KERNEL_START = 80e9, 20e9, 1e-6
 
 
 @dataclass(frozen=True)
@@ -182,13 +186,34 @@ def compile_batched(
             if v.type.shape != tensor.shape_for(t):
                 raise BatchMixing(f"{v.name} is {v.type.shape} at batch {t}, expected {tensor.shape_for(t)}")
     prefixes = [(t, f"{name}_b{t}") for t in sizes]
-    wrapper = batched_abi.source(name, prefixes, inputs, outputs, dim, max_batch)
     keys = "".join(_cache_key(graphs[t], p, "cpu", fuse, cpu_name) for t, p in prefixes)
-    key = hashlib.sha256((keys + wrapper).encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{keys} {dim} {max_batch}".encode()).hexdigest()[:32]
 
     def make(dest: Path) -> None:
         programs = [lower_graph(graphs[t], p, fuse, "cpu", cpu_name=cpu_name) for t, p in prefixes]
+        table = cover_table(sizes, [program_seconds(p) for p in programs])
+        wrapper = batched_abi.source(name, prefixes, inputs, outputs, dim, max_batch, table)
         build_several(programs, dest, name, cpu_name, extra_c=wrapper)
         (dest / f"{name}.h").write_text(batched_abi.header(name, inputs, outputs, dim, max_batch))
 
     return BatchedModel(cached_build(key, name, make), name)
+
+
+def program_seconds(program) -> float:
+    """A lowered program's run time, estimated kernel by kernel as the larger of its
+    arithmetic and its bytes (a roofline), plus a start-up each: what a batch tile
+    costs, so that a rest is run by the cheapest tiles (a batch-1 Dense layer costs
+    nearly what a batch-8 one does: both stream the weights once)."""
+    kernels = [c.kernel for c in program.cpu_calls]
+    return sum(max(k.flops / FLOP_RATE, k.bytes / BANDWIDTH) + KERNEL_START for k in kernels)
+
+
+def cover_table(sizes: list[int], seconds: list[float]) -> list[int]:
+    """For each rest r below the largest tile, the index of the tile to run next in the
+    cheapest cover of r elements by tiles (a tile larger than what is left runs padded)."""
+    best, first = [0.0], [0]
+    for rest in range(1, sizes[0]):
+        cost, t = min((s + best[max(rest - size, 0)], t) for t, (size, s) in enumerate(zip(sizes, seconds)))
+        best.append(cost)
+        first.append(t)
+    return first

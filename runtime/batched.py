@@ -10,17 +10,32 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ir.errors import KilnError
-from runtime import CompiledModel, KilnRuntimeError, TensorInfo, inputs_by_name
+from runtime import CompiledModel, KilnRuntimeError, TensorInfo, _addresses, inputs_by_name
 
 _API = (
     "create", "destroy", "run_shaped", "output_shapes", "last_error", "set_num_threads", "num_threads",
     "batch_dim", "max_batch", "num_inputs", "num_outputs",
 )  # fmt: skip
+
+
+#: input shapes whose output shapes a BatchedModel keeps worked out
+MAX_PLANS = 64
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a call's input shapes give: the output shapes, and the input shapes as the
+    library takes them (kept alive with their pointer array)."""
+
+    outputs: list[tuple[int, ...]]
+    inputs: list[np.ndarray]
+    pointers: ctypes.Array
 
 
 class BatchedModel:
@@ -46,6 +61,9 @@ class BatchedModel:
         self.outputs = self._tensors("output")
         self._handle = ctypes.c_void_p()
         self._lock = threading.Lock()
+        self._plans: dict[tuple, _Plan] = {}
+        self._pointers_in = ctypes.c_void_p * max(len(self.inputs), 1)
+        self._pointers_out = ctypes.c_void_p * max(len(self.outputs), 1)
 
     def _declare(self) -> None:
         f, vp, cp, i, i64 = self._fn, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int64
@@ -121,19 +139,36 @@ class BatchedModel:
                 raise ValueError(f"{self.name}: {self.last_error()}")
         return [tuple(int(d) for d in s) for s in shapes_out], shapes_in
 
-    def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
-        """The outputs, in new arrays."""
+    def _plan(self, args: Sequence[object], kwargs: dict) -> tuple[list[np.ndarray], _Plan]:
+        """The inputs in order, and the shapes of the call. The common call (dense
+        arrays by position, input shapes seen before) reuses what the first call with
+        those shapes worked out; the library checks the shapes on every call anyway."""
+        if not kwargs and len(args) == len(self.inputs) and all(type(a) is np.ndarray for a in args):
+            arrays = list(args)  # type: ignore[arg-type]
+            key = tuple((a.shape, a.dtype) for a in arrays)
+            plan = self._plans.get(key)
+            if plan is not None and all(a.flags.c_contiguous and a.flags.aligned for a in arrays):
+                return arrays, plan
         arrays = self._arrange(args, kwargs)
         shapes, shapes_in = self._shapes(arrays)
-        outs = [np.empty(s, t.dtype) for s, t in zip(shapes, self.outputs)]
-        self._run(arrays, shapes_in, outs)
+        plan = _Plan(shapes, shapes_in, self._pointers([s.ctypes.data for s in shapes_in]))
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[tuple((a.shape, a.dtype) for a in arrays)] = plan
+        return arrays, plan
+
+    def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
+        """The outputs, in new arrays."""
+        arrays, plan = self._plan(args, kwargs)
+        outs = [np.empty(s, t.dtype) for s, t in zip(plan.outputs, self.outputs)]
+        self._run(arrays, plan, outs)
         return outs
 
     def run_into(self, outs: Sequence[np.ndarray], *args: object, **kwargs: object) -> list[np.ndarray]:
         """Like run, writing into `outs`: each of the shape the inputs give, dense and
         writeable, sharing no byte with an input."""
-        arrays = self._arrange(args, kwargs)
-        shapes, shapes_in = self._shapes(arrays)
+        arrays, plan = self._plan(args, kwargs)
+        shapes = plan.outputs
         if len(outs) != len(self.outputs):
             raise TypeError(f"{self.name} has {len(self.outputs)} output(s), given {len(outs)} buffers")
         for info, o, shape in zip(self.outputs, outs, shapes):
@@ -144,16 +179,16 @@ class BatchedModel:
                 raise ValueError(f"output {info.name!r} must be C-contiguous, aligned and writeable")
             if any(np.shares_memory(o, a) for a in arrays):
                 raise ValueError(f"output {info.name!r} overlaps an input")
-        self._run(arrays, shapes_in, list(outs))
+        self._run(arrays, plan, list(outs))
         return list(outs)
 
-    def _run(self, arrays: list[np.ndarray], shapes_in: list[np.ndarray], outs: list[np.ndarray]) -> None:
+    def _run(self, arrays: list[np.ndarray], plan: _Plan, outs: list[np.ndarray]) -> None:
         with self._lock:
             ok = self._fn["run_shaped"](
                 self._instance(),
-                self._pointers([a.ctypes.data for a in arrays]),
-                self._pointers([s.ctypes.data for s in shapes_in]),
-                self._pointers([o.ctypes.data for o in outs]),
+                self._pointers_in(*_addresses(arrays)),
+                plan.pointers,
+                self._pointers_out(*_addresses(outs)),
                 None,
             )
             if ok != 0:
