@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -148,17 +149,12 @@ def compile_batched(
     constant_inputs: dict[str, object] | None = None,
 ):
     """Compile an ONNX model whose inputs name the batch dimension `dim` into one CPU
-    library for every batch size (a BatchedModel): a program for each tile (those up to
-    `max_batch` when it is set, and 1), proved to run batch elements apart, and the C
-    API that runs a call's batch through them. BatchMixing where the model mixes batch
-    elements."""
+    library for every batch size (a BatchedModel, see compile_tiles)."""
     import onnx
 
-    from codegen import batched_abi
-    from compiler.driver import _cache_key, build_several, cached_build, lower_graph, to_graph
+    from compiler.driver import to_graph
     from compiler.specialize import declared_inputs
     from frontends.onnx import load_model
-    from runtime.batched import BatchedModel
 
     proto = load_model(model)
     fixed = set(constant_inputs or ())
@@ -166,20 +162,43 @@ def compile_batched(
     declared = [i for i in declared_inputs(proto.graph.input, onnx) if i.name not in inits | fixed]
     if not any(dim in info.shape for info in declared):
         raise ValueError(f"no input of {name} has the dimension {dim!r}")
-    sizes = sorted({t for t in tiles if t >= 1 and (not max_batch or t <= max_batch)} | {1}, reverse=True)
-    axes = {i.name: BatchAxis(i.shape.index(dim)) if dim in i.shape else None for i in declared}
 
     def graph_for(count: int) -> Graph:
         shapes = {i.name: tuple(count if d == dim else d for d in i.shape) for i in declared}
         return to_graph(proto, shapes, constant_inputs)
 
+    axes = {i.name: BatchAxis(i.shape.index(dim)) if dim in i.shape else None for i in declared}
+    return compile_tiles(graph_for, axes, dim, name, tiles, max_batch, fuse, cpu_name)
+
+
+def compile_tiles(
+    graph_for: Callable[[int], Graph],
+    axes: dict[str, Batch],
+    dim: str,
+    name: str = "model",
+    tiles: tuple[int, ...] = DEFAULT_TILES,
+    max_batch: int = 0,
+    fuse: bool = True,
+    cpu_name: str | None = None,
+):
+    """One CPU library for every batch size (a BatchedModel) from `graph_for(count)`,
+    the model's graph for a batch of `count`, whose inputs hold the batch where `axes`
+    says (by name; None: not at all): a program for each tile (those up to `max_batch`
+    when it is set, and 1), proved to run batch elements apart, and the C API that runs
+    a call's batch through them. BatchMixing where the model mixes batch elements."""
+    from codegen import batched_abi
+    from compiler.driver import _cache_key, build_several, cached_build, lower_graph
+    from runtime.batched import BatchedModel
+
+    sizes = sorted({t for t in tiles if t >= 1 and (not max_batch or t <= max_batch)} | {1}, reverse=True)
     graphs = {t: graph_for(t) for t in sizes}
-    layouts = {t: batch_layout(graphs[t], axes, t) for t in [t for t in sizes if t > 1] or [2]}
+    proofs = {t: graphs[t] if t in graphs else graph_for(t) for t in [t for t in sizes if t > 1] or [2]}
+    layouts = {t: batch_layout(g, axes, t) for t, g in proofs.items()}
     layout = next(iter(layouts.values()))
     if any(other != layout for other in layouts.values()):
         raise BatchMixing(f"the outputs hold the batch differently at different batch sizes: {layouts}")
     one = graphs[1]
-    inputs = [BatchedTensor(v.name, v.type.dtype, v.type.shape, axes[v.name]) for v in one.inputs]
+    inputs = [BatchedTensor(v.name, v.type.dtype, v.type.shape, axes.get(v.name)) for v in one.inputs]
     outputs = [BatchedTensor(v.name, v.type.dtype, v.type.shape, b) for v, b in zip(one.outputs, layout)]
     for t, g in graphs.items():
         for tensor, v in zip(inputs + outputs, g.inputs + g.outputs):

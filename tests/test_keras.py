@@ -1047,3 +1047,19 @@ def test_export_train_gives_a_c_library_that_trains(tmp_path, rng, monkeypatch):
     trained = np.concatenate([w.ravel() for w in model.get_weights()])
     np.testing.assert_allclose(np.fromfile(tmp_path / "p.bin", np.float32), trained, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.mean([float(v) for v in run.stdout.split()]), history["loss"][0], rtol=1e-6)
+
+
+def test_predict_compiles_one_library_for_every_batch_size(rng):
+    """Full batches and the last partial one run the same library (one compile)."""
+    from runtime.batched import BatchedModel
+
+    model = Sequential([keras.Input((12,)), Dense(16, activation="relu"), layers.Dropout(0.3), Dense(3)])
+    model.compile(optimizer="adam", loss="mse")
+    x = rng.standard_normal((70, 12)).astype(np.float32)
+    got = model.predict(x, batch_size=32, verbose=0)
+    (w1, b1), (w2, b2) = model.layers[0].get_weights(), model.layers[2].get_weights()
+    np.testing.assert_allclose(got, np.maximum(x @ w1 + b1, 0) @ w2 + b2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.predict(x[:5], verbose=0), got[:5], rtol=1e-6, atol=1e-6)
+    predict = [key for key in model._programs if key[0] == "predict"]
+    assert predict == [("predict", None, "cpu")]
+    assert isinstance(model._programs[predict[0]].compiled, BatchedModel)

@@ -31,6 +31,7 @@ from frontends.keras.trainer import (
     TrainState,
     build_evaluate,
     build_predict,
+    build_predict_any_batch,
     build_train,
 )
 from ir.graph import Value
@@ -368,6 +369,14 @@ class Model:
                     self._programs[key] = step(program, state, feeds, targets, self.optimizer)
         return self._programs[key]
 
+    def _predict_program(self, batch: int, device: str):
+        """On the CPU one library for every batch size, where the model runs its batch
+        elements apart; else one per batch size."""
+        key = ("predict", None, device)
+        if device == devices.CPU and key not in self._programs:
+            self._programs[key] = build_predict_any_batch(self._forward, self.weights, self._feeds)
+        return self._programs.get(key) or self._program("predict", batch, device)
+
     def _train_state(self, device: str = devices.CPU) -> TrainState | DeviceTrainState:
         """The training state on `device`; a state on another device hands its weights
         and slots over (the weights through the layers)."""
@@ -577,7 +586,7 @@ class Model:
         parts: list[list[np.ndarray]] = [[] for _ in self._output_shapes]
         for start in range(0, len(xs[0]), batch):
             inputs = [np.ascontiguousarray(a[start : start + batch]) for a in xs]
-            program = self._program("predict", len(inputs[0]), device)
+            program = self._predict_program(len(inputs[0]), device)
             if weights is None:
                 weights, _alive = self._weights_for(program)
             outputs = program.run(inputs, weights)

@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compiler import compile_model
+from compiler.batching import compile_tiles
 from frontends.keras import devices
 from frontends.keras.base_layer import Layer, Weight
 from ir.autodiff import gradients
 from ir.builder import GraphBuilder
 from ir.graph import Value
+from ir.ops import Batch, BatchAxis, BatchMixing
 
 
 class GraphContext:
@@ -129,6 +131,24 @@ def build_predict(
     b, xs, values = _start("predict", weights, feeds)
     ys = forward(GraphContext(b, values), xs, False)
     return Program(_compile(b.build(*ys), "predict", device), device=device)
+
+
+def build_predict_any_batch(
+    forward: Forward, weights: list[Weight], feeds_for: Callable[[int], list[Feed]]
+) -> Program | None:
+    """The predict program as one CPU library for every batch size (the last, partial
+    batch included; see compiler.batching), or None for a model that mixes batch
+    elements (it then compiles one program per batch size)."""
+
+    def graph_for(count: int):
+        b, xs, values = _start("predict", weights, feeds_for(count))
+        return b.build(*forward(GraphContext(b, values), xs, False))
+
+    axes: dict[str, Batch] = {f.name: BatchAxis(0) for f in feeds_for(1)}
+    try:
+        return Program(compile_tiles(graph_for, axes, "batch", "predict"))
+    except BatchMixing:
+        return None
 
 
 def inference_graph(
