@@ -238,3 +238,14 @@ def test_kiln_compile_dim_bounds_the_batch(tmp_path, rng):
     assert model.max_batch == 20 and model.batch_dim == "N"
     assert "(any size)" not in Path(tmp_path / "tm.h").read_text()
     assert kiln(["compile", str(path), "-o", str(tmp_path / "tm2.so"), "--dim", "B"]) == 2
+
+
+def test_the_rest_of_a_batch_runs_by_the_cheapest_tiles():
+    """A tile whose cost is its batch (compute-bound) is split to what the rest needs; one
+    that costs the same at every size (weights streamed once) runs padded."""
+    from compiler.batching import cover_table
+
+    by_work = cover_table([32, 8, 1], [32.0, 8.0, 1.0])
+    assert by_work[7] == 2 and by_work[9] == 1 and by_work[31] == 1
+    by_weights = cover_table([32, 8, 1], [1.2, 1.05, 1.0])
+    assert by_weights[7] == 1 and by_weights[1] == 2 and by_weights[20] == 0
