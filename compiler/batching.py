@@ -1,12 +1,14 @@
 """Dynamic batch: one library for every batch size, built from programs for a few.
 
 A model whose inputs name a batch dimension (`N`, `batch_size`) is compiled for a few
-batch sizes, its tiles (32, 8 and 1 by default). A call with a batch of B runs the
-largest tile that fits as often as it fits, then the next, each on its consecutive
-slice of the batch (codegen.batched_abi writes that loop in C, as NAME_run_shaped).
-Each tile is an ordinary static-shape program, so a batch of 1 or 32 runs the very
-kernels a library compiled for that batch would, and the arena is sized by the tiles,
-not by the largest batch a caller brings.
+batch sizes, its tiles (32, 8 and 1 by default). A call with a batch of B runs whole
+runs of the largest tile, then the rest by the cheapest tiles, a larger one padded
+with zeros where that costs less (`cover_table`, from a roofline estimate of each
+tile's program), each on its consecutive slice of the batch (codegen.batched_abi
+writes that loop in C, as NAME_run_shaped). Each tile is an ordinary static-shape
+program, so a batch of 1 or 32 runs the very kernels a library compiled for that
+batch would, and the arena is sized by the tiles, not by the largest batch a caller
+brings.
 
 That is only right when every batch element's outputs come from its own inputs alone.
 `batch_layout` proves it op by op (Op.batch_axis) on each tile's graph, and finds
@@ -42,12 +44,12 @@ FLOP_RATE, BANDWIDTH, KERNEL_START = 80e9, 20e9, 1e-6
 
 @dataclass(frozen=True)
 class BatchedTensor:
-    """An input or output of a dynamic-batch library: its shape for one batch element
-    (`block` indices on `axis` for each), where the batch is, and its dtype."""
+    """An input or output of a dynamic-batch library: its name, dtype, shape for a
+    batch of one, and where it holds the batch (None: the same for every batch)."""
 
     name: str
     dtype: str
-    shape: tuple[int, ...]  # its shape for a batch of one
+    shape: tuple[int, ...]
     batch: Batch
 
     def shape_for(self, count: int) -> tuple[int, ...]:

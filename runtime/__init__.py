@@ -499,9 +499,17 @@ def load(path: str | Path, name: str | None = None, ordinal: int = 0):
 
     path = Path(path)
     name = name or path.stem
-    if path.is_file() and hasattr(ctypes.CDLL(str(path.resolve())), f"{name}_run_shaped"):
+    if _exports(path, f"{name}_run_shaped"):
         return BatchedModel(path, name)
-    return CompiledModel(path, name, ordinal)
+    return CompiledModel(path, name, ordinal)  # it names what is wrong with a bad file
+
+
+def _exports(path: Path, symbol: str) -> bool:
+    """Whether `path` is a loadable library that exports `symbol`."""
+    try:
+        return path.is_file() and hasattr(ctypes.CDLL(str(path.resolve())), symbol)
+    except OSError:
+        return False
 
 
 from runtime.predictor import Predictor as Predictor  # noqa: E402  (it builds on CompiledModel, above)
