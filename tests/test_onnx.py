@@ -309,6 +309,38 @@ def test_constant_inputs_fix_a_shape_fed_as_input():
     np.testing.assert_array_equal(compiled.run(x)[0], x.reshape(3, 4))
 
 
+def test_a_slot_computed_from_a_model_input_names_that_input(rng):
+    """Pads computed from a model input (target shape minus the input's Shape): the
+    error names the model input to fix, and a plain compile_model specializes on its
+    values, folding the arithmetic at import."""
+    from frontends.onnx import ConstantInputNeeded
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Sub", ["target", "x_shape"], ["grow"]),
+        helper.make_node("Concat", ["zeros", "grow"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("target", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["h", "w"])],
+        [helper.make_tensor("zeros", TensorProto.INT64, [2], [0, 0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(ConstantInputNeeded, match=r"'pads' is computed at run time from model input 'target'"):
+        compile_model(model, specialize=False)
+    compiled = compile_model(model)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    for target in ([4, 5], [2, 7]):
+        want = np.pad(x, [(0, target[0] - 2), (0, target[1] - 3)])
+        np.testing.assert_array_equal(compiled.run(x, np.array(target))[0], want)
+
+
 @pytest.mark.parametrize(
     "op_type,opset,attrs",
     [

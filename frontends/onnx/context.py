@@ -65,6 +65,9 @@ class Context:
         self.constants: dict[str, np.ndarray] = {}
         self.used: set[str] = set()  # every name some node or the graph's outputs read
         self.graph_inputs: set[str] = set()
+        #: each run-time value's model inputs whose values it is computed from (a
+        #: Shape of an input is known at compile time, so it depends on none)
+        self.sources: dict[str, tuple[str, ...]] = {}
 
     def value(self, name: str) -> Value:
         if name not in self.values:
@@ -88,6 +91,12 @@ class Context:
                 raise ConstantInputNeeded(
                     f"{message} (it is a model input: fix its value with constant_inputs={{{name!r}: ...}})",
                     name,
+                )
+            source = next(iter(self.sources.get(name, ())), None)
+            if source is not None:  # fixing that input makes it a constant, folded at import
+                raise ConstantInputNeeded(
+                    f"{message} from model input {source!r}: fix its value with constant_inputs={{{source!r}: ...}}",
+                    source,
                 )
             raise UnsupportedOnnxError(message)
         return self.constants[name]

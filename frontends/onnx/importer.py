@@ -192,6 +192,7 @@ def import_onnx(
     for vi in graph_inputs:
         dtype, shape = _input_shape(vi, bindings)
         ctx.values[vi.name] = b.input(vi.name, shape, dtype)
+        ctx.sources[vi.name] = (vi.name,)
     for node in g.node:
         convert = CONVERTERS[node.op_type]
         first_new = len(b.nodes)
@@ -208,8 +209,10 @@ def import_onnx(
                 for name, v in zip(node.output, outs):
                     ctx.constants[name] = folded.get(v, b.params.get(v))
                 continue
+        sources = tuple(dict.fromkeys(s for i in node.input if i for s in ctx.sources.get(i, ())))
         for name, v in zip(node.output, outs):
             if name:
                 ctx.values[name] = v
+                ctx.sources[name] = sources
     outputs = [ctx.value(o.name) for o in g.output]
     return b.build(*outputs)
