@@ -9,8 +9,9 @@ compiled for exactly that batch. Both are timed through the Python API as a user
 calls it and through run_into (no allocation), in alternating rounds (this machine is
 noisy): the median of each, and dynamic / static (1.00: as fast; the target is at
 most 1.05 at batch 1 and 32, where the dynamic library runs the very same kernels).
-Batch 7 and 100 show what the tiles cost where no tile fits exactly (7 = seven runs of
-the batch-1 program; 100 = three of 32 and four of 1). Needs torch==2.13.0.
+Batch 7 and 100 show what the tiles cost where no tile fits exactly (100 = three runs
+of 32, then 4 left; a rest runs by the cheapest tiles, a larger one padded:
+compiler.batching.cover_table). Needs torch==2.13.0.
 """
 
 from __future__ import annotations

@@ -538,6 +538,9 @@ class Kernel:
     scratch: list[Buffer] = field(default_factory=list)
     #: GPU kernels: buffers shared by the threads of a block (shared memory)
     shared: list[Buffer] = field(default_factory=list)
+    #: bytes its schedule must read again beyond each buffer once (a recurrence reads
+    #: its weights at every step, since each step needs the state the last one made)
+    reread_bytes: int = 0
 
     @property
     def work(self) -> int:
@@ -549,8 +552,9 @@ class Kernel:
 
     @property
     def bytes(self) -> int:
-        """The fewest bytes the kernel must move: each buffer read or written once."""
-        return sum(b.numel * ITEMSIZE[b.dtype] for b in self.params)
+        """The fewest bytes the kernel must move: each buffer read or written once, and
+        what it must read again."""
+        return sum(b.numel * ITEMSIZE[b.dtype] for b in self.params) + self.reread_bytes
 
     @property
     def parallel_loop(self) -> Loop | None:
@@ -594,6 +598,7 @@ class KernelBuilder:
         self._scratch: list[Buffer] = []
         self._shared: list[Buffer] = []
         self._ids = itertools.count()
+        self.reread_bytes = 0  # see Kernel.reread_bytes
 
     def _emit(self, stmt: Stmt) -> None:
         self._stack[-1].append(stmt)
@@ -712,11 +717,14 @@ class KernelBuilder:
             self._emit(stmt)
         self._scratch.extend(kernel.scratch)
         self._shared.extend(kernel.shared)
+        self.reread_bytes += kernel.reread_bytes
 
     def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
         params = self.params + ([self.status] if self.status is not None else [])
-        return Kernel(self.name, params, self._stack[0], self.checks, self._scratch, self._shared)
+        return Kernel(
+            self.name, params, self._stack[0], self.checks, self._scratch, self._shared, self.reread_bytes
+        )
 
 
 def unravel(flat: Expr, shape: Sequence[int]) -> list[Expr]:

@@ -249,3 +249,23 @@ def test_the_rest_of_a_batch_runs_by_the_cheapest_tiles():
     assert by_work[7] == 2 and by_work[9] == 1 and by_work[31] == 1
     by_weights = cover_table([32, 8, 1], [1.2, 1.05, 1.0])
     assert by_weights[7] == 1 and by_weights[1] == 2 and by_weights[20] == 0
+
+
+def test_a_recurrence_rest_runs_padded_since_its_weights_stream_every_step(rng):
+    """An LSTM reads Rᵀ again at every step (each step needs the state the last one
+    made), whatever the batch: the estimate counts it, so seven elements run as one
+    padded tile of 8, not as seven tiles of 1."""
+    from compiler.batching import cover_table, program_seconds
+    from compiler.driver import lower_graph
+
+    seq, features, hidden = 16, 8, 64
+    node = helper.make_node("LSTM", ["x", "w", "r"], ["", "h"], hidden_size=hidden)
+    inits = [
+        _const("w", rng.standard_normal((1, 4 * hidden, features)).astype(np.float32)),
+        _const("r", rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32)),
+    ]
+    proto = _model([node], [_f32("x", [seq, "N", features])], [_f32("h", [1, "N", hidden])], inits)
+    programs = [lower_graph(import_onnx(proto, {"x": (seq, b, features)}), "t", True, "cpu") for b in (8, 1)]
+    recurrence = max((c.kernel for c in programs[1].cpu_calls), key=lambda k: k.bytes)
+    assert recurrence.bytes >= seq * 4 * hidden * hidden * 4  # Rᵀ once per step
+    assert cover_table([8, 1], [program_seconds(p) for p in programs])[7] == 0

@@ -332,7 +332,9 @@ def test_a_slot_computed_from_a_model_input_names_that_input(rng):
         [helper.make_tensor("zeros", TensorProto.INT64, [2], [0, 0])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    with pytest.raises(ConstantInputNeeded, match=r"'pads' is computed at run time from model input 'target'"):
+    with pytest.raises(
+        ConstantInputNeeded, match=r"'pads' is computed at run time from model input 'target'"
+    ):
         compile_model(model, specialize=False)
     compiled = compile_model(model)
     x = rng.standard_normal((2, 3)).astype(np.float32)

@@ -95,7 +95,8 @@ class Context:
             source = next(iter(self.sources.get(name, ())), None)
             if source is not None:  # fixing that input makes it a constant, folded at import
                 raise ConstantInputNeeded(
-                    f"{message} from model input {source!r}: fix its value with constant_inputs={{{source!r}: ...}}",
+                    f"{message} from model input {source!r}: "
+                    f"fix its value with constant_inputs={{{source!r}: ...}}",
                     source,
                 )
             raise UnsupportedOnnxError(message)

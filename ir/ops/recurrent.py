@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from codegen import gpu
-from codegen.kir import WARP, Buffer, Expr, KernelBuilder, LoopKind, const, muladd
+from codegen.kir import ITEMSIZE, WARP, Buffer, Expr, KernelBuilder, LoopKind, const, muladd
 from codegen.kir import ExprBuilder as e
 from ir.errors import GraphError
 from ir.ops import REGISTRY, BatchMixing, ElementwiseOp, Fusion, Gradient, Op, register
@@ -284,6 +284,8 @@ class Recurrence(Op):
         units = matmul_col_tile(k.unit, rows)
         sums = k.scratch("gate_sums", xw.dtype, (chunk, self.gates, units))
         first = seq if self.reverse else 0
+        rt = ins[1]
+        k.reread_bytes = (batch // chunk * seq - 1) * rt.numel * ITEMSIZE[rt.dtype]  # Rᵀ per chunk and step
 
         def each_block(body: Callable[[Expr, int], None]) -> None:
             """body(first row within the chunk, rows) for each block of the chunk."""
