@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ir.errors import GraphError, UnsupportedError
 from ir.graph import Graph, Value
 from ir.ops import Batch, BatchAxis, BatchMixing
 from ir.types import TensorType
@@ -156,7 +157,7 @@ def compile_batched(
 
     from compiler.driver import to_graph
     from compiler.specialize import declared_inputs
-    from frontends.onnx import load_model
+    from frontends.onnx import OnnxImportError, load_model
 
     proto = load_model(model)
     fixed = set(constant_inputs or ())
@@ -167,7 +168,12 @@ def compile_batched(
 
     def graph_for(count: int) -> Graph:
         shapes = {i.name: tuple(count if d == dim else d for d in i.shape) for i in declared}
-        return to_graph(proto, shapes, constant_inputs)
+        try:
+            return to_graph(proto, shapes, constant_inputs)
+        except UnsupportedError:
+            raise
+        except (OnnxImportError, GraphError) as e:  # a fixed Reshape target, say
+            raise BatchMixing(f"the model does not take a batch of {count}: {e}") from None
 
     axes = {i.name: BatchAxis(i.shape.index(dim)) if dim in i.shape else None for i in declared}
     return compile_tiles(graph_for, axes, dim, name, tiles, max_batch, fuse, cpu_name)

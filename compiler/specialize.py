@@ -7,6 +7,9 @@ slots cannot be one library until those are bound. From Python it need not be:
 `compile_model(path)` returns a SpecializingModel, which compiles a library on first
 sight of each distinct (input shapes, values of the inputs needed as constants), keeps
 it, and reuses it; the build cache makes a repeated compile cheap across processes too.
+Where one named dimension is a batch whose elements run apart (compiler.batching) and
+others are not (a transformer's sequence), each library binds the others and takes
+every batch size: one library per sequence length, not per (batch, sequence).
 """
 
 from __future__ import annotations
@@ -41,6 +44,24 @@ def declared_inputs(value_infos, onnx) -> list[TensorInfo]:
     return infos
 
 
+def _once(dim: Dim, inputs: list[TensorInfo]) -> bool:
+    """Whether `dim` is a name that no input repeats (a batch is on one axis of each)."""
+    return isinstance(dim, str) and dim != "?" and all(t.shape.count(dim) <= 1 for t in inputs)
+
+
+def bind_dims(proto, sizes: dict[str, int]):
+    """A copy of the ONNX model with these named dimensions numbered, in its inputs,
+    outputs and value infos alike."""
+    bound = type(proto)()
+    bound.CopyFrom(proto)
+    g = bound.graph
+    for vi in (*g.input, *g.output, *g.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in sizes:
+                d.dim_value = sizes[d.dim_param]
+    return bound
+
+
 class SpecializingModel:
     """Called like a CompiledModel (`model(x)`, `model.run(...)`), on any inputs that fit
     the declared shapes: a named dimension takes any size, the same in every input
@@ -62,6 +83,17 @@ class SpecializingModel:
         self.outputs = declared_inputs(self._proto.graph.output, onnx)
         self.name = options.get("name", "model")
         self._needed: set[str] = set()  # inputs found to be needed at compile time
+        #: the named dimensions that may be a batch the libraries take in any size, at
+        #: most once in each input (the first is tried; one found to mix goes)
+        self._batches: list[str] = (
+            [
+                d
+                for d in dict.fromkeys(d for t in self.inputs for d in self._declared(t.name))
+                if _once(d, self.inputs)
+            ]
+            if options.get("target", "cpu") == "cpu" and not self._bound
+            else []
+        )
         self._libraries: OrderedDict[tuple, CompiledModel] = OrderedDict()
 
     @property
@@ -99,6 +131,46 @@ class SpecializingModel:
                             f"{info.name!r}"
                         )
 
+    def _key(self, names: list[str], arrays: list[np.ndarray]) -> tuple:
+        """What tells one library from another: the input shapes (but for the batch
+        dimension, when the libraries take any batch) and the values needed as constants."""
+        batch = self._batches[0] if self._batches else None
+        return tuple(
+            (
+                tuple(None if dim == batch else size for dim, size in zip(self._declared(n), a.shape)),
+                a.tobytes() if n in self._needed else None,
+            )
+            for n, a in zip(names, arrays)
+        )
+
+    def _declared(self, name: str) -> tuple[Dim, ...]:
+        info = next(t for t in self.inputs if t.name == name)
+        return tuple(self._bound.get(name, info.shape))
+
+    def _build(self, names: list[str], arrays: list[np.ndarray]) -> CompiledModel:
+        """A library for these inputs. While a named dimension may yet be a batch that
+        the elements run apart along, every other named dimension is bound to its size
+        here and the batch left named: one library for every batch size (for the LSTM's
+        time-major input, the sequence is named first, so the names are tried in turn)."""
+        from frontends.onnx import SymbolicDimension
+
+        constants = {**self._fixed, **{n: a for n, a in zip(names, arrays) if n in self._needed}}
+        while self._batches:
+            sizes = {
+                dim: size
+                for n, a in zip(names, arrays)
+                for dim, size in zip(self._declared(n), a.shape)
+                if isinstance(dim, str) and dim != self._batches[0]
+            }
+            try:
+                return self._compile(
+                    bind_dims(self._proto, sizes), constant_inputs=constants, **self._options
+                )
+            except SymbolicDimension:  # it mixes the batch elements: not a batch
+                self._batches.pop(0)
+        shapes = {n: a.shape for n, a in zip(names, arrays) if n not in self._needed}
+        return self._compile(self._proto, input_shapes=shapes, constant_inputs=constants, **self._options)
+
     def _library(self, arrays: list[np.ndarray]) -> tuple[CompiledModel, list[int]]:
         """The library for these inputs (compiled on first sight) and the positions of
         the inputs it takes (the others are compiled in as constants)."""
@@ -106,22 +178,18 @@ class SpecializingModel:
 
         names = [t.name for t in self.inputs]
         while True:
-            key = tuple((a.shape, a.tobytes() if n in self._needed else None) for n, a in zip(names, arrays))
+            key = self._key(names, arrays)
             if key in self._libraries:
                 self._libraries.move_to_end(key)
                 break
-            shapes = {n: a.shape for n, a in zip(names, arrays) if n not in self._needed}
-            constants = {n: a for n, a in zip(names, arrays) if n in self._needed}
             try:
-                library = self._compile(
-                    self._proto, input_shapes=shapes, constant_inputs={**self._fixed, **constants},
-                    **self._options,
-                )  # fmt: skip
+                library = self._build(names, arrays)
             except ConstantInputNeeded as e:
                 if e.input_name in self._needed or e.input_name not in names:
                     raise
                 self._needed.add(e.input_name)
                 continue
+            key = self._key(names, arrays)  # the batch may have been found not to be one
             self._libraries[key] = library
             if len(self._libraries) > MAX_SPECIALIZATIONS:
                 self._libraries.popitem(last=False)

@@ -102,3 +102,31 @@ def test_specializations_are_bounded(rng, monkeypatch):
     for batch in (1, 2, 3, 1):
         model(rng.standard_normal((batch, 8)).astype(np.float32))
     assert model.specializations == 2
+
+
+def _attention_over_sequence(rng):
+    """x: f32[S, N, 4] (time-major) → softmax(x·xᵀ)·x per batch element: the sequence
+    positions meet (S cannot run in pieces), the batch elements do not."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xn"], perm=[1, 0, 2]),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 2, 0]),
+        helper.make_node("MatMul", ["xn", "xt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "xn"], ["yn"]),
+        helper.make_node("Transpose", ["yn"], ["y"], perm=[1, 0, 2]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["S", "N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", "N", 4])
+    return _model(nodes, [x], [y])
+
+
+def test_one_library_per_sequence_length_takes_every_batch(rng):
+    """Named S (mixed) and N (run apart), S first: S is tried as the batch and refused,
+    then N is: one library per S, each taking any N."""
+    proto = _attention_over_sequence(rng)
+    model = compile_model(proto, name="attend")
+    for n, s in ((2, 5), (7, 5), (1, 5), (3, 9), (8, 9)):
+        x = rng.standard_normal((s, n, 4)).astype(np.float32)
+        (expected,) = interpret(import_onnx(proto, {"x": (s, n, 4)}), [x])
+        np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert model.specializations == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from compiler import compile_model
 from compiler.cli import main as kiln
 from runtime import load
 
@@ -63,3 +64,26 @@ def test_dynamic_batch_export_is_one_library_for_every_batch(name, tmp_path, rng
         got = compiled(x)
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "name,sequences",
+    [("lstm", (16, 40)), pytest.param("transformer", (16, 128, 200), marks=pytest.mark.slow)],
+)
+def test_a_named_sequence_compiles_once_per_length_for_every_batch(name, sequences, rng):
+    """Exported with N and S named: the elements of a batch run apart, a sequence's
+    steps do not, so Python compiles one library per sequence length, each taking any
+    batch."""
+    pytest.importorskip("onnxscript")
+    model = export(name, 2, dynamic=True, sequence=True)
+    compiled = compile_model(model, name=f"{name}_seq")
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    features = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+    for length in sequences:
+        for batch in (1, 7, 32, 100):
+            x = rng.standard_normal([batch, length, features]).astype(np.float32)
+            expected = session.run(None, {"input": x})[0]
+            got = compiled(x)
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+    assert compiled.specializations == len(sequences)

@@ -2,14 +2,17 @@
 
 torch is optional (`pip install torch==2.13.0`); only this module imports it. The
 TorchScript exporter (`dynamo=False`) is used: it needs nothing beyond torch, and it
-writes the Shape → Gather → Concat → Reshape chains that Kiln folds at import.
+writes the Shape → Gather → Concat → Reshape chains that Kiln folds at import. A
+named sequence axis goes through torch.export instead (`pip install onnxscript`).
 
     export(name, batch) -> onnx.ModelProto     # name in MODELS
     export(name, 2, dynamic=True)              # the batch axis named N
+    export(name, 2, True, sequence=True)       # and the sequence axis named S
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from collections.abc import Callable
 import onnx
 
 OPSET = 17
+SYMBOLIC_OPSET = 18  # the lowest torch.export's ONNX translation writes
 
 
 def _torch():
@@ -133,18 +137,24 @@ def _randomize_batchnorm(model) -> None:
             m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
 
 
-def export(name: str, batch: int, seed: int = 0, dynamic: bool = False) -> onnx.ModelProto:
+def export(
+    name: str, batch: int, seed: int = 0, dynamic: bool = False, sequence: bool = False
+) -> onnx.ModelProto:
     """Build model `name` with seeded weights, in inference mode, and export it for
     inputs of shape (batch, *input_shape); `dynamic`: with the batch axis of the input
-    and the output named N (any size)."""
+    and the output named N (any size); `sequence`: axis 1 (the transformer's and the
+    LSTM's steps) named S, through torch.export (see _export_symbolic)."""
     torch = _torch()
     torch.manual_seed(seed)
     model, input_shape = MODELS[name]()
     model.eval()
     example = torch.randn(batch, *input_shape)
-    buffer = io.BytesIO()
     # the fused inference kernel of nn.TransformerEncoderLayer has no ONNX export
     torch.backends.mha.set_fastpath_enabled(False)
+    axes = {0: "N"} if dynamic else {}
+    if sequence:
+        return _export_symbolic(model, example, {**axes, 1: "S"})
+    buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -155,6 +165,27 @@ def export(name: str, batch: int, seed: int = 0, dynamic: bool = False) -> onnx.
             output_names=["output"],
             opset_version=OPSET,
             dynamo=False,
-            dynamic_axes={"input": {0: "N"}, "output": {0: "N"}} if dynamic else None,
+            dynamic_axes={"input": axes, "output": axes} if axes else None,
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_symbolic(model, example, axes: dict[int, str]) -> onnx.ModelProto:
+    """Export through torch.export (needs onnxscript), which keeps every named axis a
+    symbol: the TorchScript tracer writes nn.MultiheadAttention's sequence length into a
+    Reshape as a number, so its file only runs at the traced length."""
+    torch = _torch()
+    dims = {axis: torch.export.Dim(name) for axis, name in axes.items()}
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["input"],
+            output_names=["output"],
+            opset_version=SYMBOLIC_OPSET,
+            dynamo=True,
+            dynamic_shapes=(dims,),
+            verbose=False,
+        )
+    return program.model_proto
