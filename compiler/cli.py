@@ -48,11 +48,38 @@ def _dim_bound(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME or NAME=1..MAX (N=1..256), got {text!r}") from None
 
 
+def _dim_value(text: str) -> tuple[str, int]:
+    """NAME=SIZE: a named dimension fixed to one size."""
+    name, sep, size = text.partition("=")
+    try:
+        if not name or not sep or int(size) < 1:
+            raise ValueError
+        return name, int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE (S=128), got {text!r}") from None
+
+
+def _fix_dims(model: str, sizes: dict[str, int]):
+    """The ONNX model with these named dimensions of its inputs given one size each."""
+    from compiler.specialize import bind_dims
+    from frontends.onnx import load_model
+
+    proto = load_model(model)
+    named = {d.dim_param for vi in proto.graph.input for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    unknown = sorted(set(sizes) - named)
+    if unknown:
+        raise ValueError(
+            f"--fix-dim {', '.join(unknown)}: no input names it (named: {', '.join(sorted(named)) or 'none'})"
+        )
+    return bind_dims(proto, sizes)
+
+
 def _compile(args: argparse.Namespace) -> int:
     from compiler.driver import compile_model
 
     if args.train or str(args.model).endswith(".keras"):
         return _compile_keras(args)
+    source = _fix_dims(args.model, dict(args.fix_dim)) if args.fix_dim else args.model
     out = Path(args.output)
     name = args.name or out.stem
     emit = tuple(k for k in args.emit or () if k != "ptx")
@@ -61,7 +88,7 @@ def _compile(args: argparse.Namespace) -> int:
     ptx = "ptx" in (args.emit or ())
     written = _write_ptx(args, out, name) if ptx and args.target != "cuda" else []
     model = compile_model(
-        args.model,
+        source,
         target=args.target,
         name=name,
         fuse=not args.no_fuse,
@@ -260,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[=1..MAX]",
         help="the batch dimension the library takes in any size, bounded by MAX (without --dim, a model "
         "whose inputs name one dimension gets one library for every size of it, where it can)",
+    )
+    c.add_argument(
+        "--fix-dim",
+        action="append",
+        type=_dim_value,
+        metavar="NAME=SIZE",
+        help="give a named dimension one size in every input (S=128), leaving the others named",
     )
     c.add_argument("--cpu", help="target this LLVM CPU (e.g. x86-64-v3) instead of the host's")
     c.add_argument(

@@ -240,6 +240,29 @@ def test_kiln_compile_dim_bounds_the_batch(tmp_path, rng):
     assert kiln(["compile", str(path), "-o", str(tmp_path / "tm2.so"), "--dim", "B"]) == 2
 
 
+def test_kiln_compile_fixes_a_sequence_and_keeps_the_batch(tmp_path, rng, capsys):
+    """x: f32[S, N, 3] minus its mean over the steps S: the steps meet, the batch
+    elements do not. --fix-dim S=5 gives one library for every N at S = 5."""
+    from compiler.cli import main as kiln
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["x", "mean"], ["y"]),
+    ]
+    path = tmp_path / "steps.onnx"
+    proto = _model(nodes, [_f32("x", ["S", "N", 3])], [_f32("y", ["S", "N", 3])])
+    path.write_bytes(proto.SerializeToString())
+    so = tmp_path / "steps.so"
+    assert kiln(["compile", str(path), "-o", str(so), "--fix-dim", "S=5", "--dim", "N"]) == 0
+    model = load(so)
+    assert [str(t) for t in model.inputs] == ["x: float32[5, N, 3]"]
+    for batch in (1, 6, 40):
+        x = rng.standard_normal((5, batch, 3)).astype(np.float32)
+        np.testing.assert_allclose(model(x), x - x.mean(axis=0, keepdims=True), rtol=1e-5, atol=1e-6)
+    assert kiln(["compile", str(path), "-o", str(so), "--fix-dim", "T=5"]) == 2
+    assert "--fix-dim T: no input names it (named: N, S)" in capsys.readouterr().err
+
+
 def test_the_rest_of_a_batch_runs_by_the_cheapest_tiles():
     """A tile whose cost is its batch (compute-bound) is split to what the rest needs; one
     that costs the same at every size (weights streamed once) runs padded."""
