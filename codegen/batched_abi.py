@@ -12,7 +12,7 @@ instance. The metadata reports the batch dimension as -1 and names it.
 
 from __future__ import annotations
 
-from codegen.cabi import c_string
+from codegen.cabi import c_string, metadata_accessors
 from compiler.batching import BatchedTensor
 
 
@@ -40,23 +40,10 @@ def _tables(kind: str, tensors: list[BatchedTensor], dim: str) -> str:
         table("int64_t *const", "units", [f"{kind}_unit_{i}" for i in range(len(tensors))]),
     ]
     n = len(tensors)
-    lines += [
-        f"API int {{PREFIX}}_num_{kind}s(void) {{ return {n}; }}",
-        f"#define {kind.upper()}_OK(i) ((i) >= 0 && (i) < {n})",
-    ]
-    for attr, ctype, array, missing in (
-        ("name", "const char *", "names", "NULL"),
-        ("dtype", "const char *", "dtypes", "NULL"),
-        ("rank", "int ", "ranks", "-1"),
-        ("shape", "const int64_t *", "shapes", "NULL"),
-    ):
-        lines.append(
-            f"API {ctype}{{PREFIX}}_{kind}_{attr}(int i) "
-            f"{{ return {kind.upper()}_OK(i) ? {kind}_{array}[i] : {missing}; }}"
-        )
+    lines += metadata_accessors(kind, n)
     lines += [
         f"API const char *{{PREFIX}}_{kind}_dim_name(int i, int axis) {{",
-        f"    return {kind.upper()}_OK(i) && axis == {kind}_axes[i] ? {kind}_dim_names[i] : NULL;",
+        f"    return i >= 0 && i < {n} && axis == {kind}_axes[i] ? {kind}_dim_names[i] : NULL;",
         "}",
     ]
     return "\n".join(lines)

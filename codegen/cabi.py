@@ -108,8 +108,14 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
         f"static const char *const {kind}_dtypes[] = {arr([c_string(s.dtype) for s in specs])};",
         f"static const int {kind}_ranks[] = {arr([str(len(s.shape)) for s in specs])};",
         f"static const int64_t *const {kind}_shapes[] = {arr([f'{kind}_shape_{i}' for i in range(n)])};",
-        f"API int {{PREFIX}}_num_{kind}s(void) {{ return {n}; }}",
     ]
+    return "\n".join(lines + metadata_accessors(kind, n))
+
+
+def metadata_accessors(kind: str, n: int) -> list[str]:
+    """NAME_num_KINDs() and NAME_KIND_name/dtype/rank/shape(i) over the static tables
+    KIND_names, KIND_dtypes, KIND_ranks and KIND_shapes (NULL or -1 for a bad i)."""
+    lines = [f"API int {{PREFIX}}_num_{kind}s(void) {{ return {n}; }}"]
     for attr, ctype, table, missing in (
         ("name", "const char *", "names", "NULL"),
         ("dtype", "const char *", "dtypes", "NULL"),
@@ -120,7 +126,7 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
             f"API {ctype}{{PREFIX}}_{kind}_{attr}(int i) "
             f"{{ return i >= 0 && i < {n} ? {kind}_{table}[i] : {missing}; }}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def null_checks(p: Library, inputs: str = "inputs", outputs: str = "outputs") -> str:

@@ -194,28 +194,15 @@ class BatchedModel:
             if ok != 0:
                 raise KilnRuntimeError(f"{self.name}_run_shaped failed: {self.last_error()}")
 
-    def __call__(self, *args: object, **kwargs: object) -> np.ndarray | tuple[np.ndarray, ...]:
-        outs = self.run(*args, **kwargs)
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def last_error(self) -> str:
-        return (self._fn["last_error"](self._handle) or b"").decode() if self._handle else ""
-
-    @property
-    def num_threads(self) -> int:
-        with self._lock:
-            return self._fn["num_threads"](self._instance())
-
-    def set_num_threads(self, n: int) -> None:
-        if n < 1:
-            raise ValueError(f"thread count must be >= 1, got {n}")
-        with self._lock:
-            self._fn["set_num_threads"](self._instance(), int(n))
-
     def instance(self) -> BatchedModel:
         """Another native instance of the same library, to run concurrently with this one."""
         return BatchedModel(self.path, self.name)
 
+    # the same over the same native handle and function table as a CompiledModel's
+    __call__ = CompiledModel.__call__
+    last_error = CompiledModel.last_error
+    num_threads = CompiledModel.num_threads
+    set_num_threads = CompiledModel.set_num_threads
     save = CompiledModel.save
 
     def __del__(self) -> None:
