@@ -150,8 +150,8 @@ class SpecializingModel:
     def _build(self, names: list[str], arrays: list[np.ndarray]) -> CompiledModel:
         """A library for these inputs. While a named dimension may yet be a batch that
         the elements run apart along, every other named dimension is bound to its size
-        here and the batch left named: one library for every batch size (for the LSTM's
-        time-major input, the sequence is named first, so the names are tried in turn)."""
+        here and the batch left named: one library for every batch size (a time-major
+        input names its steps first, so the names are tried in turn)."""
         from frontends.onnx import SymbolicDimension
 
         constants = {**self._fixed, **{n: a for n, a in zip(names, arrays) if n in self._needed}}
