@@ -181,7 +181,7 @@ def _broken_models(tmp_path):
                 [vi("x", shape=("N", "C"))],
                 [vi("y", shape=("N", "C"))],
             ),
-            "input 'x': dimension 0 is symbolic ('N'); bind it with --input-shape x=NxN",
+            "input 'x': dimension 0 is symbolic ('N'); bind it with --fix-dim N=SIZE or --input-shape x=NxN",
         ),
         "missing_init.onnx": (
             _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x")], [vi("y")]),

@@ -110,14 +110,13 @@ def _input_shape(
             shape.append(d.dim_value)
         else:
             label = d.dim_param or "?"
+            template = "x".join(
+                str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N" for x in tt.shape.dim
+            )
+            fix = f"--fix-dim {d.dim_param}=SIZE or " if d.dim_param else ""
             raise SymbolicDimension(
                 f"input {vi.name!r}: dimension {i} is symbolic ({label!r}); bind it with "
-                f"--input-shape {vi.name}="
-                + "x".join(
-                    str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else "N"
-                    for x in tt.shape.dim
-                )
-                + " (or input_shapes= in Python)",
+                f"{fix}--input-shape {vi.name}={template} (or input_shapes= in Python)",
                 vi.name,
             )
     return dtype, tuple(shape)
