@@ -379,9 +379,9 @@ def compile_model(
             try:
                 return dynamic_batch(model, name, fuse, cpu_name, constant_inputs, max_batch)
             except (BatchMixing, SymbolicDimension, ConstantInputNeeded) as why:
-                if isinstance(why, ConstantInputNeeded) and not specialize:
-                    raise  # what to fix first
                 if not specialize:
+                    if isinstance(why, ConstantInputNeeded):
+                        raise  # what to fix first
                     message = f"{e} (one library for every size is not possible: {why})"
                     raise SymbolicDimension(message, e.input_name) from None
         if not specialize or emit:

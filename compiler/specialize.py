@@ -82,18 +82,14 @@ class SpecializingModel:
         self.inputs = declared_inputs(inputs, onnx)
         self.outputs = declared_inputs(self._proto.graph.output, onnx)
         self.name = options.get("name", "model")
+        #: each input's shape as declared, or as input_shapes= bound it
+        self._shapes: list[tuple[Dim, ...]] = [tuple(self._bound.get(t.name, t.shape)) for t in self.inputs]
         self._needed: set[str] = set()  # inputs found to be needed at compile time
         #: the named dimensions that may be a batch the libraries take in any size, at
         #: most once in each input (the first is tried; one found to mix goes)
-        self._batches: list[str] = (
-            [
-                d
-                for d in dict.fromkeys(d for t in self.inputs for d in self._declared(t.name))
-                if _once(d, self.inputs)
-            ]
-            if options.get("target", "cpu") == "cpu" and not self._bound
-            else []
-        )
+        named = dict.fromkeys(d for shape in self._shapes for d in shape)
+        unbound_cpu = options.get("target", "cpu") == "cpu" and not self._bound
+        self._batches: list[str] = [d for d in named if _once(d, self.inputs)] if unbound_cpu else []
         self._libraries: OrderedDict[tuple, CompiledModel] = OrderedDict()
 
     @property
@@ -112,10 +108,9 @@ class SpecializingModel:
         """Each input's dtype and rank as declared, its numbered dims as declared, and
         every named dim one size across the inputs."""
         sizes: dict[str, tuple[int, str]] = {}
-        for info, a in zip(self.inputs, arrays):
+        for info, declared, a in zip(self.inputs, self._shapes, arrays):
             if a.dtype != np.dtype(info.dtype):
                 raise TypeError(f"input {info.name!r}: expected dtype {info.dtype}, got {a.dtype}")
-            declared = self._bound.get(info.name, info.shape)
             if a.ndim != len(declared):
                 raise ValueError(f"input {info.name!r}: expected shape {info}, got {list(a.shape)}")
             for axis, (want, got) in enumerate(zip(declared, a.shape)):
@@ -137,15 +132,11 @@ class SpecializingModel:
         batch = self._batches[0] if self._batches else None
         return tuple(
             (
-                tuple(None if dim == batch else size for dim, size in zip(self._declared(n), a.shape)),
+                tuple(None if dim == batch else size for dim, size in zip(shape, a.shape)),
                 a.tobytes() if n in self._needed else None,
             )
-            for n, a in zip(names, arrays)
+            for n, shape, a in zip(names, self._shapes, arrays)
         )
-
-    def _declared(self, name: str) -> tuple[Dim, ...]:
-        info = next(t for t in self.inputs if t.name == name)
-        return tuple(self._bound.get(name, info.shape))
 
     def _build(self, names: list[str], arrays: list[np.ndarray]) -> CompiledModel:
         """A library for these inputs. While a named dimension may yet be a batch that
@@ -158,8 +149,8 @@ class SpecializingModel:
         while self._batches:
             sizes = {
                 dim: size
-                for n, a in zip(names, arrays)
-                for dim, size in zip(self._declared(n), a.shape)
+                for shape, a in zip(self._shapes, arrays)
+                for dim, size in zip(shape, a.shape)
                 if isinstance(dim, str) and dim != self._batches[0]
             }
             try:
