@@ -40,6 +40,7 @@ class Space(enum.Enum):
     ARENA = "arena"  # the instance's arena (index: a byte offset)
     WEIGHTS = "weights"  # the embedded weight blob (index: a byte offset)
     STATUS = "status"  # the instance's status word, which kernels' checks set
+    TEAM = "team"  # the instance's team barrier state (a team kernel's last argument)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class BufferRef:
             return f"(void *)(m->arena + {self.index})"
         if self.space is Space.STATUS:
             return "(void *)&m->status"
+        if self.space is Space.TEAM:
+            return "(void *)m->pool.team"
         return f"(void *)({{PREFIX}}_weights + {self.index})"
 
 

@@ -4,6 +4,13 @@ Every kernel becomes `void PREFIX_NAME(void *const *bufs, int64_t begin, int64_t
 `bufs` holds the kernel's buffer pointers in parameter order. A kernel whose body is
 one parallel loop runs iterations [begin, end) of it, so the library's thread pool
 hands each thread a slice; any other kernel runs whole when called with (0, 1).
+
+A team kernel (kir.LoopKind.TEAM) is handed out the same way: a thread runs members
+[begin, end). Its body is cut at the barriers (codegen.phases), each phase run for the
+thread's members in turn, and a barrier waits until the members of all threads have
+arrived: each thread adds its member count to the round's arrivals, the one that
+completes the team's count starts the next round, the others spin (yielding the core
+now and then) until it does. A thread that runs every member never waits.
 """
 
 from __future__ import annotations
@@ -14,7 +21,12 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 
 from codegen import kir
-from codegen.llvm_emit import I64, PTR, FunctionWriter, loop_metadata
+from codegen.llvm_emit import I32, I64, PTR, FunctionWriter, loop_metadata
+from codegen.phases import BarrierError, PhaseSplitter, carried_state, walk
+
+#: a waiting team member gives up its core after this many spins (a machine with more
+#: threads than cores must run the member it waits for)
+TEAM_SPINS_PER_YIELD = 1024
 
 
 @functools.cache
@@ -72,24 +84,37 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool =
     """The kernel body takes each buffer as its own `noalias` pointer (a kernel's buffers
     are distinct values, which the memory plan keeps apart while they are live), so
     LLVM may keep loaded values in registers across stores; the exported entry point
-    unpacks the `bufs` array the thread pool passes and calls it."""
+    unpacks the `bufs` array the thread pool passes and calls it. A team's members read
+    what the others write: its barriers hand LLVM the buffers the kernel writes (see
+    _team_barrier), so that it loads them again after each."""
     n = len(kernel.params)
     body_fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR] * n + [I64, I64]), f"{symbol}.body")
     body_fn.linkage = "internal"
+    split = kernel.split_loop
+    team = kernel.team_loop
     for arg in body_fn.args[:n]:
         arg.add_attribute("noalias")
     begin, end = body_fn.args[n], body_fn.args[n + 1]
-    parallel = kernel.parallel_loop
 
     def loop_hook(w: FunctionWriter, loop: kir.Loop) -> bool:
-        if loop is not parallel:
+        if loop is not split and not (team is not None and loop.var is team.var):
             return False
-        w.counted_loop(loop.var, begin, end, loop.body, loop.kind)
+        w.counted_loop(loop.var, begin, end, loop.body, kir.LoopKind.SERIAL if team else loop.kind)
+        return True
+
+    def stmt_hook(w: FunctionWriter, s: kir.Stmt) -> bool:
+        if not (isinstance(s, kir.Barrier) and team is not None):
+            return False
+        written = [pointers[buf] for buf in kernel.params if buf in shared]
+        _team_barrier(w, pointers[kernel.params[-1]], w.b.sub(end, begin), team.extent.value, written)
         return True
 
     pointers = dict(zip(kernel.params, body_fn.args[:n]))
-    writer = FunctionWriter(body_fn, pointers, loop_hook, kernel.scratch, libm=libm)
-    if parallel is None:
+    shared = _written(kernel.body) - {kernel.params[-1]} if team is not None else set()
+    writer = FunctionWriter(body_fn, pointers, loop_hook, kernel.scratch, stmt_hook, libm=libm)
+    if team is not None:
+        writer.stmts(_team_phases(kernel, team))
+    elif split is None:
         # run once, on the call with begin == 0
         with writer.b.if_then(writer.b.icmp_signed("==", begin, ir.Constant(I64, 0))):
             writer.stmts(kernel.body)
@@ -108,6 +133,87 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool =
     b.call(body_fn, [*pointers, fbegin, fend])
     b.ret_void()
     return fn
+
+
+def _written(body: list[kir.Stmt]) -> set[kir.Buffer]:
+    """The parameters the statements store to."""
+    return {s.buf.root for s in walk(body) if isinstance(s, kir.Store)}
+
+
+def _team_phases(kernel: kir.Kernel, team: kir.Loop) -> list[kir.Stmt]:
+    """The team's body cut at its barriers, each phase a loop over the thread's members
+    (a loop of the team's variable, which emit_kernel runs over [begin, end)). A thread
+    running several members runs each phase for all of them before the next, so a
+    member keeps nothing but buffers from one phase to the next: a local is refused, and
+    a scratch buffer (the thread's) holds the last member's values after a barrier."""
+
+    def phase(stmts: list[kir.Stmt]) -> kir.Loop:
+        return kir.Loop(team.var, team.extent, team.kind, stmts)
+
+    body = PhaseSplitter(kernel.name, team.var, phase).split(team.body)
+    phases = [s for s in walk(body) if isinstance(s, kir.Loop) and s.var is team.var]
+    carried = [x for x in carried_state(phases, set()) if isinstance(x, kir.Local)]
+    if carried:
+        names = ", ".join(sorted(x.name for x in carried))
+        raise BarrierError(f"kernel {kernel.name}: {names} is kept across a barrier; keep it in a buffer")
+    return body
+
+
+def _team_barrier(
+    w: FunctionWriter, state: ir.Value, weight: ir.Value, members: int, written: list[ir.Value]
+) -> None:
+    """Wait until `members` arrivals are counted this round (see the module docstring):
+    state[0] counts the round's arrivals, state[8] the rounds completed. The buffers
+    the team writes are `noalias` (within a phase no other pointer touches them, which
+    LLVM needs to keep loaded values in registers); so that no load of one moves across
+    the barrier, nor a store, an empty asm statement before and after the wait takes
+    their pointers and may read and write any memory."""
+    b, fn = w.b, w.fn
+    fence = ir.InlineAsm(
+        ir.FunctionType(ir.VoidType(), [PTR] * len(written)),
+        "",
+        ",".join(["r"] * len(written) + ["~{memory}"]),
+        side_effect=True,
+    )
+    b.call(fence, written)
+    arrivals = state
+    rounds = b.gep(state, [ir.Constant(I64, 8)], inbounds=True, source_etype=I64)
+    round_ = b.load_atomic(rounds, "acquire", 8, typ=I64)
+    before = b.atomic_rmw("add", arrivals, weight, "acq_rel")
+    last = b.icmp_signed("==", b.add(before, weight), ir.Constant(I64, members))
+    spin = fn.append_basic_block("team.spin")
+    give_up = fn.append_basic_block("team.spin.yield")
+    check = fn.append_basic_block("team.spin.check")
+    done = fn.append_basic_block("team.done")
+    with b.if_then(last):
+        b.atomic_rmw("xchg", arrivals, ir.Constant(I64, 0), "monotonic")
+        b.atomic_rmw("add", rounds, ir.Constant(I64, 1), "release")
+    b.cbranch(last, done, spin)
+    entry = b.block
+    b.position_at_end(spin)
+    spins = b.phi(I64, "spins")
+    if "x86" in fn.module.triple:
+        pause = fn.module.globals.get("llvm.x86.sse2.pause") or ir.Function(
+            fn.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause"
+        )
+        b.call(pause, [])
+    next_spins = b.add(spins, ir.Constant(I64, 1))
+    mask = ir.Constant(I64, TEAM_SPINS_PER_YIELD - 1)
+    due = b.icmp_signed("==", b.and_(next_spins, mask), ir.Constant(I64, 0))
+    b.cbranch(due, give_up, check)
+    b.position_at_end(give_up)
+    sched_yield = fn.module.globals.get("sched_yield") or ir.Function(
+        fn.module, ir.FunctionType(I32, []), "sched_yield"
+    )
+    b.call(sched_yield, [])
+    b.branch(check)
+    b.position_at_end(check)
+    now = b.load_atomic(rounds, "acquire", 8, typ=I64)
+    b.cbranch(b.icmp_signed("==", now, round_), spin, done)
+    spins.add_incoming(ir.Constant(I64, 0), entry)
+    spins.add_incoming(next_spins, check)
+    b.position_at_end(done)
+    b.call(fence, written)
 
 
 def build_module(

@@ -22,15 +22,15 @@ what the GPU would, whatever the order of its threads:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import prod
 
 from codegen import gpu, kir
 from codegen.kir import Barrier, Const, LoopKind, Shuffle, Var
-from codegen.kir_print import expr_text
+from codegen.phases import BarrierError, PhaseSplitter, carried_state, walk
 
-
-class SimulationError(ValueError):
-    """The GPU kernel cannot run as written (a barrier under thread-dependent control)."""
+#: the GPU kernel cannot run as written (a barrier under thread-dependent control)
+SimulationError = BarrierError
 
 
 def simulate(kernel: kir.Kernel) -> kir.Kernel:
@@ -67,37 +67,8 @@ class _Simulation:
 
     def _phases(self, stmts: list[kir.Stmt]) -> list[kir.Stmt]:
         """stmts (one thread's) as block-level statements: loops over the threads, split
-        at each barrier, and the uniform loops and ifs that hold barriers around them."""
-        out: list[kir.Stmt] = []
-        region: list[kir.Stmt] = []
-
-        def close() -> None:
-            if region:
-                out.append(self._phase(list(region)))
-                region.clear()
-
-        for s in stmts:
-            if not _synchronizes(s):
-                region.append(s)
-            elif isinstance(s, Barrier):
-                close()
-            elif isinstance(s, Shuffle):
-                xchg = self._exchange(s)
-                region.append(kir.Store(xchg, self.thread, s.value))
-                close()
-                region.append(kir.DeclareLocal(s.local, kir.Load(xchg, self._partner(s))))
-            elif isinstance(s, kir.Loop):
-                self._require_uniform(s.extent, "a loop holding a barrier or shuffle")
-                close()
-                out.append(kir.Loop(s.var, s.extent, LoopKind.SERIAL, self._phases(s.body)))
-            elif isinstance(s, kir.If):
-                self._require_uniform(s.cond, "an if holding a barrier or shuffle")
-                close()
-                out.append(kir.If(s.cond, self._phases(s.body)))
-            else:
-                raise SimulationError(f"kernel {self.source.name}: {type(s).__name__} holds a barrier")
-        close()
-        return out
+        at each barrier and shuffle, and the uniform loops and ifs that hold them."""
+        return _BlockSplitter(self).split(stmts)
 
     def _exchange(self, s: Shuffle) -> kir.Buffer:
         """A shuffle's own exchange array: the lanes read it in the phase after they
@@ -114,25 +85,11 @@ class _Simulation:
         lane = t % kir.WARP  # DOWN: past the warp's last lane, a lane keeps its own value
         return kir.select((lane + o).lt(kir.WARP), t + o, t)
 
-    def _require_uniform(self, e: kir.Expr, what: str) -> None:
-        def check(x: kir.Expr) -> None:
-            if x is self.thread or isinstance(x, (kir.LocalRef, kir.Load)):
-                raise SimulationError(
-                    f"kernel {self.source.name}: {what} depends on the thread ({expr_text(e)}); "
-                    "every thread of a block must reach the same barriers"
-                )
-
-        kir.rewrite(e, lambda x: check(x))
-
     # ------------------------------------------------------------------ per-thread state
     def _per_thread(self, body: list[kir.Stmt]) -> list[kir.Stmt]:
         """Locals and scratch buffers used in more than one phase, one per thread."""
-        phases = [s for s in _walk(body) if isinstance(s, kir.Loop) and s.var is self.thread]
-        seen_in: dict[object, set[int]] = {}
-        for i, phase in enumerate(phases):
-            for thing in _state_used(phase.body, set(self.source.scratch)):
-                seen_in.setdefault(thing, set()).add(i)
-        shared = [x for x, where in seen_in.items() if len(where) > 1]
+        loops = [s for s in walk(body) if isinstance(s, kir.Loop) and s.var is self.thread]
+        shared = carried_state(loops, set(self.source.scratch))
         if not shared:
             return body
         t, n = self.thread, self.layout.threads
@@ -167,36 +124,19 @@ class _Simulation:
         return kir.rewrite_stmts(body, expr, stmt)
 
 
-def _synchronizes(s: kir.Stmt) -> bool:
-    if isinstance(s, (Barrier, Shuffle)):
-        return True
-    if isinstance(s, (kir.Loop, kir.If)):
-        return any(_synchronizes(x) for x in s.body)
-    return False
+class _BlockSplitter(PhaseSplitter):
+    """A block's phases: a barrier leaves nothing (the phases run in order); a shuffle
+    ends a phase after each lane writes its value and starts the next with the reads."""
 
+    def __init__(self, sim: _Simulation):
+        super().__init__(sim.source.name, sim.thread, sim._phase)
+        self.sim = sim
 
-def _walk(body: list[kir.Stmt]):
-    for s in body:
-        yield s
-        if isinstance(s, (kir.Loop, kir.If)):
-            yield from _walk(s.body)
+    def at_barrier(self, s: Barrier) -> list[kir.Stmt]:
+        return []
 
-
-def _state_used(body: list[kir.Stmt], scratch: set[kir.Buffer]) -> set[object]:
-    """The locals and scratch buffers a phase declares, assigns, reads or writes."""
-    found: set[object] = set()
-
-    def note(e: kir.Expr) -> None:
-        if isinstance(e, kir.LocalRef):
-            found.add(e.local)
-        elif isinstance(e, kir.Load) and e.buf.root in scratch:
-            found.add(e.buf.root)
-
-    def stmt(s: kir.Stmt) -> None:
-        if isinstance(s, (kir.DeclareLocal, kir.Assign)):
-            found.add(s.local)
-        elif isinstance(s, kir.Store) and s.buf.root in scratch:
-            found.add(s.buf.root)
-
-    kir.rewrite_stmts(body, lambda e: note(e), lambda s: stmt(s))
-    return found
+    def at_shuffle(self, s: Shuffle, region: list[kir.Stmt], close: Callable[[], None]) -> None:
+        xchg = self.sim._exchange(s)
+        region.append(kir.Store(xchg, self.thread, s.value))
+        close()
+        region.append(kir.DeclareLocal(s.local, kir.Load(xchg, self.sim._partner(s))))

@@ -39,6 +39,10 @@ typedef struct kiln_pool {
     kiln_kernel fn;
     void *const *bufs;
     int64_t n;
+    /* A team kernel's barrier (codegen/cpu.py): word 0 counts the current round's
+     * arrivals, word 8 the rounds completed, each on its own cache line. Zero at
+     * start; every launch leaves the arrivals at zero again. */
+    _Alignas(64) int64_t team[16];
 } kiln_pool;
 
 typedef struct kiln_worker_arg {

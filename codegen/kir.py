@@ -8,7 +8,10 @@ with its tail run as masked vector operations rather than a scalar loop: for sho
 runs such as a matrix tile's last columns), `tile` (a register tile's row, a whole
 number of vectors of a constant extent: vectorized at that full extent, which the
 backend splits into registers side by side, so each operation of the body runs on the
-whole row before the next one starts), `gpu_block` and
+whole row before the next one starts), `team` (a kernel's top loop whose iterations,
+its members, run at once, one CPU thread each where there are threads enough, and
+wait for each other at a Barrier in the body: a team of members that share one
+sequence of steps, such as a recurrence's units split over cores), `gpu_block` and
 `gpu_thread` (bound to CUDA's block and thread indices; the CPU runs them as
 plain loops, which is how GPU kernels are tested on machines with no GPU).
 
@@ -35,6 +38,7 @@ class LoopKind(enum.Enum):
     VECTOR = "vector"
     VECTOR_MASKED = "vector_masked"
     TILE = "tile"
+    TEAM = "team"
     GPU_BLOCK = "gpu_block"
     GPU_THREAD = "gpu_thread"
 
@@ -446,6 +450,10 @@ class Check:
     code: int
 
 
+#: int64 words of a CPU team's barrier state (see KernelBuilder.team): the arrivals of
+#: the current round and the rounds completed, each on its own cache line
+TEAM_STATE_WORDS = 16
+
 #: threads of a warp, which run in lockstep and exchange registers with Shuffle
 WARP = 32
 
@@ -457,8 +465,9 @@ class ShuffleMode(enum.Enum):
 
 @dataclass(eq=False)
 class Barrier:
-    """Every thread of the block reaches this point before any goes past it, and sees
-    the shared-memory stores the others made before it (CUDA's __syncthreads)."""
+    """Every thread of the block (every member of a CPU team) reaches this point before
+    any goes past it, and sees the stores the others made before it (CUDA's
+    __syncthreads)."""
 
 
 @dataclass(eq=False)
@@ -559,9 +568,23 @@ class Kernel:
     @property
     def parallel_loop(self) -> Loop | None:
         """The single top-level parallel loop the runtime splits across threads."""
+        return self._top_loop(LoopKind.PARALLEL)
+
+    @property
+    def team_loop(self) -> Loop | None:
+        """The single top-level team loop (see LoopKind), whose members the runtime
+        splits across threads as it splits a parallel loop's iterations."""
+        return self._top_loop(LoopKind.TEAM)
+
+    @property
+    def split_loop(self) -> Loop | None:
+        """The top-level loop the runtime hands out in slices: parallel or team."""
+        return self.parallel_loop or self.team_loop
+
+    def _top_loop(self, kind: LoopKind) -> Loop | None:
         if len(self.body) == 1 and isinstance(self.body[0], Loop):
             loop = self.body[0]
-            if loop.kind is LoopKind.PARALLEL and isinstance(loop.extent, Const):
+            if loop.kind is kind and isinstance(loop.extent, Const):
                 return loop
         return None
 
@@ -592,6 +615,7 @@ class KernelBuilder:
         self.flat_block = flat_block
         self.unit = unit
         self.status: Buffer | None = None
+        self.team_state: Buffer | None = None
         self.checks: list[str] = []
         self._stack: list[list[Stmt]] = [[]]
         self._loops: list[Loop] = []  # the loops open around the statement being built
@@ -692,6 +716,17 @@ class KernelBuilder:
         self._shared.append(buf)
         return buf
 
+    @contextmanager
+    def team(self, members: int) -> Iterator[Var]:
+        """The kernel's body as a team of `members` (see LoopKind.TEAM), yielding the
+        member's index; k.barrier() inside waits for every member. On the CPU the
+        barrier's state is the last parameter, `team` (the runtime's, per instance)."""
+        if self._stack != [[]]:
+            raise ValueError(f"kernel {self.name}: a team is the whole kernel body")
+        self.team_state = Buffer("team", "int64", (TEAM_STATE_WORDS,))
+        with self.loop(members, LoopKind.TEAM, "member") as m:
+            yield m
+
     def barrier(self) -> None:
         self._emit(Barrier())
 
@@ -721,7 +756,8 @@ class KernelBuilder:
 
     def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
-        params = self.params + ([self.status] if self.status is not None else [])
+        extra = [self.status, self.team_state]
+        params = self.params + [b for b in extra if b is not None]
         return Kernel(
             self.name, params, self._stack[0], self.checks, self._scratch, self._shared, self.reread_bytes
         )

@@ -141,12 +141,16 @@ def _lower(group: Group, index: int, writes: list[Value], buffer_for, loops: Loo
 
 def _launches(name: str, calls: list[KernelCall], storage: Storage) -> list[cabi.Launch]:
     """Each kernel's symbol, the storage of its arguments (and the status word, for a
-    kernel with checks), and how it is split across threads."""
+    kernel with checks; the barrier state, for a team), and how it is split across
+    threads."""
     status = (cabi.BufferRef(cabi.Space.STATUS, 0),)
+    team = (cabi.BufferRef(cabi.Space.TEAM, 0),)
     return [
         cabi.Launch(
             f"{name}_{c.kernel.name}",
-            tuple(storage.ref(v) for v in c.values) + (status if c.kernel.checks else ()),
+            tuple(storage.ref(v) for v in c.values)
+            + (status if c.kernel.checks else ())
+            + (team if c.kernel.team_loop else ()),
             c.extent,
             c.parallel,
             tuple(f"{_where(c)}: {msg}" for msg in c.kernel.checks),

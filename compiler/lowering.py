@@ -50,12 +50,12 @@ class KernelCall:
 
     @property
     def parallel(self) -> bool:
-        loop = self.kernel.parallel_loop
+        loop = self.kernel.split_loop
         return loop is not None and self.extent > 1 and self.kernel.work >= PARALLEL_MIN_WORK
 
     @property
     def extent(self) -> int:
-        loop = self.kernel.parallel_loop
+        loop = self.kernel.split_loop
         return int(loop.extent.value) if loop is not None else 1  # type: ignore[union-attr]
 
 

@@ -32,9 +32,8 @@ def two_input_graph():
     return g, compile_model(g, name="two")
 
 
-def run_kernel(kernel, *arrays: np.ndarray) -> None:
-    """Compile one CPU kernel alone and run it once over its whole range on `arrays`
-    (its buffers, in order): a kernel-IR test without a graph around it."""
+def kernel_function(kernel):
+    """One CPU kernel compiled alone, as a ctypes function (bufs, begin, end)."""
     import ctypes
     import subprocess
     import tempfile
@@ -48,10 +47,22 @@ def run_kernel(kernel, *arrays: np.ndarray) -> None:
         obj.write_bytes(cpu.object_code(module))
         subprocess.run([cabi.c_compiler(), "-shared", str(obj), "-o", str(so)], check=True)
         fn = getattr(ctypes.CDLL(str(so)), f"kernel_test_{kernel.name}")
-    loop = kernel.parallel_loop
-    extent = int(loop.extent.value) if loop is not None else 1
-    for buf, a in zip(kernel.params, arrays):
-        assert a.flags.c_contiguous and a.size == buf.numel and a.dtype == np.dtype(buf.dtype), buf.name
-    pointers = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    fn(pointers, 0, extent)
+    return fn
+
+
+def kernel_pointers(kernel, arrays: tuple[np.ndarray, ...]):
+    """The `bufs` array of a kernel's buffers (its params, in order) for a call."""
+    import ctypes
+
+    for buf, a in zip(kernel.params, arrays, strict=True):
+        assert a.flags.c_contiguous and a.size == buf.numel and a.dtype == np.dtype(buf.dtype), buf.name
+    return (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+
+
+def run_kernel(kernel, *arrays: np.ndarray) -> None:
+    """Compile one CPU kernel alone and run it once over its whole range on `arrays`
+    (its buffers, in order): a kernel-IR test without a graph around it."""
+    loop = kernel.split_loop
+    extent = int(loop.extent.value) if loop is not None else 1
+    kernel_function(kernel)(kernel_pointers(kernel, arrays), 0, extent)

@@ -117,14 +117,29 @@ def _lstm_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.op("lstm", xw, *params, hidden=hidden))
 
 
+def _team_lstm_graph(rng: np.random.Generator) -> Graph:
+    """An LSTM of one batch row whose 128 units split into a team of two members, which
+    meet at a barrier after every step."""
+    b = GraphBuilder("team_lstm")
+    hidden = 128
+    xw = b.input("xw", (4, 1, 4 * hidden))
+    rt = b.param("rt", (0.1 * rng.standard_normal((hidden, 4 * hidden))).astype(np.float32))
+    shapes = {"h0": (1, hidden), "c0": (1, hidden), "peep": (3 * hidden,)}
+    states = [b.param(n, rng.standard_normal(s).astype(np.float32)) for n, s in shapes.items()]
+    return b.build(b.op("lstm", xw, rt, *states, hidden=hidden))
+
+
 @pytest.mark.skipif(
     shutil.which("valgrind") is None and not os.environ.get("CI"),
     reason="valgrind is not installed (.ci/run installs it; under CI its absence fails)",
 )
-@pytest.mark.parametrize("make", [_winograd_graph, _lstm_graph], ids=["winograd", "lstm"])
+@pytest.mark.parametrize(
+    "make", [_winograd_graph, _lstm_graph, _team_lstm_graph], ids=["winograd", "lstm", "team_lstm"]
+)
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
-    transforms) or on a block of rest rows (a recurrence's), under memcheck, 2 threads."""
+    transforms) or on a block of rest rows (a recurrence's), and a team's barriers,
+    under memcheck, 2 threads."""
     graph = make(rng)
     name = graph.name
     so = compile_model(graph, name=name, cpu_name="x86-64-v3").save(tmp_path / f"{name}.so")

@@ -71,10 +71,40 @@ TANH: Activation = ("tanh", ())
 CHUNK_ROWS = 16
 
 
+#: a recurrence team's members at most, and the hidden units each takes at least (a
+#: step's share of work that dwarfs the barrier after it)
+TEAM_MEMBERS = 8
+TEAM_MIN_UNITS = 64
+
+
 def _chunk_rows(batch: int) -> int:
     """Batch rows that step through time together (a parallel step): the most, up to
     CHUNK_ROWS, that divide the batch."""
     return next(r for r in range(min(batch, CHUNK_ROWS), 0, -1) if batch % r == 0)
+
+
+def _unit_groups(hidden: int, chunks: int) -> int:
+    """Groups the hidden units split into, each stepping through time beside the others
+    (see Recurrence.lower): the most, with chunks x groups up to TEAM_MEMBERS, whose
+    groups hold whole panels of Rᵀ (MATMUL_VECTOR units: no two members write one cache
+    line) of TEAM_MIN_UNITS units or more; 1 where the units do not split."""
+    for groups in (8, 4, 2):
+        fits = chunks * groups <= TEAM_MEMBERS and hidden % (groups * MATMUL_VECTOR) == 0
+        if fits and hidden // groups >= TEAM_MIN_UNITS:
+            return groups
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkLayout:
+    """How a recurrence kernel walks a chunk's rows: `chunk` rows in blocks of `rows`
+    (and one of `rest`), tiles of `units` units, their gate sums in `sums`."""
+
+    chunk: int
+    rows: int
+    rest: int
+    units: int
+    sums: Buffer
 
 
 @functools.cache
@@ -275,55 +305,81 @@ class Recurrence(Op):
         rows sum the tile (a matmul register tile: rows x units, sized by matmul_rows and
         matmul_col_tile) over h_{t-1} into the scratch `sums`; then each row's cell turns
         the tile's gate sums into its new state. One gate's columns of Rᵀ for the tile
-        (hidden x units) stay in L1 while every block of the chunk reads them."""
+        (hidden x units) stay in L1 while every block of the chunk reads them.
+
+        Where the units split into groups (_unit_groups), a team runs a member per chunk
+        and group, and the members meet at a barrier after every phase, since the next
+        reads the state every unit wrote: each core then streams its own part of Rᵀ at
+        every step, which stays in its cache, and a batch of one row runs on every core."""
         xw = ins[0]
         seq, batch, _ = xw.shape
         chunk = _chunk_rows(batch)
+        chunks = batch // chunk
         macs = seq * batch * self.hidden * self.gates * self.hidden
         rows, rest = matmul_rows(k.unit, chunk, macs)
         units = matmul_col_tile(k.unit, rows)
-        sums = k.scratch("gate_sums", xw.dtype, (chunk, self.gates, units))
-        first = seq if self.reverse else 0
         rt = ins[1]
-        k.reread_bytes = (batch // chunk * seq - 1) * rt.numel * ITEMSIZE[rt.dtype]  # Rᵀ per chunk and step
+        k.reread_bytes = (chunks * seq - 1) * rt.numel * ITEMSIZE[rt.dtype]  # Rᵀ per chunk and step
+        sums = k.scratch("gate_sums", xw.dtype, (chunk, self.gates, units))
+        lay = _ChunkLayout(chunk, rows, rest, units, sums)
+        groups = _unit_groups(self.hidden, chunks)
+        if groups == 1:
+            with k.loop(chunks, LoopKind.PARALLEL, "chunk") as c:
+                self._steps(k, ins, out, lay, c, const(0, "int64"), self.hidden, team=False)
+            return
+        per = self.hidden // groups
+        with k.team(chunks * groups) as m:
+            self._steps(k, ins, out, lay, m % chunks, m // chunks * per, per, team=True)
+
+    def _steps(
+        self, k: KernelBuilder, ins: list[Buffer], out: Buffer, lay: _ChunkLayout, c: Expr, first_unit: Expr,
+        count: int, team: bool,
+    ) -> None:  # fmt: skip
+        """Chunk c's rows through every step, over units [first_unit, first_unit + count);
+        a team's members wait for each other after the initial state and every phase."""
+        seq = ins[0].shape[0]
+        chunk = lay.chunk
+        first = seq if self.reverse else 0
 
         def each_block(body: Callable[[Expr, int], None]) -> None:
             """body(first row within the chunk, rows) for each block of the chunk."""
-            full = chunk // rows
+            full = chunk // lay.rows
             with k.loop(full, LoopKind.SERIAL, "block") as q:
-                body(q * rows, rows)
-            if rest:
-                body(const(full * rows, "int64"), rest)
+                body(q * lay.rows, lay.rows)
+            if lay.rest:
+                body(const(full * lay.rows, "int64"), lay.rest)
 
-        with k.loop(batch // chunk, LoopKind.PARALLEL, "chunk") as c:
-            with k.loop(chunk, LoopKind.SERIAL, "r") as r:
-                with k.loop(self.hidden, LoopKind.VECTOR, "j") as j:
-                    for plane, source in enumerate(self.state_planes):
-                        value = (
-                            ins[source][c * chunk + r, j] if source is not None else e.const(0.0, xw.dtype)
-                        )
-                        k.store(out, (first, plane, c * chunk + r, j), value)
-            with k.loop(seq, LoopKind.SERIAL, "n") as n:
-                t = (seq - 1 - n) if self.reverse else n
-                read, write = (t + 1, t) if self.reverse else (t, t + 1)
+        with k.loop(chunk, LoopKind.SERIAL, "r") as r:
+            with k.loop(count, LoopKind.VECTOR, "j") as j:
+                row, unit = c * chunk + r, first_unit + j
+                for plane, source in enumerate(self.state_planes):
+                    value = ins[source][row, unit] if source is not None else e.const(0.0, out.dtype)
+                    k.store(out, (first, plane, row, unit), value)
+        if team:
+            k.barrier()
+        with k.loop(seq, LoopKind.SERIAL, "n") as n:
+            t = (seq - 1 - n) if self.reverse else n
+            read, write = (t + 1, t) if self.reverse else (t, t + 1)
 
-                def step(first_row: Expr, count: int) -> Step:
-                    block = [c * chunk + first_row + i for i in range(count)]
-                    return Step(k, ins, out, block, t, read, write, sums, first_row)
+            def step(first_row: Expr, rows: int) -> Step:
+                block = [c * chunk + first_row + i for i in range(rows)]
+                return Step(k, ins, out, block, t, read, write, lay.sums, first_row)
 
-                for phase in self.phases():
+            for phase in self.phases():
 
-                    def tile(first_unit: Expr, width: int, phase: Phase = phase) -> None:
-                        for i, g in enumerate(phase.gates):
+                def tile(first: Expr, width: int, phase: Phase = phase) -> None:
+                    for i, g in enumerate(phase.gates):
 
-                            def gate_sums(row: Expr, count: int, i: int = i, g: int = g) -> None:
-                                self._gate_sums(step(row, count), phase, i, g, first_unit, width)
+                        def gate_sums(row: Expr, rows: int, i: int = i, g: int = g) -> None:
+                            self._gate_sums(step(row, rows), phase, i, g, first, width)
 
-                            each_block(gate_sums)
-                        with k.loop(chunk, LoopKind.SERIAL, "r") as row:
-                            self._cell(step(row, 1), phase, first_unit, width)
+                        each_block(gate_sums)
+                    with k.loop(chunk, LoopKind.SERIAL, "r") as row:
+                        self._cell(step(row, 1), phase, first, width)
 
-                    self.unit_tiles(k, tile, units)
+                self.unit_tiles(k, tile, lay.units, first_unit, count)
+                if team:
+                    k.barrier()
 
     def lower_gpu(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
         """One kernel for the whole sequence: a block per group of batch rows, which steps
@@ -379,17 +435,20 @@ class Recurrence(Op):
             for plane, value in phase.cell(c).items():
                 k.store(s.out, (s.write, plane, b, j), value)
 
-    def unit_tiles(self, k: KernelBuilder, tile: Callable[[Expr, int], None], size: int) -> None:
-        """tile(first unit, units) over the hidden units: whole tiles of `size` units, then
-        the rest as whole vectors, then the last few units."""
-        tiles, tail = divmod(self.hidden, size)
+    @staticmethod
+    def unit_tiles(
+        k: KernelBuilder, tile: Callable[[Expr, int], None], size: int, first: Expr, count: int
+    ) -> None:
+        """tile(first unit, units) over units [first, first + count): whole tiles of
+        `size` units, then the rest as whole vectors, then the last few units."""
+        tiles, tail = divmod(count, size)
         if tiles:
             with k.loop(tiles, LoopKind.SERIAL, "units") as u:
-                tile(u * size, size)
+                tile(first + u * size, size)
         whole = tail - tail % k.unit.lanes
-        for first, units in ((tiles * size, whole), (tiles * size + whole, tail - whole)):
+        for offset, units in ((tiles * size, whole), (tiles * size + whole, tail - whole)):
             if units:
-                tile(const(first, "int64"), units)
+                tile(first + offset, units)
 
     def _gate_sums(self, s: Step, phase: Phase, i: int, gate: int, first: Expr, units: int) -> None:
         """The sums of the phase's i-th gate over units [first, first + units) for the
