@@ -452,41 +452,55 @@ class Recurrence(Op):
 
     def _gate_sums(self, s: Step, phase: Phase, i: int, gate: int, first: Expr, units: int) -> None:
         """The sums of the phase's i-th gate over units [first, first + units) for the
-        step's block of rows, into s.sums. Each sweep of MATMUL_K_UNROLL steps of h_{t-1}
-        holds them in registers and loads each vector of Rᵀ once for all the rows; the
-        tile's units run as parts of MATMUL_VECTOR (a panel of a packed Rᵀ) side by side
-        in one loop, so a block of one row still has sums enough to hide the FMA's latency."""
+        step's block of rows, into s.sums. The tile's units run as parts of MATMUL_VECTOR
+        (a panel of a packed Rᵀ), those of one width side by side in one loop
+        (_gate_parts), so a block of one row still has sums enough to hide the FMA's
+        latency."""
+        parts = [(p, min(MATMUL_VECTOR, units - p)) for p in range(0, units, MATMUL_VECTOR)]
+        for width in sorted({w for _, w in parts}, reverse=True):
+            self._gate_parts(s, phase, i, gate, first, [p for p, w in parts if w == width], width)
+
+    def _gate_parts(
+        self, s: Step, phase: Phase, i: int, gate: int, first: Expr, offsets: list[int], width: int
+    ) -> None:
+        """The gate's sums for the tile's parts of `width` units at `offsets` from its
+        first unit. They stay in registers
+        over the whole of h_{t-1} (a scratch tile indexed by constants, which LLVM
+        promotes, as a convolution's), each vector of Rᵀ loaded once for all the rows,
+        in sweeps of MATMUL_K_UNROLL steps; then they go to s.sums for the cells."""
         k, h = s.k, self.hidden
         rows = range(len(s.block))
-        parts = [(p, min(MATMUL_VECTOR, units - p)) for p in range(0, units, MATMUL_VECTOR)]
-        with k.loop(units, vector_kind(units, k.unit.lanes), "u") as jj:
+        kind = vector_kind(width, k.unit.lanes)
+        acc = k.scratch("acc", s.out.dtype, (len(rows) * len(offsets) * width,))
+
+        def at(r: int, n: int, jj: Expr) -> Expr:
+            return (r * len(offsets) + n) * width + jj
+
+        with k.loop(width, kind, "u") as jj:
             for r in rows:
-                k.store(s.sums, s.at(r, i, jj), phase.start_of(_KernelCell(self, s, r, first + jj), gate))
+                for n, p in enumerate(offsets):
+                    k.store(acc, at(r, n, jj), phase.start_of(_KernelCell(self, s, r, first + p + jj), gate))
 
         def sweep(first_k: Expr, steps: int) -> None:
             coeffs = [[phase.over(_KernelCell(self, s, r, first_k + u)) for u in range(steps)] for r in rows]
-            for width in sorted({w for _, w in parts}, reverse=True):
-                starts = [p for p, w in parts if w == width]
-                with k.loop(width, vector_kind(width, k.unit.lanes), "u") as jj:
-                    accs = [
-                        [k.local(s.out.dtype, s.sums.load_flat(s.at(r, i, p + jj)), "sum") for r in rows]
-                        for p in starts
-                    ]
-                    for u in range(steps):
-                        for p, part in zip(starts, accs):
-                            at = self._rt_at(s.rt, first_k + u, gate * h + first + p) + jj
-                            w = k.local(s.out.dtype, s.rt.load_flat(at), "w")
-                            for r, acc in zip(rows, part):
-                                k.assign(acc, muladd(coeffs[r][u], w.ref, acc.ref))
-                    for p, part in zip(starts, accs):
-                        for r, acc in zip(rows, part):
-                            k.store(s.sums, s.at(r, i, p + jj), acc.ref)
+            with k.loop(width, kind, "u") as jj:
+                for u in range(steps):
+                    for n, p in enumerate(offsets):
+                        column = self._rt_at(s.rt, first_k + u, gate * h + first + p) + jj
+                        w = k.local(s.out.dtype, s.rt.load_flat(column), "w")
+                        for r in rows:
+                            sum_ = acc.load_flat(at(r, n, jj))
+                            k.store(acc, at(r, n, jj), muladd(coeffs[r][u], w.ref, sum_))
 
         full, rest = divmod(h, MATMUL_K_UNROLL)
         with k.loop(full, LoopKind.SERIAL, "k") as ks:
             sweep(ks * MATMUL_K_UNROLL, MATMUL_K_UNROLL)
         if rest:
             sweep(const(full * MATMUL_K_UNROLL, "int64"), rest)
+        with k.loop(width, kind, "u") as jj:
+            for r in rows:
+                for n, p in enumerate(offsets):
+                    k.store(s.sums, s.at(r, i, p + jj), acc.load_flat(at(r, n, jj)))
 
     def _cell(self, s: Step, phase: Phase, first: Expr, units: int) -> None:
         """The cell's arithmetic for the step's row over units [first, first + units),
