@@ -11,6 +11,7 @@ removes them as it reads.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -19,7 +20,7 @@ import numpy as np
 from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
-from ir.ops.nn import MATMUL_VECTOR, pack_panels, packed_conv_panel
+from ir.ops.nn import MATMUL_VECTOR, PACKED_CONV_SMALL_K, pack_panels, packed_conv_panel
 from ir.ops.recurrent import Recurrence
 from ir.ops.winograd import tile_columns, transform_weights
 from ir.ops.winograd import tiles as winograd_tiles
@@ -206,6 +207,61 @@ def conv_packed(graph: Graph) -> Graph:
     return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
 
 
+def conv_pool(graph: Graph) -> Graph:
+    """A max pool of p x p windows of stride p (no padding, no dilation) after a
+    conv2d_packed of few taps and stride 1 (a first layer), directly or through a ReLU,
+    runs inside the conv: conv2d_pooled, on the conv's input with each row's columns
+    dealt into p planes (a reshape and a transpose, over the small input), so the conv's
+    output, p² times the pooled one, is never stored, nor read back by a pooling
+    kernel. max(relu(a), relu(b)) = relu(max(a, b)): the ReLU goes after the pooled conv,
+    where fusion makes it the conv's epilogue. CPU only, after conv_packed."""
+    producer = {v: n for n in graph.nodes for v in n.outputs}
+    uses = Counter(v for n in graph.nodes for v in n.inputs) + Counter(graph.outputs)
+    replaced: dict[Node, list[Node]] = {}
+    dropped: set[Node] = set()
+    for pool in graph.nodes:
+        op = pool.op
+        if op.name != "max_pool2d" or op.output != "values" or any(op.pads):
+            continue
+        p = op.kernel[0]
+        if p < 2 or (tuple(op.kernel), tuple(op.strides), tuple(op.dilations)) != ((p, p), (p, p), (1, 1)):
+            continue
+        x = pool.inputs[0]
+        relu = producer.get(x) if x in producer and producer[x].op.name == "relu" else None
+        conv = producer.get(relu.inputs[0] if relu is not None else x)
+        if conv is None or conv.op.name != "conv2d_packed" or uses[conv.outputs[0]] != 1 or uses[x] != 1:
+            continue
+        columns, w, *bias = conv.inputs
+        n, c, h, width = columns.type.shape
+        if conv.op.strides != (1, 1) or w.type.shape[1] > PACKED_CONV_SMALL_K or width % p:
+            continue
+        split = make_op("reshape", shape=(n, c, h, width // p, p))
+        deal = make_op("transpose", perm=(0, 1, 2, 4, 3))
+        pairs = Value(f"{conv.name}.column_pairs", split.infer(columns.type))
+        planes = Value(f"{conv.name}.column_planes", deal.infer(pairs.type))
+        pooled_op = make_op(
+            "conv2d_pooled", kernel=conv.op.kernel, dilations=conv.op.dilations,
+            out_channels=conv.op.out_channels, pool=p,
+        )  # fmt: skip
+        new = [
+            Node(split, [columns], [pairs], f"{conv.name}.column_pairs"),
+            Node(deal, [pairs], [planes], f"{conv.name}.column_planes"),
+        ]
+        if relu is None:
+            new.append(Node(pooled_op, [planes, w, *bias], pool.outputs, conv.name))
+        else:
+            pooled_type = pooled_op.infer(planes.type, w.type, *(b.type for b in bias))
+            pooled = Value(f"{conv.name}.pooled", pooled_type)
+            new += [
+                Node(pooled_op, [planes, w, *bias], [pooled], conv.name),
+                Node(relu.op, [pooled], pool.outputs, relu.name),
+            ]
+        replaced[pool] = new
+        dropped |= {conv} | ({relu} if relu is not None else set())
+    nodes = [m for n in graph.nodes if n not in dropped for m in replaced.get(n, [n])]
+    return Graph(graph.inputs, graph.outputs, nodes, graph.params, graph.name)
+
+
 def linear_packed(graph: Graph) -> Graph:
     """A linear, or a matmul by a matrix, of constant weights becomes linear_packed, its
     weights packed now into panels of MATMUL_VECTOR columns (pack_panels): each column
@@ -383,6 +439,7 @@ PIPELINE = (
     Pass("fold_batchnorm", fold_batchnorm, "batch norm after a conv or linear folds into its weights"),
     Pass("conv_winograd", conv_winograd, "a 3x3 stride-1 conv becomes Winograd's F(2x2, 3x3)", ("cpu",)),
     Pass("conv_packed", conv_packed, "a conv of constant weights reads its windows in place", ("cpu",)),
+    Pass("conv_pool", conv_pool, "a max pool after a first-layer conv runs inside it", ("cpu",)),
     Pass("conv_to_gemm", conv_to_gemm, "each conv becomes im2col windows and one product"),
     Pass("fold_constants", fold_constants, "nodes whose inputs are all constants are evaluated now"),
     Pass("linear_packed", linear_packed, "a product by constant weights reads them in panels", ("cpu",)),

@@ -212,6 +212,19 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 16, 4, 4)), In((2, 144, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
         Case([In((1, 7, 7, 7)), In((1, 63, 16))], {"out_channels": 3}, params=(1,)),
     ],
+    # input columns dealt into `pool` planes: the MNIST CNN's first layer (26x26 conv in
+    # 2x2 windows), and an 11x11 dilated conv in 3x3 windows whose last rows and columns
+    # fill no window
+    "conv2d_pooled": [
+        Case(
+            [In((2, 1, 28, 2, 14)), In((1, 9, 32)), In((32,))], {"out_channels": 32, "pool": 2}, params=(1, 2)
+        ),
+        Case(
+            [In((1, 2, 13, 3, 5)), In((1, 18, 16))],
+            {"out_channels": 7, "pool": 3, "dilations": (1, 2)},
+            params=(1,),
+        ),
+    ],
     # Winograd F(2x2, 3x3): tile rows of 5 (a masked vector), 10 (vectors on AVX2, masked
     # on AVX-512) and 28 (whole vectors, the last one overlapping); padding columns
     "winograd_input": [
@@ -573,7 +586,8 @@ def _case_id(name: str, i: int, case: Case) -> str:
 #: run as scheduled for AVX2 (x86-64-v3), which an AVX-512 host runs too, so both
 #: schedules are checked wherever AVX-512 is
 UNIT_SIZED = {
-    "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "rnn", "gru", "lstm",
+    "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "conv2d_pooled", "rnn",
+    "gru", "lstm",
     "winograd_input", "winograd_output",
 }  # fmt: skip
 AVX2_CPU = "x86-64-v3"

@@ -7,6 +7,8 @@ import numpy as np
 
 from compiler.passes import (
     cancel_transposes,
+    conv_packed,
+    conv_pool,
     conv_winograd,
     dead_code,
     fold_batchnorm,
@@ -137,6 +139,32 @@ def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng
     assert pad.op.pads == (0, 0, 1, 1, 0, 0, 2, 2)  # to 14 x 16: 6 x 7 tiles of the 11 x 13 output
     assert tiles.outputs[0].type.shape == (16, 65, 96)  # 84 tiles, 96 columns; a zero row
     assert product.inputs[0].type.shape == (16, 71, 65) and out.op.out_shape == (2, 11, 13)
+    _same_results(before, after, rng, rtol=1e-4)
+
+
+def test_conv_pool_moves_a_max_pool_into_a_first_layer_conv(rng):
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 1, 28, 28))
+
+    def conv(o, c=1, pads=(0, 0, 0, 0)):
+        w = b.param("w", rng.standard_normal((o, c, 3, 3)).astype(np.float32))
+        return b.conv2d(x, w, b.param("bias", rng.standard_normal(o).astype(np.float32)), pads=pads)
+
+    def pool(v, size, stride=None):
+        return b.op("max_pool2d", v, kernel=(size, size), strides=(stride or size,) * 2)
+
+    pooled = pool(b.relu(conv(32)), 2)
+    bare = pool(conv(8, pads=(1, 1, 1, 1)), 3)  # padded to 30 columns, 10 planes of 3
+    kept = b.relu(conv(4))  # the ReLU's output is also read whole: the conv stays
+    overlapping = pool(conv(4), 3, 2)
+    odd = pool(conv(4), 3)  # 28 columns do not deal into 3 planes
+    before = b.build(pooled, bare, kept, pool(kept, 2), overlapping, odd)
+    after = conv_pool(conv_packed(before))
+    names = [n.op.name for n in after.nodes]
+    assert names.count("conv2d_pooled") == 2 and names.count("conv2d_packed") == 3, names
+    assert names[:4] == ["reshape", "transpose", "conv2d_pooled", "relu"]
+    assert after.nodes[1].outputs[0].type.shape == (2, 1, 28, 2, 14)
+    assert after.nodes[2].outputs[0].type.shape == (2, 32, 13, 13)
     _same_results(before, after, rng, rtol=1e-4)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from math import prod
@@ -1266,6 +1267,131 @@ class Conv2dPacked(Op):
                 cpu.assign(acc, muladd(xv, w.load_flat((oi // nr * kk + q) * nr + oi % nr), acc.ref))
             value = acc.ref if epilogue is None else epilogue(acc.ref, e, [ni, oi, y, xx])
             cpu.store(out, e, value)
+        gpu.per_iteration(k, cpu.finish())
+
+
+@register("conv2d_pooled", Fusion.CONTRACTION)
+class Conv2dPooled(Op):
+    """A convolution of few taps (a first layer) and stride 1, of packed weights,
+    max-pooled over p x p windows of stride p (`pool`; the conv's last rows and columns
+    that fill no window dropped): what compiler.passes.conv_pool makes of a conv2d_packed
+    followed by a max pool, so that the conv's output, p² times the pooled one, is never
+    stored, nor read back by a pooling kernel.
+
+    Its input is x with each row's columns dealt into p planes, (N, C, H, p, W/p):
+    x[n, c, y, b, i] is column p·i + b. The conv's columns p·px + b (one per pooled
+    column px and window column b) then read a contiguous run of a plane for every tap,
+    so the pooled columns are the vector lanes and the window's p² positions are sums
+    side by side in registers, their maximum stored once."""
+
+    differentiation = Gradient.NONE  # made by a compiler pass, for constant weights only
+    arity = (2, 3)
+    accepts_epilogue = True
+    kernel: tuple[int, ...] = (3, 3)
+    dilations: tuple[int, ...] = (1, 1)
+    out_channels: int = 1
+    pool: int = 2
+
+    def batch_axis(self, ins, out, batch):
+        return batch_of_first(batch, lambda axis: axis == 0, "is not N of NCHW")
+
+    def _conv_geometry(self, x: tuple[int, ...]) -> tuple[int, int]:
+        """The conv's output rows and columns, before pooling."""
+        (kh, kw), (dh, dw) = self.kernel, self.dilations
+        oh = _window_out("conv2d_pooled", x[2], kh, 1, dh, 0, 0)
+        ow = _window_out("conv2d_pooled", x[3] * x[4], kw, 1, dw, 0, 0)
+        return oh, ow
+
+    def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
+        _require_float("conv2d_pooled", x, w, *([bias] if bias else []))
+        _pair("conv2d_pooled", "kernel", self.kernel)
+        _pair("conv2d_pooled", "dilations", self.dilations)
+        taps = x.shape[1] * prod(self.kernel) if x.rank == 5 else -1
+        if x.rank != 5 or x.shape[3] != self.pool or w.rank != 3 or w.shape[1] != taps:
+            raise GraphError(
+                f"conv2d_pooled: input {x.shape} must be (N, C, H, {self.pool}, W/{self.pool}) "
+                f"for packed weights {w.shape}"
+            )
+        if w.shape[0] * w.shape[2] < self.out_channels:
+            raise GraphError(f"conv2d_pooled: panels {w.shape} cannot hold {self.out_channels} filters")
+        if bias is not None and bias.shape != (self.out_channels,):
+            raise GraphError(f"conv2d_pooled: bias shape {bias.shape}, expected ({self.out_channels},)")
+        oh, ow = self._conv_geometry(x.shape)
+        if min(oh, ow) < self.pool:
+            raise GraphError(f"conv2d_pooled: a {oh}x{ow} conv output fills no window of {self.pool}")
+        return TensorType(x.dtype, (x.shape[0], self.out_channels, oh // self.pool, ow // self.pool))
+
+    def reference(self, x, w, bias=None):
+        n, c, h, p, q = x.shape
+        columns = x.transpose(0, 1, 2, 4, 3).reshape(n, c, h, q * p)
+        conv = Conv2dPacked(kernel=self.kernel, dilations=self.dilations, out_channels=self.out_channels)
+        pool = MaxPool2d(kernel=(p, p), strides=(p, p))
+        return pool.reference(conv.reference(columns, w, bias))
+
+    def _tap(self, x: Buffer, ni: Expr, ci: Expr | int, row: Expr, px: Expr, offset: Expr | int) -> Expr:
+        """x at input column p·px + offset: plane offset % p, contiguous in px."""
+        p = self.pool
+        plane = ((ni * x.shape[1] + ci) * x.shape[2] + row) * p + offset % p
+        return x.load_flat(plane * x.shape[4] + px + offset // p)
+
+    def lower(self, k, ins, out, epilogue=None):
+        """Per parallel step one image, one pooled row and a group of filters (as many
+        as keep their p² sums each in half the vector registers: 2 on AVX2, 4 on
+        AVX-512 for 2x2 windows). The pooled columns are the lanes (whole_vectors); per
+        tap and window position, a contiguous run of one plane of an input row times the
+        filter's weight (broadcast); the window's maximum, biased, goes to the epilogue
+        and is stored as it lies in NCHW."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        _, c, _, p, _ = x.shape
+        _, kk, nr = w.shape
+        o, (kh, kw), (dh, dw) = self.out_channels, self.kernel, self.dilations
+        n, _, ph, pw = out.shape
+        most = max(1, k.unit.registers // 2 // (p * p))
+        group = next(f for f in range(min(o, most), 0, -1) if o % f == 0)
+        groups = o // group
+        window = list(itertools.product(range(p), repeat=2))
+        with k.loop(n * ph * groups, LoopKind.PARALLEL, "row") as step:
+            ni, py, g = step // (ph * groups), step // groups % ph, step % groups
+            filters = [g * group + f for f in range(group)]
+            with whole_vectors(k, pw, "px") as px:
+                sums = [[k_const(out, 0.0)] * len(window) for _ in filters]
+                for tap in range(kk):
+                    ci, i, j = tap // (kh * kw), tap // kw % kh, tap % kw
+                    xs = [self._tap(x, ni, ci, py * p + a + i * dh, px, b + j * dw) for a, b in window]
+                    for f, oi in enumerate(filters):
+                        wv = w.load_flat((oi // nr * kk + tap) * nr + oi % nr)
+                        sums[f] = [muladd(xv, wv, s) for xv, s in zip(xs, sums[f])]
+                for f, oi in enumerate(filters):
+                    best = functools.reduce(maximum, sums[f])
+                    if bias is not None:
+                        best = best + bias.load_flat(oi)
+                    at = ((ni * o + oi) * ph + py) * pw + px
+                    k.store(out, at, best if epilogue is None else epilogue(best, at, [ni, oi, py, px]))
+
+    def lower_gpu(self, k, ins, out, epilogue=None):
+        """One GPU thread per pooled output, the maximum of its window's sums (the GPU
+        targets keep convolutions as im2col + conv2d_gemm: this exists for completeness)."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        _, _, _, p, _ = x.shape
+        _, kk, nr = w.shape
+        (kh, kw), (dh, dw) = self.kernel, self.dilations
+        cpu = KernelBuilder(k.name, [], flat_block=1)
+        with cpu.loop(out.numel, LoopKind.PARALLEL, "e") as e:
+            ni, oi, py, px = unravel(e, out.shape)
+            sums = []
+            for a, b in itertools.product(range(p), repeat=2):
+                acc = cpu.local(out.dtype, k_const(out, 0.0))
+                with cpu.loop(kk, LoopKind.SERIAL, "k") as q:
+                    ci, i, j = q // (kh * kw), q // kw % kh, q % kw
+                    xv = self._tap(x, ni, ci, py * p + a + i * dh, px, b + j * dw)
+                    cpu.assign(acc, muladd(xv, w.load_flat((oi // nr * kk + q) * nr + oi % nr), acc.ref))
+                sums.append(acc.ref)
+            best = functools.reduce(maximum, sums)
+            if bias is not None:
+                best = best + bias.load_flat(oi)
+            cpu.store(out, e, best if epilogue is None else epilogue(best, e, [ni, oi, py, px]))
         gpu.per_iteration(k, cpu.finish())
 
 
