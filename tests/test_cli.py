@@ -36,7 +36,7 @@ def test_compile_then_run(tmp_path, rng):
     assert out.exists() and (tmp_path / "cnn.h").exists()
     assert (
         "define" in (tmp_path / "cnn.ll").read_text()
-        and "cnn_k0_conv2d_packed_relu" in (tmp_path / "cnn.s").read_text()
+        and "cnn_k1_conv2d_pooled_relu" in (tmp_path / "cnn.s").read_text()
     )
     assert "int cnn_run(cnn_model *m" in (tmp_path / "cnn.h").read_text()
     x = rng.standard_normal((1, 1, 28, 28)).astype(np.float32)
@@ -51,9 +51,11 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     result = kiln("inspect", str(MNIST_CNN_PATH), "--kernels", "--memory", "--dot", str(tmp_path / "g.dot"))
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "conv2d_packed(%input, %conv1.weight.packed, %conv1.bias) {out_channels=32}" in text
+    planes = "%conv1.out.column_planes"
+    assert f"conv2d_pooled({planes}, %conv1.weight.packed, %conv1.bias) {{out_channels=32}}" in text
     # each conv (constant weights, on the CPU) one conv2d_packed reading its windows in
-    # place, relu in its epilogue; flatten a view. MFLOP as run: conv2's 121 positions
+    # place, relu in its epilogue, the first with its max pool inside (conv2d_pooled, over
+    # the input's columns dealt into two planes); flatten a view. MFLOP as run: conv2's 121 positions
     # in blocks of this CPU's tile (6 on AVX-512: the last block starts 5 early, 126
     # computed), each 64 filters x 288 taps, and the bias and relu
     _, rows = packed_conv_tile(64, cpu.vector_unit())
@@ -61,8 +63,8 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     mflop = computed * 64 * (2 * 288 + 2) / 1e6
     assert "8 kernels (12 ops):" in text and "k2_conv2d_packed_relu" in text and f"{mflop:.3f}" in text
     assert "k6_linear_packed " in text
-    assert "memory: arena 108,160 B (lower bound 108,160 B, 1.00x" in text
-    assert "kernel k0_conv2d_packed_relu(" in text and "conv3.relu, flat" in text
+    assert "memory: arena 52,608 B (lower bound 52,608 B, 1.00x" in text
+    assert "kernel k1_conv2d_pooled_relu(" in text and "conv3.relu, flat" in text
     dot = (tmp_path / "g.dot").read_text()
     assert "subgraph cluster_0" in dot and "flatten (view)" in dot
     unfused = kiln("inspect", str(MNIST_CNN_PATH), "--no-fuse").stdout
@@ -252,5 +254,5 @@ def test_internal_error_is_one_line_naming_the_kernel(tmp_path, monkeypatch, cap
     assert main(["compile", str(MNIST_CNN_PATH), "-o", str(tmp_path / "cnn.so")]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("kiln: internal compiler error while lowering kernel 0 (node ")
+    assert err.startswith("kiln: internal compiler error while lowering kernel 1 (node ")
     assert "(relu)" in err and "IndexError: list index out of range (a bug in Kiln, not in the model)" in err
