@@ -95,6 +95,10 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool =
     for arg in body_fn.args[:n]:
         arg.add_attribute("noalias")
     begin, end = body_fn.args[n], body_fn.args[n + 1]
+    pointers = dict(zip(kernel.params, body_fn.args[:n]))
+    if team is not None:
+        state = kernel.params[-1]  # the barrier's (KernelBuilder.team puts it last)
+        written = [pointers[buf] for buf in kernel.params if buf in _written(kernel.body) - {state}]
 
     def loop_hook(w: FunctionWriter, loop: kir.Loop) -> bool:
         if loop is not split and not (team is not None and loop.var is team.var):
@@ -105,12 +109,9 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool =
     def stmt_hook(w: FunctionWriter, s: kir.Stmt) -> bool:
         if not (isinstance(s, kir.Barrier) and team is not None):
             return False
-        written = [pointers[buf] for buf in kernel.params if buf in shared]
-        _team_barrier(w, pointers[kernel.params[-1]], w.b.sub(end, begin), team.extent.value, written)
+        _team_barrier(w, pointers[state], w.b.sub(end, begin), team.extent.value, written)
         return True
 
-    pointers = dict(zip(kernel.params, body_fn.args[:n]))
-    shared = _written(kernel.body) - {kernel.params[-1]} if team is not None else set()
     writer = FunctionWriter(body_fn, pointers, loop_hook, kernel.scratch, stmt_hook, libm=libm)
     if team is not None:
         writer.stmts(_team_phases(kernel, team))
