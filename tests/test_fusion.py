@@ -71,6 +71,18 @@ def test_contraction_epilogue_bias_activation_residual(rng):
     check(graph, rng)
 
 
+def test_epilogue_on_a_packed_product_whose_columns_end_inside_a_panel(rng):
+    """26 columns: one whole panel of 16, then 10 summed at the panel's width in a
+    scratch tile; the epilogue reads the residual at each of the 10, none past them."""
+    b = GraphBuilder()
+    x = b.input("x", (13, 40))
+    h = b.linear(x, b.param("w", w(rng, 40, 26)), b.param("b", w(rng, 26)))
+    graph = b.build(b.relu(b.add(h, b.input("r", (13, 26)))))
+    assert groups_of(graph) == ["linear+add+relu"]
+    assert [c.kernel.name for c in lower_graph(graph, "g").calls] == ["k0_linear_packed_add_relu"]
+    check(graph, rng)
+
+
 def test_conv_epilogue(rng):
     b = GraphBuilder()
     x = b.input("x", (2, 3, 9, 9))

@@ -236,15 +236,27 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
 
         def block(first_row: Expr, rows: int, first_col: Expr, cols: int) -> None:
             """out[first_row : first_row + rows, first_col : first_col + cols] of this
-            step's matrix (rows counted within it), over all of k."""
+            step's matrix (rows counted within it), over all of k. A packed b's last
+            panel, when the columns end inside it, is summed at the panel's whole width
+            (its columns past n are zeros) in a scratch tile, and only its first columns
+            are stored: a loop of the few columns would run masked, its sums stored and
+            reloaded at every sweep."""
             parts = _column_parts(cols, p.b_panel)
+            ragged = [(first, width) for first, width in parts if p.b_panel and width < p.b_panel]
+            parts = [part for part in parts if part not in ragged]
             a_rows = [a_mat + (first_row + i) * kk for i in range(rows)]
             out_rows = [matrix * m + first_row + i for i in range(rows)]  # among all matrices' rows
+            panel = p.b_panel or 0
+            tails = {first: k.scratch("panel_tail", out.dtype, (rows * panel,)) for first, _ in ragged}
             for first, width in parts:
                 with k.loop(width, vector_kind(width, lanes), "n") as jj:
                     j = first_col + first + jj
                     for i, row in enumerate(out_rows):
                         k.store(out, row * n + j, p.initial(first_row + i, j))
+            for acc in tails.values():
+                with k.loop(panel, LoopKind.TILE, "n") as jj:
+                    for i in range(rows):
+                        k.store(acc, i * panel + jj, k_const(out, 0.0))
 
             def sweep(first_k: Expr, steps: int) -> None:
                 coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
@@ -259,6 +271,14 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                                 k.assign(acc, muladd(row_coeffs[u], bv, acc.ref))
                         for row, acc in zip(out_rows, sums):
                             k.store(out, row * n + j, acc.ref)
+                for first, acc in tails.items():
+                    b_rows = [p.b_index(b_mat, first_k + u, first_col + first) for u in range(steps)]
+                    with k.loop(panel, LoopKind.TILE, "n") as jj:
+                        for u, b_row in enumerate(b_rows):
+                            bv = k.local(b.dtype, b.load_flat(b_row + jj), "b").ref
+                            for i, row_coeffs in enumerate(coeffs):
+                                at = i * panel + jj
+                                k.store(acc, at, muladd(row_coeffs[u], bv, acc.load_flat(at)))
 
             # sweeps of `unroll` steps, then the rest; the epilogue on the finished tile
             full, rest = divmod(kk, MATMUL_K_UNROLL)
@@ -274,6 +294,15 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                         for row in out_rows:
                             at = row * n + j
                             k.store(out, at, epilogue(out.load_flat(at), at, p.epilogue_index(row, j)))
+            for first, width in ragged:
+                with k.loop(width, vector_kind(width, lanes), "n") as jj:
+                    j = first_col + first + jj
+                    for i, row in enumerate(out_rows):
+                        at = row * n + j
+                        value = p.initial(first_row + i, j) + tails[first].load_flat(i * panel + jj)
+                        if epilogue is not None:
+                            value = epilogue(value, at, p.epilogue_index(row, j))
+                        k.store(out, at, value)
 
         def tile(first_col: Expr, cols: int) -> None:
             """Columns first_col : first_col + cols of every block in the group (and of
