@@ -1123,6 +1123,19 @@ def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(panels, nr, -1).transpose(0, 2, 1))
 
 
+def packed_weight(w: Buffer, column: Expr | int, k: Expr | int) -> Expr:
+    """w[k, column] of weights packed by pack_panels, (panels, K, nr): a conv's filter
+    `column` at tap k."""
+    _, kk, nr = w.shape
+    return w.load_flat((column // nr * kk + k) * nr + column % nr)
+
+
+def _filter_group(filters: int, most: int) -> int:
+    """The filters a row schedule's step computes together: the most, up to `most`
+    (whose sums fit in registers), that divide `filters`."""
+    return next(f for f in range(min(filters, most), 0, -1) if filters % f == 0)
+
+
 def unpack_panels(w: np.ndarray, columns: int) -> np.ndarray:
     """pack_panels undone: the first `columns` columns, one per row, (columns, K)."""
     panels, kk, nr = w.shape
@@ -1192,11 +1205,11 @@ class Conv2dPacked(Op):
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         n, c, hp, wp = x.shape
-        _, kk, nr = w.shape
+        kk = w.shape[1]
         o, (kh, kw), (sh, _), (dh, dw) = self.out_channels, self.kernel, self.strides, self.dilations
         _, _, oh, ow = out.shape
         most = k.unit.registers // 2  # filters whose sums stay in registers (a vector each)
-        group = next(f for f in range(min(o, most), 0, -1) if o % f == 0)
+        group = _filter_group(o, most)
         groups = o // group
         with k.loop(n * oh * groups, LoopKind.PARALLEL, "row") as step:
             ni, y, g = step // (oh * groups), step // groups % oh, step % groups
@@ -1207,7 +1220,7 @@ class Conv2dPacked(Op):
                     ci, i, j = tap // (kh * kw), tap // kw % kh, tap % kw
                     xv = x.load_flat(((ni * c + ci) * hp + y * sh + i * dh) * wp + xx + j * dw)
                     for f, oi in enumerate(filters):
-                        wv = w.load_flat((oi // nr * kk + tap) * nr + oi % nr)
+                        wv = packed_weight(w, oi, tap)
                         sums[f] = muladd(xv, wv, sums[f])
                 for f, oi in enumerate(filters):
                     at = ((ni * o + oi) * oh + y) * ow + xx
@@ -1283,7 +1296,7 @@ class Conv2dPacked(Op):
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         _, c, hp, wp = x.shape
-        _, kk, nr = w.shape
+        kk = w.shape[1]
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         _, o, oh, ow = out.shape
         cpu = KernelBuilder(k.name, [], flat_block=1)
@@ -1293,7 +1306,7 @@ class Conv2dPacked(Op):
             with cpu.loop(kk, LoopKind.SERIAL, "k") as q:
                 ci, i, j = q // (kh * kw), q // kw % kh, q % kw
                 xv = x.load_flat(((ni * c + ci) * hp + y * sh + i * dh) * wp + xx * sw + j * dw)
-                cpu.assign(acc, muladd(xv, w.load_flat((oi // nr * kk + q) * nr + oi % nr), acc.ref))
+                cpu.assign(acc, muladd(xv, packed_weight(w, oi, q), acc.ref))
             value = acc.ref if epilogue is None else epilogue(acc.ref, e, [ni, oi, y, xx])
             cpu.store(out, e, value)
         gpu.per_iteration(k, cpu.finish())
@@ -1373,11 +1386,11 @@ class Conv2dPooled(Op):
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         _, c, _, p, _ = x.shape
-        _, kk, nr = w.shape
+        kk = w.shape[1]
         o, (kh, kw), (dh, dw) = self.out_channels, self.kernel, self.dilations
         n, _, ph, pw = out.shape
         most = max(1, k.unit.registers // 2 // (p * p))
-        group = next(f for f in range(min(o, most), 0, -1) if o % f == 0)
+        group = _filter_group(o, most)
         groups = o // group
         window = list(itertools.product(range(p), repeat=2))
         with k.loop(n * ph * groups, LoopKind.PARALLEL, "row") as step:
@@ -1389,7 +1402,7 @@ class Conv2dPooled(Op):
                     ci, i, j = tap // (kh * kw), tap // kw % kh, tap % kw
                     xs = [self._tap(x, ni, ci, py * p + a + i * dh, px, b + j * dw) for a, b in window]
                     for f, oi in enumerate(filters):
-                        wv = w.load_flat((oi // nr * kk + tap) * nr + oi % nr)
+                        wv = packed_weight(w, oi, tap)
                         sums[f] = [muladd(xv, wv, s) for xv, s in zip(xs, sums[f])]
                 for f, oi in enumerate(filters):
                     best = functools.reduce(maximum, sums[f])
@@ -1404,7 +1417,7 @@ class Conv2dPooled(Op):
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         _, _, _, p, _ = x.shape
-        _, kk, nr = w.shape
+        kk = w.shape[1]
         (kh, kw), (dh, dw) = self.kernel, self.dilations
         cpu = KernelBuilder(k.name, [], flat_block=1)
         with cpu.loop(out.numel, LoopKind.PARALLEL, "e") as e:
@@ -1415,7 +1428,7 @@ class Conv2dPooled(Op):
                 with cpu.loop(kk, LoopKind.SERIAL, "k") as q:
                     ci, i, j = q // (kh * kw), q // kw % kh, q % kw
                     xv = self._tap(x, ni, ci, py * p + a + i * dh, px, b + j * dw)
-                    cpu.assign(acc, muladd(xv, w.load_flat((oi // nr * kk + q) * nr + oi % nr), acc.ref))
+                    cpu.assign(acc, muladd(xv, packed_weight(w, oi, q), acc.ref))
                 sums.append(acc.ref)
             best = functools.reduce(maximum, sums)
             if bias is not None:

@@ -464,10 +464,10 @@ class Recurrence(Op):
         self, s: Step, phase: Phase, i: int, gate: int, first: Expr, offsets: list[int], width: int
     ) -> None:
         """The gate's sums for the tile's parts of `width` units at `offsets` from its
-        first unit. They stay in registers
-        over the whole of h_{t-1} (a scratch tile indexed by constants, which LLVM
-        promotes, as a convolution's), each vector of Rᵀ loaded once for all the rows,
-        in sweeps of MATMUL_K_UNROLL steps; then they go to s.sums for the cells."""
+        first unit. They stay in registers over the whole of h_{t-1} (a scratch tile
+        indexed by constants, which LLVM promotes, as a convolution's), each vector of
+        Rᵀ loaded once for all the rows, in sweeps of MATMUL_K_UNROLL steps; then they
+        go to s.sums for the cells."""
         k, h = s.k, self.hidden
         rows = range(len(s.block))
         kind = vector_kind(width, k.unit.lanes)
