@@ -16,6 +16,7 @@ now and then) until it does. A thread that runs every member never waits.
 from __future__ import annotations
 
 import functools
+import os
 
 import llvmlite.binding as llvm
 from llvmlite import ir
@@ -73,11 +74,23 @@ def vector_unit(cpu_name: str | None = None) -> kir.VectorUnit:
     return kir.VectorUnit(4, 32 if llvm.get_default_triple().startswith("aarch64") else 16)
 
 
+def default_threads() -> int:
+    """The threads a library's pool starts with (KILN_NUM_THREADS, else this machine's
+    processors, as kiln_default_threads in the runtime): a schedule that splits one
+    batch row's work into team members sizes the team for them."""
+    env = os.environ.get("KILN_NUM_THREADS", "").strip()
+    threads = int(env) if env.isdigit() else (os.cpu_count() or 1)
+    return max(1, threads)
+
+
 def target_id(cpu_name: str | None = None) -> str:
-    """What the generated code depends on: the triple, the CPU and its features."""
+    """What the generated code depends on: the triple, the CPU and its features, and the
+    threads the schedules size teams for."""
+    threads = default_threads()
     if cpu_name is not None:
-        return f"{llvm.get_default_triple()}|{cpu_name}"
-    return f"{llvm.get_default_triple()}|{llvm.get_host_cpu_name()}|{llvm.get_host_cpu_features().flatten()}"
+        return f"{llvm.get_default_triple()}|{cpu_name}|{threads}"
+    host = f"{llvm.get_host_cpu_name()}|{llvm.get_host_cpu_features().flatten()}"
+    return f"{llvm.get_default_triple()}|{host}|{threads}"
 
 
 def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool = True) -> ir.Function:

@@ -606,14 +606,23 @@ AVX2 = VectorUnit(8, 16)
 
 class KernelBuilder:
     """Builds a Kernel with nested `with` blocks, in the order the code reads.
-    `flat_block` and `unit` are what the schedules size themselves by: the elements of
-    a flat loop's parallel step, and the target's vector registers."""
+    `flat_block`, `unit` and `threads` are what the schedules size themselves by: the
+    elements of a flat loop's parallel step, the target's vector registers, and the
+    threads the library runs with by default (a team's members)."""
 
-    def __init__(self, name: str, params: list[Buffer], flat_block: int = 4096, unit: VectorUnit = AVX512):
+    def __init__(
+        self,
+        name: str,
+        params: list[Buffer],
+        flat_block: int = 4096,
+        unit: VectorUnit = AVX512,
+        threads: int = 1,
+    ):
         self.name = name
         self.params = params
         self.flat_block = flat_block
         self.unit = unit
+        self.threads = threads
         self.status: Buffer | None = None
         self.team_state: Buffer | None = None
         self.checks: list[str] = []

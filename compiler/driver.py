@@ -108,7 +108,10 @@ def lower_graph(
             schedule.steps(), set(pinned), schedule.views, in_place_candidates(schedule), len(weights)
         )
     storage = Storage(plan, pinned)
-    loops = GpuLoops() if target in GPU_TARGETS else Loops(unit=cpu.vector_unit(cpu_name))
+    if target in GPU_TARGETS:
+        loops = GpuLoops()
+    else:
+        loops = Loops(unit=cpu.vector_unit(cpu_name), threads=cpu.default_threads())
     calls = [_lower(g, i, schedule.writes[i], storage.buffer, loops) for i, g in enumerate(schedule.kernels)]
     for src, slot in schedule.copies:
         calls.append(copy_call(storage.buffer(src), storage.buffer(slot), [src, slot], len(calls), loops))

@@ -86,13 +86,14 @@ class RowWalk:
 
 class Loops:
     """The CPU's loops: parallel loops (blocks of `flat_block` elements, or rows) split
-    across threads, vector loops inside."""
+    across `threads` threads, vector loops inside."""
 
     gpu = False
 
-    def __init__(self, flat_block: int = 4096, unit: kir.VectorUnit = kir.AVX512):
+    def __init__(self, flat_block: int = 4096, unit: kir.VectorUnit = kir.AVX512, threads: int = 1):
         self.flat_block = flat_block
         self.unit = unit
+        self.threads = threads
 
     @contextmanager
     def points(self, k: kir.KernelBuilder, shape: tuple[int, ...], full: bool) -> Iterator[Point]:
@@ -390,7 +391,7 @@ def lower_group(
         return buf
 
     label = "_".join(dict.fromkeys(n.op.name for n in group.nodes))
-    k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], loops.flat_block, loops.unit)
+    k = kir.KernelBuilder(f"k{index}_{label}"[:60], [], loops.flat_block, loops.unit, loops.threads)
     if group.anchor is not None:
         _anchored(k, group, bound, loops)
     elif group.kind is GroupKind.ROWS:
@@ -422,7 +423,7 @@ def copy_call(
     """A kernel that copies src into dst (a graph output that is an input, a param, a
     view or a repeat of another output)."""
     loops = loops or Loops()
-    k = kir.KernelBuilder(f"k{index}_copy", [src.root, dst.root], loops.flat_block, loops.unit)
+    k = kir.KernelBuilder(f"k{index}_copy", [src.root, dst.root], loops.flat_block, loops.unit, loops.threads)
     with loops.points(k, dst.shape, True) as point:
         k.store(dst, point.flat(), src.load_flat(point.flat()))
     return KernelCall(k.finish(), values, [], element_in_place=True)

@@ -139,13 +139,13 @@ def _team_lstm_graph(rng: np.random.Generator) -> Graph:
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
     transforms) or on a block of rest rows (a recurrence's), and a team's barriers,
-    under memcheck, 2 threads."""
+    under memcheck, 2 threads (the team sized for them at compile time)."""
+    monkeypatch.setenv("KILN_NUM_THREADS", "2")
     graph = make(rng)
     name = graph.name
     so = compile_model(graph, name=name, cpu_name="x86-64-v3").save(tmp_path / f"{name}.so")
     runner = build_c_runner(so, name, tmp_path / "runner")
     x = rng.standard_normal(graph.inputs[0].type.shape).astype(np.float32)
-    monkeypatch.setenv("KILN_NUM_THREADS", "2")
     valgrind = ["valgrind", "--tool=memcheck", "--error-exitcode=99"]
     result = _run_c(valgrind, runner, x, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -106,14 +106,17 @@ def recurrence_graph(op: str, hidden: int, batch: int, rng: np.random.Generator,
 @pytest.mark.parametrize(
     "op,hidden,batch,attrs",
     [
-        ("lstm", 256, 1, {}),  # four groups of 64 units
+        ("lstm", 256, 1, {}),  # four groups of 64 units, for 4 threads
         ("gru", 128, 3, {"reverse": True}),  # two phases, so two barriers a step
         ("rnn", 128, 2, {}),
     ],
 )
-def test_a_recurrence_team_matches_the_reference_on_any_thread_count(op, hidden, batch, attrs, rng):
+def test_a_recurrence_team_matches_the_reference_on_any_thread_count(
+    op, hidden, batch, attrs, rng, monkeypatch
+):
+    monkeypatch.setenv("KILN_NUM_THREADS", "4")  # the threads the compile sizes the team for
     graph = recurrence_graph(op, hidden, batch, rng, **attrs)
-    assert recurrent._unit_groups(hidden, 1) > 1, "the case must split its units"
+    assert recurrent._unit_groups(hidden, 1, 4) > 1, "the case must split its units"
     feeds = [rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs]
     expected = interpret(graph, feeds)[0]
     model = compile_model(graph, name=f"team_{op}")
@@ -124,3 +127,19 @@ def test_a_recurrence_team_matches_the_reference_on_any_thread_count(op, hidden,
         np.testing.assert_allclose(results[-1], expected, rtol=1e-4, atol=1e-5)
     for r in results[1:]:  # each unit's sums run the same way whichever thread runs them
         np.testing.assert_array_equal(r, results[0])
+
+
+@pytest.mark.parametrize(
+    "hidden,chunks,threads,groups",
+    [
+        (256, 1, 1, 1),  # one thread: no team
+        (256, 1, 2, 2),  # the fewest groups that give each thread a member
+        (256, 2, 2, 1),  # the chunks already fill the threads
+        (256, 2, 4, 2),
+        (256, 1, 16, 4),  # 4 groups of 64 units: 8 would fall under TEAM_MIN_UNITS
+        (96, 1, 2, 1),  # 48 units a group: too few
+        (256, 8, 16, 1),  # 16 members would pass TEAM_MEMBERS
+    ],
+)
+def test_a_recurrence_splits_its_units_for_the_threads(hidden, chunks, threads, groups):
+    assert recurrent._unit_groups(hidden, chunks, threads) == groups
