@@ -659,7 +659,9 @@ def test_vector_units_of_known_cpus():
     assert [matmul_col_tile(AVX2, rows) for rows in (6, 4, 2, 1)] == [16, 16, 32, 64]
     assert matmul_rows(AVX2, 50, 1 << 20) == (6, 2) and matmul_rows(AVX2, 5, 1 << 20) == (5, 0)
     assert matmul_rows(AVX2, 32, 1 << 19) == (4, 0)  # small: no block for the rest
-    assert matmul_rows(AVX512, 50, 1 << 20) == (2, 0)
+    assert matmul_rows(AVX512, 48, 1 << 20) == (4, 0) and matmul_rows(AVX512, 51, 1 << 20) == (3, 0)
+    assert matmul_rows(AVX512, 65, 1 << 20) == (4, 1)  # Winograd's planes: not blocks of 1 row
+    assert matmul_rows(AVX512, 50, 1 << 20) == (4, 2) and matmul_rows(AVX512, 50, 1 << 19) == (2, 0)
     assert matmul_col_tile(AVX512, 4) == matmul_col_tile(AVX512, 1) == 64
 
 

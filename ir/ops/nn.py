@@ -436,15 +436,21 @@ def whole_vectors(k: KernelBuilder, n: int, name: str) -> Iterator[Expr]:
 
 def matmul_rows(unit: VectorUnit, m: int, macs: int) -> tuple[int, int]:
     """(R, rest): a product's m rows as blocks of R rows and `rest` more. On AVX-512 the
-    largest of MATMUL_ROW_BLOCKS that divides m (4 x 64 sums: 16 registers of 32). On a
-    smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16 registers, two of
-    b's vectors and a broadcast the rest, and 12 chains of FMAs hide the FMA's latency
+    largest of MATMUL_ROW_BLOCKS that divides m (4 x 64 sums: 16 registers of 32), or,
+    where only 2 or 1 does (Winograd's 65 rows per plane: blocks of one row, each vector
+    of b loaded for 4 FMAs, ran at 21% of the FMA peak), blocks of 4 and the rest.
+    On a smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16 registers, two
+    of b's vectors and a broadcast the rest, and 12 chains of FMAs hide the FMA's latency
     (4 x 16, 8 chains, ran at 55% of the peak: the latency bound). The rows past the
-    last block of 6 are a block of their own, whose code costs compile time (a third
-    more LLVM time in a small model's training step), so a product of fewer than
+    last block are a block of their own, whose code costs compile time (a third more
+    LLVM time in a small model's training step), so a product of fewer than
     MATMUL_REST_MACS multiply-adds takes the largest block that divides its rows."""
     if unit == AVX512:
-        return next(r for r in MATMUL_ROW_BLOCKS if m % r == 0), 0
+        widest = MATMUL_ROW_BLOCKS[0]
+        dividing = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
+        if dividing <= widest // 2 and m > widest and macs >= MATMUL_REST_MACS:
+            return widest, m % widest
+        return dividing, 0
     if m < AVX2_MATMUL_ROWS:
         return m, 0
     if macs < MATMUL_REST_MACS:
