@@ -153,6 +153,10 @@ CASES: dict[str, list[Case]] = {
         Case([In((3, 50, 120)), In((3, 120, 200))]),
         # one or two rows: the column tiles split between parallel steps (4 of 1, 2 of 2)
         Case([In((100,)), In((100, 256))]),
+        # AVX-512: 65 rows (Winograd's planes) as 16 blocks of 4 and a rest row; 70 rows of
+        # one vector's 16 columns as 4 blocks of 16 and a rest of 6
+        Case([In((2, 65, 65)), In((2, 65, 160))]),
+        Case([In((2, 70, 500)), In((500, 16))]),
         Case([In((2, 30)), In((30, 128))]),
     ],
     "linear": [
@@ -663,6 +667,7 @@ def test_vector_units_of_known_cpus():
     assert matmul_rows(AVX512, 65, 1 << 20) == (4, 1)  # Winograd's planes: not blocks of 1 row
     assert matmul_rows(AVX512, 50, 1 << 20) == (4, 2) and matmul_rows(AVX512, 50, 1 << 19) == (2, 0)
     assert matmul_col_tile(AVX512, 4) == matmul_col_tile(AVX512, 1) == 64
+    assert matmul_rows(AVX512, 513, 1 << 22, 16) == (16, 1) and matmul_col_tile(AVX512, 16) == 16  # 16 sums
 
 
 @pytest.mark.skipif(

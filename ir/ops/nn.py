@@ -120,6 +120,8 @@ MATMUL_K_UNROLL = 8
 MATMUL_COL_TILE = 64
 #: output rows computed together, so each loaded vector of b serves that many rows
 MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
+#: vectors of sums in an AVX-512 product tile (half its 32 registers)
+AVX512_MATMUL_SUMS = 16
 #: output rows computed together on a smaller unit than AVX-512's (see matmul_rows)
 AVX2_MATMUL_ROWS = 6
 #: multiply-adds from which a product's rows past its last whole block get their own block
@@ -221,7 +223,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     """
     a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, p.b_shape)
-    rows_per_block, tail_rows = matmul_rows(k.unit, m, prod(batch) * m * kk * n)
+    rows_per_block, tail_rows = matmul_rows(k.unit, m, prod(batch) * m * kk * n, n)
     lanes, col_tile = k.unit.lanes, matmul_col_tile(k.unit, rows_per_block)
     blocks_per_matrix = m // rows_per_block
     group = _row_group(blocks_per_matrix, prod(batch))
@@ -434,20 +436,24 @@ def whole_vectors(k: KernelBuilder, n: int, name: str) -> Iterator[Expr]:
             yield first + lane
 
 
-def matmul_rows(unit: VectorUnit, m: int, macs: int) -> tuple[int, int]:
-    """(R, rest): a product's m rows as blocks of R rows and `rest` more. On AVX-512 the
-    largest of MATMUL_ROW_BLOCKS that divides m (4 x 64 sums: 16 registers of 32), or,
-    where only 2 or 1 does (Winograd's 65 rows per plane: blocks of one row, each vector
-    of b loaded for 4 FMAs, ran at 21% of the FMA peak), blocks of 4 and the rest.
-    On a smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16 registers, two
-    of b's vectors and a broadcast the rest, and 12 chains of FMAs hide the FMA's latency
-    (4 x 16, 8 chains, ran at 55% of the peak: the latency bound). The rows past the
-    last block are a block of their own, whose code costs compile time (a third more
-    LLVM time in a small model's training step), so a product of fewer than
+def matmul_rows(unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE) -> tuple[int, int]:
+    """(R, rest): a product's m rows (of n columns) as blocks of R rows and `rest` more.
+    On AVX-512, AVX512_MATMUL_SUMS sums: 4 rows of a 64-column tile (16 registers of 32),
+    or more rows where n is narrower (16 of one vector: ResNet-18's layer4 at batch 1,
+    Winograd planes of 16 columns); R the widest of those that divides m, or where only
+    half of it or less does (Winograd's 65 rows per plane: blocks of one row, each
+    vector of b loaded for 4 FMAs, ran at 21% of the FMA peak), blocks of R and the
+    rest. On a
+    smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16 registers, two of b's
+    vectors and a broadcast the rest, and 12 chains of FMAs hide the FMA's latency (4 x
+    16, 8 chains, ran at 55% of the peak: the latency bound). The rows past the last
+    block are a block of their own, whose code costs compile time (a third more LLVM
+    time in a small model's training step), so a product of fewer than
     MATMUL_REST_MACS multiply-adds takes the largest block that divides its rows."""
     if unit == AVX512:
-        widest = MATMUL_ROW_BLOCKS[0]
-        dividing = next(r for r in MATMUL_ROW_BLOCKS if m % r == 0)
+        vectors = min(MATMUL_COL_TILE, max(n, 1) + unit.lanes - 1) // unit.lanes
+        widest = AVX512_MATMUL_SUMS // vectors
+        dividing = next(r for r in (widest, *MATMUL_ROW_BLOCKS) if r <= widest and m % r == 0)
         if dividing <= widest // 2 and m > widest and macs >= MATMUL_REST_MACS:
             return widest, m % widest
         return dividing, 0
@@ -461,13 +467,15 @@ def matmul_rows(unit: VectorUnit, m: int, macs: int) -> tuple[int, int]:
 def matmul_col_tile(unit: VectorUnit, rows: int) -> int:
     """Output columns a block of `rows` rows computes together: a tile small enough for
     LLVM to keep in vector registers over the whole k loop (loaded and stored once).
-    On AVX-512, MATMUL_COL_TILE (4 x 64 sums in 16 of its 32 registers; a's broadcasts
-    are FMA operands there). On a smaller unit the sums take half the registers, as
-    b's vectors and a broadcast take the rest, and at least a panel (MATMUL_VECTOR
-    columns): on AVX2 6 x 16 (and 5, 4, 3 rows), 2 x 32, 1 x 64 (a batch-1 row needs
-    8 sums in flight to hide the FMA latency; 1 x 16 ran 2x slower)."""
+    On AVX-512, AVX512_MATMUL_SUMS sums: MATMUL_COL_TILE columns for 4 rows (a's
+    broadcasts are FMA operands there), fewer for more rows. On a smaller unit the sums
+    take half the registers, as b's vectors and a broadcast take the rest, and at least
+    a panel (MATMUL_VECTOR columns): on AVX2 6 x 16 (and 5, 4, 3 rows), 2 x 32, 1 x 64
+    (a batch-1 row needs 8 sums in flight to hide the FMA latency; 1 x 16 ran 2x
+    slower)."""
     if unit == AVX512:
-        return MATMUL_COL_TILE
+        widest = max(unit.lanes, AVX512_MATMUL_SUMS // max(rows, 1) * unit.lanes)
+        return min(MATMUL_COL_TILE, widest // unit.lanes * unit.lanes)
     return max(MATMUL_VECTOR, unit.lanes * (unit.registers // 2 // rows))
 
 
