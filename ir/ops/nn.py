@@ -443,13 +443,13 @@ def matmul_rows(unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE) -
     Winograd planes of 16 columns); R the widest of those that divides m, or where only
     half of it or less does (Winograd's 65 rows per plane: blocks of one row, each
     vector of b loaded for 4 FMAs, ran at 21% of the FMA peak), blocks of R and the
-    rest. On a
-    smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16 registers, two of b's
-    vectors and a broadcast the rest, and 12 chains of FMAs hide the FMA's latency (4 x
-    16, 8 chains, ran at 55% of the peak: the latency bound). The rows past the last
-    block are a block of their own, whose code costs compile time (a third more LLVM
-    time in a small model's training step), so a product of fewer than
-    MATMUL_REST_MACS multiply-adds takes the largest block that divides its rows."""
+    rest. On a smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16
+    registers, two of b's vectors and a broadcast the rest, and 12 chains of FMAs hide
+    the FMA's latency (4 x 16, 8 chains, ran at 55% of the peak: the latency bound).
+    The rows past the last block are a block of their own, whose code costs compile
+    time (a third more LLVM time in a small model's training step), so a product of
+    fewer than MATMUL_REST_MACS multiply-adds takes the largest block that divides its
+    rows."""
     if unit == AVX512:
         vectors = min(MATMUL_COL_TILE, max(n, 1) + unit.lanes - 1) // unit.lanes
         widest = AVX512_MATMUL_SUMS // vectors
