@@ -220,7 +220,7 @@ def compile_tiles(
         programs = [lower_graph(graphs[t], p, fuse, "cpu", cpu_name=cpu_name) for t, p in prefixes]
         table = cover_table(sizes, [program_seconds(p) for p in programs])
         wrapper = batched_abi.source(name, prefixes, inputs, outputs, dim, max_batch, table)
-        build_several(programs, dest, name, cpu_name, extra_c=wrapper)
+        build_several(programs, dest, name, extra_c=wrapper)
         (dest / f"{name}.h").write_text(batched_abi.header(name, inputs, outputs, dim, max_batch))
 
     return BatchedModel(cached_build(key, name, make), name)

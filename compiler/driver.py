@@ -55,6 +55,7 @@ class Lowered:
     plan: MemoryPlan
     library: cabi.Library  # the CPU library's description
     target: str = "cpu"
+    cpu_name: str | None = None  # the LLVM CPU its schedules were sized for (None: this one)
 
 
 def to_graph(
@@ -128,7 +129,7 @@ def lower_graph(
         plan.arena_bytes,
         weights,
     )
-    return Lowered(graph, groups, calls, cpu_calls, plan, library, target)
+    return Lowered(graph, groups, calls, cpu_calls, plan, library, target, cpu_name)
 
 
 def _spec(v: Value) -> cabi.TensorSpec:
@@ -223,13 +224,13 @@ def build(
     lowered: Lowered,
     dest: Path,
     emit: tuple[str, ...] = (),
-    cpu_name: str | None = None,
     extra_c: str | None = None,
     extra_blobs: dict[str, bytes] | None = None,
 ) -> Path:
-    """Generate, optimize and link the library into dest/NAME.so (+ NAME.h, NAME.ll/.s);
-    extra_c / extra_blobs: a wrapper API linked in (see cabi.link)."""
-    name = lowered.library.prefix
+    """Generate, optimize and link the library into dest/NAME.so (+ NAME.h, NAME.ll/.s)
+    for the CPU it was lowered for; extra_c / extra_blobs: a wrapper API linked in (see
+    cabi.link)."""
+    name, cpu_name = lowered.library.prefix, lowered.cpu_name
     with internal_errors(f"generating LLVM code for {name}"):
         kernels = [c.kernel for c in lowered.cpu_calls]
         module = cpu.build_module(kernels, name, cpu_name, libm=lowered.target != "cuda-sim")
@@ -250,7 +251,6 @@ def build_several(
     programs: list[Lowered],
     dest: Path,
     name: str,
-    cpu_name: str | None = None,
     extra_c: str | None = None,
     extra_blobs: dict[str, bytes] | None = None,
 ) -> Path:
@@ -267,6 +267,10 @@ def build_several(
     targets = {p.target for p in programs}
     if len(targets) != 1 or targets & {"cuda"}:
         raise UnsupportedError(f"build_several links CPU programs of one target, got {sorted(targets)}")
+    cpus = {p.cpu_name for p in programs}
+    if len(cpus) != 1:
+        raise ValueError(f"build_several links programs lowered for one CPU, got {sorted(map(str, cpus))}")
+    (cpu_name,) = cpus
     libm = programs[0].target != "cuda-sim"
     with internal_errors(f"generating LLVM code for {name}"):
         first, *rest = programs
@@ -410,7 +414,7 @@ def compile_model(
         if target == "cuda":
             build_cuda(lowered, dest)
         else:
-            build(lowered, dest, emit, cpu_name)
+            build(lowered, dest, emit)
 
     if emit:  # a build of its own, so the .ll / .s files are there
         dest = Path(tempfile.mkdtemp(prefix=f"{key}.emit.", dir=_ensure(cache_dir())))

@@ -249,7 +249,8 @@ def test_header_documents_the_split_step_and_cuda_has_none(tmp_path):
 
 def test_build_several_links_programs_into_one_library(tmp_path, rng):
     """Two lowered graphs in one library: each runs under its own prefix as its own
-    library would; equal prefixes are refused."""
+    library would; equal prefixes, and programs lowered for different CPUs (their tiles
+    sized for different vector units), are refused."""
     graphs = {"a": mlp_graph(0), "b_two": mlp_graph(1, batch=2)}
     so = build_several([lower_graph(g, name) for name, g in graphs.items()], tmp_path, "both")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h", "b_two.h", "both.so"]
@@ -259,3 +260,6 @@ def test_build_several_links_programs_into_one_library(tmp_path, rng):
         np.testing.assert_allclose(ours, interpret(g, [x])[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="distinct prefixes"):
         build_several([lower_graph(graphs["a"], "a"), lower_graph(graphs["a"], "a")], tmp_path, "same")
+    avx2 = lower_graph(graphs["b_two"], "b_two", cpu_name="x86-64-v3")
+    with pytest.raises(ValueError, match="lowered for one CPU"):
+        build_several([lower_graph(graphs["a"], "a"), avx2], tmp_path, "mixed")

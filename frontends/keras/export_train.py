@@ -629,13 +629,13 @@ def export_train(model, filepath, batch_size: int, cpu: str | None = None, targe
     with tempfile.TemporaryDirectory(prefix="kiln-train-") as work:
         if programs is not None:  # three programs, one library
             lowered = [lower_graph(g, prefix, target=target, cpu_name=cpu) for g, prefix in programs]
-            so = build_several(lowered, Path(work), name, cpu_name=cpu, extra_c=wrapper, extra_blobs=blobs)
+            so = build_several(lowered, Path(work), name, extra_c=wrapper, extra_blobs=blobs)
         elif target == "cuda":
             lowered = lower_graph(graph, core, target=target)
             so = build_cuda(lowered, Path(work), extra_c=wrapper, extra_blobs=blobs)
         else:
             lowered = lower_graph(graph, core, target=target, cpu_name=cpu)
-            so = build(lowered, Path(work), cpu_name=cpu, extra_c=wrapper, extra_blobs=blobs)
+            so = build(lowered, Path(work), extra_c=wrapper, extra_blobs=blobs)
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(so, path)
     y = trained.y

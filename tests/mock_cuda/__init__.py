@@ -73,9 +73,9 @@ def kernels(graph: Graph, name: str, fuse: bool = True, cpu_name: str | None = N
     dest = driver.cache_dir() / key
     so = dest / f"{name}.so"
     if not so.exists():
-        lowered = driver.lower_graph(graph, name, fuse, target="cuda-sim")
+        lowered = driver.lower_graph(graph, name, fuse, target="cuda-sim", cpu_name=cpu_name)
         staging = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=_ensure(driver.cache_dir())))
-        driver.build(lowered, staging, (), cpu_name, extra_c=table_source(lowered))
+        driver.build(lowered, staging, (), extra_c=table_source(lowered))
         _publish(staging, dest)
     return so
 
