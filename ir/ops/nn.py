@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from math import prod
 from typing import TYPE_CHECKING
@@ -115,8 +115,9 @@ def _batch_offset(p: Expr, batch: tuple[int, ...], operand: tuple[int, ...], per
 
 
 #: k steps of a product's loop body (a sweep), whose sums LLVM keeps in registers
-#: across sweeps; on AVX-512 4 (see matmul_k_unroll)
+#: across sweeps; AVX512_MATMUL_K_UNROLL on AVX-512 (see matmul_k_unroll)
 MATMUL_K_UNROLL = 8
+AVX512_MATMUL_K_UNROLL = 4
 #: output columns computed together on AVX-512 (see matmul_col_tile)
 MATMUL_COL_TILE = 64
 #: output rows computed together, so each loaded vector of b serves that many rows
@@ -283,14 +284,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                                 at = i * panel + jj
                                 k.store(acc, at, muladd(row_coeffs[u], bv, acc.load_flat(at)))
 
-            # sweeps of `unroll` steps, then the rest; the epilogue on the finished tile
-            unroll = matmul_k_unroll(k.unit)
-            full, rest = divmod(kk, unroll)
-            if full:
-                with k.loop(full, LoopKind.SERIAL, "k") as ks:
-                    sweep(ks * unroll, unroll)
-            if rest:
-                sweep(const(full * unroll, "int64"), rest)
+            k_sweeps(k, kk, sweep)  # then the epilogue on the finished tile
             if epilogue is not None:
                 for first, width in parts:
                     with k.loop(width, vector_kind(width, lanes), "n") as jj:
@@ -453,7 +447,7 @@ def matmul_rows(unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE) -
     fewer than MATMUL_REST_MACS multiply-adds takes the largest block that divides its
     rows."""
     if unit == AVX512:
-        vectors = min(MATMUL_COL_TILE, max(n, 1) + unit.lanes - 1) // unit.lanes
+        vectors = min(MATMUL_COL_TILE // unit.lanes, -(-max(n, 1) // unit.lanes))  # of a row
         widest = AVX512_MATMUL_SUMS // vectors
         dividing = next(r for r in (widest, *MATMUL_ROW_BLOCKS) if r <= widest and m % r == 0)
         if dividing <= widest // 2 and m > widest and macs >= MATMUL_REST_MACS:
@@ -471,7 +465,19 @@ def matmul_k_unroll(unit: VectorUnit) -> int:
     its top, and on AVX-512 sweeps of 8 (32 broadcasts beside 16 sums and 4 vectors of
     b) spilled some; sweeps of 4 ran 2-5% faster there (the MLP, the transformer and
     ResNet-18 at batch 1 and the LSTM at batch 32), and the same as 8 on AVX2."""
-    return 4 if unit == AVX512 else MATMUL_K_UNROLL
+    return AVX512_MATMUL_K_UNROLL if unit == AVX512 else MATMUL_K_UNROLL
+
+
+def k_sweeps(k: KernelBuilder, steps: int, sweep: Callable[[Expr, int], None]) -> None:
+    """sweep(first k, steps) over k in [0, steps): a loop of sweeps of matmul_k_unroll
+    steps, then one of the rest."""
+    unroll = matmul_k_unroll(k.unit)
+    full, rest = divmod(steps, unroll)
+    if full:
+        with k.loop(full, LoopKind.SERIAL, "k") as ks:
+            sweep(ks * unroll, unroll)
+    if rest:
+        sweep(const(full * unroll, "int64"), rest)
 
 
 def matmul_col_tile(unit: VectorUnit, rows: int) -> int:
@@ -484,8 +490,8 @@ def matmul_col_tile(unit: VectorUnit, rows: int) -> int:
     (a batch-1 row needs 8 sums in flight to hide the FMA latency; 1 x 16 ran 2x
     slower)."""
     if unit == AVX512:
-        widest = max(unit.lanes, AVX512_MATMUL_SUMS // max(rows, 1) * unit.lanes)
-        return min(MATMUL_COL_TILE, widest // unit.lanes * unit.lanes)
+        vectors = max(1, AVX512_MATMUL_SUMS // max(rows, 1))
+        return min(MATMUL_COL_TILE, vectors * unit.lanes)
     return max(MATMUL_VECTOR, unit.lanes * (unit.registers // 2 // rows))
 
 

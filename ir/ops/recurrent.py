@@ -50,8 +50,8 @@ from ir.errors import GraphError
 from ir.ops import REGISTRY, BatchMixing, ElementwiseOp, Fusion, Gradient, Op, register
 from ir.ops.nn import (
     MATMUL_VECTOR,
+    k_sweeps,
     matmul_col_tile,
-    matmul_k_unroll,
     matmul_rows,
     unpack_panels,
     vector_kind,
@@ -473,7 +473,7 @@ class Recurrence(Op):
         """The gate's sums for the tile's parts of `width` units at `offsets` from its
         first unit. They stay in registers over the whole of h_{t-1} (a scratch tile
         indexed by constants, which LLVM promotes, as a convolution's), each vector of
-        Rᵀ loaded once for all the rows, in sweeps of matmul_k_unroll steps; then they
+        Rᵀ loaded once for all the rows, in sweeps (k_sweeps); then they
         go to s.sums for the cells."""
         k, h = s.k, self.hidden
         rows = range(len(s.block))
@@ -499,12 +499,7 @@ class Recurrence(Op):
                             sum_ = acc.load_flat(at(r, n, jj))
                             k.store(acc, at(r, n, jj), muladd(coeffs[r][u], w.ref, sum_))
 
-        unroll = matmul_k_unroll(k.unit)
-        full, rest = divmod(h, unroll)
-        with k.loop(full, LoopKind.SERIAL, "k") as ks:
-            sweep(ks * unroll, unroll)
-        if rest:
-            sweep(const(full * unroll, "int64"), rest)
+        k_sweeps(k, h, sweep)
         with k.loop(width, kind, "u") as jj:
             for r in rows:
                 for n, p in enumerate(offsets):
