@@ -783,12 +783,43 @@ def unravel(flat: Expr, shape: Sequence[int]) -> list[Expr]:
     return idx
 
 
+def reshape_index(idx: Sequence[Expr | int], shape: Sequence[int], to: Sequence[int]) -> list[Expr | int]:
+    """The multi-index into `to` of the element at `idx` of `shape`, both row-major
+    views of the same elements (a reshape), dividing as little as the axes allow.
+
+    The index is taken as digits, innermost first, each with its extent, and each axis
+    of `to`, innermost first, is made of the next digits: a digit of its extent as it
+    is; the remainder of a digit whose extent is a multiple of the axis (the quotient
+    stays a digit); a digit whose extent divides the axis as the axis's low part. A
+    flat offset unravelled again would divide a vector loop's index at every level."""
+    digits: list[tuple[Expr | int, int]] = [(i, d) for i, d in zip(reversed(idx), reversed(shape)) if d != 1]
+
+    def take(n: int) -> Expr | int:
+        value, extent = digits.pop(0)
+        if extent == n:
+            return value
+        if extent % n == 0:
+            digits.insert(0, (value // n, extent // n))
+            return value % n
+        if n % extent == 0:
+            return value + take(n // extent) * extent
+        higher, size = digits.pop(0)  # no digit boundary falls in this axis: join two
+        digits.insert(0, (value + higher * extent, extent * size))
+        return take(n)
+
+    return [0 if n == 1 else take(n) for n in reversed(to)][::-1]
+
+
 def guarded_load(buf: Buffer, idx: Sequence[Expr | int], inside: Expr, other: object) -> Expr:
     """buf[idx] where `inside` holds, else `other`, never touching memory outside buf.
 
     The address is clamped to element 0 when `inside` is false, so the load is
-    always legal and the whole thing stays branch-free (vectorizable).
+    always legal and the whole thing stays branch-free (vectorizable). An operand that
+    is not a buffer (a value computed where it is read) is read at index 0 instead.
     """
+    if not isinstance(buf, Buffer):
+        safe_idx = [select(inside, lift(i, "int64"), Const(0, "int64")) for i in idx]
+        return select(inside, buf[safe_idx], lift(other, buf.dtype))
     flat = buf.offset(idx)
     if isinstance(inside, Const) and inside.value:
         return Load(buf, flat)

@@ -13,7 +13,11 @@ Rules, by each op's fusion class:
   become one kernel that takes each row through as many passes as it has reductions:
   this is what makes a softmax or a layer norm written out of primitive ops (x - max,
   exp, sum, divide; mean, variance, rsqrt) one kernel;
-- reshape and flatten are views: no kernel, the memory plan gives them their input's bytes.
+- reshape and flatten are views: no kernel, the memory plan gives them their input's bytes;
+- index chains: an op that only moves elements (transpose, slice, gather, pad, ...)
+  takes in the views and such ops whose only reader it is, so a chain of them (an
+  attention head's reshape, gather, transpose, reshape, transpose) is one kernel that
+  reads each element where the chain began and stores it where the chain ends.
 
 Correctness. A group is a set of nodes that becomes one kernel running at one point
 of the schedule, so two groups may merge only if no path leaves one and comes back
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 
 from ir.graph import Graph, Node, Value
 from ir.ops import Fusion
+from ir.ops.shape import PerElement
 
 
 class GroupKind(enum.Enum):
@@ -40,6 +45,7 @@ class GroupKind(enum.Enum):
     ANCHORED = "anchored"  # a contraction's or reduction's loops, with a prologue and epilogue
     ROWS = "rows"  # last-axis reductions and the elementwise ops around them, row by row
     SINGLE = "single"  # one op's own loops
+    INDEXED = "indexed"  # an op that moves elements, reading through the index ops before it
     VIEW = "view"  # no kernel: the output is the input's bytes (a reshape)
 
 
@@ -186,6 +192,30 @@ class _Partitioner:
             else:
                 self.merge(own, g)
 
+    def try_indexed(self, node: Node) -> None:
+        """node only moves elements: take in the views and index groups whose result
+        only it reads, and, through a view taken in, what that view reads."""
+        own = self.group_of[node]
+        if not reads_through(node):
+            return
+        pending = [node]
+        while pending:
+            member = pending.pop()
+            for v in member.inputs:
+                g = self._group_producing(v)
+                if (
+                    g is None
+                    or g is own
+                    or g.kind not in (GroupKind.VIEW, GroupKind.INDEXED)
+                    or g.tail is not v
+                    or not self.sole_reader(v, member)
+                    or not self.independent(g, own)
+                ):
+                    continue
+                self.merge(own, g)
+                if g.kind is GroupKind.VIEW:
+                    pending.append(g.nodes[0])
+
     def _group_producing(self, v: Value) -> Group | None:
         node = self._producers.get(v)
         return self.group_of.get(node) if node is not None else None
@@ -233,6 +263,9 @@ class _Partitioner:
                 groups.append(self.new_group(node, GroupKind.ANCHORED))
                 if node.op.accepts_prologue:
                     self.try_prologue(node)
+            elif moves_elements(node):
+                groups.append(self.new_group(node, GroupKind.INDEXED))
+                self.try_indexed(node)
             else:
                 groups.append(self.new_group(node, GroupKind.SINGLE))
         if fuse:
@@ -268,6 +301,28 @@ def stored_values(group: Group, users: dict[Value, list[Node]], outputs: set[Val
         for n in group.nodes
         if n.outputs[0] in outputs or any(u not in group.nodes for u in users[n.outputs[0]])
     ]
+
+
+def moves_elements(node: Node) -> bool:
+    """Each output element is one input element at an index computed from its own
+    (`PerElement.element`), or the node is a view: it can be read through."""
+    op = node.op
+    return op.view or (op.fusion == Fusion.INJECTIVE and isinstance(op, PerElement))
+
+
+def reads_through(node: Node) -> bool:
+    """node moves elements and takes in the element-moving nodes before it: unless it
+    is a transpose that moves the innermost axis, which reads across rows; read
+    through a chain, its stride is the chain's source's, often a multiple of 4 KiB
+    (K of an attention head transposed from a projection 768 wide: every read of a
+    row in one L1 set), so it reads a stored, compact input instead."""
+    if not moves_elements(node):
+        return False
+    if node.op.name != "transpose":
+        return True
+    rank = node.inputs[0].type.rank
+    perm = node.op.perm if node.op.perm is not None else tuple(reversed(range(rank)))
+    return rank == 0 or perm[-1] == rank - 1
 
 
 def is_row_reduction(node: Node) -> bool:

@@ -255,6 +255,50 @@ def _elementwise(
             k.store(buffer_for(v), point.flat(), expr)
 
 
+class IndexChain:
+    """The members of an indexed group before its last: values never stored, each read
+    where it is needed as its op's element at that index (views by the same element
+    reindexed), down to buffers where the chain began."""
+
+    def __init__(self, k: kir.KernelBuilder, nodes: list[Node], buffer_for: BufferFor):
+        self.k, self.buffer_for = k, buffer_for
+        self.producer = {n.outputs[0]: n for n in nodes}
+
+    def operand(self, v: Value) -> kir.Buffer | Moved:
+        return Moved(self, v) if v in self.producer else self.buffer_for(v)
+
+
+class Moved:
+    """A value of an IndexChain, read as a kernel reads a buffer (`x[idx]`,
+    `x.load_flat(i)`)."""
+
+    def __init__(self, chain: IndexChain, v: Value):
+        self.chain, self.node = chain, chain.producer[v]
+        self.name, self.dtype, self.shape = c_name(v.name), v.type.dtype, v.type.shape
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    def __getitem__(self, idx) -> kir.Expr:
+        idx = list(idx) if isinstance(idx, (tuple, list)) else [idx]
+        ins = [self.chain.operand(u) for u in self.node.inputs]
+        if self.node.op.view:
+            return ins[0][kir.reshape_index(idx, self.shape, ins[0].shape)]
+        return self.node.op.element(self.chain.k, ins, idx)
+
+    def load_flat(self, index: kir.Expr) -> kir.Expr:
+        return self[kir.unravel(index, self.shape)]
+
+
+def _indexed(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor, loops: Loops) -> None:
+    """The last member's own loops, its inputs read through the chain before it."""
+    *chain, last = group.nodes
+    operands = IndexChain(k, chain, buffer_for)
+    ins = [operands.operand(v) for v in last.inputs]
+    loops.lower_op(k, last.op, ins, buffer_for(last.outputs[0]))
+
+
 def _anchored(k: kir.KernelBuilder, group: Group, buffer_for: BufferFor, loops: Loops) -> None:
     anchor = group.anchor
     # the epilogue: every other member, including elementwise branches that do not
@@ -396,6 +440,8 @@ def lower_group(
         _anchored(k, group, bound, loops)
     elif group.kind is GroupKind.ROWS:
         _rows(k, group, writes, bound, loops)
+    elif group.kind is GroupKind.INDEXED:
+        _indexed(k, group, bound, loops)
     elif lowers_element_by_element(group):
         _elementwise(k, group, writes, bound, loops)
     else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from compiler.fusion import moves_elements, reads_through
 from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
@@ -389,6 +390,79 @@ def cancel_transposes(graph: Graph) -> Graph:
     return _rewire(graph, nodes, graph.params, replace)
 
 
+def gather_as_slice(graph: Graph) -> Graph:
+    """A gather of one constant index, in range, is a slice of that index (reshaped to
+    drop the axis where the index is a scalar): an attention head's Q, K and V picked
+    out of one projection. A slice's kernel needs no run-time check of the index, so it
+    vectorizes, and the fusion reads through it (compiler.fusion's index chains)."""
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        index = graph.params.get(node.inputs[1]) if node.op.name == "gather" else None
+        data = node.inputs[0].type
+        axis = node.op.axis % data.rank if index is not None else 0
+        if index is None or index.size != 1 or not -data.shape[axis] <= int(index.flat[0]) < data.shape[axis]:
+            nodes.append(node)
+            continue
+        at = int(index.flat[0]) % data.shape[axis]
+        picked = Value(
+            f"{node.outputs[0].name}.slice",
+            data.with_shape(data.shape[:axis] + (1,) + data.shape[axis + 1 :]),
+        )
+        nodes.append(
+            Node(
+                make_op("slice", starts=(at,), ends=(at + 1,), axes=(axis,)),
+                node.inputs[:1],
+                [picked],
+                f"{node.name}.slice",
+            )
+        )
+        shape = node.outputs[0].type.shape
+        nodes.append(Node(make_op("reshape", shape=shape), [picked], node.outputs, node.name))
+    return Graph(graph.inputs, graph.outputs, nodes, graph.params, graph.name)
+
+
+def copy_shared_moves(graph: Graph) -> Graph:
+    """An element-moving node (compiler.fusion.moves_elements) whose readers all read
+    through their inputs (compiler.fusion.reads_through) gets a copy for each read, and
+    so on up the chain, so each reader's index chain is its own: three slices of one
+    transposed projection read the projection, and the whole transpose is never
+    stored. Never more traffic: each copy reads what its reader needs, where the shared
+    node read and wrote it all. Runs after merge_common, which would merge the copies."""
+    while True:
+        copied = _copy_shared_once(graph)
+        if copied is graph:
+            return graph
+        graph = copied
+
+
+def _copy_shared_once(graph: Graph) -> Graph:
+    users = graph.consumers()
+    outputs = set(graph.outputs)
+    copies: dict[Value, list[Value]] = {}
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        out = node.outputs[0]
+        readers = list(dict.fromkeys(users[out]))
+        reads = sum(v is out for n in readers for v in n.inputs)
+        if reads > 1 and out not in outputs and moves_elements(node) and all(map(reads_through, readers)):
+            copies[out] = [Value(f"{out.name}.{i}", out.type) for i in range(reads)]
+            nodes += [Node(node.op, node.inputs, [v], f"{node.name}.{i}") for i, v in enumerate(copies[out])]
+        else:
+            nodes.append(node)
+    if not copies:
+        return graph
+    taken: dict[Value, int] = {}
+
+    def mine(v: Value) -> Value:
+        if v not in copies:
+            return v
+        taken[v] = taken.get(v, 0) + 1
+        return copies[v][taken[v] - 1]
+
+    rewired = [Node(n.op, [mine(v) for v in n.inputs], n.outputs, n.name) for n in nodes]
+    return Graph(graph.inputs, graph.outputs, rewired, graph.params, graph.name)
+
+
 def merge_common(graph: Graph) -> Graph:
     """Nodes applying the same op (same attributes) to the same inputs become one.
 
@@ -446,6 +520,10 @@ PIPELINE = (
     Pass("recurrence_packed", recurrence_packed, "a recurrence reads constant Rᵀ in panels", ("cpu",)),
     Pass("cancel_transposes", cancel_transposes, "a transpose undone by the next one goes"),
     Pass("merge_common", merge_common, "equal nodes on equal inputs become one"),
+    Pass("gather_as_slice", gather_as_slice, "a gather of one constant index is a slice"),
+    Pass(
+        "copy_shared_moves", copy_shared_moves, "an element-moving node read by such nodes is copied for each"
+    ),
     Pass("dead_code", dead_code, "nodes and params no output needs are dropped"),
 )
 

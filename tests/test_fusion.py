@@ -3,9 +3,14 @@ program checked against the interpreter, and fused == unfused."""
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from codegen.kir import reshape_index
 from compiler import compile_model
 from compiler.driver import lower_graph
 from compiler.fusion import GroupKind, partition
@@ -246,3 +251,77 @@ def test_rows_kernel_never_writes_over_an_input(rng):
     loss = b.reduce_mean(b.log(b.softmax(b.linear(x, wv), axis=-1)), keepdims=False)
     graph = b.build(loss, *gradients(b, loss, [wv, x]))
     check(graph, rng)
+
+
+def test_index_chain_is_one_kernel(rng):
+    """transpose → reshape → slice → transpose: one kernel reading x where it lies."""
+    b = GraphBuilder()
+    x = b.input("x", (4, 6, 12))
+    t = b.reshape(b.transpose(x, perm=(1, 0, 2)), shape=(6, 4, 3, 4))
+    s = b.slice(t, starts=(1,), ends=(3,), axes=(2,))
+    graph = b.build(b.transpose(s, perm=(2, 0, 1, 3)))
+    assert groups_of(graph) == ["transpose+reshape+slice+transpose_0"]
+    check(graph, rng)
+
+
+def test_index_chain_through_a_pad_and_a_gather(rng):
+    """Pads read their input guarded (constant) or mirrored (reflect), a gather's
+    indices come from a buffer: both work on an input read through a chain."""
+    b = GraphBuilder()
+    x = b.input("x", (5, 7))
+    idx = b.param("idx", np.array([[4, 0], [2, 2]], np.int64))
+    padded = b.pad(b.transpose(x, perm=(1, 0)), pads=(1, 0, 2, 1))
+    mirrored = b.pad(b.reshape(b.transpose(x, perm=(1, 0)), shape=(35,)), pads=(2, 3), mode="reflect")
+    picked = b.gather(b.transpose(x, perm=(1, 0)), idx, axis=1)
+    graph = b.build(padded, mirrored, picked)
+    assert groups_of(graph) == ["transpose+pad", "transpose_0+reshape+pad_1", "transpose_2+gather"]
+    check(graph, rng)
+
+
+def test_transpose_of_the_innermost_axis_reads_a_stored_input(rng):
+    """A transpose that moves the last axis reads across rows: it takes no chain in
+    (through one its stride would be the chain's source's), its input is stored."""
+    b = GraphBuilder()
+    x = b.input("x", (8, 16, 32))
+    s = b.slice(b.transpose(x, perm=(1, 0, 2)), starts=(8,), ends=(16,), axes=(2,))
+    graph = b.build(b.transpose(s, perm=(0, 2, 1)))
+    assert groups_of(graph) == ["transpose+slice", "transpose_0"]
+    check(graph, rng)
+
+
+def test_index_chain_on_the_simulated_gpu(rng):
+    b = GraphBuilder()
+    x = b.input("x", (3, 40, 48))
+    t = b.reshape(b.transpose(x, perm=(2, 1, 0)), shape=(48, 4, 10, 3))
+    graph = b.build(b.transpose(b.slice(t, starts=(2,), ends=(9,), axes=(2,)), perm=(1, 0, 2, 3)))
+    feeds = [rng.standard_normal((3, 40, 48)).astype(np.float32)]
+    got = compile_model(graph, name="chain_sim", target="cuda-sim").run(*feeds)
+    np.testing.assert_array_equal(got[0], interpret(graph, feeds)[0])
+
+
+def _factors(n: int) -> list[int]:
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=4), st.randoms(use_true_random=False))
+def test_reshape_index_is_the_row_major_reshape(shape, random):
+    """reshape_index on a chain's view, against numpy's unravel of the flat index,
+    for a random regrouping of the same elements (ones inserted anywhere)."""
+    factors = _factors(prod(shape))
+    random.shuffle(factors)
+    to, i = [], 0
+    while i < len(factors):
+        take = random.randint(1, 3)
+        to.append(prod(factors[i : i + take]))
+        i += take
+    to.insert(random.randint(0, len(to)), 1)
+    for flat in {0, prod(shape) - 1, random.randrange(prod(shape))}:
+        idx = [int(i) for i in np.unravel_index(flat, shape)]
+        assert reshape_index(idx, tuple(shape), tuple(to)) == [int(i) for i in np.unravel_index(flat, to)]

@@ -10,9 +10,11 @@ from compiler.passes import (
     conv_packed,
     conv_pool,
     conv_winograd,
+    copy_shared_moves,
     dead_code,
     fold_batchnorm,
     fold_constants,
+    gather_as_slice,
     linear_packed,
     merge_common,
     recurrence_packed,
@@ -243,3 +245,42 @@ def test_cancel_transposes(rng):
         "exp(%relu)",
     ]
     _same_results(before, after, rng)
+
+
+def test_gather_of_one_constant_index_becomes_a_slice(rng):
+    b = GraphBuilder()
+    x = b.input("x", (3, 4, 5))
+    picked = b.gather(x, b.param("i", np.array(-2, np.int64)), axis=1)
+    kept = b.gather(x, b.param("j", np.array([1], np.int64)), axis=2)
+    graph = b.build(picked, kept)
+    after = gather_as_slice(graph)
+    assert [n.op.name for n in after.nodes] == ["slice", "reshape", "slice", "reshape"]
+    assert after.nodes[0].op.starts == (2,) and after.nodes[0].op.axes == (1,)
+    _same_results(graph, after, rng)
+
+
+def test_gather_of_an_index_out_of_range_stays_a_gather():
+    b = GraphBuilder()
+    x = b.input("x", (3, 4))
+    graph = b.build(b.gather(x, b.param("i", np.array(4, np.int64)), axis=1))
+    assert [n.op.name for n in gather_as_slice(graph).nodes] == ["gather"]
+
+
+def test_shared_element_moves_are_copied_for_each_reader(rng):
+    b = GraphBuilder()
+    x = b.input("x", (6, 8))
+    t = b.reshape(b.transpose(x, perm=(1, 0)), shape=(2, 4, 6))
+    first, second = (b.slice(t, starts=(i,), ends=(i + 1,), axes=(0,)) for i in range(2))
+    graph = b.build(first, second)
+    after = copy_shared_moves(graph)
+    assert [n.op.name for n in after.nodes] == ["transpose"] * 2 + ["reshape"] * 2 + ["slice"] * 2
+    assert len({n.outputs[0] for n in after.nodes}) == 6  # every copy its own value
+    _same_results(graph, after, rng)
+
+
+def test_shared_move_read_by_an_elementwise_op_is_not_copied():
+    b = GraphBuilder()
+    x = b.input("x", (6, 8))
+    t = b.transpose(x, perm=(1, 0))
+    graph = b.build(b.relu(t), b.slice(t, starts=(1,), ends=(2,), axes=(0,)))
+    assert copy_shared_moves(graph) is graph
