@@ -55,6 +55,8 @@ class Group:
     kind: GroupKind
     anchor: Node | None = None
     prologue: list[Node] = field(default_factory=list)
+    #: an elementwise group's index chains: members read through, never stored
+    moves: list[Node] = field(default_factory=list)
     bits: int = 0  # the nodes, as bits of their graph positions
     row_shape: tuple[int, ...] = ()  # rows groups: (..., n)
 
@@ -63,7 +65,9 @@ class Group:
         """The shape the group's loops run over."""
         if self.kind is GroupKind.ROWS:
             return self.row_shape
-        node = self.anchor or self.nodes[0]
+        if self.kind is GroupKind.INDEXED:
+            return self.tail.type.shape
+        node = self.anchor or next(n for n in self.nodes if n not in self.moves)
         return node.outputs[0].type.shape
 
     def fits_rows(self, shape: tuple[int, ...]) -> bool:
@@ -270,6 +274,7 @@ class _Partitioner:
                 groups.append(self.new_group(node, GroupKind.SINGLE))
         if fuse:
             self.epilogue_groups()
+            self.elementwise_read_through()
         unique = list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes))
         return _schedule(unique, self.graph)
 
@@ -292,6 +297,46 @@ class _Partitioner:
                 and self.independent(g, e)
             ):
                 self.merge(g, e)
+
+
+    def elementwise_read_through(self) -> None:
+        """An elementwise group takes in the index chains (indexed groups, and the views
+        after them) whose result only it reads, at its own shape or through views of it
+        (each element computed once): a scale applied to an attention head's Q as it
+        is picked out of the projection. A view of a stored value stays a view (read
+        flat). Done last, so no such group joins an anchored or rows group, whose
+        lowerings do not read through chains."""
+        for own in list(dict.fromkeys(self.group_of[n] for n in self.graph.nodes)):
+            if own.kind is not GroupKind.ELEMENTWISE:
+                continue
+            for v in self.external_inputs(own):
+                chain = self._chain_to(own, v) if v.type.shape == own.shape else []
+                for g in chain:  # nearest first: each then reads own directly
+                    if not self.independent(g, own):
+                        break
+                    own.moves += g.nodes
+                    self.merge(own, g)
+
+    def _chain_to(self, own: Group, v: Value) -> list[Group]:
+        """The groups of an index chain ending in v, through views, that only `own`
+        reads and may join it; none unless the chain reaches an indexed group."""
+        chain: list[Group] = []
+        readers = own.nodes
+        while True:
+            g = self._group_producing(v)
+            if (
+                g is None
+                or g is own
+                or g.kind not in (GroupKind.INDEXED, GroupKind.VIEW)
+                or g.tail is not v
+                or v in self.outputs
+                or any(u not in readers for u in self.users[v])
+            ):
+                return []
+            chain.append(g)
+            if g.kind is GroupKind.INDEXED:
+                return chain
+            readers, v = g.nodes, g.nodes[0].inputs[0]
 
 
 def stored_values(group: Group, users: dict[Value, list[Node]], outputs: set[Value]) -> list[Value]:

@@ -190,8 +190,8 @@ class Point:
 
     def load(self, buf: kir.Buffer) -> kir.Expr:
         """buf at this point, numpy-broadcast: size-1 axes read element 0."""
-        if buf.shape == self.shape:
-            return buf.load_flat(self.flat())
+        if buf.shape == self.shape:  # a chain's value by multi-index: no unravelling
+            return buf[self.multi()] if isinstance(buf, Moved) else buf.load_flat(self.flat())
         if prod(buf.shape) == 1:
             return buf.load_flat(kir.const(0, "int64"))
         multi, lead = self.multi(), len(self.shape) - len(buf.shape)
@@ -248,8 +248,11 @@ def _elementwise(
     shape = group.shape
     produced = group.produced()
     operands = {v for n in group.nodes for v in n.inputs if v not in produced} | set(writes)
-    with loops.points(k, shape, all(v.type.shape == shape for v in operands)) as point:
-        values = Values(group.nodes, point, buffer_for, bind=lambda v, e: k.local(v.type.dtype, e, "v").ref)
+    # a chain is read by multi-index: a flat loop's index would be unravelled per read
+    flat = not group.moves and all(v.type.shape == shape for v in operands)
+    computed = [n for n in group.nodes if n not in group.moves]
+    with loops.points(k, shape, flat) as point:
+        values = Values(computed, point, buffer_for, bind=lambda v, e: k.local(v.type.dtype, e, "v").ref)
         exprs = [values[v] for v in writes]
         for v, expr in zip(writes, exprs):
             k.store(buffer_for(v), point.flat(), expr)
@@ -285,7 +288,7 @@ class Moved:
         ins = [self.chain.operand(u) for u in self.node.inputs]
         if self.node.op.view:
             return ins[0][kir.reshape_index(idx, self.shape, ins[0].shape)]
-        return self.node.op.element(self.chain.k, ins, idx)
+        return self.node.op.element(self.chain.k, ins, [kir.lift(i, "int64") for i in idx])
 
     def load_flat(self, index: kir.Expr) -> kir.Expr:
         return self[kir.unravel(index, self.shape)]
@@ -443,7 +446,9 @@ def lower_group(
     elif group.kind is GroupKind.INDEXED:
         _indexed(k, group, bound, loops)
     elif lowers_element_by_element(group):
-        _elementwise(k, group, writes, bound, loops)
+        # an index chain's values are read through, from the buffers where it starts
+        operand = IndexChain(k, group.moves, bound).operand if group.moves else bound
+        _elementwise(k, group, writes, operand, loops)
     else:
         (node,) = group.nodes
         loops.lower_op(k, node.op, [bound(v) for v in node.inputs], bound(node.outputs[0]))
@@ -459,8 +464,9 @@ def lowers_element_by_element(group: Group) -> bool:
 
 
 def writes_in_place(group: Group) -> bool:
-    """The group's outputs may take the bytes of inputs of their shape that die in it."""
-    return lowers_element_by_element(group) and all(n.op.in_place for n in group.nodes)
+    """The group's outputs may take the bytes of inputs of their shape that die in it
+    (not when it reads through index chains: their inputs are read elsewhere)."""
+    return lowers_element_by_element(group) and not group.moves and all(n.op.in_place for n in group.nodes)
 
 
 def copy_call(

@@ -427,40 +427,29 @@ def copy_shared_moves(graph: Graph) -> Graph:
     so on up the chain, so each reader's index chain is its own: three slices of one
     transposed projection read the projection, and the whole transpose is never
     stored. Never more traffic: each copy reads what its reader needs, where the shared
-    node read and wrote it all. Runs after merge_common, which would merge the copies."""
-    while True:
-        copied = _copy_shared_once(graph)
-        if copied is graph:
-            return graph
-        graph = copied
+    node read and wrote it all. Runs after merge_common, which would merge the copies.
 
-
-def _copy_shared_once(graph: Graph) -> Graph:
-    users = graph.consumers()
+    Nodes are visited last first, so a node's readers, copies included, are final
+    when it is decided."""
     outputs = set(graph.outputs)
-    copies: dict[Value, list[Value]] = {}
-    nodes: list[Node] = []
-    for node in graph.nodes:
+    built: list[Node] = []  # last first
+    for node in reversed(graph.nodes):
         out = node.outputs[0]
-        readers = list(dict.fromkeys(users[out]))
-        reads = sum(v is out for n in readers for v in n.inputs)
-        if reads > 1 and out not in outputs and moves_elements(node) and all(map(reads_through, readers)):
-            copies[out] = [Value(f"{out.name}.{i}", out.type) for i in range(reads)]
-            nodes += [Node(node.op, node.inputs, [v], f"{node.name}.{i}") for i, v in enumerate(copies[out])]
-        else:
-            nodes.append(node)
-    if not copies:
+        slots = [(r, i) for r, reader in enumerate(built) for i, v in enumerate(reader.inputs) if v is out]
+        readers = [built[r] for r in dict.fromkeys(r for r, _ in slots)]
+        shared = len(slots) > 1 and out not in outputs and moves_elements(node)
+        if not shared or not all(map(reads_through, readers)):
+            built.append(node)
+            continue
+        for j, (r, i) in enumerate(slots):
+            copy = Value(f"{out.name}.{j}", out.type)
+            reader = built[r]
+            inputs = [copy if k == i else v for k, v in enumerate(reader.inputs)]
+            built[r] = Node(reader.op, inputs, reader.outputs, reader.name)
+            built.append(Node(node.op, node.inputs, [copy], f"{node.name}.{j}"))
+    if len(built) == len(graph.nodes):
         return graph
-    taken: dict[Value, int] = {}
-
-    def mine(v: Value) -> Value:
-        if v not in copies:
-            return v
-        taken[v] = taken.get(v, 0) + 1
-        return copies[v][taken[v] - 1]
-
-    rewired = [Node(n.op, [mine(v) for v in n.inputs], n.outputs, n.name) for n in nodes]
-    return Graph(graph.inputs, graph.outputs, rewired, graph.params, graph.name)
+    return Graph(graph.inputs, graph.outputs, built[::-1], graph.params, graph.name)
 
 
 def merge_common(graph: Graph) -> Graph:

@@ -325,3 +325,18 @@ def test_reshape_index_is_the_row_major_reshape(shape, random):
     for flat in {0, prod(shape) - 1, random.randrange(prod(shape))}:
         idx = [int(i) for i in np.unravel_index(flat, shape)]
         assert reshape_index(idx, tuple(shape), tuple(to)) == [int(i) for i in np.unravel_index(flat, to)]
+
+
+def test_elementwise_reads_through_an_index_chain(rng):
+    """mul(reshape(slice(transpose(x)))) + y: one kernel at the product's shape, x read
+    through the chain; a chain read by two groups stays a kernel of its own."""
+    b = GraphBuilder()
+    x, y = b.input("x", (6, 8, 10)), b.input("y", (4, 2, 5, 6))
+    picked = b.reshape(
+        b.slice(b.transpose(x, perm=(1, 2, 0)), starts=(0,), ends=(5,), axes=(1,)), shape=(4, 2, 5, 6)
+    )
+    scaled = b.add(b.mul(picked, b.param("s", np.array([0.5], np.float32))), y)
+    shared = b.transpose(x, perm=(2, 0, 1))
+    graph = b.build(scaled, b.relu(shared), b.tanh(shared))
+    assert groups_of(graph) == ["transpose+slice+reshape+mul+add", "transpose_0", "relu", "tanh"]
+    check(graph, rng)
