@@ -298,7 +298,6 @@ class _Partitioner:
             ):
                 self.merge(g, e)
 
-
     def elementwise_read_through(self) -> None:
         """An elementwise group takes in the index chains (indexed groups, and the views
         after them) whose result only it reads, at its own shape or through views of it

@@ -366,6 +366,45 @@ def _conv_as_linear(node: Node, cols: Value, w: Value, bias: list[Value]) -> lis
     return nodes
 
 
+def attention_fused(graph: Graph) -> Graph:
+    """matmul(softmax(matmul(q, kt)), v), the softmax over the last axis and the scores
+    and probabilities read by nothing else, is one attention op (ir.ops.attention),
+    which keeps each step's scores in cache. The leading axes of q, kt and v must be
+    the same (no broadcasting)."""
+    users, producers = graph.consumers(), graph.producers()
+    outputs = set(graph.outputs)
+
+    def only_reader(v: Value) -> Node | None:
+        readers = users[v]
+        return readers[0] if len(readers) == 1 and v not in outputs else None
+
+    fused: dict[Node, Node] = {}  # the second matmul -> the attention node
+    dropped: set[Node] = set()
+    for node in graph.nodes:
+        if node.op.name != "softmax" or node.op.axis not in (-1, node.inputs[0].type.rank - 1):
+            continue
+        first, second = producers.get(node.inputs[0]), only_reader(node.outputs[0])
+        if (
+            first is None
+            or first.op.name != "matmul"
+            or only_reader(first.outputs[0]) is not node
+            or second is None
+            or second.op.name != "matmul"
+            or second.inputs[0] is not node.outputs[0]
+        ):
+            continue
+        q, kt, v = first.inputs[0], first.inputs[1], second.inputs[1]
+        ranks = {x.type.rank for x in (q, kt, v)}
+        if len(ranks) > 1 or min(ranks) < 2 or len({x.type.shape[:-2] for x in (q, kt, v)}) > 1:
+            continue
+        fused[second] = Node(make_op("attention"), [q, kt, v], second.outputs, second.name)
+        dropped |= {first, node}
+    if not fused:
+        return graph
+    nodes = [fused.get(n, n) for n in graph.nodes if n not in dropped]
+    return Graph(graph.inputs, graph.outputs, nodes, graph.params, graph.name)
+
+
 def cancel_transposes(graph: Graph) -> Graph:
     """transpose(transpose(x, p), q) is one transpose by p∘q, or x itself when that is
     the identity: the NHWC ↔ NCHW pairs around consecutive channels-last layers (and
@@ -507,6 +546,7 @@ PIPELINE = (
     Pass("fold_constants", fold_constants, "nodes whose inputs are all constants are evaluated now"),
     Pass("linear_packed", linear_packed, "a product by constant weights reads them in panels", ("cpu",)),
     Pass("recurrence_packed", recurrence_packed, "a recurrence reads constant Rᵀ in panels", ("cpu",)),
+    Pass("attention_fused", attention_fused, "matmul, softmax, matmul is one attention op", ("cpu",)),
     Pass("cancel_transposes", cancel_transposes, "a transpose undone by the next one goes"),
     Pass("merge_common", merge_common, "equal nodes on equal inputs become one"),
     Pass("gather_as_slice", gather_as_slice, "a gather of one constant index is a slice"),

@@ -81,6 +81,10 @@ def mock() -> Path:
     return mock_cuda.build_mock()
 
 
+#: the MNIST CNN's GPU kernels (`kiln inspect mnist_cnn.onnx --target cuda`)
+CNN_KERNELS = 13
+
+
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory) -> Build:
     return cuda_build(MNIST_CNN_PATH, "mnist_cnn", tmp_path_factory.mktemp("cnn"))
@@ -153,7 +157,7 @@ def test_cnn_from_python_matches_the_interpreter(cnn, on_mock, mock, rng, capfd)
     model.set_profiling(True)
     model(x)
     times = model.kernel_times()
-    assert len(times) == 14 and all(name.startswith("mnist_cnn_k") for name in times)
+    assert len(times) == CNN_KERNELS and all(name.startswith("mnist_cnn_k") for name in times)
     assert all(t > 0 for t in times.values())
     del model
     assert live(mock) == 0  # destroy freed every allocation, the module, stream, events, context
@@ -172,7 +176,7 @@ def test_weights_go_up_once_and_each_run_launches_every_kernel(cnn, on_mock, moc
     for _ in range(3):
         model(x)
     assert calls(mock, "cuMemcpyHtoD_v2") == uploads + 1
-    assert calls(mock, "cuLaunchKernel") == launches + 3 * 14
+    assert calls(mock, "cuLaunchKernel") == launches + 3 * CNN_KERNELS
     assert calls(mock, "cuMemcpyHtoDAsync_v2") == copies_in + 3
 
 

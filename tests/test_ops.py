@@ -219,6 +219,13 @@ CASES: dict[str, list[Case]] = {
     # input columns dealt into `pool` planes: the MNIST CNN's first layer (26x26 conv in
     # 2x2 windows), and an 11x11 dilated conv in 3x3 windows whose last rows and columns
     # fill no window
+    # softmax(q @ kt) @ v: rows in steps of 16 (37: the last step overlapping; 3: one
+    # short step), key and value widths of whole tiles, a tile and a rest, and masked
+    "attention": [
+        Case([In((2, 3, 37, 16)), In((2, 3, 16, 50)), In((2, 3, 50, 24))]),
+        Case([In((64, 128)), In((128, 80)), In((80, 70))]),
+        Case([In((3, 5)), In((5, 7)), In((7, 9), "wide")]),
+    ],
     "conv2d_pooled": [
         Case(
             [In((2, 1, 28, 2, 14)), In((1, 9, 32)), In((32,))], {"out_channels": 32, "pool": 2}, params=(1, 2)
@@ -591,6 +598,7 @@ def _case_id(name: str, i: int, case: Case) -> str:
 #: schedules are checked wherever AVX-512 is
 UNIT_SIZED = {
     "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "conv2d_pooled", "rnn",
+    "attention",
     "gru", "lstm",
     "winograd_input", "winograd_output",
 }  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from compiler.passes import (
+    attention_fused,
     cancel_transposes,
     conv_packed,
     conv_pool,
@@ -284,3 +285,23 @@ def test_shared_move_read_by_an_elementwise_op_is_not_copied():
     t = b.transpose(x, perm=(1, 0))
     graph = b.build(b.relu(t), b.slice(t, starts=(1,), ends=(2,), axes=(0,)))
     assert copy_shared_moves(graph) is graph
+
+
+def _attention_graph(extra_reader: bool = False):
+    b = GraphBuilder()
+    q, kt, v = b.input("q", (2, 4, 9, 8)), b.input("kt", (2, 4, 8, 12)), b.input("v", (2, 4, 12, 8))
+    scores = b.matmul(q, kt)
+    out = b.matmul(b.softmax(scores), v)
+    return b.build(out, b.relu(scores)) if extra_reader else b.build(out)
+
+
+def test_attention_fused_takes_matmul_softmax_matmul(rng):
+    graph = _attention_graph()
+    after = attention_fused(graph)
+    assert _body(after) == ["%matmul_0 = attention(%q, %kt, %v) : f32[2,4,9,8]", "return %matmul_0"]
+    _same_results(graph, after, rng)
+
+
+def test_attention_fused_leaves_scores_another_node_reads():
+    graph = _attention_graph(extra_reader=True)
+    assert attention_fused(graph) is graph
