@@ -21,7 +21,7 @@ from compiler.fusion import moves_elements, reads_through
 from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
 from ir.ops import make_op
-from ir.ops.nn import MATMUL_VECTOR, PACKED_CONV_SMALL_K, pack_panels, packed_conv_panel
+from ir.ops.nn import MATMUL_VECTOR, PACKED_CONV_ROWS, PACKED_CONV_SMALL_K, pack_panels, packed_conv_panel
 from ir.ops.recurrent import Recurrence
 from ir.ops.winograd import tile_columns, transform_weights
 from ir.ops.winograd import tiles as winograd_tiles
@@ -210,12 +210,14 @@ def conv_packed(graph: Graph) -> Graph:
 
 def conv_pool(graph: Graph) -> Graph:
     """A max pool of p x p windows of stride p (no padding, no dilation) after a
-    conv2d_packed of few taps and stride 1 (a first layer), directly or through a ReLU,
-    runs inside the conv: conv2d_pooled, on the conv's input with each row's columns
-    dealt into p planes (a reshape and a transpose, over the small input), so the conv's
-    output, p² times the pooled one, is never stored, nor read back by a pooling
-    kernel. max(relu(a), relu(b)) = relu(max(a, b)): the ReLU goes after the pooled conv,
-    where fusion makes it the conv's epilogue. CPU only, after conv_packed."""
+    conv2d_packed, directly or through a ReLU, runs inside the conv, so the conv's
+    output, p² times the pooled one, is never stored, nor read back by a pooling kernel,
+    and the positions no window covers are not computed. A conv of few taps and stride 1
+    (a first layer) becomes conv2d_pooled, on its input with each row's columns dealt
+    into p planes (a reshape and a transpose, over the small input); any other, the
+    conv2d_packed with pool = p, whose register tile holds whole windows (p = 2).
+    max(relu(a), relu(b)) = relu(max(a, b)): the ReLU goes after the pooled conv, where
+    fusion makes it the conv's epilogue. CPU only, after conv_packed."""
     producer = {v: n for n in graph.nodes for v in n.outputs}
     uses = Counter(v for n in graph.nodes for v in n.inputs) + Counter(graph.outputs)
     replaced: dict[Node, list[Node]] = {}
@@ -234,29 +236,30 @@ def conv_pool(graph: Graph) -> Graph:
             continue
         columns, w, *bias = conv.inputs
         n, c, h, width = columns.type.shape
-        if conv.op.strides != (1, 1) or w.type.shape[1] > PACKED_CONV_SMALL_K or width % p:
-            continue
-        split = make_op("reshape", shape=(n, c, h, width // p, p))
-        deal = make_op("transpose", perm=(0, 1, 2, 4, 3))
-        pairs = Value(f"{conv.name}.column_pairs", split.infer(columns.type))
-        planes = Value(f"{conv.name}.column_planes", deal.infer(pairs.type))
-        pooled_op = make_op(
-            "conv2d_pooled", kernel=conv.op.kernel, dilations=conv.op.dilations,
-            out_channels=conv.op.out_channels, pool=p,
-        )  # fmt: skip
-        new = [
-            Node(split, [columns], [pairs], f"{conv.name}.column_pairs"),
-            Node(deal, [pairs], [planes], f"{conv.name}.column_planes"),
-        ]
-        if relu is None:
-            new.append(Node(pooled_op, [planes, w, *bias], pool.outputs, conv.name))
-        else:
-            pooled_type = pooled_op.infer(planes.type, w.type, *(b.type for b in bias))
-            pooled = Value(f"{conv.name}.pooled", pooled_type)
-            new += [
-                Node(pooled_op, [planes, w, *bias], [pooled], conv.name),
-                Node(relu.op, [pooled], pool.outputs, relu.name),
+        if conv.op.strides == (1, 1) and w.type.shape[1] <= PACKED_CONV_SMALL_K and width % p == 0:
+            split = make_op("reshape", shape=(n, c, h, width // p, p))
+            deal = make_op("transpose", perm=(0, 1, 2, 4, 3))
+            pairs = Value(f"{conv.name}.column_pairs", split.infer(columns.type))
+            planes = Value(f"{conv.name}.column_planes", deal.infer(pairs.type))
+            pooled_op = make_op(
+                "conv2d_pooled", kernel=conv.op.kernel, dilations=conv.op.dilations,
+                out_channels=conv.op.out_channels, pool=p,
+            )  # fmt: skip
+            new = [
+                Node(split, [columns], [pairs], f"{conv.name}.column_pairs"),
+                Node(deal, [pairs], [planes], f"{conv.name}.column_planes"),
             ]
+            pooled_ins = [planes, w, *bias]
+        elif p * p <= min(PACKED_CONV_ROWS.values()):
+            pooled_op, new, pooled_ins = replace(conv.op, pool=p), [], conv.inputs
+        else:  # the windows' positions would not fit a register tile
+            continue
+        if relu is None:
+            new.append(Node(pooled_op, pooled_ins, pool.outputs, conv.name))
+        else:
+            pooled = Value(f"{conv.name}.pooled", pooled_op.infer(*(v.type for v in pooled_ins)))
+            new.append(Node(pooled_op, pooled_ins, [pooled], conv.name))
+            new.append(Node(relu.op, [pooled], pool.outputs, relu.name))
         replaced[pool] = new
         dropped |= {conv} | ({relu} if relu is not None else set())
     nodes = [m for n in graph.nodes if n not in dropped for m in replaced.get(n, [n])]

@@ -215,10 +215,15 @@ CASES: dict[str, list[Case]] = {
         ),
         Case([In((1, 16, 4, 4)), In((2, 144, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
         Case([In((1, 7, 7, 7)), In((1, 63, 16))], {"out_channels": 3}, params=(1,)),
+        # max-pooled in 2x2 windows: the MNIST CNN's second conv (11x11, its last row and
+        # column in no window); panels of 16 (3 windows a tile, the last run of a row
+        # overlapping; 10 of 16 filters); stride 2
+        Case(
+            [In((2, 32, 13, 13)), In((1, 288, 64)), In((64,))], {"out_channels": 64, "pool": 2}, params=(1, 2)
+        ),
+        Case([In((1, 4, 12, 17)), In((1, 36, 16))], {"out_channels": 10, "pool": 2}, params=(1,)),
+        Case([In((1, 8, 15, 15)), In((1, 72, 32))], {"out_channels": 32, "strides": (2, 2), "pool": 2}, (1,)),
     ],
-    # input columns dealt into `pool` planes: the MNIST CNN's first layer (26x26 conv in
-    # 2x2 windows), and an 11x11 dilated conv in 3x3 windows whose last rows and columns
-    # fill no window
     # softmax(q @ kt) @ v: rows in steps of 16 (37: the last step overlapping; 3: one
     # short step), key and value widths of whole tiles, a tile and a rest, and masked
     "attention": [
@@ -226,6 +231,9 @@ CASES: dict[str, list[Case]] = {
         Case([In((64, 128)), In((128, 80)), In((80, 70))]),
         Case([In((3, 5)), In((5, 7)), In((7, 9), "wide")]),
     ],
+    # input columns dealt into `pool` planes: the MNIST CNN's first layer (26x26 conv in
+    # 2x2 windows), and an 11x11 dilated conv in 3x3 windows whose last rows and columns
+    # fill no window
     "conv2d_pooled": [
         Case(
             [In((2, 1, 28, 2, 14)), In((1, 9, 32)), In((32,))], {"out_channels": 32, "pool": 2}, params=(1, 2)

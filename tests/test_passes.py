@@ -305,3 +305,25 @@ def test_attention_fused_takes_matmul_softmax_matmul(rng):
 def test_attention_fused_leaves_scores_another_node_reads():
     graph = _attention_graph(extra_reader=True)
     assert attention_fused(graph) is graph
+
+
+def test_conv_pool_pools_a_tiled_conv_in_its_register_tile(rng):
+    """A conv of many taps (the MNIST CNN's second, 11x11: its last row and column fill
+    no 2x2 window) keeps its schedule and pools in it: conv2d_packed with pool=2, the
+    ReLU after it; 3x3 windows (9 positions) would not fit a tile and stay a pool."""
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 32, 13, 13))
+
+    def conv(o):
+        w = b.param("w", (rng.standard_normal((o, 32, 3, 3)) / 17).astype(np.float32))
+        return b.conv2d(x, w, b.param("bias", rng.standard_normal(o).astype(np.float32)))
+
+    def pool(v, size):
+        return b.op("max_pool2d", v, kernel=(size, size), strides=(size, size))
+
+    before = b.build(pool(b.relu(conv(64)), 2), pool(conv(16), 3))
+    after = conv_pool(conv_packed(before))
+    assert [n.op.name for n in after.nodes] == ["conv2d_packed", "relu", "conv2d_packed", "max_pool2d"]
+    assert after.nodes[0].op.pool == 2 and after.nodes[0].outputs[0].type.shape == (2, 64, 5, 5)
+    assert after.nodes[2].op.pool == 1
+    _same_results(before, after, rng, rtol=1e-4)

@@ -1180,7 +1180,12 @@ class Conv2dPacked(Op):
 
     An implicit GEMM: positions (y, x) are the rows, filters the columns (vector
     lanes), the windows of x are read in place as the broadcast operand and the packed
-    weights are the streamed one. See lower for the register tile."""
+    weights are the streamed one. See lower for the register tile.
+
+    With pool = p > 1 the conv is max-pooled over p x p windows of stride p (the rows
+    and columns that fill no window dropped), as compiler.passes.conv_pool makes of a
+    conv followed by such a pool: only the positions inside windows are computed, and
+    each window's maximum is stored."""
 
     differentiation = Gradient.NONE  # made by a compiler pass, for constant weights only
     arity = (2, 3)
@@ -1189,12 +1194,20 @@ class Conv2dPacked(Op):
     strides: tuple[int, ...] = (1, 1)
     dilations: tuple[int, ...] = (1, 1)
     out_channels: int = 1
+    pool: int = 1
 
-    def _geometry(self, x: tuple[int, ...]) -> tuple[int, int]:
+    def _conv_geometry(self, x: tuple[int, ...]) -> tuple[int, int]:
+        """The conv's output rows and columns, before any pooling."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         oh = _window_out("conv2d_packed", x[2], kh, sh, dh, 0, 0)
         ow = _window_out("conv2d_packed", x[3], kw, sw, dw, 0, 0)
         return oh, ow
+
+    def _geometry(self, x: tuple[int, ...]) -> tuple[int, int]:
+        oh, ow = self._conv_geometry(x)
+        if min(oh, ow) < self.pool:
+            raise GraphError(f"conv2d_packed: a {oh}x{ow} conv output fills no window of {self.pool}")
+        return oh // self.pool, ow // self.pool
 
     def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("conv2d_packed", x, w, *([bias] if bias else []))
@@ -1210,14 +1223,16 @@ class Conv2dPacked(Op):
         return x.with_shape((x.shape[0], self.out_channels, *self._geometry(x.shape)))
 
     def reference(self, x, w, bias=None):
-        o, (kh, kw) = self.out_channels, self.kernel
+        o, (kh, kw), p = self.out_channels, self.kernel, self.pool
         unpacked = unpack_panels(w, o).reshape(o, x.shape[1], kh, kw)
-        conv = Conv2d(strides=self.strides, dilations=self.dilations)
-        return conv.reference(x, unpacked, bias)
+        y = Conv2d(strides=self.strides, dilations=self.dilations).reference(x, unpacked, bias)
+        return y if p == 1 else MaxPool2d(kernel=(p, p), strides=(p, p)).reference(y)
 
     def lower(self, k, ins, out, epilogue=None):
         kk = ins[1].shape[1]
-        if kk <= PACKED_CONV_SMALL_K and self.strides[1] == 1:
+        if self.pool > 1:
+            self._lower_pooled_tiles(k, ins, out, epilogue)
+        elif kk <= PACKED_CONV_SMALL_K and self.strides[1] == 1:
             self._lower_rows(k, ins, out, epilogue)
         else:
             self._lower_tiles(k, ins, out, epilogue)
@@ -1257,6 +1272,30 @@ class Conv2dPacked(Op):
                     value = sums[f] if epilogue is None else epilogue(sums[f], at, [ni, oi, y, xx])
                     k.store(out, at, value)
 
+    def _sweep_taps(
+        self, k, x: Buffer, w: Buffer, acc: Buffer, bases, first_tap, first_filter, tc: int
+    ) -> None:
+        """acc[r * tc + f] = sum over taps of x at window r (from bases[r]) times filter
+        first_filter + f of the panel whose taps start at first_tap: per tap, tc/lanes
+        vectors of packed weights meet one broadcast input per window. Taps in (c, i, j)
+        order, a window row's kw taps in one loop body: their addresses are constant
+        offsets from the row's (no per-tap index arithmetic)."""
+        _, c, hp, wp = x.shape
+        _, _, nr = w.shape
+        (kh, kw), (dh, dw), mr = self.kernel, self.dilations, len(bases)
+        with k.loop(tc, LoopKind.VECTOR, "o") as jj:
+            for r in range(mr):
+                k.store(acc, r * tc + jj, k_const(acc, 0.0))
+        with k.loop(c, LoopKind.SERIAL, "c") as ci, k.loop(kh, LoopKind.SERIAL, "i") as i:
+            row = ci * (hp * wp) + i * (dh * wp)
+            taps = (ci * kh + i) * kw
+            with k.loop(tc, vector_kind(tc, k.unit.lanes), "o") as jj:
+                for j in range(kw):
+                    wv = w.load_flat((first_tap + taps + j) * nr + first_filter + jj)
+                    for r in range(mr):
+                        xv = x.load_flat(bases[r].ref + row + j * dw)
+                        k.store(acc, r * tc + jj, muladd(xv, wv, acc.load_flat(r * tc + jj)))
+
     def _lower_tiles(self, k, ins, out, epilogue=None):
         """Per parallel step: one image, TC filters of a panel of NR (packed_conv_tile:
         the whole panel on AVX-512), a block of MR consecutive output positions. A
@@ -1271,7 +1310,7 @@ class Conv2dPacked(Op):
         bias = ins[2] if len(ins) > 2 else None
         n, c, hp, wp = x.shape
         panels, kk, nr = w.shape
-        o, (kh, kw), (sh, sw), (dh, dw) = self.out_channels, self.kernel, self.strides, self.dilations
+        o, (sh, sw) = self.out_channels, self.strides
         _, _, oh, ow = out.shape
         positions = oh * ow
         tc, mr = packed_conv_tile(nr, k.unit)
@@ -1292,20 +1331,7 @@ class Conv2dPacked(Op):
                 pos = first + r
                 at = ni * (c * plane) + pos // ow * (sh * wp) + pos % ow * sw
                 bases.append(k.local("int64", at, "win"))
-            with k.loop(tc, LoopKind.VECTOR, "o") as jj:
-                for r in range(mr):
-                    k.store(acc, r * tc + jj, k_const(out, 0.0))
-            # taps in (c, i, j) order, a window row's kw taps in one loop body: their
-            # addresses are constant offsets from the row's (no per-tap index arithmetic)
-            with k.loop(c, LoopKind.SERIAL, "c") as ci, k.loop(kh, LoopKind.SERIAL, "i") as i:
-                row = ci * plane + i * (dh * wp)
-                taps = (ci * kh + i) * kw
-                with k.loop(tc, vector_kind(tc, k.unit.lanes), "o") as jj:
-                    for j in range(kw):
-                        wv = w.load_flat((panel * kk + taps + j) * nr + part * tc + jj)
-                        for r in range(mr):
-                            xv = x.load_flat(bases[r].ref + row + j * dw)
-                            k.store(acc, r * tc + jj, muladd(xv, wv, acc.load_flat(r * tc + jj)))
+            self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc)
             # the finished sums to out, NCHW: per filter, a run of mr positions
             with k.loop(tc, LoopKind.SERIAL, "o") as jj:
                 oi = panel * nr + part * tc + jj
@@ -1320,25 +1346,74 @@ class Conv2dPacked(Op):
                             value = epilogue(value, at, [ni, oi, pos // ow, pos % ow])
                         k.store(out, at, value)
 
+    def _lower_pooled_tiles(self, k, ins, out, epilogue=None):
+        """_lower_tiles' register tile over the positions of `windows` consecutive
+        pooled outputs of one pooled row (p² conv positions each, as many windows as
+        fill packed_conv_tile's positions; the last run of a row starting earlier where
+        they do not divide it): the finished tile's maximum over each window, biased,
+        goes to the epilogue and is stored, one value per window and filter."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        n, c, hp, wp = x.shape
+        panels, kk, nr = w.shape
+        o, (sh, sw), p = self.out_channels, self.strides, self.pool
+        _, _, ph, pw = out.shape
+        tc, mr = packed_conv_tile(nr, k.unit)
+        windows = max(1, min(mr // (p * p), pw))
+        runs, parts, plane = -(-pw // windows), nr // tc, hp * wp
+        spots = [(win, a, b) for win in range(windows) for a in range(p) for b in range(p)]
+        with k.loop(n * panels * parts * ph * runs, LoopKind.PARALLEL, "block") as step:
+            ni = step // (panels * parts * ph * runs)
+            panel = step // (parts * ph * runs) % panels
+            part = step // (ph * runs) % parts
+            py = step // runs % ph
+            first = minimum(step % runs * windows, pw - windows)
+            acc = k.scratch("tile", out.dtype, (len(spots) * tc,))
+            bases = [
+                k.local(
+                    "int64", ni * (c * plane) + (py * p + a) * (sh * wp) + ((first + win) * p + b) * sw, "win"
+                )
+                for win, a, b in spots
+            ]
+            self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc)
+            with k.loop(tc, LoopKind.SERIAL, "o") as jj:
+                oi = panel * nr + part * tc + jj
+                guard = None if o % nr == 0 else oi.lt(o)
+                with k.when(guard) if guard is not None else nullcontext():
+                    for win in range(windows):
+                        sums = [acc.load_flat((win * p * p + q) * tc + jj) for q in range(p * p)]
+                        value = functools.reduce(maximum, sums)
+                        if bias is not None:
+                            value = value + bias.load_flat(oi)
+                        px = first + win
+                        at = ((ni * o + oi) * ph + py) * pw + px
+                        if epilogue is not None:
+                            value = epilogue(value, at, [ni, oi, py, px])
+                        k.store(out, at, value)
+
     def lower_gpu(self, k, ins, out, epilogue=None):
-        """One GPU thread per output element, summing over (c, i, j) (the GPU targets keep
-        convolutions as im2col + conv2d_gemm; this schedule exists for completeness)."""
+        """One GPU thread per output element, summing over (c, i, j), the maximum of its
+        window's sums where pooled (the GPU targets keep convolutions as im2col +
+        conv2d_gemm; this schedule exists for completeness)."""
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         _, c, hp, wp = x.shape
         kk = w.shape[1]
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
-        _, o, oh, ow = out.shape
+        (kh, kw), (sh, sw), (dh, dw), p = self.kernel, self.strides, self.dilations, self.pool
         cpu = KernelBuilder(k.name, [], flat_block=1)
         with cpu.loop(out.numel, LoopKind.PARALLEL, "e") as e:
-            ni, oi, y, xx = unravel(e, out.shape)
-            acc = cpu.local(out.dtype, bias.load_flat(oi) if bias is not None else k_const(out, 0.0))
-            with cpu.loop(kk, LoopKind.SERIAL, "k") as q:
-                ci, i, j = q // (kh * kw), q // kw % kh, q % kw
-                xv = x.load_flat(((ni * c + ci) * hp + y * sh + i * dh) * wp + xx * sw + j * dw)
-                cpu.assign(acc, muladd(xv, packed_weight(w, oi, q), acc.ref))
-            value = acc.ref if epilogue is None else epilogue(acc.ref, e, [ni, oi, y, xx])
-            cpu.store(out, e, value)
+            ni, oi, py, px = unravel(e, out.shape)
+            sums = []
+            for a, b in itertools.product(range(p), repeat=2):
+                y, xx = py * p + a, px * p + b
+                acc = cpu.local(out.dtype, bias.load_flat(oi) if bias is not None else k_const(out, 0.0))
+                with cpu.loop(kk, LoopKind.SERIAL, "k") as q:
+                    ci, i, j = q // (kh * kw), q // kw % kh, q % kw
+                    xv = x.load_flat(((ni * c + ci) * hp + y * sh + i * dh) * wp + xx * sw + j * dw)
+                    cpu.assign(acc, muladd(xv, packed_weight(w, oi, q), acc.ref))
+                sums.append(acc.ref)
+            best = functools.reduce(maximum, sums)
+            cpu.store(out, e, best if epilogue is None else epilogue(best, e, [ni, oi, py, px]))
         gpu.per_iteration(k, cpu.finish())
 
 
