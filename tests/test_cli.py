@@ -9,11 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from codegen import cpu
 from compiler.driver import to_graph
 from frontends.zoo.onnx_models import MNIST_CNN_PATH
 from ir.interpreter import interpret
-from ir.ops.nn import packed_conv_tile
 
 
 def kiln(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -54,21 +52,20 @@ def test_inspect_shows_ir_kernels_and_memory(tmp_path):
     planes = "%conv1.out.column_planes"
     assert f"conv2d_pooled({planes}, %conv1.weight.packed, %conv1.bias) {{out_channels=32}}" in text
     # each conv (constant weights, on the CPU) one conv2d_packed reading its windows in
-    # place, relu in its epilogue, the first with its max pool inside (conv2d_pooled, over
-    # the input's columns dealt into two planes); flatten a view. MFLOP as run: conv2's 121 positions
-    # in blocks of this CPU's tile (6 on AVX-512: the last block starts 5 early, 126
-    # computed), each 64 filters x 288 taps, and the bias and relu
-    _, rows = packed_conv_tile(64, cpu.vector_unit())
-    computed = -(-121 // rows) * rows
-    mflop = computed * 64 * (2 * 288 + 2) / 1e6
-    assert "8 kernels (12 ops):" in text and "k2_conv2d_packed_relu" in text and f"{mflop:.3f}" in text
-    assert "k6_linear_packed " in text
-    assert "memory: arena 52,608 B (lower bound 52,608 B, 1.00x" in text
+    # place, relu in its epilogue, the first two with their max pools inside: conv1 (few
+    # taps) as conv2d_pooled over the input's columns dealt into two planes, conv2 with
+    # pool=2 (a tile of one 2x2 window's 4 positions x 64 filters, 288 taps each, on
+    # AVX-512 and AVX2 alike; per output the maximum of 4, the bias and the relu);
+    # flatten a view
+    mflop = 5 * 5 * (4 * 64 * 2 * 288 + 64 * (3 + 2)) / 1e6
+    assert "7 kernels (11 ops):" in text and "k2_conv2d_packed_relu" in text and f"{mflop:.3f}" in text
+    assert "pool=2" in text and "k5_linear_packed " in text
+    assert "memory: arena 28,032 B (lower bound 28,032 B, 1.00x" in text
     assert "kernel k1_conv2d_pooled_relu(" in text and "conv3.relu, flat" in text
     dot = (tmp_path / "g.dot").read_text()
     assert "subgraph cluster_0" in dot and "flatten (view)" in dot
     unfused = kiln("inspect", str(MNIST_CNN_PATH), "--no-fuse").stdout
-    assert "12 kernels (12 ops):" in unfused
+    assert "11 kernels (11 ops):" in unfused
 
 
 def test_inspect_prints_the_graph_after_every_pass():
