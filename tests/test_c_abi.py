@@ -129,17 +129,34 @@ def _team_lstm_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.op("lstm", xw, rt, *states, hidden=hidden))
 
 
+def _attention_graph(rng: np.random.Generator) -> Graph:
+    """Self-attention of 2 heads over 37 positions: Q, K and V read through index chains
+    from one reshaped input (copied for each), Q scaled on the way; the attention op's
+    last step of rows overlapping and its 37 keys one masked column tile."""
+    b = GraphBuilder("attention")
+    x = b.input("x", (2, 37, 48))
+    heads = b.reshape(x, shape=(2, 37, 2, 24))
+    q = b.mul(b.transpose(heads, perm=(0, 2, 1, 3)), b.param("scale", np.array([0.2], np.float32)))
+    kt = b.transpose(heads, perm=(0, 2, 3, 1))
+    v = b.transpose(heads, perm=(0, 2, 1, 3))
+    out = b.matmul(b.softmax(b.matmul(q, kt)), v)
+    return b.build(b.reshape(b.transpose(out, perm=(0, 2, 1, 3)), shape=(2, 37, 48)))
+
+
 @pytest.mark.skipif(
     shutil.which("valgrind") is None and not os.environ.get("CI"),
     reason="valgrind is not installed (.ci/run installs it; under CI its absence fails)",
 )
 @pytest.mark.parametrize(
-    "make", [_winograd_graph, _lstm_graph, _team_lstm_graph], ids=["winograd", "lstm", "team_lstm"]
+    "make",
+    [_winograd_graph, _lstm_graph, _team_lstm_graph, _attention_graph],
+    ids=["winograd", "lstm", "team_lstm", "attention"],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
-    transforms) or on a block of rest rows (a recurrence's), and a team's barriers,
-    under memcheck, 2 threads (the team sized for them at compile time)."""
+    transforms, attention's steps) or on a block of rest rows (a recurrence's), a
+    team's barriers, and index chains, under memcheck, 2 threads (the team sized for
+    them at compile time)."""
     monkeypatch.setenv("KILN_NUM_THREADS", "2")
     graph = make(rng)
     name = graph.name
