@@ -293,7 +293,7 @@ class _Partitioner:
                 e.kind is GroupKind.ELEMENTWISE
                 and e.shape == g.shape
                 and stored_values(e, self.users, self.outputs) == [e.tail]
-                and all(n.outputs[0].type.dtype == g.tail.type.dtype for n in e.nodes)
+                and e.tail.type.dtype == g.tail.type.dtype  # stored where the anchor sums
                 and self.independent(g, e)
             ):
                 self.merge(g, e)

@@ -340,3 +340,27 @@ def test_elementwise_reads_through_an_index_chain(rng):
     graph = b.build(scaled, b.relu(shared), b.tanh(shared))
     assert groups_of(graph) == ["transpose+slice+reshape+mul+add", "transpose_0", "relu", "tanh"]
     check(graph, rng)
+
+
+def test_epilogue_may_compute_booleans_on_the_way(rng):
+    """where(y > 0, y, 0.1 y) after a matmul: the comparison's booleans live in
+    registers, only the float result is stored, so the group is the matmul's epilogue;
+    so is a ReLU's gradient mask after a max pool's gradient (a training step's)."""
+    b = GraphBuilder()
+    y = b.matmul(b.input("x", (5, 8)), b.param("w", w(rng, 8, 16)))
+    leaky = b.where(
+        b.greater(y, b.param("zero", np.zeros((), np.float32))), y, b.mul(y, b.param("a", np.float32(0.1)))
+    )
+    graph = b.build(leaky)
+    assert groups_of(graph) == ["matmul+greater+mul+where"]
+    check(graph, rng)
+    b = GraphBuilder()
+    x, g, pre = b.input("x", (2, 3, 9, 8)), b.input("g", (2, 3, 4, 4)), b.input("pre", (2, 3, 9, 8))
+    routed = b.op("max_pool2d_tiled_backward", x, g, kernel=(2, 2))
+    graph = b.build(
+        b.where(
+            b.greater(pre, b.param("zero", np.zeros((), np.float32))), routed, b.param("z", np.float32(0))
+        )
+    )
+    assert groups_of(graph) == ["max_pool2d_tiled_backward+greater+where"]
+    check(graph, rng)

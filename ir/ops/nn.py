@@ -1752,6 +1752,7 @@ class MaxPool2dTiledBackward(Op):
 
     differentiation = Gradient.NONE  # made by compiler passes and gradient rules only
     arity = (2, 2)
+    accepts_epilogue = True  # a ReLU's gradient mask, applied to every stored element
     kernel: tuple[int, ...] = (2, 2)
 
     def _windows(self, x: TensorType) -> tuple[int, int]:
@@ -1788,6 +1789,10 @@ class MaxPool2dTiledBackward(Op):
         _, _, oh, ow = g.shape
         kh, kw = self.kernel
         zero = k_const(out, 0.0)
+
+        def store(at: Expr, value: Expr) -> None:
+            k.store(out, at, value if epilogue is None else epilogue(value, at, None))
+
         with k.loop(g.numel // ow, LoopKind.PARALLEL, "rows") as r:  # one row of windows: kh rows of x
             first_row = r // oh * (h * w) + r % oh * kh * w
             # serial: over windows the taps are kw apart, and LLVM vectorizes that with gathers
@@ -1800,15 +1805,15 @@ class MaxPool2dTiledBackward(Op):
                     best, where = select(better, v, best), select(better, const(t, "int32"), where)
                 gv = g.load_flat(r * ow + ox)
                 for t in range(kh * kw):
-                    k.store(out, first_row + t // kw * w + ox * kw + t % kw, select(where.eq(t), gv, zero))
+                    store(first_row + t // kw * w + ox * kw + t % kw, select(where.eq(t), gv, zero))
             if w > ow * kw:  # columns no window covers
                 for i in range(kh):
                     with k.loop(w - ow * kw, LoopKind.SERIAL, "rest") as xx:
-                        k.store(out, first_row + i * w + ow * kw + xx, zero)
+                        store(first_row + i * w + ow * kw + xx, zero)
             if h > oh * kh:  # rows no window covers, after each plane's last row of windows
                 with k.when((r % oh).eq(oh - 1)):
                     with k.loop((h - oh * kh) * w, LoopKind.SERIAL, "rest") as e:
-                        k.store(out, first_row + kh * w + e, zero)
+                        store(first_row + kh * w + e, zero)
 
 
 @register("avg_pool2d_backward", Fusion.OPAQUE)
