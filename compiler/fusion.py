@@ -206,19 +206,27 @@ class _Partitioner:
         while pending:
             member = pending.pop()
             for v in member.inputs:
-                g = self._group_producing(v)
-                if (
-                    g is None
-                    or g is own
-                    or g.kind not in (GroupKind.VIEW, GroupKind.INDEXED)
-                    or g.tail is not v
-                    or not self.sole_reader(v, member)
-                    or not self.independent(g, own)
-                ):
+                g = self._move_read_only_by(v, [member], own)
+                if g is None or not self.independent(g, own):
                     continue
                 self.merge(own, g)
                 if g.kind is GroupKind.VIEW:
                     pending.append(g.nodes[0])
+
+    def _move_read_only_by(self, v: Value, readers: list[Node], own: Group) -> Group | None:
+        """The view or indexed group (other than own) whose result is v, when only
+        `readers` read v and it is no graph output."""
+        g = self._group_producing(v)
+        if (
+            g is None
+            or g is own
+            or g.kind not in (GroupKind.VIEW, GroupKind.INDEXED)
+            or g.tail is not v
+            or v in self.outputs
+            or any(u not in readers for u in self.users[v])
+        ):
+            return None
+        return g
 
     def _group_producing(self, v: Value) -> Group | None:
         node = self._producers.get(v)
@@ -322,15 +330,8 @@ class _Partitioner:
         chain: list[Group] = []
         readers = own.nodes
         while True:
-            g = self._group_producing(v)
-            if (
-                g is None
-                or g is own
-                or g.kind not in (GroupKind.INDEXED, GroupKind.VIEW)
-                or g.tail is not v
-                or v in self.outputs
-                or any(u not in readers for u in self.users[v])
-            ):
+            g = self._move_read_only_by(v, readers, own)
+            if g is None:
                 return []
             chain.append(g)
             if g.kind is GroupKind.INDEXED:
