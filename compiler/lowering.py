@@ -259,9 +259,10 @@ def _elementwise(
 
 
 class IndexChain:
-    """The members of an indexed group before its last: values never stored, each read
-    where it is needed as its op's element at that index (views by the same element
-    reindexed), down to buffers where the chain began."""
+    """Element-moving nodes whose values a kernel never stores (an indexed group's
+    members before its last, an elementwise group's `moves`): each value is read where
+    it is needed as its op's element at that index (a view's by the same element
+    reindexed), down to the buffers where the chain begins."""
 
     def __init__(self, k: kir.KernelBuilder, nodes: list[Node], buffer_for: BufferFor):
         self.k, self.buffer_for = k, buffer_for
