@@ -364,3 +364,19 @@ def test_epilogue_may_compute_booleans_on_the_way(rng):
     )
     assert groups_of(graph) == ["max_pool2d_tiled_backward+greater+where"]
     check(graph, rng)
+
+
+def test_attention_takes_an_epilogue_on_overlapping_steps(rng, monkeypatch):
+    """softmax(q kᵀ) v + b on 37 query rows: steps of 16, the last overlapping the one
+    before; each step stores finished values (add and all) from its own scratch, so
+    the overlap, run by two threads at once, gets b once."""
+    monkeypatch.setenv("KILN_NUM_THREADS", "2")
+    b = GraphBuilder()
+    q, kt, v = b.input("q", (3, 37, 16)), b.input("kt", (3, 16, 40)), b.input("v", (3, 40, 24))
+    out = b.add(
+        b.matmul(b.softmax(b.matmul(q, kt)), v), b.param("b", rng.standard_normal(24).astype(np.float32))
+    )
+    graph = b.build(out)
+    assert [n.op.name for g in lower_graph(graph, "att").groups for n in g.nodes] == ["attention", "add"]
+    assert len(lower_graph(graph, "att").groups) == 1
+    check(graph, rng)

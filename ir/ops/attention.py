@@ -33,7 +33,8 @@ from ir.types import TensorType
 
 #: query rows a parallel step takes (their score tile, rows x keys, kept in a scratch)
 ATTENTION_ROWS = 16
-#: the most scores a step's scratch tile holds (floats: 64 KiB), for long sequences
+#: the most floats a step's two scratch tiles hold (scores and results: 64 KiB), for
+#: long sequences
 ATTENTION_TILE = 1 << 14
 
 
@@ -52,9 +53,10 @@ def _product(
     matmul_col_tile columns, the sums in registers over all of t, a's values broadcast).
     A last column tile that would run past `cols` starts earlier instead (its overlap
     computed twice, the same sums); fewer columns than a tile are one masked tile."""
-    block, rest = matmul_rows(k.unit, rows, rows * cols * depth, cols)
-    firsts = [(r, block) for r in range(0, rows - rest, block)] + ([(rows - rest, rest)] if rest else [])
-    width = min(matmul_col_tile(k.unit, block), cols)
+    per_block, rest = matmul_rows(k.unit, rows, rows * cols * depth, cols)
+    firsts = [(r, per_block) for r in range(0, rows - rest, per_block)]
+    firsts += [(rows - rest, rest)] if rest else []
+    width = min(matmul_col_tile(k.unit, per_block), cols)
     tiles, tail = divmod(cols, width)
 
     def block(first_col: Expr, rs: range) -> None:
@@ -126,11 +128,13 @@ class Attention(Op):
         """Per parallel step one matrix and `rows` query rows (the last step of a matrix
         starting earlier where the rows do not divide: its overlap computed twice):
         their scores into a scratch tile, each row softmaxed there, the tile times v
-        into out, then the epilogue over the step's rows."""
+        into a second scratch tile, which goes to out through the epilogue. Both tiles
+        are the thread's own: two steps that overlap store the same finished values,
+        never each other's partial sums."""
         q, kt, v = ins
         *lead, m, d = q.shape
         n, e = kt.shape[-1], v.shape[-1]
-        rows = min(m, ATTENTION_ROWS, max(1, ATTENTION_TILE // n))
+        rows = min(m, ATTENTION_ROWS, max(1, ATTENTION_TILE // (n + e)))
         steps = -(-m // rows)
         scores = Softmax(axis=-1)
         with k.loop(prod(lead) * steps, LoopKind.PARALLEL, "rows") as step:
@@ -146,14 +150,14 @@ class Attention(Op):
             )  # fmt: skip
             with k.loop(rows, LoopKind.SERIAL, "r") as r:
                 scores._line(k, tile, tile, lambda j: r * n + j, CpuLine(n), None)
+            result = k.scratch("result", out.dtype, (rows * e,))
             _product(
                 k, rows, e, n,
                 lambda r, t: tile.load_flat(r * n + t),
                 lambda t, j: v.load_flat((mat * n + t) * e + j),
-                out, lambda r, j: row[r] * e + j,
+                result, lambda r, j: r * e + j,
             )  # fmt: skip
-            if epilogue is not None:
-                for r in range(rows):
-                    with k.loop(e, LoopKind.VECTOR, "j") as j:
-                        at = row[r] * e + j
-                        k.store(out, at, epilogue(out.load_flat(at), at, None))
+            for r in range(rows):
+                with k.loop(e, LoopKind.VECTOR, "j") as j:
+                    at, value = row[r] * e + j, result.load_flat(r * e + j)
+                    k.store(out, at, value if epilogue is None else epilogue(value, at, None))
