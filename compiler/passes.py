@@ -475,20 +475,27 @@ def copy_shared_moves(graph: Graph) -> Graph:
     when it is decided."""
     outputs = set(graph.outputs)
     built: list[Node] = []  # last first
+    reads: dict[Value, list[tuple[int, int]]] = {}  # value -> (reader's place in built, input slot)
+
+    def add(node: Node) -> None:
+        for i, v in enumerate(node.inputs):
+            reads.setdefault(v, []).append((len(built), i))
+        built.append(node)
+
     for node in reversed(graph.nodes):
         out = node.outputs[0]
-        slots = [(r, i) for r, reader in enumerate(built) for i, v in enumerate(reader.inputs) if v is out]
+        slots = reads.pop(out, [])
         readers = [built[r] for r in dict.fromkeys(r for r, _ in slots)]
         shared = len(slots) > 1 and out not in outputs and moves_elements(node)
         if not shared or not all(map(reads_through, readers)):
-            built.append(node)
+            add(node)
             continue
         for j, (r, i) in enumerate(slots):
             copy = Value(f"{out.name}.{j}", out.type)
             reader = built[r]
             inputs = [copy if k == i else v for k, v in enumerate(reader.inputs)]
             built[r] = Node(reader.op, inputs, reader.outputs, reader.name)
-            built.append(Node(node.op, node.inputs, [copy], f"{node.name}.{j}"))
+            add(Node(node.op, node.inputs, [copy], f"{node.name}.{j}"))
     if len(built) == len(graph.nodes):
         return graph
     return Graph(graph.inputs, graph.outputs, built[::-1], graph.params, graph.name)
