@@ -366,8 +366,7 @@ def reads_through(node: Node) -> bool:
     if node.op.name != "transpose":
         return True
     rank = node.inputs[0].type.rank
-    perm = node.op.perm if node.op.perm is not None else tuple(reversed(range(rank)))
-    return rank == 0 or perm[-1] == rank - 1
+    return rank == 0 or node.op.axes(rank)[-1] == rank - 1
 
 
 def is_row_reduction(node: Node) -> bool:

@@ -422,8 +422,7 @@ def cancel_transposes(graph: Graph) -> Graph:
             continue
         x = inner.inputs[0]
         rank = x.type.rank
-        p = inner.op.perm if inner.op.perm is not None else tuple(reversed(range(rank)))
-        q = node.op.perm if node.op.perm is not None else tuple(reversed(range(rank)))
+        p, q = inner.op.axes(rank), node.op.axes(rank)
         combined = tuple(p[i] for i in q)
         if combined == tuple(range(rank)):
             replace[node.outputs[0]] = x

@@ -158,22 +158,23 @@ class Transpose(PerElement):
 
     def batch_axis(self, ins, out, batch):
         b = batch[0]
-        return b and BatchAxis(self._perm(ins[0].rank).index(b.axis), b.block, b.repeats)
+        return b and BatchAxis(self.axes(ins[0].rank).index(b.axis), b.block, b.repeats)
 
-    def _perm(self, rank: int) -> tuple[int, ...]:
+    def axes(self, rank: int) -> tuple[int, ...]:
+        """The permutation applied to an input of this rank (perm, or the axes reversed)."""
         perm = tuple(reversed(range(rank))) if self.perm is None else tuple(self.perm)
         if sorted(perm) != list(range(rank)):
             raise GraphError(f"transpose: perm {perm} is not a permutation of {rank} axes")
         return perm
 
     def infer(self, x: TensorType) -> TensorType:
-        return x.with_shape(tuple(x.shape[p] for p in self._perm(x.rank)))
+        return x.with_shape(tuple(x.shape[p] for p in self.axes(x.rank)))
 
     def reference(self, x):
-        return np.asarray(np.transpose(x, self._perm(x.ndim)), order="C")
+        return np.asarray(np.transpose(x, self.axes(x.ndim)), order="C")
 
     def element(self, k, ins, idx):
-        perm = self._perm(len(idx))
+        perm = self.axes(len(idx))
         src = [0] * len(perm)
         for out_axis, in_axis in enumerate(perm):
             src[in_axis] = idx[out_axis]
@@ -185,7 +186,7 @@ class Transpose(PerElement):
         output element from its input element, where the reads coalesce too (the last
         axis stays) or little would (a short axis)."""
         x = ins[0]
-        perm = self._perm(len(x.shape))
+        perm = self.axes(len(x.shape))
         last = len(perm) - 1
         if perm and perm[-1] != last and min(x.shape[perm[-1]], x.shape[last]) >= TILE // 2:
             self._tiled(k, x, out, perm)
@@ -224,8 +225,7 @@ class Transpose(PerElement):
                     k.store(out, out_base + j * out_stride[c] + i, tile[[tx, ty + row * TILE_ROWS]])
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
-        rank = g.type.rank
-        perm = self.perm if self.perm is not None else tuple(reversed(range(rank)))
+        perm = self.axes(g.type.rank)
         return [b.transpose(g, perm=tuple(int(i) for i in np.argsort(perm)))]
 
 
