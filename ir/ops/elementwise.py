@@ -318,7 +318,9 @@ class Relu(UnaryOp):
         return e.maximum(x, 0)
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
-        return [where_positive(b, node.inputs[0], g)]
+        # relu(x) > 0 exactly where x > 0: masking by the output leaves the input to
+        # its producer alone (a convolution then takes the ReLU as its epilogue).
+        return [where_positive(b, node.outputs[0], g)]
 
 
 @register("leaky_relu", E)
