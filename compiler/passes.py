@@ -23,8 +23,8 @@ from ir.graph import Graph, Node, Value
 from ir.ops import make_op
 from ir.ops.nn import MATMUL_VECTOR, PACKED_CONV_ROWS, PACKED_CONV_SMALL_K, pack_panels, packed_conv_panel
 from ir.ops.recurrent import Recurrence
-from ir.ops.winograd import tile_columns, transform_weights
 from ir.ops.winograd import tiles as winograd_tiles
+from ir.ops.winograd import transform_weights
 from ir.verify import verify
 
 #: constants are folded only up to this many elements, so weights do not balloon
@@ -129,7 +129,7 @@ def _winograd_pays(conv: Node) -> bool:
     ):
         return False
     th, tw = winograd_tiles((oh, ow))
-    work = 16 * (o + 1) * (c + 1) * tile_columns(n * th * tw)
+    work = 16 * (o + 1) * (c + 1) * n * th * tw
     return min(o, c) >= WINOGRAD_MIN_CHANNELS and work <= WINOGRAD_MAX_WORK * o * c * 9 * n * oh * ow
 
 

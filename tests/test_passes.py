@@ -132,7 +132,7 @@ def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng
     y = b.conv2d(x, weights(70, 64), bias, pads=(1, 1, 1, 1))
     narrow = b.conv2d(x, weights(32, 64))  # 32 filters: direct
     strided = b.conv2d(x, weights(64, 64), strides=(2, 2))
-    small = b.conv2d(b.input("s", (1, 64, 5, 5)), weights(64, 64))  # 3x3 output: 4 tiles, 16 columns
+    small = b.conv2d(b.input("s", (1, 64, 5, 5)), weights(64, 64))  # 3x3 output: 4 tiles
     before = b.build(b.relu(y), narrow, strided, small)
     after = conv_winograd(before)
     assert [n.op.name for n in after.nodes] == [
@@ -140,7 +140,7 @@ def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng
     ]  # fmt: skip
     pad, tiles, product, out = after.nodes[:4]
     assert pad.op.pads == (0, 0, 1, 1, 0, 0, 2, 2)  # to 14 x 16: 6 x 7 tiles of the 11 x 13 output
-    assert tiles.outputs[0].type.shape == (16, 65, 96)  # 84 tiles, 96 columns; a zero row
+    assert tiles.outputs[0].type.shape == (2, 16, 65, 42)  # 2 blocks of 6 tile rows of 7; a zero row
     assert product.inputs[0].type.shape == (16, 71, 65) and out.op.out_shape == (2, 11, 13)
     _same_results(before, after, rng, rtol=1e-4)
 

@@ -3,23 +3,27 @@ outputs and channel pair, where the direct one takes 36.
 
 The pass compiler.passes.conv_winograd writes such a convolution as three nodes:
 
-    V = winograd_input(x)        (16, C + 1, T): each 4x4 input tile d, per channel, Bᵀ d B
-    M = matmul(U, V)             (16, O + 1, T): U = G w Gᵀ (16, O + 1, C + 1), the weights
+    V = winograd_input(x)        (B, 16, C + 1, S): each 4x4 input tile d, per channel, Bᵀ d B
+    M = matmul(U, V)             (B, 16, O + 1, S): U = G w Gᵀ (16, O + 1, C + 1), the weights
     y = winograd_output(M, bias) (N, O, OH, OW): each tile's 2x2 outputs, Aᵀ m A + bias
 
-Tile t = (n, ty, tx) covers outputs [2ty, 2ty + 2) x [2tx, 2tx + 2) and reads rows
+Tile (n, ty, tx) covers outputs [2ty, 2ty + 2) x [2tx, 2tx + 2) and reads rows
 2ty .. 2ty + 3 and columns likewise of the input padded (the conv's padding, and more
 zeros to end on whole tiles); plane ξ = 4i + j holds element (i, j) of the transformed
 tiles. The 16 products are one batched matmul, at the product kernels' speed; the
 transforms are additions only.
 
-Strides are kept off powers of two, whose addresses share L1 sets (8 ways each): T
-counts the tiles padded to whole vectors (tile_columns), and past a multiple of 256 by
-one more vector, so that V's rows, read 16 columns at a time by the product, do not lie
-a multiple of 1 KiB apart; and V and M have one more row per plane than channels
-(a zero row of V, a zero row and column of U), so that a tile's 16
-values, stored to or loaded from 16 planes, do not lie a multiple of 4 KiB apart (at 64
-or more channels they would, and each store missed L1).
+The tiles are grouped in blocks of whole tile rows (block_rows: R rows of TW tiles, S =
+R·TW, up to BLOCK_TILES), each block's 16 planes stored together. The product then reads
+a block's plane, (C + 1) x S floats, as one compact panel: with all tiles in one row of
+V per channel, its 16-column strips lay a whole row of tiles apart (100 KB at 56 x 56
+outputs and batch 32), one memory stream per channel, more than the prefetchers follow
+(64 channels: 65 ms -> 52 ms a product, batch 32). A block is whole tile rows, so a row
+of tiles, the transforms' vector, lies in one block at consecutive addresses.
+
+V and M have one more row per plane than channels (a zero row of V, a zero row and column
+of U), so that a tile's 16 values, stored to or loaded from 16 planes, do not lie a
+multiple of 4 KiB apart (at 64 or more channels they would, and each store missed L1).
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from codegen.kir import Buffer, KernelBuilder, LoopKind, logical_and
+from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, const
 from ir.errors import GraphError
 from ir.ops import Fusion, Gradient, Op, register
-from ir.ops.nn import MATMUL_VECTOR, k_const, whole_vectors
+from ir.ops.nn import k_const, whole_vectors
 from ir.types import TensorType
 
 #: Bᵀ, G and Aᵀ of F(2x2, 3x3)
@@ -45,10 +49,21 @@ def tiles(out_hw: tuple[int, int]) -> tuple[int, int]:
     return -(-out_hw[0] // 2), -(-out_hw[1] // 2)
 
 
-def tile_columns(count: int) -> int:
-    """The columns of V and M for `count` tiles (see the module docstring)."""
-    columns = -(-count // MATMUL_VECTOR) * MATMUL_VECTOR
-    return columns + MATMUL_VECTOR if columns % 256 == 0 else columns
+#: the most tiles a block holds (see the module docstring): a plane of 65 x 64 floats,
+#: 16 KiB, stays in L1 while the product sweeps it
+BLOCK_TILES = 64
+
+
+def block_rows(rows: int, row_tiles: int) -> int:
+    """Tile rows per block, of `rows` tile rows of `row_tiles` tiles in all images: the
+    most that divide `rows` and hold at most BLOCK_TILES tiles, at least one."""
+    return max((r for r in range(1, rows + 1) if rows % r == 0 and r * row_tiles <= BLOCK_TILES), default=1)
+
+
+def blocked_shape(n: int, channels: int, th: int, tw: int) -> tuple[int, int, int, int]:
+    """V's (or M's) shape for n images of th x tw tiles: (blocks, 16, channels + 1, tiles a block)."""
+    r = block_rows(n * th, tw)
+    return (n * th // r, 16, channels + 1, r * tw)
 
 
 def transform_weights(w: np.ndarray) -> np.ndarray:
@@ -79,9 +94,10 @@ def _two_sided(tile: list, column: Callable[[list], list]) -> list:
 
 @register("winograd_input", Fusion.INJECTIVE)
 class WinogradInput(Op):
-    """x (N, C, 2·TH + 2, 2·TW + 2) → V (16, C + 1, T): the TH x TW tiles of each image and
-    channel, transformed (see the module docstring). x is the convolution's input padded
-    (by the pass) to exactly the tiles' windows, so no load needs a guard."""
+    """x (N, C, 2·TH + 2, 2·TW + 2) → V (B, 16, C + 1, S): the TH x TW tiles of each image
+    and channel, transformed, in blocks of tile rows (see the module docstring). x is the
+    convolution's input padded (by the pass) to exactly the tiles' windows, so no load
+    needs a guard."""
 
     differentiation = Gradient.NONE  # made by a compiler pass, for inference
     gpu_per_iteration = True
@@ -92,48 +108,55 @@ class WinogradInput(Op):
         h, w = x.shape[2:]
         if h < 4 or w < 4 or h % 2 or w % 2:
             raise GraphError(f"winograd_input: height and width must be even and at least 4, got {x.shape}")
-        th, tw = _tiles_of(x.shape)
-        return x.with_shape((16, x.shape[1] + 1, tile_columns(x.shape[0] * th * tw)))
+        return x.with_shape(blocked_shape(x.shape[0], x.shape[1], *_tiles_of(x.shape)))
 
     def reference(self, x):
         n, c = x.shape[:2]
         th, tw = _tiles_of(x.shape)
         windows = np.lib.stride_tricks.sliding_window_view(x, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
         v = np.einsum("ia,ncyxab,jb->ijcnyx", B_T, windows.astype(np.float64), B_T)
-        out = np.zeros((16, c + 1, tile_columns(n * th * tw)), x.dtype)
-        out[:, :c, : n * th * tw] = v.reshape(16, c, n * th * tw)
+        blocks, _, _, per_block = blocked_shape(n, c, th, tw)
+        out = np.zeros((blocks, 16, c + 1, per_block), x.dtype)
+        out[:, :, :c] = v.reshape(16, c, blocks, per_block).transpose(2, 0, 1, 3)
         return out
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
-        """Per parallel step one tile row of one channel of one image, its tiles the vector
-        lanes (the input read at stride 2). The last tile row of the last image also
-        zeroes the channel's padding columns, and the last channel's the zero row; the
-        product reads them."""
+        """Per parallel step one channel of one block, tile row by tile row, a row's tiles
+        the vector lanes (the input read at stride 2); consecutive steps fill a block's
+        planes row after row. The last channel's step also zeroes the block's zero rows;
+        the product reads them."""
         (x,) = ins
         n, c, h, w = x.shape
         th, tw = _tiles_of(x.shape)
-        count, columns = n * th * tw, out.shape[2]
+        blocks, per_block = out.shape[0], out.shape[3]
         zero = k_const(out, 0.0)
-        with k.loop(n * c * th, LoopKind.PARALLEL, "tile_row") as step:
-            ni, ci, ty = step // (c * th), step // th % c, step % th
-            rows = [((ni * c + ci) * h + ty * 2 + i) * w for i in range(4)]
-            with whole_vectors(k, tw, "tx") as tx:
-                tile = [
-                    k.local(x.dtype, x.load_flat(rows[i] + tx * 2 + j), "d").ref
-                    for i in range(4)
-                    for j in range(4)
-                ]
-                t = (ni * th + ty) * tw + tx
-                for xi, value in enumerate(_two_sided(tile, _input_column)):
-                    k.store(out, (xi * (c + 1) + ci) * columns + t, value)
-            with k.when(logical_and(ni.eq(n - 1), ty.eq(th - 1))):
-                for xi in range(16):
-                    if columns > count:
-                        with k.loop(columns - count, LoopKind.VECTOR, "pad") as p:
-                            k.store(out, (xi * (c + 1) + ci) * columns + count + p, zero)
-                    with k.when(ci.eq(c - 1)):
-                        with k.loop(columns, LoopKind.VECTOR, "zero_row") as p:
-                            k.store(out, (xi * (c + 1) + c) * columns + p, zero)
+        with k.loop(blocks * c, LoopKind.PARALLEL, "channel_block") as step:
+            block, ci = step // c, step % c
+
+            def at(xi: int, channel: Expr, tile: Expr) -> Expr:
+                return ((block * 16 + xi) * (c + 1) + channel) * per_block + tile
+
+            with k.loop(per_block // tw, LoopKind.SERIAL, "tile_row") as row:
+                ni, ty = _image_row(block, row, per_block // tw, th)
+                rows = [((ni * c + ci) * h + ty * 2 + i) * w for i in range(4)]
+                with whole_vectors(k, tw, "tx") as tx:
+                    tile = [
+                        k.local(x.dtype, x.load_flat(rows[i] + tx * 2 + j), "d").ref
+                        for i in range(4)
+                        for j in range(4)
+                    ]
+                    for xi, value in enumerate(_two_sided(tile, _input_column)):
+                        k.store(out, at(xi, ci, row * tw + tx), value)
+            with k.when(ci.eq(c - 1)):
+                with whole_vectors(k, per_block, "t") as t:
+                    for xi in range(16):
+                        k.store(out, at(xi, const(c, "int64"), t), zero)
+
+
+def _image_row(block: Expr, row: Expr, rows: int, th: int) -> tuple[Expr, Expr]:
+    """The image and tile row of a block's row (blocks of `rows` tile rows, th an image)."""
+    tile_row = block * rows + row
+    return tile_row // th, tile_row % th
 
 
 def _tiles_of(padded: tuple[int, ...]) -> tuple[int, int]:
@@ -143,8 +166,8 @@ def _tiles_of(padded: tuple[int, ...]) -> tuple[int, int]:
 
 @register("winograd_output", Fusion.INJECTIVE)
 class WinogradOutput(Op):
-    """M (16, O + 1, T) [, bias (O,)] → y (N, O, OH, OW) = out_shape: each tile's 2x2 outputs,
-    Aᵀ m A, plus the bias (see the module docstring)."""
+    """M (B, 16, O + 1, S) [, bias (O,)] → y (N, O, OH, OW) = out_shape: each tile's 2x2
+    outputs, Aᵀ m A, plus the bias (see the module docstring)."""
 
     differentiation = Gradient.NONE  # made by a compiler pass, for inference
     gpu_per_iteration = True
@@ -155,12 +178,12 @@ class WinogradOutput(Op):
     def infer(self, m: TensorType, bias: TensorType | None = None) -> TensorType:
         n, oh, ow = self.out_shape
         th, tw = tiles((oh, ow))
-        if m.rank != 3 or m.shape[0] != 16 or m.shape[1] < 2 or m.shape[2] != tile_columns(n * th * tw):
+        if m.rank != 4 or m.shape[2] < 2 or m.shape != blocked_shape(n, m.shape[2] - 1, th, tw):
             raise GraphError(
-                f"winograd_output: expects (16, O + 1, {tile_columns(n * th * tw)}) for output "
-                f"{self.out_shape}, got {m.shape}"
+                f"winograd_output: expects {blocked_shape(n, max(m.shape[2:3] or (2,)) - 1, th, tw)} "
+                f"(blocks, 16, O + 1, tiles a block) for output {self.out_shape}, got {m.shape}"
             )
-        o = m.shape[1] - 1
+        o = m.shape[2] - 1
         if bias is not None and (bias.shape != (o,) or bias.dtype != m.dtype):
             raise GraphError(f"winograd_output: bias {bias}, expected {m.dtype}[{o}]")
         return m.with_shape((n, o, oh, ow))
@@ -168,8 +191,8 @@ class WinogradOutput(Op):
     def reference(self, m, bias=None):
         n, oh, ow = self.out_shape
         th, tw = tiles((oh, ow))
-        o = m.shape[1] - 1
-        tiles_m = m[:, :o, : n * th * tw].reshape(4, 4, o, n, th, tw).astype(np.float64)
+        o = m.shape[2] - 1
+        tiles_m = m[:, :, :o].transpose(1, 2, 0, 3).reshape(4, 4, o, n, th, tw).astype(np.float64)
         y = np.einsum("ia,abonyx,jb->noyixj", A_T, tiles_m, A_T).reshape(n, o, 2 * th, 2 * tw)
         y = y[:, :, :oh, :ow]
         if bias is not None:
@@ -177,44 +200,47 @@ class WinogradOutput(Op):
         return y.astype(m.dtype)
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
-        """Per parallel step one tile row of one filter of one image, its tiles the vector
-        lanes (contiguous in M; the outputs stored at stride 2). An odd output height
-        leaves the last tile row's second row out; an odd width, the last tile's second
-        column."""
+        """Per parallel step one filter of one block, tile row by tile row, a row's tiles
+        the vector lanes (contiguous in M's block; the outputs stored at stride 2). An
+        odd output height leaves an image's last tile row's second row out; an odd
+        width, the last tile's second column."""
         m = ins[0]
         bias = ins[1] if len(ins) > 1 else None
         n, oh, ow = self.out_shape
-        o, columns = m.shape[1] - 1, m.shape[2]
+        blocks, o, per_block = m.shape[0], m.shape[2] - 1, m.shape[3]
         th, tw = tiles((oh, ow))
-        with k.loop(n * o * th, LoopKind.PARALLEL, "tile_row") as step:
-            ni, oi, ty = step // (o * th), step // th % o, step % th
+        with k.loop(blocks * o, LoopKind.PARALLEL, "filter_block") as step:
+            block, oi = step // o, step % o
             start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
+            with k.loop(per_block // tw, LoopKind.SERIAL, "tile_row") as row:
+                ni, ty = _image_row(block, row, per_block // tw, th)
 
-            def run(first: int, count: int, height: int, width: int) -> None:
-                with whole_vectors(k, count, "tx") as dx:
-                    tx = dx + first
-                    t = (ni * th + ty) * tw + tx
-                    y = _two_sided(
-                        [m.load_flat((xi * (o + 1) + oi) * columns + t) for xi in range(16)], _output_column
-                    )
-                    for i in range(height):
-                        for j in range(width):
-                            yy, xx = ty * 2 + i, tx * 2 + j
-                            at = ((ni * o + oi) * oh + yy) * ow + xx
-                            value = y[2 * i + j] + start
-                            if epilogue is not None:
-                                value = epilogue(value, at, [ni, oi, yy, xx])
-                            k.store(out, at, value)
+                def run(first: int, count: int, height: int, width: int) -> None:
+                    with whole_vectors(k, count, "tx") as dx:
+                        tx = dx + first
+                        plane_row = (block * 16 * (o + 1) + oi) * per_block + row * tw + tx
+                        y = _two_sided(
+                            [m.load_flat(plane_row + xi * (o + 1) * per_block) for xi in range(16)],
+                            _output_column,
+                        )
+                        for i in range(height):
+                            for j in range(width):
+                                yy, xx = ty * 2 + i, tx * 2 + j
+                                at = ((ni * o + oi) * oh + yy) * ow + xx
+                                value = y[2 * i + j] + start
+                                if epilogue is not None:
+                                    value = epilogue(value, at, [ni, oi, yy, xx])
+                                k.store(out, at, value)
 
-            def row(height: int) -> None:
-                run(0, ow // 2, height, 2)
-                if ow % 2:
-                    run(ow // 2, 1, height, 1)
+                def tile_row(height: int) -> None:
+                    run(0, ow // 2, height, 2)
+                    if ow % 2:
+                        run(ow // 2, 1, height, 1)
 
-            if oh % 2 == 0:
-                row(2)
-            else:
-                with k.when(ty.lt(th - 1)):
-                    row(2)
-                with k.when(ty.eq(th - 1)):
-                    row(1)
+                if oh % 2 == 0:
+                    tile_row(2)
+                else:
+                    with k.when(ty.lt(th - 1)):
+                        tile_row(2)
+                    with k.when(ty.eq(th - 1)):
+                        tile_row(1)
