@@ -245,20 +245,21 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     # Winograd F(2x2, 3x3): tile rows of 5 (a masked vector), 10 (vectors on AVX2, masked
-    # on AVX-512) and 28 (whole vectors, the last one overlapping); blocks of 8 rows of 5
-    # tiles, 5 of 10 and 2 of 28
+    # on AVX-512) and 28 (whole vectors, the last one overlapping); one block each but
+    # the last: 2 x 23 tile rows of 23, in 23 blocks of 2 rows
     "winograd_input": [
         Case([In((2, 3, 10, 12))]),
         Case([In((1, 4, 22, 22))]),
         Case([In((1, 5, 58, 58))]),
+        Case([In((2, 2, 48, 48))]),
     ],
-    # M (blocks, 16, O + 1, tiles a block); odd heights and widths end mid-tile; one block,
-    # two blocks of 5 rows, 14 of 2 rows
+    # M (blocks, 16, O + 1, tiles a block); odd heights and widths end mid-tile
     "winograd_output": [
         Case([In((1, 16, 6, 40)), In((5,))], {"out_shape": (2, 8, 9)}, params=(1,)),
         Case([In((1, 16, 4, 16))], {"out_shape": (1, 7, 7)}),
-        Case([In((2, 16, 3, 50))], {"out_shape": (1, 19, 20)}),
-        Case([In((14, 16, 3, 56)), In((2,))], {"out_shape": (1, 56, 56)}),
+        Case([In((1, 16, 3, 100))], {"out_shape": (1, 19, 20)}),
+        Case([In((1, 16, 3, 784)), In((2,))], {"out_shape": (1, 56, 56)}),
+        Case([In((23, 16, 3, 46)), In((2,))], {"out_shape": (2, 45, 46)}),
     ],
     "avg_pool2d_backward": [
         Case(
