@@ -23,6 +23,7 @@ from ir.graph import Graph, Node, Value
 from ir.ops import make_op
 from ir.ops.nn import MATMUL_VECTOR, PACKED_CONV_ROWS, PACKED_CONV_SMALL_K, pack_panels, packed_conv_panel
 from ir.ops.recurrent import Recurrence
+from ir.ops.winograd import fused_pays as winograd_fused_pays
 from ir.ops.winograd import tiles as winograd_tiles
 from ir.ops.winograd import transform_weights
 from ir.verify import verify
@@ -138,8 +139,10 @@ def conv_winograd(graph: Graph) -> Graph:
     WINOGRAD_MIN_CHANNELS input and output channels and an output large enough for
     whole tiles to pay (WINOGRAD_MAX_WORK), becomes Winograd's F(2x2, 3x3)
     (ir.ops.winograd): winograd_input, a batched matmul by the transformed weights, and
-    winograd_output with the bias (which takes the conv's epilogue). 16 multiplications
-    per 2x2 outputs instead of 36. CPU only, before conv_packed."""
+    winograd_output with the bias (which takes the conv's epilogue); or, where the tiles
+    are many and a block of them fits a thread's scratch (fused_pays), the three as one
+    winograd_conv2d. 16 multiplications per 2x2 outputs instead of 36. CPU only, before
+    conv_packed."""
     nodes = []
     params = dict(graph.params)
     for node in graph.nodes:
@@ -158,11 +161,15 @@ def conv_winograd(graph: Graph) -> Graph:
             padded = Value(f"{node.name}.padded", pad.infer(x.type))
             nodes.append(Node(pad, [x], [padded], f"{node.name}.pad"))
             x = padded
-        to_tiles = make_op("winograd_input")
-        tiles = Value(f"{node.name}.tiles", to_tiles.infer(x.type))
         weights = transform_weights(params[w])
         u = Value(f"{w.name}.winograd", w.type.with_shape(weights.shape))
         params[u] = weights
+        if winograd_fused_pays(n, x.type.shape[1], th, tw):
+            fused = make_op("winograd_conv2d", out_shape=(n, oh, ow))
+            nodes.append(Node(fused, [x, u, *bias], node.outputs, node.name))
+            continue
+        to_tiles = make_op("winograd_input")
+        tiles = Value(f"{node.name}.tiles", to_tiles.infer(x.type))
         product = make_op("matmul")
         sums = Value(f"{node.name}.products", product.infer(u.type, tiles.type))
         from_tiles = make_op("winograd_output", out_shape=(n, oh, ow))

@@ -102,6 +102,17 @@ def _winograd_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.relu(b.add(y, x)))
 
 
+def _winograd_fused_graph(rng: np.random.Generator) -> Graph:
+    """A 64-channel 3x3 conv whose 2 x 25 x 24 tiles make several blocks, so it runs as
+    one winograd_conv2d (blocks of 2 tile rows, columns padded past the last tile; odd
+    output: tiles end mid-row), its residual add and ReLU as the epilogue."""
+    b = GraphBuilder("winograd_fused")
+    x = b.input("x", (2, 64, 49, 47))
+    w = b.param("w", (0.05 * rng.standard_normal((64, 64, 3, 3))).astype(np.float32))
+    y = b.conv2d(x, w, b.param("bias", rng.standard_normal(64).astype(np.float32)), pads=(1, 1, 1, 1))
+    return b.build(b.relu(b.add(y, x)))
+
+
 def _lstm_graph(rng: np.random.Generator) -> Graph:
     """An LSTM of constant Rᵀ (packed in panels), 8 rows: a 6-row block and the rest."""
     b = GraphBuilder("lstm")
@@ -149,12 +160,12 @@ def _attention_graph(rng: np.random.Generator) -> Graph:
 )
 @pytest.mark.parametrize(
     "make",
-    [_winograd_graph, _lstm_graph, _team_lstm_graph, _attention_graph],
-    ids=["winograd", "lstm", "team_lstm", "attention"],
+    [_winograd_graph, _winograd_fused_graph, _lstm_graph, _team_lstm_graph, _attention_graph],
+    ids=["winograd", "winograd_fused", "lstm", "team_lstm", "attention"],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
-    transforms, attention's steps) or on a block of rest rows (a recurrence's), a
+    transforms, fused or not, attention's steps) or on a block of rest rows (a recurrence's), a
     team's barriers, and index chains, under memcheck, 2 threads (the team sized for
     them at compile time)."""
     monkeypatch.setenv("KILN_NUM_THREADS", "2")

@@ -261,6 +261,13 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 16, 3, 784)), In((2,))], {"out_shape": (1, 56, 56)}),
         Case([In((23, 16, 3, 46)), In((2,))], {"out_shape": (2, 45, 46)}),
     ],
+    # the three Winograd ops as one: 4 blocks of 16 tile rows of 33 (columns padded to
+    # 576), 5 filters, odd height and width; 64 blocks of one row of 32 tiles, strips of
+    # 32 columns at 128 channels, filters in two groups of 10
+    "winograd_conv2d": [
+        Case([In((2, 4, 66, 68)), In((16, 6, 5)), In((5,))], {"out_shape": (2, 63, 65)}, params=(1, 2)),
+        Case([In((2, 128, 66, 66)), In((16, 21, 129))], {"out_shape": (2, 64, 64)}, params=(1,)),
+    ],
     "avg_pool2d_backward": [
         Case(
             [In((2, 3, 4, 4))],
@@ -612,7 +619,7 @@ UNIT_SIZED = {
     "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "conv2d_pooled", "rnn",
     "attention",
     "gru", "lstm",
-    "winograd_input", "winograd_output",
+    "winograd_input", "winograd_output", "winograd_conv2d",
 }  # fmt: skip
 AVX2_CPU = "x86-64-v3"
 

@@ -145,6 +145,17 @@ def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng
     _same_results(before, after, rng, rtol=1e-4)
 
 
+def test_conv_winograd_fuses_its_three_ops_where_the_tiles_make_several_blocks(rng):
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 64, 49, 47))  # 2 x 25 x 24 tiles: over one block's 1024
+    w = b.param("w", (0.05 * rng.standard_normal((64, 64, 3, 3))).astype(np.float32))
+    before = b.build(b.relu(b.conv2d(x, w, pads=(1, 1, 1, 1))))
+    after = conv_winograd(before)
+    assert [n.op.name for n in after.nodes] == ["pad", "winograd_conv2d", "relu"]
+    assert after.nodes[1].inputs[1].type.shape == (16, 65, 65)
+    _same_results(before, after, rng, rtol=1e-4)
+
+
 def test_conv_pool_moves_a_max_pool_into_a_first_layer_conv(rng):
     b = GraphBuilder("g")
     x = b.input("x", (2, 1, 28, 28))

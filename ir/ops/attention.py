@@ -11,23 +11,14 @@ output, so the score matrix (batch x heads x queries x keys: 8 MB for a transfor
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from math import prod
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, const, minimum, muladd
+from codegen.kir import LoopKind, const, minimum
 from ir.errors import GraphError
 from ir.ops import Fusion, Gradient, Op, register
-from ir.ops.nn import (
-    _require_float,
-    k_const,
-    k_sweeps,
-    matmul_batch,
-    matmul_col_tile,
-    matmul_rows,
-    vector_kind,
-)
+from ir.ops.nn import _require_float, matmul_batch, tiled_product
 from ir.ops.reduce import CpuLine, Softmax
 from ir.types import TensorType
 
@@ -36,57 +27,6 @@ ATTENTION_ROWS = 16
 #: the most floats a step's two scratch tiles hold (scores and results: 64 KiB), for
 #: long sequences
 ATTENTION_TILE = 1 << 14
-
-
-def _product(
-    k: KernelBuilder,
-    rows: int,
-    cols: int,
-    depth: int,
-    a_at: Callable[[int, Expr], Expr],
-    b_at: Callable[[Expr, Expr], Expr],
-    out: Buffer,
-    out_at: Callable[[int, Expr], Expr],
-) -> None:
-    """out[out_at(r, j)] = sum over t < depth of a_at(r, t) * b_at(t, j), for r < rows and
-    j < cols, in register tiles as the product kernels take them (matmul_rows rows by
-    matmul_col_tile columns, the sums in registers over all of t, a's values broadcast).
-    A last column tile that would run past `cols` starts earlier instead (its overlap
-    computed twice, the same sums); fewer columns than a tile are one masked tile."""
-    per_block, rest = matmul_rows(k.unit, rows, rows * cols * depth, cols)
-    firsts = [(r, per_block) for r in range(0, rows - rest, per_block)]
-    firsts += [(rows - rest, rest)] if rest else []
-    width = min(matmul_col_tile(k.unit, per_block), cols)
-    tiles, tail = divmod(cols, width)
-
-    def block(first_col: Expr, rs: range) -> None:
-        """Rows rs of the column tile at first_col, over all of t."""
-        with k.loop(width, vector_kind(width, k.unit.lanes), "n") as jj:
-            for r in rs:
-                k.store(out, out_at(r, first_col + jj), k_const(out, 0.0))
-
-        def sweep(first_t: Expr, steps: int) -> None:
-            coeffs = [[a_at(r, first_t + u) for u in range(steps)] for r in rs]
-            with k.loop(width, vector_kind(width, k.unit.lanes), "n") as jj:
-                j = first_col + jj
-                sums = [k.local(out.dtype, out.load_flat(out_at(r, j)), "sum") for r in rs]
-                for u in range(steps):
-                    bv = k.local(out.dtype, b_at(first_t + u, j), "b").ref
-                    for row_coeffs, acc in zip(coeffs, sums):
-                        k.assign(acc, muladd(row_coeffs[u], bv, acc.ref))
-                for r, acc in zip(rs, sums):
-                    k.store(out, out_at(r, j), acc.ref)
-
-        k_sweeps(k, depth, sweep)
-
-    def tile(first_col: Expr) -> None:
-        for first_row, count in firsts:
-            block(first_col, range(first_row, first_row + count))
-
-    with k.loop(tiles, LoopKind.SERIAL, "cols") as t:
-        tile(t * width)
-    if tail:
-        tile(const(cols - width, "int64"))
 
 
 @register("attention", Fusion.CONTRACTION)
@@ -142,7 +82,7 @@ class Attention(Op):
             first = minimum(step % steps * rows, const(m - rows, "int64"))
             tile = k.scratch("scores", out.dtype, (rows * n,))
             row = [k.local("int64", mat * m + first + r, "row").ref for r in range(rows)]
-            _product(
+            tiled_product(
                 k, rows, n, d,
                 lambda r, t: q.load_flat(row[r] * d + t),
                 lambda t, j: kt.load_flat((mat * d + t) * n + j),
@@ -151,7 +91,7 @@ class Attention(Op):
             with k.loop(rows, LoopKind.SERIAL, "r") as r:
                 scores._line(k, tile, tile, lambda j: r * n + j, CpuLine(n), None)
             result = k.scratch("result", out.dtype, (rows * e,))
-            _product(
+            tiled_product(
                 k, rows, e, n,
                 lambda r, t: tile.load_flat(r * n + t),
                 lambda t, j: v.load_flat((mat * n + t) * e + j),

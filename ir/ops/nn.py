@@ -503,6 +503,57 @@ def vector_kind(width: int, lanes: int) -> LoopKind:
     return LoopKind.TILE if width & (width - 1) == 0 else LoopKind.VECTOR
 
 
+def tiled_product(
+    k: KernelBuilder,
+    rows: int,
+    cols: int,
+    depth: int,
+    a_at: Callable[[int, Expr], Expr],
+    b_at: Callable[[Expr, Expr], Expr],
+    out: Buffer,
+    out_at: Callable[[int, Expr], Expr],
+) -> None:
+    """out[out_at(r, j)] = sum over t < depth of a_at(r, t) * b_at(t, j), for r < rows and
+    j < cols, in register tiles as the product kernels take them (matmul_rows rows by
+    matmul_col_tile columns, the sums in registers over all of t, a's values broadcast).
+    A last column tile that would run past `cols` starts earlier instead (its overlap
+    computed twice, the same sums); fewer columns than a tile are one masked tile."""
+    per_block, rest = matmul_rows(k.unit, rows, rows * cols * depth, cols)
+    firsts = [(r, per_block) for r in range(0, rows - rest, per_block)]
+    firsts += [(rows - rest, rest)] if rest else []
+    width = min(matmul_col_tile(k.unit, per_block), cols)
+    tiles, tail = divmod(cols, width)
+
+    def block(first_col: Expr, rs: range) -> None:
+        """Rows rs of the column tile at first_col, over all of t."""
+        with k.loop(width, vector_kind(width, k.unit.lanes), "n") as jj:
+            for r in rs:
+                k.store(out, out_at(r, first_col + jj), k_const(out, 0.0))
+
+        def sweep(first_t: Expr, steps: int) -> None:
+            coeffs = [[a_at(r, first_t + u) for u in range(steps)] for r in rs]
+            with k.loop(width, vector_kind(width, k.unit.lanes), "n") as jj:
+                j = first_col + jj
+                sums = [k.local(out.dtype, out.load_flat(out_at(r, j)), "sum") for r in rs]
+                for u in range(steps):
+                    bv = k.local(out.dtype, b_at(first_t + u, j), "b").ref
+                    for row_coeffs, acc in zip(coeffs, sums):
+                        k.assign(acc, muladd(row_coeffs[u], bv, acc.ref))
+                for r, acc in zip(rs, sums):
+                    k.store(out, out_at(r, j), acc.ref)
+
+        k_sweeps(k, depth, sweep)
+
+    def tile(first_col: Expr) -> None:
+        for first_row, count in firsts:
+            block(first_col, range(first_row, first_row + count))
+
+    with k.loop(tiles, LoopKind.SERIAL, "cols") as t:
+        tile(t * width)
+    if tail:
+        tile(const(cols - width, "int64"))
+
+
 def _column_parts(cols: int, panel: int | None) -> list[tuple[int, int]]:
     """(first, width) of each vector loop a column tile of `cols` columns runs: one, or
     one per panel of a packed b (each reads its panel's contiguous row)."""

@@ -33,9 +33,9 @@ from collections.abc import Callable
 import numpy as np
 
 from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, const
-from ir.errors import GraphError
+from ir.errors import GraphError, InternalCompilerError
 from ir.ops import Fusion, Gradient, Op, register
-from ir.ops.nn import k_const, whole_vectors
+from ir.ops.nn import MATMUL_COL_TILE, MATMUL_VECTOR, _require_float, k_const, tiled_product, whole_vectors
 from ir.types import TensorType
 
 #: Bᵀ, G and Aᵀ of F(2x2, 3x3)
@@ -59,13 +59,13 @@ BLOCK_TILES = 64
 ONE_BLOCK_TILES = 1024
 
 
-def block_rows(rows: int, row_tiles: int) -> int:
+def block_rows(rows: int, row_tiles: int, most: int = BLOCK_TILES) -> int:
     """Tile rows per block, of `rows` tile rows of `row_tiles` tiles in all images: all
     of them up to ONE_BLOCK_TILES tiles, else the most that divide `rows` and hold at
-    most BLOCK_TILES tiles, at least one."""
+    most `most` tiles, at least one."""
     if rows * row_tiles <= ONE_BLOCK_TILES:
         return rows
-    return max((r for r in range(1, rows + 1) if rows % r == 0 and r * row_tiles <= BLOCK_TILES), default=1)
+    return max((r for r in range(1, rows + 1) if rows % r == 0 and r * row_tiles <= most), default=1)
 
 
 def blocked_shape(n: int, channels: int, th: int, tw: int) -> tuple[int, int, int, int]:
@@ -134,7 +134,7 @@ class WinogradInput(Op):
         planes row after row. The last channel's step also zeroes the block's zero rows;
         the product reads them."""
         (x,) = ins
-        n, c, h, w = x.shape
+        n, c = x.shape[:2]
         th, tw = _tiles_of(x.shape)
         blocks, per_block = out.shape[0], out.shape[3]
         zero = k_const(out, 0.0)
@@ -146,19 +146,82 @@ class WinogradInput(Op):
 
             with k.loop(per_block // tw, LoopKind.SERIAL, "tile_row") as row:
                 ni, ty = _image_row(block, row, per_block // tw, th)
-                rows = [((ni * c + ci) * h + ty * 2 + i) * w for i in range(4)]
-                with whole_vectors(k, tw, "tx") as tx:
-                    tile = [
-                        k.local(x.dtype, x.load_flat(rows[i] + tx * 2 + j), "d").ref
-                        for i in range(4)
-                        for j in range(4)
-                    ]
-                    for xi, value in enumerate(_two_sided(tile, _input_column)):
-                        k.store(out, at(xi, ci, row * tw + tx), value)
+                _transform_input_row(
+                    k,
+                    x,
+                    (ni, ci, ty),
+                    tw,
+                    lambda xi, tx, value: k.store(out, at(xi, ci, row * tw + tx), value),
+                )
             with k.when(ci.eq(c - 1)):
                 with whole_vectors(k, per_block, "t") as t:
                     for xi in range(16):
                         k.store(out, at(xi, const(c, "int64"), t), zero)
+
+
+def _transform_input_row(
+    k: KernelBuilder,
+    x: Buffer,
+    at: tuple[Expr, Expr, Expr],
+    tw: int,
+    store: Callable[[int, Expr, Expr], None],
+) -> None:
+    """Bᵀ d B of the tiles of tile row ty of channel ci of image ni, at = (ni, ci, ty),
+    the tiles the vector lanes (the input read at stride 2): store(plane, tile, value)
+    for each of the 16."""
+    ni, ci, ty = at
+    _, c, h, w = x.shape
+    rows = [((ni * c + ci) * h + ty * 2 + i) * w for i in range(4)]
+    with whole_vectors(k, tw, "tx") as tx:
+        tile = [
+            k.local(x.dtype, x.load_flat(rows[i] + tx * 2 + j), "d").ref for i in range(4) for j in range(4)
+        ]
+        for xi, value in enumerate(_two_sided(tile, _input_column)):
+            store(xi, tx, value)
+
+
+def _transform_output_row(
+    k: KernelBuilder,
+    out: Buffer,
+    load: Callable[[int, Expr], Expr],
+    at: tuple[Expr, Expr, Expr],
+    th: int,
+    start: Expr,
+    epilogue,
+) -> None:
+    """Aᵀ m A + start of the tiles of tile row ty of filter oi of image ni, at = (ni, oi,
+    ty), the tiles the vector lanes (load(plane, tile): a tile's 16 products), through
+    the epilogue into out (N, O, OH, OW), stored at stride 2. An odd output height leaves
+    an image's last tile row's second row out; an odd width, the last tile's second
+    column."""
+    ni, oi, ty = at
+    _, o, oh, ow = out.shape
+
+    def run(first: int, count: int, height: int, width: int) -> None:
+        with whole_vectors(k, count, "tx") as dx:
+            tx = dx + first
+            y = _two_sided([load(xi, tx) for xi in range(16)], _output_column)
+            for i in range(height):
+                for j in range(width):
+                    yy, xx = ty * 2 + i, tx * 2 + j
+                    flat = ((ni * o + oi) * oh + yy) * ow + xx
+                    value = y[2 * i + j] + start
+                    if epilogue is not None:
+                        value = epilogue(value, flat, [ni, oi, yy, xx])
+                    k.store(out, flat, value)
+
+    def tile_row(height: int) -> None:
+        run(0, ow // 2, height, 2)
+        if ow % 2:
+            run(ow // 2, 1, height, 1)
+
+    if oh % 2 == 0:
+        tile_row(2)
+    else:
+        with k.when(ty.lt(th - 1)):
+            tile_row(2)
+        with k.when(ty.eq(th - 1)):
+            tile_row(1)
 
 
 def _image_row(block: Expr, row: Expr, rows: int, th: int) -> tuple[Expr, Expr]:
@@ -209,46 +272,150 @@ class WinogradOutput(Op):
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
         """Per parallel step one filter of one block, tile row by tile row, a row's tiles
-        the vector lanes (contiguous in M's block; the outputs stored at stride 2). An
-        odd output height leaves an image's last tile row's second row out; an odd
-        width, the last tile's second column."""
+        the vector lanes (contiguous in M's block)."""
         m = ins[0]
         bias = ins[1] if len(ins) > 1 else None
-        n, oh, ow = self.out_shape
         blocks, o, per_block = m.shape[0], m.shape[2] - 1, m.shape[3]
-        th, tw = tiles((oh, ow))
+        th, tw = tiles(self.out_shape[1:])
         with k.loop(blocks * o, LoopKind.PARALLEL, "filter_block") as step:
             block, oi = step // o, step % o
             start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
             with k.loop(per_block // tw, LoopKind.SERIAL, "tile_row") as row:
                 ni, ty = _image_row(block, row, per_block // tw, th)
+                first = (block * 16 * (o + 1) + oi) * per_block + row * tw
+                _transform_output_row(
+                    k,
+                    out,
+                    lambda xi, tx: m.load_flat(first + xi * (o + 1) * per_block + tx),
+                    (ni, oi, ty),
+                    th,
+                    start,
+                    epilogue,
+                )
 
-                def run(first: int, count: int, height: int, width: int) -> None:
-                    with whole_vectors(k, count, "tx") as dx:
-                        tx = dx + first
-                        plane_row = (block * 16 * (o + 1) + oi) * per_block + row * tw + tx
-                        y = _two_sided(
-                            [m.load_flat(plane_row + xi * (o + 1) * per_block) for xi in range(16)],
-                            _output_column,
+
+#: the most floats a fused conv's block of transformed tiles (16 x (C + 1) x columns)
+#: may take, in a scratch on each thread's stack: 272 KiB, so that it stays in a Zen 4
+#: core's 1 MiB L2 while the transformed weights (1 MiB at 128 channels) stream past
+#: (blocks of 64 columns at 128 channels, 528 KiB, ran no faster than unfused)
+FUSED_TILES = 17 << 12
+#: the most floats of a block's transformed tiles that one product's column tiles sweep
+#: (C x a strip of columns): 16 KiB, in L1 beside the sums (128 channels: strips of
+#: 32 columns, 8 x 32 register tiles)
+STRIP_FLOATS = 1 << 12
+#: filters whose products a fused conv keeps at once (16 x this x columns floats, in L1)
+FUSED_FILTERS = 16
+
+
+def _fused_block(n: int, channels: int, th: int, tw: int) -> tuple[int, int, int] | None:
+    """(tile rows, columns, strip) of a fused conv's blocks, or None where the op does
+    not pay: the tile rows the most whose transformed tiles fit FUSED_TILES, the
+    columns their tiles padded to whole strips (a strip of whole vectors, a power of
+    two, keeps its sums in registers over all channels: 56 columns, masked, ran 25%
+    slower than the unfused product). None where the tiles make one block (V and M
+    stay in cache anyway, and the three ops split the work finer between threads) or
+    strips would be narrower than two vectors."""
+    strip = min(MATMUL_COL_TILE, 1 << (STRIP_FLOATS // channels).bit_length() - 1)
+    rows = block_rows(n * th, tw, FUSED_TILES // (16 * (channels + 1)) // strip * strip)
+    columns = -(-rows * tw // strip) * strip
+    if rows == n * th or strip < 2 * MATMUL_VECTOR or 16 * (channels + 1) * columns > FUSED_TILES:
+        return None
+    return rows, columns, strip
+
+
+def fused_pays(n: int, channels: int, th: int, tw: int) -> bool:
+    """Whether winograd_conv2d takes a conv of n images of th x tw tiles (_fused_block)."""
+    return _fused_block(n, channels, th, tw) is not None
+
+
+@register("winograd_conv2d", Fusion.CONTRACTION)
+class WinogradConv2d(Op):
+    """winograd_output(matmul(u, winograd_input(x)), bias) in one kernel: x as
+    winograd_input takes it, u = (16, O + 1, C + 1) transformed weights. A parallel step
+    takes one block of tiles (block_rows) through all three: its transformed tiles
+    (16 x C x S) stay in a scratch in L2, the products of FUSED_FILTERS filters at a time
+    in another in L1, and only the outputs are stored. Unfused, V and M (16 values a
+    tile for each channel and filter: 4x the conv's input and output) go to memory and
+    back, which at batch 32 took as long as the product itself."""
+
+    differentiation = Gradient.NONE  # made by a compiler pass, for inference
+    #: a GPU thread per block (the pass makes this op for the CPU only)
+    gpu_per_iteration = True
+    arity = (2, 3)
+    accepts_epilogue = True
+    out_shape: tuple[int, int, int] = (1, 1, 1)  # N, OH, OW
+
+    def infer(self, x: TensorType, u: TensorType, bias: TensorType | None = None) -> TensorType:
+        _require_float("winograd_conv2d", x, u)
+        v = WinogradInput().infer(x)
+        if u.rank != 3 or u.shape[0] != 16 or u.shape[2] != x.shape[1] + 1 or u.dtype != x.dtype:
+            raise GraphError(
+                f"winograd_conv2d: weights {u} are not (16, O + 1, {x.shape[1] + 1}) of {x.dtype}"
+            )
+        m = v.with_shape((v.shape[0], 16, u.shape[1], v.shape[3]))
+        return WinogradOutput(out_shape=self.out_shape).infer(m, bias)
+
+    def reference(self, x, u, bias=None):
+        m = np.matmul(u, WinogradInput().reference(x))
+        return WinogradOutput(out_shape=self.out_shape).reference(m, bias)
+
+    def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
+        """Per parallel step one block: its tiles transformed into a scratch, channel by
+        channel (its columns padded to whole column tiles with zeros, whose products
+        nothing reads); then per group of filters the 16 products (the product kernels'
+        register tiles) into a second scratch, and each filter's outputs from it. Both
+        scratches hold a spare row per plane, so that a tile's 16 values do not lie a
+        multiple of 4 KiB apart (see the module docstring)."""
+        x, u = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        n, c = x.shape[:2]
+        th, tw = _tiles_of(x.shape)
+        o = u.shape[1] - 1
+        shape = _fused_block(n, c, th, tw)
+        if shape is None:
+            raise InternalCompilerError(f"winograd_conv2d: no fused block for {x.shape} (see fused_pays)")
+        rows, columns, strip = shape
+        per_block = rows * tw
+        group = next(g for g in range(min(o, FUSED_FILTERS), 0, -1) if o % g == 0)
+        with k.loop(n * th // rows, LoopKind.PARALLEL, "block") as block:
+            v = k.scratch("tiles", x.dtype, (16 * (c + 1) * columns,))
+            if columns > per_block:
+                with k.loop(16 * (c + 1), LoopKind.SERIAL, "plane_row") as pr:
+                    with k.loop(columns - per_block, LoopKind.VECTOR, "pad") as j:
+                        k.store(v, pr * columns + per_block + j, k_const(v, 0.0))
+            with k.loop(c, LoopKind.SERIAL, "channel") as ci:
+                with k.loop(rows, LoopKind.SERIAL, "tile_row") as row:
+
+                    def store(xi: int, tx: Expr, value: Expr) -> None:
+                        k.store(v, (xi * (c + 1) + ci) * columns + row * tw + tx, value)
+
+                    ni, ty = _image_row(block, row, rows, th)
+                    _transform_input_row(k, x, (ni, ci, ty), tw, store)
+            m = k.scratch("products", out.dtype, (16 * (group + 1) * columns,))
+            with k.loop(o // group, LoopKind.SERIAL, "filters") as fg:
+                with (
+                    k.loop(16, LoopKind.SERIAL, "plane") as xi,
+                    k.loop(columns // strip, LoopKind.SERIAL, "strip") as sj,
+                ):
+                    first_col = sj * strip
+                    tiled_product(
+                        k, group, strip, c,
+                        lambda f, t: u.load_flat((xi * (o + 1) + fg * group + f) * (c + 1) + t),
+                        lambda t, j: v.load_flat((xi * (c + 1) + t) * columns + first_col + j),
+                        m, lambda f, j: (xi * (group + 1) + f) * columns + first_col + j,
+                    )  # fmt: skip
+                with k.loop(group, LoopKind.SERIAL, "filter") as f:
+                    oi = fg * group + f
+                    start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
+                    with k.loop(rows, LoopKind.SERIAL, "tile_row") as row:
+                        ni, ty = _image_row(block, row, rows, th)
+                        first = f * columns + row * tw
+                        _transform_output_row(
+                            k,
+                            out,
+                            lambda xi, tx: m.load_flat(first + xi * (group + 1) * columns + tx),
+                            (ni, oi, ty),
+                            th,
+                            start,
+                            epilogue,
                         )
-                        for i in range(height):
-                            for j in range(width):
-                                yy, xx = ty * 2 + i, tx * 2 + j
-                                at = ((ni * o + oi) * oh + yy) * ow + xx
-                                value = y[2 * i + j] + start
-                                if epilogue is not None:
-                                    value = epilogue(value, at, [ni, oi, yy, xx])
-                                k.store(out, at, value)
-
-                def tile_row(height: int) -> None:
-                    run(0, ow // 2, height, 2)
-                    if ow % 2:
-                        run(ow // 2, 1, height, 1)
-
-                if oh % 2 == 0:
-                    tile_row(2)
-                else:
-                    with k.when(ty.lt(th - 1)):
-                        tile_row(2)
-                    with k.when(ty.eq(th - 1)):
-                        tile_row(1)
