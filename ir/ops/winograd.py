@@ -180,48 +180,51 @@ def _transform_input_row(
             store(xi, tx, value)
 
 
-def _transform_output_row(
+def _output_block(
     k: KernelBuilder,
     out: Buffer,
-    load: Callable[[int, Expr], Expr],
-    at: tuple[Expr, Expr, Expr],
+    bias: Buffer | None,
+    at: tuple[Expr, Expr, int],
     th: int,
-    start: Expr,
+    load: Callable[[int, Expr, Expr], Expr],
     epilogue,
 ) -> None:
-    """Aᵀ m A + start of the tiles of tile row ty of filter oi of image ni, at = (ni, oi,
-    ty), the tiles the vector lanes (load(plane, tile): a tile's 16 products), through
-    the epilogue into out (N, O, OH, OW), stored at stride 2. An odd output height leaves
-    an image's last tile row's second row out; an odd width, the last tile's second
-    column."""
-    ni, oi, ty = at
+    """Aᵀ m A + bias of filter oi's tiles in a block of `rows` tile rows, at = (block,
+    oi, rows), tile row by tile row, a row's tiles the vector lanes (load(plane, row,
+    tile): a tile's 16 products), through the epilogue into out (N, O, OH, OW), stored
+    at stride 2. An odd output height leaves an image's last tile row's second row out;
+    an odd width, the last tile's second column."""
+    block, oi, rows = at
     _, o, oh, ow = out.shape
+    start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
+    with k.loop(rows, LoopKind.SERIAL, "tile_row") as row:
+        ni, ty = _image_row(block, row, rows, th)
 
-    def run(first: int, count: int, height: int, width: int) -> None:
-        with whole_vectors(k, count, "tx") as dx:
-            tx = dx + first
-            y = _two_sided([load(xi, tx) for xi in range(16)], _output_column)
-            for i in range(height):
-                for j in range(width):
-                    yy, xx = ty * 2 + i, tx * 2 + j
-                    flat = ((ni * o + oi) * oh + yy) * ow + xx
-                    value = y[2 * i + j] + start
-                    if epilogue is not None:
-                        value = epilogue(value, flat, [ni, oi, yy, xx])
-                    k.store(out, flat, value)
+        def run(first: int, count: int, height: int, width: int) -> None:
+            with whole_vectors(k, count, "tx") as dx:
+                tx = dx + first
+                y = _two_sided([load(xi, row, tx) for xi in range(16)], _output_column)
+                for i in range(height):
+                    for j in range(width):
+                        yy, xx = ty * 2 + i, tx * 2 + j
+                        flat = ((ni * o + oi) * oh + yy) * ow + xx
+                        value = y[2 * i + j] + start
+                        if epilogue is not None:
+                            value = epilogue(value, flat, [ni, oi, yy, xx])
+                        k.store(out, flat, value)
 
-    def tile_row(height: int) -> None:
-        run(0, ow // 2, height, 2)
-        if ow % 2:
-            run(ow // 2, 1, height, 1)
+        def tile_row(height: int) -> None:
+            run(0, ow // 2, height, 2)
+            if ow % 2:
+                run(ow // 2, 1, height, 1)
 
-    if oh % 2 == 0:
-        tile_row(2)
-    else:
-        with k.when(ty.lt(th - 1)):
+        if oh % 2 == 0:
             tile_row(2)
-        with k.when(ty.eq(th - 1)):
-            tile_row(1)
+        else:
+            with k.when(ty.lt(th - 1)):
+                tile_row(2)
+            with k.when(ty.eq(th - 1)):
+                tile_row(1)
 
 
 def _image_row(block: Expr, row: Expr, rows: int, th: int) -> tuple[Expr, Expr]:
@@ -279,19 +282,12 @@ class WinogradOutput(Op):
         th, tw = tiles(self.out_shape[1:])
         with k.loop(blocks * o, LoopKind.PARALLEL, "filter_block") as step:
             block, oi = step // o, step % o
-            start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
-            with k.loop(per_block // tw, LoopKind.SERIAL, "tile_row") as row:
-                ni, ty = _image_row(block, row, per_block // tw, th)
-                first = (block * 16 * (o + 1) + oi) * per_block + row * tw
-                _transform_output_row(
-                    k,
-                    out,
-                    lambda xi, tx: m.load_flat(first + xi * (o + 1) * per_block + tx),
-                    (ni, oi, ty),
-                    th,
-                    start,
-                    epilogue,
-                )
+            plane = (block * 16 * (o + 1) + oi) * per_block
+
+            def load(xi: int, row: Expr, tx: Expr) -> Expr:
+                return m.load_flat(plane + xi * (o + 1) * per_block + row * tw + tx)
+
+            _output_block(k, out, bias, (block, oi, per_block // tw), th, load, epilogue)
 
 
 #: the most floats a fused conv's block of transformed tiles (16 x (C + 1) x columns)
@@ -332,9 +328,9 @@ def fused_pays(n: int, channels: int, th: int, tw: int) -> bool:
 class WinogradConv2d(Op):
     """winograd_output(matmul(u, winograd_input(x)), bias) in one kernel: x as
     winograd_input takes it, u = (16, O + 1, C + 1) transformed weights. A parallel step
-    takes one block of tiles (block_rows) through all three: its transformed tiles
-    (16 x C x S) stay in a scratch in L2, the products of FUSED_FILTERS filters at a time
-    in another in L1, and only the outputs are stored. Unfused, V and M (16 values a
+    takes one block of tiles (_fused_block) through all three: its transformed tiles
+    (16 x (C + 1) x columns) stay in a scratch in L2, the products of FUSED_FILTERS
+    filters at a time in another in L1, and only the outputs are stored. Unfused, V and M (16 values a
     tile for each channel and filter: 4x the conv's input and output) go to memory and
     back, which at batch 32 took as long as the product itself."""
 
@@ -379,7 +375,7 @@ class WinogradConv2d(Op):
         group = next(g for g in range(min(o, FUSED_FILTERS), 0, -1) if o % g == 0)
         with k.loop(n * th // rows, LoopKind.PARALLEL, "block") as block:
             v = k.scratch("tiles", x.dtype, (16 * (c + 1) * columns,))
-            if columns > per_block:
+            if columns > per_block:  # the spare rows' too: one loop
                 with k.loop(16 * (c + 1), LoopKind.SERIAL, "plane_row") as pr:
                     with k.loop(columns - per_block, LoopKind.VECTOR, "pad") as j:
                         k.store(v, pr * columns + per_block + j, k_const(v, 0.0))
@@ -405,17 +401,8 @@ class WinogradConv2d(Op):
                         m, lambda f, j: (xi * (group + 1) + f) * columns + first_col + j,
                     )  # fmt: skip
                 with k.loop(group, LoopKind.SERIAL, "filter") as f:
-                    oi = fg * group + f
-                    start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
-                    with k.loop(rows, LoopKind.SERIAL, "tile_row") as row:
-                        ni, ty = _image_row(block, row, rows, th)
-                        first = f * columns + row * tw
-                        _transform_output_row(
-                            k,
-                            out,
-                            lambda xi, tx: m.load_flat(first + xi * (group + 1) * columns + tx),
-                            (ni, oi, ty),
-                            th,
-                            start,
-                            epilogue,
-                        )
+
+                    def load(xi: int, row: Expr, tx: Expr) -> Expr:
+                        return m.load_flat((xi * (group + 1) + f) * columns + row * tw + tx)
+
+                    _output_block(k, out, bias, (block, fg * group + f, rows), th, load, epilogue)
