@@ -18,6 +18,46 @@
 #include <unistd.h>
 
 #define KILN_MAX_THREADS 256
+/* Workers' stacks at least this large: kernels keep scratch tiles on them. */
+#define KILN_WORKER_STACK ((size_t)8 << 20)
+/* Room a caller's stack keeps beyond the kernels' scratch, for the frames around them. */
+#define KILN_STACK_SPARE ((size_t)256 << 10)
+
+int pthread_getattr_np(pthread_t thread, pthread_attr_t *attr); /* glibc's, declared here
+                                                                    without _GNU_SOURCE */
+
+/* The stack size of the thread that last called, kept per model instance: reading
+   it (pthread_getattr_np) costs a parse of /proc/self/maps on the main thread, and a
+   thread-local cache would make the library depend on the dynamic loader. */
+typedef struct kiln_stack_cache {
+    pthread_t thread;
+    size_t size; /* bytes; 0: unknown */
+    int known;
+} kiln_stack_cache;
+
+/* This thread's stack size in bytes (0: unknown). */
+static size_t kiln_thread_stack(kiln_stack_cache *c) {
+    pthread_t self = pthread_self();
+    if (c->known && pthread_equal(c->thread, self)) return c->size;
+    pthread_attr_t attr;
+    void *base;
+    size_t size = 0;
+    if (pthread_getattr_np(self, &attr) == 0) {
+        if (pthread_attr_getstack(&attr, &base, &size) != 0) size = 0;
+        pthread_attr_destroy(&attr);
+    }
+    c->thread = self;
+    c->size = size;
+    c->known = 1;
+    return size;
+}
+
+/* Whether this thread's stack holds `scratch` bytes of kernel scratch with room to
+   spare (an unknown size passes). */
+static int kiln_stack_suffices(kiln_stack_cache *c, size_t scratch) {
+    size_t size = kiln_thread_stack(c);
+    return size == 0 || size >= scratch + KILN_STACK_SPARE;
+}
 
 static double kiln_now(void) {
     struct timespec ts;
@@ -141,7 +181,14 @@ static int kiln_pool_init(kiln_pool *p, int nthreads) {
         if (!arg) break;
         arg->pool = p;
         arg->index = t;
-        if (pthread_create(&p->workers[t], NULL, kiln_worker, arg) != 0) {
+        pthread_attr_t attr;
+        size_t stack = 0;
+        pthread_attr_init(&attr);
+        if (pthread_attr_getstacksize(&attr, &stack) == 0 && stack < KILN_WORKER_STACK)
+            pthread_attr_setstacksize(&attr, KILN_WORKER_STACK);
+        int failed = pthread_create(&p->workers[t], &attr, kiln_worker, arg) != 0;
+        pthread_attr_destroy(&attr);
+        if (failed) {
             free(arg);
             break;
         }

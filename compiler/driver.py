@@ -21,6 +21,7 @@ import numpy as np
 
 from codegen import cabi, cpu, cuda_lib, gpu, nvptx
 from codegen.gpu_sim import simulate
+from codegen.kir import ITEMSIZE
 from compiler.batching import batch_dim, compile_batched
 from compiler.fusion import Group, partition
 from compiler.lowering import GpuLoops, KernelCall, Loops, copy_call, lower_group
@@ -158,6 +159,7 @@ def _launches(name: str, calls: list[KernelCall], storage: Storage) -> list[cabi
             c.extent,
             c.parallel,
             tuple(f"{_where(c)}: {msg}" for msg in c.kernel.checks),
+            sum(b.numel * ITEMSIZE[b.dtype] for b in c.kernel.scratch),
         )
         for c in calls
     ]

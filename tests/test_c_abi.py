@@ -4,6 +4,7 @@ finds no memory error in it; two models link into one program."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -181,6 +182,22 @@ def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, m
     expected = interpret(graph, [x])[0]
     got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float32).reshape(expected.shape)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_thread_stack_too_small_for_the_kernels_scratch_is_an_error(tmp_path, rng):
+    """The fused Winograd conv keeps ~340 KiB of scratch on each running thread's stack:
+    run from a process whose stack is 300 KiB, the model refuses with a clear error
+    instead of overflowing it; with the usual 8 MiB it runs."""
+    graph = _winograd_fused_graph(rng)
+    so = compile_model(graph, name="small_stack", cpu_name="x86-64-v3").save(tmp_path / "small_stack.so")
+    runner = build_c_runner(so, "small_stack", tmp_path / "runner")
+    x = rng.standard_normal(graph.inputs[0].type.shape).astype(np.float32)
+    small = _run_c(["bash", "-c", 'ulimit -s 300 && exec "$@"', "runner"], runner, x, tmp_path)
+    assert small.returncode == 1, small.stderr
+    refusal = r"this thread's stack \(2\d\d KiB\) is too small for the \d+ KiB of scratch"
+    assert re.search(refusal, small.stderr), small.stderr
+    usual = _run_c(["bash", "-c", 'ulimit -s 8192 && exec "$@"', "runner"], runner, x, tmp_path)
+    assert usual.returncode == 0, usual.stderr
 
 
 def test_two_models_link_into_one_program(tmp_path, rng):
