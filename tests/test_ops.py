@@ -268,6 +268,16 @@ CASES: dict[str, list[Case]] = {
         Case([In((2, 4, 66, 68)), In((16, 6, 5)), In((5,))], {"out_shape": (2, 63, 65)}, params=(1, 2)),
         Case([In((2, 128, 66, 66)), In((16, 21, 129))], {"out_shape": (2, 64, 64)}, params=(1,)),
     ],
+    # Σ_n a[n] · b[n]ᵀ: rows and columns that end mid-tile, k that ends mid-vector
+    # (the last vector overlaps the one before), k shorter than a vector, b with more
+    # rows than a (the operands trade places), float64 (half the lanes)
+    "matmul_nt_sum": [
+        Case([In((3, 10, 37)), In((3, 7, 37))]),
+        Case([In((2, 5, 9)), In((2, 20, 9))]),
+        Case([In((4, 64, 121)), In((4, 17, 121))]),
+        Case([In((1, 3, 16)), In((1, 2, 16))]),
+        Case([In((2, 9, 21), dtype="float64"), In((2, 11, 21), dtype="float64")]),
+    ],
     "avg_pool2d_backward": [
         Case(
             [In((2, 3, 4, 4))],
@@ -619,7 +629,7 @@ UNIT_SIZED = {
     "matmul", "linear", "linear_packed", "conv2d", "conv2d_gemm", "conv2d_packed", "conv2d_pooled", "rnn",
     "attention",
     "gru", "lstm",
-    "winograd_input", "winograd_output", "winograd_conv2d",
+    "winograd_input", "winograd_output", "winograd_conv2d", "matmul_nt_sum",
 }  # fmt: skip
 AVX2_CPU = "x86-64-v3"
 

@@ -248,4 +248,4 @@ def normalize_axis(op: str, axis: int, rank: int) -> int:
 
 
 # Importing the op modules fills the registry.
-from ir.ops import attention, einsum, elementwise, nn, recurrent, reduce, resample, shape, winograd  # noqa: E402,F401
+from ir.ops import attention, einsum, elementwise, matmul_nt, nn, recurrent, reduce, resample, shape, winograd  # noqa: E402,F401

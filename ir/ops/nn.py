@@ -385,13 +385,14 @@ def lower_matmul_gpu(k: KernelBuilder, p: Product, epilogue: Epilogue | None) ->
                 r, q = e // bk, e % bk
                 inside = logical_and(logical_and(e.lt(bm * bk), (row0 + r).lt(m)), (k0 + q).lt(kk))
                 with k.when(e.lt(bm * bk)):
-                    k.store(a_tile, q * (bm + 1) + r, _masked(a, a_mat + (row0 + r) * kk + k0 + q, inside))
+                    value = masked_load(a, a_mat + (row0 + r) * kk + k0 + q, inside)
+                    k.store(a_tile, q * (bm + 1) + r, value)
             for first in range(0, bk * bn, threads):  # the b slice, columns fastest
                 e = t + first
                 q, c = e // bn, e % bn
                 inside = logical_and(logical_and(e.lt(bk * bn), (k0 + q).lt(kk)), (col0 + c).lt(n))
                 with k.when(e.lt(bk * bn)):
-                    k.store(b_tile, q * bn + c, _masked(b, p.b_index(b_mat, k0 + q, col0 + c), inside))
+                    k.store(b_tile, q * bn + c, masked_load(b, p.b_index(b_mat, k0 + q, col0 + c), inside))
             k.barrier()
             with k.loop(bk, LoopKind.SERIAL, "kk") as q:
                 a_frag = [
@@ -562,7 +563,7 @@ def _column_parts(cols: int, panel: int | None) -> list[tuple[int, int]]:
     return [(first, min(panel, cols - first)) for first in range(0, cols, panel)]
 
 
-def _masked(buf: Buffer, index: Expr, inside: Expr) -> Expr:
+def masked_load(buf: Buffer, index: Expr, inside: Expr) -> Expr:
     """buf at index where `inside` holds, else 0, never reading outside buf."""
     return select(inside, buf.load_flat(select(inside, index, const(0, "int64"))), k_const(buf, 0.0))
 
@@ -730,18 +731,18 @@ def _valid_range(k_off: int, stride: int, pad: int, size: int, out: int) -> tupl
 def _conv_weight_gradient(
     b: GraphBuilder, windowed: Value, other: Value, kernel, strides, pads, dilations, w_shape
 ) -> Value:
-    """A convolution's weight gradient: Σ over images and positions of `windowed`'s
-    windows (im2col, read as they lie) times `other` (transposed, the smaller operand),
-    as w[other channel, windowed channel, i, j]. For conv2d, windowed = x and other = g;
-    for its adjoint conv_transpose2d, the two trade places."""
+    """A convolution's weight gradient, w[other channel, windowed channel, i, j]: Σ over
+    images and positions of `other` times `windowed`'s windows (im2col, as the forward
+    conv reads them), one matmul_nt_sum over the positions both hold innermost. For
+    conv2d, windowed = x and other = g; for its adjoint conv_transpose2d, the two trade
+    places."""
     n, c = windowed.type.shape[:2]
     o = other.type.shape[1]
     positions = other.type.numel // (n * o)
     cols = b.im2col(windowed, kernel=tuple(kernel), strides=strides, pads=pads, dilations=dilations)
     cols = b.reshape(cols, shape=(n, c * kernel[0] * kernel[1], positions))
-    other_t = b.transpose(b.reshape(other, shape=(n, o, positions)), perm=(0, 2, 1))
-    summed = b.reduce_sum(b.matmul(cols, other_t), axes=(0,), keepdims=False)  # (c·kh·kw, o)
-    return b.reshape(b.transpose(summed, perm=(1, 0)), shape=w_shape)
+    summed = b.op("matmul_nt_sum", b.reshape(other, shape=(n, o, positions)), cols)  # (o, c·kh·kw)
+    return b.reshape(summed, shape=w_shape)
 
 
 @register("conv2d", Fusion.CONTRACTION)
