@@ -415,6 +415,7 @@ def link(
         "-shared",
         "-fPIC",
         "-O2",
+        "-Werror=implicit-function-declaration",  # else a call to a missing helper links and fails at load
         "-fvisibility=hidden",
         "-pthread",
         f"-I{C_SOURCES}",
