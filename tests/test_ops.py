@@ -270,8 +270,10 @@ CASES: dict[str, list[Case]] = {
     ],
     # Σ_n a[n] · b[n]ᵀ: rows and columns that end mid-tile, k that ends mid-vector
     # (the last vector overlaps the one before), k shorter than a vector, b with more
-    # rows than a (the operands trade places), float64 (half the lanes)
+    # rows than a (the operands trade places), float64 (half the lanes); a's rows over
+    # 512 KiB: parallel steps of 5 row tiles (AVX2: 8), the last one short
     "matmul_nt_sum": [
+        Case([In((4, 50, 1000)), In((4, 7, 1000))]),
         Case([In((3, 10, 37)), In((3, 7, 37))]),
         Case([In((2, 5, 9)), In((2, 20, 9))]),
         Case([In((4, 64, 121)), In((4, 17, 121))]),
