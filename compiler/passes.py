@@ -115,8 +115,15 @@ WINOGRAD_MIN_CHANNELS = 64
 #: the most multiply-adds Winograd may take, as a share of the direct conv's: its product
 #: computes whole 2x2 tiles, padded columns and the zero rows too (a 3x3 output of 4
 #: tiles padded to 16 columns takes 3x the direct conv's), and its transforms cost
-#: memory traffic besides; ResNet-18's layer4 at batch 1 (0.58) ran 1.3x faster
+#: memory traffic besides
 WINOGRAD_MAX_WORK = 0.65
+#: the fewest tiles (the product's columns, all images) for Winograd: its transformed
+#: weights, 1.8x the conv's, are read once a call and each meets every tile, so with
+#: one vector of tiles or fewer the product streams the weights for one FMA each.
+#: ResNet-18's layer4 at batch 1 (16 tiles, 16.8 MB of transformed weights): 4.5 ms a
+#: conv against 2.06 direct on a Xeon with two FMA ports (the model 32.3 -> 25.0 ms);
+#: 1.3x faster than direct on a Zen 4 core, whose product keeps up with one FMA port.
+WINOGRAD_MIN_TILES = MATMUL_VECTOR + 1
 
 
 def _winograd_pays(conv: Node) -> bool:
@@ -131,13 +138,17 @@ def _winograd_pays(conv: Node) -> bool:
         return False
     th, tw = winograd_tiles((oh, ow))
     work = 16 * (o + 1) * (c + 1) * n * th * tw
-    return min(o, c) >= WINOGRAD_MIN_CHANNELS and work <= WINOGRAD_MAX_WORK * o * c * 9 * n * oh * ow
+    return (
+        min(o, c) >= WINOGRAD_MIN_CHANNELS
+        and n * th * tw >= WINOGRAD_MIN_TILES
+        and work <= WINOGRAD_MAX_WORK * o * c * 9 * n * oh * ow
+    )
 
 
 def conv_winograd(graph: Graph) -> Graph:
     """A 3x3 conv2d of stride 1 (one group, no dilation) of constant weights, with at least
     WINOGRAD_MIN_CHANNELS input and output channels and an output large enough for
-    whole tiles to pay (WINOGRAD_MAX_WORK), becomes Winograd's F(2x2, 3x3)
+    whole tiles to pay (WINOGRAD_MIN_TILES, WINOGRAD_MAX_WORK), becomes Winograd's F(2x2, 3x3)
     (ir.ops.winograd): winograd_input, a batched matmul by the transformed weights, and
     winograd_output with the bias (which takes the conv's epilogue); or, where the tiles
     are many and a block of them fits a thread's scratch (fused_pays), the three as one

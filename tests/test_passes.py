@@ -133,10 +133,12 @@ def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng
     narrow = b.conv2d(x, weights(32, 64))  # 32 filters: direct
     strided = b.conv2d(x, weights(64, 64), strides=(2, 2))
     small = b.conv2d(b.input("s", (1, 64, 5, 5)), weights(64, 64))  # 3x3 output: 4 tiles
-    before = b.build(b.relu(y), narrow, strided, small)
+    # 7x7 output: 16 tiles, within the work bound (0.58) but one vector of product columns
+    few = b.conv2d(b.input("f", (1, 64, 7, 7)), weights(64, 64), pads=(1, 1, 1, 1))
+    before = b.build(b.relu(y), narrow, strided, small, few)
     after = conv_winograd(before)
     assert [n.op.name for n in after.nodes] == [
-        "pad", "winograd_input", "matmul", "winograd_output", "conv2d", "conv2d", "conv2d", "relu"
+        "pad", "winograd_input", "matmul", "winograd_output", "conv2d", "conv2d", "conv2d", "conv2d", "relu"
     ]  # fmt: skip
     pad, tiles, product, out = after.nodes[:4]
     assert pad.op.pads == (0, 0, 1, 1, 0, 0, 2, 2)  # to 14 x 16: 6 x 7 tiles of the 11 x 13 output
