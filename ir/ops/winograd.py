@@ -14,12 +14,13 @@ tiles. The 16 products are one batched matmul, at the product kernels' speed; th
 transforms are additions only.
 
 The tiles are grouped in blocks of whole tile rows (block_rows: R rows of TW tiles, S =
-R·TW, up to BLOCK_TILES), each block's 16 planes stored together. The product then reads
-a block's plane, (C + 1) x S floats, as one compact panel: with all tiles in one row of
-V per channel, its 16-column strips lay a whole row of tiles apart (100 KB at 56 x 56
-outputs and batch 32), one memory stream per channel, more than the prefetchers follow
-(64 channels: 65 ms -> 52 ms a product, batch 32). A block is whole tile rows, so a row
-of tiles, the transforms' vector, lies in one block at consecutive addresses.
+R·TW, up to BLOCK_TILES, whole vectors where they can be), each block's 16 planes stored
+together. The product then reads a block's plane, (C + 1) x S floats, as one compact
+panel: with all tiles in one row of V per channel, its 16-column strips lay a whole row
+of tiles apart (100 KB at 56 x 56 outputs and batch 32), one memory stream per channel,
+more than the prefetchers follow (64 channels: 65 ms -> 52 ms a product, batch 32). A
+block is whole tile rows, so a row of tiles, the transforms' vector, lies in one block
+at consecutive addresses.
 
 V and M have one more row per plane than channels (a zero row of V, a zero row and column
 of U), so that a tile's 16 values, stored to or loaded from 16 planes, do not lie a
@@ -49,9 +50,11 @@ def tiles(out_hw: tuple[int, int]) -> tuple[int, int]:
     return -(-out_hw[0] // 2), -(-out_hw[1] // 2)
 
 
-#: the most tiles a block holds (see the module docstring): a plane of 65 x 64 floats,
-#: 16 KiB, stays in L1 while the product sweeps it
-BLOCK_TILES = 64
+#: the most tiles a block holds (see the module docstring): 128, so that a block of whole
+#: tile rows can be whole vectors of columns (112 tiles at ResNet-18's 28, 14 and 7
+#: tiles a row; in blocks of 64 the rows gave 56, whose last 8 columns ran masked: its
+#: 256-channel products at batch 32 took 33 ms, and 23.7 in blocks of 112)
+BLOCK_TILES = 128
 #: up to this many tiles in all, one block: V's rows lie at most 4 KiB apart, which the
 #: product reads as fast, and its column tiles are whole vectors where blocks of whole
 #: tile rows would leave ragged ones (ResNet-18 at batch 1: 14 x 14 tiles in blocks of
@@ -59,18 +62,21 @@ BLOCK_TILES = 64
 ONE_BLOCK_TILES = 1024
 
 
-def block_rows(rows: int, row_tiles: int, most: int = BLOCK_TILES) -> int:
+def block_rows(rows: int, row_tiles: int, most: int = BLOCK_TILES, vector: int = 1) -> int:
     """Tile rows per block, of `rows` tile rows of `row_tiles` tiles in all images: all
     of them up to ONE_BLOCK_TILES tiles, else the most that divide `rows` and hold at
-    most `most` tiles, at least one."""
+    most `most` tiles, of those whose tiles are whole vectors (of `vector` columns)
+    where any are, at least one."""
     if rows * row_tiles <= ONE_BLOCK_TILES:
         return rows
-    return max((r for r in range(1, rows + 1) if rows % r == 0 and r * row_tiles <= most), default=1)
+    fit = [r for r in range(1, rows + 1) if rows % r == 0 and r * row_tiles <= most]
+    whole = [r for r in fit if r * row_tiles % vector == 0]
+    return max(whole or fit, default=1)
 
 
 def blocked_shape(n: int, channels: int, th: int, tw: int) -> tuple[int, int, int, int]:
     """V's (or M's) shape for n images of th x tw tiles: (blocks, 16, channels + 1, tiles a block)."""
-    r = block_rows(n * th, tw)
+    r = block_rows(n * th, tw, vector=MATMUL_VECTOR)
     return (n * th // r, 16, channels + 1, r * tw)
 
 
