@@ -727,17 +727,24 @@ def test_ptxas_accepts_every_op_case():
         assert report.count("Compiling entry function") == len(kernels)
 
 
-@pytest.mark.parametrize("op_name", ["exp", "log", "tanh", "sigmoid", "erf", "relu", "sqrt", "maximum"])
+@pytest.mark.parametrize(
+    "op_name", ["exp", "log", "tanh", "sigmoid", "erf", "relu", "sqrt", "maximum", "minimum"]
+)
 def test_nan_and_inf_propagate_as_in_numpy(op_name: str):
     specials = np.array(
         [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 88.0, -88.0, 100.0, -100.0], np.float32
     )
     b = GraphBuilder("special")
     x = b.input("x", specials.shape)
-    graph = b.build(b.op(op_name, x, x) if REGISTRY[op_name].arity[0] == 2 else b.op(op_name, x))
+    inputs = [specials]
+    if REGISTRY[op_name].arity[0] == 2:  # each special value as either operand
+        inputs.append(np.roll(specials, 4))
+        graph = b.build(b.op(op_name, x, b.input("y", specials.shape)))
+    else:
+        graph = b.build(b.op(op_name, x))
     with np.errstate(all="ignore"):
-        expected = interpret(graph, [specials])[0]
-    got = compile_model(graph, name="special")(specials)
+        expected = interpret(graph, inputs)[0]
+    got = compile_model(graph, name="special")(*inputs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-37, equal_nan=True)
 
 
