@@ -36,6 +36,13 @@ def _init_llvm() -> None:
     llvm.initialize_native_asmprinter()
 
 
+#: on x86, the loop vectorizer takes the widest vectors the CPU has: LLVM's tuning for
+#: Intel's AVX-512 server cores prefers 256-bit ones, which halved every vector loop the
+#: kernels leave to its cost model (elementwise chains, an LSTM's gates, pools) while
+#: their register tiles, whose width is set, ran 512-bit
+X86_FEATURES = "-prefer-256-bit"
+
+
 @functools.cache
 def target_machine(cpu_name: str | None = None) -> llvm.TargetMachine:
     """A TargetMachine for `cpu_name` (an LLVM CPU such as "x86-64-v3"), or for this
@@ -43,9 +50,12 @@ def target_machine(cpu_name: str | None = None) -> llvm.TargetMachine:
     _init_llvm()
     target = llvm.Target.from_default_triple()
     host = cpu_name is None
+    features = [llvm.get_host_cpu_features().flatten()] if host else []
+    if target.name.startswith("x86"):
+        features.append(X86_FEATURES)
     return target.create_target_machine(
         cpu=llvm.get_host_cpu_name() if host else cpu_name,
-        features=llvm.get_host_cpu_features().flatten() if host else "",
+        features=",".join(f for f in features if f),
         opt=3,
         reloc="pic",
         codemodel="default",
