@@ -240,7 +240,9 @@ class FunctionWriter:
             simple = {"add": b.fadd, "sub": b.fsub, "mul": b.fmul, "div": b.fdiv, "rem": b.frem}
             if op in simple:
                 return simple[op](a, c, flags=flags)
-            if op in ("min", "max"):
+            if op in ("min", "max"):  # numpy semantics: NaN wins
+                if reassoc:  # a reduction's update: LLVM vectorizes llvm.maximum's, not selects'
+                    return self._call_intrinsic(f"llvm.{op}imum", a, c)
                 return self._nan_wins(op, a, c)
             if op == "pow":
                 if not self.libm:
@@ -271,7 +273,8 @@ class FunctionWriter:
         signs of equal zeros are not ordered). c > a ? c : a is one vmaxps on x86, which
         returns a where either is NaN, so only c's NaN needs a select, and none where c is
         a constant (a ReLU's 0). llvm.maximum orders -0 below +0 too, which cost x86 five
-        instructions a maximum (a max pool and every ReLU epilogue)."""
+        instructions a maximum (a max pool and every ReLU epilogue); a reduction keeps it,
+        as LLVM vectorizes its reductions (a softmax's row maximum) and not the selects'."""
         b = self.b
         chosen = b.select(b.fcmp_ordered(">" if op == "max" else "<", c, a), c, a)
         return b.select(b.fcmp_unordered("uno", c, c), c, chosen)
