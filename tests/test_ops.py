@@ -260,13 +260,14 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 5, 58, 58))]),
         Case([In((2, 2, 48, 48))]),
     ],
-    # M (blocks, 16, O + 1, tiles a block); odd heights and widths end mid-tile
+    # M (blocks, 16, O + 1, columns: a block's tiles padded to whole vectors); odd
+    # heights and widths end mid-tile
     "winograd_output": [
-        Case([In((1, 16, 6, 40)), In((5,))], {"out_shape": (2, 8, 9)}, params=(1,)),
+        Case([In((1, 16, 6, 48)), In((5,))], {"out_shape": (2, 8, 9)}, params=(1,)),
         Case([In((1, 16, 4, 16))], {"out_shape": (1, 7, 7)}),
-        Case([In((1, 16, 3, 100))], {"out_shape": (1, 19, 20)}),
+        Case([In((1, 16, 3, 112))], {"out_shape": (1, 19, 20)}),
         Case([In((1, 16, 3, 784)), In((2,))], {"out_shape": (1, 56, 56)}),
-        Case([In((23, 16, 3, 46)), In((2,))], {"out_shape": (2, 45, 46)}),
+        Case([In((23, 16, 3, 48)), In((2,))], {"out_shape": (2, 45, 46)}),
     ],
     # the three Winograd ops as one: 4 blocks of 16 tile rows of 33 (columns padded to
     # 576), 5 filters, odd height and width; 64 blocks of one row of 32 tiles, strips of

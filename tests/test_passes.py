@@ -142,7 +142,7 @@ def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng
     ]  # fmt: skip
     pad, tiles, product, out = after.nodes[:4]
     assert pad.op.pads == (0, 0, 1, 1, 0, 0, 2, 2)  # to 14 x 16: 6 x 7 tiles of the 11 x 13 output
-    assert tiles.outputs[0].type.shape == (1, 16, 65, 84)  # one block of 84 tiles; a zero row
+    assert tiles.outputs[0].type.shape == (1, 16, 65, 96)  # one block of 84 tiles in 96 columns; a zero row
     assert product.inputs[0].type.shape == (16, 71, 65) and out.op.out_shape == (2, 11, 13)
     _same_results(before, after, rng, rtol=1e-4)
 

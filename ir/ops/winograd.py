@@ -13,14 +13,14 @@ zeros to end on whole tiles); plane ξ = 4i + j holds element (i, j) of the tran
 tiles. The 16 products are one batched matmul, at the product kernels' speed; the
 transforms are additions only.
 
-The tiles are grouped in blocks of whole tile rows (block_rows: R rows of TW tiles, S =
-R·TW, up to BLOCK_TILES, whole vectors where they can be), each block's 16 planes stored
-together. The product then reads a block's plane, (C + 1) x S floats, as one compact
-panel: with all tiles in one row of V per channel, its 16-column strips lay a whole row
-of tiles apart (100 KB at 56 x 56 outputs and batch 32), one memory stream per channel,
-more than the prefetchers follow (64 channels: 65 ms -> 52 ms a product, batch 32). A
-block is whole tile rows, so a row of tiles, the transforms' vector, lies in one block
-at consecutive addresses.
+The tiles are grouped in blocks of whole tile rows (block_rows: R rows of TW tiles, up
+to BLOCK_TILES, whole vectors where they can be; S columns, R·TW padded to whole
+vectors: block_tiles), each block's 16 planes stored together. The product then reads a
+block's plane, (C + 1) x S floats, as one compact panel: with all tiles in one row of V
+per channel, its 16-column strips lay a whole row of tiles apart (100 KB at 56 x 56
+outputs and batch 32), one memory stream per channel, more than the prefetchers follow
+(64 channels: 65 ms -> 52 ms a product, batch 32). A block is whole tile rows, so a row
+of tiles, the transforms' vector, lies in one block at consecutive addresses.
 
 V and M have one more row per plane than channels (a zero row of V, a zero row and column
 of U), so that a tile's 16 values, stored to or loaded from 16 planes, do not lie a
@@ -74,10 +74,20 @@ def block_rows(rows: int, row_tiles: int, most: int = BLOCK_TILES, vector: int =
     return max(whole or fit, default=1)
 
 
+def block_tiles(n: int, th: int, tw: int) -> tuple[int, int]:
+    """(tile rows, columns) of a block of V or M for n images of th x tw tiles: its tiles
+    (tile rows x tw) padded to whole vectors of columns. The product computes the
+    padding's columns too (V's are zeros; nothing reads M's): a block of 49 tiles (256
+    channels at 14 x 14, batch 1) ran its 49th column as a masked tile of its own, whose
+    four sums could not hide the FMA's latency, and took 40% more time than 64 columns."""
+    rows = block_rows(n * th, tw, vector=MATMUL_VECTOR)
+    return rows, -(-rows * tw // MATMUL_VECTOR) * MATMUL_VECTOR
+
+
 def blocked_shape(n: int, channels: int, th: int, tw: int) -> tuple[int, int, int, int]:
-    """V's (or M's) shape for n images of th x tw tiles: (blocks, 16, channels + 1, tiles a block)."""
-    r = block_rows(n * th, tw, vector=MATMUL_VECTOR)
-    return (n * th // r, 16, channels + 1, r * tw)
+    """V's (or M's) shape for n images of th x tw tiles: (blocks, 16, channels + 1, columns)."""
+    rows, columns = block_tiles(n, th, tw)
+    return (n * th // rows, 16, channels + 1, columns)
 
 
 def transform_weights(w: np.ndarray) -> np.ndarray:
@@ -129,29 +139,31 @@ class WinogradInput(Op):
         th, tw = _tiles_of(x.shape)
         windows = np.lib.stride_tricks.sliding_window_view(x, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
         v = np.einsum("ia,ncyxab,jb->ijcnyx", B_T, windows.astype(np.float64), B_T)
-        blocks, _, _, per_block = blocked_shape(n, c, th, tw)
-        out = np.zeros((blocks, 16, c + 1, per_block), x.dtype)
-        out[:, :, :c] = v.reshape(16, c, blocks, per_block).transpose(2, 0, 1, 3)
+        blocks, _, _, columns = blocked_shape(n, c, th, tw)
+        per_block = block_tiles(n, th, tw)[0] * tw
+        out = np.zeros((blocks, 16, c + 1, columns), x.dtype)
+        out[:, :, :c, :per_block] = v.reshape(16, c, blocks, per_block).transpose(2, 0, 1, 3)
         return out
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
         """Per parallel step one channel of one block, tile row by tile row, a row's tiles
         the vector lanes (the input read at stride 2); consecutive steps fill a block's
-        planes row after row. The last channel's step also zeroes the block's zero rows;
-        the product reads them."""
+        planes row after row, then zero the channel's columns past the tiles. The last
+        channel's step also zeroes the block's zero rows; the product reads them."""
         (x,) = ins
         n, c = x.shape[:2]
         th, tw = _tiles_of(x.shape)
-        blocks, per_block = out.shape[0], out.shape[3]
+        blocks, columns = out.shape[0], out.shape[3]
+        rows = block_tiles(n, th, tw)[0]
         zero = k_const(out, 0.0)
         with k.loop(blocks * c, LoopKind.PARALLEL, "channel_block") as step:
             block, ci = step // c, step % c
 
             def at(xi: int, channel: Expr, tile: Expr) -> Expr:
-                return ((block * 16 + xi) * (c + 1) + channel) * per_block + tile
+                return ((block * 16 + xi) * (c + 1) + channel) * columns + tile
 
-            with k.loop(per_block // tw, LoopKind.SERIAL, "tile_row") as row:
-                ni, ty = _image_row(block, row, per_block // tw, th)
+            with k.loop(rows, LoopKind.SERIAL, "tile_row") as row:
+                ni, ty = _image_row(block, row, rows, th)
                 _transform_input_row(
                     k,
                     x,
@@ -159,8 +171,12 @@ class WinogradInput(Op):
                     tw,
                     lambda xi, tx, value: k.store(out, at(xi, ci, row * tw + tx), value),
                 )
+            if columns > rows * tw:
+                with k.loop(columns - rows * tw, LoopKind.VECTOR_MASKED, "pad") as t:
+                    for xi in range(16):
+                        k.store(out, at(xi, ci, rows * tw + t), zero)
             with k.when(ci.eq(c - 1)):
-                with whole_vectors(k, per_block, "t") as t:
+                with whole_vectors(k, columns, "t") as t:
                     for xi in range(16):
                         k.store(out, at(xi, const(c, "int64"), t), zero)
 
@@ -272,7 +288,8 @@ class WinogradOutput(Op):
         n, oh, ow = self.out_shape
         th, tw = tiles((oh, ow))
         o = m.shape[2] - 1
-        tiles_m = m[:, :, :o].transpose(1, 2, 0, 3).reshape(4, 4, o, n, th, tw).astype(np.float64)
+        per_block = block_tiles(n, th, tw)[0] * tw
+        tiles_m = m[:, :, :o, :per_block].transpose(1, 2, 0, 3).reshape(4, 4, o, n, th, tw).astype(np.float64)
         y = np.einsum("ia,abonyx,jb->noyixj", A_T, tiles_m, A_T).reshape(n, o, 2 * th, 2 * tw)
         y = y[:, :, :oh, :ow]
         if bias is not None:
@@ -284,16 +301,17 @@ class WinogradOutput(Op):
         the vector lanes (contiguous in M's block)."""
         m = ins[0]
         bias = ins[1] if len(ins) > 1 else None
-        blocks, o, per_block = m.shape[0], m.shape[2] - 1, m.shape[3]
+        blocks, o, columns = m.shape[0], m.shape[2] - 1, m.shape[3]
         th, tw = tiles(self.out_shape[1:])
+        rows = block_tiles(self.out_shape[0], th, tw)[0]
         with k.loop(blocks * o, LoopKind.PARALLEL, "filter_block") as step:
             block, oi = step // o, step % o
-            plane = (block * 16 * (o + 1) + oi) * per_block
+            plane = (block * 16 * (o + 1) + oi) * columns
 
             def load(xi: int, row: Expr, tx: Expr) -> Expr:
-                return m.load_flat(plane + xi * (o + 1) * per_block + row * tw + tx)
+                return m.load_flat(plane + xi * (o + 1) * columns + row * tw + tx)
 
-            _output_block(k, out, bias, (block, oi, per_block // tw), th, load, epilogue)
+            _output_block(k, out, bias, (block, oi, rows), th, load, epilogue)
 
 
 #: the most floats a fused conv's block of transformed tiles (16 x (C + 1) x columns)
