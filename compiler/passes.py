@@ -149,7 +149,8 @@ def conv_winograd(graph: Graph) -> Graph:
     """A 3x3 conv2d of stride 1 (one group, no dilation) of constant weights, with at least
     WINOGRAD_MIN_CHANNELS input and output channels and an output large enough for
     whole tiles to pay (WINOGRAD_MIN_TILES, WINOGRAD_MAX_WORK), becomes Winograd's F(2x2, 3x3)
-    (ir.ops.winograd): winograd_input, a batched matmul by the transformed weights, and
+    (ir.ops.winograd): winograd_input (which reads the conv's padding as zeros: no pad
+    kernel copies x), a batched matmul by the transformed weights, and
     winograd_output with the bias (which takes the conv's epilogue); or, where the tiles
     are many and a block of them fits a thread's scratch (fused_pays), the three as one
     winograd_conv2d. 16 multiplications per 2x2 outputs instead of 36. CPU only, before
@@ -165,21 +166,18 @@ def conv_winograd(graph: Graph) -> Graph:
         x, _, *bias = node.inputs
         n, _, oh, ow = node.outputs[0].type.shape
         th, tw = winograd_tiles((oh, ow))
+        # the conv's padding, and the bottom and right to whole tiles: zeros the input
+        # transform reads where its windows fall outside x
         pt, pl = op.pads[:2]
         pads = (pt, pl, 2 * th + 2 - pt - x.type.shape[2], 2 * tw + 2 - pl - x.type.shape[3])
-        if any(pads):  # the conv's padding, and the bottom and right to whole tiles
-            pad = make_op("pad", pads=(0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]))
-            padded = Value(f"{node.name}.padded", pad.infer(x.type))
-            nodes.append(Node(pad, [x], [padded], f"{node.name}.pad"))
-            x = padded
         weights = transform_weights(params[w])
         u = Value(f"{w.name}.winograd", w.type.with_shape(weights.shape))
         params[u] = weights
         if winograd_fused_pays(n, x.type.shape[1], th, tw):
-            fused = make_op("winograd_conv2d", out_shape=(n, oh, ow))
+            fused = make_op("winograd_conv2d", out_shape=(n, oh, ow), pads=pads)
             nodes.append(Node(fused, [x, u, *bias], node.outputs, node.name))
             continue
-        to_tiles = make_op("winograd_input")
+        to_tiles = make_op("winograd_input", pads=pads)
         tiles = Value(f"{node.name}.tiles", to_tiles.infer(x.type))
         product = make_op("matmul")
         sums = Value(f"{node.name}.products", product.infer(u.type, tiles.type))

@@ -259,6 +259,11 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 4, 22, 22))]),
         Case([In((1, 5, 58, 58))]),
         Case([In((2, 2, 48, 48))]),
+        # the padding read as zeros: edge tiles on both sides, rows above and below (two);
+        # 28 tiles a row, 26 of them inside x (a vector and an overlapping one); no left pad
+        Case([In((2, 3, 9, 11))], {"pads": (1, 1, 2, 2)}),
+        Case([In((1, 2, 56, 56))], {"pads": (1, 1, 1, 1)}),
+        Case([In((1, 3, 7, 7))], {"pads": (0, 0, 1, 1)}),
     ],
     # M (blocks, 16, O + 1, columns: a block's tiles padded to whole vectors); odd
     # heights and widths end mid-tile
@@ -275,6 +280,12 @@ CASES: dict[str, list[Case]] = {
     "winograd_conv2d": [
         Case([In((2, 4, 66, 68)), In((16, 6, 5)), In((5,))], {"out_shape": (2, 63, 65)}, params=(1, 2)),
         Case([In((2, 128, 66, 66)), In((16, 21, 129))], {"out_shape": (2, 64, 64)}, params=(1,)),
+        # the first case's input unpadded: its padding read as zeros
+        Case(
+            [In((2, 4, 63, 65)), In((16, 6, 5)), In((5,))],
+            {"out_shape": (2, 63, 65), "pads": (1, 1, 2, 2)},
+            params=(1, 2),
+        ),
     ],
     # Σ_n a[n] · b[n]ᵀ: rows and columns that end mid-tile, k that ends mid-vector
     # (the last vector overlaps the one before), k shorter than a vector, b with more

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, const
+from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, const, in_range, select
 from ir.errors import GraphError, InternalCompilerError
 from ir.ops import Fusion, Gradient, Op, register
 from ir.ops.nn import MATMUL_COL_TILE, MATMUL_VECTOR, _require_float, k_const, tiled_product, whole_vectors
@@ -118,25 +118,31 @@ def _two_sided(tile: list, column: Callable[[list], list]) -> list:
 
 @register("winograd_input", Fusion.INJECTIVE)
 class WinogradInput(Op):
-    """x (N, C, 2·TH + 2, 2·TW + 2) → V (B, 16, C + 1, S): the TH x TW tiles of each image
-    and channel, transformed, in blocks of tile rows (see the module docstring). x is the
-    convolution's input padded (by the pass) to exactly the tiles' windows, so no load
-    needs a guard."""
+    """x (N, C, H, W) → V (B, 16, C + 1, S): the TH x TW tiles of each image and channel,
+    transformed, in blocks of tile rows (see the module docstring). The tiles' windows
+    are x with `pads` = (top, left, bottom, right) rows and columns of zeros around it
+    (the conv's padding, and more to end on whole tiles), 2·TH + 2 by 2·TW + 2: the
+    transform reads the zeros where it would read them, not from a padded copy of x."""
 
     differentiation = Gradient.NONE  # made by a compiler pass, for inference
     gpu_per_iteration = True
+    pads: tuple[int, ...] = (0, 0, 0, 0)
 
     def infer(self, x: TensorType) -> TensorType:
         if x.rank != 4 or x.dtype not in ("float32", "float64"):
             raise GraphError(f"winograd_input: expects a float (N, C, H, W) input, got {x}")
-        h, w = x.shape[2:]
-        if h < 4 or w < 4 or h % 2 or w % 2:
-            raise GraphError(f"winograd_input: height and width must be even and at least 4, got {x.shape}")
-        return x.with_shape(blocked_shape(x.shape[0], x.shape[1], *_tiles_of(x.shape)))
+        h, w = _padded_hw(x.shape, self.pads)
+        if len(self.pads) != 4 or min(self.pads) < 0 or h < 4 or w < 4 or h % 2 or w % 2:
+            raise GraphError(
+                f"winograd_input: {x.shape} padded by {self.pads} must be even and at least 4 high and wide"
+            )
+        return x.with_shape(blocked_shape(x.shape[0], x.shape[1], *_window_tiles(x.shape, self.pads)))
 
     def reference(self, x):
         n, c = x.shape[:2]
-        th, tw = _tiles_of(x.shape)
+        th, tw = _window_tiles(x.shape, self.pads)
+        top, left, bottom, right = self.pads
+        x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
         windows = np.lib.stride_tricks.sliding_window_view(x, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
         v = np.einsum("ia,ncyxab,jb->ijcnyx", B_T, windows.astype(np.float64), B_T)
         blocks, _, _, columns = blocked_shape(n, c, th, tw)
@@ -152,7 +158,7 @@ class WinogradInput(Op):
         channel's step also zeroes the block's zero rows; the product reads them."""
         (x,) = ins
         n, c = x.shape[:2]
-        th, tw = _tiles_of(x.shape)
+        th, tw = _window_tiles(x.shape, self.pads)
         blocks, columns = out.shape[0], out.shape[3]
         rows = block_tiles(n, th, tw)[0]
         zero = k_const(out, 0.0)
@@ -168,7 +174,7 @@ class WinogradInput(Op):
                     k,
                     x,
                     (ni, ci, ty),
-                    tw,
+                    (tw, self.pads),
                     lambda xi, tx, value: k.store(out, at(xi, ci, row * tw + tx), value),
                 )
             if columns > rows * tw:
@@ -185,21 +191,48 @@ def _transform_input_row(
     k: KernelBuilder,
     x: Buffer,
     at: tuple[Expr, Expr, Expr],
-    tw: int,
+    tiles: tuple[int, tuple[int, ...]],
     store: Callable[[int, Expr, Expr], None],
 ) -> None:
-    """Bᵀ d B of the tiles of tile row ty of channel ci of image ni, at = (ni, ci, ty),
-    the tiles the vector lanes (the input read at stride 2): store(plane, tile, value)
-    for each of the 16."""
+    """Bᵀ d B of the tw tiles of tile row ty of channel ci of image ni, at = (ni, ci,
+    ty), tiles = (tw, pads): store(plane, tile, value) for each of the 16. The tiles
+    whose columns lie in x are the vector lanes (x read at stride 2), their rows outside
+    x zeros (one condition a row); the few at the left and right edges, whose windows
+    take columns of the padding, run one at a time, each value guarded."""
     ni, ci, ty = at
+    tw, (top, left, bottom, _) = tiles
     _, c, h, w = x.shape
-    rows = [((ni * c + ci) * h + ty * 2 + i) * w for i in range(4)]
-    with whole_vectors(k, tw, "tx") as tx:
-        tile = [
-            k.local(x.dtype, x.load_flat(rows[i] + tx * 2 + j), "d").ref for i in range(4) for j in range(4)
-        ]
+    lines, inside = [], []
+    for i in range(4):
+        y = ty * 2 + i - top
+        inside.append(in_range(y, 0, h) if top or bottom else None)
+        safe = y if inside[-1] is None else select(inside[-1], y, const(0, "int64"))
+        lines.append(((ni * c + ci) * h + safe) * w)
+
+    def transform(tx: Expr, load: Callable[[int, int], Expr]) -> None:
+        tile = [k.local(x.dtype, load(i, j), "d").ref for i in range(4) for j in range(4)]
         for xi, value in enumerate(_two_sided(tile, _input_column)):
             store(xi, tx, value)
+
+    def row_value(i: int, value: Expr) -> Expr:
+        return value if inside[i] is None else select(inside[i], value, k_const(x, 0.0))
+
+    first = -(-left // 2)  # the first tile whose window starts in x
+    last = min(tw - 1, (w + left - 4) // 2)  # the last whose window ends in x
+    if last >= first:
+        with whole_vectors(k, last - first + 1, "tx") as t:
+            tx = t + first
+            transform(tx, lambda i, j: row_value(i, x.load_flat(lines[i] + tx * 2 + j - left)))
+    for edge in [*range(min(first, tw)), *range(max(last + 1, first), tw)]:
+        tx = const(edge, "int64")
+
+        def guarded(i: int, j: int, edge: int = edge) -> Expr:
+            column = edge * 2 + j - left
+            if 0 <= column < w:
+                return row_value(i, x.load_flat(lines[i] + column))
+            return k_const(x, 0.0)
+
+        transform(tx, guarded)
 
 
 def _output_block(
@@ -255,9 +288,15 @@ def _image_row(block: Expr, row: Expr, rows: int, th: int) -> tuple[Expr, Expr]:
     return tile_row // th, tile_row % th
 
 
-def _tiles_of(padded: tuple[int, ...]) -> tuple[int, int]:
-    """Tile rows and columns of a padded input (N, C, 2·TH + 2, 2·TW + 2)."""
-    return (padded[2] - 2) // 2, (padded[3] - 2) // 2
+def _padded_hw(shape: tuple[int, ...], pads: tuple[int, ...]) -> tuple[int, int]:
+    """The height and width of an (N, C, H, W) input with `pads` (top, left, bottom, right) around it."""
+    return shape[2] + pads[0] + pads[2], shape[3] + pads[1] + pads[3]
+
+
+def _window_tiles(shape: tuple[int, ...], pads: tuple[int, ...]) -> tuple[int, int]:
+    """Tile rows and columns of an input whose padded windows are 2·TH + 2 x 2·TW + 2."""
+    h, w = _padded_hw(shape, pads)
+    return (h - 2) // 2, (w - 2) // 2
 
 
 @register("winograd_output", Fusion.INJECTIVE)
@@ -350,8 +389,8 @@ def fused_pays(n: int, channels: int, th: int, tw: int) -> bool:
 
 @register("winograd_conv2d", Fusion.CONTRACTION)
 class WinogradConv2d(Op):
-    """winograd_output(matmul(u, winograd_input(x)), bias) in one kernel: x as
-    winograd_input takes it, u = (16, O + 1, C + 1) transformed weights. A parallel step
+    """winograd_output(matmul(u, winograd_input(x)), bias) in one kernel: x and pads as
+    winograd_input takes them, u = (16, O + 1, C + 1) transformed weights. A parallel step
     takes one block of tiles (_fused_block) through all three: its transformed tiles
     (16 x (C + 1) x columns) stay in a scratch in L2, the products of FUSED_FILTERS
     filters at a time in another in L1, and only the outputs are stored. Unfused, V and M (16 values a
@@ -364,10 +403,11 @@ class WinogradConv2d(Op):
     arity = (2, 3)
     accepts_epilogue = True
     out_shape: tuple[int, int, int] = (1, 1, 1)  # N, OH, OW
+    pads: tuple[int, ...] = (0, 0, 0, 0)  # as winograd_input's
 
     def infer(self, x: TensorType, u: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("winograd_conv2d", x, u)
-        v = WinogradInput().infer(x)
+        v = WinogradInput(pads=self.pads).infer(x)
         if u.rank != 3 or u.shape[0] != 16 or u.shape[2] != x.shape[1] + 1 or u.dtype != x.dtype:
             raise GraphError(
                 f"winograd_conv2d: weights {u} are not (16, O + 1, {x.shape[1] + 1}) of {x.dtype}"
@@ -376,7 +416,7 @@ class WinogradConv2d(Op):
         return WinogradOutput(out_shape=self.out_shape).infer(m, bias)
 
     def reference(self, x, u, bias=None):
-        m = np.matmul(u, WinogradInput().reference(x))
+        m = np.matmul(u, WinogradInput(pads=self.pads).reference(x))
         return WinogradOutput(out_shape=self.out_shape).reference(m, bias)
 
     def lower(self, k: KernelBuilder, ins: list[Buffer], out: Buffer, epilogue=None) -> None:
@@ -389,7 +429,7 @@ class WinogradConv2d(Op):
         x, u = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
         n, c = x.shape[:2]
-        th, tw = _tiles_of(x.shape)
+        th, tw = _window_tiles(x.shape, self.pads)
         o = u.shape[1] - 1
         shape = _fused_block(n, c, th, tw)
         if shape is None:
@@ -410,7 +450,7 @@ class WinogradConv2d(Op):
                         k.store(v, (xi * (c + 1) + ci) * columns + row * tw + tx, value)
 
                     ni, ty = _image_row(block, row, rows, th)
-                    _transform_input_row(k, x, (ni, ci, ty), tw, store)
+                    _transform_input_row(k, x, (ni, ci, ty), (tw, self.pads), store)
             m = k.scratch("products", out.dtype, (16 * (group + 1) * columns,))
             with k.loop(o // group, LoopKind.SERIAL, "filters") as fg:
                 with (
