@@ -131,6 +131,12 @@ AVX2_MATMUL_ROWS = 6
 MATMUL_REST_MACS = 1 << 20
 #: row blocks per parallel step, sharing each column panel of b from cache
 MATMUL_ROW_GROUP = 16
+#: rows of a's a parallel step takes from which a product copies b's column panel (when
+#: b is not packed at compile time) to consecutive rows of a scratch, and the most bytes
+#: a copy takes: its k rows then come in blocks that stay in L1 while the step's row
+#: blocks sweep them
+MATMUL_PACK_ROWS = 32
+MATMUL_PACK_BYTES = 32 << 10
 #: parallel steps a matmul keeps (for the threads) before it groups row blocks
 MATMUL_MIN_STEPS = 4
 #: lanes of the widest float32 vector (AVX-512), which graph passes size for (packed
@@ -233,19 +239,36 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     groups_per_matrix = blocks_per_matrix // group
     row_steps = prod(batch) * groups_per_matrix
     chunks = _column_chunks(row_steps, n, col_tile)
+    # b read in place has its rows n floats apart (2 KiB at 512 columns: a panel of 64
+    # columns used 8 of L1's 64 sets): a column tile's panel of it is copied, a block of
+    # k rows at a time, to consecutive rows, which the group's row blocks then read
+    pack = p.b_panel is None and group * rows_per_block >= MATMUL_PACK_ROWS
+    k_block = max(
+        MATMUL_K_UNROLL,
+        MATMUL_PACK_BYTES // (col_tile * ITEMSIZE[b.dtype]) // MATMUL_K_UNROLL * MATMUL_K_UNROLL,
+    )
     with k.loop(row_steps * chunks, LoopKind.PARALLEL, "rows") as step:
         grp, chunk = (step // chunks, step % chunks) if chunks > 1 else (step, None)
         matrix = grp // groups_per_matrix
         b_mat = _batch_offset(matrix, batch, b_batch, kk * n)
         a_mat = _batch_offset(matrix, batch, a_batch, m * kk)
+        b_copy = k.scratch("b_panel", b.dtype, (min(kk, k_block) * col_tile,)) if pack else None
+        b_source = b_copy if b_copy is not None else b
+        copied: Expr = const(0, "int64")  # b's first row in b_copy
 
-        def block(first_row: Expr, rows: int, first_col: Expr, cols: int) -> None:
+        def block(
+            first_row: Expr, rows: int, first_col: Expr, cols: int, ks: tuple[Expr, int], stage: str
+        ) -> None:
             """out[first_row : first_row + rows, first_col : first_col + cols] of this
-            step's matrix (rows counted within it), over all of k. A packed b's last
-            panel, when the columns end inside it, is summed at the panel's whole width
-            (its columns past n are zeros) in a scratch tile, and only its first columns
-            are stored: a loop of the few columns would run masked, its sums stored and
-            reloaded at every sweep."""
+            step's matrix (rows counted within it): the tile's start, its sums over ks =
+            (first k, steps) and its epilogue for stage "whole"; the start alone, the sums
+            alone or the epilogue alone for "start", "sums" and "finish", as a product
+            whose k runs in blocks calls them. A packed b's last panel, when the columns
+            end inside it, is summed at the panel's whole width (its columns past n are
+            zeros) in a scratch tile, and only its first columns are stored: a loop of
+            the few columns would run masked, its sums stored and reloaded at every
+            sweep."""
+            start, finish = stage in ("whole", "start"), stage in ("whole", "finish")
             parts = _column_parts(cols, p.b_panel)
             ragged = [(first, width) for first, width in parts if p.b_panel and width < p.b_panel]
             parts = [part for part in parts if part not in ragged]
@@ -253,7 +276,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             out_rows = [matrix * m + first_row + i for i in range(rows)]  # among all matrices' rows
             panel = p.b_panel or 0
             tails = {first: k.scratch("panel_tail", out.dtype, (rows * panel,)) for first, _ in ragged}
-            for first, width in parts:
+            for first, width in parts if start else ():
                 with k.loop(width, vector_kind(width, lanes), "n") as jj:
                     j = first_col + first + jj
                     for i, row in enumerate(out_rows):
@@ -263,15 +286,21 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                     for i in range(rows):
                         k.store(acc, i * panel + jj, k_const(out, 0.0))
 
+            def b_start(at_k: Expr, first: int) -> Expr:
+                """Where the tile's columns from `first` on start in b's row at_k."""
+                if b_copy is not None:
+                    return (at_k - copied) * col_tile + first
+                return p.b_index(b_mat, at_k, first_col + first)
+
             def sweep(first_k: Expr, steps: int) -> None:
                 coeffs = [[a.load_flat(a_row + first_k + u) for u in range(steps)] for a_row in a_rows]
                 for first, width in parts:
-                    b_rows = [p.b_index(b_mat, first_k + u, first_col + first) for u in range(steps)]
+                    b_rows = [b_start(first_k + u, first) for u in range(steps)]
                     with k.loop(width, vector_kind(width, lanes), "n") as jj:
                         j = first_col + first + jj
                         sums = [k.local(out.dtype, out.load_flat(row * n + j), "sum") for row in out_rows]
-                        for u, b_row in enumerate(b_rows):  # per k step, b's vector meets every row
-                            bv = k.local(b.dtype, b.load_flat(b_row + jj), "b").ref
+                        for u, at in enumerate(b_rows):  # per k step, b's vector meets every row
+                            bv = k.local(b.dtype, b_source.load_flat(at + jj), "b").ref
                             for row_coeffs, acc in zip(coeffs, sums):
                                 k.assign(acc, muladd(row_coeffs[u], bv, acc.ref))
                         for row, acc in zip(out_rows, sums):
@@ -285,8 +314,10 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                                 at = i * panel + jj
                                 k.store(acc, at, muladd(row_coeffs[u], bv, acc.load_flat(at)))
 
-            k_sweeps(k, kk, sweep)  # then the epilogue on the finished tile
-            if epilogue is not None:
+            if stage in ("whole", "sums"):
+                first_k, steps = ks
+                k_sweeps(k, steps, lambda at, count: sweep(first_k + at, count))
+            if epilogue is not None and finish:  # on the finished tile
                 for first, width in parts:
                     with k.loop(width, vector_kind(width, lanes), "n") as jj:
                         j = first_col + first + jj
@@ -303,11 +334,12 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                             value = epilogue(value, at, p.epilogue_index(row, j))
                         k.store(out, at, value)
 
-        def tile(first_col: Expr, cols: int) -> None:
-            """Columns first_col : first_col + cols of every block in the group (and of
-            the rows past the last whole block, in the matrix's last group)."""
+        def each_block(first_col: Expr, cols: int, ks: tuple[Expr, int], stage: str) -> None:
+            """block(...) for every block in the group (and the rows past the last whole
+            block, in the matrix's last group)."""
             with k.loop(group, LoopKind.SERIAL, "block") as q:
-                block((grp % groups_per_matrix * group + q) * rows_per_block, rows_per_block, first_col, cols)
+                first_row = (grp % groups_per_matrix * group + q) * rows_per_block
+                block(first_row, rows_per_block, first_col, cols, ks, stage)
             if tail_rows:
                 last_group = (
                     nullcontext()
@@ -315,7 +347,37 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                     else k.when((grp % groups_per_matrix).eq(groups_per_matrix - 1))
                 )
                 with last_group:
-                    block(const(blocks_per_matrix * rows_per_block, "int64"), tail_rows, first_col, cols)
+                    rest_row = const(blocks_per_matrix * rows_per_block, "int64")
+                    block(rest_row, tail_rows, first_col, cols, ks, stage)
+
+        def copy(first_col: Expr, cols: int, first_k: Expr, steps: int) -> None:
+            """b's rows first_k .. first_k + steps of the tile's columns to b_copy."""
+            with k.loop(steps, LoopKind.SERIAL, "k") as t, k.loop(cols, vector_kind(cols, lanes), "n") as jj:
+                k.store(b_copy, t * col_tile + jj, b.load_flat(p.b_index(b_mat, first_k + t, first_col) + jj))
+
+        def tile(first_col: Expr, cols: int) -> None:
+            """Columns first_col : first_col + cols of every block in the group. Where b
+            is copied and its k rows are more than a copy holds, k runs in blocks of
+            them: each copied once, then swept by every block of the group from L1."""
+            nonlocal copied
+            zero = const(0, "int64")
+            if b_copy is None or kk <= k_block:
+                if b_copy is not None:
+                    copy(first_col, cols, zero, kk)
+                each_block(first_col, cols, (zero, kk), "whole")
+                return
+            each_block(first_col, cols, (zero, 0), "start")
+            full, rest = divmod(kk, k_block)
+            with k.loop(full, LoopKind.SERIAL, "k_block") as kb:
+                copied = kb * k_block
+                copy(first_col, cols, copied, k_block)
+                each_block(first_col, cols, (copied, k_block), "sums")
+            if rest:
+                copied = const(full * k_block, "int64")
+                copy(first_col, cols, copied, rest)
+                each_block(first_col, cols, (copied, rest), "sums")
+            copied = zero
+            each_block(first_col, cols, (zero, 0), "finish")
 
         tiles, tail = divmod(n, col_tile)
         if chunk is not None:  # this step's share of the column tiles (n is whole tiles)
