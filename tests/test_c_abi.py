@@ -155,20 +155,37 @@ def _attention_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.reshape(b.transpose(out, perm=(0, 2, 1, 3)), shape=(2, 37, 48)))
 
 
+def _k_blocks_graph(rng: np.random.Generator) -> Graph:
+    """x @ xᵀ with a bias and ReLU: the transposed operand is not packed at compile time,
+    so its column panels are copied in blocks of k rows (on AVX2, 512 of the 600 and
+    then 88), for steps of 48 rows."""
+    b = GraphBuilder("k_blocks")
+    x = b.mul(b.input("x", (1, 192, 600)), b.param("scale", np.array([0.05], np.float32)))
+    product = b.matmul(x, b.transpose(x, perm=(0, 2, 1)))
+    return b.build(b.relu(b.add(product, b.param("bias", rng.standard_normal(192).astype(np.float32)))))
+
+
 @pytest.mark.skipif(
     shutil.which("valgrind") is None and not os.environ.get("CI"),
     reason="valgrind is not installed (.ci/run installs it; under CI its absence fails)",
 )
 @pytest.mark.parametrize(
     "make",
-    [_winograd_graph, _winograd_fused_graph, _lstm_graph, _team_lstm_graph, _attention_graph],
-    ids=["winograd", "winograd_fused", "lstm", "team_lstm", "attention"],
+    [
+        _winograd_graph,
+        _winograd_fused_graph,
+        _lstm_graph,
+        _team_lstm_graph,
+        _attention_graph,
+        _k_blocks_graph,
+    ],
+    ids=["winograd", "winograd_fused", "lstm", "team_lstm", "attention", "k_blocks"],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
     transforms, fused or not, attention's steps) or on a block of rest rows (a recurrence's), a
-    team's barriers, and index chains, under memcheck, 2 threads (the team sized for
-    them at compile time)."""
+    team's barriers, index chains, and a product's copied panels, under memcheck, 2
+    threads (the team sized for them at compile time)."""
     monkeypatch.setenv("KILN_NUM_THREADS", "2")
     graph = make(rng)
     name = graph.name
