@@ -1233,9 +1233,9 @@ PACKED_CONV_ROWS = {64: 6, 48: 7, 32: 10, 16: 14}
 PACKED_CONV_PANELS = (64, 48, 32, 16)
 #: taps (C*KH*KW) up to which conv2d_packed runs by output rows, not register tiles
 PACKED_CONV_SMALL_K = 32
-#: bytes of packed weights up to which (and of input over which) conv2d_packed runs each
-#: block of positions through all its panels in turn: the weights stay in L2, the block's
-#: windows in L1
+#: bytes of packed weights up to which (and of input over which, or on several threads)
+#: conv2d_packed runs each block of positions through all its panels in turn: the weights
+#: stay in L2, the block's windows in L1
 PACKED_CONV_SHARED_WEIGHTS = 1 << 20
 
 
@@ -1438,12 +1438,16 @@ class Conv2dPacked(Op):
         blocks = -(-positions // mr)
         plane = hp * wp
         # one block a parallel step. Where all the panels' weights stay in L2 and the
-        # input does not, a block's panels are consecutive, so its windows are read from
-        # memory once (ResNet-18 at batch 32, one thread: its 1x1 stride-2 convs 6.6 ->
-        # 5.1 ms at 128 -> 256 channels, the 3x3 ones 26.5 -> 23.7 at 64 -> 128); else
-        # the blocks of a panel are, and a thread's range of steps shares its weights
+        # input does not, or threads share the steps, a block's panels are consecutive,
+        # so its windows are read from memory once, and each thread reads only its
+        # blocks' windows (ResNet-18 at batch 32, one thread: its 1x1 stride-2 convs 6.6
+        # -> 5.1 ms at 128 -> 256 channels, the 3x3 ones 26.5 -> 23.7 at 64 -> 128; at
+        # batch 1 on two threads the model 16.7 -> 15.5 ms); else the blocks of a panel
+        # are, and a thread's range of steps shares its weights (at batch 1 on one
+        # thread, 3% faster for those convs)
         size = ITEMSIZE[w.dtype]
-        block_major = w.numel * size <= PACKED_CONV_SHARED_WEIGHTS < x.numel * size
+        shared = PACKED_CONV_SHARED_WEIGHTS < x.numel * size or k.threads > 1
+        block_major = w.numel * size <= PACKED_CONV_SHARED_WEIGHTS and shared
         with k.loop(n * panels * parts * blocks, LoopKind.PARALLEL, "block") as step:
             ni = step // (panels * parts * blocks)
             if block_major:
