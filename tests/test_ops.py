@@ -220,12 +220,14 @@ CASES: dict[str, list[Case]] = {
         Case([In((1, 16, 4, 4)), In((2, 144, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
         Case([In((1, 7, 7, 7)), In((1, 63, 16))], {"out_channels": 3}, params=(1,)),
         # an input over 1 MiB and weights under it: each block through its three panels
-        # in turn (1x1, stride 2, 40 of 48 filters)
+        # in turn (1x1, stride 2, 40 of 48 filters); weights over 1 MiB: each panel
+        # through all the blocks, whatever the threads
         Case(
             [In((2, 40, 60, 60)), In((3, 40, 16))],
             {"kernel": (1, 1), "strides": (2, 2), "out_channels": 40},
             params=(1,),
         ),
+        Case([In((1, 64, 10, 10)), In((8, 576, 64))], {"out_channels": 512}, params=(1,)),
         # max-pooled in 2x2 windows: the MNIST CNN's second conv (11x11, its last row and
         # column in no window); panels of 16 (3 windows a tile, the last run of a row
         # overlapping; 10 of 16 filters); stride 2
