@@ -243,10 +243,8 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     # columns used 8 of L1's 64 sets): a column tile's panel of it is copied, a block of
     # k rows at a time, to consecutive rows, which the group's row blocks then read
     pack = p.b_panel is None and group * rows_per_block >= MATMUL_PACK_ROWS
-    k_block = max(
-        MATMUL_K_UNROLL,
-        MATMUL_PACK_BYTES // (col_tile * ITEMSIZE[b.dtype]) // MATMUL_K_UNROLL * MATMUL_K_UNROLL,
-    )
+    unroll = matmul_k_unroll(k.unit)  # k rows a copy holds: whole sweeps
+    k_block = max(unroll, MATMUL_PACK_BYTES // (col_tile * ITEMSIZE[b.dtype]) // unroll * unroll)
     with k.loop(row_steps * chunks, LoopKind.PARALLEL, "rows") as step:
         grp, chunk = (step // chunks, step % chunks) if chunks > 1 else (step, None)
         matrix = grp // groups_per_matrix
@@ -254,7 +252,6 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
         a_mat = _batch_offset(matrix, batch, a_batch, m * kk)
         b_copy = k.scratch("b_panel", b.dtype, (min(kk, k_block) * col_tile,)) if pack else None
         b_source = b_copy if b_copy is not None else b
-        copied: Expr = const(0, "int64")  # b's first row in b_copy
 
         def block(
             first_row: Expr, rows: int, first_col: Expr, cols: int, ks: tuple[Expr, int], stage: str
@@ -289,7 +286,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             def b_start(at_k: Expr, first: int) -> Expr:
                 """Where the tile's columns from `first` on start in b's row at_k."""
                 if b_copy is not None:
-                    return (at_k - copied) * col_tile + first
+                    return (at_k - ks[0]) * col_tile + first  # the copy starts at the sweep's first k
                 return p.b_index(b_mat, at_k, first_col + first)
 
             def sweep(first_k: Expr, steps: int) -> None:
@@ -359,7 +356,6 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             """Columns first_col : first_col + cols of every block in the group. Where b
             is copied and its k rows are more than a copy holds, k runs in blocks of
             them: each copied once, then swept by every block of the group from L1."""
-            nonlocal copied
             zero = const(0, "int64")
             if b_copy is None or kk <= k_block:
                 if b_copy is not None:
@@ -369,14 +365,11 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             each_block(first_col, cols, (zero, 0), "start")
             full, rest = divmod(kk, k_block)
             with k.loop(full, LoopKind.SERIAL, "k_block") as kb:
-                copied = kb * k_block
-                copy(first_col, cols, copied, k_block)
-                each_block(first_col, cols, (copied, k_block), "sums")
+                copy(first_col, cols, kb * k_block, k_block)
+                each_block(first_col, cols, (kb * k_block, k_block), "sums")
             if rest:
-                copied = const(full * k_block, "int64")
-                copy(first_col, cols, copied, rest)
-                each_block(first_col, cols, (copied, rest), "sums")
-            copied = zero
+                copy(first_col, cols, const(full * k_block, "int64"), rest)
+                each_block(first_col, cols, (const(full * k_block, "int64"), rest), "sums")
             each_block(first_col, cols, (zero, 0), "finish")
 
         tiles, tail = divmod(n, col_tile)

@@ -145,8 +145,8 @@ class WinogradInput(Op):
         x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
         windows = np.lib.stride_tricks.sliding_window_view(x, (4, 4), axis=(2, 3))[:, :, ::2, ::2]
         v = np.einsum("ia,ncyxab,jb->ijcnyx", B_T, windows.astype(np.float64), B_T)
-        blocks, _, _, columns = blocked_shape(n, c, th, tw)
-        per_block = block_tiles(n, th, tw)[0] * tw
+        rows, columns = block_tiles(n, th, tw)
+        blocks, per_block = n * th // rows, rows * tw
         out = np.zeros((blocks, 16, c + 1, columns), x.dtype)
         out[:, :, :c, :per_block] = v.reshape(16, c, blocks, per_block).transpose(2, 0, 1, 3)
         return out
