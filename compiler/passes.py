@@ -117,13 +117,16 @@ WINOGRAD_MIN_CHANNELS = 64
 #: tiles padded to 16 columns takes 3x the direct conv's), and its transforms cost
 #: memory traffic besides
 WINOGRAD_MAX_WORK = 0.65
-#: the fewest tiles (the product's columns, all images) for Winograd: its transformed
+#: the fewest tiles (the product's rows, all images) for Winograd: its transformed
 #: weights, 1.8x the conv's, are read once a call and each meets every tile, so with
-#: one vector of tiles or fewer the product streams the weights for one FMA each.
-#: ResNet-18's layer4 at batch 1 (16 tiles, 16.8 MB of transformed weights): 4.5 ms a
-#: conv against 2.06 direct on a Xeon with two FMA ports (the model 32.3 -> 25.0 ms);
-#: 1.3x faster than direct on a Zen 4 core, whose product keeps up with one FMA port.
-WINOGRAD_MIN_TILES = MATMUL_VECTOR + 1
+#: few tiles the product streams the weights for a few FMAs each, where the direct conv
+#: meets each weight at 4x as many positions. On a Xeon with two FMA ports, at batch 1:
+#: ResNet-18's layer4 (16 tiles) 4.5 ms a conv against 2.06 direct (the model 32.3 ->
+#: 25.0 ms), its layer3 (49 tiles) 1.37 against 1.31 and the model 26.5 -> 25.0 ms direct,
+#: its layer2 (196 tiles) faster by Winograd (the model 25.3 against 26.5 ms direct).
+#: A Zen 4 core, whose direct conv keeps up with one FMA port, ran layer4 1.3x faster by
+#: Winograd.
+WINOGRAD_MIN_TILES = 4 * MATMUL_VECTOR + 1
 
 
 def _winograd_pays(conv: Node) -> bool:
