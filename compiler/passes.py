@@ -227,14 +227,22 @@ def conv_packed(graph: Graph) -> Graph:
     return dead_code(Graph(graph.inputs, graph.outputs, nodes, params, graph.name))
 
 
+#: bytes of the ring of conv rows a max pool of overlapping windows inside a conv keeps
+#: (p rows of the conv's width, a panel's filters each): within L2, beside the weights
+POOL_RING_BYTES = 256 << 10
+
+
 def conv_pool(graph: Graph) -> Graph:
-    """A max pool of p x p windows of stride p (no padding, no dilation) after a
-    conv2d_packed, directly or through a ReLU, runs inside the conv, so the conv's
-    output, p² times the pooled one, is never stored, nor read back by a pooling kernel,
-    and the positions no window covers are not computed. A conv of few taps and stride 1
-    (a first layer) becomes conv2d_pooled, on its input with each row's columns dealt
-    into p planes (a reshape and a transpose, over the small input); any other, the
+    """A max pool of p x p windows (no dilation) after a conv2d_packed, directly or
+    through a ReLU, runs inside the conv, so the conv's output, up to p² times the pooled
+    one, is never stored, nor read back by a pooling kernel. Windows of stride p with no
+    padding: the positions no window covers are not computed; a conv of few taps and
+    stride 1 (a first layer) becomes conv2d_pooled, on its input with each row's columns
+    dealt into p planes (a reshape and a transpose, over the small input); any other, the
     conv2d_packed with pool = p, whose register tile holds whole windows (p = 2).
+    Overlapping or padded windows (ResNet's 3x3 of stride 2 after its first conv): the
+    conv2d_packed with pool, pool_stride and pool_pad, which keeps a ring of conv rows
+    (within POOL_RING_BYTES).
     max(relu(a), relu(b)) = relu(max(a, b)): the ReLU goes after the pooled conv, where
     fusion makes it the conv's epilogue. CPU only, after conv_packed."""
     producer = {v: n for n in graph.nodes for v in n.outputs}
@@ -243,10 +251,11 @@ def conv_pool(graph: Graph) -> Graph:
     dropped: set[Node] = set()
     for pool in graph.nodes:
         op = pool.op
-        if op.name != "max_pool2d" or op.output != "values" or any(op.pads):
+        if op.name != "max_pool2d" or op.output != "values":
             continue
-        p = op.kernel[0]
-        if p < 2 or (tuple(op.kernel), tuple(op.strides), tuple(op.dilations)) != ((p, p), (p, p), (1, 1)):
+        p, s, q = op.kernel[0], op.strides[0], op.pads[0]
+        square = (tuple(op.kernel), tuple(op.strides), tuple(op.pads)) == ((p, p), (s, s), (q,) * 4)
+        if p < 2 or s > p or not square or tuple(op.dilations) != (1, 1):
             continue
         x = pool.inputs[0]
         relu = producer.get(x) if x in producer and producer[x].op.name == "relu" else None
@@ -255,7 +264,12 @@ def conv_pool(graph: Graph) -> Graph:
             continue
         columns, w, *bias = conv.inputs
         n, c, h, width = columns.type.shape
-        if conv.op.strides == (1, 1) and w.type.shape[1] <= PACKED_CONV_SMALL_K and width % p == 0:
+        if s < p or q:
+            ring = p * conv.outputs[0].type.shape[3] * w.type.shape[2] * w.type.itemsize
+            if ring > POOL_RING_BYTES:
+                continue
+            pooled_op, new, pooled_ins = replace(conv.op, pool=p, pool_stride=s, pool_pad=q), [], conv.inputs
+        elif conv.op.strides == (1, 1) and w.type.shape[1] <= PACKED_CONV_SMALL_K and width % p == 0:
             split = make_op("reshape", shape=(n, c, h, width // p, p))
             deal = make_op("transpose", perm=(0, 1, 2, 4, 3))
             pairs = Value(f"{conv.name}.column_pairs", split.infer(columns.type))

@@ -165,6 +165,17 @@ def _k_blocks_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.relu(b.add(product, b.param("bias", rng.standard_normal(192).astype(np.float32)))))
 
 
+def _stem_pool_graph(rng: np.random.Generator) -> Graph:
+    """ResNet's stem: a 7x7 conv of stride 2, its ReLU and a 3x3 max pool of stride 2
+    padded by 1, the pool inside the conv (a ring of conv rows; two bands of pooled
+    rows, whose windows reach past the conv's edges)."""
+    b = GraphBuilder("stem_pool")
+    w = b.param("w", (rng.standard_normal((64, 3, 7, 7)) / 11).astype(np.float32))
+    bias = b.param("bias", rng.standard_normal(64).astype(np.float32))
+    conv = b.relu(b.conv2d(b.input("x", (1, 3, 64, 64)), w, bias, pads=(3, 3, 3, 3), strides=(2, 2)))
+    return b.build(b.op("max_pool2d", conv, kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)))
+
+
 @pytest.mark.skipif(
     shutil.which("valgrind") is None and not os.environ.get("CI"),
     reason="valgrind is not installed (.ci/run installs it; under CI its absence fails)",
@@ -178,13 +189,15 @@ def _k_blocks_graph(rng: np.random.Generator) -> Graph:
         _team_lstm_graph,
         _attention_graph,
         _k_blocks_graph,
+        _stem_pool_graph,
     ],
-    ids=["winograd", "winograd_fused", "lstm", "team_lstm", "attention", "k_blocks"],
+    ids=["winograd", "winograd_fused", "lstm", "team_lstm", "attention", "k_blocks", "stem_pool"],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
     transforms, fused or not, attention's steps) or on a block of rest rows (a recurrence's), a
-    team's barriers, index chains, and a product's copied panels, under memcheck, 2
+    team's barriers, index chains, a product's copied panels and a pool's ring of conv
+    rows, under memcheck, 2
     threads (the team sized for them at compile time)."""
     monkeypatch.setenv("KILN_NUM_THREADS", "2")
     graph = make(rng)

@@ -236,6 +236,33 @@ CASES: dict[str, list[Case]] = {
         ),
         Case([In((1, 4, 12, 17)), In((1, 36, 16))], {"out_channels": 10, "pool": 2}, params=(1,)),
         Case([In((1, 8, 15, 15)), In((1, 72, 32))], {"out_channels": 32, "strides": (2, 2), "pool": 2}, (1,)),
+        # max-pooled in overlapping or padded windows, through a ring of conv rows:
+        # ResNet's first conv and 3x3 pool of stride 2 (7x7 stride 2, 3 channels); two
+        # bands of pooled rows (16 rows, 10 of 16 filters); 2x2 windows of stride 1;
+        # 3x3 windows of stride 3 padded by 1 (two panels)
+        Case(
+            [In((2, 3, 36, 36)), In((1, 147, 64)), In((64,))],
+            {
+                "kernel": (7, 7),
+                "strides": (2, 2),
+                "out_channels": 64,
+                "pool": 3,
+                "pool_stride": 2,
+                "pool_pad": 1,
+            },
+            params=(1, 2),
+        ),
+        Case(
+            [In((1, 4, 33, 20)), In((1, 36, 16)), In((10,))],
+            {"out_channels": 10, "pool": 3, "pool_stride": 2, "pool_pad": 1},
+            params=(1, 2),
+        ),
+        Case([In((1, 5, 9, 11)), In((1, 45, 48))], {"out_channels": 40, "pool": 2, "pool_stride": 1}, (1,)),
+        Case(
+            [In((2, 2, 10, 10)), In((2, 18, 32))],
+            {"out_channels": 64, "pool": 3, "pool_stride": 3, "pool_pad": 1},
+            params=(1,),
+        ),
     ],
     # softmax(q @ kt) @ v: rows in steps of 16 (37: the last step overlapping; 3: one
     # short step), key and value widths of whole tiles, a tile and a rest, and masked

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compiler import passes
 from compiler.passes import (
     attention_fused,
     cancel_transposes,
@@ -306,6 +307,25 @@ def _attention_graph(extra_reader: bool = False):
     scores = b.matmul(q, kt)
     out = b.matmul(b.softmax(scores), v)
     return b.build(out, b.relu(scores)) if extra_reader else b.build(out)
+
+
+def test_conv_pool_keeps_a_ring_of_rows_for_overlapping_windows(rng, monkeypatch):
+    """ResNet's stem: a 3x3 max pool of stride 2 padded by 1 after a conv and its ReLU
+    runs inside the conv (pool_stride, pool_pad; the ReLU after it); where the ring of
+    conv rows would pass POOL_RING_BYTES the pool stays."""
+    b = GraphBuilder("g")
+    x = b.input("x", (2, 3, 30, 30))
+    w = b.param("w", (rng.standard_normal((64, 3, 7, 7)) / 11).astype(np.float32))
+    conv = b.relu(b.conv2d(x, w, pads=(3, 3, 3, 3), strides=(2, 2)))
+    before = b.build(b.op("max_pool2d", conv, kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)))
+    after = conv_pool(conv_packed(before))
+    assert [n.op.name for n in after.nodes] == ["pad", "conv2d_packed", "relu"]
+    op = after.nodes[1].op
+    assert (op.pool, op.pool_stride, op.pool_pad) == (3, 2, 1)
+    assert after.nodes[1].outputs[0].type.shape == (2, 64, 8, 8)
+    _same_results(before, after, rng, rtol=1e-4)
+    monkeypatch.setattr(passes, "POOL_RING_BYTES", 3 * 15 * 64 * 4 - 1)
+    assert [n.op.name for n in conv_pool(conv_packed(before)).nodes][-1] == "max_pool2d"
 
 
 def test_attention_fused_takes_matmul_softmax_matmul(rng):

@@ -1230,6 +1230,10 @@ PACKED_CONV_SMALL_K = 32
 #: conv2d_packed runs each block of positions through all its panels in turn: the weights
 #: stay in L2, the block's windows in L1
 PACKED_CONV_SHARED_WEIGHTS = 1 << 20
+#: pooled rows a parallel step of conv2d_packed's overlapping pool computes: a band's
+#: first window recomputes rows of the band before it (1 of 29 conv rows for ResNet's
+#: 3x3 pool of stride 2 in bands of 14), and an image's bands are its parallel steps
+POOL_BAND_ROWS = 14
 
 
 def packed_conv_tile(nr: int, unit: VectorUnit) -> tuple[int, int]:
@@ -1294,10 +1298,14 @@ class Conv2dPacked(Op):
     lanes), the windows of x are read in place as the broadcast operand and the packed
     weights are the streamed one. See lower for the register tile.
 
-    With pool = p > 1 the conv is max-pooled over p x p windows of stride p (the rows
-    and columns that fill no window dropped), as compiler.passes.conv_pool makes of a
-    conv followed by such a pool: only the positions inside windows are computed, and
-    each window's maximum is stored."""
+    With pool = p > 1 the conv is max-pooled over p x p windows, as compiler.passes.conv_pool
+    makes of a conv followed by such a pool, so the conv's output is never stored. Of
+    stride p (pool_stride 0: windows that tile the output, the rows and columns that fill
+    none dropped), only the positions inside windows are computed and each window's
+    maximum is stored; of a smaller stride pool_stride, with pool_pad rows and columns of
+    padding (ResNet's 3x3 pool of stride 2 after its first conv), the windows overlap,
+    and the conv's rows are computed once each into a ring of p rows (see
+    _lower_overlapping_pool)."""
 
     differentiation = Gradient.NONE  # made by a compiler pass, for constant weights only
     arity = (2, 3)
@@ -1307,6 +1315,13 @@ class Conv2dPacked(Op):
     dilations: tuple[int, ...] = (1, 1)
     out_channels: int = 1
     pool: int = 1
+    pool_stride: int = 0
+    pool_pad: int = 0
+
+    @property
+    def pool_step(self) -> int:
+        """The stride of the pool's windows (pool where pool_stride is 0)."""
+        return self.pool_stride or self.pool
 
     def _conv_geometry(self, x: tuple[int, ...]) -> tuple[int, int]:
         """The conv's output rows and columns, before any pooling."""
@@ -1317,9 +1332,12 @@ class Conv2dPacked(Op):
 
     def _geometry(self, x: tuple[int, ...]) -> tuple[int, int]:
         oh, ow = self._conv_geometry(x)
-        if min(oh, ow) < self.pool:
-            raise GraphError(f"conv2d_packed: a {oh}x{ow} conv output fills no window of {self.pool}")
-        return oh // self.pool, ow // self.pool
+        p, s, q = self.pool, self.pool_step, self.pool_pad
+        if not 0 <= q < p or s > p:
+            raise GraphError(f"conv2d_packed: pool {p} with stride {s} and padding {q}")
+        if min(oh, ow) + 2 * q < p:
+            raise GraphError(f"conv2d_packed: a {oh}x{ow} conv output fills no window of {p}")
+        return (oh + 2 * q - p) // s + 1, (ow + 2 * q - p) // s + 1
 
     def infer(self, x: TensorType, w: TensorType, bias: TensorType | None = None) -> TensorType:
         _require_float("conv2d_packed", x, w, *([bias] if bias else []))
@@ -1338,11 +1356,16 @@ class Conv2dPacked(Op):
         o, (kh, kw), p = self.out_channels, self.kernel, self.pool
         unpacked = unpack_panels(w, o).reshape(o, x.shape[1], kh, kw)
         y = Conv2d(strides=self.strides, dilations=self.dilations).reference(x, unpacked, bias)
-        return y if p == 1 else MaxPool2d(kernel=(p, p), strides=(p, p)).reference(y)
+        if p == 1:
+            return y
+        s, q = self.pool_step, self.pool_pad
+        return MaxPool2d(kernel=(p, p), strides=(s, s), pads=(q,) * 4).reference(y)
 
     def lower(self, k, ins, out, epilogue=None):
         kk = ins[1].shape[1]
-        if self.pool > 1:
+        if self.pool > 1 and (self.pool_step < self.pool or self.pool_pad):
+            self._lower_overlapping_pool(k, ins, out, epilogue)
+        elif self.pool > 1:
             self._lower_pooled_tiles(k, ins, out, epilogue)
         elif kk <= PACKED_CONV_SMALL_K and self.strides[1] == 1:
             self._lower_rows(k, ins, out, epilogue)
@@ -1514,6 +1537,65 @@ class Conv2dPacked(Op):
                             value = epilogue(value, at, [ni, oi, py, px])
                         k.store(out, at, value)
 
+    def _lower_overlapping_pool(self, k, ins, out, epilogue=None):
+        """A max pool of overlapping windows (stride s < p, pool_pad q) inside the conv. Per
+        parallel step: one image, a band of POOL_BAND_ROWS pooled rows, a register tile's
+        filters (TC of a panel). Before each pooled row, the conv rows its window needs
+        that are not yet computed (all of them for the band's first, then s a row), by
+        _lower_tiles' register tiles over runs of MR positions, are stored biased, each
+        position's TC sums contiguous, into a ring of p rows (row r in slot r mod p), which
+        stays in L2; the pooled row is then the maximum over its windows' valid positions,
+        to the epilogue and out (NCHW). A band's first window recomputes at most p - s
+        rows of the band before it."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        n, c, hp, wp = x.shape
+        panels, kk, nr = w.shape
+        o, (sh, sw), p, s, q = self.out_channels, self.strides, self.pool, self.pool_step, self.pool_pad
+        oh, ow = self._conv_geometry(x.shape)
+        _, _, ph, pw = out.shape
+        tc, mr = packed_conv_tile(nr, k.unit)
+        mr = min(mr, ow)
+        parts, runs, plane = nr // tc, -(-ow // mr), hp * wp
+        bands = -(-ph // POOL_BAND_ROWS)
+        lowest = k_const(out, -np.inf)
+        with k.loop(n * panels * parts * bands, LoopKind.PARALLEL, "band") as step:
+            ni = step // (panels * parts * bands)
+            panel, part, band = step // (parts * bands) % panels, step // bands % parts, step % bands
+            ring = k.scratch("rows", out.dtype, (p * ow * tc,))
+            first_row = band * POOL_BAND_ROWS
+            with k.loop(minimum(ph - first_row, POOL_BAND_ROWS), LoopKind.SERIAL, "py") as t:
+                py = first_row + t
+                top, last = maximum(py * s - q, 0), minimum(py * s - q + p - 1, oh - 1)
+                new = select(t.eq(0), top, minimum(py * s - q - s + p - 1, oh - 1) + 1)
+                with k.loop(last - new + 1, LoopKind.SERIAL, "cy") as r:
+                    cy = new + r
+                    with k.loop(runs, LoopKind.SERIAL, "run") as run:
+                        first = minimum(run * mr, ow - mr)
+                        row_at = ni * (c * plane) + cy * (sh * wp) + first * sw
+                        bases = [k.local("int64", row_at + rr * sw, "win") for rr in range(mr)]
+                        acc = k.scratch("tile", out.dtype, (mr * tc,))
+                        self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc)
+                        with k.loop(tc, vector_kind(tc, k.unit.lanes), "o") as jj:
+                            oi = minimum(panel * nr + part * tc + jj, o - 1)  # a padded filter's: any
+                            start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
+                            for rr in range(mr):
+                                at = (cy % p * ow + first + rr) * tc + jj
+                                k.store(ring, at, acc.load_flat(rr * tc + jj) + start)
+                with k.loop(pw, LoopKind.SERIAL, "px") as px, k.loop(tc, LoopKind.VECTOR, "o") as jj:
+                    best = lowest
+                    for a, b in itertools.product(range(p), repeat=2):
+                        cy, cx = py * s - q + a, px * s - q + b
+                        inside = logical_and(in_range(cy, 0, oh), in_range(cx, 0, ow))
+                        slot = minimum(maximum(cy, 0), oh - 1) % p
+                        v = ring.load_flat((slot * ow + minimum(maximum(cx, 0), ow - 1)) * tc + jj)
+                        best = maximum(best, select(inside, v, lowest))
+                    oi = panel * nr + part * tc + jj
+                    at = ((ni * o + oi) * ph + py) * pw + px
+                    guard = None if o % nr == 0 else oi.lt(o)
+                    with k.when(guard) if guard is not None else nullcontext():
+                        k.store(out, at, best if epilogue is None else epilogue(best, at, [ni, oi, py, px]))
+
     def lower_gpu(self, k, ins, out, epilogue=None):
         """One GPU thread per output element, summing over (c, i, j), the maximum of its
         window's sums where pooled (the GPU targets keep convolutions as im2col +
@@ -1523,18 +1605,22 @@ class Conv2dPacked(Op):
         _, c, hp, wp = x.shape
         kk = w.shape[1]
         (kh, kw), (sh, sw), (dh, dw), p = self.kernel, self.strides, self.dilations, self.pool
+        step, pad = self.pool_step, self.pool_pad
+        oh, ow = self._conv_geometry(x.shape)
         cpu = KernelBuilder(k.name, [], flat_block=1)
         with cpu.loop(out.numel, LoopKind.PARALLEL, "e") as e:
             ni, oi, py, px = unravel(e, out.shape)
             sums = []
             for a, b in itertools.product(range(p), repeat=2):
-                y, xx = py * p + a, px * p + b
+                y, xx = py * step - pad + a, px * step - pad + b
+                inside = logical_and(in_range(y, 0, oh), in_range(xx, 0, ow))
+                y, xx = minimum(maximum(y, 0), oh - 1), minimum(maximum(xx, 0), ow - 1)
                 acc = cpu.local(out.dtype, bias.load_flat(oi) if bias is not None else k_const(out, 0.0))
-                with cpu.loop(kk, LoopKind.SERIAL, "k") as q:
-                    ci, i, j = q // (kh * kw), q // kw % kh, q % kw
+                with cpu.loop(kk, LoopKind.SERIAL, "k") as t:
+                    ci, i, j = t // (kh * kw), t // kw % kh, t % kw
                     xv = x.load_flat(((ni * c + ci) * hp + y * sh + i * dh) * wp + xx * sw + j * dw)
-                    cpu.assign(acc, muladd(xv, packed_weight(w, oi, q), acc.ref))
-                sums.append(acc.ref)
+                    cpu.assign(acc, muladd(xv, packed_weight(w, oi, t), acc.ref))
+                sums.append(acc.ref if p == step else select(inside, acc.ref, k_const(out, -np.inf)))
             best = functools.reduce(maximum, sums)
             cpu.store(out, e, best if epilogue is None else epilogue(best, e, [ni, oi, py, px]))
         gpu.per_iteration(k, cpu.finish())
