@@ -481,7 +481,16 @@ class Shuffle:
     offset: int
 
 
-Stmt = Loop | Store | DeclareLocal | Assign | If | Check | Barrier | Shuffle
+@dataclass(eq=False)
+class Prefetch:
+    """A hint that buf[index] will be read soon: its cache line is fetched now, so that
+    the fetch overlaps the arithmetic before the read. No effect on any value."""
+
+    buf: Buffer
+    index: Expr
+
+
+Stmt = Loop | Store | DeclareLocal | Assign | If | Check | Barrier | Shuffle | Prefetch
 
 
 def _extent_bound(e: Expr) -> int | None:
@@ -712,6 +721,10 @@ class KernelBuilder:
             raise TypeError(f"store to {buf.name} ({buf.dtype}) of a {value.dtype} value")
         self._emit(Store(buf, index, value))
 
+    def prefetch(self, buf: Buffer, index: Expr | int) -> None:
+        """Fetch buf[index]'s cache line ahead of its reads (see Prefetch)."""
+        self._emit(Prefetch(buf, lift(index, "int64")))
+
     def scratch(self, name: str, dtype: str, shape: tuple[int, ...]) -> Buffer:
         """A small buffer private to each thread (on its stack): partial results a loop
         nest keeps between its loops, which LLVM may hold in registers."""
@@ -879,6 +892,8 @@ def rewrite_stmts(
             r = Check(rewrite(s.ok, fn), s.status, s.code)
         elif isinstance(s, Shuffle):
             r = Shuffle(s.local, rewrite(s.value, fn), s.mode, s.offset)
+        elif isinstance(s, Prefetch):
+            r = Prefetch(s.buf, rewrite(s.index, fn))
         else:
             r = s
         replaced = stmt_fn(r) if stmt_fn is not None else None

@@ -64,6 +64,8 @@ def _stmts(body: list[kir.Stmt], indent: str, out: list[str]) -> None:
             out.append(f"{indent}check {expr_text(s.ok)} else status = {s.code}")
         elif isinstance(s, kir.Barrier):
             out.append(f"{indent}barrier()")
+        elif isinstance(s, kir.Prefetch):
+            out.append(f"{indent}prefetch {s.buf.root.name}[{expr_text(s.index)}]")
         elif isinstance(s, kir.Shuffle):
             shuffle = f"shuffle_{s.mode.value}({expr_text(s.value)}, {s.offset})"
             out.append(f"{indent}{s.local.dtype} {s.local.name} = {shuffle}")

@@ -158,8 +158,18 @@ class FunctionWriter:
                 with self.b.if_then(failed, likely=False):
                     ptr = self.pointers[s.status.root]
                     self.b.atomic_rmw("xchg", ptr, ir.Constant(I32, s.code), "monotonic")
+            elif isinstance(s, kir.Prefetch):
+                self._prefetch(self.address(s.buf, s.index))
             elif not (self.stmt_hook and self.stmt_hook(self, s)):
                 raise TypeError(f"this backend has no {type(s).__name__} statement")
+
+    def _prefetch(self, address: ir.Value) -> None:
+        """llvm.prefetch(address, read, locality 3: into every cache level, data)."""
+        name = "llvm.prefetch.p0"
+        fn = self.module.globals.get(name) or ir.Function(
+            self.module, ir.FunctionType(ir.VoidType(), [PTR, I32, I32, I32]), name
+        )
+        self.b.call(fn, [address, *(ir.Constant(I32, v) for v in (0, 3, 1))])
 
     def counted_loop(
         self, var: kir.Var, start: ir.Value, stop: ir.Value, body: list[kir.Stmt], kind: kir.LoopKind

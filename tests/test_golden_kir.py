@@ -127,3 +127,16 @@ def test_work_estimate_counts_a_clamped_loop_at_its_bound():
         with k.loop(kir.Binary("min", kir.lift(100, "int64") - i * 16, kir.lift(16, "int64"))):
             k.store(out, 0, kir.lift(1.0, "float32"))
     assert kir.estimate_work(k.finish().body) == 7 * 16
+
+
+def test_tiled_conv_prefetches_the_next_blocks_window_rows():
+    """A tiled conv2d_packed (1x1, stride 2) fetches, in each window row of its sweep,
+    the line the next block reads there (clamped to x's last element): one prefetch in
+    the (c, i) loop, ahead of the taps."""
+    b = GraphBuilder("down")
+    w = b.param("w", np.random.default_rng(0).standard_normal((16, 4, 1, 1)).astype(np.float32))
+    text = _kernels(b.build(b.conv2d(b.input("x", (1, 4, 9, 9)), w, strides=(2, 2))))
+    lines = text.splitlines()
+    prefetches = [i for i, line in enumerate(lines) if line.strip().startswith("prefetch x[")]
+    assert len(prefetches) == 1 and lines[prefetches[0]].endswith(", 323)]")
+    assert lines[prefetches[0] - 1].strip().startswith("for i") and "tile(0, 16)" in lines[prefetches[0] + 1]

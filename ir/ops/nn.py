@@ -1407,14 +1407,27 @@ class Conv2dPacked(Op):
                     value = sums[f] if epilogue is None else epilogue(sums[f], at, [ni, oi, y, xx])
                     k.store(out, at, value)
 
+    def _window_end(self, x: Buffer, ni, y, col) -> Expr:
+        """The index in x of the last input of the first row of output (y, col)'s window."""
+        _, c, hp, wp = x.shape
+        (sh, sw), (_, kw), (_, dw) = self.strides, self.kernel, self.dilations
+        return ni * (c * hp * wp) + y * (sh * wp) + col * sw + (kw - 1) * dw
+
     def _sweep_taps(
-        self, k, x: Buffer, w: Buffer, acc: Buffer, bases, first_tap, first_filter, tc: int
+        self, k, x: Buffer, w: Buffer, acc: Buffer, bases, first_tap, first_filter, tc: int, ahead=None
     ) -> None:
         """acc[r * tc + f] = sum over taps of x at window r (from bases[r]) times filter
         first_filter + f of the panel whose taps start at first_tap: per tap, tc/lanes
         vectors of packed weights meet one broadcast input per window. Taps in (c, i, j)
         order, a window row's kw taps in one loop body: their addresses are constant
-        offsets from the row's (no per-tap index arithmetic)."""
+        offsets from the row's (no per-tap index arithmetic).
+
+        `ahead`, where given, is the index in x of the last input the next block reads in
+        its first window row (see _window_end): each window row prefetches the next
+        block's line there, so its windows arrive while this block computes. The windows
+        lie in C x KH rows of separate planes, more streams than the hardware prefetchers
+        follow: a 1x1 conv of stride 2 over ResNet-18's 56x56 planes at batch 32, 13.5 ->
+        4.7 ms; its 3x3 of stride 2 there 33.8 -> 26.5 ms."""
         _, c, hp, wp = x.shape
         _, _, nr = w.shape
         (kh, kw), (dh, dw), mr = self.kernel, self.dilations, len(bases)
@@ -1424,6 +1437,8 @@ class Conv2dPacked(Op):
         with k.loop(c, LoopKind.SERIAL, "c") as ci, k.loop(kh, LoopKind.SERIAL, "i") as i:
             row = ci * (hp * wp) + i * (dh * wp)
             taps = (ci * kh + i) * kw
+            if ahead is not None:
+                k.prefetch(x, minimum(ahead + row, x.numel - 1))
             with k.loop(tc, vector_kind(tc, k.unit.lanes), "o") as jj:
                 for j in range(kw):
                     wv = w.load_flat((first_tap + taps + j) * nr + first_filter + jj)
@@ -1477,7 +1492,9 @@ class Conv2dPacked(Op):
                 pos = first + r
                 at = ni * (c * plane) + pos // ow * (sh * wp) + pos % ow * sw
                 bases.append(k.local("int64", at, "win"))
-            self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc)
+            following = minimum(first + 2 * mr - 1, positions - 1)  # the next block's last position
+            ahead = self._window_end(x, ni, following // ow, following % ow)
+            self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc, ahead)
             # the finished sums to out, NCHW: per filter, a run of mr positions
             with k.loop(tc, LoopKind.SERIAL, "o") as jj:
                 oi = panel * nr + part * tc + jj
@@ -1575,7 +1592,8 @@ class Conv2dPacked(Op):
                         row_at = ni * (c * plane) + cy * (sh * wp) + first * sw
                         bases = [k.local("int64", row_at + rr * sw, "win") for rr in range(mr)]
                         acc = k.scratch("tile", out.dtype, (mr * tc,))
-                        self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc)
+                        ahead = self._window_end(x, ni, cy, minimum(first + 2 * mr - 1, ow - 1))
+                        self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc, ahead)
                         with k.loop(tc, vector_kind(tc, k.unit.lanes), "o") as jj:
                             oi = minimum(panel * nr + part * tc + jj, o - 1)  # a padded filter's: any
                             start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
