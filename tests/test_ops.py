@@ -158,13 +158,15 @@ CASES: dict[str, list[Case]] = {
         Case([In((2, 65, 65)), In((2, 65, 160))]),
         Case([In((2, 70, 500)), In((500, 16))]),
         Case([In((2, 30)), In((30, 128))]),
-        # b copied to a scratch in blocks of 128 of its 300 rows (the last 44), for 32
-        # rows a step; 96 columns: a tile and one overlapping it
+        # b (rows of 1 KiB or more) copied to a scratch in blocks of 128 of its 300 rows
+        # (the last 44), for 32 rows a step; 288 columns: four tiles and one overlapping
+        # the last; 96 columns (384 bytes a row) read in place
+        Case([In((2, 64, 300)), In((300, 288))]),
         Case([In((2, 64, 300)), In((300, 96))]),
     ],
     "linear": [
         Case([In((1, 40)), In((40, 192)), In((192,))], params=(1, 2)),  # 3 steps of one tile
-        Case([In((64, 300)), In((300, 70)), In((70,))]),  # weights as an input: copied in k blocks
+        Case([In((64, 300)), In((300, 260)), In((260,))]),  # weights as an input: copied in k blocks
         Case([In((1, 7)), In((7, 1)), In((1,))], params=(1, 2)),
         Case([In((33, 70)), In((70, 40)), In((40,))], params=(1, 2)),
         Case([In((2, 5, 33)), In((33, 7))], params=(1,)),
@@ -804,10 +806,10 @@ def test_a_product_in_k_blocks_applies_its_bias_and_epilogue_once(rng):
     """b not packed at compile time, 520 rows of k: copied and swept in blocks, the tile's
     start before the first and its fused add and ReLU after the last."""
     b = GraphBuilder("k_blocks")
-    x, y = b.input("x", (2, 130, 520)), b.input("y", (2, 520, 200))
-    bias = b.param("c", rng.standard_normal(200).astype(np.float32))
+    x, y = b.input("x", (2, 130, 520)), b.input("y", (2, 520, 264))
+    bias = b.param("c", rng.standard_normal(264).astype(np.float32))
     graph = b.build(b.relu(b.add(b.matmul(x, y), bias)))
-    inputs = [rng.standard_normal(s).astype(np.float32) for s in ((2, 130, 520), (2, 520, 200))]
+    inputs = [rng.standard_normal(s).astype(np.float32) for s in ((2, 130, 520), (2, 520, 264))]
     got = compile_model(graph, name="k_blocks")(*inputs)
     np.testing.assert_allclose(got, interpret(graph, inputs)[0], rtol=1e-4, atol=1e-4)
 

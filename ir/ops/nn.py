@@ -137,6 +137,10 @@ MATMUL_ROW_GROUP = 16
 #: blocks sweep them
 MATMUL_PACK_ROWS = 32
 MATMUL_PACK_BYTES = 32 << 10
+#: bytes between b's rows from which that copy pays: closer rows already spread a panel
+#: over L1's sets, and the copy is only more traffic (Winograd's products, whose blocks
+#: of 112 tiles lie 448 bytes a row: 29.5 against 33 ms at 256 channels and batch 32)
+MATMUL_PACK_ROW_BYTES = 1 << 10
 #: parallel steps a matmul keeps (for the threads) before it groups row blocks
 MATMUL_MIN_STEPS = 4
 #: lanes of the widest float32 vector (AVX-512), which graph passes size for (packed
@@ -242,7 +246,8 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     # b read in place has its rows n floats apart (2 KiB at 512 columns: a panel of 64
     # columns used 8 of L1's 64 sets): a column tile's panel of it is copied, a block of
     # k rows at a time, to consecutive rows, which the group's row blocks then read
-    pack = p.b_panel is None and group * rows_per_block >= MATMUL_PACK_ROWS
+    wide_rows = n * ITEMSIZE[b.dtype] >= MATMUL_PACK_ROW_BYTES
+    pack = p.b_panel is None and group * rows_per_block >= MATMUL_PACK_ROWS and wide_rows
     unroll = matmul_k_unroll(k.unit)  # k rows a copy holds: whole sweeps
     k_block = max(unroll, MATMUL_PACK_BYTES // (col_tile * ITEMSIZE[b.dtype]) // unroll * unroll)
     with k.loop(row_steps * chunks, LoopKind.PARALLEL, "rows") as step:
