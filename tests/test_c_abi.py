@@ -197,8 +197,7 @@ def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, m
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
     transforms, fused or not, attention's steps) or on a block of rest rows (a recurrence's), a
     team's barriers, index chains, a product's copied panels and a pool's ring of conv
-    rows, under memcheck, 2
-    threads (the team sized for them at compile time)."""
+    rows, under memcheck, 2 threads (the team sized for them at compile time)."""
     monkeypatch.setenv("KILN_NUM_THREADS", "2")
     graph = make(rng)
     name = graph.name

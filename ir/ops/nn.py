@@ -1241,6 +1241,11 @@ PACKED_CONV_SHARED_WEIGHTS = 1 << 20
 POOL_BAND_ROWS = 14
 
 
+def _clamp(i: Expr, size: int) -> Expr:
+    """i moved into [0, size): a window position past an edge onto the edge."""
+    return minimum(maximum(i, 0), size - 1)
+
+
 def packed_conv_tile(nr: int, unit: VectorUnit) -> tuple[int, int]:
     """(filters, positions) of conv2d_packed's register tile for panels of nr filters:
     on AVX-512 the whole panel, PACKED_CONV_ROWS positions; on a smaller unit (AVX2's
@@ -1412,11 +1417,16 @@ class Conv2dPacked(Op):
                     value = sums[f] if epilogue is None else epilogue(sums[f], at, [ni, oi, y, xx])
                     k.store(out, at, value)
 
+    def _window_start(self, x: Buffer, ni, y, col) -> Expr:
+        """The index in x of the first input of conv output (y, col)'s window, image ni."""
+        _, c, hp, wp = x.shape
+        sh, sw = self.strides
+        return ni * (c * hp * wp) + y * (sh * wp) + col * sw
+
     def _window_end(self, x: Buffer, ni, y, col) -> Expr:
         """The index in x of the last input of the first row of output (y, col)'s window."""
-        _, c, hp, wp = x.shape
-        (sh, sw), (_, kw), (_, dw) = self.strides, self.kernel, self.dilations
-        return ni * (c * hp * wp) + y * (sh * wp) + col * sw + (kw - 1) * dw
+        (_, kw), (_, dw) = self.kernel, self.dilations
+        return self._window_start(x, ni, y, col) + (kw - 1) * dw
 
     def _sweep_taps(
         self, k, x: Buffer, w: Buffer, acc: Buffer, bases, first_tap, first_filter, tc: int, ahead=None
@@ -1463,16 +1473,15 @@ class Conv2dPacked(Op):
         bias and the epilogue and is stored NCHW."""
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
-        n, c, hp, wp = x.shape
+        n = x.shape[0]
         panels, kk, nr = w.shape
-        o, (sh, sw) = self.out_channels, self.strides
+        o = self.out_channels
         _, _, oh, ow = out.shape
         positions = oh * ow
         tc, mr = packed_conv_tile(nr, k.unit)
         mr = min(mr, positions)
         parts = nr // tc  # register tiles across a panel
         blocks = -(-positions // mr)
-        plane = hp * wp
         # one block a parallel step. Where all the panels' weights stay in L2 and the
         # input does not, or threads share the steps, a block's panels are consecutive,
         # so its windows are read from memory once, and each thread reads only its
@@ -1495,8 +1504,7 @@ class Conv2dPacked(Op):
             bases = []
             for r in range(mr):
                 pos = first + r
-                at = ni * (c * plane) + pos // ow * (sh * wp) + pos % ow * sw
-                bases.append(k.local("int64", at, "win"))
+                bases.append(k.local("int64", self._window_start(x, ni, pos // ow, pos % ow), "win"))
             following = minimum(first + 2 * mr - 1, positions - 1)  # the next block's last position
             ahead = self._window_end(x, ni, following // ow, following % ow)
             self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc, ahead)
@@ -1522,13 +1530,13 @@ class Conv2dPacked(Op):
         goes to the epilogue and is stored, one value per window and filter."""
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
-        n, c, hp, wp = x.shape
+        n = x.shape[0]
         panels, kk, nr = w.shape
-        o, (sh, sw), p = self.out_channels, self.strides, self.pool
+        o, p = self.out_channels, self.pool
         _, _, ph, pw = out.shape
         tc, mr = packed_conv_tile(nr, k.unit)
         windows = max(1, min(mr // (p * p), pw))
-        runs, parts, plane = -(-pw // windows), nr // tc, hp * wp
+        runs, parts = -(-pw // windows), nr // tc
         spots = [(win, a, b) for win in range(windows) for a in range(p) for b in range(p)]
         with k.loop(n * panels * parts * ph * runs, LoopKind.PARALLEL, "block") as step:
             ni = step // (panels * parts * ph * runs)
@@ -1538,9 +1546,7 @@ class Conv2dPacked(Op):
             first = minimum(step % runs * windows, pw - windows)
             acc = k.scratch("tile", out.dtype, (len(spots) * tc,))
             bases = [
-                k.local(
-                    "int64", ni * (c * plane) + (py * p + a) * (sh * wp) + ((first + win) * p + b) * sw, "win"
-                )
+                k.local("int64", self._window_start(x, ni, py * p + a, (first + win) * p + b), "win")
                 for win, a, b in spots
             ]
             self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc)
@@ -1568,19 +1574,20 @@ class Conv2dPacked(Op):
         position's TC sums contiguous, into a ring of p rows (row r in slot r mod p), which
         stays in L2; the pooled row is then the maximum over its windows' valid positions,
         to the epilogue and out (NCHW). A band's first window recomputes at most p - s
-        rows of the band before it."""
+        rows of the band before it. A window's positions past the conv's edges read the
+        edge's row or column instead, which the window also covers: the maximum is the
+        same, with no mask."""
         x, w = ins[0], ins[1]
         bias = ins[2] if len(ins) > 2 else None
-        n, c, hp, wp = x.shape
+        n = x.shape[0]
         panels, kk, nr = w.shape
-        o, (sh, sw), p, s, q = self.out_channels, self.strides, self.pool, self.pool_step, self.pool_pad
+        o, p, s, q = self.out_channels, self.pool, self.pool_step, self.pool_pad
         oh, ow = self._conv_geometry(x.shape)
         _, _, ph, pw = out.shape
         tc, mr = packed_conv_tile(nr, k.unit)
         mr = min(mr, ow)
-        parts, runs, plane = nr // tc, -(-ow // mr), hp * wp
+        parts, runs = nr // tc, -(-ow // mr)
         bands = -(-ph // POOL_BAND_ROWS)
-        lowest = k_const(out, -np.inf)
         with k.loop(n * panels * parts * bands, LoopKind.PARALLEL, "band") as step:
             ni = step // (panels * parts * bands)
             panel, part, band = step // (parts * bands) % panels, step // bands % parts, step % bands
@@ -1594,8 +1601,10 @@ class Conv2dPacked(Op):
                     cy = new + r
                     with k.loop(runs, LoopKind.SERIAL, "run") as run:
                         first = minimum(run * mr, ow - mr)
-                        row_at = ni * (c * plane) + cy * (sh * wp) + first * sw
-                        bases = [k.local("int64", row_at + rr * sw, "win") for rr in range(mr)]
+                        bases = [
+                            k.local("int64", self._window_start(x, ni, cy, first + rr), "win")
+                            for rr in range(mr)
+                        ]
                         acc = k.scratch("tile", out.dtype, (mr * tc,))
                         ahead = self._window_end(x, ni, cy, minimum(first + 2 * mr - 1, ow - 1))
                         self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc, ahead)
@@ -1606,13 +1615,10 @@ class Conv2dPacked(Op):
                                 at = (cy % p * ow + first + rr) * tc + jj
                                 k.store(ring, at, acc.load_flat(rr * tc + jj) + start)
                 with k.loop(pw, LoopKind.SERIAL, "px") as px, k.loop(tc, LoopKind.VECTOR, "o") as jj:
-                    best = lowest
-                    for a, b in itertools.product(range(p), repeat=2):
-                        cy, cx = py * s - q + a, px * s - q + b
-                        inside = logical_and(in_range(cy, 0, oh), in_range(cx, 0, ow))
-                        slot = minimum(maximum(cy, 0), oh - 1) % p
-                        v = ring.load_flat((slot * ow + minimum(maximum(cx, 0), ow - 1)) * tc + jj)
-                        best = maximum(best, select(inside, v, lowest))
+                    spots = itertools.product(range(p), repeat=2)
+                    slots = [(_clamp(py * s - q + a, oh) % p, _clamp(px * s - q + b, ow)) for a, b in spots]
+                    values = [ring.load_flat((slot * ow + col) * tc + jj) for slot, col in slots]
+                    best = functools.reduce(maximum, values)
                     oi = panel * nr + part * tc + jj
                     at = ((ni * o + oi) * ph + py) * pw + px
                     guard = None if o % nr == 0 else oi.lt(o)
@@ -1635,15 +1641,14 @@ class Conv2dPacked(Op):
             ni, oi, py, px = unravel(e, out.shape)
             sums = []
             for a, b in itertools.product(range(p), repeat=2):
-                y, xx = py * step - pad + a, px * step - pad + b
-                inside = logical_and(in_range(y, 0, oh), in_range(xx, 0, ow))
-                y, xx = minimum(maximum(y, 0), oh - 1), minimum(maximum(xx, 0), ow - 1)
+                # past the conv's edges, the edge (in the window too: the same maximum)
+                y, xx = _clamp(py * step - pad + a, oh), _clamp(px * step - pad + b, ow)
                 acc = cpu.local(out.dtype, bias.load_flat(oi) if bias is not None else k_const(out, 0.0))
                 with cpu.loop(kk, LoopKind.SERIAL, "k") as t:
                     ci, i, j = t // (kh * kw), t // kw % kh, t % kw
                     xv = x.load_flat(((ni * c + ci) * hp + y * sh + i * dh) * wp + xx * sw + j * dw)
                     cpu.assign(acc, muladd(xv, packed_weight(w, oi, t), acc.ref))
-                sums.append(acc.ref if p == step else select(inside, acc.ref, k_const(out, -np.inf)))
+                sums.append(acc.ref)
             best = functools.reduce(maximum, sums)
             cpu.store(out, e, best if epilogue is None else epilogue(best, e, [ni, oi, py, px]))
         gpu.per_iteration(k, cpu.finish())
