@@ -381,13 +381,14 @@ def link(
     kernels_object: bytes | None,
     workdir: Path,
     so_path: Path,
-    extra_c: str | None = None,
+    extra_c: str | list[str] | None = None,
     extra_blobs: dict[str, bytes] | None = None,
     glue: str | list[str] | None = None,
     libs: tuple[str, ...] = (),
 ) -> None:
     """Write glue, header and weights beside the object, and link them into so_path.
-    `extra_c` is more C compiled into the library (a wrapper API over NAME_run), and
+    `extra_c` is more C compiled into the library (a wrapper API over NAME_run; several
+    files of it as a list), and
     `extra_blobs` more read-only data it refers to by symbol (embedded like the weights).
     `glue` replaces the CPU glue (a CUDA library's, which has no kernels object), or is
     several programs' glue, one C file each (their statics, the runtime's among them,
@@ -407,9 +408,9 @@ def link(
         (workdir / f"{symbols[0]}.bin").write_bytes(blob)
         (workdir / f"{symbols[0]}.S").write_text(blob_asm(symbols, workdir / f"{symbols[0]}.bin"))
         sources.append(workdir / f"{symbols[0]}.S")
-    if extra_c is not None:
-        (workdir / "extra.c").write_text(extra_c)
-        sources.append(workdir / "extra.c")
+    for i, text in enumerate([extra_c] if isinstance(extra_c, str) else extra_c or []):
+        (workdir / f"extra{i}.c").write_text(text)
+        sources.append(workdir / f"extra{i}.c")
     cmd = [
         c_compiler(),
         "-shared",

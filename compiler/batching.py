@@ -106,14 +106,16 @@ def batch_layout(graph: Graph, inputs: dict[str, Batch], count: int) -> list[Bat
                 if node.outputs[0].type.numel <= FOLD_LIMIT:
                     known[node.outputs[0]] = node.op.reference(*(known[v] for v in node.inputs))
             continue
-        where[node.outputs[0]] = _node_batch(node, given, known, count)
+        where[node.outputs[0]] = node_batch(node, given, known, count)
     missing = [v.name for v in graph.outputs if where[v] is None]
     if missing:
         raise BatchMixing(f"outputs {missing} do not depend on the batch")
     return [where[v] for v in graph.outputs]
 
 
-def _node_batch(node, given: list[Batch], known: dict[Value, np.ndarray], count: int) -> Batch:
+def node_batch(node, given: list[Batch], known: dict[Value, np.ndarray], count: int) -> Batch:
+    """Where node's output holds the batch, given where its inputs do (a uniform
+    constant tried on each axis it may span), or BatchMixing naming the node."""
     if len(node.outputs) != 1:
         raise BatchMixing(f"node {node.name} ({node.op.name}): an op of several outputs has no batch rule")
     options = [
@@ -179,25 +181,56 @@ def compile_batched(
     return compile_tiles(graph_for, axes, dim, name, tiles, max_batch, fuse, cpu_name)
 
 
-def compile_tiles(
+@dataclass(frozen=True)
+class TileSet:
+    """A model's programs for a few batch sizes (its tiles, largest first, 1 last), each
+    graph proved to run its batch elements apart: what a dynamic-batch library links,
+    each program under the prefix PREFIX_bT and the C API over them under PREFIX."""
+
+    prefix: str
+    dim: str
+    max_batch: int
+    graphs: dict[int, Graph]
+    inputs: list[BatchedTensor]
+    outputs: list[BatchedTensor]
+
+    @property
+    def programs(self) -> list[tuple[int, str]]:
+        """(batch size, program prefix) of each tile, largest first."""
+        return [(t, f"{self.prefix}_b{t}") for t in self.graphs]
+
+    def key(self, fuse: bool, cpu_name: str | None) -> str:
+        """What the build cache tells this library by."""
+        from compiler.driver import _cache_key
+
+        keys = "".join(_cache_key(self.graphs[t], p, "cpu", fuse, cpu_name) for t, p in self.programs)
+        return hashlib.sha256(f"{keys} {self.dim} {self.max_batch}".encode()).hexdigest()[:32]
+
+    def lower(self, fuse: bool, cpu_name: str | None) -> tuple[list, str]:
+        """Each tile's lowered program, and the C of the API that runs a batch through them."""
+        from codegen import batched_abi
+        from compiler.driver import lower_graph
+
+        programs = [lower_graph(self.graphs[t], p, fuse, "cpu", cpu_name=cpu_name) for t, p in self.programs]
+        table = cover_table(list(self.graphs), [program_seconds(p) for p in programs])
+        wrapper = batched_abi.source(
+            self.prefix, self.programs, self.inputs, self.outputs, self.dim, self.max_batch, table
+        )
+        return programs, wrapper
+
+
+def prove_tiles(
     graph_for: Callable[[int], Graph],
     axes: dict[str, Batch],
     dim: str,
-    name: str = "model",
+    prefix: str = "model",
     tiles: tuple[int, ...] = DEFAULT_TILES,
     max_batch: int = 0,
-    fuse: bool = True,
-    cpu_name: str | None = None,
-):
-    """One CPU library for every batch size (a BatchedModel) from `graph_for(count)`,
-    the model's graph for a batch of `count`, whose inputs hold the batch where `axes`
-    says (by name; None: not at all): a program for each tile (those up to `max_batch`
-    when it is set, and 1), proved to run batch elements apart, and the C API that runs
-    a call's batch through them. BatchMixing where the model mixes batch elements."""
-    from codegen import batched_abi
-    from compiler.driver import _cache_key, build_several, cached_build, lower_graph
-    from runtime.batched import BatchedModel
-
+) -> TileSet:
+    """The TileSet of `graph_for(count)`, the model's graph for a batch of `count`,
+    whose inputs hold the batch where `axes` says (by name; None: not at all): a graph
+    for each tile (those up to `max_batch` when it is set, and 1), proved to run batch
+    elements apart. BatchMixing where the model mixes batch elements."""
     sizes = sorted({t for t in tiles if t >= 1 and (not max_batch or t <= max_batch)} | {1}, reverse=True)
     graphs = {t: graph_for(t) for t in sizes}
     proofs = {t: graphs[t] if t in graphs else graph_for(t) for t in [t for t in sizes if t > 1] or [2]}
@@ -212,18 +245,34 @@ def compile_tiles(
         for tensor, v in zip(inputs + outputs, g.inputs + g.outputs):
             if v.type.shape != tensor.shape_for(t):
                 raise BatchMixing(f"{v.name} is {v.type.shape} at batch {t}, expected {tensor.shape_for(t)}")
-    prefixes = [(t, f"{name}_b{t}") for t in sizes]
-    keys = "".join(_cache_key(graphs[t], p, "cpu", fuse, cpu_name) for t, p in prefixes)
-    key = hashlib.sha256(f"{keys} {dim} {max_batch}".encode()).hexdigest()[:32]
+    return TileSet(prefix, dim, max_batch, graphs, inputs, outputs)
+
+
+def compile_tiles(
+    graph_for: Callable[[int], Graph],
+    axes: dict[str, Batch],
+    dim: str,
+    name: str = "model",
+    tiles: tuple[int, ...] = DEFAULT_TILES,
+    max_batch: int = 0,
+    fuse: bool = True,
+    cpu_name: str | None = None,
+):
+    """One CPU library for every batch size (a BatchedModel) from the tiles prove_tiles
+    finds: a program for each, and the C API that runs a call's batch through them."""
+    from codegen import batched_abi
+    from compiler.driver import build_several, cached_build
+    from runtime.batched import BatchedModel
+
+    tile_set = prove_tiles(graph_for, axes, dim, name, tiles, max_batch)
 
     def make(dest: Path) -> None:
-        programs = [lower_graph(graphs[t], p, fuse, "cpu", cpu_name=cpu_name) for t, p in prefixes]
-        table = cover_table(sizes, [program_seconds(p) for p in programs])
-        wrapper = batched_abi.source(name, prefixes, inputs, outputs, dim, max_batch, table)
+        programs, wrapper = tile_set.lower(fuse, cpu_name)
         build_several(programs, dest, name, extra_c=wrapper)
-        (dest / f"{name}.h").write_text(batched_abi.header(name, inputs, outputs, dim, max_batch))
+        header = batched_abi.header(name, tile_set.inputs, tile_set.outputs, dim, max_batch)
+        (dest / f"{name}.h").write_text(header)
 
-    return BatchedModel(cached_build(key, name, make), name)
+    return BatchedModel(cached_build(tile_set.key(fuse, cpu_name), name, make), name)
 
 
 def program_seconds(program) -> float:

@@ -253,7 +253,7 @@ def build_several(
     programs: list[Lowered],
     dest: Path,
     name: str,
-    extra_c: str | None = None,
+    extra_c: str | list[str] | None = None,
     extra_blobs: dict[str, bytes] | None = None,
 ) -> Path:
     """Link several lowered graphs into one library dest/NAME.so (+ each program's

@@ -403,10 +403,10 @@ def _conv_as_linear(node: Node, cols: Value, w: Value, bias: list[Value]) -> lis
 
 
 def attention_fused(graph: Graph) -> Graph:
-    """matmul(softmax(matmul(q, kt)), v), the softmax over the last axis and the scores
-    and probabilities read by nothing else, is one attention op (ir.ops.attention),
-    which keeps each step's scores in cache. The leading axes of q, kt and v must be
-    the same (no broadcasting)."""
+    """matmul(softmax(matmul(q, kt) [+ bias]), v), the softmax over the last axis, the
+    bias one number per key, and the scores and probabilities read by nothing else, is
+    one attention op (ir.ops.attention), which keeps each step's scores in cache. The
+    leading axes of q, kt and v must be the same (no broadcasting)."""
     users, producers = graph.consumers(), graph.producers()
     outputs = set(graph.outputs)
 
@@ -414,16 +414,30 @@ def attention_fused(graph: Graph) -> Graph:
         readers = users[v]
         return readers[0] if len(readers) == 1 and v not in outputs else None
 
+    def key_bias(node: Node | None) -> tuple[Node, Value] | None:
+        """(the product, the bias) where node adds a vector of one number per key to it."""
+        if node is None or node.op.name != "add":
+            return None
+        for scores, bias in (node.inputs, node.inputs[::-1]):
+            product = producers.get(scores)
+            if product is not None and product.op.name == "matmul" and bias.type.shape == scores.type.shape[-1:]:
+                return product, bias
+        return None
+
     fused: dict[Node, Node] = {}  # the second matmul -> the attention node
     dropped: set[Node] = set()
     for node in graph.nodes:
         if node.op.name != "softmax" or node.op.axis not in (-1, node.inputs[0].type.rank - 1):
             continue
         first, second = producers.get(node.inputs[0]), only_reader(node.outputs[0])
+        biased = key_bias(first)
+        adder, bias = node, []
+        if biased is not None and only_reader(first.outputs[0]) is node:
+            adder, first, bias = first, biased[0], [biased[1]]
         if (
             first is None
             or first.op.name != "matmul"
-            or only_reader(first.outputs[0]) is not node
+            or only_reader(first.outputs[0]) is not adder
             or second is None
             or second.op.name != "matmul"
             or second.inputs[0] is not node.outputs[0]
@@ -433,8 +447,8 @@ def attention_fused(graph: Graph) -> Graph:
         ranks = {x.type.rank for x in (q, kt, v)}
         if len(ranks) > 1 or min(ranks) < 2 or len({x.type.shape[:-2] for x in (q, kt, v)}) > 1:
             continue
-        fused[second] = Node(make_op("attention"), [q, kt, v], second.outputs, second.name)
-        dropped |= {first, node}
+        fused[second] = Node(make_op("attention"), [q, kt, v, *bias], second.outputs, second.name)
+        dropped |= {first, adder, node}
     if not fused:
         return graph
     nodes = [fused.get(n, n) for n in graph.nodes if n not in dropped]

@@ -1,5 +1,7 @@
-"""Attention as one op: out = softmax(q @ kt) @ v per matrix of the leading axes, the
-softmax over the last axis (each query's scores over the keys).
+"""Attention as one op: out = softmax(q @ kt [+ bias]) @ v per matrix of the leading
+axes, the softmax over the last axis (each query's scores over the keys); the optional
+bias, one number per key, masks keys out with -inf (a sequence padded to a longer
+length, see compiler.sequence).
 
 The pass compiler.passes.attention_fused writes a matmul → softmax → matmul chain whose
 scores and probabilities have no other reader as this op. On the CPU a parallel step
@@ -17,7 +19,7 @@ import numpy as np
 
 from codegen.kir import LoopKind, const, minimum
 from ir.errors import GraphError
-from ir.ops import Fusion, Gradient, Op, register
+from ir.ops import BatchMixing, Fusion, Gradient, Op, register
 from ir.ops.nn import _require_float, matmul_batch, tiled_product
 from ir.ops.reduce import CpuLine, Softmax
 from ir.types import TensorType
@@ -31,23 +33,26 @@ ATTENTION_TILE = 1 << 14
 
 @register("attention", Fusion.CONTRACTION)
 class Attention(Op):
-    """softmax(q @ kt, last axis) @ v: q (..., M, D) queries, kt (..., D, N) keys
-    transposed, v (..., N, E) values, the leading axes the same in all three."""
+    """softmax(q @ kt + bias, last axis) @ v: q (..., M, D) queries, kt (..., D, N) keys
+    transposed, v (..., N, E) values, the leading axes the same in all three; bias (N,),
+    added to every query's scores, is optional."""
 
     differentiation = Gradient.NONE  # made by a compiler pass, for inference
-    arity = (3, 3)
+    arity = (3, 4)
     accepts_epilogue = True
     #: a GPU thread per step of rows (the pass makes this op for the CPU only; a GPU
     #: schedule of its own would keep the tile in shared memory)
     gpu_per_iteration = True
 
     def batch_axis(self, ins, out, batch):
-        q, kt, v = ins
+        if len(batch) > 3 and batch[3]:
+            raise BatchMixing("the key bias holds the batch")
+        q, kt, v = ins[:3]
         scores = q.with_shape(q.shape[:-1] + kt.shape[-1:])
         return matmul_batch(scores, v, out, matmul_batch(q, kt, scores, batch[0], batch[1]), batch[2])
 
-    def infer(self, q: TensorType, kt: TensorType, v: TensorType) -> TensorType:
-        _require_float("attention", q, kt, v)
+    def infer(self, q: TensorType, kt: TensorType, v: TensorType, *bias: TensorType) -> TensorType:
+        _require_float("attention", q, kt, v, *bias)
         lead = q.shape[:-2]
         if (
             q.rank < 2
@@ -59,10 +64,13 @@ class Attention(Op):
             or v.shape[-2] != kt.shape[-1]
         ):
             raise GraphError(f"attention: q {q.shape}, kt {kt.shape} and v {v.shape} do not chain")
+        if bias and bias[0].shape != kt.shape[-1:]:
+            raise GraphError(f"attention: the key bias is {bias[0].shape}, expected ({kt.shape[-1]},)")
         return q.with_shape(q.shape[:-1] + v.shape[-1:])
 
-    def reference(self, q, kt, v):
-        return np.matmul(Softmax(axis=-1).reference(np.matmul(q, kt)), v)
+    def reference(self, q, kt, v, *bias):
+        scores = np.matmul(q, kt)
+        return np.matmul(Softmax(axis=-1).reference(scores + bias[0] if bias else scores), v)
 
     def lower(self, k, ins, out, epilogue=None):
         """Per parallel step one matrix and `rows` query rows (the last step of a matrix
@@ -71,7 +79,7 @@ class Attention(Op):
         into a second scratch tile, which goes to out through the epilogue. Both tiles
         are the thread's own: two steps that overlap store the same finished values,
         never each other's partial sums."""
-        q, kt, v = ins
+        q, kt, v, *bias = ins
         *lead, m, d = q.shape
         n, e = kt.shape[-1], v.shape[-1]
         rows = min(m, ATTENTION_ROWS, max(1, ATTENTION_TILE // (n + e)))
@@ -89,6 +97,9 @@ class Attention(Op):
                 tile, lambda r, j: r * n + j,
             )  # fmt: skip
             with k.loop(rows, LoopKind.SERIAL, "r") as r:
+                if bias:
+                    with k.loop(n, LoopKind.VECTOR, "j") as j:
+                        k.store(tile, r * n + j, tile.load_flat(r * n + j) + bias[0].load_flat(j))
                 scores._line(k, tile, tile, lambda j: r * n + j, CpuLine(n), None)
             result = k.scratch("result", out.dtype, (rows * e,))
             tiled_product(
