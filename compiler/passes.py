@@ -420,7 +420,7 @@ def attention_fused(graph: Graph) -> Graph:
             return None
         for scores, bias in (node.inputs, node.inputs[::-1]):
             product = producers.get(scores)
-            if product is not None and product.op.name == "matmul" and bias.type.shape == scores.type.shape[-1:]:
+            if product and product.op.name == "matmul" and bias.type.shape == scores.type.shape[-1:]:
                 return product, bias
         return None
 
