@@ -37,7 +37,7 @@ def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def _dim_bound(text: str) -> tuple[str, int]:
-    """NAME or NAME=1..MAX: the batch dimension a library takes at run time, and its bound."""
+    """NAME or NAME=1..MAX: a dimension a library takes at run time, and its bound."""
     name, sep, bounds = text.partition("=")
     low, dots, high = bounds.partition("..")
     try:
@@ -96,11 +96,13 @@ def _compile(args: argparse.Namespace) -> int:
         emit=emit,
         cpu_name=args.cpu,
         specialize=False,  # a library has fixed shapes: say what to bind
-        max_batch=args.dim[1] if args.dim else 0,
+        dims=dict(args.dim or []),
     )
-    if args.dim and getattr(model, "batch_dim", None) != args.dim[0]:
-        found = getattr(model, "batch_dim", None)
-        raise ValueError(f"--dim {args.dim[0]}: the model's dimension for any size is {found or 'none'}")
+    dynamic = {getattr(model, "batch_dim", None), getattr(model, "sequence_dim", None)} - {None}
+    for dim, _ in args.dim or []:
+        if dim not in dynamic:
+            found = ", ".join(sorted(dynamic)) or "none"
+            raise ValueError(f"--dim {dim}: the model's dimensions for any size are {found}")
     so = model.save(out)
     for kind in emit:
         ext = {"llvm": ".ll", "asm": ".s"}[kind]
@@ -283,10 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--dim",
+        action="append",
         type=_dim_bound,
         metavar="NAME[=1..MAX]",
-        help="the batch dimension the library takes in any size, bounded by MAX (without --dim, a model "
-        "whose inputs name one dimension gets one library for every size of it, where it can)",
+        help="a named dimension the library takes in any size, bounded by MAX: the batch (without --dim, "
+        "a model whose inputs name one dimension gets one library for every size of it, where it can), "
+        "or with a bound a sequence beside the batch (N and S of a transformer: --dim N=1..256 --dim "
+        "S=1..512), padded to a few lengths and attention's padded keys masked",
     )
     c.add_argument(
         "--fix-dim",

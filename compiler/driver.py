@@ -29,6 +29,7 @@ from compiler.memory import MemoryPlan, plan_memory
 from compiler.passes import Pass, simplify
 from compiler.plan_check import Location, Step, check_plan
 from compiler.schedule import Schedule, Storage, in_place_candidates, pack_weights, pins, schedule_kernels
+from compiler.sequence import SequenceMixing, compile_sequences
 from compiler.specialize import SpecializingModel, declared_inputs
 from ir.errors import UnsupportedError, internal_errors
 from ir.graph import Graph, Value
@@ -356,6 +357,7 @@ def compile_model(
     constant_inputs: dict[str, object] | None = None,
     specialize: bool = True,
     max_batch: int = 0,
+    dims: dict[str, int] | None = None,
 ) -> CompiledModel | BatchedModel | SpecializingModel:
     """Compile an ONNX file / ModelProto / ir Graph into a native library and load it.
 
@@ -369,7 +371,10 @@ def compile_model(
 
     An ONNX model whose inputs name one dimension, left unbound, that each batch
     element runs apart along (a batch `N`) gives one library for every size of it, a
-    BatchedModel (see compiler.batching; `max_batch` bounds it, 0: no bound). Other
+    BatchedModel (see compiler.batching; `max_batch` bounds it, 0: no bound). `dims`
+    bounds named dimensions by name ({"N": 256, "S": 200}; 0: no bound): the batch's
+    bound, as max_batch; a bounded one that is not the batch is a sequence, and the
+    one library takes every length of it up to its bound (see compiler.sequence). Other
     models with named dimensions left unbound, or inputs needed at compile time and
     not fixed, give a SpecializingModel when `specialize` (and no `emit`): it compiles
     one library per distinct input shapes and such values as calls bring them (see
@@ -390,8 +395,8 @@ def compile_model(
     except (SymbolicDimension, ConstantInputNeeded) as e:
         if isinstance(e, SymbolicDimension) and target == "cpu" and not emit and not input_shapes:
             try:
-                return dynamic_batch(model, name, fuse, cpu_name, constant_inputs, max_batch)
-            except (BatchMixing, SymbolicDimension, ConstantInputNeeded) as why:
+                return dynamic_batch(model, name, fuse, cpu_name, constant_inputs, max_batch, dims)
+            except (BatchMixing, SequenceMixing, SymbolicDimension, ConstantInputNeeded) as why:
                 if not specialize:
                     if isinstance(why, ConstantInputNeeded):
                         raise  # what to fix first
@@ -447,20 +452,42 @@ def dynamic_batch(
     cpu_name: str | None = None,
     constant_inputs: dict[str, object] | None = None,
     max_batch: int = 0,
+    dims: dict[str, int] | None = None,
 ) -> BatchedModel:
     """The dynamic-batch library of an ONNX model whose inputs name one dimension (see
-    compiler.batching); BatchMixing when there is no such dimension, or the model mixes
-    batch elements."""
+    compiler.batching), or two where `dims` bounds one that is not the batch (a
+    sequence, see compiler.sequence); BatchMixing or SequenceMixing when there is no
+    such dimension, or the model mixes batch elements or positions."""
     import onnx
 
     from frontends.onnx import load_model
 
     proto = load_model(model)
     fixed = set(constant_inputs or ()) | {t.name for t in proto.graph.initializer}
-    dim = batch_dim([i for i in declared_inputs(proto.graph.input, onnx) if i.name not in fixed])
+    declared = [i for i in declared_inputs(proto.graph.input, onnx) if i.name not in fixed]
+    named = list(dict.fromkeys(d for i in declared for d in i.shape if isinstance(d, str) and d != "?"))
+    dims = dims or {}
+    unknown = sorted(set(dims) - set(named))
+    if unknown:
+        listed = ", ".join(named) or "none"
+        raise ValueError(f"{', '.join(unknown)}: no input of {name} names it (named: {listed})")
+    if len(named) == 2 and any(dims.get(d) for d in named):
+        refused: list[Exception] = []
+        for batch, sequence in (named, named[::-1]):
+            if not dims.get(sequence):
+                continue
+            try:
+                return compile_sequences(
+                    proto, batch, sequence, dims[sequence], name, dims.get(batch, max_batch), fuse, cpu_name,
+                    constant_inputs,
+                )  # fmt: skip
+            except (BatchMixing, SequenceMixing) as e:
+                refused.append(e)
+        raise refused[0]
+    dim = batch_dim(declared)
     if dim is None:
         raise BatchMixing("the inputs do not name exactly one dimension, at most once each")
-    return compile_batched(proto, dim, name, max_batch=max_batch, fuse=fuse, cpu_name=cpu_name,
+    return compile_batched(proto, dim, name, max_batch=dims.get(dim, max_batch), fuse=fuse, cpu_name=cpu_name,
                            constant_inputs=constant_inputs)  # fmt: skip
 
 

@@ -158,25 +158,20 @@ def _node_positions(
 
 def with_key_mask(graph: Graph, softmaxes: list[Node], length: int) -> Graph:
     """The graph with input KEY_MASK (float32[length]) added to the scores of each of
-    these softmaxes over key positions, along their axis."""
+    these softmaxes over key positions (their last axis: the rules of sequence_layout
+    keep the keys where the product with the queries puts them)."""
     mask = Value(KEY_MASK, TensorType("float32", (length,)))
-    nodes, params = [], dict(graph.params)
+    nodes = []
     for node in graph.nodes:
         if node not in softmaxes:
             nodes.append(node)
             continue
         scores = node.inputs[0]
-        trailing = scores.type.rank - 1 - node.op.axis % scores.type.rank
-        key_mask = mask
-        if trailing:  # the key axis is not the last: the mask broadcasts as (length, 1, ...)
-            key_mask = Value(f"{node.name}_key_mask", mask.type.with_shape((length,) + (1,) * trailing))
-            nodes.append(
-                Node(make_op("reshape", shape=key_mask.type.shape), [mask], [key_mask], key_mask.name)
-            )
+        assert node.op.axis % scores.type.rank == scores.type.rank - 1, "keys are the scores' last axis"
         biased = Value(f"{node.name}_masked", scores.type)
-        nodes.append(Node(make_op("add"), [scores, key_mask], [biased], biased.name))
+        nodes.append(Node(make_op("add"), [scores, mask], [biased], biased.name))
         nodes.append(Node(node.op, [biased], node.outputs, node.name))
-    return Graph([*graph.inputs, mask], graph.outputs, nodes, params, graph.name)
+    return Graph([*graph.inputs, mask], graph.outputs, nodes, dict(graph.params), graph.name)
 
 
 def same_constants(short: Graph, long: Graph) -> None:

@@ -1,8 +1,9 @@
-"""Running a dynamic-batch library: one library, any batch size (see compiler.batching).
+"""Running a dynamic-batch library: one library, any batch size (see compiler.batching),
+and where it has one, any sequence length up to its bound (compiler.sequence).
 
 Such a library has NAME_run_shaped in place of NAME_run: each call brings its input
-shapes, the library checks them against its batch dimension and says the output
-shapes. `.inputs` shows the batch dimension by name (`input: float32[N, 784]`).
+shapes, the library checks them against its named dimensions and says the output
+shapes. `.inputs` shows the named dimensions (`input: float32[N, 784]`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ class BatchedModel:
         self.batch_dim = self._fn["batch_dim"]().decode()
         #: the largest batch a call may bring (0: any)
         self.max_batch = int(self._fn["max_batch"]())
+        #: the sequence dimension it takes at every length from 1 to max_length, if any
+        #: (compiler.sequence), else None and 0
+        self.sequence_dim: str | None = None
+        self.max_length = 0
+        if hasattr(self._lib, f"{self.name}_sequence_dim"):
+            sequence_dim, max_length = (
+                getattr(self._lib, f"{self.name}_{f}") for f in ("sequence_dim", "max_length")
+            )
+            sequence_dim.restype, max_length.restype = ctypes.c_char_p, ctypes.c_int64
+            self.sequence_dim, self.max_length = sequence_dim().decode(), int(max_length())
         self.inputs = self._tensors("input")
         self.outputs = self._tensors("output")
         self._handle = ctypes.c_void_p()

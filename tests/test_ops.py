@@ -35,7 +35,7 @@ from ir.ops.nn import matmul_col_tile, matmul_rows, packed_conv_tile
 @dataclass
 class In:
     shape: tuple[int, ...]
-    kind: str = "normal"  # normal | positive | nonzero | small | wide | bool | index:N | count:N
+    kind: str = "normal"  # normal | positive | nonzero | small | wide | bool | index:N | count:N | key_mask
     dtype: str = "float32"
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
@@ -56,6 +56,8 @@ class In:
             return np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 4.0][: s[0]], self.dtype)
         if self.kind == "huge":  # exp(x) overflows float32 here
             return rng.uniform(80, 200, s).astype(self.dtype) * rng.choice([-1, 1], s)
+        if self.kind == "key_mask":  # a sequence's keys: 0 for a random length, then -inf
+            return np.where(np.arange(s[0]) < rng.integers(1, s[0] + 1), 0.0, -np.inf).astype(self.dtype)
         if self.kind == "specials":
             x = rng.standard_normal(s)
             x[rng.random(s) < 0.3] = np.inf
@@ -267,9 +269,11 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
     # softmax(q @ kt) @ v: rows in steps of 16 (37: the last step overlapping; 3: one
-    # short step), key and value widths of whole tiles, a tile and a rest, and masked
+    # short step), key and value widths of whole tiles, a tile and a rest, and masked;
+    # a key bias masking keys past a length (a padded sequence's)
     "attention": [
         Case([In((2, 3, 37, 16)), In((2, 3, 16, 50)), In((2, 3, 50, 24))]),
+        Case([In((2, 3, 37, 16)), In((2, 3, 16, 50)), In((2, 3, 50, 24)), In((50,), "key_mask")]),
         Case([In((64, 128)), In((128, 80)), In((80, 70))]),
         Case([In((3, 5)), In((5, 7)), In((7, 9), "wide")]),
     ],

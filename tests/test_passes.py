@@ -301,10 +301,12 @@ def test_shared_move_read_by_an_elementwise_op_is_not_copied():
     assert copy_shared_moves(graph) is graph
 
 
-def _attention_graph(extra_reader: bool = False):
+def _attention_graph(extra_reader: bool = False, key_bias: bool = False):
     b = GraphBuilder()
     q, kt, v = b.input("q", (2, 4, 9, 8)), b.input("kt", (2, 4, 8, 12)), b.input("v", (2, 4, 12, 8))
     scores = b.matmul(q, kt)
+    if key_bias:
+        scores = b.add(b.input("bias", (12,)), scores)
     out = b.matmul(b.softmax(scores), v)
     return b.build(out, b.relu(scores)) if extra_reader else b.build(out)
 
@@ -332,6 +334,13 @@ def test_attention_fused_takes_matmul_softmax_matmul(rng):
     graph = _attention_graph()
     after = attention_fused(graph)
     assert _body(after) == ["%matmul_0 = attention(%q, %kt, %v) : f32[2,4,9,8]", "return %matmul_0"]
+    _same_results(graph, after, rng)
+
+
+def test_attention_fused_takes_a_bias_per_key(rng):
+    graph = _attention_graph(key_bias=True)
+    after = attention_fused(graph)
+    assert _body(after) == ["%matmul_0 = attention(%q, %kt, %v, %bias) : f32[2,4,9,8]", "return %matmul_0"]
     _same_results(graph, after, rng)
 
 
