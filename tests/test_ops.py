@@ -271,6 +271,8 @@ CASES: dict[str, list[Case]] = {
     # softmax(q @ kt) @ v: rows in steps of 16 (37: the last step overlapping; 3: one
     # short step), key and value widths of whole tiles, a tile and a rest, and masked;
     # a key bias masking keys past a length (a padded sequence's)
+    # a run-time matrix packed into 16-column panels: one panel, several
+    "pack_panels": [Case([In((7, 16))]), Case([In((33, 64))])],
     "attention": [
         Case([In((2, 3, 37, 16)), In((2, 3, 16, 50)), In((2, 3, 50, 24))]),
         Case([In((2, 3, 37, 16)), In((2, 3, 16, 50)), In((2, 3, 50, 24)), In((50,), "key_mask")]),

@@ -103,6 +103,23 @@ def test_linear_packed_packs_constant_weights_once(rng):
     _same_results(before, after, rng)
 
 
+def test_linear_packed_packs_a_large_product_of_a_matrix_computed_at_run_time(rng):
+    """b an input: packed by a pack_panels node where the product is large (its rows 1
+    KiB apart, 32 rows of a or more, whole panels); a small one is left alone."""
+    b = GraphBuilder("g")
+    x, y = b.input("x", (2, 40, 24)), b.input("y", (24, 256))
+    before = b.build(b.matmul(x, y), b.matmul(b.input("v", (31, 24)), y), b.matmul(x, b.input("z", (24, 48))))
+    after = linear_packed(before)
+    assert _body(after) == [
+        "%y.packed = pack_panels(%y) : f32[16,24,16]",
+        "%matmul = linear_packed(%x, %y.packed) {out_features=256} : f32[2,40,256]",
+        "%matmul_0 = matmul(%v, %y) : f32[31,256]",  # 31 rows: the copy would not run
+        "%matmul_1 = matmul(%x, %z) : f32[2,40,48]",  # rows of 192 bytes: in L1 as they are
+        "return %matmul, %matmul_0, %matmul_1",
+    ]
+    _same_results(before, after, rng)
+
+
 def test_recurrence_packed_packs_constant_rt_of_whole_panels(rng):
     b = GraphBuilder("g")
     xw = b.input("xw", (3, 2, 4 * 32))

@@ -49,6 +49,7 @@ from ir.ops import (
     register,
 )
 from ir.ops.grad import constant, swap_last, unbroadcast
+from ir.ops.shape import PerElement
 from ir.types import TensorType
 
 if TYPE_CHECKING:
@@ -763,6 +764,28 @@ class LinearPacked(ProductOp):
 
     def product(self, ins, out):
         return dataclasses.replace(Linear().product(ins, out), b_panel=MATMUL_VECTOR)
+
+
+@register("pack_panels", Fusion.INJECTIVE)
+class PackPanels(PerElement):
+    """A matrix (K, N) computed at run time, packed as pack_panels packs constant
+    weights: (N / MATMUL_VECTOR, K, MATMUL_VECTOR), N a multiple of MATMUL_VECTOR. A
+    large product whose b is an activation (a gradient's, a matmul of two inputs) reads
+    it packed once, through linear_packed, rather than copying a panel of it per step."""
+
+    differentiation = Gradient.NONE  # made by a compiler pass, for products it speeds
+
+    def infer(self, x: TensorType) -> TensorType:
+        if x.rank != 2 or x.shape[1] % MATMUL_VECTOR:
+            raise GraphError(f"pack_panels: {x.shape} is not a matrix of whole {MATMUL_VECTOR}-column panels")
+        return x.with_shape((x.shape[1] // MATMUL_VECTOR, x.shape[0], MATMUL_VECTOR))
+
+    def reference(self, x):
+        return pack_panels(np.ascontiguousarray(x.T), MATMUL_VECTOR)
+
+    def element(self, k, ins, idx):
+        panel, row, lane = idx
+        return ins[0][[row, panel * MATMUL_VECTOR + lane]]
 
 
 # --------------------------------------------------------------------------- conv and pooling
