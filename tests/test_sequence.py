@@ -124,6 +124,29 @@ def test_one_library_takes_every_batch_and_every_length_up_to_its_bound(rng):
         model(x[:, :5], x[:1, :5])
 
 
+def test_token_ids_through_an_embedding_run_padded_too(rng):
+    """ids: int64[N, S] → an embedding (Gather: its output holds the positions where the
+    ids do) → attention; padded positions repeat the last id."""
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["x"]),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["x", "xt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "x"], ["y"]),
+    ]
+    table = numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "table")
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "S"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])
+    graph = helper.make_graph(nodes, "embed", [ids], [y], initializer=[table])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = compile_model(proto, name="embed", dims={"S": 24})
+    assert [str(t) for t in model.inputs] == ["ids: int64[N, S]"]
+    for batch, length in ((1, 3), (5, 17), (3, 24)):
+        x = rng.integers(0, 50, (batch, length)).astype(np.int64)
+        (expected,) = interpret(import_onnx(proto, {"ids": x.shape}), [x])
+        np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 C_PROGRAM = r"""
 #include <stdio.h>
 #include <stdlib.h>
