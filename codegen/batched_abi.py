@@ -12,8 +12,19 @@ instance. The metadata reports the batch dimension as -1 and names it.
 
 from __future__ import annotations
 
-from codegen.cabi import c_string, metadata_accessors
+from codegen.cabi import ERROR_FUNCTIONS, c_string, metadata_accessors
 from compiler.batching import BatchedTensor
+
+#: the start of NAME_run_shaped: a NULL handle, array or entry refused, the error cleared
+RUN_SHAPED_CHECKS = """    if (!m) return 1;
+    if (!inputs && N_IN) return fail(m, "inputs is NULL");
+    if (!outputs) return fail(m, "outputs is NULL");
+    if (!input_shapes && N_IN) return fail(m, "input_shapes is NULL");
+    for (int i = 0; i < N_IN; i++)
+        if (!inputs[i]) return fail(m, "input %d (%s) is NULL", i, input_names[i]);
+    for (int i = 0; i < N_OUT; i++)
+        if (!outputs[i]) return fail(m, "output %d (%s) is NULL", i, output_names[i]);
+    m->error[0] = 0;"""
 
 
 def _tables(kind: str, tensors: list[BatchedTensor], dim: str) -> str:
@@ -120,19 +131,7 @@ typedef struct {{PREFIX}}_model {{
     char error[512];
 }} {{PREFIX}}_model;
 
-__attribute__((format(printf, 2, 3))) static int fail({{PREFIX}}_model *m, const char *format, ...) {{
-    va_list ap;
-    va_start(ap, format);
-    vsnprintf(m->error, sizeof m->error, format, ap);
-    va_end(ap);
-    return 1;
-}}
-
-API const char *{{PREFIX}}_last_error(const {{PREFIX}}_model *m) {{
-    if (m) return m->error;
-    const char *why = kiln_thread_error();
-    return why ? why : "no model (NULL handle: did {{PREFIX}}_create fail?)";
-}}
+{ERROR_FUNCTIONS}
 
 /* The batch dimension: its name, and the largest batch a call may bring (0: any). */
 API const char *{{PREFIX}}_batch_dim(void) {{ return BATCH_DIM; }}
@@ -294,15 +293,7 @@ API int {{PREFIX}}_output_shapes({{PREFIX}}_model *m, const int64_t *const *inpu
 API int {{PREFIX}}_run_shaped({{PREFIX}}_model *m, const void *const *inputs,
                               const int64_t *const *input_shapes, void *const *outputs,
                               int64_t *const *output_shapes) {{
-    if (!m) return 1;
-    if (!inputs && N_IN) return fail(m, "inputs is NULL");
-    if (!outputs) return fail(m, "outputs is NULL");
-    if (!input_shapes && N_IN) return fail(m, "input_shapes is NULL");
-    for (int i = 0; i < N_IN; i++)
-        if (!inputs[i]) return fail(m, "input %d (%s) is NULL", i, input_names[i]);
-    for (int i = 0; i < N_OUT; i++)
-        if (!outputs[i]) return fail(m, "output %d (%s) is NULL", i, output_names[i]);
-    m->error[0] = 0;
+{RUN_SHAPED_CHECKS}
     int64_t batch = batch_of(m, input_shapes);
     if (batch < 0) return 1;
     if (output_shapes && {{PREFIX}}_output_shapes(m, input_shapes, output_shapes) != 0) return 1;
@@ -336,17 +327,24 @@ def header(
         for i, t in enumerate(tensors)
     )
     bound = f"at most {max_batch}" if max_batch else "any size"
+    return shaped_header(prefix, f"for every batch size {dim} ({bound})", doc, dim)
+
+
+def shaped_header(prefix: str, title: str, doc: str, dims: str, extra: str = "") -> str:
+    """NAME.h of a library that takes each call's shapes: `title` says for which, `doc`
+    lists the tensors, `dims` names the dimensions a call chooses ("N", "N and S"), and
+    `extra` declares more functions."""
     p = prefix
-    return f"""/* {p}: a model compiled by Kiln, for every batch size {dim} ({bound}).
+    return f"""/* {p}: a model compiled by Kiln, {title}.
  *
 {doc}
  *
  * Buffers are dense, row-major (C order) arrays of the dtype above. Each call gives
  * its input shapes; {p}_output_shapes says the output shapes they make (to allocate the
- * outputs), and {p}_run_shaped checks the shapes (every input with {dim} agrees on it),
- * runs, and writes the output shapes where output_shapes is not NULL. The metadata
- * reports {dim} as -1; {p}_input_dim_name / {p}_output_dim_name name it. A model
- * instance owns its scratch memory and threads; separate instances may run at the
+ * outputs), and {p}_run_shaped checks the shapes (each of {dims} the same in every input
+ * that has it), runs, and writes the output shapes where output_shapes is not NULL. The
+ * metadata reports {dims} as -1; {p}_input_dim_name / {p}_output_dim_name name them. A
+ * model instance owns its scratch memory and threads; separate instances may run at the
  * same time. Functions returning int give 0 on success; {p}_last_error then says what
  * went wrong ({p}_last_error(NULL): why this thread's last {p}_create failed).
  */
@@ -371,13 +369,13 @@ int {p}_set_num_threads({p}_model *m, int n);
 int {p}_num_threads(const {p}_model *m);
 const char *{p}_batch_dim(void);
 int64_t {p}_max_batch(void);                  /* 0: no bound */
-
+{extra}
 int {p}_num_inputs(void);
 const char *{p}_input_name(int i);
 const char *{p}_input_dtype(int i);
 int {p}_input_rank(int i);
-const int64_t *{p}_input_shape(int i);        /* -1 where the batch is */
-const char *{p}_input_dim_name(int i, int axis); /* "{dim}" there, else NULL */
+const int64_t *{p}_input_shape(int i);        /* -1 where a dimension a call chooses is */
+const char *{p}_input_dim_name(int i, int axis); /* its name there ({dims}), else NULL */
 int {p}_num_outputs(void);
 const char *{p}_output_name(int i);
 const char *{p}_output_dtype(int i);

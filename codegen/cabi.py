@@ -117,6 +117,25 @@ def _metadata(kind: str, specs: list[TensorSpec]) -> str:
     return "\n".join(lines + metadata_accessors(kind, n))
 
 
+#: fail(m, format, ...), which writes an instance's error and returns 1, and
+#: PREFIX_last_error: the C every model API (static, dynamic-batch, sequence) shares
+ERROR_FUNCTIONS = """__attribute__((format(printf, 2, 3)))
+static int fail({PREFIX}_model *m, const char *format, ...) {
+    va_list ap;
+    va_start(ap, format);
+    vsnprintf(m->error, sizeof m->error, format, ap);
+    va_end(ap);
+    return 1;
+}
+
+API const char *{PREFIX}_last_error(const {PREFIX}_model *m) {
+    if (m) return m->error;
+    const char *why = kiln_thread_error();
+    return why ? why : "no model (NULL handle: did {PREFIX}_create fail?)";
+}
+"""
+
+
 def metadata_accessors(kind: str, n: int) -> list[str]:
     """NAME_num_KINDs() and NAME_KIND_name/dtype/rank/shape(i) over the static tables
     KIND_names, KIND_dtypes, KIND_ranks and KIND_shapes (NULL or -1 for a bad i)."""
@@ -173,19 +192,7 @@ API const double *{{PREFIX}}_kernel_seconds(const {{PREFIX}}_model *m) {{
     return m ? m->kernel_seconds : NULL;
 }}
 
-__attribute__((format(printf, 2, 3))) static int fail({{PREFIX}}_model *m, const char *format, ...) {{
-    va_list ap;
-    va_start(ap, format);
-    vsnprintf(m->error, sizeof m->error, format, ap);
-    va_end(ap);
-    return 1;
-}}
-
-API const char *{{PREFIX}}_last_error(const {{PREFIX}}_model *m) {{
-    if (m) return m->error;
-    const char *why = kiln_thread_error();
-    return why ? why : "no model (NULL handle: did {{PREFIX}}_create fail?)";
-}}
+{ERROR_FUNCTIONS}
 
 {_metadata("input", p.inputs)}
 {_metadata("output", p.outputs)}

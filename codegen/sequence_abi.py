@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from codegen.cabi import c_string, metadata_accessors
+from codegen.batched_abi import RUN_SHAPED_CHECKS, shaped_header
+from codegen.cabi import ERROR_FUNCTIONS, c_string, metadata_accessors
 from ir.types import TensorType
 
 
@@ -144,19 +145,7 @@ typedef struct {{PREFIX}}_model {{
     char error[512];
 }} {{PREFIX}}_model;
 
-__attribute__((format(printf, 2, 3))) static int fail({{PREFIX}}_model *m, const char *format, ...) {{
-    va_list ap;
-    va_start(ap, format);
-    vsnprintf(m->error, sizeof m->error, format, ap);
-    va_end(ap);
-    return 1;
-}}
-
-API const char *{{PREFIX}}_last_error(const {{PREFIX}}_model *m) {{
-    if (m) return m->error;
-    const char *why = kiln_thread_error();
-    return why ? why : "no model (NULL handle: did {{PREFIX}}_create fail?)";
-}}
+{ERROR_FUNCTIONS}
 
 /* The named dimensions, and the largest size a call may bring (0: any). */
 API const char *{{PREFIX}}_batch_dim(void) {{ return BATCH_DIM; }}
@@ -335,15 +324,7 @@ static void pad_positions(unsigned char *call, unsigned char *padded, int64_t ou
 API int {{PREFIX}}_run_shaped({{PREFIX}}_model *m, const void *const *inputs,
                               const int64_t *const *input_shapes, void *const *outputs,
                               int64_t *const *output_shapes) {{
-    if (!m) return 1;
-    if (!inputs && N_IN) return fail(m, "inputs is NULL");
-    if (!outputs) return fail(m, "outputs is NULL");
-    if (!input_shapes && N_IN) return fail(m, "input_shapes is NULL");
-    for (int i = 0; i < N_IN; i++)
-        if (!inputs[i]) return fail(m, "input %d (%s) is NULL", i, input_names[i]);
-    for (int i = 0; i < N_OUT; i++)
-        if (!outputs[i]) return fail(m, "output %d (%s) is NULL", i, output_names[i]);
-    m->error[0] = 0;
+{RUN_SHAPED_CHECKS}
     int64_t length = length_of(m, input_shapes);
     if (length < 0) return 1;
     int b = smallest_bucket(length);
@@ -408,59 +389,8 @@ def header(layout: Layout) -> str:
         for i, t in enumerate(tensors)
     )
     bound = f"at most {layout.max_batch}" if layout.max_batch else "any size"
-    return f"""/* {p}: a model compiled by Kiln, for every batch size {n} ({bound}) and every sequence
- * length {s} from 1 to {layout.buckets[-1]}.
- *
-{doc}
- *
- * Buffers are dense, row-major (C order) arrays of the dtype above. Each call gives
- * its input shapes; {p}_output_shapes says the output shapes they make (to allocate the
- * outputs), and {p}_run_shaped checks the shapes ({n} and {s} each agree across the
- * inputs), runs, and writes the output shapes where output_shapes is not NULL. The
- * metadata reports {n} and {s} as -1; {p}_input_dim_name / {p}_output_dim_name name
- * them. A model instance owns its scratch memory and threads; separate instances may
- * run at the same time. Functions returning int give 0 on success; {p}_last_error then
- * says what went wrong ({p}_last_error(NULL): why this thread's last {p}_create failed).
- */
-#ifndef {p.upper()}_H
-#define {p.upper()}_H
-
-#include <stdint.h>
-
-#ifdef __cplusplus
-extern "C" {{
-#endif
-
-typedef struct {p}_model {p}_model;
-
-int {p}_create({p}_model **out);
-void {p}_destroy({p}_model *m);
-int {p}_output_shapes({p}_model *m, const int64_t *const *input_shapes, int64_t *const *output_shapes);
-int {p}_run_shaped({p}_model *m, const void *const *inputs, const int64_t *const *input_shapes,
-                   void *const *outputs, int64_t *const *output_shapes);
-const char *{p}_last_error(const {p}_model *m);
-int {p}_set_num_threads({p}_model *m, int n);
-int {p}_num_threads(const {p}_model *m);
-const char *{p}_batch_dim(void);
-int64_t {p}_max_batch(void);                  /* 0: no bound */
-const char *{p}_sequence_dim(void);
-int64_t {p}_max_length(void);
-
-int {p}_num_inputs(void);
-const char *{p}_input_name(int i);
-const char *{p}_input_dtype(int i);
-int {p}_input_rank(int i);
-const int64_t *{p}_input_shape(int i);        /* -1 where {n} or {s} is */
-const char *{p}_input_dim_name(int i, int axis); /* "{n}" or "{s}" there, else NULL */
-int {p}_num_outputs(void);
-const char *{p}_output_name(int i);
-const char *{p}_output_dtype(int i);
-int {p}_output_rank(int i);
-const int64_t *{p}_output_shape(int i);
-const char *{p}_output_dim_name(int i, int axis);
-
-#ifdef __cplusplus
-}}
-#endif
-#endif
-"""
+    title = (
+        f"for every batch size {n} ({bound}) and every sequence\n * length {s} from 1 to {layout.buckets[-1]}"
+    )
+    extra = f"const char *{p}_sequence_dim(void);\nint64_t {p}_max_length(void);\n"
+    return shaped_header(p, title, doc, f"{n} and {s}", extra)

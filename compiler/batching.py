@@ -102,15 +102,21 @@ def batch_layout(graph: Graph, inputs: dict[str, Batch], count: int) -> list[Bat
         given = [where[v] for v in node.inputs]
         if not any(given):
             where.update(dict.fromkeys(node.outputs))
-            if len(node.outputs) == 1 and all(v in known for v in node.inputs):
-                if node.outputs[0].type.numel <= FOLD_LIMIT:
-                    known[node.outputs[0]] = node.op.reference(*(known[v] for v in node.inputs))
+            fold(node, known)
             continue
         where[node.outputs[0]] = node_batch(node, given, known, count)
     missing = [v.name for v in graph.outputs if where[v] is None]
     if missing:
         raise BatchMixing(f"outputs {missing} do not depend on the batch")
     return [where[v] for v in graph.outputs]
+
+
+def fold(node, known: dict[Value, np.ndarray]) -> None:
+    """Enter node's output in `known` where all its inputs are known constants and it
+    is small (FOLD_LIMIT): a proof then sees the values a uniform constant holds."""
+    if len(node.outputs) == 1 and all(v in known for v in node.inputs):
+        if node.outputs[0].type.numel <= FOLD_LIMIT:
+            known[node.outputs[0]] = node.op.reference(*(known[v] for v in node.inputs))
 
 
 def node_batch(node, given: list[Batch], known: dict[Value, np.ndarray], count: int) -> Batch:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.batching import DEFAULT_TILES, FOLD_LIMIT, TileSet, _uniform, node_batch, prove_tiles
+from compiler.batching import DEFAULT_TILES, TileSet, _uniform, fold, node_batch, prove_tiles
 from ir.errors import UnsupportedError
 from ir.graph import Graph, Node, Value
 from ir.ops import BatchAxis, BatchMixing, ElementwiseOp, broadcast_batch, make_op
@@ -89,9 +89,7 @@ def sequence_layout(
         given = [where[v] for v in node.inputs]
         if not any(given):
             where.update(dict.fromkeys(node.outputs))
-            if len(node.outputs) == 1 and all(v in known for v in node.inputs):
-                if node.outputs[0].type.numel <= FOLD_LIMIT:
-                    known[node.outputs[0]] = node.op.reference(*(known[v] for v in node.inputs))
+            fold(node, known)
             continue
         if len(node.outputs) != 1:
             raise SequenceMixing(f"node {node.name} ({node.op.name}): an op of several outputs has no rule")
@@ -189,8 +187,8 @@ def same_constants(short: Graph, long: Graph) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceTensor:
-    """An input or output of a library for every length: its tensor of a batch of one
-    at the first bucket, and the axis of its positions (None: it has none)."""
+    """An input or output of a library for every length: its name, dtype, shape for a
+    batch of one at the first bucket, and its batch and position axes (None: none)."""
 
     name: str
     dtype: str

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from compiler import compile_model
 from ir.builder import GraphBuilder
@@ -66,3 +72,31 @@ def run_kernel(kernel, *arrays: np.ndarray) -> None:
     loop = kernel.split_loop
     extent = int(loop.extent.value) if loop is not None else 1
     kernel_function(kernel)(kernel_pointers(kernel, arrays), 0, extent)
+
+
+def run_c_program(source: str, so: Path, args: list[str], tool: str) -> list[str]:
+    """Build `source` (main.c beside `so`, including its NAME.h) against the library and
+    run it with `args`, plainly or ("valgrind") under memcheck, which must report no
+    error and no definite leak; its stdout lines. Without valgrind: a skip, or under CI
+    a failure (.ci/run installs it)."""
+    if tool == "valgrind" and shutil.which("valgrind") is None:
+        if os.environ.get("CI"):
+            pytest.fail("valgrind is not installed (.ci/run installs it)")
+        pytest.skip("valgrind is not installed")
+    from codegen.cabi import c_compiler
+
+    folder = so.parent
+    (folder / "main.c").write_text(source)
+    exe = folder / "main"
+    subprocess.run(
+        [c_compiler(), "-Wall", "-Werror", f"-I{folder}", str(folder / "main.c"), str(so),
+         f"-Wl,-rpath,{folder}", "-lm", "-o", str(exe)],
+        check=True,
+    )  # fmt: skip
+    prefix = ["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=full",
+              "--errors-for-leak-kinds=definite"] if tool == "valgrind" else []  # fmt: skip
+    result = subprocess.run([*prefix, str(exe), *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if tool == "valgrind":
+        assert "ERROR SUMMARY: 0 errors" in result.stderr
+    return result.stdout.splitlines()

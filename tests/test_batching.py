@@ -4,16 +4,12 @@ from Python and from C, against the reference interpreter."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from codegen.cabi import c_compiler
 from compiler import compile_model
 from compiler.batching import batch_layout
 from frontends.onnx import import_onnx
@@ -21,6 +17,7 @@ from ir.interpreter import interpret
 from ir.ops import BatchAxis, BatchMixing
 from runtime import load
 from runtime.batched import BatchedModel
+from tests.helpers import run_c_program
 
 
 def _model(nodes, inputs, outputs, initializers=()):
@@ -194,29 +191,12 @@ def _c_input(batch: int) -> np.ndarray:
 
 @pytest.mark.parametrize("tool", ["plain", "valgrind"])
 def test_a_c_program_calls_one_library_at_three_batch_sizes(tool, tmp_path, rng, monkeypatch):
-    if tool == "valgrind" and shutil.which("valgrind") is None:
-        if os.environ.get("CI"):
-            pytest.fail("valgrind is not installed (.ci/run installs it)")
-        pytest.skip("valgrind is not installed")
     proto = _time_major(rng)
     so = compile_model(proto, name="time_major", cpu_name="x86-64-v3").save(tmp_path / "time_major.so")
     assert isinstance(load(so), BatchedModel)
-    (tmp_path / "main.c").write_text(C_PROGRAM)
-    exe = tmp_path / "main"
-    subprocess.run(
-        [c_compiler(), "-Wall", "-Werror", f"-I{tmp_path}", str(tmp_path / "main.c"), str(so),
-         f"-Wl,-rpath,{tmp_path}", "-lm", "-o", str(exe)],
-        check=True,
-    )  # fmt: skip
     monkeypatch.setenv("KILN_NUM_THREADS", "2")
     batches = (1, 9, 41)  # tile 1; 8 + 1; 32 + 8 + 1
-    prefix = ["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=full",
-              "--errors-for-leak-kinds=definite"] if tool == "valgrind" else []  # fmt: skip
-    result = subprocess.run([*prefix, str(exe), *map(str, batches)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    if tool == "valgrind":
-        assert "ERROR SUMMARY: 0 errors" in result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_c_program(C_PROGRAM, so, [str(b) for b in batches], tool)
     for batch in batches:
         header, lines = lines[0], lines[1:]
         assert header == f"{batch} 3 3 {batch}"

@@ -5,15 +5,10 @@ interpreter."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from codegen.cabi import c_compiler
 from compiler import compile_model
 from compiler.cli import main as kiln
 from compiler.sequence import KEY_MASK, SequenceMixing, bucket_lengths, sequence_layout, with_key_mask
@@ -21,6 +16,7 @@ from frontends.onnx import import_onnx
 from ir.interpreter import interpret
 from ir.ops import BatchAxis
 from runtime.batched import BatchedModel
+from tests.helpers import run_c_program
 
 
 def _attention(rng, scores_node=None, tail=(), out_shape=("N", "S", 4)):
@@ -199,49 +195,16 @@ def _c_inputs(batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("tool", ["plain", "valgrind"])
 def test_a_c_program_calls_one_library_at_three_batches_and_lengths(tool, tmp_path, rng, monkeypatch):
-    if tool == "valgrind" and shutil.which("valgrind") is None:
-        if os.environ.get("CI"):
-            pytest.fail("valgrind is not installed (.ci/run installs it)")
-        pytest.skip("valgrind is not installed")
     proto = _attention(rng)
     path = tmp_path / "attend.onnx"
     path.write_bytes(proto.SerializeToString())
     so = tmp_path / "attend.so"
-    assert (
-        kiln(
-            [
-                "compile",
-                str(path),
-                "-o",
-                str(so),
-                "--dim",
-                "N=1..64",
-                "--dim",
-                "S=1..40",
-                "--cpu",
-                "x86-64-v3",
-            ]
-        )
-        == 0
-    )
+    dims = ["--dim", "N=1..64", "--dim", "S=1..40"]
+    assert kiln(["compile", str(path), "-o", str(so), *dims, "--cpu", "x86-64-v3"]) == 0
     assert "every sequence\n * length S from 1 to 40" in (tmp_path / "attend.h").read_text()
-    (tmp_path / "main.c").write_text(C_PROGRAM)
-    exe = tmp_path / "main"
-    subprocess.run(
-        [c_compiler(), "-Wall", "-Werror", f"-I{tmp_path}", str(tmp_path / "main.c"), str(so),
-         f"-Wl,-rpath,{tmp_path}", "-lm", "-o", str(exe)],
-        check=True,
-    )  # fmt: skip
     monkeypatch.setenv("KILN_NUM_THREADS", "2")
     calls = ((1, 3), (9, 16), (41, 33))  # padded 3 -> 16; exact; padded 33 -> 40 over tiles 32 + 8 + 1
-    prefix = ["valgrind", "--tool=memcheck", "--error-exitcode=99", "--leak-check=full",
-              "--errors-for-leak-kinds=definite"] if tool == "valgrind" else []  # fmt: skip
-    args = [str(d) for call in calls for d in call]
-    result = subprocess.run([*prefix, str(exe), *args], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    if tool == "valgrind":
-        assert "ERROR SUMMARY: 0 errors" in result.stderr
-    lines = result.stdout.splitlines()
+    lines = run_c_program(C_PROGRAM, so, [str(d) for call in calls for d in call], tool)
     for batch, length in calls:
         header, lines = lines[0], lines[1:]
         assert header == f"{batch} {length} 4"
