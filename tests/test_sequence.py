@@ -120,6 +120,20 @@ def test_one_library_takes_every_batch_and_every_length_up_to_its_bound(rng):
         model(x[:, :5], x[:1, :5])
 
 
+def test_a_time_major_model_finds_its_batch_by_trying_each_order(rng):
+    """x: f32[S, N, 4], both bounded: S tried as the batch is refused (its positions
+    meet), then N is the batch and S the sequence."""
+    from tests.test_specialize import _attention_over_sequence
+
+    proto = _attention_over_sequence(rng)
+    model = compile_model(proto, name="time_major_attend", dims={"S": 20, "N": 16})
+    assert (model.batch_dim, model.sequence_dim, model.max_batch) == ("N", "S", 16)
+    for length, batch in ((3, 16), (20, 1), (17, 5)):
+        x = rng.standard_normal((length, batch, 4)).astype(np.float32)
+        (expected,) = interpret(import_onnx(proto, {"x": x.shape}), [x])
+        np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_token_ids_through_an_embedding_run_padded_too(rng):
     """ids: int64[N, S] → an embedding (Gather: its output holds the positions where the
     ids do) → attention; padded positions repeat the last id."""
