@@ -103,12 +103,41 @@ def target_id(cpu_name: str | None = None) -> str:
     return f"{llvm.get_default_triple()}|{host}|{threads}"
 
 
-def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool = True) -> ir.Function:
+def emit_kernel(
+    module: ir.Module,
+    kernel: kir.Kernel,
+    symbol: str,
+    libm: bool = True,
+    bodies: dict[str, ir.Function] | None = None,
+) -> ir.Function:
+    """The kernel's exported entry point unpacks the `bufs` array the thread pool passes
+    and calls its body. `bodies` holds the bodies emitted so far by code_key: a kernel
+    whose code is already there gets only its entry point, calling that body."""
+    if bodies is None:
+        body_fn = _emit_body(module, kernel, symbol, libm)
+    else:
+        key = kir.code_key(kernel)
+        if key not in bodies:
+            bodies[key] = _emit_body(module, kernel, symbol, libm)
+        body_fn = bodies[key]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), symbol)
+    fn.visibility = "hidden"
+    bufs, fbegin, fend = fn.args
+    b = ir.IRBuilder(fn.append_basic_block())
+    pointers = [
+        b.load(b.gep(bufs, [ir.Constant(I64, i)], inbounds=True, source_etype=PTR), typ=PTR, name=buf.name)
+        for i, buf in enumerate(kernel.params)
+    ]
+    b.call(body_fn, [*pointers, fbegin, fend])
+    b.ret_void()
+    return fn
+
+
+def _emit_body(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool) -> ir.Function:
     """The kernel body takes each buffer as its own `noalias` pointer (a kernel's buffers
     are distinct values, which the memory plan keeps apart while they are live), so
-    LLVM may keep loaded values in registers across stores; the exported entry point
-    unpacks the `bufs` array the thread pool passes and calls it. A team's members read
-    what the others write: its barriers hand LLVM the buffers the kernel writes (see
+    LLVM may keep loaded values in registers across stores. A team's members read what
+    the others write: its barriers hand LLVM the buffers the kernel writes (see
     _team_barrier), so that it loads them again after each."""
     n = len(kernel.params)
     body_fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR] * n + [I64, I64]), f"{symbol}.body")
@@ -145,18 +174,7 @@ def emit_kernel(module: ir.Module, kernel: kir.Kernel, symbol: str, libm: bool =
     else:
         writer.stmts(kernel.body)
     writer.finish()
-
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), symbol)
-    fn.visibility = "hidden"
-    bufs, fbegin, fend = fn.args
-    b = ir.IRBuilder(fn.append_basic_block())
-    pointers = [
-        b.load(b.gep(bufs, [ir.Constant(I64, i)], inbounds=True, source_etype=PTR), typ=PTR, name=buf.name)
-        for i, buf in enumerate(kernel.params)
-    ]
-    b.call(body_fn, [*pointers, fbegin, fend])
-    b.ret_void()
-    return fn
+    return body_fn
 
 
 def _written(body: list[kir.Stmt]) -> set[kir.Buffer]:
@@ -241,16 +259,23 @@ def _team_barrier(
 
 
 def build_module(
-    kernels: list[kir.Kernel], prefix: str, cpu_name: str | None = None, libm: bool = True
+    kernels: list[kir.Kernel],
+    prefix: str,
+    cpu_name: str | None = None,
+    libm: bool = True,
+    bodies: dict[str, ir.Function] | None = None,
 ) -> ir.Module:
-    """One module of the kernels' entry points. libm=False computes float64 math inline
-    as a GPU does (codegen.mathlib), so a simulated GPU kernel rounds as the real one."""
+    """One module of the kernels' entry points, the code of equal kernels emitted once
+    (`bodies`, see emit_kernel: pass the same dict to emit more kernels into the module).
+    libm=False computes float64 math inline as a GPU does (codegen.mathlib), so a
+    simulated GPU kernel rounds as the real one."""
     module = ir.Module(name=prefix)
     tm = target_machine(cpu_name)
     module.triple = tm.triple
     module.data_layout = str(tm.target_data)
+    bodies = {} if bodies is None else bodies
     for kernel in kernels:
-        emit_kernel(module, kernel, f"{prefix}_{kernel.name}", libm)
+        emit_kernel(module, kernel, f"{prefix}_{kernel.name}", libm, bodies)
     return module
 
 

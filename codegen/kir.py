@@ -23,10 +23,11 @@ printed IR stays readable.
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from math import prod
 
 
@@ -598,6 +599,33 @@ class Kernel:
             if loop.kind is kind and isinstance(loop.extent, Const):
                 return loop
         return None
+
+
+def code_key(kernel: Kernel) -> str:
+    """What a kernel's machine code depends on: its parameters' dtypes and shapes in
+    order, its scratch and shared buffers and its body, every buffer, loop variable and
+    local numbered by its first appearance instead of named. Kernels of one key compile
+    to the same code (a transformer's layers: 56 kernels, 14 keys), so a library emits
+    that code once; their check messages, which the C glue holds, may differ."""
+    numbers: dict[int, int] = {}
+
+    def canonical(x: object) -> object:
+        if isinstance(x, (Buffer, Var, Local)):
+            if id(x) in numbers:
+                return numbers[id(x)]
+            numbers[id(x)] = len(numbers)
+            named = [canonical(getattr(x, f.name)) for f in fields(x) if f.name != "name"]
+            return (type(x).__name__, numbers[id(x)], *named)
+        if isinstance(x, enum.Enum):
+            return x.name
+        if isinstance(x, (list, tuple)):
+            return tuple(canonical(v) for v in x)
+        if is_dataclass(x):
+            return (type(x).__name__, *(canonical(getattr(x, f.name)) for f in fields(x)))
+        return repr(x)
+
+    parts = (kernel.params, kernel.scratch, kernel.shared, kernel.body)
+    return hashlib.sha256(repr(canonical(parts)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

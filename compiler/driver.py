@@ -277,10 +277,12 @@ def build_several(
     libm = programs[0].target != "cuda-sim"
     with internal_errors(f"generating LLVM code for {name}"):
         first, *rest = programs
-        module = cpu.build_module([c.kernel for c in first.cpu_calls], first.library.prefix, cpu_name, libm)
+        bodies: dict = {}  # kernels of equal code across the programs share it
+        kernels = [c.kernel for c in first.cpu_calls]
+        module = cpu.build_module(kernels, first.library.prefix, cpu_name, libm, bodies)
         for p in rest:
             for c in p.cpu_calls:
-                cpu.emit_kernel(module, c.kernel, f"{p.library.prefix}_{c.kernel.name}", libm)
+                cpu.emit_kernel(module, c.kernel, f"{p.library.prefix}_{c.kernel.name}", libm, bodies)
         optimized = cpu.optimize(module, cpu_name)
     dest.mkdir(parents=True, exist_ok=True)
     so = dest / f"{name}.so"
