@@ -485,7 +485,9 @@ def dynamic_batch(
                 )  # fmt: skip
             except (BatchMixing, SequenceMixing) as e:
                 refused.append(e)
-        raise refused[0]
+        unbounded = [d for d in named if not dims.get(d)]
+        hint = f"; a sequence dimension needs a bound ({unbounded[0]}=1..MAX)" if unbounded else ""
+        raise type(refused[0])(f"{refused[0]}{hint}")
     dim = batch_dim(declared)
     if dim is None:
         raise BatchMixing("the inputs do not name exactly one dimension, at most once each")

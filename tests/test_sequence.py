@@ -235,3 +235,6 @@ def test_kiln_compile_dim_names_a_dimension_of_the_model(tmp_path, rng, capsys):
     path.write_bytes(_attention(rng).SerializeToString())
     assert kiln(["compile", str(path), "-o", str(tmp_path / "a.so"), "--dim", "T=1..8"]) == 2
     assert "T: no input of a names it (named: N, S)" in capsys.readouterr().err
+    # the batch bounded, the sequence not: N tried as the sequence, S as the batch
+    assert kiln(["compile", str(path), "-o", str(tmp_path / "a.so"), "--dim", "N=1..8"]) == 2
+    assert "a sequence dimension needs a bound (S=1..MAX)" in capsys.readouterr().err
