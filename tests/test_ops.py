@@ -160,10 +160,12 @@ CASES: dict[str, list[Case]] = {
         Case([In((2, 65, 65)), In((2, 65, 160))]),
         Case([In((2, 70, 500)), In((500, 16))]),
         Case([In((2, 30)), In((30, 128))]),
-        # b (rows of 1 KiB or more) copied to a scratch in blocks of 128 of its 300 rows
-        # (the last 44), for 32 rows a step; 288 columns: four tiles and one overlapping
-        # the last; 96 columns (384 bytes a row) read in place
+        # b a matrix (rows of 1 KiB or more): packed at run time (pack_panels), then a
+        # linear_packed; b batched: its column panels copied to a scratch in blocks of 128
+        # of its 300 rows (the last 44), for 32 rows a step; 288 columns: four tiles and
+        # one overlapping the last; 96 columns (384 bytes a row) read in place
         Case([In((2, 64, 300)), In((300, 288))]),
+        Case([In((2, 64, 300)), In((2, 300, 288))]),
         Case([In((2, 64, 300)), In((300, 96))]),
     ],
     "linear": [
