@@ -170,7 +170,10 @@ CASES: dict[str, list[Case]] = {
     ],
     "linear": [
         Case([In((1, 40)), In((40, 192)), In((192,))], params=(1, 2)),  # 3 steps of one tile
-        Case([In((64, 300)), In((300, 260)), In((260,))]),  # weights as an input: copied in k blocks
+        # weights as an input, rows 1152 bytes (18 lines) apart: copied in k blocks
+        Case([In((64, 300)), In((300, 288)), In((288,))]),
+        # rows 1040 bytes apart, not whole lines: they spread over L1's sets, read in place
+        Case([In((64, 300)), In((300, 260)), In((260,))]),
         Case([In((1, 7)), In((7, 1)), In((1,))], params=(1, 2)),
         Case([In((33, 70)), In((70, 40)), In((40,))], params=(1, 2)),
         Case([In((2, 5, 33)), In((33, 7))], params=(1,)),
