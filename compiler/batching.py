@@ -77,7 +77,7 @@ class BatchedTensor:
         )
 
 
-def _uniform(array: np.ndarray) -> bool:
+def uniform(array: np.ndarray) -> bool:
     flat = array.reshape(-1)
     return flat.size > 1 and bool((flat == flat[0]).all())
 
@@ -125,7 +125,7 @@ def node_batch(node, given: list[Batch], known: dict[Value, np.ndarray], count: 
     if len(node.outputs) != 1:
         raise BatchMixing(f"node {node.name} ({node.op.name}): an op of several outputs has no batch rule")
     options = [
-        [b] if b or v not in known or not _uniform(known[v]) else [None, *_spans(v.type, count)]
+        [b] if b or v not in known or not uniform(known[v]) else [None, *_spans(v.type, count)]
         for v, b in zip(node.inputs, given)
     ]
     ins, out = [v.type for v in node.inputs], node.outputs[0].type

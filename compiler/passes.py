@@ -321,10 +321,12 @@ def linear_packed(graph: Graph) -> Graph:
     packed: dict[Value, Value] = {}  # each weight packed once, however many products read it
     for node in graph.nodes:
         w = node.inputs[1] if len(node.inputs) > 1 else None
-        if not (node.op.name in ("linear", "matmul") and w is not None and w.type.rank == 2):
-            nodes.append(node)
-            continue
-        if w not in params and not runtime_panels(node):
+        if not (
+            node.op.name in ("linear", "matmul")
+            and w is not None
+            and w.type.rank == 2
+            and (w in params or runtime_panels(node))
+        ):
             nodes.append(node)
             continue
         if w not in packed and w in params:
@@ -340,10 +342,10 @@ def linear_packed(graph: Graph) -> Graph:
 
 
 def runtime_panels(node: Node) -> bool:
-    """Whether a matmul by a matrix b computed at run time reads b packed: where the
-    product would otherwise copy column panels of b (its rows MATMUL_PACK_ROW_BYTES or
-    more apart, MATMUL_PACK_ROWS rows of a or more), once per parallel step of rows,
-    and its columns fill whole panels. Packing reads and writes b once; a 512^3
+    """Whether a matmul by a matrix b computed at run time reads b packed: where b's
+    rows are MATMUL_PACK_ROW_BYTES or more apart, a has MATMUL_PACK_ROWS rows or more
+    (the product would stream b's column panels from L2 or copy them once per parallel
+    step of rows) and b's columns fill whole panels. Packing reads and writes b once; a 512^3
     product then runs at the packed weights' speed (152 against 118 GFLOP/s)."""
     a, b = node.inputs[0].type, node.inputs[1].type
     rows, n = a.numel // max(a.shape[-1], 1), b.shape[1]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.batching import DEFAULT_TILES, TileSet, _uniform, fold, node_batch, prove_tiles
+from compiler.batching import DEFAULT_TILES, TileSet, fold, node_batch, prove_tiles, uniform
 from ir.errors import UnsupportedError
 from ir.graph import Graph, Node, Value
 from ir.ops import BatchAxis, BatchMixing, ElementwiseOp, broadcast_batch, make_op
@@ -179,7 +179,7 @@ def same_constants(short: Graph, long: Graph) -> None:
     read = {v for node in long.nodes for v in node.inputs}
     for v, a in long.params.items():
         other = first.get(v.name)
-        if v not in read or (other is None and _uniform(a)):
+        if v not in read or (other is None and uniform(a)):
             continue
         if other is None or other.shape != a.shape or not np.array_equal(other, a):
             raise SequenceMixing(f"constant {v.name} {a.shape} depends on the sequence length")
