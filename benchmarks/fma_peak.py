@@ -25,8 +25,9 @@ from llvmlite import ir
 
 #: independent accumulators: more than FMA latency x FMA ports, fewer than 32 registers
 CHAINS = 12
-#: loop iterations per timed call: about 10-50 ms at this CPU's peak
-ITERATIONS = 1 << 20
+#: loop iterations per timed call: about 15 ms at this CPU's peak, long beside a
+#: thread's start (2 ms calls let one thread finish before the other began)
+ITERATIONS = 1 << 23
 
 
 def _kernel_ir(lanes: int) -> str:

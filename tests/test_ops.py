@@ -237,6 +237,12 @@ CASES: dict[str, list[Case]] = {
             params=(1,),
         ),
         Case([In((1, 64, 10, 10)), In((8, 576, 64))], {"out_channels": 512}, params=(1,)),
+        # weights over PACKED_CONV_SLAB_WEIGHTS: taps in slabs, blocks in groups, a tail
+        # block: 196 positions as 32 blocks of 6 (3 groups of 11, the last short) and 4;
+        # 500 of 512 filters. Of stride 2, batch 2, panels of 32: 16 positions, one
+        # block of 10 and a tail of 6
+        Case([In((1, 256, 16, 16)), In((8, 2304, 64)), In((500,))], {"out_channels": 500}, params=(1, 2)),
+        Case([In((2, 128, 9, 9)), In((36, 1152, 32))], {"out_channels": 1152, "strides": (2, 2)}, params=(1,)),
         # max-pooled in 2x2 windows: the MNIST CNN's second conv (11x11, its last row and
         # column in no window); panels of 16 (3 windows a tile, the last run of a row
         # overlapping; 10 of 16 filters); stride 2

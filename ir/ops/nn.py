@@ -21,6 +21,7 @@ from codegen.kir import (
     Expr,
     ExprBuilder,
     KernelBuilder,
+    Local,
     LoopKind,
     VectorUnit,
     cast,
@@ -1272,6 +1273,16 @@ PACKED_CONV_SMALL_K = 32
 #: conv2d_packed runs each block of positions through all its panels in turn: the weights
 #: stay in L2, the block's windows in L1
 PACKED_CONV_SHARED_WEIGHTS = 1 << 20
+#: bytes of weights from which conv2d_packed takes its taps in slabs (_lower_slabs):
+#: twice an L2, weights that come from memory at every call. Measured on ResNet-18's
+#: convs, one thread: 512 -> 512 channels at 7² (9.4 MB) 150 -> 183 GFLOP/s at batch 1,
+#: 143 -> 173 at batch 32; 256 -> 512 of stride 2 (4.7 MB) 142 -> 173 and 136 -> 161;
+#: but 256 -> 256 at 14² (2.4 MB) 189 -> 176 and 64 -> 64 at 56² 174 -> 148
+PACKED_CONV_SLAB_WEIGHTS = 4 << 20
+#: bytes of a slab's weights (they stay in L1 while a group of blocks reads them), and
+#: of the sums a group keeps in its scratch
+PACKED_CONV_SLAB_BYTES = 32 << 10
+PACKED_CONV_GROUP_BYTES = 16 << 10
 #: pooled rows a parallel step of conv2d_packed's overlapping pool computes: a band's
 #: first window recomputes rows of the band before it (1 of 29 conv rows for ResNet's
 #: 3x3 pool of stride 2 in bands of 14), and an image's bands are its parallel steps
@@ -1302,6 +1313,13 @@ def packed_conv_panel(out_channels: int) -> int:
     """The channel panel width NR for a conv of out_channels filters: the widest that
     divides them (none is padded), else 16 (the last panel padded with zero filters)."""
     return next((nr for nr in PACKED_CONV_PANELS if out_channels % nr == 0), 16)
+
+
+def packed_conv_slab(channels: int, channel_bytes: int) -> int:
+    """Input channels per slab of conv2d_packed's taps: the most that divide `channels`
+    whose weights (channel_bytes each, a channel's KH x KW taps of a register tile's
+    filters) fit PACKED_CONV_SLAB_BYTES; at least one."""
+    return _filter_group(channels, max(1, PACKED_CONV_SLAB_BYTES // channel_bytes))
 
 
 def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
@@ -1416,6 +1434,8 @@ class Conv2dPacked(Op):
             self._lower_pooled_tiles(k, ins, out, epilogue)
         elif kk <= PACKED_CONV_SMALL_K and self.strides[1] == 1:
             self._lower_rows(k, ins, out, epilogue)
+        elif ins[1].numel * ITEMSIZE[ins[1].dtype] > PACKED_CONV_SLAB_WEIGHTS:
+            self._lower_slabs(k, ins, out, epilogue)
         else:
             self._lower_tiles(k, ins, out, epilogue)
 
@@ -1466,13 +1486,27 @@ class Conv2dPacked(Op):
         return self._window_start(x, ni, y, col) + (kw - 1) * dw
 
     def _sweep_taps(
-        self, k, x: Buffer, w: Buffer, acc: Buffer, bases, first_tap, first_filter, tc: int, ahead=None
+        self,
+        k,
+        x: Buffer,
+        w: Buffer,
+        acc: Buffer,
+        bases,
+        first_tap,
+        first_filter,
+        tc: int,
+        ahead=None,
+        channels: tuple[Expr, int] | None = None,
+        weights_ahead: tuple[Expr, int] | None = None,
     ) -> None:
         """acc[r * tc + f] = sum over taps of x at window r (from bases[r]) times filter
         first_filter + f of the panel whose taps start at first_tap: per tap, tc/lanes
         vectors of packed weights meet one broadcast input per window. Taps in (c, i, j)
         order, a window row's kw taps in one loop body: their addresses are constant
-        offsets from the row's (no per-tap index arithmetic).
+        offsets from the row's (no per-tap index arithmetic). With `channels` = (first,
+        count), only those input channels' taps are added to acc as it stands; with
+        `weights_ahead` = (start, lines), step s of the (channel, kernel row) steps
+        prefetches `lines` lines of w from start + s * lines lines.
 
         `ahead`, where given, is the index in x of the last input the next block reads in
         its first window row (see _window_end): each window row prefetches the next
@@ -1483,14 +1517,23 @@ class Conv2dPacked(Op):
         _, c, hp, wp = x.shape
         _, _, nr = w.shape
         (kh, kw), (dh, dw), mr = self.kernel, self.dilations, len(bases)
-        with k.loop(tc, LoopKind.VECTOR, "o") as jj:
-            for r in range(mr):
-                k.store(acc, r * tc + jj, k_const(acc, 0.0))
-        with k.loop(c, LoopKind.SERIAL, "c") as ci, k.loop(kh, LoopKind.SERIAL, "i") as i:
+        if channels is None:
+            channels = (0, c)
+            with k.loop(tc, LoopKind.VECTOR, "o") as jj:
+                for r in range(mr):
+                    k.store(acc, r * tc + jj, k_const(acc, 0.0))
+        first_channel, count = channels
+        with k.loop(count, LoopKind.SERIAL, "c") as cl, k.loop(kh, LoopKind.SERIAL, "i") as i:
+            ci = first_channel + cl
             row = ci * (hp * wp) + i * (dh * wp)
             taps = (ci * kh + i) * kw
             if ahead is not None:
                 k.prefetch(x, minimum(ahead + row, x.numel - 1))
+            if weights_ahead is not None:
+                start, lines = weights_ahead
+                line = CACHE_LINE // ITEMSIZE[w.dtype]
+                for q in range(lines):
+                    k.prefetch(w, minimum(start + ((cl * kh + i) * lines + q) * line, w.numel - 1))
             with k.loop(tc, vector_kind(tc, k.unit.lanes), "o") as jj:
                 for j in range(kw):
                     wv = w.load_flat((first_tap + taps + j) * nr + first_filter + jj)
@@ -1512,7 +1555,6 @@ class Conv2dPacked(Op):
         bias = ins[2] if len(ins) > 2 else None
         n = x.shape[0]
         panels, kk, nr = w.shape
-        o = self.out_channels
         _, _, oh, ow = out.shape
         positions = oh * ow
         tc, mr = packed_conv_tile(nr, k.unit)
@@ -1538,26 +1580,134 @@ class Conv2dPacked(Op):
                 block, panel, part = step % blocks, step // (parts * blocks) % panels, step // blocks % parts
             acc = k.scratch("tile", out.dtype, (mr * tc,))
             first = minimum(block * mr, positions - mr)
-            bases = []
-            for r in range(mr):
-                pos = first + r
-                bases.append(k.local("int64", self._window_start(x, ni, pos // ow, pos % ow), "win"))
+            bases = self._block_bases(k, x, ni, first, mr, ow)
             following = minimum(first + 2 * mr - 1, positions - 1)  # the next block's last position
             ahead = self._window_end(x, ni, following // ow, following % ow)
             self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc, ahead)
-            # the finished sums to out, NCHW: per filter, a run of mr positions
-            with k.loop(tc, LoopKind.SERIAL, "o") as jj:
-                oi = panel * nr + part * tc + jj
-                guard = None if o % nr == 0 else oi.lt(o)
-                with k.when(guard) if guard is not None else nullcontext():
-                    start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
-                    for r in range(mr):
-                        pos = first + r
-                        at = (ni * o + oi) * positions + pos
-                        value = acc.load_flat(r * tc + jj) + start
-                        if epilogue is not None:
-                            value = epilogue(value, at, [ni, oi, pos // ow, pos % ow])
-                        k.store(out, at, value)
+            self._store_tile(k, out, bias, epilogue, (acc, 0), ni, panel * nr + part * tc, first, (mr, tc))
+
+    def _block_bases(self, k, x: Buffer, ni, first, mr: int, ow: int) -> list[Local]:
+        """The window starts in x of output positions first .. first + mr - 1."""
+        return [
+            k.local("int64", self._window_start(x, ni, (first + r) // ow, (first + r) % ow), "win")
+            for r in range(mr)
+        ]
+
+    def _store_tile(
+        self,
+        k,
+        out: Buffer,
+        bias,
+        epilogue,
+        sums: tuple[Buffer, Expr | int],
+        ni,
+        first_filter,
+        first,
+        tile: tuple[int, int],
+    ) -> None:
+        """A finished tile of sums (sums[0] from offset sums[1], mr positions x tc filters,
+        a position's filters contiguous) to out, NCHW: per filter a run of mr positions
+        from `first`, biased and through the epilogue; padded filters are not stored."""
+        acc, offset = sums
+        mr, tc = tile
+        o, (_, _, oh, ow) = self.out_channels, out.shape
+        positions = oh * ow
+        with k.loop(tc, LoopKind.SERIAL, "o") as jj:
+            oi = first_filter + jj
+            guard = None if o % tc == 0 else oi.lt(o)
+            with k.when(guard) if guard is not None else nullcontext():
+                start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
+                for r in range(mr):
+                    pos = first + r
+                    at = (ni * o + oi) * positions + pos
+                    value = acc.load_flat(offset + r * tc + jj) + start
+                    if epilogue is not None:
+                        value = epilogue(value, at, [ni, oi, pos // ow, pos % ow])
+                    k.store(out, at, value)
+
+    def _lower_slabs(self, k, ins, out, epilogue=None):
+        """_lower_tiles' register tiles with the taps in slabs, for weights that do not
+        stay in cache between calls: per parallel step one image, TC filters of a panel
+        and a group of blocks of MR positions, whose sums wait in a scratch; the panel's
+        taps in slabs of `slab` input channels (packed_conv_slab: weights that stay in
+        L1), and per slab each block's sums to the register tile, the slab's taps, and
+        back. A weight then comes from memory once per group, and the next slab's lines
+        are prefetched while the group computes (each block its share); block by block,
+        the first block of each panel waits on memory (6 positions meet each weight) and
+        the rest read the panel from L2. The positions past the last whole block are the
+        last group's tail block of fewer rows, where _lower_tiles recomputes an
+        overlapping block (49 positions: 8 blocks of 6 and 1, not 9 of 6)."""
+        x, w = ins[0], ins[1]
+        bias = ins[2] if len(ins) > 2 else None
+        n, c = x.shape[:2]
+        panels, kk, nr = w.shape
+        _, _, oh, ow = out.shape
+        positions = oh * ow
+        tc, mr = packed_conv_tile(nr, k.unit)
+        mr = min(mr, positions)
+        parts, blocks, tail = nr // tc, positions // mr, positions % mr
+        groups = -(-blocks * mr * tc * ITEMSIZE[out.dtype] // PACKED_CONV_GROUP_BYTES)
+        group = -(-blocks // groups)
+        size, kh = ITEMSIZE[w.dtype], self.kernel[0]
+        slab = packed_conv_slab(c, kk // c * tc * size)
+        # each block's rows (its (channel, kernel row) steps of a slab) prefetch its share
+        # of the next slab's weights, whole panel rows of nr filters, a line at a time
+        line = CACHE_LINE // size
+        slab_floats = slab * (kk // c) * nr
+        lines = -(-slab_floats // line // ((group + bool(tail)) * slab * kh))
+        with k.loop(n * panels * parts * groups, LoopKind.PARALLEL, "group") as step:
+            ni = step // (panels * parts * groups)
+            panel, part, g = step // (parts * groups) % panels, step // groups % parts, step % groups
+            sums = k.scratch("sums", out.dtype, ((group * mr + tail) * tc,))
+            with k.loop((group * mr + tail) * tc, LoopKind.VECTOR, "s") as e:
+                k.store(sums, e, k_const(sums, 0.0))
+
+            def each_block(body: Callable[[Expr | int, Expr | int, int], None]) -> None:
+                """body(offset in sums, first position, rows) for each block of the group."""
+                with k.loop(group, LoopKind.SERIAL, "b") as b:
+                    block = g * group + b
+                    with k.when(block.lt(blocks)) if groups * group > blocks else nullcontext():
+                        body(b * (mr * tc), block * mr, mr)
+                if tail:
+                    with k.when(g.eq(groups - 1)):
+                        body(group * mr * tc, const(blocks * mr, "int64"), tail)
+
+            def sweep(first_channel: Expr) -> None:
+                def block(offset, first, rows: int) -> None:
+                    acc = k.scratch("tile", out.dtype, (rows * tc,))
+                    with k.loop(rows * tc, LoopKind.VECTOR, "t") as e:
+                        k.store(acc, e, sums.load_flat(offset + e))
+                    following = minimum(first + 2 * rows - 1, positions - 1)
+                    ahead = self._window_end(x, ni, following // ow, following % ow)
+                    bases = self._block_bases(k, x, ni, first, rows, ow)
+                    next_slab = (panel * kk + (first_channel + slab) * (kk // c)) * nr
+                    share = (offset // (mr * tc)) * (slab * kh * lines * line)  # by the block's index
+                    self._sweep_taps(
+                        k,
+                        x,
+                        w,
+                        acc,
+                        bases,
+                        panel * kk,
+                        part * tc,
+                        tc,
+                        ahead,
+                        channels=(first_channel, slab),
+                        weights_ahead=(next_slab + share, lines),
+                    )
+                    with k.loop(rows * tc, LoopKind.VECTOR, "t") as e:
+                        k.store(sums, offset + e, acc.load_flat(e))
+
+                each_block(block)
+
+            with k.loop(c // slab, LoopKind.SERIAL, "slab") as s:
+                sweep(s * slab)
+            first_filter = panel * nr + part * tc
+            each_block(
+                lambda offset, first, rows: self._store_tile(
+                    k, out, bias, epilogue, (sums, offset), ni, first_filter, first, (rows, tc)
+                )
+            )
 
     def _lower_pooled_tiles(self, k, ins, out, epilogue=None):
         """_lower_tiles' register tile over the positions of `windows` consecutive
