@@ -1274,11 +1274,14 @@ PACKED_CONV_SMALL_K = 32
 #: stay in L2, the block's windows in L1
 PACKED_CONV_SHARED_WEIGHTS = 1 << 20
 #: bytes of weights from which conv2d_packed takes its taps in slabs (_lower_slabs):
-#: twice an L2, weights that come from memory at every call. Measured on ResNet-18's
-#: convs, one thread: 512 -> 512 channels at 7² (9.4 MB) 150 -> 183 GFLOP/s at batch 1,
-#: 143 -> 173 at batch 32; 256 -> 512 of stride 2 (4.7 MB) 142 -> 173 and 136 -> 161;
-#: but 256 -> 256 at 14² (2.4 MB) 189 -> 176 and 64 -> 64 at 56² 174 -> 148
-PACKED_CONV_SLAB_WEIGHTS = 4 << 20
+#: an L2's, weights that a model's other layers evict between calls. Measured on
+#: ResNet-18's convs alone, one thread: 512 -> 512 channels at 7² (9.4 MB) 150 -> 183
+#: GFLOP/s at batch 1, 143 -> 173 at batch 32; 256 -> 512 of stride 2 (4.7 MB) 142 ->
+#: 173 and 136 -> 161; 256 -> 256 at 14² (2.4 MB) 189 -> 176 where its weights stay in
+#: cache between calls, but in the model, where they do not, the model 21.9 -> 21.3 ms
+#: at batch 1 and 646 -> 618 at 32 (slabs from 4 MB against from 2); 64 -> 64 at 56²
+#: (0.14 MB) 174 -> 148
+PACKED_CONV_SLAB_WEIGHTS = 2 << 20
 #: bytes of a slab's weights (they stay in L1 while a group of blocks reads them), and
 #: of the sums a group keeps in its scratch
 PACKED_CONV_SLAB_BYTES = 32 << 10
