@@ -242,7 +242,7 @@ CASES: dict[str, list[Case]] = {
         # 500 of 512 filters. Of stride 2, batch 2, panels of 32: 16 positions, one
         # block of 10 and a tail of 6
         Case([In((1, 256, 16, 16)), In((8, 2304, 64)), In((500,))], {"out_channels": 500}, params=(1, 2)),
-        Case([In((2, 128, 9, 9)), In((36, 1152, 32))], {"out_channels": 1152, "strides": (2, 2)}, params=(1,)),
+        Case([In((2, 128, 9, 9)), In((36, 1152, 32))], {"out_channels": 1152, "strides": (2, 2)}, (1,)),
         # max-pooled in 2x2 windows: the MNIST CNN's second conv (11x11, its last row and
         # column in no window); panels of 16 (3 windows a tile, the last run of a row
         # overlapping; 10 of 16 filters); stride 2
@@ -773,10 +773,12 @@ def test_vector_units_of_known_cpus():
     assert [matmul_col_tile(AVX2, rows) for rows in (6, 4, 2, 1)] == [16, 16, 32, 64]
     assert matmul_rows(AVX2, 50, 1 << 20) == (6, 2) and matmul_rows(AVX2, 5, 1 << 20) == (5, 0)
     assert matmul_rows(AVX2, 32, 1 << 19) == (4, 0)  # small: no block for the rest
-    assert matmul_rows(AVX512, 48, 1 << 20) == (4, 0) and matmul_rows(AVX512, 51, 1 << 20) == (3, 0)
-    assert matmul_rows(AVX512, 65, 1 << 20) == (4, 1)  # Winograd's planes: not blocks of 1 row
-    assert matmul_rows(AVX512, 50, 1 << 20) == (4, 2) and matmul_rows(AVX512, 50, 1 << 19) == (2, 0)
-    assert matmul_col_tile(AVX512, 4) == matmul_col_tile(AVX512, 1) == 64
+    assert matmul_rows(AVX512, 48, 1 << 20) == (6, 0) and matmul_rows(AVX512, 51, 1 << 20) == (6, 3)
+    assert matmul_rows(AVX512, 65, 1 << 20) == (6, 5)  # Winograd's planes: not blocks of 1 row
+    assert matmul_rows(AVX512, 4096, 1 << 30) == (6, 4)  # not blocks of 4: 6 rows a vector of b
+    assert matmul_rows(AVX512, 50, 1 << 20) == (6, 2) and matmul_rows(AVX512, 50, 1 << 19) == (2, 0)
+    assert matmul_col_tile(AVX512, 6) == matmul_col_tile(AVX512, 1) == 64
+    assert matmul_rows(AVX512, 64, 1 << 20, 32) == (8, 0) and matmul_col_tile(AVX512, 8) == 32
     assert matmul_rows(AVX512, 513, 1 << 22, 16) == (16, 1) and matmul_col_tile(AVX512, 16) == 16  # 16 sums
 
 

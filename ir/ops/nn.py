@@ -126,8 +126,13 @@ AVX512_MATMUL_K_UNROLL = 4
 MATMUL_COL_TILE = 64
 #: output rows computed together, so each loaded vector of b serves that many rows
 MATMUL_ROW_BLOCKS = (4, 3, 2, 1)
-#: vectors of sums in an AVX-512 product tile (half its 32 registers)
+#: vectors of sums in an AVX-512 product tile narrower than MATMUL_COL_TILE (half its
+#: 32 registers)
 AVX512_MATMUL_SUMS = 16
+#: rows of an AVX-512 product tile MATMUL_COL_TILE wide: 6 x 4 sums, 4 vectors of b and
+#: a's broadcasts as FMA operands fill its 32 registers, and each vector of b loaded
+#: serves 6 FMAs (4 rows: 4, and b's panel streams from L2 at 32 bytes a cycle)
+AVX512_WIDE_ROWS = 6
 #: output rows computed together on a smaller unit than AVX-512's (see matmul_rows)
 AVX2_MATMUL_ROWS = 6
 #: multiply-adds from which a product's rows past its last whole block get their own block
@@ -512,12 +517,13 @@ def whole_vectors(k: KernelBuilder, n: int, name: str) -> Iterator[Expr]:
 
 def matmul_rows(unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE) -> tuple[int, int]:
     """(R, rest): a product's m rows (of n columns) as blocks of R rows and `rest` more.
-    On AVX-512, AVX512_MATMUL_SUMS sums: 4 rows of a 64-column tile (16 registers of 32),
-    or more rows where n is narrower (16 of one vector: ResNet-18's layer4 at batch 1,
-    Winograd planes of 16 columns); R the widest of those that divides m, or where only
-    half of it or less does (Winograd's 65 rows per plane: blocks of one row, each
-    vector of b loaded for 4 FMAs, ran at 21% of the FMA peak), blocks of R and the
-    rest. On a smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16
+    On AVX-512, AVX512_WIDE_ROWS rows of a 64-column tile, or AVX512_MATMUL_SUMS sums
+    where n is narrower (16 rows of one vector: ResNet-18's layer4 at batch 1, Winograd
+    planes of 16 columns); R the widest of those that divides m, or where it does not,
+    blocks of R and the rest (Winograd's 65 rows per plane as blocks of one row, each
+    vector of b loaded for 4 FMAs, ran at 21% of the FMA peak; 4096 rows as blocks of 4
+    rather than 6 and a rest of 4, the transformer's products at batch 32 3-10% slower).
+    On a smaller unit AVX2_MATMUL_ROWS: 6 x 16 sums are 12 of AVX2's 16
     registers, two of b's vectors and a broadcast the rest, and 12 chains of FMAs hide
     the FMA's latency (4 x 16, 8 chains, ran at 55% of the peak: the latency bound).
     The rows past the last block are a block of their own, whose code costs compile
@@ -526,9 +532,10 @@ def matmul_rows(unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE) -
     rows."""
     if unit == AVX512:
         vectors = min(MATMUL_COL_TILE // unit.lanes, -(-max(n, 1) // unit.lanes))  # of a row
-        widest = AVX512_MATMUL_SUMS // vectors
+        wide = vectors * unit.lanes == MATMUL_COL_TILE
+        widest = AVX512_WIDE_ROWS if wide else AVX512_MATMUL_SUMS // vectors
         dividing = next(r for r in (widest, *MATMUL_ROW_BLOCKS) if r <= widest and m % r == 0)
-        if dividing <= widest // 2 and m > widest and macs >= MATMUL_REST_MACS:
+        if dividing < widest and m > widest and macs >= MATMUL_REST_MACS:
             return widest, m % widest
         return dividing, 0
     if m < AVX2_MATMUL_ROWS:
@@ -561,15 +568,16 @@ def k_sweeps(k: KernelBuilder, steps: int, sweep: Callable[[Expr, int], None]) -
 def matmul_col_tile(unit: VectorUnit, rows: int) -> int:
     """Output columns a block of `rows` rows computes together: a tile small enough for
     LLVM to keep in vector registers over the whole k loop (loaded and stored once).
-    On AVX-512, AVX512_MATMUL_SUMS sums: MATMUL_COL_TILE columns for 4 rows (a's
-    broadcasts are FMA operands there), fewer for more rows. On a smaller unit the sums
+    On AVX-512, MATMUL_COL_TILE columns for up to AVX512_WIDE_ROWS rows (a's broadcasts
+    are FMA operands there), for more rows AVX512_MATMUL_SUMS sums. On a smaller unit the sums
     take half the registers, as b's vectors and a broadcast take the rest, and at least
     a panel (MATMUL_VECTOR columns): on AVX2 6 x 16 (and 5, 4, 3 rows), 2 x 32, 1 x 64
     (a batch-1 row needs 8 sums in flight to hide the FMA latency; 1 x 16 ran 2x
     slower)."""
     if unit == AVX512:
-        vectors = max(1, AVX512_MATMUL_SUMS // max(rows, 1))
-        return min(MATMUL_COL_TILE, vectors * unit.lanes)
+        if rows <= AVX512_WIDE_ROWS:
+            return MATMUL_COL_TILE
+        return max(1, AVX512_MATMUL_SUMS // rows) * unit.lanes
     return max(MATMUL_VECTOR, unit.lanes * (unit.registers // 2 // rows))
 
 
