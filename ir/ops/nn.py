@@ -133,6 +133,10 @@ AVX512_MATMUL_SUMS = 16
 #: a's broadcasts as FMA operands fill its 32 registers, and each vector of b loaded
 #: serves 6 FMAs (4 rows: 4, and b's panel streams from L2 at 32 bytes a cycle)
 AVX512_WIDE_ROWS = 6
+#: blocks of AVX512_WIDE_ROWS (all matrices) from which a product takes them: fewer
+#: make few parallel steps, and the threads' shares of them uneven (the MLP's 32 rows
+#: as 5 blocks of 6 and one of 2 split 3 : 2 between two threads, as 8 of 4 split even)
+AVX512_WIDE_MIN_BLOCKS = 32
 #: output rows computed together on a smaller unit than AVX-512's (see matmul_rows)
 AVX2_MATMUL_ROWS = 6
 #: multiply-adds from which a product's rows past its last whole block get their own block
@@ -256,7 +260,8 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     """
     a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, p.b_shape)
-    rows_per_block, tail_rows = matmul_rows(k.unit, m, prod(batch) * m * kk * n, n)
+    shared = prod(batch) if k.threads > 1 else None  # the blocks shared between threads
+    rows_per_block, tail_rows = matmul_rows(k.unit, m, prod(batch) * m * kk * n, n, shared)
     lanes, col_tile = k.unit.lanes, matmul_col_tile(k.unit, rows_per_block)
     blocks_per_matrix = m // rows_per_block
     group = _row_group(blocks_per_matrix, prod(batch))
@@ -515,7 +520,9 @@ def whole_vectors(k: KernelBuilder, n: int, name: str) -> Iterator[Expr]:
             yield first + lane
 
 
-def matmul_rows(unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE) -> tuple[int, int]:
+def matmul_rows(
+    unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE, matrices: int | None = None
+) -> tuple[int, int]:
     """(R, rest): a product's m rows (of n columns) as blocks of R rows and `rest` more.
     On AVX-512, AVX512_WIDE_ROWS rows of a 64-column tile, or AVX512_MATMUL_SUMS sums
     where n is narrower (16 rows of one vector: ResNet-18's layer4 at batch 1, Winograd
@@ -529,11 +536,17 @@ def matmul_rows(unit: VectorUnit, m: int, macs: int, n: int = MATMUL_COL_TILE) -
     The rows past the last block are a block of their own, whose code costs compile
     time (a third more LLVM time in a small model's training step), so a product of
     fewer than MATMUL_REST_MACS multiply-adds takes the largest block that divides its
-    rows."""
+    rows. Where the blocks of `matrices` such products are parallel steps that threads
+    share, blocks of AVX512_WIDE_ROWS need AVX512_WIDE_MIN_BLOCKS of them (else 4 rows;
+    on one thread the MLP at batch 32 ran 5% faster in blocks of 6, on two 7% slower);
+    blocks of one thread (matrices None) take them wherever they fit."""
     if unit == AVX512:
         vectors = min(MATMUL_COL_TILE // unit.lanes, -(-max(n, 1) // unit.lanes))  # of a row
         wide = vectors * unit.lanes == MATMUL_COL_TILE
-        widest = AVX512_WIDE_ROWS if wide else AVX512_MATMUL_SUMS // vectors
+        if wide and (matrices is None or matrices * (m // AVX512_WIDE_ROWS) >= AVX512_WIDE_MIN_BLOCKS):
+            widest = AVX512_WIDE_ROWS
+        else:
+            widest = AVX512_MATMUL_SUMS // vectors
         dividing = next(r for r in (widest, *MATMUL_ROW_BLOCKS) if r <= widest and m % r == 0)
         if dividing < widest and m > widest and macs >= MATMUL_REST_MACS:
             return widest, m % widest
