@@ -25,10 +25,11 @@ The floors (FLOPs and the fewest bytes each kernel must move):
     512→512 at 7²   weights 9 MiB, input 0.1 MiB
   all compute bound: 231 MFLOP at ~110 GFLOP/s (one Zen 4 core) is 2.1 ms, and even the
   largest's 9 MiB of weights stream from memory in well under 1 ms.
-  Kiln runs the first three as Winograd's F(2x2, 3x3) (compiler.passes.conv_winograd),
-  0.45x of the direct multiply-adds, and the 512-channel one directly (its 16 tiles are
-  too few: WINOGRAD_MIN_TILES). Their GFLOP/s count the direct convolution's FLOPs (the
-  effective rate), so the Winograd ones may pass the FMA peak.
+  Kiln runs the first two as Winograd's F(2x2, 3x3) (compiler.passes.conv_winograd),
+  0.45x of the direct multiply-adds, and the 256- and 512-channel ones directly (their
+  49 and 16 tiles are too few: WINOGRAD_MIN_TILES), their taps in slabs (weights over
+  2 MB: conv2d_packed's _lower_slabs). Their GFLOP/s count the direct convolution's
+  FLOPs (the effective rate), so the Winograd ones may pass the FMA peak.
 """
 
 from __future__ import annotations
