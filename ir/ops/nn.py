@@ -1687,17 +1687,19 @@ class Conv2dPacked(Op):
                 k.store(sums, e, k_const(sums, 0.0))
 
             def each_block(body: Callable[[Expr | int, Expr | int, int], None]) -> None:
-                """body(offset in sums, first position, rows) for each block of the group."""
+                """body(slot, first position, rows) for each block of the group, its sums
+                at sums[slot * mr * tc:] (the tail's slot is the group's last)."""
                 with k.loop(group, LoopKind.SERIAL, "b") as b:
                     block = g * group + b
                     with k.when(block.lt(blocks)) if groups * group > blocks else nullcontext():
-                        body(b * (mr * tc), block * mr, mr)
+                        body(b, block * mr, mr)
                 if tail:
                     with k.when(g.eq(groups - 1)):
-                        body(group * mr * tc, const(blocks * mr, "int64"), tail)
+                        body(group, const(blocks * mr, "int64"), tail)
 
             def sweep(first_channel: Expr) -> None:
-                def block(offset, first, rows: int) -> None:
+                def block(slot, first, rows: int) -> None:
+                    offset = slot * (mr * tc)
                     acc = k.scratch("tile", out.dtype, (rows * tc,))
                     with k.loop(rows * tc, LoopKind.VECTOR, "t") as e:
                         k.store(acc, e, sums.load_flat(offset + e))
@@ -1705,7 +1707,7 @@ class Conv2dPacked(Op):
                     ahead = self._window_end(x, ni, following // ow, following % ow)
                     bases = self._block_bases(k, x, ni, first, rows, ow)
                     next_slab = (panel * kk + (first_channel + slab) * (kk // c)) * nr
-                    share = (offset // (mr * tc)) * (slab * kh * lines * line)  # by the block's index
+                    share = slot * (slab * kh * lines * line)
                     self._sweep_taps(
                         k,
                         x,
@@ -1728,8 +1730,8 @@ class Conv2dPacked(Op):
                 sweep(s * slab)
             first_filter = panel * nr + part * tc
             each_block(
-                lambda offset, first, rows: self._store_tile(
-                    k, out, bias, epilogue, (sums, offset), ni, first_filter, first, (rows, tc)
+                lambda slot, first, rows: self._store_tile(
+                    k, out, bias, epilogue, (sums, slot * (mr * tc)), ni, first_filter, first, (rows, tc)
                 )
             )
 
