@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from codegen import cpu
 from compiler.fusion import moves_elements, reads_through
 from ir.errors import GraphError, InternalCompilerError
 from ir.graph import Graph, Node, Value
@@ -164,9 +165,9 @@ def conv_winograd(graph: Graph) -> Graph:
     (ir.ops.winograd): winograd_input (which reads the conv's padding as zeros: no pad
     kernel copies x), a batched matmul by the transformed weights, and
     winograd_output with the bias (which takes the conv's epilogue); or, where the tiles
-    are many and a block of them fits a thread's scratch (fused_pays), the three as one
-    winograd_conv2d. 16 multiplications per 2x2 outputs instead of 36. CPU only, before
-    conv_packed."""
+    are many and a block of them fits a thread's scratch (fused_pays: blocks that the
+    library's default threads share evenly), the three as one winograd_conv2d. 16
+    multiplications per 2x2 outputs instead of 36. CPU only, before conv_packed."""
     nodes = []
     params = dict(graph.params)
     for node in graph.nodes:
@@ -185,7 +186,7 @@ def conv_winograd(graph: Graph) -> Graph:
         weights = transform_weights(params[w])
         u = Value(f"{w.name}.winograd", w.type.with_shape(weights.shape))
         params[u] = weights
-        if winograd_fused_pays(n, x.type.shape[1], th, tw):
+        if winograd_fused_pays(n, x.type.shape[1], th, tw, cpu.default_threads()):
             fused = make_op("winograd_conv2d", out_shape=(n, oh, ow), pads=pads)
             nodes.append(Node(fused, [x, u, *bias], node.outputs, node.name))
             continue

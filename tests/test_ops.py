@@ -778,7 +778,8 @@ def test_vector_units_of_known_cpus():
     assert matmul_rows(AVX512, 4096, 1 << 30) == (6, 4)  # not blocks of 4: 6 rows a vector of b
     # blocks that are parallel steps: 6 rows where they make enough of them to share evenly
     assert matmul_rows(AVX512, 4096, 1 << 30, 1024, 1) == (6, 4)
-    assert matmul_rows(AVX512, 32, 1 << 24, 512, 1) == (4, 0) and matmul_rows(AVX512, 64, 1 << 24, 64, 16) == (6, 4)
+    assert matmul_rows(AVX512, 32, 1 << 24, 512, 1) == (4, 0)  # 5 blocks of 6: uneven
+    assert matmul_rows(AVX512, 64, 1 << 24, 64, 16) == (6, 4)  # 16 matrices: 160 blocks
     assert matmul_rows(AVX512, 50, 1 << 20) == (6, 2) and matmul_rows(AVX512, 50, 1 << 19) == (2, 0)
     assert matmul_col_tile(AVX512, 6) == matmul_col_tile(AVX512, 1) == 64
     assert matmul_rows(AVX512, 64, 1 << 20, 32) == (8, 0) and matmul_col_tile(AVX512, 8) == 32

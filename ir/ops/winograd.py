@@ -73,12 +73,14 @@ BLOCK_TILES = 128
 ONE_BLOCK_TILES = 1024
 
 
-def block_rows(rows: int, row_tiles: int, most: int = BLOCK_TILES, vector: int = 1) -> int:
+def block_rows(
+    rows: int, row_tiles: int, most: int = BLOCK_TILES, vector: int = 1, one_block: int = ONE_BLOCK_TILES
+) -> int:
     """Tile rows per block, of `rows` tile rows of `row_tiles` tiles in all images: all
-    of them up to ONE_BLOCK_TILES tiles, else the most that divide `rows` and hold at
+    of them up to `one_block` tiles, else the most that divide `rows` and hold at
     most `most` tiles, of those whose tiles are whole vectors (of `vector` columns)
     where any are, at least one."""
-    if rows * row_tiles <= ONE_BLOCK_TILES:
+    if rows * row_tiles <= one_block:
         return rows
     fit = [r for r in range(1, rows + 1) if rows % r == 0 and r * row_tiles <= most]
     whole = [r for r in fit if r * row_tiles % vector == 0]
@@ -382,6 +384,14 @@ FUSED_TILES = 17 << 12
 STRIP_FLOATS = 1 << 12
 #: filters whose products a fused conv keeps at once (16 x this x columns floats, in L1)
 FUSED_FILTERS = 16
+#: floats of V and M that stay in L2 between the unfused ops: a conv whose V and M
+#: take more is fused (ResNet-18's layer1 at batch 1: 784 tiles, V and M 3.2 MB each,
+#: went to memory and back; the model on one thread 18.7 -> 17.1 ms fused)
+UNFUSED_CACHED_FLOATS = 1 << 19
+#: blocks a thread takes from which an uneven share is small beside them (ResNet-18's
+#: layer2 at batch 1: 7 blocks of 28 tiles split 4 : 3 between two threads took 0.55 ms
+#: a conv against 0.47 unfused)
+FUSED_STEPS_PER_THREAD = 8
 
 
 def _fused_block(n: int, channels: int, th: int, tw: int) -> tuple[int, int, int] | None:
@@ -389,20 +399,28 @@ def _fused_block(n: int, channels: int, th: int, tw: int) -> tuple[int, int, int
     not pay: the tile rows the most whose transformed tiles fit FUSED_TILES, the
     columns their tiles padded to whole strips (a strip of whole vectors, a power of
     two, keeps its sums in registers over all channels: 56 columns, masked, ran 25%
-    slower than the unfused product). None where the tiles make one block (V and M
-    stay in cache anyway, and the three ops split the work finer between threads) or
-    strips would be narrower than two vectors."""
+    slower than the unfused product). None where strips would be narrower than two
+    vectors."""
     strip = min(MATMUL_COL_TILE, 1 << (STRIP_FLOATS // channels).bit_length() - 1)
-    rows = block_rows(n * th, tw, FUSED_TILES // (16 * (channels + 1)) // strip * strip)
+    rows = block_rows(n * th, tw, FUSED_TILES // (16 * (channels + 1)) // strip * strip, one_block=0)
     columns = -(-rows * tw // strip) * strip
-    if rows == n * th or strip < 2 * MATMUL_VECTOR or 16 * (channels + 1) * columns > FUSED_TILES:
+    if strip < 2 * MATMUL_VECTOR or 16 * (channels + 1) * columns > FUSED_TILES:
         return None
     return rows, columns, strip
 
 
-def fused_pays(n: int, channels: int, th: int, tw: int) -> bool:
-    """Whether winograd_conv2d takes a conv of n images of th x tw tiles (_fused_block)."""
-    return _fused_block(n, channels, th, tw) is not None
+def fused_pays(n: int, channels: int, th: int, tw: int, threads: int = 1) -> bool:
+    """Whether winograd_conv2d takes a conv of n images of th x tw tiles of `channels`
+    channels: where V and M (as many channels out as in) take more than
+    UNFUSED_CACHED_FLOATS (less stays in cache between the three ops, which split the
+    work finer between threads), there are blocks (_fused_block), and `threads`
+    threads share them, its parallel steps, evenly: a multiple of them, or
+    FUSED_STEPS_PER_THREAD each or more."""
+    block = _fused_block(n, channels, th, tw)
+    if block is None or 2 * 16 * (channels + 1) * n * th * tw <= UNFUSED_CACHED_FLOATS:
+        return False
+    blocks = n * th // block[0]
+    return blocks % threads == 0 or blocks >= FUSED_STEPS_PER_THREAD * threads
 
 
 @register("winograd_conv2d", Fusion.CONTRACTION)
