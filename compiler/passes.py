@@ -164,9 +164,9 @@ def conv_winograd(graph: Graph) -> Graph:
     whole tiles to pay (WINOGRAD_MIN_TILES, WINOGRAD_MAX_WORK), becomes Winograd's F(2x2, 3x3)
     (ir.ops.winograd): winograd_input (which reads the conv's padding as zeros: no pad
     kernel copies x), a batched matmul by the transformed weights, and
-    winograd_output with the bias (which takes the conv's epilogue); or, where the tiles
-    are many and a block of them fits a thread's scratch (fused_pays: blocks that the
-    library's default threads share evenly), the three as one winograd_conv2d. 16
+    winograd_output with the bias (which takes the conv's epilogue); or, where V and M
+    would outgrow L2 and a block of tiles fits a thread's scratch (fused_pays: blocks
+    that the library's default threads share evenly), the three as one winograd_conv2d. 16
     multiplications per 2x2 outputs instead of 36. CPU only, before conv_packed."""
     nodes = []
     params = dict(graph.params)
