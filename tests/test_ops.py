@@ -228,6 +228,9 @@ CASES: dict[str, list[Case]] = {
         ),
         Case([In((1, 16, 4, 4)), In((2, 144, 32)), In((64,))], {"out_channels": 64}, params=(1, 2)),
         Case([In((1, 7, 7, 7)), In((1, 63, 16))], {"out_channels": 3}, params=(1,)),
+        # 32 of a panel's 48 filters: as AVX2 schedules it, tiles of 16 filters, the
+        # third all past out_channels and not stored
+        Case([In((1, 4, 9, 9)), In((1, 36, 48))], {"out_channels": 32}, params=(1,)),
         # an input over 1 MiB and weights under it: each block through its three panels
         # in turn (1x1, stride 2, 40 of 48 filters); weights over 1 MiB: each panel
         # through all the blocks, whatever the threads

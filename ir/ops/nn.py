@@ -1608,7 +1608,8 @@ class Conv2dPacked(Op):
             following = minimum(first + 2 * mr - 1, positions - 1)  # the next block's last position
             ahead = self._window_end(x, ni, following // ow, following % ow)
             self._sweep_taps(k, x, w, acc, bases, panel * kk, part * tc, tc, ahead)
-            self._store_tile(k, out, bias, epilogue, (acc, 0), ni, panel * nr + part * tc, first, (mr, tc))
+            first_filter, padded = panel * nr + part * tc, panels * nr > self.out_channels
+            self._store_tile(k, out, bias, epilogue, (acc, 0), ni, first_filter, first, (mr, tc), padded)
 
     def _block_bases(self, k, x: Buffer, ni, first, mr: int, ow: int) -> list[Local]:
         """The window starts in x of output positions first .. first + mr - 1."""
@@ -1628,17 +1629,19 @@ class Conv2dPacked(Op):
         first_filter,
         first,
         tile: tuple[int, int],
+        padded: bool,
     ) -> None:
         """A finished tile of sums (sums[0] from offset sums[1], mr positions x tc filters,
         a position's filters contiguous) to out, NCHW: per filter a run of mr positions
-        from `first`, biased and through the epilogue; padded filters are not stored."""
+        from `first`, biased and through the epilogue. Where the panels hold filters past
+        out_channels (`padded`), those are not stored."""
         acc, offset = sums
         mr, tc = tile
         o, (_, _, oh, ow) = self.out_channels, out.shape
         positions = oh * ow
         with k.loop(tc, LoopKind.SERIAL, "o") as jj:
             oi = first_filter + jj
-            guard = None if o % tc == 0 else oi.lt(o)
+            guard = oi.lt(o) if padded else None
             with k.when(guard) if guard is not None else nullcontext():
                 start = bias.load_flat(oi) if bias is not None else k_const(out, 0.0)
                 for r in range(mr):
@@ -1728,10 +1731,19 @@ class Conv2dPacked(Op):
 
             with k.loop(c // slab, LoopKind.SERIAL, "slab") as s:
                 sweep(s * slab)
-            first_filter = panel * nr + part * tc
+            first_filter, padded = panel * nr + part * tc, panels * nr > self.out_channels
             each_block(
                 lambda slot, first, rows: self._store_tile(
-                    k, out, bias, epilogue, (sums, slot * (mr * tc)), ni, first_filter, first, (rows, tc)
+                    k,
+                    out,
+                    bias,
+                    epilogue,
+                    (sums, slot * (mr * tc)),
+                    ni,
+                    first_filter,
+                    first,
+                    (rows, tc),
+                    padded,
                 )
             )
 
