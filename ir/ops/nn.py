@@ -1700,37 +1700,35 @@ class Conv2dPacked(Op):
                     with k.when(g.eq(groups - 1)):
                         body(group, const(blocks * mr, "int64"), tail)
 
-            def sweep(first_channel: Expr) -> None:
-                def block(slot, first, rows: int) -> None:
-                    offset = slot * (mr * tc)
-                    acc = k.scratch("tile", out.dtype, (rows * tc,))
-                    with k.loop(rows * tc, LoopKind.VECTOR, "t") as e:
-                        k.store(acc, e, sums.load_flat(offset + e))
-                    following = minimum(first + 2 * rows - 1, positions - 1)
-                    ahead = self._window_end(x, ni, following // ow, following % ow)
-                    bases = self._block_bases(k, x, ni, first, rows, ow)
-                    next_slab = (panel * kk + (first_channel + slab) * (kk // c)) * nr
-                    share = slot * (slab * kh * lines * line)
-                    self._sweep_taps(
-                        k,
-                        x,
-                        w,
-                        acc,
-                        bases,
-                        panel * kk,
-                        part * tc,
-                        tc,
-                        ahead,
-                        channels=(first_channel, slab),
-                        weights_ahead=(next_slab + share, lines),
-                    )
-                    with k.loop(rows * tc, LoopKind.VECTOR, "t") as e:
-                        k.store(sums, offset + e, acc.load_flat(e))
-
-                each_block(block)
+            def sweep(first_channel: Expr, slot: Expr | int, first: Expr, rows: int) -> None:
+                """One block's sums over one slab's taps, through the register tile."""
+                offset = slot * (mr * tc)
+                acc = k.scratch("tile", out.dtype, (rows * tc,))
+                with k.loop(rows * tc, LoopKind.VECTOR, "t") as e:
+                    k.store(acc, e, sums.load_flat(offset + e))
+                following = minimum(first + 2 * rows - 1, positions - 1)
+                ahead = self._window_end(x, ni, following // ow, following % ow)
+                bases = self._block_bases(k, x, ni, first, rows, ow)
+                next_slab = (panel * kk + (first_channel + slab) * (kk // c)) * nr
+                share = slot * (slab * kh * lines * line)
+                self._sweep_taps(
+                    k,
+                    x,
+                    w,
+                    acc,
+                    bases,
+                    panel * kk,
+                    part * tc,
+                    tc,
+                    ahead,
+                    channels=(first_channel, slab),
+                    weights_ahead=(next_slab + share, lines),
+                )
+                with k.loop(rows * tc, LoopKind.VECTOR, "t") as e:
+                    k.store(sums, offset + e, acc.load_flat(e))
 
             with k.loop(c // slab, LoopKind.SERIAL, "slab") as s:
-                sweep(s * slab)
+                each_block(functools.partial(sweep, s * slab))
             first_filter, padded = panel * nr + part * tc, panels * nr > self.out_channels
             each_block(
                 lambda slot, first, rows: self._store_tile(
