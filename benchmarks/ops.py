@@ -10,7 +10,10 @@ thread count set, and OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset so numpy uses
 its best kernel for this CPU. Reported: median time, GFLOP/s or GB/s, and the ratio
 Kiln / numpy throughput (above 1: Kiln faster), and for the FLOP-bound kernels Kiln's
 and numpy's share of the FMA peak at that thread count (benchmarks/fma_peak.py, measured
-in the same child process, just before the kernels).
+in the same child process, just before the kernels), and Kiln's share of the ceiling of
+a product's register tile with its operands in L1 (fma_peak.tile_gflops: the loop Kiln's
+products and convolutions run, as LLVM compiles it; 82-85% of the FMA peak on the Xeon
+these numbers come from): what is left to a kernel's schedule.
 
 The floors (FLOPs and the fewest bytes each kernel must move):
   matmul 512^3        268 MFLOP, 3 MiB      → compute bound
@@ -23,8 +26,9 @@ The floors (FLOPs and the fewest bytes each kernel must move):
     128→128 at 28²  weights 0.56 MiB, input 0.38 MiB
     256→256 at 14²  weights 2.25 MiB, input 0.19 MiB
     512→512 at 7²   weights 9 MiB, input 0.1 MiB
-  all compute bound: 231 MFLOP at ~110 GFLOP/s (one Zen 4 core) is 2.1 ms, and even the
-  largest's 9 MiB of weights stream from memory in well under 1 ms.
+  all compute bound: 231 MFLOP at ~210 GFLOP/s (one core of the Xeon, two AVX-512 FMA
+  units) is 1.1 ms, and the largest's 9 MiB of weights stream from memory in about half
+  of that (a core's ~20 GB/s), which the slabs' prefetch overlaps with the FMAs.
   Kiln runs the first two as Winograd's F(2x2, 3x3) (compiler.passes.conv_winograd),
   0.45x of the direct multiply-adds, and the 256- and 512-channel ones directly (their
   49 and 16 tiles are too few: WINOGRAD_MIN_TILES), their taps in slabs (weights over
@@ -158,12 +162,12 @@ def measure(threads: int, repeats: int, match: str = "") -> list[dict]:
     """The FMA peak, then all Kiln timings, then all numpy ones: OpenBLAS's worker
     threads spin for a while after each call and would steal the cores Kiln's threads
     need."""
-    from fma_peak import peak_gflops
+    from fma_peak import peak_gflops, tile_gflops
 
     from compiler import compile_model
 
     rows = [r for r in cases(np.random.default_rng(0)) if match in r["kernel"]]
-    peak = peak_gflops(threads)[0]
+    peak, tile = peak_gflops(threads)[0], tile_gflops(threads)[0]
     results = []
     for r in rows:
         model = compile_model(r["graph"], name=r["graph"].name)
@@ -182,6 +186,7 @@ def measure(threads: int, repeats: int, match: str = "") -> list[dict]:
             kiln=r["kiln_time"],
             numpy=r["numpy_time"],
             peak=peak,
+            tile=tile,
         )
         for r in rows
     ]
@@ -208,20 +213,21 @@ def main() -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         rows += json.loads(out.strip().splitlines()[-1])
     for threads in (1, 2):
-        peak = next((r["peak"] for r in rows if r["threads"] == threads), float("nan"))
+        peak, tile = next(((r["peak"], r["tile"]) for r in rows if r["threads"] == threads), (0.0, 0.0))
         print(
-            f"FMA peak, {threads} thread{'s' if threads > 1 else ''}: {peak:.1f} GFLOP/s (float32, measured)"
+            f"FMA peak, {threads} thread{'s' if threads > 1 else ''}: {peak:.1f} GFLOP/s; a product's "
+            f"register tile from L1: {tile:.1f} ({tile / max(peak, 1e-9):.0%}) (float32, measured)"
         )
     print(
         f"{'kernel':<28} {'thr':>3} {'kiln ms':>9} {'numpy ms':>9} "
-        f"{'kiln':>9} {'numpy':>9}  {'kiln/numpy':>10} {'kiln %pk':>8} {'numpy %pk':>9}"
+        f"{'kiln':>9} {'numpy':>9}  {'kiln/numpy':>10} {'kiln %pk':>8} {'numpy %pk':>9} {'kiln %tile':>10}"
     )
     for r in rows:
         k, n = r["amount"] / r["kiln"], r["amount"] / r["numpy"]
         share = (
-            f"{100 * k / r['peak']:>7.0f}% {100 * n / r['peak']:>8.0f}%"
+            f"{100 * k / r['peak']:>7.0f}% {100 * n / r['peak']:>8.0f}% {100 * k / r['tile']:>9.0f}%"
             if r["unit"] == "GFLOP/s"
-            else f"{'':>8} {'':>9}"
+            else f"{'':>8} {'':>9} {'':>10}"
         )
         print(
             f"{r['kernel']:<28} {r['threads']:>3} {r['kiln'] * 1e3:>9.3f} {r['numpy'] * 1e3:>9.3f} "
