@@ -840,6 +840,29 @@ def test_a_product_in_k_blocks_applies_its_bias_and_epilogue_once(rng):
     np.testing.assert_allclose(got, interpret(graph, inputs)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_threads_split_the_columns_of_weights_that_few_rows_meet(rng, monkeypatch):
+    """32 rows by constant weights of 256 columns: compiled for two threads, the parallel
+    steps run column part by column part, each thread's share one part of the weights
+    (twice the steps of the one-thread schedule, which splits the rows only); the
+    product is right on one thread and on two."""
+    b = GraphBuilder("split_columns")
+    weights = (rng.standard_normal((50, 256)) / 7).astype(np.float32)
+    bias = rng.standard_normal(256).astype(np.float32)
+    graph = b.build(b.relu(b.linear(b.input("x", (32, 50)), b.param("w", weights), b.param("c", bias))))
+    steps = {}
+    for threads in ("1", "2"):
+        monkeypatch.setenv("KILN_NUM_THREADS", threads)
+        (kernel,) = [c.kernel for c in lower_graph(graph, "split").cpu_calls if "linear" in c.kernel.name]
+        steps[threads] = int(kernel.split_loop.extent.value)
+    assert steps["2"] == 2 * steps["1"]
+    model = compile_model(graph, name="split_columns")  # for two threads
+    x = rng.standard_normal((32, 50)).astype(np.float32)
+    expected = interpret(graph, [x])[0]
+    for threads in (1, 2):
+        model.set_num_threads(threads)
+        np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_forms_differ():
     """The two gelu forms are different functions; both lowerings must keep them apart."""
     x = np.linspace(-3, 3, 33, dtype=np.float32)
