@@ -167,10 +167,11 @@ def rows_alias(row_bytes: int) -> bool:
 
 #: parallel steps a matmul keeps (for the threads) before it groups row blocks
 MATMUL_MIN_STEPS = 4
-#: rows of a product up to which its constant weights, each meeting this few rows, cost
-#: more to stream than to multiply: there the threads split b's columns rather than the
-#: rows (see _column_chunks). The transformer at batch 1 (products of 128 rows) ran 6%
-#: slower on two threads with its columns split.
+#: rows of a product up to which its packed b (constant weights, or an operand packed
+#: once a call), each of whose values meets this few rows, costs more to stream than to
+#: multiply: there the threads split b's columns rather than the rows (see
+#: _column_chunks). The transformer at batch 1 (products of 128 rows) ran 6% slower on
+#: two threads with its columns split.
 MATMUL_STREAM_ROWS = 32
 #: lanes of the widest float32 vector (AVX-512), which graph passes size for (packed
 #: conv panels are multiples of it); kernels use their target's (KernelBuilder.unit)
@@ -260,8 +261,9 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     shorter block in the last group of their matrix. Sums run in k order. The epilogue
     is applied to each finished tile while it is in L1 (one more loop over the tile,
     rather than a copy of the k sweep's code: compile time). When the rows give the
-    threads too few steps (a batch-1 Dense layer), or constant weights are the larger
-    operand, the column tiles are split between steps as well (_column_chunks).
+    threads too few steps (a batch-1 Dense layer), or few rows meet each of b's packed
+    columns (a Dense layer at batch 32), the column tiles are split between steps as
+    well (_column_chunks).
     """
     a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, p.b_shape)
@@ -680,12 +682,12 @@ def _column_chunks(row_steps: int, n: int, col_tile: int, threads: int = 1, stre
     - where the rows give fewer than MATMUL_MIN_STEPS steps (a batch-1 Dense layer: one
       row), the fewest equal parts that make MATMUL_MIN_STEPS steps, so every thread
       streams its own columns of b once;
-    - where b is constant weights that are `streamed` (few rows meet each weight: see
+    - where b is packed and `streamed` (few rows meet each of its values: see
       MATMUL_STREAM_ROWS) and its tiles split evenly between the threads, one part per
       thread: each thread reads its part of b and all of the few rows of a, rather than
-      all of b and its part of a, and across calls its part stays in its core's L2 (the
-      MLP at batch 32 on two threads, whose 2.7 MB of weights no one core's 2 MB L2
-      holds but each half does: 0.172 -> 0.152 ms);
+      all of b and its part of a, and constant weights' part stays in its core's L2
+      across calls (the MLP at batch 32 on two threads, whose 2.7 MB of weights no one
+      core's 2 MB L2 holds but each half does: 0.172 -> 0.152 ms);
     - else 1."""
     tiles, tail = divmod(n, col_tile)
     if tail or tiles < 2:
