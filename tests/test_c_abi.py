@@ -176,6 +176,15 @@ def _stem_pool_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.op("max_pool2d", conv, kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)))
 
 
+def _streamed_columns_graph(rng: np.random.Generator) -> Graph:
+    """32 rows by constant weights of 256 columns: two threads split the weights'
+    columns, each its part for every row (lower_matmul's streamed weights)."""
+    b = GraphBuilder("streamed_columns")
+    w = b.param("w", (rng.standard_normal((50, 256)) / 7).astype(np.float32))
+    bias = b.param("bias", rng.standard_normal(256).astype(np.float32))
+    return b.build(b.relu(b.linear(b.input("x", (32, 50)), w, bias)))
+
+
 @pytest.mark.skipif(
     shutil.which("valgrind") is None and not os.environ.get("CI"),
     reason="valgrind is not installed (.ci/run installs it; under CI its absence fails)",
@@ -190,14 +199,25 @@ def _stem_pool_graph(rng: np.random.Generator) -> Graph:
         _attention_graph,
         _k_blocks_graph,
         _stem_pool_graph,
+        _streamed_columns_graph,
     ],
-    ids=["winograd", "winograd_fused", "lstm", "team_lstm", "attention", "k_blocks", "stem_pool"],
+    ids=[
+        "winograd",
+        "winograd_fused",
+        "lstm",
+        "team_lstm",
+        "attention",
+        "k_blocks",
+        "stem_pool",
+        "streamed_columns",
+    ],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):
     """The kernels whose loops end on overlapping vectors and partial tiles (Winograd's
     transforms, fused or not, attention's steps) or on a block of rest rows (a recurrence's), a
-    team's barriers, index chains, a product's copied panels and a pool's ring of conv
-    rows, under memcheck, 2 threads (the team sized for them at compile time)."""
+    team's barriers, index chains, a product's copied panels, a pool's ring of conv
+    rows and a product's column parts, under memcheck, 2 threads (the team sized for
+    them at compile time)."""
     monkeypatch.setenv("KILN_NUM_THREADS", "2")
     graph = make(rng)
     name = graph.name
