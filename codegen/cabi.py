@@ -74,6 +74,8 @@ class Launch:
     errors: tuple[str, ...] = ()
     #: bytes of scratch the kernel keeps on each running thread's stack
     stack_bytes: int = 0
+    #: each thread runs its steps last to first on odd runs (kir.Kernel.alternate_steps)
+    alternate: bool = False
 
 
 @dataclass
@@ -207,7 +209,8 @@ def glue_source(p: Library) -> str:
         launches.append(
             f"    {{ void *const a[] = {{{args}}};\n"
             f"      double t0 = m->profiling ? kiln_now() : 0;\n"
-            f"      kiln_launch(&m->pool, {launch.symbol}, a, {launch.extent}, {int(launch.parallel)});\n"
+            f"      kiln_launch(&m->pool, {launch.symbol}, a, {launch.extent}, {int(launch.parallel)}, "
+            f"{'(int)(m->runs & 1)' if launch.alternate else '0'});\n"
             f"      if (m->profiling) m->kernel_seconds[{i}] += kiln_now() - t0; }}"
         )
         if launch.errors:
@@ -244,6 +247,7 @@ typedef struct {{PREFIX}}_model {{
     char error[512];
     int profiling;
     int32_t status; /* set by a kernel whose checks failed */
+    uint64_t runs; /* runs started: a launch of alternate steps reverses them on odd ones */
     kiln_stack_cache stack; /* the calling thread's stack size */
     double kernel_seconds[{n_launch}];
 }} {{PREFIX}}_model;
@@ -292,6 +296,7 @@ API int {{PREFIX}}_run({{PREFIX}}_model *m, const void *const *inputs, void *con
 {null_checks(p)}
     m->error[0] = 0;
     m->status = 0;
+    m->runs++;
 {stack_check}
 {chr(10).join(launches)}
     return 0;

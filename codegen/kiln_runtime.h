@@ -79,6 +79,7 @@ typedef struct kiln_pool {
     kiln_kernel fn;
     void *const *bufs;
     int64_t n;
+    int reverse; /* each slice's steps last to first */
     /* A team kernel's barrier (codegen/cpu.py): word 0 counts the current round's
      * arrivals, word 8 the rounds completed, each on its own cache line. Zero at
      * start; every launch leaves the arrivals at zero again. */
@@ -139,9 +140,19 @@ static void kiln_notify(kiln_pool *p, pthread_cond_t *cv) {
     }
 }
 
+/* Runs fn over [begin, end): in one call, or with `reverse` one step at a time, last
+ * to first (a kernel's steps are independent; see kir.Kernel.alternate_steps). */
+static void kiln_run_steps(kiln_kernel fn, void *const *bufs, int64_t begin, int64_t end, int reverse) {
+    if (!reverse) {
+        fn(bufs, begin, end);
+        return;
+    }
+    for (int64_t i = end - 1; i >= begin; i--) fn(bufs, i, i + 1);
+}
+
 static void kiln_run_slice(kiln_pool *p, int t) {
     int64_t begin = p->n * t / p->nthreads, end = p->n * (t + 1) / p->nthreads;
-    if (begin < end) p->fn(p->bufs, begin, end);
+    if (begin < end) kiln_run_steps(p->fn, p->bufs, begin, end, p->reverse);
 }
 
 static void *kiln_worker(void *arg) {
@@ -208,15 +219,17 @@ static void kiln_pool_destroy(kiln_pool *p) {
     pthread_cond_destroy(&p->done);
 }
 
-/* Runs fn over [0, n): in slices across the pool when `parallel`, else in one call. */
-static void kiln_launch(kiln_pool *p, kiln_kernel fn, void *const *bufs, int64_t n, int parallel) {
+/* Runs fn over [0, n): in slices across the pool when `parallel`, else in one call;
+ * with `reverse`, each slice's steps last to first. */
+static void kiln_launch(kiln_pool *p, kiln_kernel fn, void *const *bufs, int64_t n, int parallel, int reverse) {
     if (!parallel || p->nthreads == 1 || n < 2) {
-        fn(bufs, 0, n);
+        kiln_run_steps(fn, bufs, 0, n, reverse && parallel);
         return;
     }
     p->fn = fn;
     p->bufs = bufs;
     p->n = n;
+    p->reverse = reverse;
     atomic_store_explicit(&p->pending, p->nthreads - 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&p->generation, 1, memory_order_release); /* publishes fn, bufs, n */
     kiln_notify(p, &p->wake);

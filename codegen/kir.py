@@ -562,6 +562,11 @@ class Kernel:
     #: bytes its schedule must read again beyond each buffer once (a recurrence reads
     #: its weights at every step, since each step needs the state the last one made)
     reread_bytes: int = 0
+    #: its parallel steps each stream their own part of a large buffer that calls read
+    #: again (a batch-1 product's column parts of its weights): the runtime runs them
+    #: last to first on every other call, so that a call first reads what the call
+    #: before it read last, which is still in cache
+    alternate_steps: bool = False
 
     @property
     def work(self) -> int:
@@ -671,6 +676,7 @@ class KernelBuilder:
         self._shared: list[Buffer] = []
         self._ids = itertools.count()
         self.reread_bytes = 0  # see Kernel.reread_bytes
+        self.alternate_steps = False  # see Kernel.alternate_steps
 
     def _emit(self, stmt: Stmt) -> None:
         self._stack[-1].append(stmt)
@@ -805,13 +811,21 @@ class KernelBuilder:
         self._scratch.extend(kernel.scratch)
         self._shared.extend(kernel.shared)
         self.reread_bytes += kernel.reread_bytes
+        self.alternate_steps |= kernel.alternate_steps
 
     def finish(self) -> Kernel:
         assert len(self._stack) == 1, "unclosed block"
         extra = [self.status, self.team_state]
         params = self.params + [b for b in extra if b is not None]
         return Kernel(
-            self.name, params, self._stack[0], self.checks, self._scratch, self._shared, self.reread_bytes
+            self.name,
+            params,
+            self._stack[0],
+            self.checks,
+            self._scratch,
+            self._shared,
+            self.reread_bytes,
+            self.alternate_steps,
         )
 
 

@@ -161,6 +161,7 @@ def _launches(name: str, calls: list[KernelCall], storage: Storage) -> list[cabi
             c.parallel,
             tuple(f"{_where(c)}: {msg}" for msg in c.kernel.checks),
             sum(b.numel * ITEMSIZE[b.dtype] for b in c.kernel.scratch),
+            c.parallel and c.kernel.alternate_steps,
         )
         for c in calls
     ]

@@ -3,6 +3,7 @@ finds no memory error in it; two models link into one program."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -176,13 +177,14 @@ def _stem_pool_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.op("max_pool2d", conv, kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)))
 
 
-def _streamed_columns_graph(rng: np.random.Generator) -> Graph:
-    """32 rows by constant weights of 256 columns: two threads split the weights'
-    columns, each its part for every row (lower_matmul's streamed weights)."""
-    b = GraphBuilder("streamed_columns")
+def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32) -> Graph:
+    """`rows` rows by constant weights of 256 columns: two threads split the weights'
+    columns, each its part for every row (lower_matmul's streamed weights); at one row,
+    the steps of column parts run last to first on odd runs (a C program's one run)."""
+    b = GraphBuilder("streamed_columns" if rows > 1 else "alternate_columns")
     w = b.param("w", (rng.standard_normal((50, 256)) / 7).astype(np.float32))
     bias = b.param("bias", rng.standard_normal(256).astype(np.float32))
-    return b.build(b.relu(b.linear(b.input("x", (32, 50)), w, bias)))
+    return b.build(b.relu(b.linear(b.input("x", (rows, 50)), w, bias)))
 
 
 @pytest.mark.skipif(
@@ -200,6 +202,7 @@ def _streamed_columns_graph(rng: np.random.Generator) -> Graph:
         _k_blocks_graph,
         _stem_pool_graph,
         _streamed_columns_graph,
+        functools.partial(_streamed_columns_graph, rows=1),
     ],
     ids=[
         "winograd",
@@ -210,6 +213,7 @@ def _streamed_columns_graph(rng: np.random.Generator) -> Graph:
         "k_blocks",
         "stem_pool",
         "streamed_columns",
+        "alternate_columns",
     ],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):

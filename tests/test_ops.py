@@ -863,6 +863,28 @@ def test_threads_split_the_columns_of_weights_that_few_rows_meet(rng, monkeypatc
         np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_batch_1_product_alternates_the_order_of_its_column_steps(rng):
+    """A batch-1 Dense layer's parallel steps each stream their own columns of the
+    weights: its launch runs them last to first on every other call (cabi.Launch's
+    `alternate`), and every call gives the same values, the interpreter's, on one
+    thread and on two."""
+    b = GraphBuilder("alternate")
+    weights = (rng.standard_normal((80, 320)) / 9).astype(np.float32)
+    bias = rng.standard_normal(320).astype(np.float32)
+    graph = b.build(b.relu(b.linear(b.input("x", (1, 80)), b.param("w", weights), b.param("c", bias))))
+    (launch,) = [x for x in lower_graph(graph, "alternate").library.launches if "linear" in x.symbol]
+    assert launch.alternate and launch.extent > 1
+    model = compile_model(graph, name="alternate")
+    x = rng.standard_normal((1, 80)).astype(np.float32)
+    expected = interpret(graph, [x])[0]
+    for threads in (1, 2):
+        model.set_num_threads(threads)
+        runs = [model(x) for _ in range(3)]
+        for got in runs:
+            np.testing.assert_array_equal(got, runs[0])
+        np.testing.assert_allclose(runs[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_forms_differ():
     """The two gelu forms are different functions; both lowerings must keep them apart."""
     x = np.linspace(-3, 3, 33, dtype=np.float32)
