@@ -223,7 +223,7 @@ static void kiln_pool_destroy(kiln_pool *p) {
  * with `reverse`, each slice's steps last to first. */
 static void kiln_launch(kiln_pool *p, kiln_kernel fn, void *const *bufs, int64_t n, int parallel, int reverse) {
     if (!parallel || p->nthreads == 1 || n < 2) {
-        kiln_run_steps(fn, bufs, 0, n, reverse && parallel);
+        kiln_run_steps(fn, bufs, 0, n, reverse);
         return;
     }
     p->fn = fn;

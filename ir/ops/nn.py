@@ -277,9 +277,11 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     rows = prod(batch) * m
     streamed = p.b_panel is not None and rows <= MATMUL_STREAM_ROWS and n > rows
     chunks = _column_chunks(row_steps, n, col_tile, k.threads, streamed)
-    # each step streams its own columns of a packed b: every other call runs them last
-    # to first (Kernel.alternate_steps), so a call starts on what the last one left in cache
-    k.alternate_steps |= chunks > 1 and p.b_panel is not None
+    # where the steps are column parts (few row steps), each streams its own columns of
+    # a packed b: every other call runs them last to first (Kernel.alternate_steps), so
+    # a call starts on what the last one left in cache. A streamed product's thread runs
+    # row groups that each sweep all of its columns: reversing them would change nothing.
+    k.alternate_steps |= chunks > 1 and row_steps < MATMUL_MIN_STEPS and p.b_panel is not None
     # b read in place has its rows n floats apart (2 KiB at 512 columns: a panel of 64
     # columns used 8 of L1's 64 sets): a column tile's panel of it is copied, a block of
     # k rows at a time, to consecutive rows, which the group's row blocks then read
