@@ -177,13 +177,15 @@ def _stem_pool_graph(rng: np.random.Generator) -> Graph:
     return b.build(b.op("max_pool2d", conv, kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)))
 
 
-def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32) -> Graph:
-    """`rows` rows by constant weights of 256 columns: two threads split the weights'
+def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32, cols: int = 256) -> Graph:
+    """`rows` rows by constant weights of `cols` columns: two threads split the weights'
     columns, each its part for every row (lower_matmul's streamed weights); at one row,
-    the steps of column parts run last to first on odd runs (a C program's one run)."""
-    b = GraphBuilder("streamed_columns" if rows > 1 else "alternate_columns")
-    w = b.param("w", (rng.standard_normal((50, 256)) / 7).astype(np.float32))
-    bias = b.param("bias", rng.standard_normal(256).astype(np.float32))
+    the steps of column parts run last to first on odd runs (a C program's one run),
+    and columns that end inside a tile are one more part."""
+    name = "streamed_columns" if rows > 1 else "alternate_columns" if cols % 64 == 0 else "ragged_columns"
+    b = GraphBuilder(name)
+    w = b.param("w", (rng.standard_normal((50, cols)) / 7).astype(np.float32))
+    bias = b.param("bias", rng.standard_normal(cols).astype(np.float32))
     return b.build(b.relu(b.linear(b.input("x", (rows, 50)), w, bias)))
 
 
@@ -203,6 +205,7 @@ def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32) -> Graph:
         _stem_pool_graph,
         _streamed_columns_graph,
         functools.partial(_streamed_columns_graph, rows=1),
+        functools.partial(_streamed_columns_graph, rows=1, cols=200),
     ],
     ids=[
         "winograd",
@@ -214,6 +217,7 @@ def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32) -> Graph:
         "stem_pool",
         "streamed_columns",
         "alternate_columns",
+        "ragged_columns",
     ],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):

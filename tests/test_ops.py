@@ -885,6 +885,26 @@ def test_a_batch_1_product_alternates_the_order_of_its_column_steps(rng):
         np.testing.assert_allclose(runs[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_batch_1_product_splits_columns_that_end_inside_a_tile(rng, monkeypatch):
+    """A batch-1 Dense layer whose columns end inside a tile (200 = 3 x 64 + 8, a
+    classifier's shape) still splits them between the parallel steps: a step per whole
+    tile and one for the rest, on one thread and on two, its order alternating; every
+    call gives the interpreter's values."""
+    b = GraphBuilder("ragged_columns")
+    weights = (rng.standard_normal((70, 200)) / 8).astype(np.float32)
+    bias = rng.standard_normal(200).astype(np.float32)
+    graph = b.build(b.linear(b.input("x", (1, 70)), b.param("w", weights), b.param("c", bias)))
+    x = rng.standard_normal((1, 70)).astype(np.float32)
+    expected = interpret(graph, [x])[0]
+    for threads in ("1", "2"):
+        monkeypatch.setenv("KILN_NUM_THREADS", threads)
+        (launch,) = [c for c in lower_graph(graph, "ragged").library.launches if "linear" in c.symbol]
+        assert launch.alternate and launch.extent == 200 // 64 + 1
+        model = compile_model(graph, name=f"ragged_columns{threads}")
+        for run in range(3):
+            np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5, err_msg=f"call {run}")
+
+
 def test_gelu_forms_differ():
     """The two gelu forms are different functions; both lowerings must keep them apart."""
     x = np.linspace(-3, 3, 33, dtype=np.float32)

@@ -276,7 +276,10 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     row_steps = prod(batch) * groups_per_matrix
     rows = prod(batch) * m
     streamed = p.b_panel is not None and rows <= MATMUL_STREAM_ROWS and n > rows
-    chunks = _column_chunks(row_steps, n, col_tile, k.threads, streamed)
+    chunks = _column_chunks(row_steps, n, col_tile, k.threads, streamed, p.b_panel is not None)
+    tiles, tail = divmod(n, col_tile)
+    tail_part = chunks > 1 and tail > 0  # the columns past the last whole tile: one more part
+    parts = chunks + tail_part
     # where the steps are column parts (few row steps), each streams its own columns of
     # a packed b: every other call runs them last to first (Kernel.alternate_steps), so
     # a call starts on what the last one left in cache. A streamed product's thread runs
@@ -290,7 +293,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     )
     unroll = matmul_k_unroll(k.unit)  # k rows a copy holds: whole sweeps
     k_block = max(unroll, MATMUL_PACK_BYTES // (col_tile * ITEMSIZE[b.dtype]) // unroll * unroll)
-    with k.loop(row_steps * chunks, LoopKind.PARALLEL, "rows") as step:
+    with k.loop(row_steps * parts, LoopKind.PARALLEL, "rows") as step:
         grp, chunk = (step % row_steps, step // row_steps) if chunks > 1 else (step, None)
         matrix = grp // groups_per_matrix
         b_mat = _batch_offset(matrix, batch, b_batch, kk * n)
@@ -417,10 +420,13 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                 each_block(first_col, cols, (const(full * k_block, "int64"), rest), "sums")
             each_block(first_col, cols, (zero, 0), "finish")
 
-        tiles, tail = divmod(n, col_tile)
-        if chunk is not None:  # this step's share of the column tiles (n is whole tiles)
-            with k.loop(tiles // chunks, LoopKind.SERIAL, "cols") as t:
-                tile((chunk * (tiles // chunks) + t) * col_tile, col_tile)
+        if chunk is not None:  # this step's share of the column tiles, or the columns after them
+            with k.when(chunk.lt(chunks)) if tail_part else nullcontext():
+                with k.loop(tiles // chunks, LoopKind.SERIAL, "cols") as t:
+                    tile((chunk * (tiles // chunks) + t) * col_tile, col_tile)
+            if tail_part:
+                with k.when(chunk.eq(chunks)):
+                    tile(const(tiles * col_tile, "int64"), tail)
             return
         if tiles:
             with k.loop(tiles, LoopKind.SERIAL, "cols") as t:
@@ -680,10 +686,12 @@ def masked_load(buf: Buffer, index: Expr, inside: Expr) -> Expr:
     return select(inside, buf.load_flat(select(inside, index, const(0, "int64"))), k_const(buf, 0.0))
 
 
-def _column_chunks(row_steps: int, n: int, col_tile: int, threads: int = 1, streamed: bool = False) -> int:
+def _column_chunks(
+    row_steps: int, n: int, col_tile: int, threads: int = 1, streamed: bool = False, packed: bool = False
+) -> int:
     """How many parts the column tiles are split into, each a run of parallel steps of
     its own (the steps go chunk by chunk, so a thread's contiguous share of them holds
-    its own columns of b). Only where the columns are whole tiles, and then:
+    its own columns of b). Where the columns are whole tiles (and see the end):
     - where the rows give fewer than MATMUL_MIN_STEPS steps (a batch-1 Dense layer: one
       row), the fewest equal parts that make MATMUL_MIN_STEPS steps, so every thread
       streams its own columns of b once; on one thread, a part per tile, the finest
@@ -696,13 +704,17 @@ def _column_chunks(row_steps: int, n: int, col_tile: int, threads: int = 1, stre
       all of b and its part of a, and constant weights' part stays in its core's L2
       across calls (the MLP at batch 32 on two threads, whose 2.7 MB of weights no one
       core's 2 MB L2 holds but each half does: 0.172 -> 0.152 ms);
-    - else 1."""
+    - else 1.
+    Where the columns end inside a tile, only a packed b's batch-1 columns split, a part
+    per whole tile (the columns after them are one more part, lower_matmul's): a
+    classifier of 1000 classes at batch 1 ran on one thread of two, streaming its 2 MB
+    of weights alone."""
     tiles, tail = divmod(n, col_tile)
-    if tail or tiles < 2:
+    if tiles < 2 or (tail and (not packed or row_steps >= MATMUL_MIN_STEPS)):
         return 1
     if row_steps >= MATMUL_MIN_STEPS:
         return threads if streamed and threads > 1 and tiles % threads == 0 else 1
-    if threads == 1:
+    if threads == 1 or tail:
         return tiles
     divisors = [d for d in range(2, tiles + 1) if tiles % d == 0]
     return next((d for d in divisors if row_steps * d >= MATMUL_MIN_STEPS), tiles)
