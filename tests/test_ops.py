@@ -595,6 +595,11 @@ CASES: dict[str, list[Case]] = {
     "pad": [
         Case([In((7, 33))], {"pads": (1, 2, 3, 0), "value": 1.5}),
         Case([In((2, 3, 5, 5))], {"pads": (0, 0, 1, -1, 0, 0, -2, 2)}),
+        # constant padding runs row by row: rows of padding, rows cropped at both ends,
+        # a last axis cropped away entirely, the stem of a ResNet
+        Case([In((4, 9))], {"pads": (0, -3, 1, -2)}),
+        Case([In((3, 4))], {"pads": (1, -4, 0, 2), "value": -2.0}),
+        Case([In((1, 3, 10, 12))], {"pads": (0, 0, 3, 3, 0, 0, 3, 3)}),
         Case([In((7, 33))], {"pads": (3, 0, 2, 9), "mode": "edge"}),
         Case([In((4, 6))], {"pads": (3, 5, 3, 12), "mode": "reflect"}),
         Case([In((5, 5))], {"pads": (-1, 2, 4, -2), "mode": "reflect"}),

@@ -399,6 +399,37 @@ class Pad(PerElement):
         m = i % period
         return select(m.lt(d), m, period - m)
 
+    def lower(self, k, ins, out, epilogue=None):
+        """Constant padding of a buffer, row by row: a row's columns before the input's,
+        its copy of the input row (contiguous vector loads, from row 0 where the output
+        row lies in the padding: the value is selected there) and the columns after it.
+        Each element checking its own index read the input by a gather: ResNet-18's
+        input padding took 0.11 ms on one thread and 0.2 on two."""
+        x = ins[0]
+        r = len(x.shape)
+        if self.mode != "constant" or r < 2 or not isinstance(x, Buffer):
+            super().lower(k, ins, out, epilogue)
+            return
+        begins, ends = self.pads[:r], self.pads[r:]
+        value = const(self.value if x.dtype.startswith("float") else int(self.value), x.dtype)
+        *outer, width = out.shape
+        before, skip = max(begins[-1], 0), max(-begins[-1], 0)  # padded / cropped columns
+        kept = max(x.shape[-1] - skip - max(-ends[-1], 0), 0)  # input columns copied
+        with k.loop(prod(outer), LoopKind.PARALLEL, "r") as row:
+            idx = unravel(row, outer)
+            src = [i - b for i, b in zip(idx, begins)]
+            inside: Expr = const(True, "bool")
+            for s_, d in zip(src, x.shape):
+                inside = logical_and(inside, in_range(s_, 0, d))
+            start = select(inside, x.offset([*src, skip]), 0)  # in bounds either way
+            for first, count in ((0, before), (before + kept, width - before - kept)):
+                if count > 0:
+                    with k.loop(count, LoopKind.VECTOR, "j") as j:
+                        k.store(out, [*idx, first + j], value)
+            if kept:
+                with k.loop(kept, LoopKind.VECTOR, "j") as j:
+                    k.store(out, [*idx, before + j], select(inside, x.load_flat(start + j), value))
+
     def element(self, k, ins, idx):
         x = ins[0]
         r = len(x.shape)
