@@ -181,8 +181,11 @@ def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32, cols: int 
     """`rows` rows by constant weights of `cols` columns: two threads split the weights'
     columns, each its part for every row (lower_matmul's streamed weights); at one row,
     the steps of column parts run last to first on odd runs (a C program's one run),
-    and columns that end inside a tile are one more part."""
-    name = "streamed_columns" if rows > 1 else "alternate_columns" if cols % 64 == 0 else "ragged_columns"
+    and columns that end inside a tile are one more part; at 48 rows each thread runs
+    its rows tile by tile."""
+    name = {1: "alternate_columns" if cols % 64 == 0 else "ragged_columns", 32: "streamed_columns"}.get(
+        rows, "tile_by_tile"
+    )
     b = GraphBuilder(name)
     w = b.param("w", (rng.standard_normal((50, cols)) / 7).astype(np.float32))
     bias = b.param("bias", rng.standard_normal(cols).astype(np.float32))
@@ -206,6 +209,7 @@ def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32, cols: int 
         _streamed_columns_graph,
         functools.partial(_streamed_columns_graph, rows=1),
         functools.partial(_streamed_columns_graph, rows=1, cols=200),
+        functools.partial(_streamed_columns_graph, rows=48, cols=200),
     ],
     ids=[
         "winograd",
@@ -218,6 +222,7 @@ def _streamed_columns_graph(rng: np.random.Generator, rows: int = 32, cols: int 
         "streamed_columns",
         "alternate_columns",
         "ragged_columns",
+        "tile_by_tile",
     ],
 )
 def test_valgrind_memcheck_winograd_and_packed_recurrence(make, tmp_path, rng, monkeypatch):

@@ -28,7 +28,7 @@ from compiler.driver import lower_graph
 from ir.builder import GraphBuilder
 from ir.graph import Graph
 from ir.interpreter import interpret
-from ir.ops import REGISTRY, Fusion
+from ir.ops import REGISTRY, Fusion, nn
 from ir.ops.nn import matmul_col_tile, matmul_rows, packed_conv_tile
 
 
@@ -888,6 +888,29 @@ def test_a_batch_1_product_alternates_the_order_of_its_column_steps(rng):
         for got in runs:
             np.testing.assert_array_equal(got, runs[0])
         np.testing.assert_allclose(runs[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_product_by_weights_runs_its_row_steps_tile_by_tile(rng, monkeypatch):
+    """48 rows (a's 7.5 KB stay in cache) by constant weights of 200 columns (3 tiles and
+    8 columns more): the parallel steps are (row step, column part) pairs, a part per
+    tile and one for the rest, each thread's share its rows over every part; right on
+    one thread and on two, and against the schedule that sweeps every tile per step."""
+    b = GraphBuilder("tile_by_tile")
+    weights = (rng.standard_normal((40, 200)) / 6).astype(np.float32)
+    bias = rng.standard_normal(200).astype(np.float32)
+    graph = b.build(b.relu(b.linear(b.input("x", (48, 40)), b.param("w", weights), b.param("c", bias))))
+    x = rng.standard_normal((48, 40)).astype(np.float32)
+    expected = interpret(graph, [x])[0]
+    for threads in ("1", "2"):
+        monkeypatch.setenv("KILN_NUM_THREADS", threads)
+        steps = {}
+        for cached in (0, nn.MATMUL_ROWS_CACHED_BYTES):
+            monkeypatch.setattr(nn, "MATMUL_ROWS_CACHED_BYTES", cached)
+            (kernel,) = [c.kernel for c in lower_graph(graph, "tiles").cpu_calls if "linear" in c.kernel.name]
+            steps[cached] = int(kernel.split_loop.extent.value)
+        assert steps[nn.MATMUL_ROWS_CACHED_BYTES] == steps[0] * (200 // 64 + 1), steps
+        model = compile_model(graph, name=f"tile_by_tile{threads}")
+        np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5, err_msg=f"{threads} threads")
 
 
 def test_a_batch_1_product_splits_columns_that_end_inside_a_tile(rng, monkeypatch):

@@ -170,9 +170,12 @@ MATMUL_MIN_STEPS = 4
 #: rows of a product up to which its packed b (constant weights, or an operand packed
 #: once a call), each of whose values meets this few rows, costs more to stream than to
 #: multiply: there the threads split b's columns rather than the rows (see
-#: _column_chunks). The transformer at batch 1 (products of 128 rows) ran 6% slower on
+#: _column_split). The transformer at batch 1 (products of 128 rows) ran 6% slower on
 #: two threads with its columns split.
 MATMUL_STREAM_ROWS = 32
+#: bytes of a's rows that one thread's row steps may read, for each column tile again,
+#: from its core's L2 (see _column_split)
+MATMUL_ROWS_CACHED_BYTES = 1 << 20
 #: lanes of the widest float32 vector (AVX-512), which graph passes size for (packed
 #: conv panels are multiples of it); kernels use their target's (KernelBuilder.unit)
 MATMUL_VECTOR = 16
@@ -263,7 +266,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     rather than a copy of the k sweep's code: compile time). When the rows give the
     threads too few steps (a batch-1 Dense layer), or few rows meet each of b's packed
     columns (a Dense layer at batch 32), the column tiles are split between steps as
-    well (_column_chunks).
+    well (_column_split).
     """
     a, b, out = p.a, p.b, p.out
     batch, m, kk, n, _, a_batch, b_batch = _matmul_shapes(a.shape, p.b_shape)
@@ -276,7 +279,9 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     row_steps = prod(batch) * groups_per_matrix
     rows = prod(batch) * m
     streamed = p.b_panel is not None and rows <= MATMUL_STREAM_ROWS and n > rows
-    chunks = _column_chunks(row_steps, n, col_tile, k.threads, streamed, p.b_panel is not None)
+    a_bytes = prod(batch) * m * kk * ITEMSIZE[a.dtype]
+    split = _column_split(row_steps, n, col_tile, k.threads, streamed, p.b_panel is not None, a_bytes)
+    chunks, row_parts = split.chunks, split.row_parts
     tiles, tail = divmod(n, col_tile)
     tail_part = chunks > 1 and tail > 0  # the columns past the last whole tile: one more part
     parts = chunks + tail_part
@@ -294,7 +299,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     unroll = matmul_k_unroll(k.unit)  # k rows a copy holds: whole sweeps
     k_block = max(unroll, MATMUL_PACK_BYTES // (col_tile * ITEMSIZE[b.dtype]) // unroll * unroll)
     with k.loop(row_steps * parts, LoopKind.PARALLEL, "rows") as step:
-        grp, chunk = (step % row_steps, step // row_steps) if chunks > 1 else (step, None)
+        grp, chunk = _step_at(step, row_steps, parts, row_parts) if chunks > 1 else (step, None)
         matrix = grp // groups_per_matrix
         b_mat = _batch_offset(matrix, batch, b_batch, kk * n)
         a_mat = _batch_offset(matrix, batch, a_batch, m * kk)
@@ -321,11 +326,22 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             out_rows = [matrix * m + first_row + i for i in range(rows)]  # among all matrices' rows
             panel = p.b_panel or 0
             tails = {first: k.scratch("panel_tail", out.dtype, (rows * panel,)) for first, _ in ragged}
-            for first, width in parts if start else ():
+            # the whole panels' sums, in a scratch tile indexed by constants, which LLVM
+            # keeps in registers over the k loop (as a convolution's tile): summed in
+            # `out`, they stayed in registers only where LLVM proved out's tile apart
+            # from a and b, and in some step orders it did not (each sweep reloaded and
+            # stored them: 1.3x slower)
+            summing = stage in ("whole", "sums")
+            sums = k.scratch("sums", out.dtype, (rows * cols,)) if summing and parts else None
+            for first, width in parts if start or summing else ():
                 with k.loop(width, vector_kind(width, lanes), "n") as jj:
                     j = first_col + first + jj
                     for i, row in enumerate(out_rows):
-                        k.store(out, row * n + j, p.initial(first_row + i, j))
+                        value = p.initial(first_row + i, j) if start else out.load_flat(row * n + j)
+                        if sums is None:
+                            k.store(out, row * n + j, value)
+                        else:
+                            k.store(sums, i * cols + first + jj, value)
             for acc in tails.values():
                 with k.loop(panel, LoopKind.TILE, "n") as jj:
                     for i in range(rows):
@@ -342,14 +358,14 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                 for first, width in parts:
                     b_rows = [b_start(first_k + u, first) for u in range(steps)]
                     with k.loop(width, vector_kind(width, lanes), "n") as jj:
-                        j = first_col + first + jj
-                        sums = [k.local(out.dtype, out.load_flat(row * n + j), "sum") for row in out_rows]
+                        at_sums = [i * cols + first + jj for i in range(rows)]
+                        held = [k.local(out.dtype, sums.load_flat(at), "sum") for at in at_sums]
                         for u, at in enumerate(b_rows):  # per k step, b's vector meets every row
                             bv = k.local(b.dtype, b_source.load_flat(at + jj), "b").ref
-                            for row_coeffs, acc in zip(coeffs, sums):
+                            for row_coeffs, acc in zip(coeffs, held):
                                 k.assign(acc, muladd(row_coeffs[u], bv, acc.ref))
-                        for row, acc in zip(out_rows, sums):
-                            k.store(out, row * n + j, acc.ref)
+                        for at, acc in zip(at_sums, held):
+                            k.store(sums, at, acc.ref)
                 for first, acc in tails.items():
                     b_rows = [p.b_index(b_mat, first_k + u, first_col + first) for u in range(steps)]
                     with k.loop(panel, LoopKind.TILE, "n") as jj:
@@ -362,13 +378,17 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             if stage in ("whole", "sums"):
                 first_k, steps = ks
                 k_sweeps(k, steps, lambda at, count: sweep(first_k + at, count))
-            if epilogue is not None and finish:  # on the finished tile
+            if sums is not None or (epilogue is not None and finish):  # the finished tile, in L1
                 for first, width in parts:
                     with k.loop(width, vector_kind(width, lanes), "n") as jj:
                         j = first_col + first + jj
-                        for row in out_rows:
+                        for i, row in enumerate(out_rows):
                             at = row * n + j
-                            k.store(out, at, epilogue(out.load_flat(at), at, p.epilogue_index(row, j)))
+                            source, index = (out, at) if sums is None else (sums, i * cols + first + jj)
+                            value = source.load_flat(index)
+                            if epilogue is not None and finish:
+                                value = epilogue(value, at, p.epilogue_index(row, j))
+                            k.store(out, at, value)
             for first, width in ragged:
                 with k.loop(width, vector_kind(width, lanes), "n") as jj:
                     j = first_col + first + jj
@@ -686,38 +706,72 @@ def masked_load(buf: Buffer, index: Expr, inside: Expr) -> Expr:
     return select(inside, buf.load_flat(select(inside, index, const(0, "int64"))), k_const(buf, 0.0))
 
 
-def _column_chunks(
-    row_steps: int, n: int, col_tile: int, threads: int = 1, streamed: bool = False, packed: bool = False
-) -> int:
-    """How many parts the column tiles are split into, each a run of parallel steps of
-    its own (the steps go chunk by chunk, so a thread's contiguous share of them holds
-    its own columns of b). Where the columns are whole tiles (and see the end):
+@dataclasses.dataclass(frozen=True)
+class _ColumnSplit:
+    """How a product's parallel steps split b's column tiles: `chunks` parts of the
+    tiles (1: every step sweeps all of them), and `row_parts` shares of the row steps,
+    one per thread, each running its rows over every part in turn (1: the steps go part
+    by part, so a thread's contiguous share of them holds its own columns of b)."""
+
+    chunks: int = 1
+    row_parts: int = 1
+
+
+def _column_split(
+    row_steps: int,
+    n: int,
+    col_tile: int,
+    threads: int = 1,
+    streamed: bool = False,
+    packed: bool = False,
+    a_bytes: int = 0,
+) -> _ColumnSplit:
+    """Where the columns end inside a tile, only a packed b's split (the columns after
+    the whole tiles are one more part, lower_matmul's). Otherwise:
     - where the rows give fewer than MATMUL_MIN_STEPS steps (a batch-1 Dense layer: one
       row), the fewest equal parts that make MATMUL_MIN_STEPS steps, so every thread
-      streams its own columns of b once; on one thread, a part per tile, the finest
-      steps for their alternating order (kir.Kernel.alternate_steps: the MLP at batch 1
-      on one thread 0.084-0.087 -> 0.069 ms with the order alternating in parts of 2
-      tiles, 0.070 -> 0.068 in parts of 1);
+      streams its own columns of b once; on one thread, or where the columns end inside
+      a tile, a part per tile, the finest steps for their alternating order
+      (kir.Kernel.alternate_steps: the MLP at batch 1 on one thread 0.084-0.087 -> 0.069
+      ms with the order alternating in parts of 2 tiles, 0.070 -> 0.068 in parts of 1;
+      a classifier of 1000 classes at batch 1 had run on one thread of two);
     - where b is packed and `streamed` (few rows meet each of its values: see
       MATMUL_STREAM_ROWS) and its tiles split evenly between the threads, one part per
       thread: each thread reads its part of b and all of the few rows of a, rather than
       all of b and its part of a, and constant weights' part stays in its core's L2
       across calls (the MLP at batch 32 on two threads, whose 2.7 MB of weights no one
       core's 2 MB L2 holds but each half does: 0.172 -> 0.152 ms);
-    - else 1.
-    Where the columns end inside a tile, only a packed b's batch-1 columns split, a part
-    per whole tile (the columns after them are one more part, lower_matmul's): a
-    classifier of 1000 classes at batch 1 ran on one thread of two, streaming its 2 MB
-    of weights alone."""
+    - where b is packed, the threads share the row steps evenly and each share of a's
+      rows stays in L2 (MATMUL_ROWS_CACHED_BYTES; `a_bytes` all of them), a part per
+      tile and a share of the rows per thread: each thread runs its rows tile by tile,
+      so a tile's panel of b comes from memory once and from cache for each of its row
+      groups after, which read a's rows from L2 (row groups sweeping every tile read a
+      model's weights, which no core's L2 holds across its layers, from L3 as they
+      went: the LSTM at batch 32 12.70-12.99 -> 12.41-12.52 ms and the transformer at
+      batch 1 6.36-6.42 -> 6.28-6.33 on one thread, the same on two). Not for
+      `streamed` products on one thread (the MLP at batch 32 ran 3% slower);
+    - else 1."""
     tiles, tail = divmod(n, col_tile)
-    if tiles < 2 or (tail and (not packed or row_steps >= MATMUL_MIN_STEPS)):
-        return 1
-    if row_steps >= MATMUL_MIN_STEPS:
-        return threads if streamed and threads > 1 and tiles % threads == 0 else 1
-    if threads == 1 or tail:
-        return tiles
-    divisors = [d for d in range(2, tiles + 1) if tiles % d == 0]
-    return next((d for d in divisors if row_steps * d >= MATMUL_MIN_STEPS), tiles)
+    if tiles < 2 or (tail and not packed):
+        return _ColumnSplit()
+    if row_steps < MATMUL_MIN_STEPS:
+        if threads == 1 or tail:
+            return _ColumnSplit(tiles)
+        divisors = [d for d in range(2, tiles + 1) if tiles % d == 0]
+        return _ColumnSplit(next((d for d in divisors if row_steps * d >= MATMUL_MIN_STEPS), tiles))
+    if streamed and threads > 1 and tiles % threads == 0 and not tail:
+        return _ColumnSplit(threads)
+    if packed and not streamed and row_steps % threads == 0 and a_bytes <= MATMUL_ROWS_CACHED_BYTES * threads:
+        return _ColumnSplit(tiles, threads)
+    return _ColumnSplit()
+
+
+def _step_at(step: Expr, row_steps: int, parts: int, row_parts: int) -> tuple[Expr, Expr]:
+    """(row step, column part) of a parallel step: part by part, each part's row steps
+    in turn, within each of row_parts shares of the row steps."""
+    per = row_steps // row_parts
+    share, within = step // (parts * per), step % (parts * per)
+    return share * per + within % per, within // per
 
 
 def _row_group(blocks: int, matrices: int) -> int:
