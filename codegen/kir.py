@@ -149,7 +149,7 @@ class Binary(Expr):
 
 @dataclass(frozen=True, eq=False)
 class Unary(Expr):
-    op: str  # neg abs exp log sqrt tanh erf floor ceil not
+    op: str  # neg abs exp log sqrt tanh erf sigmoid floor ceil not
     a: Expr
 
     @property
@@ -206,7 +206,9 @@ class LocalRef(Expr):
 
 
 BINARY_OPS = ("add", "sub", "mul", "div", "min", "max", "pow", "rem", "trem", "floordiv", "and", "or")
-UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "tanh", "erf", "floor", "ceil", "roundeven", "not")
+UNARY_OPS = (
+    "neg", "abs", "exp", "log", "sqrt", "tanh", "erf", "sigmoid", "floor", "ceil", "roundeven", "not",
+)  # fmt: skip
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
 
 
@@ -328,6 +330,7 @@ class ExprBuilder:
     sqrt = _unary_fn("sqrt")
     tanh = _unary_fn("tanh")
     erf = _unary_fn("erf")
+    sigmoid = _unary_fn("sigmoid")
     abs = _unary_fn("abs")
     floor = _unary_fn("floor")
     ceil = _unary_fn("ceil")

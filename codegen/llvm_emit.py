@@ -334,9 +334,12 @@ class FunctionWriter:
                 return b.fneg(a)
             if op in ("abs", "sqrt", "floor", "ceil", "roundeven"):
                 return self._call_intrinsic(f"llvm.{'fabs' if op == 'abs' else op}", a)
-            if op in _LIBM64:
+            if op in _LIBM64 or op == "sigmoid":
                 if dtype == "float32" or not self.libm:
                     return b.call(math_function(self.module, op, dtype), [a])
+                if op == "sigmoid":  # libm has none: 1 / (1 + exp(-a))
+                    e = b.call(self._libm("exp", a.type, 1), [b.fneg(a)])
+                    return b.fdiv(ir.Constant(a.type, 1.0), b.fadd(ir.Constant(a.type, 1.0), e))
                 return b.call(self._libm(_LIBM64[op], a.type, 1), [a])
         else:
             if op == "neg":

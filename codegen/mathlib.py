@@ -144,6 +144,21 @@ def _exp_small(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     return b.fmul(_exp_reduced(b, x, n), _pow2(b, b.fptosi(n, I32)))
 
 
+def _sigmoid(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """1 / (1 + exp(-x)), with exp(-x) as _exp computes it but for its range handling,
+    which the sigmoid needs little of: -x clamped to [-87, 89], where 2**(n-1) is a
+    normal float (n the exponent of the reduction), and e = y * 2**(n-1) * 2 overflows
+    to inf exactly where exp does (-x > 88.72: the sigmoid's 0); below -87, e rounds
+    1 + e to 1 as exp(-x) would. NaN stays NaN. About two thirds of the instructions
+    of 1 / (1 + _exp(-x)), which the recurrences' cells run three times a unit."""
+    z = _intrinsic(b, "llvm.maxnum", _intrinsic(b, "llvm.minnum", b.fneg(x), _c(89.0)), _c(-87.0))
+    n = _intrinsic(b, "llvm.rint", b.fmul(z, _c(_LOG2E)))
+    y = _exp_reduced(b, z, n)
+    half = _pow2(b, b.sub(b.fptosi(n, I32), ir.Constant(I32, 1)))
+    e = b.fmul(b.fmul(y, half), _c(2.0))
+    return _select_nan(b, x, b.fdiv(_c(1.0), b.fadd(e, _c(1.0))))
+
+
 def _tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     a = _intrinsic(b, "llvm.fabs", x)
     z = b.fmul(x, x)
@@ -436,11 +451,13 @@ BODIES: dict[tuple[str, str], Callable[..., ir.Value]] = {
     ("log", "float32"): _log,
     ("tanh", "float32"): _tanh,
     ("erf", "float32"): _erf,
+    ("sigmoid", "float32"): _sigmoid,
     ("pow", "float32"): _pow32,
     ("exp", "float64"): _exp64,
     ("log", "float64"): _log64,
     ("tanh", "float64"): _tanh64,
     ("erf", "float64"): _erf64,
+    ("sigmoid", "float64"): lambda b, x: b.fdiv(_d(1.0), b.fadd(_exp64(b, b.fneg(x)), _d(1.0))),
     ("pow", "float64"): _pow64,
 }
 ARITY = {"pow": 2}

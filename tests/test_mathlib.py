@@ -1,5 +1,5 @@
 """The inline math against numpy, in units in the last place: float32 exp/log/tanh/erf
-(what the CPU and a GPU run), and float64 exp/log/tanh/erf and pow (what a GPU runs)."""
+and sigmoid (what the CPU and a GPU run), and float64 exp/log/tanh/erf and pow (what a GPU runs)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def ulp_error(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
     return np.abs(got.astype(np.float64) - exact) / spacing
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
 def _run(op: str, x: np.ndarray) -> np.ndarray:
     b = GraphBuilder(op)
     return compile_model(b.build(b.op(op, b.input("x", x.shape))), name=f"ulp_{op}")(x)
@@ -42,6 +46,9 @@ def _sweep(lo: float, hi: float) -> np.ndarray:
         ("exp", np.exp, (-87.0, 87.0), 2),
         ("tanh", np.tanh, (-20.0, 20.0), 2),
         ("erf", np.vectorize(math.erf), (-6.0, 6.0), 8),
+        # 1 / (1 + exp(-x)) rounds three times (numpy's float32 evaluation is 3.0 ulp
+        # off); below -88.72 exp(-x) overflows float32, and the sigmoid is 0, as numpy's
+        ("sigmoid", _sigmoid, (-88.72, 40.0), 2.5),
     ],
 )
 def test_accuracy_in_ulps(op, exact, domain, max_ulp):
@@ -117,6 +124,13 @@ def _sweep64(lo: float, hi: float) -> np.ndarray:
         ("exp", np.exp, (-745.0, 709.7), 1),
         ("tanh", np.tanh, (-40.0, 40.0), 2),
         ("erf", np.vectorize(math.erf), (-8.0, 8.0), 1),
+        # against 1 / (1 + exp(-x)) in x87's extended precision: three roundings
+        (
+            "sigmoid",
+            lambda x: (1 / (1 + np.exp(-x.astype(np.longdouble)))).astype(np.float64),
+            (-700.0, 40.0),
+            2.5,
+        ),
     ],
 )
 def test_float64_accuracy_in_ulps(op, exact, domain, max_ulp):
@@ -134,10 +148,17 @@ def test_float64_log_over_all_positive_doubles():
 SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 5e-324, -5e-324, 1e-310, -1.0, 1.0, 709.8, -745.2, 1e300]
 
 
-@pytest.mark.parametrize("op", ["exp", "log", "tanh", "erf"])
+@pytest.mark.parametrize("op", ["exp", "log", "tanh", "erf", "sigmoid"])
 def test_float64_special_values_as_numpy(op):
     x = np.array(SPECIALS)
-    exact = {"exp": np.exp, "log": np.log, "tanh": np.tanh, "erf": np.vectorize(math.erf)}[op]
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    exact = {
+        "exp": np.exp,
+        "log": np.log,
+        "tanh": np.tanh,
+        "erf": np.vectorize(math.erf),
+        "sigmoid": sigmoid,
+    }[op]
     with np.errstate(all="ignore"):
         expected = exact(x)
     got = _inline(op, x)

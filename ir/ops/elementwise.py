@@ -296,7 +296,7 @@ class Sigmoid(UnaryOp):
         return (1 / (1 + np.exp(-x))).astype(x.dtype)
 
     def scalar(self, e, x):
-        return 1.0 / (1.0 + e.exp(-x))
+        return e.sigmoid(x)
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         y = node.outputs[0]
