@@ -72,42 +72,43 @@ EXPECTED_DENSE_RELU = """\
 kernel k0_linear_packed_relu(float32[4,2] x, float32[1,2,16] w_packed, float32[16] bias, float32[4,16] relu):
   for rows0 in parallel(0, 1):
     for block1 in serial(0, 1):
-      for n2 in tile(0, 16):
-        relu[((((rows0 * 4) + (block1 * 4)) * 16) + n2)] = bias[n2]
-        relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n2)] = bias[n2]
-        relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n2)] = bias[n2]
-        relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n2)] = bias[n2]
       for n3 in tile(0, 16):
-        float32 sum4 = relu[((((rows0 * 4) + (block1 * 4)) * 16) + n3)]
-        float32 sum5 = relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n3)]
-        float32 sum6 = relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n3)]
-        float32 sum7 = relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n3)]
-        float32 b8 = w_packed[n3]
-        sum4 = muladd(x[((block1 * 4) * 2)], b8, sum4)
-        sum5 = muladd(x[(((block1 * 4) + 1) * 2)], b8, sum5)
-        sum6 = muladd(x[(((block1 * 4) + 2) * 2)], b8, sum6)
-        sum7 = muladd(x[(((block1 * 4) + 3) * 2)], b8, sum7)
-        float32 b9 = w_packed[(16 + n3)]
-        sum4 = muladd(x[(((block1 * 4) * 2) + 1)], b9, sum4)
-        sum5 = muladd(x[((((block1 * 4) + 1) * 2) + 1)], b9, sum5)
-        sum6 = muladd(x[((((block1 * 4) + 2) * 2) + 1)], b9, sum6)
-        sum7 = muladd(x[((((block1 * 4) + 3) * 2) + 1)], b9, sum7)
-        relu[((((rows0 * 4) + (block1 * 4)) * 16) + n3)] = sum4
-        relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n3)] = sum5
-        relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n3)] = sum6
-        relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n3)] = sum7
-      for n10 in tile(0, 16):
-        relu[((((rows0 * 4) + (block1 * 4)) * 16) + n10)] = max(relu[((((rows0 * 4) + (block1 * 4)) * 16) + n10)], 0.0f)
-        relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n10)] = max(relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n10)], 0.0f)
-        relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n10)] = max(relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n10)], 0.0f)
-        relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n10)] = max(relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n10)], 0.0f)
+        sums2[n3] = bias[n3]
+        sums2[(16 + n3)] = bias[n3]
+        sums2[(32 + n3)] = bias[n3]
+        sums2[(48 + n3)] = bias[n3]
+      for n4 in tile(0, 16):
+        float32 sum5 = sums2[n4]
+        float32 sum6 = sums2[(16 + n4)]
+        float32 sum7 = sums2[(32 + n4)]
+        float32 sum8 = sums2[(48 + n4)]
+        float32 b9 = w_packed[n4]
+        sum5 = muladd(x[((block1 * 4) * 2)], b9, sum5)
+        sum6 = muladd(x[(((block1 * 4) + 1) * 2)], b9, sum6)
+        sum7 = muladd(x[(((block1 * 4) + 2) * 2)], b9, sum7)
+        sum8 = muladd(x[(((block1 * 4) + 3) * 2)], b9, sum8)
+        float32 b10 = w_packed[(16 + n4)]
+        sum5 = muladd(x[(((block1 * 4) * 2) + 1)], b10, sum5)
+        sum6 = muladd(x[((((block1 * 4) + 1) * 2) + 1)], b10, sum6)
+        sum7 = muladd(x[((((block1 * 4) + 2) * 2) + 1)], b10, sum7)
+        sum8 = muladd(x[((((block1 * 4) + 3) * 2) + 1)], b10, sum8)
+        sums2[n4] = sum5
+        sums2[(16 + n4)] = sum6
+        sums2[(32 + n4)] = sum7
+        sums2[(48 + n4)] = sum8
+      for n11 in tile(0, 16):
+        relu[((((rows0 * 4) + (block1 * 4)) * 16) + n11)] = max(sums2[n11], 0.0f)
+        relu[(((((rows0 * 4) + (block1 * 4)) + 1) * 16) + n11)] = max(sums2[(16 + n11)], 0.0f)
+        relu[(((((rows0 * 4) + (block1 * 4)) + 2) * 16) + n11)] = max(sums2[(32 + n11)], 0.0f)
+        relu[(((((rows0 * 4) + (block1 * 4)) + 3) * 16) + n11)] = max(sums2[(48 + n11)], 0.0f)
 """
 
 
 def test_linear_with_relu_epilogue():
     """The weights are packed in panels of 16 columns; the bias starts each tile of 4
-    rows, the sums are locals over each sweep of k, each k step meeting every row's
-    broadcast with the panel's row (muladd), and the relu runs over the finished tile."""
+    rows in a scratch tile (registers once LLVM is done), the sums are locals over each
+    sweep of k, each k step meeting every row's broadcast with the panel's row (muladd),
+    and the relu runs as the finished tile goes to the output."""
     rng = np.random.default_rng(0)
     b = GraphBuilder("dense")
     x = b.input("x", (4, 2))
