@@ -148,9 +148,9 @@ def _sigmoid(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     """1 / (1 + exp(-x)), with exp(-x) as _exp computes it but for its range handling,
     which the sigmoid needs little of: -x clamped to [-87, 89], where 2**(n-1) is a
     normal float (n the exponent of the reduction), and e = y * 2**(n-1) * 2 overflows
-    to inf exactly where exp does (-x > 88.72: the sigmoid's 0); below -87, e rounds
-    1 + e to 1 as exp(-x) would. NaN stays NaN. About two thirds of the instructions
-    of 1 / (1 + _exp(-x)), which the recurrences' cells run three times a unit."""
+    to inf exactly where exp does (-x > 88.72: the sigmoid's 0); where -x < -87, 1 + e
+    rounds to 1 whatever e is. NaN stays NaN. About two thirds of the instructions of
+    1 / (1 + _exp(-x)), which the recurrences' cells run three times a unit."""
     z = _intrinsic(b, "llvm.maxnum", _intrinsic(b, "llvm.minnum", b.fneg(x), _c(89.0)), _c(-87.0))
     n = _intrinsic(b, "llvm.rint", b.fmul(z, _c(_LOG2E)))
     y = _exp_reduced(b, z, n)

@@ -600,6 +600,7 @@ CASES: dict[str, list[Case]] = {
         Case([In((4, 9))], {"pads": (0, -3, 1, -2)}),
         Case([In((3, 4))], {"pads": (1, -4, 0, 2), "value": -2.0}),
         Case([In((1, 3, 10, 12))], {"pads": (0, 0, 3, 3, 0, 0, 3, 3)}),
+        Case([In((0, 5))], {"pads": (2, 1, 1, 0), "value": 0.5}),  # no input row to read
         Case([In((7, 33))], {"pads": (3, 0, 2, 9), "mode": "edge"}),
         Case([In((4, 6))], {"pads": (3, 5, 3, 12), "mode": "reflect"}),
         Case([In((5, 5))], {"pads": (-1, 2, 4, -2), "mode": "reflect"}),

@@ -375,7 +375,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                                 at = i * panel + jj
                                 k.store(acc, at, muladd(row_coeffs[u], bv, acc.load_flat(at)))
 
-            if stage in ("whole", "sums"):
+            if summing:
                 first_k, steps = ks
                 k_sweeps(k, steps, lambda at, count: sweep(first_k + at, count))
             if sums is not None or (epilogue is not None and finish):  # the finished tile, in L1
@@ -749,7 +749,7 @@ def _column_split(
       model's weights, which no core's L2 holds across its layers, from L3 as they
       went: the LSTM at batch 32 12.70-12.99 -> 12.41-12.52 ms and the transformer at
       batch 1 6.36-6.42 -> 6.28-6.33 on one thread, the same on two). Not for
-      `streamed` products on one thread (the MLP at batch 32 ran 3% slower);
+      `streamed` products (on one thread the MLP at batch 32 ran 3% slower so);
     - else 1."""
     tiles, tail = divmod(n, col_tile)
     if tiles < 2 or (tail and not packed):

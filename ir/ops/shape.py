@@ -407,8 +407,8 @@ class Pad(PerElement):
         input padding took 0.11 ms on one thread and 0.2 on two."""
         x = ins[0]
         r = len(x.shape)
-        if self.mode != "constant" or r < 2 or not isinstance(x, Buffer):
-            super().lower(k, ins, out, epilogue)
+        if self.mode != "constant" or r < 2 or not isinstance(x, Buffer) or x.numel == 0:
+            super().lower(k, ins, out, epilogue)  # an empty input has no row 0 to read
             return
         begins, ends = self.pads[:r], self.pads[r:]
         value = const(self.value if x.dtype.startswith("float") else int(self.value), x.dtype)
@@ -417,9 +417,9 @@ class Pad(PerElement):
         kept = max(x.shape[-1] - skip - max(-ends[-1], 0), 0)  # input columns copied
         with k.loop(prod(outer), LoopKind.PARALLEL, "r") as row:
             idx = unravel(row, outer)
-            src = [i - b for i, b in zip(idx, begins)]
+            src = [i - b for i, b in zip(idx, begins[:-1])]  # the input row's index
             inside: Expr = const(True, "bool")
-            for s_, d in zip(src, x.shape):
+            for s_, d in zip(src, x.shape[:-1]):
                 inside = logical_and(inside, in_range(s_, 0, d))
             start = select(inside, x.offset([*src, skip]), 0)  # in bounds either way
             for first, count in ((0, before), (before + kept, width - before - kept)):
