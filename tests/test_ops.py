@@ -894,8 +894,9 @@ def test_a_batch_1_product_alternates_the_order_of_its_column_steps(rng):
 def test_a_product_by_weights_runs_its_row_steps_tile_by_tile(rng, monkeypatch):
     """48 rows (a's 7.5 KB stay in cache) by constant weights of 200 columns (3 tiles and
     8 columns more): the parallel steps are (row step, column part) pairs, a part per
-    tile and one for the rest, each thread's share its rows over every part; right on
-    one thread and on two, and against the schedule that sweeps every tile per step."""
+    tile and one for the rest, each thread's share its rows over every part (so the
+    steps are those of the schedule that sweeps every tile, times the parts); right on
+    one thread and on two."""
     b = GraphBuilder("tile_by_tile")
     weights = (rng.standard_normal((40, 200)) / 6).astype(np.float32)
     bias = rng.standard_normal(200).astype(np.float32)
