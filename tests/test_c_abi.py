@@ -257,7 +257,9 @@ def test_a_thread_stack_too_small_for_the_kernels_scratch_is_an_error(tmp_path, 
     small = _run_c(["bash", "-c", 'ulimit -s 300 && exec "$@"', "runner"], runner, x, tmp_path)
     assert small.returncode == 1, small.stderr
     refusal = re.search(r"this thread's stack \((\d+) KiB\) is too small for the \d+ KiB", small.stderr)
-    assert refusal and int(refusal[1]) < 300, small.stderr  # what is left below argv and the environment
+    # glibc reports the main thread's stack as the limit less what argv and the
+    # environment take, to whole pages: all 300 KiB in some environments (CI's shell)
+    assert refusal and int(refusal[1]) <= 300, small.stderr
     usual = _run_c(["bash", "-c", 'ulimit -s 8192 && exec "$@"', "runner"], runner, x, tmp_path)
     assert usual.returncode == 0, usual.stderr
 
