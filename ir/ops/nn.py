@@ -284,7 +284,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     chunks, row_parts = split.chunks, split.row_parts
     tiles, tail = divmod(n, col_tile)
     tail_part = chunks > 1 and tail > 0  # the columns past the last whole tile: one more part
-    parts = chunks + tail_part
+    column_parts = chunks + tail_part
     # where the steps are column parts (few row steps), each streams its own columns of
     # a packed b: every other call runs them last to first (Kernel.alternate_steps), so
     # a call starts on what the last one left in cache. A streamed product's thread runs
@@ -298,8 +298,8 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
     )
     unroll = matmul_k_unroll(k.unit)  # k rows a copy holds: whole sweeps
     k_block = max(unroll, MATMUL_PACK_BYTES // (col_tile * ITEMSIZE[b.dtype]) // unroll * unroll)
-    with k.loop(row_steps * parts, LoopKind.PARALLEL, "rows") as step:
-        grp, chunk = _step_at(step, row_steps, parts, row_parts) if chunks > 1 else (step, None)
+    with k.loop(row_steps * column_parts, LoopKind.PARALLEL, "rows") as step:
+        grp, chunk = _step_at(step, row_steps, column_parts, row_parts) if chunks > 1 else (step, None)
         matrix = grp // groups_per_matrix
         b_mat = _batch_offset(matrix, batch, b_batch, kk * n)
         a_mat = _batch_offset(matrix, batch, a_batch, m * kk)

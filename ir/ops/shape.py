@@ -355,6 +355,14 @@ class Slice(PerElement):
         return [b.pad(g, pads=begins + ends)]
 
 
+def _all_in_range(idx: list[Expr], shape: tuple[int, ...]) -> Expr:
+    """Whether every index lies in its axis: 0 <= idx[a] < shape[a]."""
+    inside: Expr = const(True, "bool")
+    for i, d in zip(idx, shape):
+        inside = logical_and(inside, in_range(i, 0, d))
+    return inside
+
+
 @register("pad", INJ)
 class Pad(PerElement):
     """Padding; pads = begins of every axis, then ends (ONNX order). Negative crops.
@@ -389,6 +397,10 @@ class Pad(PerElement):
             return np.pad(x[crop], widths, constant_values=self.value)
         return np.pad(x[crop], widths, mode=self.mode)
 
+    def _fill(self, dtype: str) -> float | int:
+        """The constant mode's value, as the input's dtype takes it."""
+        return self.value if dtype.startswith("float") else int(self.value)
+
     def _source(self, i: Expr, d: int) -> Expr:
         """The input index an output index reads along an axis of length d (not constant mode)."""
         if self.mode == "edge":
@@ -411,16 +423,14 @@ class Pad(PerElement):
             super().lower(k, ins, out, epilogue)  # an empty input has no row 0 to read
             return
         begins, ends = self.pads[:r], self.pads[r:]
-        value = const(self.value if x.dtype.startswith("float") else int(self.value), x.dtype)
+        value = const(self._fill(x.dtype), x.dtype)
         *outer, width = out.shape
         before, skip = max(begins[-1], 0), max(-begins[-1], 0)  # padded / cropped columns
         kept = max(x.shape[-1] - skip - max(-ends[-1], 0), 0)  # input columns copied
         with k.loop(prod(outer), LoopKind.PARALLEL, "r") as row:
             idx = unravel(row, outer)
             src = [i - b for i, b in zip(idx, begins[:-1])]  # the input row's index
-            inside: Expr = const(True, "bool")
-            for s_, d in zip(src, x.shape[:-1]):
-                inside = logical_and(inside, in_range(s_, 0, d))
+            inside = _all_in_range(src, x.shape[:-1])
             start = select(inside, x.offset([*src, skip]), 0)  # in bounds either way
             for first, count in ((0, before), (before + kept, width - before - kept)):
                 if count > 0:
@@ -436,11 +446,7 @@ class Pad(PerElement):
         begins, ends = self.pads[:r], self.pads[r:]
         if self.mode == "constant":
             src = [i - b for i, b in zip(idx, begins)]
-            inside: Expr = const(True, "bool")
-            for s, d in zip(src, x.shape):
-                inside = logical_and(inside, in_range(s, 0, d))
-            value = self.value if x.dtype.startswith("float") else int(self.value)
-            return guarded_load(x, src, inside, value)
+            return guarded_load(x, src, _all_in_range(src, x.shape), self._fill(x.dtype))
         src = []  # index into the input as cropped by negative pads, then mapped back
         for i, d, b, e in zip(idx, x.shape, begins, ends):
             lo, kept = max(-b, 0), d - max(-b, 0) - max(-e, 0)
