@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from codegen import cpu, nvptx
+from codegen import cpu, kir, nvptx
 from codegen.kir import AVX2, AVX512, VectorUnit
 from codegen.kir_print import kernel_text
 from compiler import compile_model
@@ -30,6 +30,7 @@ from ir.graph import Graph
 from ir.interpreter import interpret
 from ir.ops import REGISTRY, Fusion, nn
 from ir.ops.nn import matmul_col_tile, matmul_rows, packed_conv_tile
+from tests.helpers import run_kernel
 
 
 @dataclass
@@ -913,6 +914,57 @@ def test_a_product_by_weights_runs_its_row_steps_tile_by_tile(rng, monkeypatch):
         assert steps[nn.MATMUL_ROWS_CACHED_BYTES] == steps[0] * (200 // 64 + 1), steps
         model = compile_model(graph, name=f"tile_by_tile{threads}")
         np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5, err_msg=f"{threads} threads")
+
+
+def _prefetches_as_stores(body: list, buf, probe) -> list:
+    """body with each Prefetch of buf turned into a store of 1 into probe, at the
+    prefetched index plus buf's size (probe holds three of buf)."""
+    out = []
+    for s in body:
+        if isinstance(s, kir.Prefetch) and s.buf.root is buf.root:
+            s = kir.Store(probe, s.index + buf.numel, kir.const(1.0, probe.dtype))
+        elif isinstance(s, (kir.Loop, kir.If)):
+            s = dataclasses.replace(s, body=_prefetches_as_stores(s.body, buf, probe))
+        out.append(s)
+    return out
+
+
+def test_a_tile_by_tile_product_fetches_every_later_tile_ahead_inside_b(rng, monkeypatch):
+    """On one thread, a product by packed weights run tile by tile fetches each next
+    tile's panels while the row blocks of a tile run: with its prefetches turned into
+    stores to a probe, every line of every panel after the first tile's (3 tiles of 4
+    panels and a last panel for the 8 columns past them) is fetched, and none outside
+    the weights; values unchanged, against the interpreter."""
+    b = GraphBuilder("fetch_ahead")
+    weights = (rng.standard_normal((40, 200)) / 6).astype(np.float32)
+    graph = b.build(
+        b.linear(
+            b.input("x", (48, 40)),
+            b.param("w", weights),
+            b.param("c", rng.standard_normal(200).astype(np.float32)),
+        )
+    )
+    monkeypatch.setenv("KILN_NUM_THREADS", "1")
+    (kernel,) = [c.kernel for c in lower_graph(graph, "fetch").cpu_calls if "linear" in c.kernel.name]
+    (packed,) = [buf for buf in kernel.params if len(buf.shape) == 3]  # (panels, K, 16)
+    probe = kir.Buffer("probe", "float32", (3 * packed.numel,))
+    probed = dataclasses.replace(
+        kernel,
+        name="fetch_probe",
+        params=[*kernel.params, probe],
+        body=_prefetches_as_stores(kernel.body, packed, probe),
+    )
+    arrays = [rng.standard_normal(buf.numel).astype(np.float32) for buf in kernel.params]
+    marks = np.zeros(probe.numel, np.float32)
+    run_kernel(probed, *arrays, marks)
+    assert not marks[: packed.numel].any() and not marks[2 * packed.numel :].any()
+    fetched = marks[packed.numel : 2 * packed.numel].reshape(packed.shape)[:, :, 0]  # a line per (panel, k)
+    panels, depth, _ = packed.shape
+    assert (panels, depth) == (13, 40) and fetched[4:].all(), np.argwhere(fetched[4:] == 0)
+    x = rng.standard_normal((48, 40)).astype(np.float32)
+    np.testing.assert_allclose(
+        compile_model(graph, name="fetch_ahead")(x), interpret(graph, [x])[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_a_batch_1_product_splits_columns_that_end_inside_a_tile(rng, monkeypatch):

@@ -307,7 +307,13 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
         b_source = b_copy if b_copy is not None else b
 
         def block(
-            first_row: Expr, rows: int, first_col: Expr, cols: int, ks: tuple[Expr, int], stage: str
+            first_row: Expr,
+            rows: int,
+            first_col: Expr,
+            cols: int,
+            ks: tuple[Expr, int],
+            stage: str,
+            ordinal: Expr,
         ) -> None:
             """out[first_row : first_row + rows, first_col : first_col + cols] of this
             step's matrix (rows counted within it): the tile's start, its sums over ks =
@@ -366,6 +372,9 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                                 k.assign(acc, muladd(row_coeffs[u], bv, acc.ref))
                         for at, acc in zip(at_sums, held):
                             k.store(sums, at, acc.ref)
+                for offset in ahead:  # lines of the next tile's panels, one a k step each
+                    for u in range(steps):
+                        k.prefetch(b, b_start(first_k + u, 0) + offset.ref)
                 for first, acc in tails.items():
                     b_rows = [p.b_index(b_mat, first_k + u, first_col + first) for u in range(steps)]
                     with k.loop(panel, LoopKind.TILE, "n") as jj:
@@ -375,6 +384,11 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                                 at = i * panel + jj
                                 k.store(acc, at, muladd(row_coeffs[u], bv, acc.load_flat(at)))
 
+            ahead = (
+                _panels_ahead(k, p, first_col, col_tile, ordinal, row_steps * group)
+                if (split.fetch_ahead and summing)
+                else []
+            )
             if summing:
                 first_k, steps = ks
                 k_sweeps(k, steps, lambda at, count: sweep(first_k + at, count))
@@ -404,7 +418,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             block, in the matrix's last group)."""
             with k.loop(group, LoopKind.SERIAL, "block") as q:
                 first_row = (grp % groups_per_matrix * group + q) * rows_per_block
-                block(first_row, rows_per_block, first_col, cols, ks, stage)
+                block(first_row, rows_per_block, first_col, cols, ks, stage, grp * group + q)
             if tail_rows:
                 last_group = (
                     nullcontext()
@@ -413,7 +427,7 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
                 )
                 with last_group:
                     rest_row = const(blocks_per_matrix * rows_per_block, "int64")
-                    block(rest_row, tail_rows, first_col, cols, ks, stage)
+                    block(rest_row, tail_rows, first_col, cols, ks, stage, const(row_steps * group, "int64"))
 
         def copy(first_col: Expr, cols: int, first_k: Expr, steps: int) -> None:
             """b's rows first_k .. first_k + steps of the tile's columns to b_copy."""
@@ -715,6 +729,9 @@ class _ColumnSplit:
 
     chunks: int = 1
     row_parts: int = 1
+    #: tile by tile on one thread, the next tile's panels fetched while a tile's row
+    #: steps run (_panels_ahead)
+    fetch_ahead: bool = False
 
 
 def _column_split(
@@ -748,8 +765,13 @@ def _column_split(
       groups after, which read a's rows from L2 (row groups sweeping every tile read a
       model's weights, which no core's L2 holds across its layers, from L3 as they
       went: the LSTM at batch 32 12.70-12.99 -> 12.41-12.52 ms and the transformer at
-      batch 1 6.36-6.42 -> 6.28-6.33 on one thread, the same on two). Not for
-      `streamed` products (on one thread the MLP at batch 32 ran 3% slower so);
+      batch 1 6.36-6.42 -> 6.28-6.33 on one thread, the same on two). `streamed`
+      products only on one thread, where the next tile's panels are fetched while a
+      tile's row blocks run (`fetch_ahead`, _panels_ahead: the MLP at batch 32 on one
+      thread 0.292-0.297 -> 0.278-0.282 ms, 3% slower tile by tile without it; the
+      transformer at batch 1 6.06-6.12 -> 5.84-5.87). Not on two threads: there the
+      fetches' index arithmetic made LLVM leave one product's sums in memory (the
+      transformer's 256 -> 768 product at batch 1, 10% slower);
     - else 1."""
     tiles, tail = divmod(n, col_tile)
     if tiles < 2 or (tail and not packed):
@@ -761,9 +783,30 @@ def _column_split(
         return _ColumnSplit(next((d for d in divisors if row_steps * d >= MATMUL_MIN_STEPS), tiles))
     if streamed and threads > 1 and tiles % threads == 0 and not tail:
         return _ColumnSplit(threads)
-    if packed and not streamed and row_steps % threads == 0 and a_bytes <= MATMUL_ROWS_CACHED_BYTES * threads:
-        return _ColumnSplit(tiles, threads)
+    if packed and (threads == 1 or not streamed) and row_steps % threads == 0:
+        if a_bytes <= MATMUL_ROWS_CACHED_BYTES * threads:
+            return _ColumnSplit(tiles, threads, fetch_ahead=threads == 1)
     return _ColumnSplit()
+
+
+def _panels_ahead(
+    k: KernelBuilder, p: Product, first_col: Expr, col_tile: int, ordinal: Expr, blocks: int
+) -> list[Local]:
+    """What block `ordinal` of the `blocks` a thread runs over a tile (tile by tile)
+    fetches ahead, as offsets in a packed b from the tile's first panel at each k step
+    of its sweeps, a line a k step for each: its share of the next tile's panels (block
+    j panels j, j + blocks, ...), so that they are in cache when the next tile's first
+    block starts; without it that block read them from L3 at the speed of its few FMAs
+    a line. Blocks past the panels, and a tile with none after it, fetch their own
+    tile's line (in cache: no traffic)."""
+    panel, kk, n = p.b_panel or 0, p.b_shape[-2], p.b.numel // p.b_shape[-2]  # n: padded columns
+    offsets = []
+    for first in range(0, col_tile // panel, blocks):
+        which = ordinal + first
+        ahead = col_tile + which * panel  # columns from the tile's first to the panel's
+        inside = logical_and(which.lt(col_tile // panel), (first_col + ahead + panel).le(n))
+        offsets.append(k.local("int64", select(inside, ahead * kk, const(0, "int64")), "ahead"))
+    return offsets
 
 
 def _step_at(step: Expr, row_steps: int, parts: int, row_parts: int) -> tuple[Expr, Expr]:
