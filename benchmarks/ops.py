@@ -29,10 +29,10 @@ The floors (FLOPs and the fewest bytes each kernel must move):
   all compute bound: 231 MFLOP at ~210 GFLOP/s (one core of the Xeon, two AVX-512 FMA
   units) is 1.1 ms, and the largest's 9 MiB of weights stream from memory in about half
   of that (a core's ~20 GB/s), which the slabs' prefetch overlaps with the FMAs.
-  Kiln runs the first two as Winograd's F(2x2, 3x3) (compiler.passes.conv_winograd),
-  0.45x of the direct multiply-adds, and the 256- and 512-channel ones directly (their
-  49 and 16 tiles are too few: WINOGRAD_MIN_TILES), their taps in slabs (weights over
-  2 MB: conv2d_packed's _lower_slabs). Their GFLOP/s count the direct convolution's
+  Kiln runs the first three as Winograd's F(2x2, 3x3) (compiler.passes.conv_winograd),
+  0.45x of the direct multiply-adds, and the 512-channel one directly (its 16 tiles are
+  too few: WINOGRAD_MIN_TILES), its taps in slabs (weights over 2 MB: conv2d_packed's
+  _lower_slabs). Their GFLOP/s count the direct convolution's
   FLOPs (the effective rate), so the Winograd ones may pass the FMA peak.
 """
 

@@ -130,13 +130,13 @@ WINOGRAD_MAX_WORK = 0.65
 #: the fewest tiles (the product's rows, all images) for Winograd: its transformed
 #: weights, 1.8x the conv's, are read once a call and each meets every tile, so with
 #: few tiles the product streams the weights for a few FMAs each, where the direct conv
-#: meets each weight at 4x as many positions. On a Xeon with two FMA ports, at batch 1:
-#: ResNet-18's layer4 (16 tiles) 4.5 ms a conv against 2.06 direct (the model 32.3 ->
-#: 25.0 ms), its layer3 (49 tiles) 1.37 against 1.31 and the model 26.5 -> 25.0 ms direct,
-#: its layer2 (196 tiles) faster by Winograd (the model 25.3 against 26.5 ms direct).
-#: A Zen 4 core, whose direct conv keeps up with one FMA port, ran layer4 1.3x faster by
-#: Winograd.
-WINOGRAD_MIN_TILES = 4 * MATMUL_VECTOR + 1
+#: meets each weight at 4x as many positions. On a Xeon with two FMA ports, ResNet-18
+#: at batch 1: its layer4 (16 tiles) by Winograd made the model slower (21.9 -> 24.3 ms
+#: on one thread; once 32.3 against 25.0), its layer3 (49 tiles) faster (23.6 -> 21.9
+#: ms on one thread, 12.1 -> 11.6 on two; the conv alone 1.55 -> 0.91 ms; 1.37 against
+#: 1.31 before its product's row blocks and tile-by-tile steps). A Zen 4 core, whose
+#: direct conv keeps up with one FMA port, ran layer4 1.3x faster by Winograd.
+WINOGRAD_MIN_TILES = 2 * MATMUL_VECTOR
 
 
 def _winograd_pays(conv: Node) -> bool:

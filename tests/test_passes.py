@@ -153,10 +153,13 @@ def test_conv_winograd_takes_3x3_stride_1_convs_of_enough_channels_and_tiles(rng
     small = b.conv2d(b.input("s", (1, 64, 5, 5)), weights(64, 64))  # 3x3 output: 4 tiles
     # 7x7 output: 16 tiles, within the work bound (0.58) but one vector of product columns
     few = b.conv2d(b.input("f", (1, 64, 7, 7)), weights(64, 64), pads=(1, 1, 1, 1))
-    before = b.build(b.relu(y), narrow, strided, small, few)
+    # 14x14 output (ResNet-18's layer3 at batch 1): 49 tiles, Winograd
+    enough = b.conv2d(b.input("e", (1, 64, 14, 14)), weights(64, 64), pads=(1, 1, 1, 1))
+    before = b.build(b.relu(y), narrow, strided, small, few, enough)
     after = conv_winograd(before)
     assert [n.op.name for n in after.nodes] == [
-        "winograd_input", "matmul", "winograd_output", "conv2d", "conv2d", "conv2d", "conv2d", "relu"
+        "winograd_input", "matmul", "winograd_output", "conv2d", "conv2d", "conv2d", "conv2d",
+        "winograd_input", "matmul", "winograd_output", "relu",
     ]  # fmt: skip
     tiles, product, out = after.nodes[:3]
     assert tiles.op.pads == (1, 1, 2, 2)  # to 14 x 16: 6 x 7 tiles of the 11 x 13 output
