@@ -127,16 +127,16 @@ WINOGRAD_MIN_CHANNELS = 64
 #: tiles padded to 16 columns takes 3x the direct conv's), and its transforms cost
 #: memory traffic besides
 WINOGRAD_MAX_WORK = 0.65
-#: the fewest tiles (the product's rows, all images) for Winograd: its transformed
+#: the fewest tiles (the product's columns, all images) for Winograd: its transformed
 #: weights, 1.8x the conv's, are read once a call and each meets every tile, so with
-#: few tiles the product streams the weights for a few FMAs each, where the direct conv
-#: meets each weight at 4x as many positions. On a Xeon with two FMA ports, ResNet-18
-#: at batch 1: its layer4 (16 tiles) by Winograd made the model slower (21.9 -> 24.3 ms
-#: on one thread; once 32.3 against 25.0), its layer3 (49 tiles) faster (23.6 -> 21.9
-#: ms on one thread, 12.1 -> 11.6 on two; the conv alone 1.55 -> 0.91 ms; 1.37 against
-#: 1.31 before its product's row blocks and tile-by-tile steps). A Zen 4 core, whose
-#: direct conv keeps up with one FMA port, ran layer4 1.3x faster by Winograd.
-WINOGRAD_MIN_TILES = 2 * MATMUL_VECTOR
+#: few tiles the product streams the weights for a few FMAs each (the direct conv meets
+#: each weight at 4x as many positions), and below a vector of columns it computes
+#: padding. It streams them at memory's speed, each row block fetching the next one's
+#: rows (lower_matmul's rows_ahead). On a Xeon with two FMA ports, ResNet-18 at batch 1
+#: by Winograd: its layer3 (49 tiles) 22.9 -> 21.5 ms on one thread and 11.9 -> 11.3 on
+#: two (the conv alone 1.55 -> 0.91 ms), then its layer4 (16 tiles) 20.9 -> 20.5 and
+#: 10.9 -> 10.5 (its products 2.3 ms each, 1.2 with the rows fetched ahead).
+WINOGRAD_MIN_TILES = MATMUL_VECTOR
 
 
 def _winograd_pays(conv: Node) -> bool:

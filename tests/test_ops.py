@@ -967,6 +967,36 @@ def test_a_tile_by_tile_product_fetches_every_later_tile_ahead_inside_b(rng, mon
     )
 
 
+def test_a_product_of_one_column_tile_fetches_the_next_blocks_rows_of_a_inside_a(rng):
+    """A product whose one column tile reads each of a's rows once (a 1.2 MB constant a,
+    as Winograd's products at few tiles) fetches the rows of the next row block while a
+    block runs: with the prefetches turned into stores to a probe, a line in every 16
+    floats of a past the first block's rows (which no block fetches: none runs before
+    it), none outside a; values unchanged, against the interpreter."""
+    b = GraphBuilder("rows_ahead")
+    weights = (rng.standard_normal((520, 600)) / 20).astype(np.float32)
+    graph = b.build(b.matmul(b.param("a", weights), b.input("x", (600, 16))))
+    (kernel,) = [c.kernel for c in lower_graph(graph, "rows").cpu_calls if "matmul" in c.kernel.name]
+    (a,) = [buf for buf in kernel.params if buf.shape == (520, 600)]
+    probe = kir.Buffer("probe", "float32", (3 * a.numel,))
+    probed = dataclasses.replace(
+        kernel,
+        name="rows_probe",
+        params=[*kernel.params, probe],
+        body=_prefetches_as_stores(kernel.body, a, probe),
+    )
+    marks = np.zeros(probe.numel, np.float32)
+    run_kernel(probed, *[rng.standard_normal(buf.numel).astype(np.float32) for buf in kernel.params], marks)
+    assert not marks[: a.numel].any() and not marks[2 * a.numel :].any()
+    first_block = 16 * 600  # 16 rows of one vector of columns
+    lines = marks[a.numel + first_block : 2 * a.numel].reshape(-1, 16).any(axis=1)
+    assert lines.all() and not marks[a.numel : a.numel + first_block].any(), np.flatnonzero(~lines)[:10]
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    np.testing.assert_allclose(
+        compile_model(graph, name="rows_ahead")(x), interpret(graph, [x])[0], rtol=1e-5, atol=1e-5
+    )
+
+
 def test_a_batch_1_product_splits_columns_that_end_inside_a_tile(rng, monkeypatch):
     """A batch-1 Dense layer whose columns end inside a tile (200 = 3 x 64 + 8, a
     classifier's shape) still splits them between the parallel steps: a step per whole
