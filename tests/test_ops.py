@@ -929,6 +929,20 @@ def _prefetches_as_stores(body: list, buf, probe) -> list:
     return out
 
 
+def _prefetched(kernel, buf, rng) -> np.ndarray:
+    """Which elements of `buf` the kernel prefetches (1) over a run on random buffers,
+    with its prefetches turned into stores to a probe; none may lie outside buf."""
+    probe = kir.Buffer("probe", "float32", (3 * buf.numel,))
+    body = _prefetches_as_stores(kernel.body, buf, probe)
+    probed = dataclasses.replace(
+        kernel, name=f"{kernel.name}_probe", params=[*kernel.params, probe], body=body
+    )
+    marks = np.zeros(probe.numel, np.float32)
+    run_kernel(probed, *[rng.standard_normal(b.numel).astype(np.float32) for b in kernel.params], marks)
+    assert not marks[: buf.numel].any() and not marks[2 * buf.numel :].any()
+    return marks[buf.numel : 2 * buf.numel]
+
+
 def test_a_tile_by_tile_product_fetches_every_later_tile_ahead_inside_b(rng, monkeypatch):
     """On one thread, a product by packed weights run tile by tile fetches each next
     tile's panels while the row blocks of a tile run: with its prefetches turned into
@@ -947,18 +961,7 @@ def test_a_tile_by_tile_product_fetches_every_later_tile_ahead_inside_b(rng, mon
     monkeypatch.setenv("KILN_NUM_THREADS", "1")
     (kernel,) = [c.kernel for c in lower_graph(graph, "fetch").cpu_calls if "linear" in c.kernel.name]
     (packed,) = [buf for buf in kernel.params if len(buf.shape) == 3]  # (panels, K, 16)
-    probe = kir.Buffer("probe", "float32", (3 * packed.numel,))
-    probed = dataclasses.replace(
-        kernel,
-        name="fetch_probe",
-        params=[*kernel.params, probe],
-        body=_prefetches_as_stores(kernel.body, packed, probe),
-    )
-    arrays = [rng.standard_normal(buf.numel).astype(np.float32) for buf in kernel.params]
-    marks = np.zeros(probe.numel, np.float32)
-    run_kernel(probed, *arrays, marks)
-    assert not marks[: packed.numel].any() and not marks[2 * packed.numel :].any()
-    fetched = marks[packed.numel : 2 * packed.numel].reshape(packed.shape)[:, :, 0]  # a line per (panel, k)
+    fetched = _prefetched(kernel, packed, rng).reshape(packed.shape)[:, :, 0]  # a line per (panel, k)
     panels, depth, _ = packed.shape
     assert (panels, depth) == (13, 40) and fetched[4:].all(), np.argwhere(fetched[4:] == 0)
     x = rng.standard_normal((48, 40)).astype(np.float32)
@@ -978,19 +981,10 @@ def test_a_product_of_one_column_tile_fetches_the_next_blocks_rows_of_a_inside_a
     graph = b.build(b.matmul(b.param("a", weights), b.input("x", (600, 16))))
     (kernel,) = [c.kernel for c in lower_graph(graph, "rows").cpu_calls if "matmul" in c.kernel.name]
     (a,) = [buf for buf in kernel.params if buf.shape == (520, 600)]
-    probe = kir.Buffer("probe", "float32", (3 * a.numel,))
-    probed = dataclasses.replace(
-        kernel,
-        name="rows_probe",
-        params=[*kernel.params, probe],
-        body=_prefetches_as_stores(kernel.body, a, probe),
-    )
-    marks = np.zeros(probe.numel, np.float32)
-    run_kernel(probed, *[rng.standard_normal(buf.numel).astype(np.float32) for buf in kernel.params], marks)
-    assert not marks[: a.numel].any() and not marks[2 * a.numel :].any()
+    fetched = _prefetched(kernel, a, rng)
     first_block = 16 * 600  # 16 rows of one vector of columns
-    lines = marks[a.numel + first_block : 2 * a.numel].reshape(-1, 16).any(axis=1)
-    assert lines.all() and not marks[a.numel : a.numel + first_block].any(), np.flatnonzero(~lines)[:10]
+    lines = fetched[first_block:].reshape(-1, 16).any(axis=1)
+    assert lines.all() and not fetched[:first_block].any(), np.flatnonzero(~lines)[:10]
     x = rng.standard_normal((600, 16)).astype(np.float32)
     np.testing.assert_allclose(
         compile_model(graph, name="rows_ahead")(x), interpret(graph, [x])[0], rtol=1e-5, atol=1e-5
