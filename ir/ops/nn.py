@@ -329,7 +329,8 @@ def lower_matmul(k: KernelBuilder, p: Product, epilogue: Epilogue | None) -> Non
             end inside it, is summed at the panel's whole width (its columns past n are
             zeros) in a scratch tile, and only its first columns are stored: a loop of
             the few columns would run masked, its sums stored and reloaded at every
-            sweep."""
+            sweep. `ordinal`: the block's place among those its thread runs over the
+            tile, which says what it fetches ahead (_panels_ahead)."""
             start, finish = stage in ("whole", "start"), stage in ("whole", "finish")
             parts = _column_parts(cols, p.b_panel)
             ragged = [(first, width) for first, width in parts if p.b_panel and width < p.b_panel]
