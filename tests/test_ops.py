@@ -919,14 +919,13 @@ def test_a_product_by_weights_runs_its_row_steps_tile_by_tile(rng, monkeypatch):
 def _prefetches_as_stores(body: list, buf, probe) -> list:
     """body with each Prefetch of buf turned into a store of 1 into probe, at the
     prefetched index plus buf's size (probe holds three of buf)."""
-    out = []
-    for s in body:
+
+    def as_store(s):
         if isinstance(s, kir.Prefetch) and s.buf.root is buf.root:
-            s = kir.Store(probe, s.index + buf.numel, kir.const(1.0, probe.dtype))
-        elif isinstance(s, (kir.Loop, kir.If)):
-            s = dataclasses.replace(s, body=_prefetches_as_stores(s.body, buf, probe))
-        out.append(s)
-    return out
+            return [kir.Store(probe, s.index + buf.numel, kir.const(1.0, probe.dtype))]
+        return None
+
+    return kir.rewrite_stmts(body, lambda e: None, as_store)
 
 
 def _prefetched(kernel, buf, rng) -> np.ndarray:

@@ -794,9 +794,9 @@ def _column_split(
         return _ColumnSplit(next((d for d in divisors if row_steps * d >= MATMUL_MIN_STEPS), tiles))
     if streamed and threads > 1 and tiles % threads == 0 and not tail:
         return _ColumnSplit(threads)
-    if packed and (threads == 1 or not streamed) and row_steps % threads == 0:
-        if a_bytes <= MATMUL_ROWS_CACHED_BYTES * threads:
-            return _ColumnSplit(tiles, threads, fetch_ahead=threads == 1)
+    rows_cached = a_bytes <= MATMUL_ROWS_CACHED_BYTES * threads
+    if packed and (threads == 1 or not streamed) and row_steps % threads == 0 and rows_cached:
+        return _ColumnSplit(tiles, threads, fetch_ahead=threads == 1)
     return _ColumnSplit()
 
 
@@ -810,12 +810,12 @@ def _panels_ahead(
     block starts; without it that block read them from L3 at the speed of its few FMAs
     a line. Blocks past the panels, and a tile with none after it, fetch their own
     tile's line (in cache: no traffic)."""
-    panel, kk, n = p.b_panel or 0, p.b_shape[-2], p.b.numel // p.b_shape[-2]  # n: padded columns
+    panels, kk, panel = p.b.shape  # packed by pack_panels
     offsets = []
     for first in range(0, col_tile // panel, blocks):
         which = ordinal + first
         ahead = col_tile + which * panel  # columns from the tile's first to the panel's
-        inside = logical_and(which.lt(col_tile // panel), (first_col + ahead + panel).le(n))
+        inside = logical_and(which.lt(col_tile // panel), (first_col + ahead + panel).le(panels * panel))
         offsets.append(k.local("int64", select(inside, ahead * kk, const(0, "int64")), "ahead"))
     return offsets
 
