@@ -265,10 +265,9 @@ API int {{PREFIX}}_create({{PREFIX}}_model **out) {{
     *out = NULL;
     {{PREFIX}}_model *m = calloc(1, sizeof *m);
     if (!m) return kiln_thread_failed("out of memory for the model instance");
-    size_t arena = (ARENA_BYTES + {ALIGN - 1}) / {ALIGN} * {ALIGN};
-    if (ARENA_BYTES && !(m->arena = aligned_alloc({ALIGN}, arena))) {{
+    if (ARENA_BYTES && !(m->arena = kiln_alloc_arena(ARENA_BYTES, {ALIGN}))) {{
         free(m);
-        return kiln_thread_failed("out of memory for the arena (%zu bytes)", arena);
+        return kiln_thread_failed("out of memory for the arena (%zu bytes)", (size_t)ARENA_BYTES);
     }}
     kiln_pool_init(&m->pool, kiln_default_threads());
     *out = m;

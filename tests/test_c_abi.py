@@ -3,6 +3,7 @@ finds no memory error in it; two models link into one program."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
@@ -262,6 +263,29 @@ def test_a_thread_stack_too_small_for_the_kernels_scratch_is_an_error(tmp_path, 
     assert refusal and int(refusal[1]) <= 300, small.stderr
     usual = _run_c(["bash", "-c", 'ulimit -s 8192 && exec "$@"', "runner"], runner, x, tmp_path)
     assert usual.returncode == 0, usual.stderr
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="Linux's huge pages")
+def test_an_arena_of_a_huge_page_or_more_starts_on_one_and_is_advised_huge_pages(rng):
+    """A model whose intermediates take 8 MiB gets an arena aligned to 2 MiB, and its
+    mapping carries the huge-page advice (`hg` among smaps' VmFlags): a kernel that
+    streams a large intermediate then costs a TLB entry per 2 MiB."""
+    b = GraphBuilder("big_arena")
+    x = b.input("x", (1024, 1024))
+    model = compile_model(b.build(b.matmul(b.transpose(x, perm=(1, 0)), x)), name="big_arena")
+    value = rng.standard_normal((1024, 1024)).astype(np.float32)
+    np.testing.assert_allclose(model(value), value.T @ value, rtol=1e-4, atol=1e-3)
+    arena = ctypes.c_void_p.from_address(model._handle.value).value  # the instance's first member
+    assert arena % (2 << 20) == 0, hex(arena)
+    flags, inside = None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", first):
+            low, high = (int(v, 16) for v in first.split("-"))
+            inside = low <= arena < high
+        elif inside and line.startswith("VmFlags:"):
+            flags = line.split()[1:]
+    assert flags is not None and "hg" in flags, flags
 
 
 def test_two_models_link_into_one_program(tmp_path, rng):
