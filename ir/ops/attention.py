@@ -29,6 +29,9 @@ ATTENTION_ROWS = 16
 #: the most floats a step's two scratch tiles hold (scores and results: 64 KiB), for
 #: long sequences
 ATTENTION_TILE = 1 << 14
+#: score rows softmaxed side by side (each row's max and sum end in a horizontal
+#: reduction, a chain of dependent steps that rows one at a time wait on)
+SOFTMAX_ROWS = 4
 
 
 @register("attention", Fusion.CONTRACTION)
@@ -96,11 +99,14 @@ class Attention(Op):
                 lambda t, j: kt.load_flat((mat * d + t) * n + j),
                 tile, lambda r, j: r * n + j,
             )  # fmt: skip
-            with k.loop(rows, LoopKind.SERIAL, "r") as r:
-                if bias:
+            if bias:
+                with k.loop(rows, LoopKind.SERIAL, "r") as r:
                     with k.loop(n, LoopKind.VECTOR, "j") as j:
                         k.store(tile, r * n + j, tile.load_flat(r * n + j) + bias[0].load_flat(j))
-                scores._line(k, tile, tile, lambda j: r * n + j, CpuLine(n), None)
+            side = next(g for g in (SOFTMAX_ROWS, 2, 1) if rows % g == 0)
+            with k.loop(rows // side, LoopKind.SERIAL, "r") as r:
+                lines = [lambda j, i=i: (r * side + i) * n + j for i in range(side)]
+                scores._lines(k, tile, tile, lines, CpuLine(n), None)
             result = k.scratch("result", out.dtype, (rows * e,))
             tiled_product(
                 k, rows, e, n,

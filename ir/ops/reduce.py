@@ -564,20 +564,27 @@ class AxisSoftmax(Op):
         return x
 
     def _line(self, k: KernelBuilder, x, out, at, line: CpuLine | GpuLines, epilogue) -> None:
-        """Row max, then the sum of exp(x - max) (written to out on the way where the
-        output is made of them), then the output."""
-        m = k.local(x.dtype, -np.inf, "max")
+        self._lines(k, x, out, [at], line, epilogue)
+
+    def _lines(self, k: KernelBuilder, x, out, ats: list, line: CpuLine | GpuLines, epilogue) -> None:
+        """Each line's max, then its sum of exp(x - max) (written to out on the way where
+        the output is made of them), then its output: the lines side by side in each
+        pass, since a line's max and sum each end in a chain through a horizontal
+        reduction that one line at a time leaves the vector ports waiting on."""
+        maxes = [k.local(x.dtype, -np.inf, "max") for _ in ats]
         with line.elements(k) as j:
-            k.assign(m, maximum(m.ref, x.load_flat(at(j))), reduction=True)
-        row_max = line.total(k, m.ref, maximum)
-        s = k.local(x.dtype, 0.0, "sum")
+            for m, at in zip(maxes, ats):
+                k.assign(m, maximum(m.ref, x.load_flat(at(j))), reduction=True)
+        row_maxes = [line.total(k, m.ref, maximum) for m in maxes]
+        sums = [k.local(x.dtype, 0.0, "sum") for _ in ats]
         with line.elements(k) as j:
-            ex = k.local(x.dtype, e.exp(x.load_flat(at(j)) - row_max), "exp")
-            if self.stores_exp:
-                k.store(out, at(j), ex.ref)
-            k.assign(s, s.ref + ex.ref, reduction=True)
-        row_sum = line.total(k, s.ref, operator.add)
-        self.normalize(k, x, out, at, line, row_max, row_sum, epilogue or (lambda v, _flat, _multi: v))
+            for s, at, row_max in zip(sums, ats, row_maxes):
+                ex = k.local(x.dtype, e.exp(x.load_flat(at(j)) - row_max), "exp")
+                if self.stores_exp:
+                    k.store(out, at(j), ex.ref)
+                k.assign(s, s.ref + ex.ref, reduction=True)
+        row_sums = [line.total(k, s.ref, operator.add) for s in sums]
+        self.normalize(k, x, out, ats, line, row_maxes, row_sums, epilogue or (lambda v, _flat, _multi: v))
 
     def lower(self, k, ins, out, epilogue=None):
         x = ins[0]
@@ -603,10 +610,11 @@ class Softmax(AxisSoftmax):
         ex = np.exp(x - x.max(axis=self.axis, keepdims=True))
         return ex / ex.sum(axis=self.axis, keepdims=True)
 
-    def normalize(self, k, x, out, at, line, m, s, epilogue):
-        inv = 1.0 / s
+    def normalize(self, k, x, out, ats, line, maxes, sums, epilogue):
+        invs = [1.0 / s for s in sums]
         with line.elements(k) as j:
-            k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j), None))
+            for at, inv in zip(ats, invs):
+                k.store(out, at(j), epilogue(out.load_flat(at(j)) * inv, at(j), None))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         y = node.outputs[0]
@@ -623,10 +631,11 @@ class LogSoftmax(AxisSoftmax):
         shifted = x - x.max(axis=self.axis, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=self.axis, keepdims=True))
 
-    def normalize(self, k, x, out, at, line, m, s, epilogue):
-        lse = m + e.log(s)
+    def normalize(self, k, x, out, ats, line, maxes, sums, epilogue):
+        lses = [m + e.log(s) for m, s in zip(maxes, sums)]
         with line.elements(k) as j:
-            k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j), None))
+            for at, lse in zip(ats, lses):
+                k.store(out, at(j), epilogue(x.load_flat(at(j)) - lse, at(j), None))
 
     def gradient(self, b: GraphBuilder, node: Node, g: Value) -> Grads:
         y = node.outputs[0]
