@@ -28,12 +28,12 @@ The floors (FLOPs and the fewest bytes each kernel must move):
     512→512 at 7²   weights 9 MiB, input 0.1 MiB
   all compute bound: 231 MFLOP at ~210 GFLOP/s (one core of the Xeon, two AVX-512 FMA
   units) is 1.1 ms, and the largest's 9 MiB of weights stream from memory in about half
-  of that (a core's ~20 GB/s), which the slabs' prefetch overlaps with the FMAs.
-  Kiln runs the first three as Winograd's F(2x2, 3x3) (compiler.passes.conv_winograd),
-  0.45x of the direct multiply-adds, and the 512-channel one directly (its 16 tiles are
-  too few: WINOGRAD_MIN_TILES), its taps in slabs (weights over 2 MB: conv2d_packed's
-  _lower_slabs). Their GFLOP/s count the direct convolution's
-  FLOPs (the effective rate), so the Winograd ones may pass the FMA peak.
+  of that (a core's ~20 GB/s).
+  Kiln runs all four as Winograd's F(2x2, 3x3) (compiler.passes.conv_winograd, from 16
+  tiles: WINOGRAD_MIN_TILES), 0.45x of the direct multiply-adds; the 512-channel one's
+  transformed weights (16 MiB, 1.8x the conv's) stream from memory, each row block of
+  its products fetching the next block's rows ahead. Their GFLOP/s count the direct
+  convolution's FLOPs (the effective rate), so they may pass the FMA peak.
 """
 
 from __future__ import annotations
