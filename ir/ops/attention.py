@@ -6,9 +6,10 @@ length, see compiler.sequence).
 The pass compiler.passes.attention_fused writes a matmul → softmax → matmul chain whose
 scores and probabilities have no other reader as this op. On the CPU a parallel step
 takes a few query rows of one matrix: their scores (rows x keys) are computed into a
-scratch tile that stays in L1, softmaxed there (rows side by side), and multiplied by v into the
-output, so the score matrix (batch x heads x queries x keys: 8 MB for a transformer of
-4 heads at batch 32 and 128 positions) is never written to memory nor read back twice.
+scratch tile that stays in L1, softmaxed there (rows side by side), and multiplied by
+v into the output, so the score matrix (batch x heads x queries x keys: 8 MB for a
+transformer of 4 heads at batch 32 and 128 positions) is never written to memory nor
+read back twice.
 """
 
 from __future__ import annotations
