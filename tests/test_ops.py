@@ -916,23 +916,18 @@ def test_a_product_by_weights_runs_its_row_steps_tile_by_tile(rng, monkeypatch):
         np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5, err_msg=f"{threads} threads")
 
 
-def _prefetches_as_stores(body: list, buf, probe) -> list:
-    """body with each Prefetch of buf turned into a store of 1 into probe, at the
-    prefetched index plus buf's size (probe holds three of buf)."""
+def _prefetched(kernel, buf, rng) -> np.ndarray:
+    """Which elements of `buf` the kernel prefetches (1) over a run on random buffers:
+    each Prefetch of buf becomes a store of 1 into a probe three times buf's size, at
+    the prefetched index plus buf's size; none may lie outside buf."""
+    probe = kir.Buffer("probe", "float32", (3 * buf.numel,))
 
     def as_store(s):
         if isinstance(s, kir.Prefetch) and s.buf.root is buf.root:
             return [kir.Store(probe, s.index + buf.numel, kir.const(1.0, probe.dtype))]
         return None
 
-    return kir.rewrite_stmts(body, lambda e: None, as_store)
-
-
-def _prefetched(kernel, buf, rng) -> np.ndarray:
-    """Which elements of `buf` the kernel prefetches (1) over a run on random buffers,
-    with its prefetches turned into stores to a probe; none may lie outside buf."""
-    probe = kir.Buffer("probe", "float32", (3 * buf.numel,))
-    body = _prefetches_as_stores(kernel.body, buf, probe)
+    body = kir.rewrite_stmts(kernel.body, lambda e: None, as_store)
     probed = dataclasses.replace(
         kernel, name=f"{kernel.name}_probe", params=[*kernel.params, probe], body=body
     )

@@ -563,9 +563,6 @@ class AxisSoftmax(Op):
         normalize_axis(self.name, self.axis, x.rank)
         return x
 
-    def _line(self, k: KernelBuilder, x, out, at, line: CpuLine | GpuLines, epilogue) -> None:
-        self._lines(k, x, out, [at], line, epilogue)
-
     def _lines(self, k: KernelBuilder, x, out, ats: list, line: CpuLine | GpuLines, epilogue) -> None:
         """Each line's max, then its sum of exp(x - max) (written to out on the way where
         the output is made of them), then its output: the lines side by side in each
@@ -590,7 +587,7 @@ class AxisSoftmax(Op):
         x = ins[0]
         outer, n, inner = _split(x.shape, normalize_axis(self.name, self.axis, len(x.shape)))
         with k.loop(outer * inner, LoopKind.PARALLEL, "row") as r:
-            self._line(k, x, out, _along(r, n, inner), CpuLine(n), epilogue)
+            self._lines(k, x, out, [_along(r, n, inner)], CpuLine(n), epilogue)
 
     def lower_gpu(self, k, ins, out, epilogue=None):
         """Threads sharing a row (GpuLines: a warp or a block per row along the last axis;
@@ -599,7 +596,7 @@ class AxisSoftmax(Op):
         x = ins[0]
         outer, n, inner = _split(x.shape, normalize_axis(self.name, self.axis, len(x.shape)))
         with gpu_lines(k, outer * inner, n, inner) as lines:
-            self._line(k, x, out, _along(lines.line, n, inner), lines, epilogue)
+            self._lines(k, x, out, [_along(lines.line, n, inner)], lines, epilogue)
 
 
 @register("softmax", Fusion.REDUCTION)
